@@ -1,0 +1,198 @@
+//! The contract between vmm and the guests it runs: guest-physical layout, device addresses,
+//! port numbers and the micro guest's mailbox. Guests (the agent, the micro guest) and the host
+//! both read these constants, so a change here changes both sides at once.
+//!
+//! `no_std` so that anything, including guest-side code, can depend on it.
+#![no_std]
+
+/// Guest-physical memory layout used for every guest.
+pub mod layout {
+    /// Boot GDT (see `gdt` below for its selectors).
+    pub const GDT_GPA: u64 = 0x500;
+    /// Empty boot IDT (limit 0: any exception before the guest installs its own is a triple fault).
+    pub const IDT_GPA: u64 = 0x520;
+    /// A 64-bit TSS so TR holds something valid; the micro guest never changes privilege through it.
+    pub const TSS_GPA: u64 = 0x1000;
+    /// The micro guest's mailbox page (see `micro`).
+    pub const MICRO_MAILBOX_GPA: u64 = 0x6000;
+    /// Linux zero page (`struct boot_params`).
+    pub const ZERO_PAGE_GPA: u64 = 0x7000;
+    /// Initial kernel stack pointer for the boot vCPU.
+    pub const BOOT_STACK_GPA: u64 = 0x8ff0;
+    /// PML4; followed by one PDPT and `PD_COUNT` page directories (identity map, 2 MiB pages).
+    pub const PML4_GPA: u64 = 0x9000;
+    pub const PDPT_GPA: u64 = 0xa000;
+    pub const PD_GPA: u64 = 0xb000;
+    /// Page directories: 4 of them identity-map the first 4 GiB.
+    pub const PD_COUNT: u64 = 4;
+    /// Kernel command line.
+    pub const CMDLINE_GPA: u64 = 0x2_0000;
+    pub const CMDLINE_MAX: usize = 4096;
+    /// The MP table lives in the last KiB of base memory, where the kernel's scan looks (EBDA).
+    pub const MPTABLE_GPA: u64 = 0x9_fc00;
+    /// End of conventional memory below the legacy hole.
+    pub const EBDA_END: u64 = 0xa_0000;
+    /// Legacy hole: [0xA0000, 0x100000) is not RAM in the e820 map.
+    pub const HIMEM_START: u64 = 0x10_0000;
+    /// Where the micro guest payload is loaded and entered (CPL0, long mode).
+    pub const MICRO_LOAD_GPA: u64 = 0x10_0000;
+    /// Largest micro payload accepted.
+    pub const MICRO_MAX_SIZE: u64 = 0x10_0000;
+    /// Top of the micro guest's CPL3 stack.
+    pub const MICRO_USER_STACK_TOP: u64 = 0x30_0000;
+    /// Default start of the micro guest's workload region (above its code and stack).
+    pub const MICRO_REGION_GPA: u64 = 0x40_0000;
+    /// 32-bit MMIO hole: RAM above this is relocated to 4 GiB.
+    pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+    pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+    /// First MMIO device page (the boot timer), then virtio-mmio devices, one page each.
+    pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+    /// In-kernel IOAPIC and local APIC (fixed by the architecture).
+    pub const IOAPIC_GPA: u64 = 0xfec0_0000;
+    pub const LAPIC_GPA: u64 = 0xfee0_0000;
+}
+
+/// Boot GDT selectors. Linux's 64-bit boot protocol wants code at 0x10 and data at 0x18.
+pub mod gdt {
+    pub const KERNEL_CS: u16 = 0x10;
+    pub const KERNEL_DS: u16 = 0x18;
+    /// 64-bit TSS descriptor (two GDT slots).
+    pub const TSS: u16 = 0x20;
+    /// CPL3 data and 64-bit code selectors, RPL 3 included.
+    pub const USER_DS: u16 = 0x33;
+    pub const USER_CS: u16 = 0x3b;
+    /// Number of 8-byte GDT slots.
+    pub const ENTRIES: usize = 8;
+}
+
+/// The boot-timer pseudo device: the guest writes `MAGIC` to `GPA`; vmm logs the time since its
+/// own start. Same idea as Firecracker's boot timer.
+pub mod boot_timer {
+    pub const GPA: u64 = super::layout::MMIO_DEVICES_START;
+    pub const SIZE: u64 = 0x1000;
+    pub const MAGIC: u8 = 123;
+}
+
+/// virtio-mmio device slots.
+pub mod virtio_mmio {
+    /// Base of the first device.
+    pub const BASE: u64 = super::layout::MMIO_DEVICES_START + 0x1000;
+    /// Window per device.
+    pub const SIZE: u64 = 0x1000;
+    /// Legacy IRQ (IOAPIC pin / GSI) of the first device; device i uses FIRST_IRQ + i.
+    pub const FIRST_IRQ: u32 = 5;
+    /// At most this many devices.
+    pub const MAX_DEVICES: u32 = 8;
+}
+
+/// Legacy port-I/O devices.
+pub mod ports {
+    /// COM1 16550 UART, IRQ 4.
+    pub const COM1: u16 = 0x3f8;
+    pub const COM1_LEN: u16 = 8;
+    pub const COM1_IRQ: u32 = 4;
+    /// i8042 controller: command/status port. A write of 0xfe here is a CPU reset request.
+    pub const I8042_DATA: u16 = 0x60;
+    pub const I8042_CMD: u16 = 0x64;
+    pub const I8042_RESET_CMD: u8 = 0xfe;
+    /// Micro guest: `out` of a 32-bit pass number (starting at 1) when a pass completes.
+    pub const MICRO_PASS: u16 = 0x510;
+    /// Micro guest: `out` of a 32-bit status when the workload is finished (0 = success).
+    pub const MICRO_EXIT: u16 = 0x514;
+    /// Width of the micro guest's port window (both ports above).
+    pub const MICRO_LEN: u16 = 8;
+}
+
+/// The micro guest's mailbox: a page of little-endian u64 fields at `layout::MICRO_MAILBOX_GPA`,
+/// written by vmm before the first KVM_RUN and read by the payload.
+pub mod micro {
+    /// `b"MICROGST"` as a little-endian u64.
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"MICROGST");
+    pub const VERSION: u64 = 1;
+
+    /// Byte offsets of the mailbox fields.
+    pub const OFF_MAGIC: u64 = 0;
+    pub const OFF_VERSION: u64 = 8;
+    /// Guest-physical start of the workload region (page aligned, identity mapped).
+    pub const OFF_REGION_GPA: u64 = 16;
+    /// Size of the region in 4 KiB pages (at least 1).
+    pub const OFF_REGION_PAGES: u64 = 24;
+    /// One of the `PATTERN_*` values.
+    pub const OFF_PATTERN: u64 = 32;
+    /// Number of passes (0 = run forever).
+    pub const OFF_PASSES: u64 = 40;
+    /// Writes per pass for `random` and `hotset`; page stride for `sparse`; unused for `sweep`.
+    pub const OFF_PARAM: u64 = 48;
+    /// PRNG seed (xorshift64; 0 is replaced by 1).
+    pub const OFF_SEED: u64 = 56;
+    /// The guest stores the number of the pass it is running here (progress, for the host).
+    pub const OFF_CURRENT_PASS: u64 = 64;
+
+    /// Every page of the region, in order.
+    pub const PATTERN_SWEEP: u64 = 0;
+    /// `param` writes to uniformly random pages.
+    pub const PATTERN_RANDOM: u64 = 1;
+    /// `param` writes: 90% to the first 10% of pages (at least one page), 10% uniform.
+    pub const PATTERN_HOTSET: u64 = 2;
+    /// Every `param`-th page (param 0 is treated as 1).
+    pub const PATTERN_SPARSE: u64 = 3;
+
+    /// The value the payload stores (8 bytes at offset 0 of the page) for write number `i`
+    /// (counting from 0 within the pass) of pass `pass` (counting from 1).
+    pub const fn store_value(pass: u64, i: u64) -> u64 {
+        (pass << 32) | (i & 0xffff_ffff)
+    }
+
+    /// xorshift64, the payload's PRNG. One step.
+    pub const fn xorshift64(mut x: u64) -> u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+
+    /// Page index (within the region) of write `i`, given the PRNG state after advancing for it.
+    /// Random: `rng % pages`. Hot set: if `rng % 10 != 0` -> `(rng / 16) % hot`, else
+    /// `(rng / 16) % pages`, where `hot = max(1, pages / 10)`.
+    pub const fn page_for(pattern: u64, pages: u64, param: u64, i: u64, rng: u64) -> u64 {
+        match pattern {
+            PATTERN_SWEEP => i,
+            PATTERN_RANDOM => rng % pages,
+            PATTERN_HOTSET => {
+                let hot = if pages / 10 == 0 { 1 } else { pages / 10 };
+                if rng % 10 != 0 {
+                    (rng / 16) % hot
+                } else {
+                    (rng / 16) % pages
+                }
+            }
+            _ => {
+                let stride = if param == 0 { 1 } else { param };
+                i * stride
+            }
+        }
+    }
+
+    /// Number of writes in one pass.
+    pub const fn writes_per_pass(pattern: u64, pages: u64, param: u64) -> u64 {
+        match pattern {
+            PATTERN_SWEEP => pages,
+            PATTERN_RANDOM | PATTERN_HOTSET => param,
+            _ => {
+                let stride = if param == 0 { 1 } else { param };
+                pages.div_ceil(stride)
+            }
+        }
+    }
+}
+
+/// How the host talks to the guest agent.
+pub mod agent {
+    /// Printed on the console once the agent is up (after the boot-timer write).
+    pub const READY_MARKER: &str = "VMM-AGENT-READY";
+    /// Kernel command-line key carrying the agent's script: `vmm.agent=cmd1;cmd2;...`
+    /// (no spaces; `,` separates a command's arguments).
+    pub const CMDLINE_KEY: &str = "vmm.agent=";
+    /// Prefix of every line the agent prints as a result, so a host can grep them.
+    pub const RESULT_PREFIX: &str = "AGENT:";
+}
