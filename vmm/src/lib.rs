@@ -1,1 +1,11 @@
+//! vmm: a small KVM virtual machine monitor whose memory is observable.
+//!
+//! Layers (see ARCHITECTURE.md): `memory` (guest RAM), `vstate` (VM and vCPUs), `boot` (kernel
+//! and payload loading), `machine` (assembling and running a VM), `host` (what KVM this is).
 
+pub mod boot;
+pub mod host;
+pub mod machine;
+pub mod memory;
+pub mod micro_port;
+pub mod vstate;

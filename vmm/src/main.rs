@@ -1,1 +1,242 @@
-fn main() {}
+//! The `vmm` command line.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use micro_guest::{Pattern, Workload};
+use vmm::boot::linux::{LinuxBoot, BASE_CMDLINE};
+use vmm::boot::micro::read_payload;
+use vmm::machine::{self, ConsoleOutput, DiskConfig, GuestConfig, RunReport, VmConfig};
+use vmm::memory::parse_size;
+
+#[derive(Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A small KVM VMM whose guest memory is observable"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest: a Linux kernel (--kernel), the built-in micro guest (--micro), or a raw
+    /// payload (--payload). Exit code: 0 guest reset/poweroff or micro guest success,
+    /// 1 vmm error, 2 usage error, 3 guest kernel panic, 4 guest fault, 5 micro guest failure.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Linux kernel: an uncompressed ELF vmlinux or a bzImage.
+    #[arg(long, conflicts_with_all = ["micro", "payload"])]
+    kernel: Option<PathBuf>,
+    /// Initramfs for the Linux kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Replace the whole kernel command line (default: a console on ttyS0 and the PVM options).
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
+    /// Append to the kernel command line.
+    #[arg(long, requires = "kernel")]
+    append: Option<String>,
+    /// Script for the guest agent: commands separated by ';', arguments by ','
+    /// (e.g. "cpus;poweroff"). Passed as vmm.agent= on the kernel command line.
+    #[arg(long, requires = "kernel")]
+    agent: Option<String>,
+
+    /// Run the built-in micro guest (bare-metal write workload, ground truth for tracking).
+    #[arg(long)]
+    micro: bool,
+    /// Run a raw x86-64 payload under the micro guest's entry contract.
+    #[arg(long, conflicts_with = "micro")]
+    payload: Option<PathBuf>,
+    /// Micro guest write pattern: sweep, random, hotset, sparse.
+    #[arg(long, default_value = "sweep")]
+    pattern: String,
+    /// Micro guest region size in MiB.
+    #[arg(long, default_value_t = 16)]
+    region_mib: u64,
+    /// Micro guest passes (0 = forever).
+    #[arg(long, default_value_t = 4)]
+    passes: u64,
+    /// Writes per pass (random, hotset) or page stride (sparse). Default: one per region page.
+    #[arg(long)]
+    param: Option<u64>,
+    /// Micro guest PRNG seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory size: 128M, 1G, or a plain number of MiB.
+    #[arg(long, default_value = "128M")]
+    mem: String,
+    /// A virtio-blk disk image: PATH or PATH,ro. Repeatable; the first is /dev/vda.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// Guest console: stdout, none, or file:PATH.
+    #[arg(long, default_value = "stdout")]
+    console: String,
+    /// Do not feed stdin to the guest console.
+    #[arg(long)]
+    no_console_input: bool,
+    /// Print the run report as JSON on stdout (the console should then go to a file).
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_disk(spec: &str) -> Result<DiskConfig> {
+    let (path, opt) = match spec.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, other)) => bail!("--disk {spec}: unknown option '{other}' (expected ro or rw)"),
+        None => (spec, false),
+    };
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        bail!("--disk {}: no such disk image file", path.display());
+    }
+    Ok(DiskConfig {
+        path,
+        read_only: opt,
+    })
+}
+
+fn guest_config(a: &RunArgs) -> Result<GuestConfig> {
+    if let Some(kernel) = &a.kernel {
+        if !kernel.is_file() {
+            bail!("--kernel {}: no such kernel file", kernel.display());
+        }
+        if let Some(initrd) = &a.initrd {
+            if !initrd.is_file() {
+                bail!("--initrd {}: no such initramfs file", initrd.display());
+            }
+        }
+        let mut cmdline = a
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| BASE_CMDLINE.to_string());
+        if let Some(extra) = &a.append {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        if let Some(script) = &a.agent {
+            if script.contains(char::is_whitespace) {
+                bail!("--agent: the script must not contain spaces (use ',' between arguments)");
+            }
+            cmdline.push_str(&format!(" {}{script}", guest_abi::agent::CMDLINE_KEY));
+        }
+        return Ok(GuestConfig::Linux(LinuxBoot {
+            kernel: kernel.clone(),
+            initrd: a.initrd.clone(),
+            cmdline,
+        }));
+    }
+    if a.micro || a.payload.is_some() {
+        let pattern: Pattern = a.pattern.parse()?;
+        let pages = a
+            .region_mib
+            .checked_mul(256)
+            .context("--region-mib is too large")?;
+        let param = a.param.unwrap_or(match pattern {
+            Pattern::Sparse => 16,
+            _ => pages,
+        });
+        let region = guest_abi::layout::MICRO_REGION_GPA;
+        let workload = Workload::new(region, pages, pattern, a.passes, param, a.seed)?;
+        let payload = match &a.payload {
+            Some(p) => read_payload(p)?,
+            None => micro_guest::PAYLOAD.to_vec(),
+        };
+        return Ok(GuestConfig::Micro {
+            payload,
+            mailbox: workload.mailbox().to_vec(),
+            region: Some((region, pages * 4096)),
+        });
+    }
+    bail!("nothing to boot: give --kernel (Linux), --micro (the micro guest) or --payload FILE")
+}
+
+fn print_report(r: &RunReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |ms| format!("{ms:.1} ms"));
+    eprintln!("vmm: {}", r.outcome.describe());
+    eprintln!(
+        "vmm: host {:?}, {} vCPU(s), {} MiB; setup {}, boot-timer {}, agent ready {}, wall {:.1} ms",
+        r.host,
+        r.vcpus,
+        r.mem_mib,
+        f(r.setup_ms),
+        f(r.boot_timer_ms),
+        f(r.agent_ready_ms),
+        r.wall_ms
+    );
+    if let Some(p) = r.micro_passes {
+        eprintln!("vmm: micro guest passes completed: {p}");
+    }
+    if let Some(kib) = r.rss_beyond_guest_kib {
+        eprintln!("vmm: resident memory beyond guest RAM: {kib} KiB");
+    }
+    Ok(())
+}
+
+fn run(a: RunArgs, start: Instant) -> Result<i32> {
+    let mem_bytes = parse_size(&a.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
+    if mem_bytes == 0 {
+        bail!("--mem: guest memory size must be greater than 0");
+    }
+    let console: ConsoleOutput = a
+        .console
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--console: {e}"))?;
+    let disks = a
+        .disk
+        .iter()
+        .map(|d| parse_disk(d))
+        .collect::<Result<Vec<_>>>()?;
+    let guest = guest_config(&a)?;
+    let cfg = VmConfig {
+        vcpus: a.vcpus,
+        mem_bytes,
+        guest,
+        disks,
+        console_input: !a.no_console_input && console == ConsoleOutput::Stdout,
+        console,
+    };
+    let report = machine::run(&cfg, start)?;
+    print_report(&report, a.json)?;
+    Ok(report.exit_code)
+}
+
+fn main() {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match cli.command {
+        Command::Run(a) => match run(a, start) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("vmm: error: {e:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

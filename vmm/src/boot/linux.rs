@@ -1,0 +1,268 @@
+//! Loading a Linux kernel (uncompressed ELF vmlinux or bzImage) with linux-loader, and the
+//! 64-bit boot protocol's zero page: setup header, command line, initramfs, e820 map.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use guest_abi::layout;
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::EntryPoint;
+use crate::memory::{GuestMemory, GuestRam};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxBootError {
+    #[error("cannot open kernel image {path}: {source}")]
+    OpenKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read kernel image {path}: {source}")]
+    ReadKernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not a kernel image: neither an ELF vmlinux nor a bzImage (no ELF magic, no 'HdrS' setup header)")]
+    NotAKernel(PathBuf),
+    #[error("loading kernel {path} failed: {reason}")]
+    Load { path: PathBuf, reason: String },
+    #[error("cannot open initramfs {path}: {source}")]
+    OpenInitrd {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("initramfs {path} ({size} bytes) does not fit in guest memory below 0x{limit:x} above the kernel")]
+    InitrdTooBig {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("reading initramfs {path} into guest memory failed: {reason}")]
+    ReadInitrd { path: PathBuf, reason: String },
+    #[error("kernel command line rejected: {0}")]
+    Cmdline(String),
+    #[error("writing boot structures into guest memory failed: {0}")]
+    Write(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Which format a kernel file is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Looks at the file's magic numbers, so a wrong file gets a precise error before any loading.
+pub fn detect_format(path: &Path) -> Result<KernelFormat, LinuxBootError> {
+    let mut f = File::open(path).map_err(|source| LinuxBootError::OpenKernel {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut head = vec![0u8; 0x210];
+    let mut got = 0;
+    while got < head.len() {
+        let n = f
+            .read(&mut head[got..])
+            .map_err(|source| LinuxBootError::ReadKernel {
+                path: path.to_owned(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    head.truncate(got);
+    if head.len() >= 4 && &head[..4] == b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
+    }
+    if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(LinuxBootError::NotAKernel(path.to_owned()))
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct LinuxBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+/// The kernel command line every guest needs on PVM hosts (PLATFORM.md §2-§3): a serial console,
+/// reset through the keyboard controller, and CPU features the emulator cannot run hidden.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave \
+clearcpuid=151,288,308,158,306 tsc=reliable";
+
+const BOOT_FLAG: u16 = 0xaa55;
+const HDRS_MAGIC: u32 = 0x5372_6448;
+const LOADER_TYPE_UNDEFINED: u8 = 0xff;
+const KERNEL_ALIGNMENT: u32 = 0x0100_0000;
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const CAN_USE_HEAP: u8 = 0x80;
+
+/// Loads kernel, initramfs and command line; writes the zero page. Returns the entry point.
+pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootError> {
+    let mem = ram.memory();
+    let format = detect_format(&boot.kernel)?;
+    let mut file = File::open(&boot.kernel).map_err(|source| LinuxBootError::OpenKernel {
+        path: boot.kernel.clone(),
+        source,
+    })?;
+    let load_err = |e: linux_loader::loader::Error| LinuxBootError::Load {
+        path: boot.kernel.clone(),
+        reason: e.to_string(),
+    };
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    let (result, entry) = match format {
+        KernelFormat::Elf => {
+            let r = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let entry = r.kernel_load.raw_value();
+            (r, entry)
+        }
+        KernelFormat::BzImage => {
+            let r = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+            // 64-bit entry of the protected-mode part: startup_64 sits 0x200 in.
+            let entry = r.kernel_load.raw_value() + 0x200;
+            (r, entry)
+        }
+    };
+
+    let mut cmdline =
+        Cmdline::new(layout::CMDLINE_MAX).map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+    cmdline
+        .insert_str(&boot.cmdline)
+        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_GPA), &cmdline)
+        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+
+    let mut params = boot_params::default();
+    if let Some(hdr) = result.setup_header {
+        params.hdr = hdr;
+    }
+    params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    params.hdr.boot_flag = BOOT_FLAG;
+    params.hdr.header = HDRS_MAGIC;
+    params.hdr.cmd_line_ptr = layout::CMDLINE_GPA as u32;
+    params.hdr.cmdline_size = boot.cmdline.len() as u32 + 1;
+    params.hdr.loadflags |= CAN_USE_HEAP;
+    params.hdr.heap_end_ptr = 0xfe00;
+    if params.hdr.kernel_alignment == 0 {
+        params.hdr.kernel_alignment = KERNEL_ALIGNMENT;
+    }
+
+    if let Some(initrd) = &boot.initrd {
+        let kernel_end = result.kernel_load.raw_value() + result.kernel_end;
+        let (addr, size) = load_initrd(mem, initrd, kernel_end, ram.low_end())?;
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+
+    let mut e820 = vec![
+        (0, layout::MPTABLE_GPA, E820_RAM),
+        (
+            layout::MPTABLE_GPA,
+            layout::EBDA_END - layout::MPTABLE_GPA,
+            E820_RESERVED,
+        ),
+    ];
+    for r in ram.ranges() {
+        let start = r.gpa.max(layout::HIMEM_START);
+        if r.end() > start {
+            e820.push((start, r.end() - start, E820_RAM));
+        }
+    }
+    for (i, (addr, size, type_)) in e820.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *type_,
+        };
+    }
+    params.e820_entries = e820.len() as u8;
+    mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_GPA))?;
+
+    Ok(EntryPoint {
+        rip: entry,
+        rsp: layout::BOOT_STACK_GPA,
+        rsi: layout::ZERO_PAGE_GPA,
+    })
+}
+
+/// Places the initramfs as high as possible in low RAM (where the kernel looks first), page
+/// aligned, above the kernel.
+fn load_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+    low_end: u64,
+) -> Result<(u64, u64), LinuxBootError> {
+    let mut f = File::open(path).map_err(|source| LinuxBootError::OpenInitrd {
+        path: path.to_owned(),
+        source,
+    })?;
+    let size = f
+        .seek(SeekFrom::End(0))
+        .and_then(|s| f.seek(SeekFrom::Start(0)).map(|_| s))
+        .map_err(|source| LinuxBootError::OpenInitrd {
+            path: path.to_owned(),
+            source,
+        })?;
+    // initrd_addr_max of modern kernels is 0x7fffffff; stay below it and below the hole.
+    let limit = low_end.min(0x8000_0000);
+    let too_big = || LinuxBootError::InitrdTooBig {
+        path: path.to_owned(),
+        size,
+        limit,
+    };
+    let addr = limit.checked_sub(size).ok_or_else(too_big)? & !0xfff;
+    if addr < kernel_end {
+        return Err(too_big());
+    }
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+        .map_err(|e| LinuxBootError::ReadInitrd {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok((addr, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn formats_are_told_apart() {
+        let dir = std::env::temp_dir().join(format!("vmm-fmt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let elf = dir.join("elf");
+        std::fs::File::create(&elf)
+            .unwrap()
+            .write_all(b"\x7fELF\x02\x01")
+            .unwrap();
+        assert_eq!(detect_format(&elf).unwrap(), KernelFormat::Elf);
+        let bz = dir.join("bz");
+        let mut img = vec![0u8; 0x300];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(&bz, &img).unwrap();
+        assert_eq!(detect_format(&bz).unwrap(), KernelFormat::BzImage);
+        let junk = dir.join("junk");
+        std::fs::write(&junk, b"hello world").unwrap();
+        assert!(matches!(
+            detect_format(&junk),
+            Err(LinuxBootError::NotAKernel(_))
+        ));
+        assert!(matches!(
+            detect_format(&dir.join("missing")),
+            Err(LinuxBootError::OpenKernel { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,115 @@
+//! How a run ended, and the figures measured on the way. Printed as text or JSON (`--json`).
+
+use serde::Serialize;
+
+use crate::host::HostKind;
+use crate::vstate::vcpu::VcpuStop;
+
+/// How the guest ended. Exit codes are part of the CLI contract (README).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The guest reset itself (reboot, or the agent's poweroff; see README): exit code 0.
+    Reset,
+    /// The guest powered off through KVM: exit code 0.
+    Poweroff,
+    /// The micro guest finished with this status: 0 -> exit code 0, else 5.
+    MicroExit { status: i32 },
+    /// The guest kernel panicked (seen on the console) and then reset: exit code 3.
+    KernelPanic { line: String },
+    /// The guest did something that cannot go on (emulation failure, triple fault, ...): 4.
+    Fault { message: String },
+    /// The user quit from the console (Ctrl-A x): exit code 0.
+    Stopped,
+}
+
+pub const EXIT_KERNEL_PANIC: i32 = 3;
+pub const EXIT_GUEST_FAULT: i32 = 4;
+pub const EXIT_MICRO_FAILED: i32 = 5;
+
+impl Outcome {
+    pub fn from_stop(stop: VcpuStop, kernel_panic: Option<String>) -> Self {
+        match (stop, kernel_panic) {
+            (VcpuStop::Fault(message), _) => Outcome::Fault { message },
+            (_, Some(line)) => Outcome::KernelPanic { line },
+            (VcpuStop::Reset, None) => Outcome::Reset,
+            (VcpuStop::Poweroff, None) => Outcome::Poweroff,
+            (VcpuStop::DeviceExit(status), None) => Outcome::MicroExit { status },
+            (VcpuStop::Stopped, None) => Outcome::Stopped,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Reset | Outcome::Poweroff | Outcome::Stopped => 0,
+            Outcome::MicroExit { status: 0 } => 0,
+            Outcome::MicroExit { .. } => EXIT_MICRO_FAILED,
+            Outcome::KernelPanic { .. } => EXIT_KERNEL_PANIC,
+            Outcome::Fault { .. } => EXIT_GUEST_FAULT,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Reset => "guest reset (reboot/poweroff request)".into(),
+            Outcome::Poweroff => "guest powered off".into(),
+            Outcome::MicroExit { status } => format!("micro guest exited with status {status}"),
+            Outcome::KernelPanic { line } => format!("guest kernel panicked: {line}"),
+            Outcome::Fault { message } => format!("guest fault: {message}"),
+            Outcome::Stopped => "stopped from the console".into(),
+        }
+    }
+}
+
+/// Everything a run measured. Times are milliseconds since vmm's process start.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub host: HostKind,
+    pub outcome: Outcome,
+    pub exit_code: i32,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    /// Process start to the first KVM_RUN of vCPU 0.
+    pub setup_ms: Option<f64>,
+    /// Process start to the guest's boot-timer write.
+    pub boot_timer_ms: Option<f64>,
+    /// Process start to the agent's ready marker on the console.
+    pub agent_ready_ms: Option<f64>,
+    pub micro_passes: Option<u64>,
+    /// Resident memory of the vmm process other than guest RAM (RSS minus shared memory), KiB.
+    pub rss_beyond_guest_kib: Option<u64>,
+    pub wall_ms: f64,
+}
+
+/// VmRSS - RssShmem from /proc/self/status: guest RAM is the only shared memory vmm maps.
+pub fn rss_beyond_shmem_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some(field("VmRSS:")?.saturating_sub(field("RssShmem:")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(Outcome::from_stop(VcpuStop::Reset, None).exit_code(), 0);
+        assert_eq!(
+            Outcome::from_stop(VcpuStop::Reset, Some("Kernel panic".into())).exit_code(),
+            EXIT_KERNEL_PANIC
+        );
+        assert_eq!(
+            Outcome::from_stop(VcpuStop::DeviceExit(2), None).exit_code(),
+            EXIT_MICRO_FAILED
+        );
+        assert_eq!(
+            Outcome::from_stop(VcpuStop::Fault("x".into()), None).exit_code(),
+            EXIT_GUEST_FAULT
+        );
+        assert!(rss_beyond_shmem_kib().is_some());
+    }
+}

@@ -1,0 +1,60 @@
+//! CPUID for each vCPU: what KVM supports, minus what the guest must not use.
+//! PVM honours only leaves 0, 0x8000_0001 and 0x8000_0008 (PLATFORM.md §2); the rest is still
+//! set as on hardware so the same code is right there.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CpuidError {
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    Supported(kvm_ioctls::Error),
+}
+
+const LEAF1_ECX_CX16: u32 = 1 << 13;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// 0x8000_0008 EBX bit 2 (XSaveErPtr): without it the kernel takes an AMD path that runs `fnclex`.
+const LEAF80000008_EBX_XSAVEERPTR: u32 = 1 << 2;
+
+pub fn for_vcpu(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, CpuidError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError::Supported)?;
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                // cmpxchg16b cannot be emulated at CPL0 here.
+                e.ecx &= !LEAF1_ECX_CX16;
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                e.ebx = (e.ebx & 0x0000_ffff) | ((id as u32) << 24) | ((count as u32) << 16);
+                if count > 1 {
+                    e.edx |= LEAF1_EDX_HTT;
+                } else {
+                    e.edx &= !LEAF1_EDX_HTT;
+                }
+            }
+            0xb | 0x1f => {
+                // Extended topology: the x2APIC id of this CPU.
+                e.edx = id as u32;
+            }
+            0x8000_0008 => e.ebx |= LEAF80000008_EBX_XSAVEERPTR,
+            _ => {}
+        }
+    }
+    Ok(cpuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cx16_is_hidden_and_apic_id_set() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let c = for_vcpu(&kvm, 3, 4).unwrap();
+        let leaf1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(leaf1.ecx & LEAF1_ECX_CX16, 0);
+        assert_eq!(leaf1.ebx >> 24, 3);
+    }
+}

@@ -1,0 +1,6 @@
+//! KVM state: the VM (memslots, irqchip, PIT), vCPUs (boot registers, CPUID, MSRs, the run loop).
+
+pub mod cpuid;
+pub mod regs;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,283 @@
+//! One thread per vCPU: KVM_RUN, exits dispatched to the port-I/O and MMIO buses, and a precise
+//! report for every exit that ends the guest. Nothing here matches port numbers: devices live on
+//! the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Once};
+use std::time::Instant;
+
+use devices::bus::{Bus, VcpuAction};
+use kvm_bindings::{
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::memory::RamRange;
+
+/// Why a vCPU stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked for a reset (i8042 0xfe, or KVM's SYSTEM_EVENT reset).
+    Reset,
+    /// The guest powered off (KVM SYSTEM_EVENT shutdown).
+    Poweroff,
+    /// A device ended the VM with this code (the micro guest's exit port).
+    DeviceExit(i32),
+    /// The guest did something that cannot continue: the message says what and where.
+    Fault(String),
+    /// The VMM asked the vCPU to stop.
+    Stopped,
+}
+
+/// What a vCPU thread tells the machine.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// The first KVM_RUN of vCPU 0 is about to happen.
+    FirstRun(Instant),
+    /// This vCPU has stopped.
+    Stopped { id: u8, why: VcpuStop },
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (the handler does nothing; the point is
+/// the EINTR).
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick handler once per process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(kick_signal(), noop_handler));
+    result
+}
+
+enum Next {
+    Continue,
+    Stop(VcpuStop),
+    InternalError,
+    Shutdown,
+    FailEntry(u64),
+    RunError(kvm_ioctls::Error),
+}
+
+pub struct VcpuRunner {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub ram: Vec<RamRange>,
+    pub stop: Arc<AtomicBool>,
+    /// Written after each `Stopped` event so the machine's event loop wakes up.
+    pub exit_evt: EventFd,
+}
+
+impl VcpuRunner {
+    /// Runs until the guest or the VMM stops this vCPU; always reports why.
+    pub fn run(mut self, events: Sender<VcpuEvent>) {
+        let why = self.run_loop(&events);
+        if let VcpuStop::Fault(msg) = &why {
+            // The machine's report carries the message; this is for the log's timeline only.
+            tracing::debug!("{msg}");
+        }
+        let _ = events.send(VcpuEvent::Stopped { id: self.id, why });
+        let _ = self.exit_evt.write(1);
+    }
+
+    fn in_ram(&self, gpa: u64) -> bool {
+        self.ram.iter().any(|r| r.contains(gpa))
+    }
+
+    fn run_loop(&mut self, events: &Sender<VcpuEvent>) -> VcpuStop {
+        if self.id == 0 {
+            let _ = events.send(VcpuEvent::FirstRun(Instant::now()));
+        }
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return VcpuStop::Stopped;
+            }
+            let next = self.run_once();
+            match next {
+                Next::Continue => {}
+                Next::Stop(why) => return why,
+                Next::InternalError => return VcpuStop::Fault(self.internal_error()),
+                Next::Shutdown => {
+                    return VcpuStop::Fault(self.fault(
+                        "triple fault (KVM_EXIT_SHUTDOWN): the guest hit an exception it could not handle",
+                    ))
+                }
+                Next::FailEntry(reason) => {
+                    return VcpuStop::Fault(self.fault(&format!(
+                        "KVM_EXIT_FAIL_ENTRY, hardware entry failure reason 0x{reason:x}"
+                    )))
+                }
+                Next::RunError(e) => {
+                    return VcpuStop::Fault(self.fault(&format!("KVM_RUN failed: {e}")))
+                }
+            }
+        }
+    }
+
+    fn run_once(&mut self) -> Next {
+        let id = self.id;
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Next::Continue
+            }
+            Err(e) => return Next::RunError(e),
+        };
+        match exit {
+            VcpuExit::IoIn(port, data) => {
+                if self.pio.read(port as u64, data).is_err() {
+                    // No device: the bus floats high, as on real hardware; guests probe ports.
+                    data.fill(0xff);
+                    tracing::trace!("vcpu{id}: in from unclaimed port 0x{port:x}");
+                }
+                Next::Continue
+            }
+            VcpuExit::IoOut(port, data) => match self.pio.write(port as u64, data) {
+                Ok(action) => action_next(action),
+                Err(_) => {
+                    tracing::trace!("vcpu{id}: out to unclaimed port 0x{port:x}");
+                    Next::Continue
+                }
+            },
+            VcpuExit::MmioRead(addr, data) => {
+                if self.ram.iter().any(|r| r.contains(addr)) {
+                    return Next::Stop(VcpuStop::Fault(format!(
+                        "vcpu{id}: MMIO read exit at 0x{addr:x}, which is guest RAM: the host \
+                         mapping of that page failed (PLATFORM.md §5), not a device access"
+                    )));
+                }
+                if self.mmio.read(addr, data).is_err() {
+                    data.fill(0xff);
+                    tracing::debug!("vcpu{id}: MMIO read from unclaimed 0x{addr:x}");
+                }
+                Next::Continue
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                if self.ram.iter().any(|r| r.contains(addr)) {
+                    return Next::Stop(VcpuStop::Fault(format!(
+                        "vcpu{id}: MMIO write exit at 0x{addr:x}, which is guest RAM: the host \
+                         mapping of that page failed (PLATFORM.md §5), not a device access"
+                    )));
+                }
+                match self.mmio.write(addr, data) {
+                    Ok(action) => action_next(action),
+                    Err(_) => {
+                        tracing::debug!("vcpu{id}: MMIO write to unclaimed 0x{addr:x}");
+                        Next::Continue
+                    }
+                }
+            }
+            VcpuExit::Hlt => Next::Stop(VcpuStop::Fault(format!(
+                "vcpu{id}: KVM_EXIT_HLT with the in-kernel irqchip: the vCPU halted with nothing \
+                 able to wake it"
+            ))),
+            VcpuExit::Shutdown => Next::Shutdown,
+            VcpuExit::FailEntry(reason, _cpu) => Next::FailEntry(reason),
+            VcpuExit::InternalError => Next::InternalError,
+            VcpuExit::SystemEvent(kind, _) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuStop::Poweroff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Stop(VcpuStop::Reset),
+                other => Next::Stop(VcpuStop::Fault(format!(
+                    "vcpu{id}: guest system event {other} (crash or unsupported)"
+                ))),
+            },
+            VcpuExit::IoapicEoi(_) | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
+            VcpuExit::Unsupported(reason) => Next::Stop(VcpuStop::Fault(format!(
+                "vcpu{id}: unhandled KVM exit reason {reason}{}",
+                if reason == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL {
+                    " (dirty ring full)"
+                } else {
+                    ""
+                }
+            ))),
+            other => Next::Stop(VcpuStop::Fault(format!(
+                "vcpu{id}: unexpected KVM exit {other:?}"
+            ))),
+        }
+    }
+
+    /// Decodes KVM_EXIT_INTERNAL_ERROR; for an emulation failure, the instruction bytes.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
+        // KVM filled in; it is plain data.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let data = &internal.data[..ndata];
+        let what = match internal.suberror {
+            KVM_INTERNAL_ERROR_EMULATION => {
+                // kvm_run.emulation_failure: data[0] = flags, then insn_size (u8) and 15 bytes.
+                let bytes = if ndata >= 3
+                    && data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES as u64 != 0
+                {
+                    let mut raw = [0u8; 16];
+                    raw[..8].copy_from_slice(&data[1].to_le_bytes());
+                    raw[8..].copy_from_slice(&data[2].to_le_bytes());
+                    let n = (raw[0] as usize).min(15);
+                    let hex: Vec<String> =
+                        raw[1..1 + n].iter().map(|b| format!("{b:02x}")).collect();
+                    format!("instruction bytes: {}", hex.join(" "))
+                } else {
+                    format!("no instruction bytes reported (data {data:x?})")
+                };
+                format!(
+                    "emulation failure: KVM cannot execute the guest instruction at RIP; {bytes}"
+                )
+            }
+            2 => "simultaneous exceptions (KVM_INTERNAL_ERROR_SIMUL_EX)".to_string(),
+            3 => format!("event delivery failed (KVM_INTERNAL_ERROR_DELIVERY_EV) {data:x?}"),
+            4 => format!(
+                "unexpected exit reason (KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON) {data:x?}"
+            ),
+            n => format!("internal error suberror {n} {data:x?}"),
+        };
+        self.fault(&what)
+    }
+
+    /// `what`, prefixed with the vCPU and followed by its registers.
+    fn fault(&self, what: &str) -> String {
+        format!("vcpu{}: {what}\n{}", self.id, describe_state(&self.fd))
+    }
+
+    pub fn is_ram(&self, gpa: u64) -> bool {
+        self.in_ram(gpa)
+    }
+}
+
+fn action_next(action: VcpuAction) -> Next {
+    match action {
+        VcpuAction::Continue => Next::Continue,
+        VcpuAction::Reset => Next::Stop(VcpuStop::Reset),
+        VcpuAction::Exit(code) => Next::Stop(VcpuStop::DeviceExit(code)),
+    }
+}
+
+/// The registers a person needs to see where a guest went wrong.
+pub fn describe_state(fd: &VcpuFd) -> String {
+    let mut out = String::new();
+    match fd.get_regs() {
+        Ok(r) => out.push_str(&format!(
+            "  RIP={:#018x} RSP={:#018x} RFLAGS={:#010x}\n  RAX={:#018x} RBX={:#018x} RCX={:#018x} RDX={:#018x}\n  RSI={:#018x} RDI={:#018x} RBP={:#018x}\n  R8 ={:#018x} R9 ={:#018x} R10={:#018x} R11={:#018x}\n  R12={:#018x} R13={:#018x} R14={:#018x} R15={:#018x}\n",
+            r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9,
+            r.r10, r.r11, r.r12, r.r13, r.r14, r.r15
+        )),
+        Err(e) => out.push_str(&format!("  (registers unavailable: {e})\n")),
+    }
+    match fd.get_sregs() {
+        Ok(s) => out.push_str(&format!(
+            "  CS={:#06x} (CPL{}) SS={:#06x} CR0={:#x} CR2={:#x} CR3={:#x} CR4={:#x} EFER={:#x}",
+            s.cs.selector, s.cs.dpl, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+        )),
+        Err(e) => out.push_str(&format!("  (special registers unavailable: {e})")),
+    }
+    out
+}

@@ -1,0 +1,136 @@
+//! The VM file descriptor: capabilities, memslots, in-kernel irqchip and PIT, irqfds.
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::host::HostKind;
+use crate::memory::GuestRam;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("this KVM lacks a capability vmm needs: {0}")]
+    MissingCap(&'static str),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("{what} failed: {source}")]
+    Setup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("registering guest RAM slot {slot} at 0x{gpa:x} failed: {source}")]
+    Memslot {
+        slot: u32,
+        gpa: u64,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_CREATE_VCPU {id} failed: {source}")]
+    CreateVcpu { id: u8, source: kvm_ioctls::Error },
+}
+
+/// Where KVM may put the three pages of its real-mode TSS (unused on hardware with unrestricted
+/// guests, required by the ioctl): just below the BIOS area, inside the MMIO hole.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// A KVM VM with its in-kernel interrupt controllers.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    host: HostKind,
+}
+
+impl Vm {
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let setup = |what| move |source| VmError::Setup { what, source };
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(setup("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(setup("KVM_CREATE_PIT2"))?;
+        // Report, rather than silently re-inject, instructions KVM cannot emulate (on hardware a
+        // CPL>0 failure would otherwise become a #UD in the guest). PVM ignores it.
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        if let Err(e) = fd.enable_cap(&cap) {
+            tracing::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
+        }
+        Ok(Vm {
+            kvm,
+            fd,
+            host: HostKind::detect(),
+        })
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+    pub fn host_kind(&self) -> HostKind {
+        self.host
+    }
+
+    /// One memslot per RAM range, slot numbers from 0.
+    pub fn register_ram(&self, ram: &GuestRam) -> Result<(), VmError> {
+        for (slot, (range, host)) in ram.ranges().iter().zip(ram.host_addrs()).enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: range.gpa,
+                memory_size: range.size,
+                userspace_addr: host,
+            };
+            // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM
+            // (the machine drops the VM and its vCPUs before guest RAM).
+            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| {
+                VmError::Memslot {
+                    slot: slot as u32,
+                    gpa: range.gpa,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|source| VmError::Setup {
+                what: "KVM_IRQFD",
+                source,
+            })
+    }
+
+    pub fn create_vcpu(&self, id: u8) -> Result<VcpuFd, VmError> {
+        self.fd
+            .create_vcpu(id as u64)
+            .map_err(|source| VmError::CreateVcpu { id, source })
+    }
+}
