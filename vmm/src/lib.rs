@@ -7,5 +7,6 @@ pub mod boot;
 pub mod host;
 pub mod machine;
 pub mod memory;
+pub mod micro_check;
 pub mod micro_port;
 pub mod vstate;

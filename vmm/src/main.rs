@@ -73,6 +73,9 @@ struct RunArgs {
     /// Micro guest PRNG seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// After the micro guest finishes, compare its region byte for byte with the reference model.
+    #[arg(long, requires = "micro")]
+    verify: bool,
 
     /// Number of vCPUs (1 to 32).
     #[arg(long, default_value_t = 1)]
@@ -157,10 +160,22 @@ fn guest_config(a: &RunArgs) -> Result<GuestConfig> {
             Some(p) => read_payload(p)?,
             None => micro_guest::PAYLOAD.to_vec(),
         };
+        let expected = if a.verify {
+            let pages = workload
+                .final_image()
+                .context("--verify needs a finite number of passes (--passes 0 runs forever)")?;
+            Some(vmm::micro_check::Expected {
+                region_gpa: region,
+                pages,
+            })
+        } else {
+            None
+        };
         return Ok(GuestConfig::Micro {
             payload,
             mailbox: workload.mailbox().to_vec(),
             region: Some((region, pages * 4096)),
+            expected,
         });
     }
     bail!("nothing to boot: give --kernel (Linux), --micro (the micro guest) or --payload FILE")
@@ -185,6 +200,12 @@ fn print_report(r: &RunReport, json: bool) -> Result<()> {
     );
     if let Some(p) = r.micro_passes {
         eprintln!("vmm: micro guest passes completed: {p}");
+    }
+    if let Some(c) = &r.micro_check {
+        eprintln!(
+            "vmm: micro guest memory check: {} pages, {} mismatches",
+            c.pages_checked, c.mismatches
+        );
     }
     if let Some(kib) = r.rss_beyond_guest_kib {
         eprintln!("vmm: resident memory beyond guest RAM: {kib} KiB");

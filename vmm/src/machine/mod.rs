@@ -76,6 +76,8 @@ pub enum GuestConfig {
         payload: Vec<u8>,
         mailbox: Vec<u8>,
         region: Option<(u64, u64)>,
+        /// Checked against guest RAM when the guest exits with status 0.
+        expected: Option<crate::micro_check::Expected>,
     },
 }
 
@@ -133,6 +135,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
             payload,
             mailbox,
             region,
+            ..
         } => {
             if let Some((gpa, bytes)) = region {
                 micro::check_region(&ram, *gpa, *bytes)?;
@@ -223,7 +226,25 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
         .lock()
         .map(|w| (w.agent_ready, w.kernel_panic.clone()));
     let (agent_ready, kernel_panic) = watch.unwrap_or((None, None));
-    let outcome = Outcome::from_stop(why, kernel_panic);
+    let micro_check = match (&cfg.guest, &why) {
+        (
+            GuestConfig::Micro {
+                expected: Some(expected),
+                ..
+            },
+            VcpuStop::DeviceExit(0),
+        ) => Some(crate::micro_check::check(mem, expected)),
+        _ => None,
+    };
+    let mut outcome = Outcome::from_stop(why, kernel_panic);
+    if let Some(c) = micro_check.as_ref().filter(|c| c.mismatches > 0) {
+        outcome = Outcome::Fault {
+            message: format!(
+                "micro guest memory differs from the reference model on {} of {} pages; first at {:x?} (gpa, expected, found)",
+                c.mismatches, c.pages_checked, c.first_mismatch
+            ),
+        };
+    }
     Ok(RunReport {
         host: vm.host_kind(),
         exit_code: outcome.exit_code(),
@@ -234,6 +255,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
         boot_timer_ms: boot_timer.map(ms),
         agent_ready_ms: agent_ready.map(ms),
         micro_passes: micro.then(|| micro_passes.load(Ordering::Acquire)),
+        micro_check,
         rss_beyond_guest_kib: rss,
         wall_ms: ms(start.elapsed()),
     })

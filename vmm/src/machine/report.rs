@@ -76,6 +76,8 @@ pub struct RunReport {
     /// Process start to the agent's ready marker on the console.
     pub agent_ready_ms: Option<f64>,
     pub micro_passes: Option<u64>,
+    /// With --verify: the micro guest's region compared with its reference model.
+    pub micro_check: Option<crate::micro_check::CheckResult>,
     /// Resident memory of the vmm process other than guest RAM (RSS minus shared memory), KiB.
     pub rss_beyond_guest_kib: Option<u64>,
     pub wall_ms: f64,

@@ -1,0 +1,108 @@
+//! Bad input gets a precise error and a non-zero exit, never a panic.
+
+use vmm_tests::vmm;
+
+fn expect_error(args: &[&str], needle: &str) {
+    let run = vmm(args);
+    run.assert_no_panic();
+    assert_ne!(run.code(), Some(0), "{args:?} succeeded");
+    assert!(
+        run.stderr.contains(needle),
+        "{args:?}: expected '{needle}' in:\n{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn missing_kernel() {
+    expect_error(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        "--kernel /nonexistent/vmlinux: no such kernel file",
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("notakernel");
+    std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+    expect_error(
+        &["run", "--kernel", junk.to_str().unwrap()],
+        "is not a kernel image",
+    );
+    // A truncated ELF header is caught by the loader with its own message.
+    let elf = dir.path().join("truncated-elf");
+    std::fs::write(&elf, b"\x7fELF\x02\x01\x01").unwrap();
+    expect_error(
+        &["run", "--kernel", elf.to_str().unwrap()],
+        "loading kernel",
+    );
+}
+
+#[test]
+fn zero_memory() {
+    expect_error(
+        &["run", "--micro", "--mem", "0"],
+        "--mem: guest memory size must be greater than 0",
+    );
+    expect_error(
+        &["run", "--micro", "--mem", "lots"],
+        "--mem: 'lots' is not a size",
+    );
+    expect_error(
+        &["run", "--micro", "--mem", "1M"],
+        "guest memory size must be at least",
+    );
+}
+
+#[test]
+fn zero_vcpus() {
+    expect_error(
+        &["run", "--micro", "--vcpus", "0"],
+        "--vcpus must be between 1 and 32, got 0",
+    );
+    expect_error(
+        &["run", "--micro", "--vcpus", "33"],
+        "--vcpus must be between 1 and 32, got 33",
+    );
+}
+
+#[test]
+fn missing_disk_image() {
+    expect_error(
+        &["run", "--micro", "--disk", "/nonexistent/disk.img"],
+        "--disk /nonexistent/disk.img: no such disk image file",
+    );
+    expect_error(
+        &["run", "--micro", "--disk", "/etc/hostname,fast"],
+        "unknown option 'fast'",
+    );
+}
+
+#[test]
+fn nothing_to_boot_and_bad_payload() {
+    expect_error(&["run"], "nothing to boot");
+    expect_error(
+        &["run", "--payload", "/nonexistent.bin"],
+        "cannot read payload",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    expect_error(&["run", "--payload", empty.to_str().unwrap()], "is empty");
+    expect_error(
+        &["run", "--micro", "--pattern", "zigzag"],
+        "unknown micro guest pattern",
+    );
+    expect_error(
+        &["run", "--micro", "--region-mib", "200", "--mem", "64M"],
+        "is not inside guest RAM",
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let run = vmm(&["run", "--no-such-flag"]);
+    run.assert_no_panic();
+    assert_eq!(run.code(), Some(2));
+}
