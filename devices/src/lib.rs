@@ -1,1 +1,17 @@
+//! Device models on an address bus: legacy devices on port I/O (16550 UART, i8042) and MMIO
+//! (boot timer), and virtio devices behind a virtio-mmio transport.
+//!
+//! Every device implements [`BusDevice`] and sits on a [`Bus`] (the VMM keeps one for port I/O
+//! and one for MMIO). Nothing the guest writes may panic the VMM: a bad access is logged and
+//! ignored, answered with zeros, or (virtio) turned into an error status.
 
+pub mod bus;
+pub mod legacy;
+pub mod virtio;
+
+pub use bus::{Bus, BusDevice, BusError, VcpuAction};
+
+/// Guest RAM as every device sees it. The `AtomicBitmap` records each page a device (or the VMM)
+/// writes through vm-memory, which KVM's dirty log cannot see; live migration ORs it into every
+/// harvest. The VMM must build its guest memory with this same type.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -66,10 +66,23 @@ impl Devices {
     pub fn console_input(&self) -> InputSink {
         let serial = self.serial.clone();
         Box::new(move |bytes| {
-            if let Ok(mut s) = serial.lock() {
-                if let Err(e) = s.enqueue_input(bytes) {
-                    tracing::debug!("console input dropped: {e}");
+            // The UART FIFO holds 64 bytes: hand over the rest as the guest drains it (its vCPU
+            // threads take the interrupts, so waiting here is safe), giving up after ~1 s.
+            let mut rest = bytes;
+            let mut idle_ms = 0;
+            while !rest.is_empty() && idle_ms < 1000 {
+                let accepted = match serial.lock() {
+                    Ok(mut s) => s.enqueue_input(rest).unwrap_or(0),
+                    Err(_) => return,
+                };
+                rest = &rest[accepted..];
+                if accepted == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    idle_ms += 1;
                 }
+            }
+            if !rest.is_empty() {
+                tracing::warn!("console input: guest not reading, {} bytes dropped", rest.len());
             }
         })
     }

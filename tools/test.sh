@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every test: formatting, lints, unit tests and the integration tests that boot real guests on
+# /dev/kvm. Installs missing Debian packages and builds (or reuses cached) guest images first.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash guest-images/build.sh
+echo "test: cargo fmt --check"
+cargo fmt --all -- --check
+echo "test: cargo clippy"
+cargo clippy --workspace --all-targets -q -- -D warnings
+echo "test: building binaries"
+cargo build --workspace --bins -q
+echo "test: cargo test"
+cargo test --workspace
