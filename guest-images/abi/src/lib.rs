@@ -10,8 +10,10 @@ pub mod layout {
     /// Boot GDT (see `gdt` below for its selectors).
     pub const GDT_GPA: u64 = 0x500;
     /// Empty boot IDT (limit 0: any exception before the guest installs its own is a triple fault).
-    pub const IDT_GPA: u64 = 0x520;
+    pub const IDT_GPA: u64 = GDT_GPA + 8 * super::gdt::ENTRIES as u64;
     /// A 64-bit TSS so TR holds something valid; the micro guest never changes privilege through it.
+    /// The micro guest adds an I/O permission bitmap (it writes `[TSS_GPA + 0x66, + 0x111)`),
+    /// rewrites the TSS descriptor with the larger limit and reloads TR, so CPL3 can use its ports.
     pub const TSS_GPA: u64 = 0x1000;
     /// The micro guest's mailbox page (see `micro`).
     pub const MICRO_MAILBOX_GPA: u64 = 0x6000;
@@ -123,7 +125,9 @@ pub mod micro {
     pub const OFF_PASSES: u64 = 40;
     /// Writes per pass for `random` and `hotset`; page stride for `sparse`; unused for `sweep`.
     pub const OFF_PARAM: u64 = 48;
-    /// PRNG seed (xorshift64; 0 is replaced by 1).
+    /// PRNG seed (xorshift64; 0 is replaced by 1). The state is advanced once (`x =
+    /// xorshift64(x)`) before each write of the random and hot-set patterns and carries over
+    /// from one pass to the next: it is never reset between passes.
     pub const OFF_SEED: u64 = 56;
     /// The guest stores the number of the pass it is running here (progress, for the host).
     pub const OFF_CURRENT_PASS: u64 = 64;
@@ -154,6 +158,8 @@ pub mod micro {
     /// Page index (within the region) of write `i`, given the PRNG state after advancing for it.
     /// Random: `rng % pages`. Hot set: if `rng % 10 != 0` -> `(rng / 16) % hot`, else
     /// `(rng / 16) % pages`, where `hot = max(1, pages / 10)`.
+    // `u64::is_multiple_of` (clippy's suggestion) needs Rust 1.87; the workspace MSRV is 1.85.
+    #[allow(clippy::manual_is_multiple_of)]
     pub const fn page_for(pattern: u64, pages: u64, param: u64, i: u64, rng: u64) -> u64 {
         match pattern {
             PATTERN_SWEEP => i,
@@ -195,4 +201,61 @@ pub mod agent {
     pub const CMDLINE_KEY: &str = "vmm.agent=";
     /// Prefix of every line the agent prints as a result, so a host can grep them.
     pub const RESULT_PREFIX: &str = "AGENT:";
+}
+
+/// Deterministic data and checksums that guest-side tools (the agent's `blkwrite`, `blkread`)
+/// produce and the host reproduces to check them. No allocation, so it stays `no_std`.
+pub mod pattern {
+    use super::micro::xorshift64;
+
+    /// FNV-1a 64-bit offset basis: the hash of zero bytes.
+    pub const FNV1A64_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    /// FNV-1a 64-bit prime.
+    pub const FNV1A64_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    /// Continues an FNV-1a 64 hash over `bytes`, so data can be hashed in chunks:
+    /// `fnv1a64_update(fnv1a64(a), b) == fnv1a64(a ++ b)`.
+    pub const fn fnv1a64_update(mut hash: u64, bytes: &[u8]) -> u64 {
+        let mut i = 0;
+        while i < bytes.len() {
+            hash ^= bytes[i] as u64;
+            hash = hash.wrapping_mul(FNV1A64_PRIME);
+            i += 1;
+        }
+        hash
+    }
+
+    /// FNV-1a 64 of `bytes`.
+    pub const fn fnv1a64(bytes: &[u8]) -> u64 {
+        fnv1a64_update(FNV1A64_OFFSET, bytes)
+    }
+
+    /// The PRNG state a pattern starts from: the seed, with 0 replaced by 1 (xorshift64 would
+    /// stay at 0 forever).
+    pub const fn pattern_state(seed: u64) -> u64 {
+        if seed == 0 {
+            1
+        } else {
+            seed
+        }
+    }
+
+    /// Fills `buf` with the pattern for `seed`: the little-endian bytes of successive xorshift64
+    /// states, each state advanced *before* it is used, the last one truncated to fit.
+    pub fn fill_pattern(seed: u64, buf: &mut [u8]) {
+        fill_pattern_continue(pattern_state(seed), buf);
+    }
+
+    /// Like `fill_pattern`, but starting from PRNG state `state` (not a seed: 0 stays 0) and
+    /// returning the state after the last word used, so a long pattern can be produced in
+    /// chunks. Chunking matches `fill_pattern` over the whole length as long as every chunk but
+    /// the last has a length that is a multiple of 8.
+    pub fn fill_pattern_continue(mut state: u64, buf: &mut [u8]) -> u64 {
+        for chunk in buf.chunks_mut(8) {
+            state = xorshift64(state);
+            let bytes = state.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        state
+    }
 }

@@ -14,7 +14,7 @@ pub const fn entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The table written at `layout::GDT_GPA`: selectors as in `guest_abi::gdt`.
 pub fn table() -> [u64; gdt::ENTRIES] {
-    let tss_limit = 0x68u32 + 8192;
+    let tss_limit = 0x67u32;
     let tss_base = layout::TSS_GPA as u32;
     [
         0,

@@ -39,10 +39,6 @@ pub fn write_descriptor_tables(mem: &GuestMemory) -> Result<(), RegsError> {
         mem.write_obj(*d, GuestAddress(layout::GDT_GPA + 8 * i as u64))?;
     }
     mem.write_obj(0u64, GuestAddress(layout::IDT_GPA))?;
-    // TSS: I/O map base right after the 0x68-byte TSS; the bitmap (zeros: every port allowed)
-    // and its terminating 0xff byte follow.
-    mem.write_obj(0x68u16, GuestAddress(layout::TSS_GPA + 0x66))?;
-    mem.write_obj(0xffu8, GuestAddress(layout::TSS_GPA + 0x68 + 8192))?;
     Ok(())
 }
 

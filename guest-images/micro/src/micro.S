@@ -1,0 +1,239 @@
+/*
+ * The micro guest: a deterministic memory-write workload, entered by the VMM in 64-bit long
+ * mode at CPL0 (see guest_abi::layout::MICRO_LOAD_GPA and the crate docs for the entry state).
+ *
+ * Labels are plain (not .L) so that they name the blocks in micro.lst (OUT_DIR) when a guest
+ * stops at some RIP.
+ *
+ * Position independent: the only reference to the payload itself is RIP-relative (the CPL3
+ * entry point). Every other address is a fixed guest-physical address from guest_abi, whose
+ * values build.rs writes to abi.inc. Assembled with `as --64` and copied out as a flat binary,
+ * so there is no linker and no relocation (build.rs checks that).
+ *
+ * CPL0 code runs in KVM's instruction emulator on PVM hosts (slow, and some instructions cannot
+ * be emulated at all), so it only checks the mailbox header, grants CPL3 the ports it needs
+ * (TSS I/O bitmap, see there) and drops to CPL3 with iretq. The workload loop runs at CPL3,
+ * natively. IF stays 0 throughout, so the empty IDT is never consulted unless something faults
+ * (then the guest triple-faults).
+ *
+ * The reference model in src/model.rs must match this loop write for write.
+ */
+        .include "abi.inc"
+
+        .code64
+        .text
+
+/* ---------------------------------------------------------------- CPL0 */
+entry:
+        /* Header check. 0x6000-style absolute addresses are disp32 operands, not RIP-relative. */
+        movabs  $MICRO_MAGIC, %rax
+        cmp     %rax, MAILBOX + OFF_MAGIC
+        jne     bad_magic
+        cmpq    $MICRO_VERSION, MAILBOX + OFF_VERSION
+        jne     bad_version
+
+        /* Let CPL3 use the exit and pass ports through the TSS I/O permission bitmap. IOPL=3 in
+         * RFLAGS (below) is enough on hardware, but PVM clears IOPL on the way to CPL3 (seen
+         * on this project's hosts), and an `out` then consults the bitmap; without one it is a
+         * #GP and, with no IDT, a triple fault. The VMM's TSS has no bitmap and its TR limit
+         * covers none, so give the TSS one (all zero: ports 0..IOPB_BYTES*8-1 allowed, then the
+         * 0xff end byte the CPU expects), rewrite its descriptor with the larger limit as an
+         * available TSS, and load TR again. */
+        movw    $TSS_IOPB_OFFSET, TSS + 102
+        lea     TSS + TSS_IOPB_OFFSET, %rdi
+        mov     $IOPB_BYTES / 8, %ecx
+        xor     %eax, %eax
+        rep stosq
+        movb    $0xff, (%rdi)
+        movabs  $TSS_DESC_LO, %rax
+        mov     %rax, GDT + TSS_SEL
+        movq    $TSS_DESC_HI, GDT + TSS_SEL + 8
+        mov     $TSS_SEL, %eax
+        ltr     %ax
+
+        /* iretq frame, pushed in reverse of pop order (RIP, CS, RFLAGS, RSP, SS): SS first. */
+        pushq   $USER_DS
+        pushq   $USER_STACK_TOP
+        pushq   $USER_RFLAGS
+        pushq   $USER_CS
+        lea     user_entry(%rip), %rax
+        push    %rax
+        iretq
+
+bad_magic:
+        mov     $EXIT_BAD_MAGIC, %eax
+        jmp     cpl0_exit
+bad_version:
+        mov     $EXIT_BAD_VERSION, %eax
+cpl0_exit:
+        mov     $PORT_EXIT, %dx
+        out     %eax, %dx
+        /* The VMM stops at the exit port; should it resume us, halt (IF=0) rather than run on. */
+1:      hlt
+        jmp     1b
+
+/* ---------------------------------------------------------------- CPL3 */
+/*
+ * Registers for the whole run:
+ *   r8  region GPA            r9  pages              r10 pattern
+ *   r11 passes (0 = forever)  r12 param              r13 PRNG state
+ *   r14 pass (from 1)         r15 writes per pass    rsi sparse stride (param, 0 -> 1)
+ *   rdi hot-set size          rbp pass << 32         rcx write index i within the pass
+ *   rax, rdx, rbx scratch (div uses rdx:rax; rbx holds its divisor 10)
+ * No stack use: nothing here calls or pushes.
+ */
+user_entry:
+        mov     MAILBOX + OFF_REGION_GPA, %r8
+        mov     MAILBOX + OFF_REGION_PAGES, %r9
+        mov     MAILBOX + OFF_PATTERN, %r10
+        mov     MAILBOX + OFF_PASSES, %r11
+        mov     MAILBOX + OFF_PARAM, %r12
+        mov     MAILBOX + OFF_SEED, %r13
+
+        /* Reject what would make the loop fault: an unknown pattern, no pages, or a region
+         * outside the identity map. Every store then lands at region + page * 4096 with
+         * page < pages, inside the map. */
+        mov     $EXIT_BAD_PATTERN, %eax
+        cmp     $PATTERN_SPARSE, %r10
+        ja      cpl3_exit
+        mov     $EXIT_BAD_REGION, %eax
+        test    %r9, %r9
+        jz      cpl3_exit
+        /* pages <= map size / 4096, so that pages << 12 cannot overflow. */
+        mov     $IDENTITY_MAP_PAGES, %edx
+        cmp     %rdx, %r9
+        ja      cpl3_exit
+        mov     %r9, %rdx
+        shl     $12, %rdx
+        add     %r8, %rdx
+        jc      cpl3_exit
+        movabs  $IDENTITY_MAP_END, %rbx
+        cmp     %rbx, %rdx
+        ja      cpl3_exit
+
+        /* Seed 0 would keep xorshift64 at 0 forever: use 1. */
+        test    %r13, %r13
+        jnz     1f
+        mov     $1, %r13d
+1:
+        /* Sparse stride: param, 0 -> 1. */
+        mov     %r12, %rsi
+        test    %rsi, %rsi
+        jnz     1f
+        mov     $1, %esi
+1:
+        /* Hot set: max(1, pages / 10). */
+        mov     %r9, %rax
+        xor     %edx, %edx
+        mov     $10, %ebx
+        div     %rbx
+        mov     %rax, %rdi
+        test    %rdi, %rdi
+        jnz     1f
+        mov     $1, %edi
+1:
+        /* Writes per pass (guest_abi::micro::writes_per_pass). */
+        mov     %r9, %r15
+        cmp     $PATTERN_SWEEP, %r10
+        je      2f
+        mov     %r12, %r15
+        cmp     $PATTERN_HOTSET, %r10
+        jbe     2f
+        /* Sparse: ceil(pages / stride), as quotient + (remainder != 0): no overflow. */
+        mov     %r9, %rax
+        xor     %edx, %edx
+        div     %rsi
+        mov     %rax, %r15
+        test    %rdx, %rdx
+        jz      2f
+        inc     %r15
+2:
+        xor     %r14d, %r14d
+
+pass_loop:
+        inc     %r14
+        mov     %r14, MAILBOX + OFF_CURRENT_PASS
+        mov     %r14, %rbp
+        shl     $32, %rbp
+        xor     %ecx, %ecx
+        test    %r15, %r15
+        jz      pass_done
+
+write_loop:
+        /* Page index into rax (guest_abi::micro::page_for). */
+        cmp     $PATTERN_SWEEP, %r10
+        jne     1f
+        mov     %rcx, %rax
+        jmp     store
+1:
+        cmp     $PATTERN_SPARSE, %r10
+        jne     random_or_hot
+        mov     %rcx, %rax
+        imul    %rsi, %rax
+        jmp     store
+
+random_or_hot:
+        /* Advance the PRNG before the write: x ^= x << 13; x ^= x >> 7; x ^= x << 17. */
+        mov     %r13, %rax
+        shl     $13, %rax
+        xor     %rax, %r13
+        mov     %r13, %rax
+        shr     $7, %rax
+        xor     %rax, %r13
+        mov     %r13, %rax
+        shl     $17, %rax
+        xor     %rax, %r13
+
+        cmp     $PATTERN_RANDOM, %r10
+        jne     hotset
+        /* rng % pages */
+        mov     %r13, %rax
+        xor     %edx, %edx
+        div     %r9
+        mov     %rdx, %rax
+        jmp     store
+
+hotset:
+        /* rng % 10 != 0 -> (rng / 16) % hot, else (rng / 16) % pages */
+        mov     %r13, %rax
+        xor     %edx, %edx
+        div     %rbx
+        mov     %r13, %rax
+        shr     $4, %rax
+        test    %rdx, %rdx
+        jz      hotset_cold
+        xor     %edx, %edx
+        div     %rdi
+        mov     %rdx, %rax
+        jmp     store
+hotset_cold:
+        xor     %edx, %edx
+        div     %r9
+        mov     %rdx, %rax
+
+store:
+        /* *(u64 *)(region + page * 4096) = store_value(pass, i) = pass << 32 | (u32)i */
+        shl     $12, %rax
+        add     %r8, %rax
+        mov     %ecx, %edx
+        or      %rbp, %rdx
+        mov     %rdx, (%rax)
+        inc     %rcx
+        cmp     %r15, %rcx
+        jb      write_loop
+
+pass_done:
+        mov     $PORT_PASS, %dx
+        mov     %r14d, %eax
+        out     %eax, %dx
+        test    %r11, %r11
+        jz      pass_loop
+        cmp     %r11, %r14
+        jb      pass_loop
+
+        xor     %eax, %eax              /* EXIT_OK */
+cpl3_exit:
+        mov     $PORT_EXIT, %dx
+        out     %eax, %dx
+        /* The VMM stops the vCPU at the exit port. hlt would #GP at CPL3, so spin instead. */
+1:      jmp     1b
