@@ -86,7 +86,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 /// off) or, with `kill_after_marker`, kills it (QEMU's microvm has no keyboard controller, so
 /// the guest's reset request never ends it). Returns ms to the marker and everything printed
 /// after it (vmm's JSON report).
-fn time_to_marker(mut cmd: Command, limit: Duration, kill_after_marker: bool) -> Result<(f64, String)> {
+fn time_to_marker(
+    mut cmd: Command,
+    limit: Duration,
+    kill_after_marker: bool,
+) -> Result<(f64, String)> {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -158,9 +162,11 @@ fn main() -> Result<()> {
     for run in 1..=args.runs {
         eprintln!("[{run}/{}] vmm ...", args.runs);
         let mut cmd = Command::new(&args.vmm);
-        cmd.args(["run", "--kernel", &k, "--initrd", &i, "--mem", "128M", "--json"])
-            .args(["--vcpus", &args.vcpus.to_string(), "--no-console-input"])
-            .args(["--cmdline", CMDLINE]);
+        cmd.args([
+            "run", "--kernel", &k, "--initrd", &i, "--mem", "128M", "--json",
+        ])
+        .args(["--vcpus", &args.vcpus.to_string(), "--no-console-input"])
+        .args(["--cmdline", CMDLINE]);
         let (ms, rest) = time_to_marker(cmd, limit, false)?;
         let report: serde_json::Value = rest
             .lines()
@@ -180,8 +186,22 @@ fn main() -> Result<()> {
             cmd.args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off"])
                 .args(["-cpu", "host,-cx16,-arch-capabilities", "-enable-kvm"])
                 .args(["-m", "128", "-smp", &args.vcpus.to_string()])
-                .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
-                .args(["-no-reboot", "-kernel", &k, "-initrd", &i, "-append", CMDLINE]);
+                .args([
+                    "-nodefaults",
+                    "-no-user-config",
+                    "-nographic",
+                    "-serial",
+                    "stdio",
+                ])
+                .args([
+                    "-no-reboot",
+                    "-kernel",
+                    &k,
+                    "-initrd",
+                    &i,
+                    "-append",
+                    CMDLINE,
+                ]);
             let (ms, _) = time_to_marker(cmd, limit, true)?;
             qemu_samples.push(Sample {
                 marker_ms: ms,
@@ -192,7 +212,8 @@ fn main() -> Result<()> {
     }
     let vmm_marker = median(vmm_samples.iter().map(|s| s.marker_ms).collect()).unwrap_or(0.0);
     let qemu_marker = median(qemu_samples.iter().map(|s| s.marker_ms).collect());
-    let opt_median = |f: fn(&Sample) -> Option<f64>| median(vmm_samples.iter().filter_map(f).collect());
+    let opt_median =
+        |f: fn(&Sample) -> Option<f64>| median(vmm_samples.iter().filter_map(f).collect());
     let summary = Summary {
         host,
         runs: args.runs,
@@ -218,10 +239,15 @@ fn main() -> Result<()> {
     println!("  vmm : {:>10.1} ms to marker (setup {} ms, boot-timer {} ms, RSS beyond guest RAM {} KiB)",
         summary.vmm_marker_ms_median, f(summary.vmm_setup_ms_median),
         f(summary.vmm_boot_timer_ms_median), f(summary.vmm_rss_beyond_guest_kib_median));
-    println!("  qemu: {:>10} ms to marker", f(summary.qemu_marker_ms_median));
+    println!(
+        "  qemu: {:>10} ms to marker",
+        f(summary.qemu_marker_ms_median)
+    );
     println!(
         "  ratio vmm/qemu: {}",
-        summary.ratio_vmm_over_qemu.map_or("-".into(), |r| format!("{r:.3}"))
+        summary
+            .ratio_vmm_over_qemu
+            .map_or("-".into(), |r| format!("{r:.3}"))
     );
     Ok(())
 }

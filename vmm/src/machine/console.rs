@@ -75,7 +75,10 @@ impl ConsoleWatch {
 }
 
 /// A console observer closure for the UART, sharing its findings through `watch`.
-pub fn observer(watch: Arc<Mutex<ConsoleWatch>>, start: Instant) -> Box<dyn FnMut(&[u8]) + Send> {
+pub fn observer(
+    watch: Arc<Mutex<ConsoleWatch>>,
+    start: Instant,
+) -> devices::legacy::serial::OutputObserver {
     Box::new(move |bytes| {
         if let Ok(mut w) = watch.lock() {
             w.feed(bytes, start);

@@ -82,7 +82,10 @@ impl Devices {
                 }
             }
             if !rest.is_empty() {
-                tracing::warn!("console input: guest not reading, {} bytes dropped", rest.len());
+                tracing::warn!(
+                    "console input: guest not reading, {} bytes dropped",
+                    rest.len()
+                );
             }
         })
     }

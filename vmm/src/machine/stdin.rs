@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -30,14 +30,14 @@ impl StdinInput {
 }
 
 impl MutEventSubscriber for StdinInput {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 256];
         let n = match std::io::stdin().lock().read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
             Err(_) => 0,
         };
-        if n == 0 || events.event_set().contains(EventSet::HANG_UP) && n == 0 {
+        if n == 0 {
             // EOF: stop watching, or epoll would report it forever.
             let _ = ops.remove(Events::new(&std::io::stdin(), EventSet::IN));
             return;
@@ -95,13 +95,4 @@ impl Drop for RawTerminal {
             let _ = std::io::stdin().lock().set_canon_mode();
         }
     }
-}
-
-/// Shared handle on the UART used by the sink closure.
-pub fn uart_sink<T: Send + 'static>(uart: Arc<Mutex<T>>, enqueue: fn(&mut T, &[u8])) -> InputSink {
-    Box::new(move |bytes| {
-        if let Ok(mut u) = uart.lock() {
-            enqueue(&mut u, bytes);
-        }
-    })
 }
