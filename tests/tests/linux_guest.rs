@@ -5,7 +5,12 @@
 use guest_abi::pattern::{fill_pattern, fnv1a64};
 use vmm_tests::{agent_lines, images, vmm, Run};
 
+/// One Linux boot at a time: two guests whose kernels run in emulated ring 0 on a 2-core
+/// machine slow each other's SMP rendezvous (stop_machine) by orders of magnitude.
+static ONE_BOOT_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn boot(vcpus: &str, agent: &str, extra: &[&str], console: &std::path::Path) -> Run {
+    let _serial = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let img = images();
     let mut args = vec![
         "run",

@@ -1,7 +1,24 @@
 //! The bare-metal micro guest on the real /dev/kvm: passes, exit, exact memory contents, and a
 //! clean end when a payload runs an instruction the host cannot execute.
 
-use vmm_tests::vmm;
+use vmm_tests::{vmm, Run};
+
+/// Runs `code` as a raw payload (entered at CPL0) and checks it ends as a guest fault.
+fn run_faulting_payload(code: &[u8]) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let payload = dir.path().join("payload.bin");
+    std::fs::write(&payload, code).unwrap();
+    let run = vmm(&[
+        "run",
+        "--payload",
+        payload.to_str().unwrap(),
+        "--console",
+        "none",
+    ]);
+    run.assert_no_panic();
+    assert_eq!(run.code(), Some(4), "stderr:\n{}", run.stderr);
+    run
+}
 
 #[test]
 fn micro_guest_runs_every_pass_and_memory_matches_the_model() {
@@ -41,19 +58,8 @@ fn micro_guest_runs_every_pass_and_memory_matches_the_model() {
 
 #[test]
 fn int3_at_cpl0_ends_cleanly_naming_the_instruction() {
-    let dir = tempfile::tempdir().unwrap();
-    let payload = dir.path().join("int3.bin");
     // int3, then a spin so a host that *could* run it would not fall into garbage.
-    std::fs::write(&payload, [0xcc, 0xeb, 0xfe]).unwrap();
-    let run = vmm(&[
-        "run",
-        "--payload",
-        payload.to_str().unwrap(),
-        "--console",
-        "none",
-    ]);
-    run.assert_no_panic();
-    assert_eq!(run.code(), Some(4), "stderr:\n{}", run.stderr);
+    let run = run_faulting_payload(&[0xcc, 0xeb, 0xfe]);
     assert!(
         run.stderr.contains("instruction bytes: cc"),
         "the exit must name the instruction bytes:\n{}",
@@ -68,26 +74,11 @@ fn int3_at_cpl0_ends_cleanly_naming_the_instruction() {
 
 #[test]
 fn a_payload_that_triple_faults_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    let payload = dir.path().join("ud.bin");
-    // mov rax, [0x7fff_ffff_f000]: a non-canonical-free but unmapped (beyond 4 GiB) address:
-    // #PF with an empty IDT -> triple fault.
-    std::fs::write(
-        &payload,
-        [
-            0x48, 0xa1, 0x00, 0xf0, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x00, 0xeb, 0xfe,
-        ],
-    )
-    .unwrap();
-    let run = vmm(&[
-        "run",
-        "--payload",
-        payload.to_str().unwrap(),
-        "--console",
-        "none",
+    // mov rax, [0x7fff_ffff_f000]: unmapped (the identity map covers 4 GiB), so #PF with an
+    // empty IDT: a triple fault.
+    let run = run_faulting_payload(&[
+        0x48, 0xa1, 0x00, 0xf0, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x00, 0xeb, 0xfe,
     ]);
-    run.assert_no_panic();
-    assert_eq!(run.code(), Some(4), "stderr:\n{}", run.stderr);
     assert!(
         run.stderr.contains("triple fault") || run.stderr.contains("emulation failure"),
         "{}",

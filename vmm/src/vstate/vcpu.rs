@@ -89,10 +89,6 @@ impl VcpuRunner {
         let _ = self.exit_evt.write(1);
     }
 
-    fn in_ram(&self, gpa: u64) -> bool {
-        self.ram.iter().any(|r| r.contains(gpa))
-    }
-
     fn run_loop(&mut self, events: &Sender<VcpuEvent>) -> VcpuStop {
         if self.id == 0 {
             let _ = events.send(VcpuEvent::FirstRun(Instant::now()));
@@ -149,11 +145,8 @@ impl VcpuRunner {
                 }
             },
             VcpuExit::MmioRead(addr, data) => {
-                if self.ram.iter().any(|r| r.contains(addr)) {
-                    return Next::Stop(VcpuStop::Fault(format!(
-                        "vcpu{id}: MMIO read exit at 0x{addr:x}, which is guest RAM: the host \
-                         mapping of that page failed (PLATFORM.md §5), not a device access"
-                    )));
+                if in_ram(&self.ram, addr) {
+                    return Next::Stop(mmio_in_ram(id, "read", addr));
                 }
                 if self.mmio.read(addr, data).is_err() {
                     data.fill(0xff);
@@ -162,11 +155,8 @@ impl VcpuRunner {
                 Next::Continue
             }
             VcpuExit::MmioWrite(addr, data) => {
-                if self.ram.iter().any(|r| r.contains(addr)) {
-                    return Next::Stop(VcpuStop::Fault(format!(
-                        "vcpu{id}: MMIO write exit at 0x{addr:x}, which is guest RAM: the host \
-                         mapping of that page failed (PLATFORM.md §5), not a device access"
-                    )));
+                if in_ram(&self.ram, addr) {
+                    return Next::Stop(mmio_in_ram(id, "write", addr));
                 }
                 match self.mmio.write(addr, data) {
                     Ok(action) => action_next(action),
@@ -247,10 +237,19 @@ impl VcpuRunner {
     fn fault(&self, what: &str) -> String {
         format!("vcpu{}: {what}\n{}", self.id, describe_state(&self.fd))
     }
+}
 
-    pub fn is_ram(&self, gpa: u64) -> bool {
-        self.in_ram(gpa)
-    }
+fn in_ram(ram: &[RamRange], gpa: u64) -> bool {
+    ram.iter().any(|r| r.contains(gpa))
+}
+
+/// PVM reports a guest access whose host mapping faults as MMIO to a RAM address: never a
+/// device access, and never something to emulate (PLATFORM.md §5).
+fn mmio_in_ram(id: u8, dir: &str, addr: u64) -> VcpuStop {
+    VcpuStop::Fault(format!(
+        "vcpu{id}: MMIO {dir} exit at 0x{addr:x}, which is guest RAM: the host mapping of that \
+         page failed, not a device access"
+    ))
 }
 
 fn action_next(action: VcpuAction) -> Next {
