@@ -3,10 +3,13 @@
 //! Layers (see ARCHITECTURE.md): `memory` (guest RAM), `vstate` (VM and vCPUs), `boot` (kernel
 //! and payload loading), `machine` (assembling and running a VM), `host` (what KVM this is).
 
+pub mod bench;
 pub mod boot;
 pub mod host;
 pub mod machine;
 pub mod memory;
 pub mod micro_check;
 pub mod micro_port;
+pub mod sys;
+pub mod tracking;
 pub mod vstate;

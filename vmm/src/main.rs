@@ -1,15 +1,19 @@
 //! The `vmm` command line.
 
+mod bench_cli;
+
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use micro_guest::{Pattern, Workload};
 use vmm::boot::linux::{LinuxBoot, BASE_CMDLINE};
 use vmm::boot::micro::read_payload;
+use vmm::machine::TrackingOptions;
 use vmm::machine::{self, ConsoleOutput, DiskConfig, GuestConfig, RunReport, VmConfig};
 use vmm::memory::parse_size;
+use vmm::tracking::TrackerKind;
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +35,22 @@ enum Command {
     /// payload (--payload). Exit code: 0 guest reset/poweroff or micro guest success,
     /// 1 vmm error, 2 usage error, 3 guest kernel panic, 4 guest fault, 5 micro guest failure.
     Run(RunArgs),
+    /// List the dirty-tracking backends and whether each can work on this host (and if not,
+    /// the missing capability, feature or errno).
+    Backends {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Compare dirty-tracking backends on the same workloads: exactness, guest slowdown, harvest
+    /// cost, memory. Prints a table; --json and --svg for the rest.
+    Tracking(bench_cli::TrackingArgs),
 }
 
 #[derive(Args)]
@@ -95,6 +115,16 @@ struct RunArgs {
     /// Print the run report as JSON on stdout (the console should then go to a file).
     #[arg(long)]
     json: bool,
+
+    /// Track dirty pages with this backend during the run (bitmap, bitmap-manual, ring, uffd-wp,
+    /// uffd-wp-async, soft-dirty). The micro guest is harvested at each pass and checked
+    /// against its model (with --verify, a miss or false positive fails the run); other
+    /// guests every --track-interval-ms.
+    #[arg(long)]
+    track: Option<String>,
+    /// Harvest period for guests without pass sync points.
+    #[arg(long, default_value_t = 100)]
+    track_interval_ms: u64,
 }
 
 fn parse_disk(spec: &str) -> Result<DiskConfig> {
@@ -210,6 +240,27 @@ fn print_report(r: &RunReport, json: bool) -> Result<()> {
     if let Some(kib) = r.rss_beyond_guest_kib {
         eprintln!("vmm: resident memory beyond guest RAM: {kib} KiB");
     }
+    if let Some(t) = &r.tracking {
+        let backend = t.backend.map_or("none".to_string(), |k| k.to_string());
+        let mut harvest: Vec<f64> = t.rounds.iter().map(|r| r.harvest_us).collect();
+        harvest.sort_by(f64::total_cmp);
+        let median = harvest.get(harvest.len() / 2).copied().unwrap_or(f64::NAN);
+        let dirty: u64 = t.rounds.iter().map(|r| r.dirty_pages).sum();
+        eprintln!(
+            "vmm: tracking {backend}: {} rounds, {dirty} dirty pages in all, median harvest {median:.1} us, {} KiB held",
+            t.rounds.len(),
+            t.memory_overhead_bytes / 1024
+        );
+        if t.rounds.iter().any(|r| r.expected.is_some()) {
+            eprintln!(
+                "vmm: tracking exactness against the micro guest's model: {} misses, {} false positives",
+                t.misses, t.false_positives
+            );
+        }
+        if let Some(e) = &t.error {
+            eprintln!("vmm: tracking failed: {e}");
+        }
+    }
     Ok(())
 }
 
@@ -228,7 +279,17 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         .map(|d| parse_disk(d))
         .collect::<Result<Vec<_>>>()?;
     let guest = guest_config(&a)?;
+    let tracking = match &a.track {
+        Some(name) => {
+            let kind: TrackerKind = name.parse()?;
+            let mut opts = TrackingOptions::backend(kind);
+            opts.interval = Duration::from_millis(a.track_interval_ms.max(1));
+            Some(opts)
+        }
+        None => None,
+    };
     let cfg = VmConfig {
+        tracking,
         vcpus: a.vcpus,
         mem_bytes,
         guest,
@@ -238,7 +299,43 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
     };
     let report = machine::run(&cfg, start)?;
     print_report(&report, a.json)?;
+    if let Some(t) = &report.tracking {
+        if t.error.is_some() {
+            return Ok(1);
+        }
+        if a.verify && report.exit_code == 0 && (t.misses > 0 || t.false_positives > 0) {
+            return Ok(machine::report::EXIT_MICRO_FAILED);
+        }
+    }
     Ok(report.exit_code)
+}
+
+fn backends(json: bool) -> Result<i32> {
+    let list = vmm::tracking::availability(None);
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|(k, r)| {
+                serde_json::json!({
+                    "backend": k.name(),
+                    "available": r.is_ok(),
+                    "reason": r.as_ref().err(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for (k, r) in &list {
+            match r {
+                Ok(()) => println!("{:<14} available", k.name()),
+                Err(why) => println!("{:<14} unsupported: {why}", k.name()),
+            }
+        }
+        println!(
+            "(ring excludes bitmap and bitmap-manual on the same VM: it is chosen at VM creation)"
+        );
+    }
+    Ok(0)
 }
 
 fn main() {
@@ -251,13 +348,16 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let code = match cli.command {
-        Command::Run(a) => match run(a, start) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("vmm: error: {e:#}");
-                1
-            }
-        },
+        Command::Run(a) => run(a, start),
+        Command::Backends { json } => backends(json),
+        Command::Bench(BenchCommand::Tracking(a)) => bench_cli::tracking(a),
+    };
+    let code = match code {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            1
+        }
     };
     std::process::exit(code);
 }

@@ -11,15 +11,28 @@ use guest_abi::ports;
 const PASS_OFFSET: u64 = 0;
 const EXIT_OFFSET: u64 = (ports::MICRO_EXIT - ports::MICRO_PASS) as u64;
 
+/// Called in the vCPU thread with each completed pass number, while the guest waits on its
+/// `out`: the exact point between two passes (dirty tracking harvests here).
+pub type PassHook = Box<dyn FnMut(u64) + Send>;
+
 /// Counts completed passes; an `out` to the exit port ends the VM with the guest's status.
 #[derive(Default)]
 pub struct MicroPort {
     passes: Arc<AtomicU64>,
+    on_pass: Option<PassHook>,
 }
 
 impl MicroPort {
     pub fn new(passes: Arc<AtomicU64>) -> Self {
-        MicroPort { passes }
+        MicroPort {
+            passes,
+            on_pass: None,
+        }
+    }
+
+    pub fn with_hook(mut self, hook: Option<PassHook>) -> Self {
+        self.on_pass = hook;
+        self
     }
 }
 
@@ -41,6 +54,9 @@ impl BusDevice for MicroPort {
                 let pass = le_value(data);
                 self.passes.store(pass, Ordering::Release);
                 tracing::info!("micro guest: pass {pass} done");
+                if let Some(hook) = self.on_pass.as_mut() {
+                    hook(pass);
+                }
                 VcpuAction::Continue
             }
             EXIT_OFFSET => {
@@ -59,6 +75,18 @@ impl BusDevice for MicroPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hook_sees_each_pass() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut p = MicroPort::new(Arc::new(AtomicU64::new(0)))
+            .with_hook(Some(Box::new(move |pass| s.lock().unwrap().push(pass))));
+        p.write(0, &1u32.to_le_bytes());
+        p.write(0, &2u32.to_le_bytes());
+        p.write(EXIT_OFFSET, &0u32.to_le_bytes());
+        assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+    }
 
     #[test]
     fn passes_and_exit() {

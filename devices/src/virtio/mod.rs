@@ -12,8 +12,10 @@ pub mod queue;
 
 #[cfg(test)]
 mod mmio_tests;
-#[cfg(test)]
-pub(crate) mod test_utils;
+/// The driver's side of a virtqueue, for tests (here and in crates that drive these devices
+/// against real trackers): enable the `test-utils` feature.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 use std::sync::Arc;
 

@@ -48,8 +48,8 @@ pub struct DeviceOptions<'a> {
     pub console: Box<dyn std::io::Write + Send>,
     pub observer: OutputObserver,
     pub disks: &'a [DiskConfig],
-    /// For the micro guest: where its port device counts passes.
-    pub micro: Option<Arc<AtomicU64>>,
+    /// For the micro guest: where its port device counts passes, and what runs at each.
+    pub micro: Option<(Arc<AtomicU64>, Option<crate::micro_port::PassHook>)>,
     pub start: Instant,
     pub boot_timer: Sender<Duration>,
 }
@@ -151,8 +151,8 @@ pub fn create(
         i8042_len,
     )?;
 
-    if let Some(passes) = opts.micro {
-        let port = Arc::new(Mutex::new(MicroPort::new(passes)));
+    if let Some((passes, hook)) = opts.micro {
+        let port = Arc::new(Mutex::new(MicroPort::new(passes).with_hook(hook)));
         place(
             &mut pio,
             "micro guest ports",

@@ -6,11 +6,12 @@ pub mod console;
 pub mod devices_setup;
 pub mod report;
 pub mod stdin;
+pub mod tracking_session;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,13 +24,17 @@ use crate::boot::micro::{self, MicroBootError};
 use crate::boot::mptable::{self, MpTableError};
 use crate::boot::{paging, EntryPoint};
 use crate::memory::{GuestRam, MemoryError};
+use crate::tracking::{self, DirtyRings, TrackContext, TrackingError};
 use crate::vstate::cpuid::{self, CpuidError};
+use crate::vstate::kick::{Kicker, RunState};
 use crate::vstate::regs::{self, RegsError};
 use crate::vstate::vcpu::{self, VcpuEvent, VcpuRunner, VcpuStop};
 use crate::vstate::vm::{Vm, VmError};
+use tracking_session::{Harvester, Session, SharedSession};
 
 pub use console::ConsoleOutput;
 pub use report::{Outcome, RunReport};
+pub use tracking_session::{Round, TrackingOptions, TrackingReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
@@ -61,6 +66,13 @@ pub enum MachineError {
     Thread(std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error(transparent)]
+    Tracking(#[from] TrackingError),
+    #[error("mapping the dirty ring of vCPU {id}: {source}")]
+    RingMap {
+        id: u8,
+        source: crate::sys::SysError,
+    },
 }
 
 /// Largest vCPU count: the MP table must fit in the EBDA KiB.
@@ -97,6 +109,8 @@ pub struct VmConfig {
     pub console: ConsoleOutput,
     /// Feed vmm's stdin to the guest console.
     pub console_input: bool,
+    /// Dirty tracking during the run, if any.
+    pub tracking: Option<TrackingOptions>,
 }
 
 /// Builds the VM described by `cfg`, runs it to its end and reports how it went.
@@ -112,9 +126,23 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
     vcpu::install_kick_handler().map_err(MachineError::Signal)?;
 
     let ram = GuestRam::new(cfg.mem_bytes)?;
-    let vm = Vm::new()?;
+    let vm = Arc::new(Vm::new()?);
+    let want_ring = cfg
+        .tracking
+        .as_ref()
+        .and_then(|t| t.backend)
+        .is_some_and(|k| k.needs_dirty_ring());
+    // The ring must be on before any vCPU exists.
+    let ring_entries = if want_ring {
+        Some(tracking::enable_dirty_ring(vm.fd())?)
+    } else {
+        None
+    };
     vm.register_ram(&ram)?;
     let mem = ram.memory();
+    let slots = tracking::slots_of(&ram);
+    let rings =
+        ring_entries.map(|entries| Arc::new(DirtyRings::new(vm.clone(), entries, slots.clone())));
 
     regs::write_descriptor_tables(mem)?;
     let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
@@ -146,6 +174,17 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
 
     let watch = Arc::new(Mutex::new(console::ConsoleWatch::default()));
     let micro_passes = Arc::new(AtomicU64::new(0));
+    // The session exists only once the vCPUs (and their rings) do; the pass hook, created with
+    // the devices, finds it here.
+    let session_slot: Arc<OnceLock<SharedSession>> = Arc::new(OnceLock::new());
+    let pass_hook: Option<crate::micro_port::PassHook> = cfg.tracking.as_ref().map(|_| {
+        let slot = session_slot.clone();
+        Box::new(move |pass| {
+            if let Some(s) = slot.get() {
+                tracking_session::lock(s).round(Some(pass));
+            }
+        }) as crate::micro_port::PassHook
+    });
     let (boot_tx, boot_rx) = channel();
     let out = cfg.console.open().map_err(MachineError::Console)?;
     let devs = devices_setup::create(
@@ -155,7 +194,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
             console: out,
             observer: console::observer(watch.clone(), start),
             disks: &cfg.disks,
-            micro: micro.then(|| micro_passes.clone()),
+            micro: micro.then(|| (micro_passes.clone(), pass_hook)),
             start,
             boot_timer: boot_tx,
         },
@@ -167,6 +206,11 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
     let mut runners = Vec::new();
     for id in 0..nr_vcpus {
         let fd = vm.create_vcpu(id)?;
+        if let Some(rings) = &rings {
+            rings
+                .add_vcpu(&fd)
+                .map_err(|source| MachineError::RingMap { id, source })?;
+        }
         let cpuid = cpuid::for_vcpu(vm.kvm(), id, nr_vcpus)?;
         fd.set_cpuid2(&cpuid).map_err(|source| RegsError::Ioctl {
             what: "KVM_SET_CPUID2",
@@ -187,8 +231,41 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
             ram: ram.ranges().to_vec(),
             stop: stop.clone(),
             exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
+            run_state: Arc::new(RunState::default()),
+            rings: rings.clone(),
+            ring_full_streak: 0,
         });
     }
+
+    let kicker = Arc::new(Kicker::default());
+    let session = match &cfg.tracking {
+        Some(opts) => {
+            let k = kicker.clone();
+            let ctx = TrackContext {
+                vm: vm.clone(),
+                slots,
+                memory: mem.clone(),
+                rings: rings.clone(),
+                kick: Some(Arc::new(move || {
+                    if !k.kick_all_and_wait(Duration::from_millis(500)) {
+                        tracing::warn!("a vCPU did not leave guest mode within 500 ms of a kick");
+                    }
+                })),
+            };
+            let model = match &cfg.guest {
+                GuestConfig::Micro { mailbox, .. } => {
+                    <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
+                        .ok()
+                        .and_then(|m| micro_guest::Workload::from_mailbox(m).ok())
+                }
+                GuestConfig::Linux(_) => None,
+            };
+            let s: SharedSession = Arc::new(Mutex::new(Session::start(opts, &ctx, model, start)?));
+            let _ = session_slot.set(s.clone());
+            Some(s)
+        }
+        None => None,
+    };
 
     tracing::info!(
         "starting {} on {}: {} vCPU(s), {} MiB",
@@ -205,19 +282,40 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
     let mut threads = Vec::new();
     for runner in runners {
         let tx = tx.clone();
+        let state = runner.run_state.clone();
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{}", runner.id))
             .spawn(move || runner.run(tx))
             .map_err(MachineError::Thread)?;
+        kicker.add(&handle, state);
         threads.push(handle);
     }
     drop(tx);
+    // Guests without a sync point of their own are harvested periodically.
+    let harvester = match (&session, &cfg.tracking, micro) {
+        (Some(s), Some(opts), false) => {
+            Some(Harvester::spawn(s.clone(), opts.interval).map_err(MachineError::Thread)?)
+        }
+        _ => None,
+    };
 
     let quit = Arc::new(AtomicBool::new(false));
     let _raw = cfg.console_input.then(stdin::RawTerminal::enter);
-    let ended = event_loop(cfg, &devs, &exit_evt, &rx, &quit)?;
+    let ended = event_loop(cfg, &devs, &exit_evt, &rx, &quit);
     let rss = report::rss_beyond_shmem_kib();
+    // Harvests end before the vCPU threads do: a kick must never target a finished thread.
+    if let Some(h) = harvester {
+        h.stop();
+    }
+    stop.store(true, Ordering::Release);
+    let tracking = session.map(|s| {
+        // The vCPU threads may still hold a clone inside the pass hook: finish under the lock.
+        let mut guard = tracking_session::lock(&s);
+        let taken = std::mem::replace(&mut *guard, Session::empty());
+        taken.finish()
+    });
     stop_vcpus(&stop, threads);
+    let ended = ended?;
     // Late events (other vCPUs reporting `Stopped`) carry nothing new.
     let (first_run, why) = ended;
 
@@ -258,6 +356,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
         micro_check,
         rss_beyond_guest_kib: rss,
         wall_ms: ms(start.elapsed()),
+        tracking,
     })
 }
 

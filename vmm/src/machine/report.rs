@@ -81,6 +81,8 @@ pub struct RunReport {
     /// Resident memory of the vmm process other than guest RAM (RSS minus shared memory), KiB.
     pub rss_beyond_guest_kib: Option<u64>,
     pub wall_ms: f64,
+    /// With --track: the harvest rounds and their cost.
+    pub tracking: Option<super::TrackingReport>,
 }
 
 /// VmRSS - RssShmem from /proc/self/status: guest RAM is the only shared memory vmm maps.

@@ -1,6 +1,7 @@
 //! KVM state: the VM (memslots, irqchip, PIT), vCPUs (boot registers, CPUID, MSRs, the run loop).
 
 pub mod cpuid;
+pub mod kick;
 pub mod regs;
 pub mod vcpu;
 pub mod vm;

@@ -15,7 +15,13 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use super::kick::RunState;
 use crate::memory::RamRange;
+use crate::tracking::DirtyRings;
+
+/// Consecutive ring-full exits with nothing to collect before the vCPU gives up: the host
+/// kernel pushed past the ring's end (PLATFORM.md §5) and re-entering would livelock.
+const RING_FULL_LIVELOCK: u32 = 1000;
 
 /// Why a vCPU stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,12 +81,18 @@ pub struct VcpuRunner {
     pub stop: Arc<AtomicBool>,
     /// Written after each `Stopped` event so the machine's event loop wakes up.
     pub exit_evt: EventFd,
+    /// In guest mode or not, for synchronous kicks.
+    pub run_state: Arc<RunState>,
+    /// The VM's dirty rings, when it has them: collected here on KVM_EXIT_DIRTY_RING_FULL.
+    pub rings: Option<Arc<DirtyRings>>,
+    pub ring_full_streak: u32,
 }
 
 impl VcpuRunner {
     /// Runs until the guest or the VMM stops this vCPU; always reports why.
     pub fn run(mut self, events: Sender<VcpuEvent>) {
         let why = self.run_loop(&events);
+        self.run_state.finished();
         if let VcpuStop::Fault(msg) = &why {
             // The machine's report carries the message; this is for the log's timeline only.
             tracing::debug!("{msg}");
@@ -121,13 +133,22 @@ impl VcpuRunner {
 
     fn run_once(&mut self) -> Next {
         let id = self.id;
-        let exit = match self.fd.run() {
+        self.run_state.entering();
+        let result = self.fd.run();
+        self.run_state.exited();
+        let exit = match result {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 return Next::Continue
             }
             Err(e) => return Next::RunError(e),
         };
+        if !matches!(
+            exit,
+            VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL)
+        ) {
+            self.ring_full_streak = 0;
+        }
         match exit {
             VcpuExit::IoIn(port, data) => {
                 if self.pio.read(port as u64, data).is_err() {
@@ -181,13 +202,12 @@ impl VcpuRunner {
                 ))),
             },
             VcpuExit::IoapicEoi(_) | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
+            // kvm-ioctls does not know this exit (TRACKING.md): handle the raw reason.
+            VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
+                ring_full(id, self.rings.as_deref(), &mut self.ring_full_streak)
+            }
             VcpuExit::Unsupported(reason) => Next::Stop(VcpuStop::Fault(format!(
-                "vcpu{id}: unhandled KVM exit reason {reason}{}",
-                if reason == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL {
-                    " (dirty ring full)"
-                } else {
-                    ""
-                }
+                "vcpu{id}: unhandled KVM exit reason {reason}"
             ))),
             other => Next::Stop(VcpuStop::Fault(format!(
                 "vcpu{id}: unexpected KVM exit {other:?}"
@@ -236,6 +256,38 @@ impl VcpuRunner {
     /// `what`, prefixed with the vCPU and followed by its registers.
     fn fault(&self, what: &str) -> String {
         format!("vcpu{}: {what}\n{}", self.id, describe_state(&self.fd))
+    }
+}
+
+/// KVM_EXIT_DIRTY_RING_FULL: collect every ring (as the reaper does) and re-enter. If nothing
+/// can be collected again and again, the ring has overflowed in the host kernel: stop with the
+/// reason rather than spin.
+fn ring_full(id: u8, rings: Option<&DirtyRings>, streak: &mut u32) -> Next {
+    let Some(rings) = rings else {
+        return Next::Stop(VcpuStop::Fault(format!(
+            "vcpu{id}: KVM_EXIT_DIRTY_RING_FULL on a VM without dirty rings"
+        )));
+    };
+    match rings.collect() {
+        Ok(0) => {
+            *streak += 1;
+            if *streak >= RING_FULL_LIVELOCK {
+                return Next::Stop(VcpuStop::Fault(format!(
+                    "vcpu{id}: dirty ring full {streak} times in a row with nothing to collect: \
+                     the host kernel overflowed the ring (see PLATFORM.md §5, check dmesg for a \
+                     WARN in kvm_dirty_ring_push)"
+                )));
+            }
+            std::thread::yield_now();
+            Next::Continue
+        }
+        Ok(_) => {
+            *streak = 0;
+            Next::Continue
+        }
+        Err(e) => Next::Stop(VcpuStop::Fault(format!(
+            "vcpu{id}: collecting the dirty rings on a ring-full exit failed: {e}"
+        ))),
     }
 }
 

@@ -1,7 +1,10 @@
 //! The VM file descriptor: capabilities, memslots, in-kernel irqchip and PIT, irqfds.
 
+use std::sync::Mutex;
+
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -41,6 +44,8 @@ pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     host: HostKind,
+    /// The RAM memslots as registered, so their flags can change (dirty logging on and off).
+    slots: Mutex<Vec<kvm_userspace_memory_region>>,
 }
 
 impl Vm {
@@ -83,6 +88,7 @@ impl Vm {
             kvm,
             fd,
             host: HostKind::detect(),
+            slots: Mutex::new(Vec::new()),
         })
     }
 
@@ -98,6 +104,7 @@ impl Vm {
 
     /// One memslot per RAM range, slot numbers from 0.
     pub fn register_ram(&self, ram: &GuestRam) -> Result<(), VmError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         for (slot, (range, host)) in ram.ranges().iter().zip(ram.host_addrs()).enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -106,15 +113,38 @@ impl Vm {
                 memory_size: range.size,
                 userspace_addr: host,
             };
-            // SAFETY: the host range is a live mapping owned by `ram`, which outlives the VM
-            // (the machine drops the VM and its vCPUs before guest RAM).
-            unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| {
-                VmError::Memslot {
-                    slot: slot as u32,
-                    gpa: range.gpa,
-                    source,
-                }
-            })?;
+            self.set_region(region)?;
+            slots.push(region);
+        }
+        Ok(())
+    }
+
+    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), VmError> {
+        // SAFETY: the host range is a live mapping owned by the machine's `GuestRam`, which
+        // outlives the VM (the machine drops the VM and its vCPUs before guest RAM).
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Memslot {
+            slot: region.slot,
+            gpa: region.guest_phys_addr,
+            source,
+        })
+    }
+
+    /// Turns KVM dirty logging (KVM_MEM_LOG_DIRTY_PAGES) on or off for every RAM memslot. KVM
+    /// allows changing only the flags of a live slot; turning logging on write-protects the
+    /// slot (or, with manual protect INITIALLY_SET, marks it all dirty).
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for region in slots.iter_mut() {
+            let mut updated = *region;
+            if on {
+                updated.flags |= KVM_MEM_LOG_DIRTY_PAGES;
+            } else {
+                updated.flags &= !KVM_MEM_LOG_DIRTY_PAGES;
+            }
+            if updated.flags != region.flags {
+                self.set_region(updated)?;
+                *region = updated;
+            }
         }
         Ok(())
     }

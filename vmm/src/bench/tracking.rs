@@ -1,0 +1,298 @@
+//! The runner of `vmm bench tracking`: the same micro-guest workloads (and optionally the Linux
+//! guest's agent workload), untracked and then under each backend, `runs` times each, reduced
+//! to medians in a `BenchReport`.
+//!
+//! Every run is a fresh VM with the same payload, workload and seed, so backends see identical
+//! guest behaviour; the dirty ring must be chosen when a VM is created, so a VM per run is also
+//! the only way to put the ring and the bitmap backends side by side. Harvests happen at the
+//! micro guest's pass port, while the guest waits: exact sync points, so misses and false
+//! positives are counted per pass against the reference model. Rounds alternate between the
+//! VMM's harvest path and the bare kernel calls (`harvest_raw`) so both are measured on the
+//! same workload in the same run.
+
+use std::time::{Duration, Instant};
+
+use guest_abi::layout;
+use indicatif::{ProgressBar, ProgressStyle};
+use micro_guest::{Pattern, Workload};
+
+use super::report::{median, BackendResult, BenchReport, Cell, Unsupported, WorkloadResult};
+use crate::host::HostKind;
+use crate::machine::{self, ConsoleOutput, GuestConfig, TrackingOptions, TrackingReport, VmConfig};
+use crate::tracking::TrackerKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("micro guest workload: {0}")]
+    Workload(#[from] micro_guest::WorkloadError),
+    #[error("{what}: {source}")]
+    Machine {
+        what: String,
+        source: machine::MachineError,
+    },
+    #[error("{what}: the guest ended badly: {outcome}")]
+    Guest { what: String, outcome: String },
+    #[error("{what}: tracking failed: {error}")]
+    Tracking { what: String, error: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct TrackingBench {
+    pub backends: Vec<TrackerKind>,
+    pub runs: u32,
+    pub sizes_mib: Vec<u64>,
+    pub patterns: Vec<Pattern>,
+    /// Passes per run; each pass is one harvest round.
+    pub passes: u64,
+    pub progress: bool,
+}
+
+/// Rounds of a run that count: the first pass also covers the guest's boot code and the
+/// first touch of every page, so it is left out of the timing figures.
+fn timed(rounds: &[machine::Round]) -> impl Iterator<Item = &machine::Round> {
+    rounds.iter().skip(1)
+}
+
+struct RunFigures {
+    guest_ms: f64,
+    dirty: f64,
+    expected: Option<f64>,
+    harvest_us: f64,
+    cpu_us: f64,
+    raw_us: Option<f64>,
+    misses: u64,
+    fps: u64,
+    checked: bool,
+    overhead: u64,
+}
+
+fn figures(t: &TrackingReport) -> RunFigures {
+    let rounds: Vec<_> = timed(&t.rounds).collect();
+    let vmm: Vec<_> = rounds.iter().filter(|r| !r.raw).collect();
+    let raw: Vec<_> = rounds.iter().filter(|r| r.raw).collect();
+    let med = |v: Vec<f64>| median(&v);
+    let background_us_per_round = t.background_cpu_ms * 1000.0 / t.rounds.len().max(1) as f64;
+    RunFigures {
+        guest_ms: med(rounds.iter().map(|r| r.guest_ms).collect()),
+        dirty: med(vmm.iter().map(|r| r.dirty_pages as f64).collect()),
+        expected: vmm.iter().any(|r| r.expected.is_some()).then(|| {
+            med(vmm
+                .iter()
+                .filter_map(|r| r.expected.map(|e| e as f64))
+                .collect())
+        }),
+        harvest_us: med(vmm.iter().map(|r| r.harvest_us).collect()),
+        cpu_us: med(vmm.iter().map(|r| r.harvest_cpu_us).collect()) + background_us_per_round,
+        raw_us: (!raw.is_empty()).then(|| med(raw.iter().map(|r| r.harvest_us).collect())),
+        // Exactness counts every checked round, the first included.
+        misses: t.misses,
+        fps: t.false_positives,
+        checked: t.rounds.iter().any(|r| r.misses.is_some()),
+        overhead: t.memory_overhead_bytes,
+    }
+}
+
+fn micro_config(w: &Workload, region_mib: u64) -> VmConfig {
+    VmConfig {
+        vcpus: 1,
+        // The region sits at MICRO_REGION_GPA (4 MiB); leave room above it.
+        mem_bytes: (region_mib + 16) << 20,
+        guest: GuestConfig::Micro {
+            payload: micro_guest::PAYLOAD.to_vec(),
+            mailbox: w.mailbox().to_vec(),
+            region: Some((w.region_gpa(), w.pages() * 4096)),
+            expected: None,
+        },
+        disks: Vec::new(),
+        console: ConsoleOutput::Null,
+        console_input: false,
+        tracking: None,
+    }
+}
+
+fn run_once(
+    cfg: &VmConfig,
+    backend: Option<TrackerKind>,
+    what: &str,
+) -> Result<TrackingReport, BenchError> {
+    let mut cfg = cfg.clone();
+    cfg.tracking = Some(TrackingOptions {
+        backend,
+        interval: Duration::from_millis(100),
+        raw_every_other: backend.is_some(),
+    });
+    let report = machine::run(&cfg, Instant::now()).map_err(|source| BenchError::Machine {
+        what: what.to_string(),
+        source,
+    })?;
+    if report.exit_code != 0 {
+        return Err(BenchError::Guest {
+            what: what.to_string(),
+            outcome: report.outcome.describe(),
+        });
+    }
+    let t = report.tracking.ok_or_else(|| BenchError::Tracking {
+        what: what.to_string(),
+        error: "no tracking report".into(),
+    })?;
+    if let Some(error) = &t.error {
+        return Err(BenchError::Tracking {
+            what: what.to_string(),
+            error: error.clone(),
+        });
+    }
+    Ok(t)
+}
+
+/// Writes per pass for each pattern: every page once (sweep), as many writes as pages
+/// (random, hot set), every 16th page (sparse).
+fn param_for(pattern: Pattern, pages: u64) -> u64 {
+    match pattern {
+        Pattern::Sparse => 16,
+        _ => pages,
+    }
+}
+
+fn progress_bar(total: u64, on: bool) -> ProgressBar {
+    if !on {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} runs  {msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+pub fn run(b: &TrackingBench) -> Result<BenchReport, BenchError> {
+    if b.runs == 0 || b.passes < 3 {
+        return Err(BenchError::Usage(
+            "--runs must be at least 1 and --passes at least 3 (the first pass is not timed)"
+                .into(),
+        ));
+    }
+    let mut unsupported = Vec::new();
+    let mut backends = Vec::new();
+    for &k in &b.backends {
+        match k.check_host() {
+            Ok(()) => backends.push(k),
+            Err(reason) => unsupported.push(Unsupported {
+                backend: k.name().to_string(),
+                reason,
+            }),
+        }
+    }
+    let cells = b.sizes_mib.len() * b.patterns.len() * (backends.len() + 1) * b.runs as usize;
+    let bar = progress_bar(cells as u64, b.progress);
+    let mut workloads = Vec::new();
+    for &size in &b.sizes_mib {
+        let pages = size * 256;
+        for &pattern in &b.patterns {
+            let w = Workload::new(
+                layout::MICRO_REGION_GPA,
+                pages,
+                pattern,
+                b.passes,
+                param_for(pattern, pages),
+                1,
+            )?;
+            let cfg = micro_config(&w, size);
+            let mut baseline = Vec::new();
+            let mut per_backend: Vec<Vec<RunFigures>> =
+                backends.iter().map(|_| Vec::new()).collect();
+            // Interleave backends within each run so slow drift on the host spreads evenly.
+            for run in 0..b.runs {
+                let what = format!("micro {pattern} {size} MiB, run {}", run + 1);
+                bar.set_message(format!("{what}: untracked"));
+                baseline.push(figures(&run_once(&cfg, None, &what)?).guest_ms);
+                bar.inc(1);
+                for (i, &k) in backends.iter().enumerate() {
+                    bar.set_message(format!("{what}: {k}"));
+                    let what = format!("{what}, {k}");
+                    per_backend[i].push(figures(&run_once(&cfg, Some(k), &what)?));
+                    bar.inc(1);
+                }
+            }
+            let base = Cell::from_samples(baseline);
+            let results = backends
+                .iter()
+                .zip(per_backend)
+                .map(|(k, runs)| backend_result(*k, &base, &runs))
+                .collect();
+            workloads.push(WorkloadResult {
+                guest: "micro".into(),
+                name: pattern.name().into(),
+                region_mib: size,
+                pages,
+                rounds_per_run: b.passes - 1,
+                baseline: base,
+                backends: results,
+            });
+        }
+    }
+    bar.finish_and_clear();
+    Ok(BenchReport {
+        tool: "vmm bench tracking".into(),
+        host: match HostKind::detect() {
+            HostKind::Pvm => "PVM".into(),
+            HostKind::Hardware => "hardware".into(),
+        },
+        host_detail: host_detail(),
+        runs: b.runs,
+        workloads,
+        unsupported,
+        notes: vec![
+            format!(
+                "micro guest at CPL3, 1 vCPU; each run is a fresh VM; {} passes per run, the first not timed; harvests at the pass port while the guest waits",
+                b.passes
+            ),
+            "guest ms/round excludes harvest time; misses and false positives are summed over every checked round of every run, against the reference model".into(),
+            "raw ioctl: alternate rounds of the same run use only the kernel calls (DirtyTracker::harvest_raw); harvest includes the VMM-write bitmap and the dirty set".into(),
+            "CPU us/round includes the backend's own threads (reaper, fault handler) spread over the rounds".into(),
+        ],
+    })
+}
+
+fn backend_result(k: TrackerKind, base: &Cell, runs: &[RunFigures]) -> BackendResult {
+    let med = |f: &dyn Fn(&RunFigures) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let guest = Cell::from_samples(runs.iter().map(|r| r.guest_ms).collect());
+    let dirty = med(&|r| r.dirty);
+    let harvest = med(&|r| r.harvest_us);
+    let raw = runs
+        .iter()
+        .all(|r| r.raw_us.is_some())
+        .then(|| med(&|r| r.raw_us.unwrap_or(f64::NAN)));
+    let checked = runs.iter().all(|r| r.checked);
+    BackendResult {
+        backend: k.name().into(),
+        slowdown: guest.guest_ms_per_round / base.guest_ms_per_round,
+        extra_guest_us_per_dirty_page: (dirty > 0.0)
+            .then(|| (guest.guest_ms_per_round - base.guest_ms_per_round) * 1000.0 / dirty),
+        dirty_pages_per_round: dirty,
+        expected_pages_per_round: runs
+            .iter()
+            .all(|r| r.expected.is_some())
+            .then(|| med(&|r| r.expected.unwrap_or(f64::NAN))),
+        misses: checked.then(|| runs.iter().map(|r| r.misses).sum()),
+        false_positives: checked.then(|| runs.iter().map(|r| r.fps).sum()),
+        harvest_us_per_round: harvest,
+        harvest_ns_per_dirty_page: (dirty > 0.0).then(|| harvest * 1000.0 / dirty),
+        harvest_cpu_us_per_round: med(&|r| r.cpu_us),
+        raw_ioctl_us_per_round: raw,
+        harvest_vs_raw: raw.map(|raw| harvest / raw),
+        memory_overhead_kib: runs.iter().map(|r| r.overhead).max().unwrap_or(0) / 1024,
+        guest,
+        note: None,
+    }
+}
+
+fn host_detail() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("Linux {}, {cpus} CPUs", release.trim())
+}

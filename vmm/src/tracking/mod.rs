@@ -1,0 +1,276 @@
+//! Dirty-page tracking: every way Linux offers to learn which guest pages changed, behind one
+//! trait, so benchmarks and migration can swap backends on the same running guest.
+//!
+//! A backend reports only what its kernel mechanism sees: vCPU stores (KVM logging) or CPU
+//! page-table writes (userfaultfd, soft-dirty). `create` wraps every backend so that each
+//! harvest also ORs in the pages the VMM itself wrote (device emulation, through vm-memory's
+//! `AtomicBitmap`), which none of the kernel mechanisms sees reliably (TRACKING.md).
+//!
+//! Contract of a harvest: after `start`, each `harvest` returns every page written since the
+//! previous harvest (or `start`) and re-arms tracking for it *before* returning, so a caller
+//! that reads page contents after the harvest never misses a later write. A backend that
+//! cannot work on this host fails `start` with `TrackingError::Unsupported` and the reason;
+//! none returns an empty set silently.
+
+mod dirty_set;
+mod kvm_bitmap;
+mod kvm_bitmap_manual;
+mod kvm_ring;
+mod soft_dirty;
+mod thread_cpu;
+mod uffd_wp;
+mod uffd_wp_async;
+mod vmm_writes;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+pub use dirty_set::{DirtySet, SlotBits};
+pub use kvm_ring::{DirtyRings, RING_ENTRIES};
+pub use thread_cpu::thread_cpu_ns;
+
+use crate::memory::{GuestMemory, GuestRam, PAGE_SIZE};
+use crate::sys::SysError;
+use crate::vstate::vm::Vm;
+
+/// The backends, by the names the CLI and the API use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackerKind {
+    /// KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG (get re-protects).
+    Bitmap,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 + KVM_CLEAR_DIRTY_LOG.
+    BitmapManual,
+    /// KVM dirty ring per vCPU, a reaper thread, KVM_RESET_DIRTY_RINGS.
+    Ring,
+    /// userfaultfd write-protect with a handler thread.
+    UffdWp,
+    /// userfaultfd WP_ASYNC, harvested with PAGEMAP_SCAN.
+    UffdWpAsync,
+    /// clear_refs + pagemap bit 55.
+    SoftDirty,
+}
+
+impl TrackerKind {
+    pub const ALL: [TrackerKind; 6] = [
+        TrackerKind::Bitmap,
+        TrackerKind::BitmapManual,
+        TrackerKind::Ring,
+        TrackerKind::UffdWp,
+        TrackerKind::UffdWpAsync,
+        TrackerKind::SoftDirty,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            TrackerKind::Bitmap => "bitmap",
+            TrackerKind::BitmapManual => "bitmap-manual",
+            TrackerKind::Ring => "ring",
+            TrackerKind::UffdWp => "uffd-wp",
+            TrackerKind::UffdWpAsync => "uffd-wp-async",
+            TrackerKind::SoftDirty => "soft-dirty",
+        }
+    }
+
+    /// The dirty ring must be enabled when the VM is created, before any vCPU exists; while it
+    /// is on, the KVM bitmap backends cannot be used on that VM (GET_DIRTY_LOG gives ENXIO).
+    pub const fn needs_dirty_ring(self) -> bool {
+        matches!(self, TrackerKind::Ring)
+    }
+
+    /// Whether the backend uses KVM's dirty bitmap (unusable on a VM with the ring on).
+    pub const fn uses_kvm_bitmap(self) -> bool {
+        matches!(self, TrackerKind::Bitmap | TrackerKind::BitmapManual)
+    }
+
+    /// What this host offers for the backend, checked without a VM where possible: `Err` has
+    /// the missing capability, feature or errno.
+    pub fn check_host(self) -> Result<(), String> {
+        match self {
+            TrackerKind::Bitmap => Ok(()),
+            TrackerKind::BitmapManual => kvm_bitmap_manual::check_host(),
+            TrackerKind::Ring => kvm_ring::check_host(),
+            TrackerKind::UffdWp => uffd_wp::check_host(),
+            TrackerKind::UffdWpAsync => uffd_wp_async::check_host(),
+            TrackerKind::SoftDirty => soft_dirty::check_host(),
+        }
+    }
+}
+
+impl fmt::Display for TrackerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for TrackerKind {
+    type Err = TrackingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TrackerKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| TrackingError::UnknownBackend(s.to_owned()))
+    }
+}
+
+/// Turns the dirty ring on for a VM that has no vCPU yet; returns the entries per ring.
+pub fn enable_dirty_ring(vm: &kvm_ioctls::VmFd) -> Result<u32, TrackingError> {
+    kvm_ring::enable(vm)
+}
+
+/// The names of all backends, for messages.
+pub fn backend_names() -> String {
+    TrackerKind::ALL.map(|k| k.name()).join(", ")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackingError {
+    #[error("unknown tracking backend '{0}' (expected one of: {names})", names = backend_names())]
+    UnknownBackend(String),
+    #[error("{backend} is not available here: {reason}")]
+    Unsupported {
+        backend: TrackerKind,
+        reason: String,
+    },
+    #[error("{backend}: {op} failed: {source}")]
+    Sys {
+        backend: TrackerKind,
+        op: &'static str,
+        source: SysError,
+    },
+    #[error("{backend}: {op} failed: {source}")]
+    Kvm {
+        backend: TrackerKind,
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("{backend}: {op} failed: {source}")]
+    Uffd {
+        backend: TrackerKind,
+        op: &'static str,
+        source: userfaultfd::Error,
+    },
+    #[error("{0}: harvest or stop before start")]
+    NotStarted(TrackerKind),
+    #[error("{backend}: {message}")]
+    Other {
+        backend: TrackerKind,
+        message: String,
+    },
+}
+
+/// One memslot of guest RAM as the trackers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrackedSlot {
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+    /// Host virtual address of the slot's first byte.
+    pub host: u64,
+}
+
+impl TrackedSlot {
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+}
+
+/// The memslots of `ram`, numbered as `Vm::register_ram` numbers them.
+pub fn slots_of(ram: &GuestRam) -> Vec<TrackedSlot> {
+    ram.ranges()
+        .iter()
+        .zip(ram.host_addrs())
+        .enumerate()
+        .map(|(slot, (r, host))| TrackedSlot {
+            slot: slot as u32,
+            gpa: r.gpa,
+            size: r.size,
+            host,
+        })
+        .collect()
+}
+
+/// Kicks every vCPU out of guest mode once (so hardware buffers such as Intel PML are flushed
+/// into the dirty ring before a harvest).
+pub type KickFn = Arc<dyn Fn() + Send + Sync>;
+
+/// Everything a backend needs to know about the VM it tracks.
+#[derive(Clone)]
+pub struct TrackContext {
+    pub vm: Arc<Vm>,
+    pub slots: Vec<TrackedSlot>,
+    pub memory: GuestMemory,
+    /// The VM's dirty rings, if it was created with them.
+    pub rings: Option<Arc<DirtyRings>>,
+    pub kick: Option<KickFn>,
+}
+
+/// A dirty-page tracking backend. Implementations are `Send` so a harvester thread, a vCPU
+/// thread at a sync point or a migration sender can drive them behind a mutex.
+pub trait DirtyTracker: Send {
+    fn kind(&self) -> TrackerKind;
+    /// Begins tracking: writes from now on show up in the next harvest.
+    fn start(&mut self) -> Result<(), TrackingError>;
+    /// ORs into `into` every page written since `start` or the previous harvest, and re-arms
+    /// tracking of those pages before returning.
+    fn harvest(&mut self, into: &mut DirtySet) -> Result<(), TrackingError>;
+    /// Only the kernel calls a harvest needs (same protocol, same re-arming), with none of the
+    /// VMM's bookkeeping: the baseline that shows what the harvest path adds. Returns the
+    /// number of dirty pages the kernel reported; the pages themselves are dropped.
+    fn harvest_raw(&mut self) -> Result<u64, TrackingError>;
+    /// Ends tracking and undoes what `start` armed; safe to call twice.
+    fn stop(&mut self) -> Result<(), TrackingError>;
+    /// Host memory the backend holds for tracking (bitmaps, rings, buffers), in bytes.
+    fn memory_overhead_bytes(&self) -> u64;
+    /// CPU time used so far by the backend's own threads (reaper, fault handler), in ns.
+    fn background_cpu_ns(&self) -> u64 {
+        0
+    }
+}
+
+/// Builds the backend `kind` for the VM in `ctx`, wrapped so that every harvest also reports
+/// the VMM's own writes. Nothing is armed until `start`.
+pub fn create(
+    kind: TrackerKind,
+    ctx: &TrackContext,
+) -> Result<Box<dyn DirtyTracker>, TrackingError> {
+    let backend: Box<dyn DirtyTracker> = match kind {
+        TrackerKind::Bitmap => Box::new(kvm_bitmap::KvmBitmap::new(ctx)?),
+        TrackerKind::BitmapManual => Box::new(kvm_bitmap_manual::KvmBitmapManual::new(ctx)?),
+        TrackerKind::Ring => Box::new(kvm_ring::KvmRing::new(ctx)?),
+        TrackerKind::UffdWp => Box::new(uffd_wp::UffdWp::new(ctx)),
+        TrackerKind::UffdWpAsync => Box::new(uffd_wp_async::UffdWpAsync::new(ctx)),
+        TrackerKind::SoftDirty => Box::new(soft_dirty::SoftDirty::new(ctx)),
+    };
+    Ok(Box::new(vmm_writes::WithVmmWrites::new(
+        backend,
+        ctx.memory.clone(),
+        ctx.slots.clone(),
+    )))
+}
+
+/// Every backend with what stops it on this host (`Err`) or `Ok` when it should work; a VM
+/// created without (or with) the dirty ring is taken into account when `ring_vm` is given.
+pub fn availability(ring_vm: Option<bool>) -> Vec<(TrackerKind, Result<(), String>)> {
+    TrackerKind::ALL
+        .into_iter()
+        .map(|k| {
+            let host = k.check_host();
+            let vm = match ring_vm {
+                Some(false) if k.needs_dirty_ring() => Err(
+                    "this VM was created without the dirty ring (it must be enabled before any vCPU exists)"
+                        .to_string(),
+                ),
+                Some(true) if k.uses_kvm_bitmap() => Err(
+                    "this VM has the dirty ring on, and KVM refuses the bitmap then (ENXIO) unless DIRTY_LOG_RING_WITH_BITMAP, which this host lacks"
+                        .to_string(),
+                ),
+                _ => Ok(()),
+            };
+            (k, host.and(vm))
+        })
+        .collect()
+}
