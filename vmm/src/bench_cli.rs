@@ -38,6 +38,42 @@ pub struct TrackingArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Also run the Linux guest's agent workload (about a minute per boot on PVM hosts).
+    #[arg(long)]
+    linux: bool,
+    /// Linux kernel (default: from guest-images/out/images.env).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Linux initramfs (default: from guest-images/out/images.env).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Size of the agent's workload buffer in MiB.
+    #[arg(long, default_value_t = 64)]
+    linux_mib: u64,
+    /// The agent's workload pattern: sweep, random or hotset.
+    #[arg(long, default_value = "random")]
+    linux_pattern: String,
+    /// Passes of each agent workload.
+    #[arg(long, default_value_t = 20)]
+    linux_passes: u64,
+    /// Linux boots per backend group (figures are medians).
+    #[arg(long, default_value_t = 1)]
+    linux_runs: u32,
+    /// Keep each Linux boot's console log in this directory.
+    #[arg(long)]
+    linux_console_dir: Option<PathBuf>,
+}
+
+/// A path from guest-images/out/images.env (written by guest-images/build.sh).
+fn image_from_env(key: &str) -> Option<PathBuf> {
+    if let Ok(v) = std::env::var(key) {
+        return Some(PathBuf::from(v));
+    }
+    let text = std::fs::read_to_string("guest-images/out/images.env").ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == key).then(|| PathBuf::from(v.trim().trim_matches('"')))
+    })
 }
 
 pub fn tracking(a: TrackingArgs) -> Result<i32> {
@@ -57,7 +93,43 @@ pub fn tracking(a: TrackingArgs) -> Result<i32> {
     if a.sizes.iter().any(|&s| s == 0 || s > 2048) {
         anyhow::bail!("--sizes: each size must be between 1 and 2048 MiB");
     }
+    let linux = if a.linux {
+        let kernel = a.kernel.or_else(|| image_from_env("VMM_KERNEL")).context(
+            "--linux needs --kernel (or run guest-images/build.sh from the repository root)",
+        )?;
+        let initrd = a
+            .initrd
+            .or_else(|| image_from_env("VMM_INITRAMFS"))
+            .context(
+                "--linux needs --initrd (or run guest-images/build.sh from the repository root)",
+            )?;
+        for p in [&kernel, &initrd] {
+            if !p.is_file() {
+                anyhow::bail!("{}: no such file", p.display());
+            }
+        }
+        if !["sweep", "random", "hotset"].contains(&a.linux_pattern.as_str()) {
+            anyhow::bail!("--linux-pattern must be sweep, random or hotset");
+        }
+        if a.linux_mib == 0 || a.linux_mib > 1024 || a.linux_passes == 0 || a.linux_runs == 0 {
+            anyhow::bail!(
+                "--linux-mib must be 1..=1024, --linux-passes and --linux-runs at least 1"
+            );
+        }
+        Some(bench::tracking::LinuxBench {
+            kernel,
+            initrd,
+            size_mib: a.linux_mib,
+            pattern: a.linux_pattern,
+            passes: a.linux_passes,
+            runs: a.linux_runs,
+            console_dir: a.linux_console_dir,
+        })
+    } else {
+        None
+    };
     let b = TrackingBench {
+        linux,
         backends,
         runs: a.runs,
         sizes_mib: a.sizes,

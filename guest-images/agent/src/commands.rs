@@ -81,8 +81,8 @@ impl Agent {
                 .map(|h| format!("blkwrite dev={dev} off={offset} len={len} fnv64={h:016x}")),
             Command::Workload(spec) => self.workloads.start(spec).map(|started| match started {
                 Started::Background => "workload running in the background".to_owned(),
-                Started::Finished { pass, checksum } => {
-                    format!("workload done pass={pass} checksum={checksum:016x}")
+                Started::Finished { pass, checksum, ms } => {
+                    format!("workload done pass={pass} checksum={checksum:016x} ms={ms:.1}")
                 }
             }),
             Command::WorkloadStop => self.workloads.stop().map(|(pass, checksum)| {

@@ -29,7 +29,7 @@
 //!   prints `AGENT: workload start ...`, then `AGENT: workload pass=N checksum=<16 hex>` after
 //!   the first and the last pass and at most once a second in between. PATTERN is sweep, random or hotset; RATE_MIB_S limits dirtied MiB/s (0 or
 //!   absent: no limit). PASSES > 0 runs in the foreground and ends with `AGENT: workload done
-//!   pass=N checksum=<16 hex>`; PASSES = 0 runs in a background thread until `workload-stop`
+//!   pass=N checksum=<16 hex> ms=<guest milliseconds the passes took>`; PASSES = 0 runs in a background thread until `workload-stop`
 //!   (`AGENT: workload running in the background`).
 //! - `workload-stop` -> stops the workload after its current pass: `AGENT: workload-stop
 //!   pass=N checksum=<16 hex>`.

@@ -20,6 +20,9 @@ use super::report::{BackendResult, BenchReport};
 const WIDTH: u32 = 1200;
 const HEIGHT: u32 = 960;
 pub(crate) const FONT: &str = "sans-serif";
+/// Larger figures are left out: no benchmark measures them honestly, and plotters' tick search
+/// never ends on an axis whose length overflows f64.
+const MAX_DRAWABLE: f64 = 1e100;
 /// Values spanning more than this factor go on a log axis, or the small bars would be invisible.
 const LOG_SPAN: f64 = 100.0;
 
@@ -68,10 +71,15 @@ pub fn render_svg(r: &BenchReport) -> Result<String, ChartError> {
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE)?;
+        let runs = if r.runs == 1 {
+            "a single run".to_owned()
+        } else {
+            format!("medians of {} runs", r.runs)
+        };
         let title = format!(
-            "{}: medians of {} runs, host {}{}",
+            "{}: {}, host {}{}",
             r.tool,
-            r.runs,
+            runs,
             r.host,
             if r.host_detail.is_empty() {
                 String::new()
@@ -103,8 +111,9 @@ fn backend_order(r: &BenchReport) -> Vec<String> {
     order
 }
 
-/// `values[workload][backend slot]`, keeping only finite figures: a NaN or infinite median
-/// cannot be drawn and would poison the axis range.
+/// `values[workload][backend slot]`, keeping only drawable figures: a NaN or infinite median
+/// cannot be drawn and would poison the axis range, and so would an absurdly large one (see
+/// [`MAX_DRAWABLE`]).
 fn collect(
     r: &BenchReport,
     backends: &[String],
@@ -120,7 +129,7 @@ fn collect(
                         .iter()
                         .find(|b| &b.backend == name)
                         .and_then(&figure)
-                        .filter(|v| v.is_finite())
+                        .filter(|v| v.is_finite() && v.abs() <= MAX_DRAWABLE)
                 })
                 .collect()
         })
@@ -265,11 +274,13 @@ mod tests {
     }
 
     #[test]
-    fn single_workload_renders() {
+    fn single_workload_single_run_renders() {
         let mut report = sample::report();
         report.workloads.truncate(1);
+        report.runs = 1;
         let svg = render_svg(&report).unwrap();
         assert!(svg.contains("micro sweep"));
+        assert!(svg.contains("a single run, host PVM"));
     }
 
     #[test]
@@ -286,13 +297,18 @@ mod tests {
 
     #[test]
     fn extreme_values_do_not_panic() {
-        let mut report = sample::report();
-        let extremes = [5e-324, 1e308, -1e308, 0.0, f64::MAX];
-        for (b, v) in report.workloads[0].backends.iter_mut().zip(extremes) {
-            b.slowdown = v;
-            b.harvest_ns_per_dirty_page = Some(v);
+        // Linear axis (zero and negatives), then log axes across hundreds of decades.
+        for extremes in [
+            [5e-324, 1e308, -1e308, 0.0, f64::MAX],
+            [1e-300, 1e99, 3.0, 5e-324, 1e100],
+        ] {
+            let mut report = sample::report();
+            for (b, v) in report.workloads[0].backends.iter_mut().zip(extremes) {
+                b.slowdown = v;
+                b.harvest_ns_per_dirty_page = Some(v);
+            }
+            assert!(render_svg(&report).unwrap().starts_with("<svg"));
         }
-        assert!(render_svg(&report).unwrap().starts_with("<svg"));
     }
 
     #[test]

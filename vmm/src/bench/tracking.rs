@@ -48,6 +48,24 @@ pub struct TrackingBench {
     /// Passes per run; each pass is one harvest round.
     pub passes: u64,
     pub progress: bool,
+    /// Also the Linux guest's agent workload, compared in situ.
+    pub linux: Option<LinuxBench>,
+}
+
+/// The Linux guest part: one boot runs the agent's workload once per backend, switching the
+/// backend between workloads on the same running guest, with untracked runs first and last as
+/// the baseline. The ring needs a VM of its own (it is chosen at creation), so it gets a second
+/// boot with its own baseline.
+#[derive(Debug, Clone)]
+pub struct LinuxBench {
+    pub kernel: std::path::PathBuf,
+    pub initrd: std::path::PathBuf,
+    pub size_mib: u64,
+    pub pattern: String,
+    pub passes: u64,
+    pub runs: u32,
+    /// Where to keep each boot's console (`linux-<run>-<boot>.log`); none: discarded.
+    pub console_dir: Option<std::path::PathBuf>,
 }
 
 /// Rounds of a run that count: the first pass also covers the guest's boot code and the
@@ -123,6 +141,7 @@ fn run_once(
         backend,
         interval: Duration::from_millis(100),
         raw_every_other: backend.is_some(),
+        schedule: Vec::new(),
     });
     let report = machine::run(&cfg, Instant::now()).map_err(|source| BenchError::Machine {
         what: what.to_string(),
@@ -236,6 +255,12 @@ pub fn run(b: &TrackingBench) -> Result<BenchReport, BenchError> {
         }
     }
     bar.finish_and_clear();
+    let mut notes = Vec::new();
+    if let Some(l) = &b.linux {
+        let (w, note) = linux_workload(l, &backends, b.progress)?;
+        workloads.push(w);
+        notes.push(note);
+    }
     Ok(BenchReport {
         tool: "vmm bench tracking".into(),
         host: match HostKind::detect() {
@@ -246,7 +271,7 @@ pub fn run(b: &TrackingBench) -> Result<BenchReport, BenchError> {
         runs: b.runs,
         workloads,
         unsupported,
-        notes: vec![
+        notes: [vec![
             format!(
                 "micro guest at CPL3, 1 vCPU; each run is a fresh VM; {} passes per run, the first not timed; harvests at the pass port while the guest waits",
                 b.passes
@@ -254,7 +279,7 @@ pub fn run(b: &TrackingBench) -> Result<BenchReport, BenchError> {
             "guest ms/round excludes harvest time; misses and false positives are summed over every checked round of every run, against the reference model".into(),
             "raw ioctl: alternate rounds of the same run use only the kernel calls (DirtyTracker::harvest_raw); harvest includes the VMM-write bitmap and the dirty set".into(),
             "CPU us/round includes the backend's own threads (reaper, fault handler) spread over the rounds".into(),
-        ],
+        ], notes].concat(),
     })
 }
 
@@ -295,4 +320,185 @@ fn host_detail() -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("Linux {}, {cpus} CPUs", release.trim())
+}
+
+/// One Linux boot running `schedule` (one agent workload per entry); the tracking report.
+fn linux_boot(
+    l: &LinuxBench,
+    schedule: &[Option<TrackerKind>],
+    what: &str,
+    console: ConsoleOutput,
+) -> Result<TrackingReport, BenchError> {
+    let workload = format!("workload,{},{},{}", l.size_mib, l.pattern, l.passes);
+    let script: Vec<&str> = schedule
+        .iter()
+        .map(|_| workload.as_str())
+        .chain(["poweroff"])
+        .collect();
+    let cmdline = format!(
+        "{} {}{}",
+        crate::boot::linux::BASE_CMDLINE,
+        guest_abi::agent::CMDLINE_KEY,
+        script.join(";")
+    );
+    let cfg = VmConfig {
+        vcpus: 1,
+        mem_bytes: (l.size_mib + 192) << 20,
+        guest: GuestConfig::Linux(crate::boot::linux::LinuxBoot {
+            kernel: l.kernel.clone(),
+            initrd: Some(l.initrd.clone()),
+            cmdline,
+        }),
+        disks: Vec::new(),
+        console,
+        console_input: false,
+        tracking: Some(TrackingOptions {
+            backend: None,
+            interval: Duration::from_millis(100),
+            raw_every_other: true,
+            schedule: schedule.to_vec(),
+        }),
+    };
+    let report = machine::run(&cfg, Instant::now()).map_err(|source| BenchError::Machine {
+        what: what.to_string(),
+        source,
+    })?;
+    if report.exit_code != 0 {
+        return Err(BenchError::Guest {
+            what: what.to_string(),
+            outcome: report.outcome.describe(),
+        });
+    }
+    let t = report.tracking.ok_or_else(|| BenchError::Tracking {
+        what: what.to_string(),
+        error: "no tracking report".into(),
+    })?;
+    if let Some(error) = &t.error {
+        return Err(BenchError::Tracking {
+            what: what.to_string(),
+            error: error.clone(),
+        });
+    }
+    if t.phases.len() != schedule.len() {
+        return Err(BenchError::Tracking {
+            what: what.to_string(),
+            error: format!(
+                "{} of {} workloads completed (see the agent's output with vmm run)",
+                t.phases.len(),
+                schedule.len()
+            ),
+        });
+    }
+    Ok(t)
+}
+
+/// Per-phase figures of a Linux boot: (guest ms per pass, figures) for phase `i`.
+fn linux_phase(t: &TrackingReport, i: usize, passes: u64) -> (f64, RunFigures) {
+    let rounds: Vec<_> = t.rounds.iter().filter(|r| r.phase == i).collect();
+    let vmm: Vec<_> = rounds.iter().filter(|r| !r.raw).collect();
+    let raw: Vec<_> = rounds.iter().filter(|r| r.raw).collect();
+    let med = |v: Vec<f64>| median(&v);
+    let p = &t.phases[i];
+    let ms_per_pass = p.guest_ms.unwrap_or(f64::NAN) / passes as f64;
+    let figures = RunFigures {
+        guest_ms: ms_per_pass,
+        // Pages per pass: every round's count (raw rounds report theirs too) over the passes.
+        dirty: rounds.iter().map(|r| r.dirty_pages as f64).sum::<f64>() / passes as f64,
+        expected: None,
+        harvest_us: med(vmm.iter().map(|r| r.harvest_us).collect()),
+        cpu_us: med(vmm.iter().map(|r| r.harvest_cpu_us).collect())
+            + p.background_cpu_ms * 1000.0 / rounds.len().max(1) as f64,
+        raw_us: (!raw.is_empty()).then(|| med(raw.iter().map(|r| r.harvest_us).collect())),
+        misses: 0,
+        fps: 0,
+        checked: false,
+        overhead: p.memory_overhead_bytes,
+    };
+    (ms_per_pass, figures)
+}
+
+fn linux_workload(
+    l: &LinuxBench,
+    backends: &[TrackerKind],
+    progress: bool,
+) -> Result<(WorkloadResult, String), BenchError> {
+    let plain: Vec<TrackerKind> = backends
+        .iter()
+        .copied()
+        .filter(|k| !k.needs_dirty_ring())
+        .collect();
+    let ring = backends.iter().any(|k| k.needs_dirty_ring());
+    let mut boots: Vec<Vec<Option<TrackerKind>>> = Vec::new();
+    let with_baselines =
+        |middle: Vec<Option<TrackerKind>>| [vec![None], middle, vec![None]].concat();
+    if !plain.is_empty() {
+        boots.push(with_baselines(plain.iter().copied().map(Some).collect()));
+    }
+    if ring {
+        boots.push(with_baselines(vec![Some(TrackerKind::Ring)]));
+    }
+    let bar = progress_bar(boots.len() as u64 * u64::from(l.runs), progress);
+    let mut baseline = Vec::new();
+    let mut per_backend: Vec<(TrackerKind, Vec<RunFigures>, Vec<f64>)> = Vec::new();
+    for run in 0..l.runs {
+        for (n, schedule) in boots.iter().enumerate() {
+            let what = format!("linux agent workload, run {}, boot {}", run + 1, n + 1);
+            bar.set_message(format!("{what}: booting (about a minute on PVM)"));
+            let console = match &l.console_dir {
+                Some(dir) => {
+                    ConsoleOutput::File(dir.join(format!("linux-{}-{}.log", run + 1, n + 1)))
+                }
+                None => ConsoleOutput::Null,
+            };
+            let t = linux_boot(l, schedule, &what, console)?;
+            bar.inc(1);
+            let base: Vec<f64> = schedule
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| k.is_none())
+                .map(|(i, _)| linux_phase(&t, i, l.passes).0)
+                .collect();
+            let base = median(&base);
+            baseline.push(base);
+            for (i, kind) in schedule.iter().enumerate() {
+                let Some(kind) = kind else { continue };
+                let (_, fig) = linux_phase(&t, i, l.passes);
+                match per_backend.iter_mut().find(|(k, _, _)| k == kind) {
+                    Some((_, figs, bases)) => {
+                        figs.push(fig);
+                        bases.push(base);
+                    }
+                    None => per_backend.push((*kind, vec![fig], vec![base])),
+                }
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let results = per_backend
+        .iter()
+        .map(|(k, figs, bases)| {
+            // Each backend against the baseline of its own boot.
+            let base = Cell::from_samples(bases.clone());
+            let mut r = backend_result(*k, &base, figs);
+            r.note = Some("in situ: same running guest as its baseline".into());
+            r
+        })
+        .collect();
+    let pages = l.size_mib * 256;
+    let note = format!(
+        "linux: agent `workload,{},{},{}` in guest user space, 1 vCPU; one boot per group of backends, switched between workloads on the running guest, untracked first and last; harvest every 100 ms; guest ms from the agent's own clock, per pass; no ground truth (misses not counted)",
+        l.size_mib, l.pattern, l.passes
+    );
+    Ok((
+        WorkloadResult {
+            guest: "linux".into(),
+            name: format!("agent {}", l.pattern),
+            region_mib: l.size_mib,
+            pages,
+            rounds_per_run: l.passes,
+            baseline: Cell::from_samples(baseline),
+            backends: results,
+        },
+        note,
+    ))
 }

@@ -48,7 +48,13 @@ pub struct ConsoleWatch {
     line: Vec<u8>,
     pub agent_ready: Option<Duration>,
     pub kernel_panic: Option<String>,
+    /// Agent result lines (after `AGENT: `) not yet handed to the line hook.
+    agent_lines: Vec<String>,
 }
+
+/// Called with each agent result line (the text after `AGENT: `), in the thread that wrote it
+/// to the UART: tracking switches backends between the agent's workloads this way.
+pub type LineHook = Box<dyn FnMut(&str) + Send>;
 
 impl ConsoleWatch {
     pub fn feed(&mut self, bytes: &[u8], since: Instant) {
@@ -71,6 +77,9 @@ impl ConsoleWatch {
         if self.kernel_panic.is_none() && line.contains("Kernel panic - not syncing") {
             self.kernel_panic = Some(line.trim().to_string());
         }
+        if let Some((_, rest)) = line.split_once(agent::RESULT_PREFIX) {
+            self.agent_lines.push(rest.trim().to_string());
+        }
     }
 }
 
@@ -78,10 +87,20 @@ impl ConsoleWatch {
 pub fn observer(
     watch: Arc<Mutex<ConsoleWatch>>,
     start: Instant,
+    mut hook: Option<LineHook>,
 ) -> devices::legacy::serial::OutputObserver {
     Box::new(move |bytes| {
-        if let Ok(mut w) = watch.lock() {
-            w.feed(bytes, start);
+        let lines = match watch.lock() {
+            Ok(mut w) => {
+                w.feed(bytes, start);
+                std::mem::take(&mut w.agent_lines)
+            }
+            Err(_) => Vec::new(),
+        };
+        if let Some(hook) = hook.as_mut() {
+            for line in &lines {
+                hook(line);
+            }
         }
     })
 }

@@ -127,11 +127,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
 
     let ram = GuestRam::new(cfg.mem_bytes)?;
     let vm = Arc::new(Vm::new()?);
-    let want_ring = cfg
-        .tracking
-        .as_ref()
-        .and_then(|t| t.backend)
-        .is_some_and(|k| k.needs_dirty_ring());
+    let want_ring = cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring());
     // The ring must be on before any vCPU exists.
     let ring_entries = if want_ring {
         Some(tracking::enable_dirty_ring(vm.fd())?)
@@ -185,6 +181,18 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
             }
         }) as crate::micro_port::PassHook
     });
+    let line_hook: Option<console::LineHook> = cfg
+        .tracking
+        .as_ref()
+        .filter(|t| !t.schedule.is_empty())
+        .map(|_| {
+            let slot = session_slot.clone();
+            Box::new(move |line: &str| {
+                if let Some(s) = slot.get() {
+                    tracking_session::lock(s).on_agent_line(line);
+                }
+            }) as console::LineHook
+        });
     let (boot_tx, boot_rx) = channel();
     let out = cfg.console.open().map_err(MachineError::Console)?;
     let devs = devices_setup::create(
@@ -192,7 +200,7 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
         mem,
         devices_setup::DeviceOptions {
             console: out,
-            observer: console::observer(watch.clone(), start),
+            observer: console::observer(watch.clone(), start, line_hook),
             disks: &cfg.disks,
             micro: micro.then(|| (micro_passes.clone(), pass_hook)),
             start,

@@ -25,6 +25,10 @@ pub struct TrackingOptions {
     /// Alternate rounds between the VMM's harvest path and the bare kernel calls
     /// (`DirtyTracker::harvest_raw`), so both are measured on the same run.
     pub raw_every_other: bool,
+    /// In-situ comparison on a Linux guest: each time the agent starts a workload, tracking
+    /// switches to the next entry (`None`: untracked) on the same running guest. Empty: the
+    /// one `backend` for the whole run.
+    pub schedule: Vec<Option<TrackerKind>>,
 }
 
 impl TrackingOptions {
@@ -33,13 +37,25 @@ impl TrackingOptions {
             backend: Some(kind),
             interval: Duration::from_millis(100),
             raw_every_other: false,
+            schedule: Vec::new(),
         }
+    }
+
+    /// Whether any backend of the run needs the dirty ring (chosen at VM creation).
+    pub fn needs_dirty_ring(&self) -> bool {
+        self.backend
+            .iter()
+            .chain(self.schedule.iter().flatten())
+            .any(|k| k.needs_dirty_ring())
     }
 }
 
 /// One harvest.
 #[derive(Debug, Clone, Serialize)]
 pub struct Round {
+    /// Index into the report's phases (0 without a schedule).
+    pub phase: usize,
+    pub backend: Option<TrackerKind>,
     /// The micro guest pass this round closes.
     pub pass: Option<u64>,
     /// Time since the process started, at the harvest.
@@ -61,10 +77,22 @@ pub struct Round {
     pub first_miss_gpa: Option<u64>,
 }
 
+/// One stretch of the run under one backend (a scheduled workload, or the whole run).
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub backend: Option<TrackerKind>,
+    /// The workload's own time for its passes, as the guest agent reported it.
+    pub guest_ms: Option<f64>,
+    pub memory_overhead_bytes: u64,
+    pub background_cpu_ms: f64,
+    pub error: Option<String>,
+}
+
 /// What the tracking did during the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrackingReport {
     pub backend: Option<TrackerKind>,
+    pub phases: Vec<Phase>,
     pub rounds: Vec<Round>,
     pub memory_overhead_bytes: u64,
     pub background_cpu_ms: f64,
@@ -77,6 +105,9 @@ pub struct TrackingReport {
 pub struct Session {
     tracker: Option<Box<dyn DirtyTracker>>,
     backend: Option<TrackerKind>,
+    ctx: Option<TrackContext>,
+    schedule: Vec<Option<TrackerKind>>,
+    phases: Vec<Phase>,
     set: DirtySet,
     model: Option<Workload>,
     raw_every_other: bool,
@@ -95,16 +126,23 @@ impl Session {
         start: Instant,
     ) -> Result<Session, TrackingError> {
         let tracker = match opts.backend {
-            Some(kind) => {
-                let mut t = tracking::create(kind, ctx)?;
-                t.start()?;
-                Some(t)
-            }
+            Some(kind) => Some(start_tracker(kind, ctx)?),
             None => None,
         };
+        // Fail now, not in the middle of a guest's run, for a backend this host cannot offer.
+        for kind in opts.schedule.iter().flatten() {
+            kind.check_host()
+                .map_err(|reason| TrackingError::Unsupported {
+                    backend: *kind,
+                    reason,
+                })?;
+        }
         Ok(Session {
             tracker,
             backend: opts.backend,
+            ctx: Some(ctx.clone()),
+            schedule: opts.schedule.clone(),
+            phases: Vec::new(),
             set: DirtySet::new(&ctx.slots),
             model,
             raw_every_other: opts.raw_every_other,
@@ -121,6 +159,9 @@ impl Session {
         Session {
             tracker: None,
             backend: None,
+            ctx: None,
+            schedule: Vec::new(),
+            phases: Vec::new(),
             set: DirtySet::new(&[]),
             model: None,
             raw_every_other: false,
@@ -156,6 +197,8 @@ impl Session {
             }
         };
         let mut round = Round {
+            phase: self.phases.len(),
+            backend: self.backend,
             pass,
             at_ms: ms(begin.duration_since(self.start)),
             guest_ms,
@@ -175,27 +218,95 @@ impl Session {
         self.last_end = Instant::now();
     }
 
-    /// Stops the backend and returns the report.
-    pub fn finish(mut self) -> TrackingReport {
-        let mut overhead = 0;
-        let mut background = 0;
+    /// Stops the current backend, closing its phase.
+    fn close_phase(&mut self, guest_ms: Option<f64>) {
+        let mut phase = Phase {
+            backend: self.backend,
+            guest_ms,
+            memory_overhead_bytes: 0,
+            background_cpu_ms: 0.0,
+            error: None,
+        };
         if let Some(mut t) = self.tracker.take() {
-            overhead = t.memory_overhead_bytes() + self.set.bitmap_bytes();
-            background = t.background_cpu_ns();
+            phase.memory_overhead_bytes = t.memory_overhead_bytes() + self.set.bitmap_bytes();
+            phase.background_cpu_ms = t.background_cpu_ns() as f64 / 1e6;
             if let Err(e) = t.stop() {
-                self.error.get_or_insert(e.to_string());
+                phase.error = Some(e.to_string());
             }
         }
+        if let Some(e) = &phase.error {
+            self.error.get_or_insert(e.clone());
+        }
+        self.phases.push(phase);
+    }
+
+    /// Reacts to an agent line: a workload start switches to the next scheduled backend, its
+    /// end closes the phase with the time the agent measured.
+    pub fn on_agent_line(&mut self, line: &str) {
+        if self.schedule.is_empty() {
+            return;
+        }
+        if line.starts_with("workload start") {
+            // A phase opened without an end (e.g. a failed workload) closes here.
+            if self.backend.is_some() || self.tracker.is_some() {
+                self.close_phase(None);
+            }
+            let next = self.phases.len();
+            let Some(&kind) = self.schedule.get(next) else {
+                return;
+            };
+            self.backend = kind;
+            if let (Some(kind), Some(ctx)) = (kind, &self.ctx) {
+                match start_tracker(kind, ctx) {
+                    Ok(t) => self.tracker = Some(t),
+                    Err(e) => {
+                        self.error.get_or_insert(e.to_string());
+                    }
+                }
+            }
+            // Harvest once so the phase's first round does not carry the previous phase.
+            self.round(None);
+            self.rounds.pop();
+        } else if let Some(rest) = line.strip_prefix("workload done") {
+            let ms = rest
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("ms="))
+                .and_then(|v| v.parse().ok());
+            // One last harvest so the phase's tail is counted.
+            self.round(None);
+            self.close_phase(ms);
+            self.backend = None;
+        }
+    }
+
+    /// Stops the backend and returns the report.
+    pub fn finish(mut self) -> TrackingReport {
+        if self.schedule.is_empty() || self.tracker.is_some() {
+            self.close_phase(None);
+        }
+        let (overhead, background) = self.phases.iter().fold((0, 0.0), |(o, b), p| {
+            (o.max(p.memory_overhead_bytes), b + p.background_cpu_ms)
+        });
         TrackingReport {
             backend: self.backend,
+            phases: self.phases,
             misses: self.rounds.iter().filter_map(|r| r.misses).sum(),
             false_positives: self.rounds.iter().filter_map(|r| r.false_positives).sum(),
             rounds: self.rounds,
             memory_overhead_bytes: overhead,
-            background_cpu_ms: background as f64 / 1e6,
+            background_cpu_ms: background,
             error: self.error,
         }
     }
+}
+
+fn start_tracker(
+    kind: TrackerKind,
+    ctx: &TrackContext,
+) -> Result<Box<dyn DirtyTracker>, TrackingError> {
+    let mut t = tracking::create(kind, ctx)?;
+    t.start()?;
+    Ok(t)
 }
 
 /// Compares the region part of a harvest with the pages the model wrote in `pass`.
