@@ -8,10 +8,14 @@
 pub mod bus;
 pub mod legacy;
 pub mod virtio;
+pub mod write_bitmap;
 
 pub use bus::{Bus, BusDevice, BusError, VcpuAction};
 
-/// Guest RAM as every device sees it. The `AtomicBitmap` records each page a device (or the VMM)
-/// writes through vm-memory, which KVM's dirty log cannot see; live migration ORs it into every
-/// harvest. The VMM must build its guest memory with this same type.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub use write_bitmap::WriteBitmap;
+
+/// Guest RAM as every device sees it. The `WriteBitmap` (vm-memory's `AtomicBitmap` plus a
+/// summary bit) records each page a device (or the VMM) writes through vm-memory, which KVM's
+/// dirty log cannot see; dirty tracking ORs it into every harvest. The VMM builds its guest
+/// memory with this same type.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<WriteBitmap>;

@@ -3,17 +3,17 @@
 //! Shared memfd backing (rather than anonymous private memory) is deliberate: userfaultfd MINOR
 //! faults, postcopy migration and an out-of-process page server all need a second mapping of the
 //! same pages. Writes the VMM makes through `GuestMemory` are recorded in vm-memory's
-//! `AtomicBitmap`, which dirty tracking ORs into every harvest.
+//! `AtomicBitmap` (wrapped in `devices::WriteBitmap`), which dirty tracking ORs into every
+//! harvest.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use guest_abi::layout;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend};
 
 /// The guest memory type every component shares (the devices crate uses the same one).
-pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemory = devices::GuestMemory;
 
 /// Guest page size used for all dirty-tracking bookkeeping.
 pub const PAGE_SIZE: u64 = 4096;

@@ -51,8 +51,10 @@ impl DirtyTracker for WithVmmWrites {
         // write racing with the harvest lands in this round or the next, never in neither.
         self.inner.harvest(into)?;
         for (region, slot) in self.memory.iter().zip(&self.region_slot) {
-            let words = std::ops::Deref::deref(region).bitmap().get_and_reset();
-            if let Some(index) = slot {
+            // Usually nothing: device writes are rare, and an untouched bitmap costs one load.
+            if let (Some(words), Some(index)) =
+                (std::ops::Deref::deref(region).bitmap().take(), slot)
+            {
                 into.or_words(*index, &words);
             }
         }
