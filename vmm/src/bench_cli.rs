@@ -38,7 +38,9 @@ pub struct TrackingArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Also run the Linux guest's agent workload (about a minute per boot on PVM hosts).
+    /// Also run the Linux guest's agent workload (about two minutes per boot on PVM hosts, plus
+    /// the workloads). On PVM, synchronous uffd-wp slows a Linux guest's pass from ~15 ms to
+    /// ~5 minutes (measured); leave it out with --backends for a quick run.
     #[arg(long)]
     linux: bool,
     /// Linux kernel (default: from guest-images/out/images.env).
@@ -54,7 +56,7 @@ pub struct TrackingArgs {
     #[arg(long, default_value = "random")]
     linux_pattern: String,
     /// Passes of each agent workload.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     linux_passes: u64,
     /// Linux boots per backend group (figures are medians).
     #[arg(long, default_value_t = 1)]

@@ -143,7 +143,13 @@ fn run_once(
         raw_every_other: backend.is_some(),
         schedule: Vec::new(),
     });
-    let report = machine::run(&cfg, Instant::now()).map_err(|source| BenchError::Machine {
+    tracked_run(&cfg, what)
+}
+
+/// Runs `cfg` and returns its tracking report; a guest that ends badly or a tracking failure is
+/// an error, never a figure.
+fn tracked_run(cfg: &VmConfig, what: &str) -> Result<TrackingReport, BenchError> {
+    let report = machine::run(cfg, Instant::now()).map_err(|source| BenchError::Machine {
         what: what.to_string(),
         source,
     })?;
@@ -359,26 +365,7 @@ fn linux_boot(
             schedule: schedule.to_vec(),
         }),
     };
-    let report = machine::run(&cfg, Instant::now()).map_err(|source| BenchError::Machine {
-        what: what.to_string(),
-        source,
-    })?;
-    if report.exit_code != 0 {
-        return Err(BenchError::Guest {
-            what: what.to_string(),
-            outcome: report.outcome.describe(),
-        });
-    }
-    let t = report.tracking.ok_or_else(|| BenchError::Tracking {
-        what: what.to_string(),
-        error: "no tracking report".into(),
-    })?;
-    if let Some(error) = &t.error {
-        return Err(BenchError::Tracking {
-            what: what.to_string(),
-            error: error.clone(),
-        });
-    }
+    let t = tracked_run(&cfg, what)?;
     if t.phases.len() != schedule.len() {
         return Err(BenchError::Tracking {
             what: what.to_string(),

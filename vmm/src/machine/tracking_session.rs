@@ -377,3 +377,79 @@ impl Harvester {
         let _ = self.thread.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+    use crate::vstate::vm::Vm;
+
+    fn ctx(ram: &GuestRam) -> TrackContext {
+        let vm = Arc::new(Vm::new().unwrap());
+        vm.register_ram(ram).unwrap();
+        TrackContext {
+            vm,
+            slots: tracking::slots_of(ram),
+            memory: ram.memory().clone(),
+            rings: None,
+            kick: None,
+        }
+    }
+
+    #[test]
+    fn agent_lines_switch_backends_on_a_live_vm() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let opts = TrackingOptions {
+            backend: None,
+            interval: Duration::from_millis(100),
+            raw_every_other: false,
+            schedule: vec![
+                None,
+                Some(TrackerKind::Bitmap),
+                Some(TrackerKind::BitmapManual),
+            ],
+        };
+        let mut s = Session::start(&opts, &ctx(&ram), None, Instant::now()).unwrap();
+        s.on_agent_line("workload start size_mib=1 pages=256 pattern=random passes=1");
+        s.on_agent_line("workload pass=1 checksum=00");
+        s.on_agent_line("workload done pass=1 checksum=00 ms=12.5");
+        s.on_agent_line("workload start size_mib=1 pages=256 pattern=random passes=1");
+        s.round(None);
+        s.on_agent_line("workload done pass=1 checksum=00 ms=7");
+        // A workload that never finishes: its phase closes when the session does.
+        s.on_agent_line("workload start size_mib=1 pages=256 pattern=random passes=1");
+        let r = s.finish();
+        assert!(r.error.is_none(), "{:?}", r.error);
+        let phases: Vec<_> = r.phases.iter().map(|p| (p.backend, p.guest_ms)).collect();
+        assert_eq!(
+            phases,
+            vec![
+                (None, Some(12.5)),
+                (Some(TrackerKind::Bitmap), Some(7.0)),
+                (Some(TrackerKind::BitmapManual), None)
+            ]
+        );
+        // Rounds carry their phase and backend: the explicit one and the closing one.
+        assert!(r
+            .rounds
+            .iter()
+            .any(|x| x.phase == 1 && x.backend == Some(TrackerKind::Bitmap)));
+        assert!(r.phases[1].memory_overhead_bytes > 0);
+    }
+
+    #[test]
+    fn a_schedule_with_a_backend_the_host_lacks_fails_up_front() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let opts = TrackingOptions {
+            backend: None,
+            interval: Duration::from_millis(100),
+            raw_every_other: false,
+            schedule: vec![Some(TrackerKind::SoftDirty)],
+        };
+        match Session::start(&opts, &ctx(&ram), None, Instant::now()) {
+            // Hosts with a working soft-dirty (CONFIG_MEM_SOFT_DIRTY) accept it.
+            Ok(_) => assert!(TrackerKind::SoftDirty.check_host().is_ok()),
+            Err(e) => assert!(e.to_string().contains("soft-dirty"), "{e}"),
+        }
+    }
+}

@@ -39,6 +39,13 @@ pub fn refuse_on_ring_vm(kind: TrackerKind, ctx: &TrackContext) -> Result<(), Tr
     Ok(())
 }
 
+/// KVM_GET_DIRTY_LOG of one slot (re-protecting, or not with manual protect on).
+pub fn get_log(kind: TrackerKind, vm: &Vm, s: &TrackedSlot) -> Result<Vec<u64>, TrackingError> {
+    vm.fd()
+        .get_dirty_log(s.slot, s.size as usize)
+        .map_err(TrackingError::kvm(kind, "KVM_GET_DIRTY_LOG"))
+}
+
 pub fn logging(kind: TrackerKind, vm: &Vm, on: bool) -> Result<(), TrackingError> {
     vm.set_dirty_logging(on).map_err(|e| TrackingError::Other {
         backend: kind,
@@ -58,13 +65,10 @@ impl DirtyTracker for KvmBitmap {
         // Manual protect changes what GET_DIRTY_LOG does; a previous bitmap-manual run may have
         // left it on. Hosts without the capability never had it on.
         if kvm_dirty::manual_protect_supported(self.vm.fd()) != 0 {
-            kvm_dirty::enable_manual_protect(self.vm.fd(), 0).map_err(|source| {
-                TrackingError::Sys {
-                    backend: KIND,
-                    op: "turning manual dirty-log protect off",
-                    source,
-                }
-            })?;
+            kvm_dirty::enable_manual_protect(self.vm.fd(), 0).map_err(TrackingError::sys(
+                KIND,
+                "turning manual dirty-log protect off",
+            ))?;
         }
         logging(KIND, &self.vm, true)?;
         self.started = true;
@@ -76,16 +80,7 @@ impl DirtyTracker for KvmBitmap {
             return Err(TrackingError::NotStarted(KIND));
         }
         for (i, s) in self.slots.iter().enumerate() {
-            let words = self
-                .vm
-                .fd()
-                .get_dirty_log(s.slot, s.size as usize)
-                .map_err(|source| TrackingError::Kvm {
-                    backend: KIND,
-                    op: "KVM_GET_DIRTY_LOG",
-                    source,
-                })?;
-            into.or_words(i, &words);
+            into.or_words(i, &get_log(KIND, &self.vm, s)?);
         }
         Ok(())
     }
@@ -93,15 +88,7 @@ impl DirtyTracker for KvmBitmap {
     fn harvest_raw(&mut self) -> Result<u64, TrackingError> {
         let mut dirty = 0;
         for s in &self.slots {
-            let words = self
-                .vm
-                .fd()
-                .get_dirty_log(s.slot, s.size as usize)
-                .map_err(|source| TrackingError::Kvm {
-                    backend: KIND,
-                    op: "KVM_GET_DIRTY_LOG",
-                    source,
-                })?;
+            let words = get_log(KIND, &self.vm, s)?;
             dirty += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
         }
         Ok(dirty)
@@ -118,10 +105,7 @@ impl DirtyTracker for KvmBitmap {
     fn memory_overhead_bytes(&self) -> u64 {
         // KVM keeps one bitmap per slot (two with manual protect off: it double-buffers), and
         // each GET returns a fresh copy to us.
-        self.slots
-            .iter()
-            .map(|s| s.pages().div_ceil(64) * 8 * 3)
-            .sum()
+        super::bitmap_bytes(&self.slots) * 3
     }
 }
 

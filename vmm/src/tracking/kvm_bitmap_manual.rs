@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::kvm_bitmap::{logging, refuse_on_ring_vm};
+use super::kvm_bitmap::{get_log, logging, refuse_on_ring_vm};
 use super::{DirtySet, DirtyTracker, TrackContext, TrackedSlot, TrackerKind, TrackingError};
 use crate::sys::kvm_dirty::{self, MANUAL_PROTECT_ENABLE, MANUAL_PROTECT_INITIALLY_SET};
 use crate::vstate::vm::Vm;
@@ -55,14 +55,7 @@ impl KvmBitmapManual {
     }
 
     fn get(&self, s: &TrackedSlot) -> Result<Vec<u64>, TrackingError> {
-        self.vm
-            .fd()
-            .get_dirty_log(s.slot, s.size as usize)
-            .map_err(|source| TrackingError::Kvm {
-                backend: KIND,
-                op: "KVM_GET_DIRTY_LOG",
-                source,
-            })
+        get_log(KIND, &self.vm, s)
     }
 
     /// Re-protects the pages set in `words` (the slot's whole log), skipping clean chunks.
@@ -76,13 +69,8 @@ impl KvmBitmapManual {
             let chunk = &words[w0..w1.min(words.len())];
             if chunk.iter().any(|&w| w != 0) {
                 // `n` is a multiple of 64 except for the slot's last chunk, which KVM accepts.
-                kvm_dirty::clear_dirty_log(self.vm.fd(), s.slot, first, n as u32, chunk).map_err(
-                    |source| TrackingError::Sys {
-                        backend: KIND,
-                        op: "KVM_CLEAR_DIRTY_LOG",
-                        source,
-                    },
-                )?;
+                kvm_dirty::clear_dirty_log(self.vm.fd(), s.slot, first, n as u32, chunk)
+                    .map_err(TrackingError::sys(KIND, "KVM_CLEAR_DIRTY_LOG"))?;
             }
             first += n;
         }
@@ -96,13 +84,10 @@ impl DirtyTracker for KvmBitmapManual {
     }
 
     fn start(&mut self) -> Result<(), TrackingError> {
-        kvm_dirty::enable_manual_protect(self.vm.fd(), WANTED).map_err(|source| {
-            TrackingError::Sys {
-                backend: KIND,
-                op: "enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
-                source,
-            }
-        })?;
+        kvm_dirty::enable_manual_protect(self.vm.fd(), WANTED).map_err(TrackingError::sys(
+            KIND,
+            "enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+        ))?;
         logging(KIND, &self.vm, true)?;
         self.started = true;
         // INITIALLY_SET: every page starts dirty and writable. Protect them all now so the
@@ -141,23 +126,17 @@ impl DirtyTracker for KvmBitmapManual {
         if self.started {
             self.started = false;
             logging(KIND, &self.vm, false)?;
-            kvm_dirty::enable_manual_protect(self.vm.fd(), 0).map_err(|source| {
-                TrackingError::Sys {
-                    backend: KIND,
-                    op: "turning manual dirty-log protect off",
-                    source,
-                }
-            })?;
+            kvm_dirty::enable_manual_protect(self.vm.fd(), 0).map_err(TrackingError::sys(
+                KIND,
+                "turning manual dirty-log protect off",
+            ))?;
         }
         Ok(())
     }
 
     fn memory_overhead_bytes(&self) -> u64 {
         // KVM's bitmap per slot plus the copy each GET returns.
-        self.slots
-            .iter()
-            .map(|s| s.pages().div_ceil(64) * 8 * 2)
-            .sum()
+        super::bitmap_bytes(&self.slots) * 2
     }
 }
 

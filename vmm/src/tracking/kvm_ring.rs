@@ -237,14 +237,6 @@ impl KvmRing {
         })
     }
 
-    fn sys(op: &'static str) -> impl FnOnce(SysError) -> TrackingError {
-        move |source| TrackingError::Sys {
-            backend: KIND,
-            op,
-            source,
-        }
-    }
-
     fn check_reaper(&self) -> Result<(), TrackingError> {
         match lock(&self.reaper_error).take() {
             Some(message) => Err(TrackingError::Other {
@@ -265,7 +257,7 @@ impl DirtyTracker for KvmRing {
         // Drop stragglers from before, then log into a fresh set.
         self.rings
             .collect()
-            .map_err(Self::sys("collecting the dirty rings"))?;
+            .map_err(TrackingError::sys(KIND, "collecting the dirty rings"))?;
         self.rings.activate(true);
         logging(KIND, &self.vm, true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -306,7 +298,7 @@ impl DirtyTracker for KvmRing {
         }
         self.rings
             .collect()
-            .map_err(Self::sys("collecting the dirty rings"))?;
+            .map_err(TrackingError::sys(KIND, "collecting the dirty rings"))?;
         self.rings.drain_into(into);
         Ok(())
     }
@@ -318,7 +310,7 @@ impl DirtyTracker for KvmRing {
         let n = self
             .rings
             .collect_raw()
-            .map_err(Self::sys("collecting the dirty rings"))?;
+            .map_err(TrackingError::sys(KIND, "collecting the dirty rings"))?;
         // What the reaper gathered since the last harvest belongs to this round too: drop it,
         // or the next harvest would report this round's pages.
         Ok(n + self.rings.discard())
@@ -331,7 +323,7 @@ impl DirtyTracker for KvmRing {
             logging(KIND, &self.vm, false)?;
             self.rings
                 .collect()
-                .map_err(Self::sys("collecting the dirty rings"))?;
+                .map_err(TrackingError::sys(KIND, "collecting the dirty rings"))?;
             self.rings.activate(false);
         }
         self.check_reaper()

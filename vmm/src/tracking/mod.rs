@@ -162,6 +162,46 @@ pub enum TrackingError {
     },
 }
 
+impl TrackingError {
+    /// `map_err` adapter for a `sys` call of `backend`.
+    pub fn sys(backend: TrackerKind, op: &'static str) -> impl FnOnce(SysError) -> TrackingError {
+        move |source| TrackingError::Sys {
+            backend,
+            op,
+            source,
+        }
+    }
+
+    /// `map_err` adapter for a host check of `backend` that failed with `reason`.
+    pub fn unsupported(backend: TrackerKind) -> impl FnOnce(String) -> TrackingError {
+        move |reason| TrackingError::Unsupported { backend, reason }
+    }
+
+    /// `map_err` adapter for a userfaultfd crate call of `backend`.
+    pub fn uffd(
+        backend: TrackerKind,
+        op: &'static str,
+    ) -> impl FnOnce(userfaultfd::Error) -> TrackingError {
+        move |source| TrackingError::Uffd {
+            backend,
+            op,
+            source,
+        }
+    }
+
+    /// `map_err` adapter for a kvm-ioctls call of `backend`.
+    pub fn kvm(
+        backend: TrackerKind,
+        op: &'static str,
+    ) -> impl FnOnce(kvm_ioctls::Error) -> TrackingError {
+        move |source| TrackingError::Kvm {
+            backend,
+            op,
+            source,
+        }
+    }
+}
+
 /// One memslot of guest RAM as the trackers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrackedSlot {
@@ -176,6 +216,11 @@ impl TrackedSlot {
     pub fn pages(&self) -> u64 {
         self.size / PAGE_SIZE
     }
+}
+
+/// Bytes of one dirty bitmap (a bit per page) over all of `slots`.
+pub fn bitmap_bytes(slots: &[TrackedSlot]) -> u64 {
+    slots.iter().map(|s| s.pages().div_ceil(64) * 8).sum()
 }
 
 /// The memslots of `ram`, numbered as `Vm::register_ram` numbers them.

@@ -55,14 +55,6 @@ impl SoftDirty {
         }
     }
 
-    fn sys(op: &'static str) -> impl FnOnce(crate::sys::SysError) -> TrackingError {
-        move |source| TrackingError::Sys {
-            backend: KIND,
-            op,
-            source,
-        }
-    }
-
     /// Reads every slot's pagemap, calls `f(slot index, page)` per soft-dirty page, then clears.
     fn take(&mut self, mut f: impl FnMut(usize, u64)) -> Result<u64, TrackingError> {
         let Some(pagemap) = &self.pagemap else {
@@ -72,7 +64,7 @@ impl SoftDirty {
         for (i, s) in self.slots.iter().enumerate() {
             pagemap
                 .read_entries(s.host, s.pages() as usize, &mut self.entries)
-                .map_err(Self::sys("reading /proc/self/pagemap"))?;
+                .map_err(TrackingError::sys(KIND, "reading /proc/self/pagemap"))?;
             for (page, e) in self.entries.iter().enumerate() {
                 if e & PM_SOFT_DIRTY != 0 {
                     f(i, page as u64);
@@ -80,7 +72,10 @@ impl SoftDirty {
                 }
             }
         }
-        pagemap::clear_soft_dirty().map_err(Self::sys("writing 4 to /proc/self/clear_refs"))?;
+        pagemap::clear_soft_dirty().map_err(TrackingError::sys(
+            KIND,
+            "writing 4 to /proc/self/clear_refs",
+        ))?;
         Ok(n)
     }
 }
@@ -91,12 +86,14 @@ impl DirtyTracker for SoftDirty {
     }
 
     fn start(&mut self) -> Result<(), TrackingError> {
-        check_host().map_err(|reason| TrackingError::Unsupported {
-            backend: KIND,
-            reason,
-        })?;
-        self.pagemap = Some(Pagemap::open_self().map_err(Self::sys("opening /proc/self/pagemap"))?);
-        pagemap::clear_soft_dirty().map_err(Self::sys("writing 4 to /proc/self/clear_refs"))
+        check_host().map_err(TrackingError::unsupported(KIND))?;
+        self.pagemap = Some(
+            Pagemap::open_self().map_err(TrackingError::sys(KIND, "opening /proc/self/pagemap"))?,
+        );
+        pagemap::clear_soft_dirty().map_err(TrackingError::sys(
+            KIND,
+            "writing 4 to /proc/self/clear_refs",
+        ))
     }
 
     fn harvest(&mut self, into: &mut DirtySet) -> Result<(), TrackingError> {

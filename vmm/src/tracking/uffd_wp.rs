@@ -90,14 +90,6 @@ impl UffdWp {
         }
     }
 
-    fn uffd_err(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> TrackingError {
-        move |source| TrackingError::Uffd {
-            backend: KIND,
-            op,
-            source,
-        }
-    }
-
     /// Write-protects the pages set in the handler's bits, then takes exactly those bits.
     /// Protect first: a write racing with the harvest faults again and is recorded for the
     /// next round, so nothing is lost whenever the caller reads the pages afterwards.
@@ -121,7 +113,7 @@ impl UffdWp {
                 state
                     .uffd
                     .write_protect(addr, (count * PAGE_SIZE) as usize)
-                    .map_err(Self::uffd_err("UFFDIO_WRITEPROTECT"))?;
+                    .map_err(TrackingError::uffd(KIND, "UFFDIO_WRITEPROTECT"))?;
                 on_page_run(i, first, count);
                 total += count;
                 Ok(())
@@ -218,25 +210,17 @@ impl DirtyTracker for UffdWp {
     }
 
     fn start(&mut self) -> Result<(), TrackingError> {
-        check_host().map_err(|reason| TrackingError::Unsupported {
-            backend: KIND,
-            reason,
-        })?;
-        let uffd = sys_uffd::uffd_with_features(sys_uffd::FEATURE_PAGEFAULT_FLAG_WP).map_err(
-            |source| TrackingError::Sys {
-                backend: KIND,
-                op: "opening a userfaultfd",
-                source,
-            },
-        )?;
+        check_host().map_err(TrackingError::unsupported(KIND))?;
+        let uffd = sys_uffd::uffd_with_features(sys_uffd::FEATURE_PAGEFAULT_FLAG_WP)
+            .map_err(TrackingError::sys(KIND, "opening a userfaultfd"))?;
         for s in &self.slots {
             let addr = s.host as *mut libc::c_void;
             uffd.register_with_mode(addr, s.size as usize, RegisterMode::WRITE_PROTECT)
-                .map_err(Self::uffd_err("UFFDIO_REGISTER (write-protect)"))?;
+                .map_err(TrackingError::uffd(KIND, "UFFDIO_REGISTER (write-protect)"))?;
         }
         for s in &self.slots {
             uffd.write_protect(s.host as *mut libc::c_void, s.size as usize)
-                .map_err(Self::uffd_err("UFFDIO_WRITEPROTECT"))?;
+                .map_err(TrackingError::uffd(KIND, "UFFDIO_WRITEPROTECT"))?;
         }
         let uffd = Arc::new(uffd);
         let bits = Arc::new(Bits::new(&self.slots));
@@ -300,7 +284,7 @@ impl DirtyTracker for UffdWp {
                 .uffd
                 .remove_write_protection(addr, s.size as usize, true)
                 .and_then(|()| state.uffd.unregister(addr, s.size as usize))
-                .map_err(Self::uffd_err("lifting write-protection"));
+                .map_err(TrackingError::uffd(KIND, "lifting write-protection"));
             result = result.and(r);
         }
         state.stop.store(true, Ordering::Release);

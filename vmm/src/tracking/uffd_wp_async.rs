@@ -39,14 +39,6 @@ impl UffdWpAsync {
         }
     }
 
-    fn uffd_err(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> TrackingError {
-        move |source| TrackingError::Uffd {
-            backend: KIND,
-            op,
-            source,
-        }
-    }
-
     /// Scans slot `s` for written pages into `self.regions`, re-protecting them.
     fn scan(&mut self, s: TrackedSlot) -> Result<(), TrackingError> {
         let Some((_, pagemap)) = &self.running else {
@@ -55,11 +47,7 @@ impl UffdWpAsync {
         self.regions.clear();
         pagemap
             .scan_written(s.host, s.host + s.size, true, &mut self.regions)
-            .map_err(|source| TrackingError::Sys {
-                backend: KIND,
-                op: "PAGEMAP_SCAN",
-                source,
-            })
+            .map_err(TrackingError::sys(KIND, "PAGEMAP_SCAN"))
     }
 }
 
@@ -69,28 +57,20 @@ impl DirtyTracker for UffdWpAsync {
     }
 
     fn start(&mut self) -> Result<(), TrackingError> {
-        check_host().map_err(|reason| TrackingError::Unsupported {
-            backend: KIND,
-            reason,
-        })?;
-        let sys = |op| {
-            move |source| TrackingError::Sys {
-                backend: KIND,
-                op,
-                source,
-            }
-        };
-        let pagemap = Pagemap::open_self().map_err(sys("opening /proc/self/pagemap"))?;
-        let uffd = sys_uffd::uffd_with_features(FEATURES).map_err(sys("opening a userfaultfd"))?;
+        check_host().map_err(TrackingError::unsupported(KIND))?;
+        let pagemap =
+            Pagemap::open_self().map_err(TrackingError::sys(KIND, "opening /proc/self/pagemap"))?;
+        let uffd = sys_uffd::uffd_with_features(FEATURES)
+            .map_err(TrackingError::sys(KIND, "opening a userfaultfd"))?;
         for s in &self.slots {
             uffd.register_with_mode(
                 s.host as *mut libc::c_void,
                 s.size as usize,
                 RegisterMode::WRITE_PROTECT,
             )
-            .map_err(Self::uffd_err("UFFDIO_REGISTER (write-protect)"))?;
+            .map_err(TrackingError::uffd(KIND, "UFFDIO_REGISTER (write-protect)"))?;
             uffd.write_protect(s.host as *mut libc::c_void, s.size as usize)
-                .map_err(Self::uffd_err("UFFDIO_WRITEPROTECT"))?;
+                .map_err(TrackingError::uffd(KIND, "UFFDIO_WRITEPROTECT"))?;
         }
         self.running = Some((uffd, pagemap));
         Ok(())
@@ -130,7 +110,7 @@ impl DirtyTracker for UffdWpAsync {
             let r = uffd
                 .remove_write_protection(addr, s.size as usize, true)
                 .and_then(|()| uffd.unregister(addr, s.size as usize))
-                .map_err(Self::uffd_err("lifting write-protection"));
+                .map_err(TrackingError::uffd(KIND, "lifting write-protection"));
             result = result.and(r);
         }
         result
