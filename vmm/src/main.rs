@@ -125,6 +125,17 @@ struct RunArgs {
     /// Harvest period for guests without pass sync points.
     #[arg(long, default_value_t = 100)]
     track_interval_ms: u64,
+    /// In-situ comparison on a Linux guest: each time the agent starts a workload, switch to
+    /// the next backend of this comma-separated list (`none` = untracked), on the running guest.
+    /// Nothing is tracked before the first workload. On PVM hosts this is how to use `ring` with
+    /// a Linux guest: its emulated kernel can overflow a ring during boot (PLATFORM.md §5).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "track",
+        requires = "kernel"
+    )]
+    track_schedule: Vec<String>,
 }
 
 fn parse_disk(spec: &str) -> Result<DiskConfig> {
@@ -279,12 +290,29 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         .map(|d| parse_disk(d))
         .collect::<Result<Vec<_>>>()?;
     let guest = guest_config(&a)?;
+    let interval = Duration::from_millis(a.track_interval_ms.max(1));
     let tracking = match &a.track {
         Some(name) => {
             let kind: TrackerKind = name.parse()?;
             let mut opts = TrackingOptions::backend(kind);
-            opts.interval = Duration::from_millis(a.track_interval_ms.max(1));
+            opts.interval = interval;
             Some(opts)
+        }
+        None if !a.track_schedule.is_empty() => {
+            let schedule = a
+                .track_schedule
+                .iter()
+                .map(|n| match n.as_str() {
+                    "none" => Ok(None),
+                    other => other.parse::<TrackerKind>().map(Some),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(TrackingOptions {
+                backend: None,
+                interval,
+                raw_every_other: false,
+                schedule,
+            })
         }
         None => None,
     };

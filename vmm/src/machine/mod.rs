@@ -128,6 +128,21 @@ pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
     let ram = GuestRam::new(cfg.mem_bytes)?;
     let vm = Arc::new(Vm::new()?);
     let want_ring = cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring());
+    let ring_from_boot = cfg
+        .tracking
+        .as_ref()
+        .and_then(|t| t.backend)
+        .is_some_and(|k| k.needs_dirty_ring());
+    if ring_from_boot
+        && matches!(cfg.guest, GuestConfig::Linux(_))
+        && vm.host_kind() == crate::host::HostKind::Pvm
+    {
+        tracing::warn!(
+            "dirty ring from boot with a Linux guest on PVM: the emulated kernel pushes an entry \
+             per emulated write and can overflow the ring (host WARN, vCPU stopped); use \
+             --track-schedule none,ring to start it at the first agent workload"
+        );
+    }
     // The ring must be on before any vCPU exists.
     let ring_entries = if want_ring {
         Some(tracking::enable_dirty_ring(vm.fd())?)

@@ -100,6 +100,8 @@ pub struct TrackingReport {
     pub false_positives: u64,
     /// The first failure (start, a harvest or stop), if any: a run with one is not a result.
     pub error: Option<String>,
+    /// On a VM with dirty rings: how full they got.
+    pub ring: Option<crate::tracking::RingStats>,
 }
 
 pub struct Session {
@@ -296,6 +298,11 @@ impl Session {
             memory_overhead_bytes: overhead,
             background_cpu_ms: background,
             error: self.error,
+            ring: self
+                .ctx
+                .as_ref()
+                .and_then(|c| c.rings.as_ref())
+                .map(|r| r.stats()),
         }
     }
 }

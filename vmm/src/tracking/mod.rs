@@ -29,7 +29,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 pub use dirty_set::{DirtySet, SlotBits};
-pub use kvm_ring::{DirtyRings, RING_ENTRIES};
+pub use kvm_ring::{DirtyRings, RingStats, RING_ENTRIES};
 pub use thread_cpu::thread_cpu_ns;
 
 use crate::memory::{GuestMemory, GuestRam, PAGE_SIZE};

@@ -268,6 +268,7 @@ fn ring_full(id: u8, rings: Option<&DirtyRings>, streak: &mut u32) -> Next {
             "vcpu{id}: KVM_EXIT_DIRTY_RING_FULL on a VM without dirty rings"
         )));
     };
+    rings.note_full_exit();
     match rings.collect() {
         Ok(0) => {
             *streak += 1;
