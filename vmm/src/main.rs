@@ -339,7 +339,7 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
 }
 
 fn backends(json: bool) -> Result<i32> {
-    let list = vmm::tracking::availability(None);
+    let list = vmm::tracking::availability();
     if json {
         let v: Vec<_> = list
             .iter()

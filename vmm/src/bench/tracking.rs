@@ -87,12 +87,35 @@ struct RunFigures {
     overhead: u64,
 }
 
+/// Harvest figures of `rounds`: medians of the VMM-path rounds (wall, and CPU plus the
+/// backend threads' share), and of the raw-kernel-call rounds if there are any.
+fn harvest_figures(
+    rounds: &[&machine::Round],
+    background_us_per_round: f64,
+) -> (f64, f64, Option<f64>) {
+    let med = |f: &dyn Fn(&machine::Round) -> f64, raw: bool| {
+        median(
+            &rounds
+                .iter()
+                .filter(|r| r.raw == raw)
+                .map(|r| f(r))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let has_raw = rounds.iter().any(|r| r.raw);
+    (
+        med(&|r| r.harvest_us, false),
+        med(&|r| r.harvest_cpu_us, false) + background_us_per_round,
+        has_raw.then(|| med(&|r| r.harvest_us, true)),
+    )
+}
+
 fn figures(t: &TrackingReport) -> RunFigures {
     let rounds: Vec<_> = timed(&t.rounds).collect();
     let vmm: Vec<_> = rounds.iter().filter(|r| !r.raw).collect();
-    let raw: Vec<_> = rounds.iter().filter(|r| r.raw).collect();
     let med = |v: Vec<f64>| median(&v);
     let background_us_per_round = t.background_cpu_ms * 1000.0 / t.rounds.len().max(1) as f64;
+    let (harvest_us, cpu_us, raw_us) = harvest_figures(&rounds, background_us_per_round);
     RunFigures {
         guest_ms: med(rounds.iter().map(|r| r.guest_ms).collect()),
         dirty: med(vmm.iter().map(|r| r.dirty_pages as f64).collect()),
@@ -102,9 +125,9 @@ fn figures(t: &TrackingReport) -> RunFigures {
                 .filter_map(|r| r.expected.map(|e| e as f64))
                 .collect())
         }),
-        harvest_us: med(vmm.iter().map(|r| r.harvest_us).collect()),
-        cpu_us: med(vmm.iter().map(|r| r.harvest_cpu_us).collect()) + background_us_per_round,
-        raw_us: (!raw.is_empty()).then(|| med(raw.iter().map(|r| r.harvest_us).collect())),
+        harvest_us,
+        cpu_us,
+        raw_us,
         // Exactness counts every checked round, the first included.
         misses: t.misses,
         fps: t.false_positives,
@@ -379,29 +402,25 @@ fn linux_boot(
     Ok(t)
 }
 
-/// Per-phase figures of a Linux boot: (guest ms per pass, figures) for phase `i`.
-fn linux_phase(t: &TrackingReport, i: usize, passes: u64) -> (f64, RunFigures) {
+/// Figures of phase `i` of a Linux boot; guest time is per workload pass.
+fn linux_phase(t: &TrackingReport, i: usize, passes: u64) -> RunFigures {
     let rounds: Vec<_> = t.rounds.iter().filter(|r| r.phase == i).collect();
-    let vmm: Vec<_> = rounds.iter().filter(|r| !r.raw).collect();
-    let raw: Vec<_> = rounds.iter().filter(|r| r.raw).collect();
-    let med = |v: Vec<f64>| median(&v);
     let p = &t.phases[i];
-    let ms_per_pass = p.guest_ms.unwrap_or(f64::NAN) / passes as f64;
-    let figures = RunFigures {
-        guest_ms: ms_per_pass,
+    let background_us_per_round = p.background_cpu_ms * 1000.0 / rounds.len().max(1) as f64;
+    let (harvest_us, cpu_us, raw_us) = harvest_figures(&rounds, background_us_per_round);
+    RunFigures {
+        guest_ms: p.guest_ms.unwrap_or(f64::NAN) / passes as f64,
         // Pages per pass: every round's count (raw rounds report theirs too) over the passes.
         dirty: rounds.iter().map(|r| r.dirty_pages as f64).sum::<f64>() / passes as f64,
         expected: None,
-        harvest_us: med(vmm.iter().map(|r| r.harvest_us).collect()),
-        cpu_us: med(vmm.iter().map(|r| r.harvest_cpu_us).collect())
-            + p.background_cpu_ms * 1000.0 / rounds.len().max(1) as f64,
-        raw_us: (!raw.is_empty()).then(|| med(raw.iter().map(|r| r.harvest_us).collect())),
+        harvest_us,
+        cpu_us,
+        raw_us,
         misses: 0,
         fps: 0,
         checked: false,
         overhead: p.memory_overhead_bytes,
-    };
-    (ms_per_pass, figures)
+    }
 }
 
 fn linux_workload(
@@ -447,13 +466,13 @@ fn linux_workload(
                 .iter()
                 .enumerate()
                 .filter(|(_, k)| k.is_none())
-                .map(|(i, _)| linux_phase(&t, i, l.passes).0)
+                .map(|(i, _)| linux_phase(&t, i, l.passes).guest_ms)
                 .collect();
             let base = median(&base);
             baseline.push(base);
             for (i, kind) in schedule.iter().enumerate() {
                 let Some(kind) = kind else { continue };
-                let (_, fig) = linux_phase(&t, i, l.passes);
+                let fig = linux_phase(&t, i, l.passes);
                 match per_backend.iter_mut().find(|(k, _, _)| k == kind) {
                     Some((_, figs, bases)) => {
                         figs.push(fig);

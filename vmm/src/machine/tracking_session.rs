@@ -266,9 +266,8 @@ impl Session {
                     }
                 }
             }
-            // Harvest once so the phase's first round does not carry the previous phase.
-            self.round(None);
-            self.rounds.pop();
+            // A fresh tracker has nothing to report yet; only the guest-time clock restarts.
+            self.last_end = Instant::now();
         } else if let Some(rest) = line.strip_prefix("workload done") {
             let ms = rest
                 .split_whitespace()

@@ -18,9 +18,12 @@ const WANTED: u64 = MANUAL_PROTECT_ENABLE | MANUAL_PROTECT_INITIALLY_SET;
 const CLEAR_CHUNK_PAGES: u64 = 64 * 1024;
 
 pub fn check_host() -> Result<(), String> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    let mask = kvm_dirty::manual_protect_supported(&vm);
+    check_mask(&super::scratch_vm()?)
+}
+
+/// Whether this KVM offers manual protect with INITIALLY_SET.
+fn check_mask(vm: &kvm_ioctls::VmFd) -> Result<(), String> {
+    let mask = kvm_dirty::manual_protect_supported(vm);
     if mask & WANTED != WANTED {
         return Err(format!(
             "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (168) offers flags {mask:#x}, need ENABLE|INITIALLY_SET (0x3)"
@@ -38,15 +41,7 @@ pub struct KvmBitmapManual {
 impl KvmBitmapManual {
     pub fn new(ctx: &TrackContext) -> Result<Self, TrackingError> {
         refuse_on_ring_vm(KIND, ctx)?;
-        let mask = kvm_dirty::manual_protect_supported(ctx.vm.fd());
-        if mask & WANTED != WANTED {
-            return Err(TrackingError::Unsupported {
-                backend: KIND,
-                reason: format!(
-                    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (168) offers flags {mask:#x}, need 0x3"
-                ),
-            });
-        }
+        check_mask(ctx.vm.fd()).map_err(TrackingError::unsupported(KIND))?;
         Ok(KvmBitmapManual {
             vm: ctx.vm.clone(),
             slots: ctx.slots.clone(),

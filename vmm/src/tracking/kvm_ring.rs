@@ -60,9 +60,7 @@ pub fn host_ring(vm: &kvm_ioctls::VmFd) -> Result<(u32, bool), String> {
 }
 
 pub fn check_host() -> Result<(), String> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    host_ring(&vm).map(|_| ())
+    host_ring(&super::scratch_vm()?).map(|_| ())
 }
 
 /// Enables the ring on a fresh VM (before any vCPU exists); returns entries per ring.
@@ -152,16 +150,27 @@ impl DirtyRings {
     /// Takes every dirty entry of every ring and resets them in KVM; the pages go to the
     /// active tracker's set. Returns the number of entries taken.
     pub fn collect(&self) -> Result<u64, SysError> {
+        self.sweep(true)
+    }
+
+    /// Like `collect`, but the pages are dropped (the raw-ioctl baseline: pop, mark RESET,
+    /// reset).
+    fn collect_raw(&self) -> Result<u64, SysError> {
+        self.sweep(false)
+    }
+
+    fn sweep(&self, record: bool) -> Result<u64, SysError> {
         let mut rings = lock(&self.rings);
         let mut collected = lock(&self.collected);
+        let Collected { set, slots } = &mut *collected;
+        let mut set = set.as_mut().filter(|_| record);
         let mut n = 0u64;
         for ring in rings.iter_mut() {
             let before = n;
             while let Some((slot, offset)) = ring.map.pop(ring.next) {
                 ring.next = ring.next.wrapping_add(1);
                 n += 1;
-                let Collected { set, slots } = &mut *collected;
-                if let Some(set) = set {
+                if let Some(set) = set.as_deref_mut() {
                     // slot is as_id << 16 | slot id; vmm uses address space 0 only.
                     let ok = slots
                         .iter()
@@ -173,22 +182,6 @@ impl DirtyRings {
                 }
             }
             self.peak.fetch_max(n - before, Ordering::Relaxed);
-        }
-        if n > 0 {
-            kvm_dirty::reset_dirty_rings(self.vm.fd())?;
-        }
-        Ok(n)
-    }
-
-    /// Like `collect`, but only counts (the raw-ioctl baseline: pop, mark RESET, reset).
-    fn collect_raw(&self) -> Result<u64, SysError> {
-        let mut rings = lock(&self.rings);
-        let mut n = 0u64;
-        for ring in rings.iter_mut() {
-            while ring.map.pop(ring.next).is_some() {
-                ring.next = ring.next.wrapping_add(1);
-                n += 1;
-            }
         }
         if n > 0 {
             kvm_dirty::reset_dirty_rings(self.vm.fd())?;

@@ -81,11 +81,6 @@ impl TrackerKind {
         matches!(self, TrackerKind::Ring)
     }
 
-    /// Whether the backend uses KVM's dirty bitmap (unusable on a VM with the ring on).
-    pub const fn uses_kvm_bitmap(self) -> bool {
-        matches!(self, TrackerKind::Bitmap | TrackerKind::BitmapManual)
-    }
-
     /// What this host offers for the backend, checked without a VM where possible: `Err` has
     /// the missing capability, feature or errno.
     pub fn check_host(self) -> Result<(), String> {
@@ -218,6 +213,12 @@ impl TrackedSlot {
     }
 }
 
+/// A throwaway VM for host checks that only a VM fd can answer (capability values).
+fn scratch_vm() -> Result<kvm_ioctls::VmFd, String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))
+}
+
 /// Bytes of one dirty bitmap (a bit per page) over all of `slots`.
 pub fn bitmap_bytes(slots: &[TrackedSlot]) -> u64 {
     slots.iter().map(|s| s.pages().div_ceil(64) * 8).sum()
@@ -297,25 +298,12 @@ pub fn create(
     )))
 }
 
-/// Every backend with what stops it on this host (`Err`) or `Ok` when it should work; a VM
-/// created without (or with) the dirty ring is taken into account when `ring_vm` is given.
-pub fn availability(ring_vm: Option<bool>) -> Vec<(TrackerKind, Result<(), String>)> {
+/// Every backend with what stops it on this host (`Err`: the missing capability, feature or
+/// errno) or `Ok` when it should work. Which of ring and bitmap a given VM allows is decided at
+/// its creation (`kvm_bitmap::refuse_on_ring_vm`, `KvmRing::new`).
+pub fn availability() -> Vec<(TrackerKind, Result<(), String>)> {
     TrackerKind::ALL
         .into_iter()
-        .map(|k| {
-            let host = k.check_host();
-            let vm = match ring_vm {
-                Some(false) if k.needs_dirty_ring() => Err(
-                    "this VM was created without the dirty ring (it must be enabled before any vCPU exists)"
-                        .to_string(),
-                ),
-                Some(true) if k.uses_kvm_bitmap() => Err(
-                    "this VM has the dirty ring on, and KVM refuses the bitmap then (ENXIO) unless DIRTY_LOG_RING_WITH_BITMAP, which this host lacks"
-                        .to_string(),
-                ),
-                _ => Ok(()),
-            };
-            (k, host.and(vm))
-        })
+        .map(|k| (k, k.check_host()))
         .collect()
 }
