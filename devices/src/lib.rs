@@ -7,10 +7,12 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod state;
 pub mod virtio;
 pub mod write_bitmap;
 
 pub use bus::{Bus, BusDevice, BusError, VcpuAction};
+pub use state::DeviceStateError;
 
 pub use write_bitmap::WriteBitmap;
 

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: find the `vmm` binary and the guest images, run vmm
 //! and read its JSON report. Tests boot real guests on the real /dev/kvm.
 
+pub mod netns;
+pub mod process;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -3,6 +3,7 @@
 //! Layers (see ARCHITECTURE.md): `memory` (guest RAM), `vstate` (VM and vCPUs), `boot` (kernel
 //! and payload loading), `machine` (assembling and running a VM), `host` (what KVM this is).
 
+pub mod api;
 pub mod bench;
 pub mod boot;
 pub mod host;
@@ -10,6 +11,8 @@ pub mod machine;
 pub mod memory;
 pub mod micro_check;
 pub mod micro_port;
+pub mod migration;
 pub mod sys;
 pub mod tracking;
+pub mod userfault;
 pub mod vstate;

@@ -1,6 +1,7 @@
 //! The `vmm` command line.
 
 mod bench_cli;
+mod remote_cli;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -44,6 +45,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Control a running VM through its API socket (vmm run --api-socket): status, pause,
+    /// resume, console input, migrate.
+    Remote(remote_cli::RemoteArgs),
 }
 
 #[derive(Subcommand)]
@@ -54,7 +58,7 @@ enum BenchCommand {
 }
 
 #[derive(Args)]
-struct RunArgs {
+pub(crate) struct RunArgs {
     /// Linux kernel: an uncompressed ELF vmlinux or a bzImage.
     #[arg(long, conflicts_with_all = ["micro", "payload"])]
     kernel: Option<PathBuf>,
@@ -97,12 +101,12 @@ struct RunArgs {
     #[arg(long, requires = "micro")]
     verify: bool,
 
-    /// Number of vCPUs (1 to 32).
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Guest memory size: 128M, 1G, or a plain number of MiB.
-    #[arg(long, default_value = "128M")]
-    mem: String,
+    /// Number of vCPUs (1 to 32; default 1).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest memory size: 128M, 1G, or a plain number of MiB (default 128M).
+    #[arg(long)]
+    mem: Option<String>,
     /// A virtio-blk disk image: PATH or PATH,ro. Repeatable; the first is /dev/vda.
     #[arg(long)]
     disk: Vec<String>,
@@ -136,9 +140,24 @@ struct RunArgs {
         requires = "kernel"
     )]
     track_schedule: Vec<String>,
+
+    /// Serve the control API (status, pause, resume, console, migrate) on this Unix socket;
+    /// `vmm remote --api-socket PATH ...` talks to it.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Create the VM with a KVM dirty ring (needed to migrate with `--tracker ring`).
+    #[arg(long)]
+    dirty_ring: bool,
+    /// Receive a migrating VM instead of booting one: listen on tcp://ADDR:PORT. --mem and
+    /// --vcpus, if given, must match the incoming VM; --disk replaces its disk paths.
+    #[arg(long, conflicts_with_all = ["kernel", "micro", "payload"])]
+    incoming: Option<String>,
+    /// With --incoming: write guest RAM as received (the source's RAM at its pause) to PATH.
+    #[arg(long, requires = "incoming")]
+    dump_memory: Option<PathBuf>,
 }
 
-fn parse_disk(spec: &str) -> Result<DiskConfig> {
+pub(crate) fn parse_disk(spec: &str) -> Result<DiskConfig> {
     let (path, opt) = match spec.rsplit_once(',') {
         Some((p, "ro")) => (p, true),
         Some((p, "rw")) => (p, false),
@@ -222,7 +241,7 @@ fn guest_config(a: &RunArgs) -> Result<GuestConfig> {
     bail!("nothing to boot: give --kernel (Linux), --micro (the micro guest) or --payload FILE")
 }
 
-fn print_report(r: &RunReport, json: bool) -> Result<()> {
+pub(crate) fn print_report(r: &RunReport, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string(r)?);
         return Ok(());
@@ -276,7 +295,11 @@ fn print_report(r: &RunReport, json: bool) -> Result<()> {
 }
 
 fn run(a: RunArgs, start: Instant) -> Result<i32> {
-    let mem_bytes = parse_size(&a.mem).map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
+    if a.incoming.is_some() {
+        return remote_cli::incoming(&a, start);
+    }
+    let mem_bytes = parse_size(a.mem.as_deref().unwrap_or("128M"))
+        .map_err(|e| anyhow::anyhow!("--mem: {e}"))?;
     if mem_bytes == 0 {
         bail!("--mem: guest memory size must be greater than 0");
     }
@@ -318,12 +341,14 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
     };
     let cfg = VmConfig {
         tracking,
-        vcpus: a.vcpus,
+        vcpus: a.vcpus.unwrap_or(1),
         mem_bytes,
         guest,
         disks,
         console_input: !a.no_console_input && console == ConsoleOutput::Stdout,
         console,
+        dirty_ring: a.dirty_ring,
+        api_socket: a.api_socket.clone(),
     };
     let report = machine::run(&cfg, start)?;
     print_report(&report, a.json)?;
@@ -379,6 +404,7 @@ fn main() {
         Command::Run(a) => run(a, start),
         Command::Backends { json } => backends(json),
         Command::Bench(BenchCommand::Tracking(a)) => bench_cli::tracking(a),
+        Command::Remote(a) => remote_cli::remote(a),
     };
     let code = match code {
         Ok(code) => code,

@@ -10,6 +10,9 @@ use guest_abi::boot_timer::MAGIC;
 use crate::bus::{BusDevice, VcpuAction};
 
 /// Records the time of the guest's magic write. Reads return zeros; other writes are ignored.
+///
+/// Migration: nothing to save. The guest can never read anything back from it, and the boot
+/// time it keeps is a measurement of the source VMM's own start, meaningless on another host.
 #[derive(Debug)]
 pub struct BootTimer {
     start: Instant,

@@ -18,6 +18,9 @@ pub const LEN: u64 = CMD_OFFSET + 1;
 
 /// The i8042 controller: reads return 0 (no data, input buffer empty), a write of 0xfe to the
 /// command port asks for a CPU reset, anything else is ignored.
+///
+/// Migration: it has no state at all (every read answers 0, no write is remembered), so it has
+/// no `save_state`; the destination's fresh one is the same device.
 #[derive(Debug, Default)]
 pub struct I8042;
 

@@ -7,12 +7,14 @@
 //! `ConsoleOut` batches that into lines.
 
 use std::io::{self, Write};
+use std::sync::Arc;
 
 use vm_superio::serial::{Error as UartError, SerialEvents};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{BusDevice, VcpuAction};
+use crate::state::DeviceStateError;
 
 /// Register offsets the wrapper cares about (see the 16550 data sheet).
 const IER_OFFSET: u8 = 1;
@@ -20,6 +22,8 @@ const IER_OFFSET: u8 = 1;
 const REGISTER_COUNT: u64 = 8;
 /// Emit buffered output once this much has piled up without a newline.
 const EMIT_THRESHOLD: usize = 4096;
+/// vm-superio's receive FIFO size (private there), which it enforces on restore.
+const FIFO_SIZE: usize = 64;
 
 /// Called with each chunk of console output as it is emitted (normally one or more whole lines;
 /// a line longer than 4 KiB is cut). Lets the VMM spot markers such as "Kernel panic - not
@@ -40,8 +44,9 @@ pub enum SerialError {
     Trigger(#[source] io::Error),
 }
 
-/// The UART's interrupt line: an eventfd KVM turns into an edge on GSI 4.
-struct IrqTrigger(EventFd);
+/// The UART's interrupt line: an eventfd KVM turns into an edge on GSI 4. Shared so that a
+/// restore can rebuild the vm-superio model around the very eventfd the VMM registered.
+struct IrqTrigger(Arc<EventFd>);
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
@@ -54,7 +59,7 @@ impl Trigger for IrqTrigger {
 /// Signals `drained` whenever the guest has read the receive FIFO empty, so the VMM knows it can
 /// feed more console input (the FIFO holds only 64 bytes).
 struct InputEvents {
-    drained: EventFd,
+    drained: Arc<EventFd>,
 }
 
 impl SerialEvents for InputEvents {
@@ -136,8 +141,11 @@ impl Serial {
             pending: Vec::new(),
             observer: None,
         };
+        let events = InputEvents {
+            drained: Arc::new(drained),
+        };
         Ok(Self {
-            uart: vm_superio::Serial::with_events(IrqTrigger(irq), InputEvents { drained }, out),
+            uart: vm_superio::Serial::with_events(IrqTrigger(Arc::new(irq)), events, out),
         })
     }
 
@@ -177,6 +185,98 @@ impl Serial {
     /// Emits output still held back waiting for a newline.
     pub fn flush_output(&mut self) -> io::Result<()> {
         self.uart.writer_mut().emit()
+    }
+
+    /// The guest-visible registers and the receive FIFO. Output held back for a newline is
+    /// host-side: it was the guest's output on this host and is emitted here.
+    pub fn save_state(&self) -> SerialState {
+        SerialState::from(self.uart.state())
+    }
+
+    /// Loads `state`, keeping this UART's eventfds, output writer and observer. Raises the
+    /// interrupt once if the state has one pending and enabled, as the guest may not have taken
+    /// it before the pause. On error nothing has changed.
+    pub fn restore_state(&mut self, state: &SerialState) -> Result<(), DeviceStateError> {
+        if state.in_buffer.len() > FIFO_SIZE {
+            return Err(DeviceStateError::SerialFifo {
+                got: state.in_buffer.len(),
+                max: FIFO_SIZE,
+            });
+        }
+        let trigger = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        let events = InputEvents {
+            drained: self.uart.events().drained.clone(),
+        };
+        // A stand-in writer, swapped for the real one only once the new model exists, so a
+        // failure cannot lose the console.
+        let stand_in = ConsoleOut {
+            out: Box::new(io::sink()),
+            pending: Vec::new(),
+            observer: None,
+        };
+        let mut uart = vm_superio::Serial::from_state(&state.to_uart(), trigger, events, stand_in)
+            .map_err(|e| match e {
+                UartError::Trigger(e) | UartError::IOError(e) => {
+                    DeviceStateError::SerialInterrupt(e)
+                }
+                UartError::FullFifo => DeviceStateError::SerialFifo {
+                    got: state.in_buffer.len(),
+                    max: FIFO_SIZE,
+                },
+            })?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        Ok(())
+    }
+}
+
+/// vm-superio's `SerialState`, which has no serde support, field for field.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Received bytes the guest has not read yet, oldest first.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl SerialState {
+    fn to_uart(&self) -> vm_superio::serial::SerialState {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: self.baud_divisor_low,
+            baud_divisor_high: self.baud_divisor_high,
+            interrupt_enable: self.interrupt_enable,
+            interrupt_identification: self.interrupt_identification,
+            line_control: self.line_control,
+            line_status: self.line_status,
+            modem_control: self.modem_control,
+            modem_status: self.modem_status,
+            scratch: self.scratch,
+            in_buffer: self.in_buffer.clone(),
+        }
     }
 }
 
@@ -365,6 +465,86 @@ mod tests {
         assert_eq!(s.write(9, b"\n"), VcpuAction::Continue);
         assert_eq!(s.write(THR, &[]), VcpuAction::Continue);
         assert!(out.take().is_empty());
+    }
+
+    #[test]
+    fn state_round_trips_through_serde_into_a_new_uart() {
+        const LCR: u64 = 3;
+        const MCR: u64 = 4;
+        const MSR: u64 = 6;
+        const SCR: u64 = 7;
+        const LCR_DLAB: u8 = 0x80;
+        const LCR_8N1: u8 = 0x03;
+
+        let (mut src, _) = serial();
+        src.write(LCR, &[LCR_DLAB]);
+        src.write(0, &[0x0c]); // divisor 12: 9600 baud
+        src.write(1, &[0x00]);
+        src.write(LCR, &[LCR_8N1]);
+        src.write(IER, &[IER_RDA]);
+        src.write(MCR, &[0x0b]);
+        src.write(SCR, &[0x5a]);
+        assert_eq!(src.enqueue_input(b"abc").unwrap(), 3);
+        irqs(&src);
+
+        let json = serde_json::to_string(&src.save_state()).unwrap();
+        let state: SerialState = serde_json::from_str(&json).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let registered = irq.try_clone().unwrap();
+        let out = Shared::default();
+        let mut dst = Serial::new(irq, Box::new(out.clone())).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen_by_observer = seen.clone();
+        dst.set_observer(Box::new(move |chunk| {
+            seen_by_observer.lock().unwrap().extend_from_slice(chunk)
+        }));
+        dst.restore_state(&state).unwrap();
+
+        assert_eq!(dst.save_state(), state);
+        assert_eq!(
+            registered.read().unwrap(),
+            1,
+            "the pending receive interrupt is raised again, on the registered eventfd"
+        );
+        for reg in [IER, IIR, LCR, MCR, LSR, MSR, SCR] {
+            assert_eq!(
+                read_reg(&mut dst, reg),
+                read_reg(&mut src, reg),
+                "reg {reg}"
+            );
+        }
+        for s in [&mut src, &mut dst] {
+            s.write(LCR, &[LCR_DLAB | LCR_8N1]);
+        }
+        assert_eq!(read_reg(&mut dst, 0), 0x0c);
+        assert_eq!(read_reg(&mut dst, 1), 0x00);
+        for s in [&mut src, &mut dst] {
+            s.write(LCR, &[LCR_8N1]);
+        }
+        let input: Vec<u8> = (0..3).map(|_| read_reg(&mut dst, THR)).collect();
+        assert_eq!(input, b"abc");
+        assert_eq!(dst.input_drained_evt().read().unwrap(), 1);
+
+        // Output still reaches the destination's own writer and observer.
+        dst.write(THR, b"!");
+        dst.write(THR, b"\n");
+        assert_eq!(out.take(), b"!\n");
+        assert_eq!(*seen.lock().unwrap(), b"!\n");
+    }
+
+    #[test]
+    fn overfull_fifo_state_is_refused_and_the_uart_keeps_working() {
+        let (mut s, out) = serial();
+        let mut state = s.save_state();
+        state.scratch = 0x77;
+        state.in_buffer = vec![b'x'; FIFO_SIZE + 1];
+        assert!(matches!(
+            s.restore_state(&state),
+            Err(DeviceStateError::SerialFifo { got: 65, max: 64 })
+        ));
+        assert_eq!(read_reg(&mut s, 7), 0, "scratch untouched");
+        s.write(THR, b"\n");
+        assert_eq!(out.take(), b"\n");
     }
 
     #[test]

@@ -48,6 +48,17 @@ impl VirtioInterrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Loads a saved InterruptStatus and, if any bit is set, raises the line once: the driver
+    /// may not have taken the interrupt before the pause, and a spare one is harmless (its
+    /// handler finds nothing new and returns).
+    pub fn restore(&self, status: u32) -> io::Result<()> {
+        self.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            self.irq.write(1)?;
+        }
+        Ok(())
+    }
+
     /// Clears every bit (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);

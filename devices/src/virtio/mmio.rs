@@ -20,6 +20,10 @@ use super::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVE
 use crate::bus::{BusDevice, VcpuAction};
 use crate::GuestMemory;
 
+mod state;
+
+pub use state::{MmioTransportState, QueueSnapshot};
+
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
 /// The modern (non-legacy) virtio-mmio register layout.

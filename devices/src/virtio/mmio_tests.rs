@@ -13,8 +13,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{mmio_cmdline_arg, MmioTransport, MMIO_MAGIC};
 use super::test_utils::{guest_memory, reg_read, reg_write, DriverQueue};
-use super::{VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
+use super::{DeviceSnapshot, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::{BusDevice, VcpuAction};
+use crate::state::DeviceStateError;
 use crate::GuestMemory;
 
 const FAKE_ID: u32 = 42;
@@ -109,6 +110,15 @@ impl VirtioDevice for Fake {
             irq.signal_used_queue().map_err(VirtioError::Interrupt)?;
         }
         Ok(())
+    }
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
+    fn save_snapshot(&self) -> DeviceSnapshot {
+        unreachable!("the register tests never migrate")
+    }
+    fn restore_snapshot(&mut self, _: &DeviceSnapshot) -> Result<(), DeviceStateError> {
+        unreachable!("the register tests never migrate")
     }
 }
 

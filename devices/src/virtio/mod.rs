@@ -12,6 +12,8 @@ pub mod queue;
 
 #[cfg(test)]
 mod mmio_tests;
+#[cfg(test)]
+mod state_tests;
 /// The driver's side of a virtqueue, for tests (here and in crates that drive these devices
 /// against real trackers): enable the `test-utils` feature.
 #[cfg(any(test, feature = "test-utils"))]
@@ -19,13 +21,14 @@ pub mod test_utils;
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 
+use crate::state::DeviceStateError;
 use crate::GuestMemory;
 
-pub use block::Block;
+pub use block::{Block, BlockState};
 pub use interrupt::VirtioInterrupt;
-pub use mmio::{mmio_cmdline_arg, MmioTransport};
+pub use mmio::{mmio_cmdline_arg, MmioTransport, MmioTransportState, QueueSnapshot};
 
 /// VIRTIO_F_VERSION_1 (bit 32): the device is a modern one. The only kind this crate has.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -55,6 +58,10 @@ pub enum VirtioError {
 /// Lifecycle: the transport reads `device_type`, `queue_max_sizes`, `features` and the config
 /// space during negotiation; on DRIVER_OK it calls `activate` once; then `process_queue` for each
 /// queue notification; on a driver reset it calls `reset`, after which `activate` may come again.
+///
+/// Migration (vCPUs paused): the transport saves `queue_states` and `save_snapshot`; on the
+/// destination it calls `restore_snapshot`, then `activate` with queues already at the saved
+/// ring positions, so `activate` must take its queues as given and not reset them.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (virtio 1.2 §5), e.g. `VIRTIO_ID_BLOCK`.
     fn device_type(&self) -> u32;
@@ -88,4 +95,31 @@ pub trait VirtioDevice: Send {
     /// Services queue `index` after the driver notified it. An error means the device cannot go
     /// on; the transport then sets DEVICE_NEEDS_RESET.
     fn process_queue(&mut self, index: u16) -> Result<(), VirtioError>;
+
+    /// The queues handed over by `activate` as they stand now (ring positions included), in
+    /// order; empty while not activated.
+    fn queue_states(&self) -> Vec<QueueState>;
+
+    /// The device's own migratable state (not its queues: the transport saves those).
+    fn save_snapshot(&self) -> DeviceSnapshot;
+
+    /// Loads a snapshot taken by `save_snapshot` on the source, before the transport
+    /// re-activates the device. Checks it first; on error nothing has changed.
+    fn restore_snapshot(&mut self, snapshot: &DeviceSnapshot) -> Result<(), DeviceStateError>;
+}
+
+/// A virtio device's own state, tagged with its kind so that a state cannot be loaded into a
+/// device of another kind.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum DeviceSnapshot {
+    Block(BlockState),
+}
+
+impl DeviceSnapshot {
+    /// The virtio device ID of the device the snapshot was taken from.
+    pub fn device_type(&self) -> u32 {
+        match self {
+            DeviceSnapshot::Block(_) => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+        }
+    }
 }

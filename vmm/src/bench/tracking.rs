@@ -150,6 +150,8 @@ fn micro_config(w: &Workload, region_mib: u64) -> VmConfig {
         disks: Vec::new(),
         console: ConsoleOutput::Null,
         console_input: false,
+        dirty_ring: false,
+        api_socket: None,
         tracking: None,
     }
 }
@@ -387,6 +389,8 @@ fn linux_boot(
             raw_every_other: true,
             schedule: schedule.to_vec(),
         }),
+        dirty_ring: false,
+        api_socket: None,
     };
     let t = tracked_run(&cfg, what)?;
     if t.phases.len() != schedule.len() {

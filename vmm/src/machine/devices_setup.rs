@@ -59,6 +59,8 @@ pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
+    /// The virtio-mmio transports, in device order (for saving and restoring their state).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl Devices {
@@ -127,6 +129,7 @@ pub fn create(
 ) -> Result<Devices, DeviceSetupError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
+    let mut transports = Vec::new();
 
     let mut serial = Serial::new(irq(vm, ports::COM1_IRQ)?, opts.console)
         .map_err(|e| DeviceSetupError::Serial(e.to_string()))?;
@@ -200,13 +203,20 @@ pub fn create(
                 }
             })?;
         let base = virtio_mmio::BASE + i as u64 * virtio_mmio::SIZE;
+        let transport = Arc::new(Mutex::new(transport));
         place(
             &mut mmio,
             &format!("virtio-blk {}", disk.path.display()),
-            Arc::new(Mutex::new(transport)),
+            transport.clone(),
             base,
             virtio_mmio::SIZE,
         )?;
+        transports.push(transport);
     }
-    Ok(Devices { pio, mmio, serial })
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        transports,
+    })
 }

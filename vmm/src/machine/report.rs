@@ -21,6 +21,8 @@ pub enum Outcome {
     Fault { message: String },
     /// The user quit from the console (Ctrl-A x): exit code 0.
     Stopped,
+    /// The guest was migrated to another host and runs there: exit code 0.
+    Migrated,
 }
 
 pub const EXIT_KERNEL_PANIC: i32 = 3;
@@ -36,12 +38,13 @@ impl Outcome {
             (VcpuStop::Poweroff, None) => Outcome::Poweroff,
             (VcpuStop::DeviceExit(status), None) => Outcome::MicroExit { status },
             (VcpuStop::Stopped, None) => Outcome::Stopped,
+            (VcpuStop::Migrated, None) => Outcome::Migrated,
         }
     }
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Reset | Outcome::Poweroff | Outcome::Stopped => 0,
+            Outcome::Reset | Outcome::Poweroff | Outcome::Stopped | Outcome::Migrated => 0,
             Outcome::MicroExit { status: 0 } => 0,
             Outcome::MicroExit { .. } => EXIT_MICRO_FAILED,
             Outcome::KernelPanic { .. } => EXIT_KERNEL_PANIC,
@@ -57,6 +60,7 @@ impl Outcome {
             Outcome::KernelPanic { line } => format!("guest kernel panicked: {line}"),
             Outcome::Fault { message } => format!("guest fault: {message}"),
             Outcome::Stopped => "stopped from the console".into(),
+            Outcome::Migrated => "guest migrated away; it runs on the destination now".into(),
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct RunReport {
     pub wall_ms: f64,
     /// With --track: the harvest rounds and their cost.
     pub tracking: Option<super::TrackingReport>,
+    /// The last migration this VM took part in (as source or destination).
+    pub migration: Option<crate::migration::progress::MigrationReport>,
 }
 
 /// VmRSS - RssShmem from /proc/self/status: guest RAM is the only shared memory vmm maps.

@@ -2,6 +2,8 @@
 
 pub mod cpuid;
 pub mod kick;
+pub mod pause;
 pub mod regs;
+pub mod state;
 pub mod vcpu;
 pub mod vm;

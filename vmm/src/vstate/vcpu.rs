@@ -16,6 +16,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::kick::RunState;
+use super::pause::PauseControl;
+use super::vm::Vm;
 use crate::memory::RamRange;
 use crate::tracking::DirtyRings;
 
@@ -36,6 +38,8 @@ pub enum VcpuStop {
     Fault(String),
     /// The VMM asked the vCPU to stop.
     Stopped,
+    /// The guest was migrated away and runs on the destination now.
+    Migrated,
 }
 
 /// What a vCPU thread tells the machine.
@@ -65,6 +69,8 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 
 enum Next {
     Continue,
+    /// KVM_RUN returned EINTR (a kick, or immediate_exit): no exit to handle.
+    Interrupted,
     Stop(VcpuStop),
     InternalError,
     Shutdown,
@@ -86,6 +92,10 @@ pub struct VcpuRunner {
     /// The VM's dirty rings, when it has them: collected here on KVM_EXIT_DIRTY_RING_FULL.
     pub rings: Option<Arc<DirtyRings>>,
     pub ring_full_streak: u32,
+    /// Pause requests (API pause, migration stop-and-copy).
+    pub pause: Arc<PauseControl>,
+    /// For saving this vCPU's state when a pause asks for it.
+    pub vm: Arc<Vm>,
 }
 
 impl VcpuRunner {
@@ -93,6 +103,7 @@ impl VcpuRunner {
     pub fn run(mut self, events: Sender<VcpuEvent>) {
         let why = self.run_loop(&events);
         self.run_state.finished();
+        self.pause.vcpu_finished();
         if let VcpuStop::Fault(msg) = &why {
             // The machine's report carries the message; this is for the log's timeline only.
             tracing::debug!("{msg}");
@@ -109,9 +120,16 @@ impl VcpuRunner {
             if self.stop.load(Ordering::Acquire) {
                 return VcpuStop::Stopped;
             }
-            let next = self.run_once();
+            let next = if self.pause.pause_requested() {
+                match self.park() {
+                    Some(next) => next,
+                    None => continue,
+                }
+            } else {
+                self.run_once()
+            };
             match next {
-                Next::Continue => {}
+                Next::Continue | Next::Interrupted => {}
                 Next::Stop(why) => return why,
                 Next::InternalError => return VcpuStop::Fault(self.internal_error()),
                 Next::Shutdown => {
@@ -139,7 +157,7 @@ impl VcpuRunner {
         let exit = match result {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                return Next::Continue
+                return Next::Interrupted
             }
             Err(e) => return Next::RunError(e),
         };
@@ -213,6 +231,36 @@ impl VcpuRunner {
                 "vcpu{id}: unexpected KVM exit {other:?}"
             ))),
         }
+    }
+
+    /// Parks this thread for a pause. A pause that wants the state first lets KVM finish the
+    /// port or MMIO access of the last exit (its result is in kvm_run until the next KVM_RUN),
+    /// so the saved registers are those after the instruction.
+    /// With immediate_exit set, KVM_RUN completes that access and returns EINTR without
+    /// entering the guest; should it report a new exit instead, that exit is dispatched as usual
+    /// and the loop repeats. An exit that ends the vCPU is returned instead of parking.
+    fn park(&mut self) -> Option<Next> {
+        let state = if self.pause.wants_state() {
+            self.fd.set_kvm_immediate_exit(1);
+            let finished = loop {
+                match self.run_once() {
+                    Next::Interrupted => break None,
+                    Next::Continue => {}
+                    other => break Some(other),
+                }
+            };
+            self.fd.set_kvm_immediate_exit(0);
+            if finished.is_some() {
+                return finished;
+            }
+            Some(
+                crate::vstate::state::save_vcpu(self.vm.kvm(), &self.fd).map_err(|e| e.to_string()),
+            )
+        } else {
+            None
+        };
+        self.pause.park(self.id, state);
+        None
     }
 
     /// Decodes KVM_EXIT_INTERNAL_ERROR; for an emulation failure, the instruction bytes.

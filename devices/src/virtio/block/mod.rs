@@ -2,6 +2,14 @@
 //!
 //! Hand-written: crates.io has no virtio-blk device crate (checked with `cargo info virtio-blk`);
 //! virtio-queue supplies the rings and chains, vm-memory the guest-memory transfers.
+//!
+//! Migration: no request is ever in flight between two MMIO exits. A request is run to its end
+//! (disk I/O, status byte, used ring entry) inside `process_queue`, which the transport calls
+//! from the QueueNotify write, in the vCPU thread, with the device's bus lock held; there is no
+//! ioeventfd, worker thread or asynchronous I/O. Once every vCPU has left KVM_RUN (and the
+//! state is saved under that same lock) every chain popped from the avail ring has been pushed
+//! to the used ring, so the state needs only the ring positions, which the transport saves.
+//! The disk's contents travel outside this state (shared storage).
 
 mod request;
 
@@ -15,12 +23,14 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::queue::drain_queue;
 use super::{
-    VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    DeviceSnapshot, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::state::DeviceStateError;
 use crate::GuestMemory;
 use request::{Disk, ID_LEN};
 
@@ -128,6 +138,45 @@ impl Block {
     pub fn is_read_only(&self) -> bool {
         self.disk.read_only
     }
+
+    /// What the guest has seen of the disk. The config space and features follow from the
+    /// capacity and read-only flag, which the destination's image must match; the serial does
+    /// not (`open` derives it from the host's inode), so it travels.
+    pub fn save_state(&self) -> BlockState {
+        BlockState {
+            capacity: self.capacity(),
+            read_only: self.disk.read_only,
+            serial: self.disk.id,
+        }
+    }
+
+    /// Checks that this disk is the one the guest saw and adopts its serial.
+    pub fn restore_state(&mut self, state: &BlockState) -> Result<(), DeviceStateError> {
+        if state.capacity != self.capacity() {
+            return Err(DeviceStateError::DiskCapacity {
+                expected: self.capacity(),
+                got: state.capacity,
+            });
+        }
+        if state.read_only != self.disk.read_only {
+            return Err(DeviceStateError::DiskReadOnly {
+                expected: self.disk.read_only,
+                got: state.read_only,
+            });
+        }
+        self.disk.id = state.serial;
+        Ok(())
+    }
+}
+
+/// virtio-blk's guest-visible identity. The ring positions are the transport's to save.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockState {
+    /// In 512-byte sectors.
+    pub capacity: u64,
+    pub read_only: bool,
+    /// The GET_ID answer, NUL-padded.
+    pub serial: [u8; ID_LEN],
 }
 
 impl VirtioDevice for Block {
@@ -212,6 +261,22 @@ impl VirtioDevice for Block {
                 .map_err(VirtioError::Interrupt)?;
         }
         Ok(())
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active
+            .iter()
+            .map(|active| active.queue.state())
+            .collect()
+    }
+
+    fn save_snapshot(&self) -> DeviceSnapshot {
+        DeviceSnapshot::Block(self.save_state())
+    }
+
+    fn restore_snapshot(&mut self, snapshot: &DeviceSnapshot) -> Result<(), DeviceStateError> {
+        let DeviceSnapshot::Block(state) = snapshot;
+        self.restore_state(state)
     }
 }
 

@@ -1,0 +1,226 @@
+//! Assembling a VM from its `VmConfig`: guest RAM, the KVM VM, devices on their buses and the
+//! vCPUs, ready to run. A fresh boot then loads the guest (`boot`); an incoming migration
+//! restores saved state instead (`migration::dest`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tracking_session::{self, SharedSession};
+use super::{console, devices_setup, GuestConfig, MachineError, VmConfig, MAX_VCPUS};
+use crate::boot::linux;
+use crate::boot::micro;
+use crate::boot::mptable;
+use crate::boot::{paging, EntryPoint};
+use crate::memory::GuestRam;
+use crate::tracking::{self, DirtyRings, TrackedSlot};
+use crate::vstate::cpuid;
+use crate::vstate::kick::{Kicker, RunState};
+use crate::vstate::pause::PauseControl;
+use crate::vstate::regs::{self, RegsError};
+use crate::vstate::vcpu::{self, VcpuEvent, VcpuRunner};
+use crate::vstate::vm::Vm;
+
+/// A built VM whose vCPU threads have not started.
+pub struct Machine {
+    pub cfg: VmConfig,
+    pub start: Instant,
+    pub ram: GuestRam,
+    pub vm: Arc<Vm>,
+    pub slots: Vec<TrackedSlot>,
+    pub rings: Option<Arc<DirtyRings>>,
+    pub devs: devices_setup::Devices,
+    pub runners: Vec<VcpuRunner>,
+    pub watch: Arc<Mutex<console::ConsoleWatch>>,
+    pub micro_passes: Arc<AtomicU64>,
+    pub session_slot: Arc<OnceLock<SharedSession>>,
+    pub boot_rx: Receiver<Duration>,
+    pub exit_evt: EventFd,
+    pub stop: Arc<AtomicBool>,
+    pub kicker: Arc<Kicker>,
+    pub pause: Arc<PauseControl>,
+    pub events_tx: Sender<VcpuEvent>,
+    pub events_rx: Receiver<VcpuEvent>,
+}
+
+impl Machine {
+    /// Creates RAM, the VM, devices and vCPUs (CPUID, MSRs, FPU, LINT set up; no boot registers).
+    pub fn build(cfg: &VmConfig, start: Instant) -> Result<Machine, MachineError> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as u32 {
+            return Err(MachineError::VcpuCount {
+                got: cfg.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        let nr_vcpus = cfg.vcpus as u8;
+        vcpu::install_kick_handler().map_err(MachineError::Signal)?;
+
+        let ram = GuestRam::new(cfg.mem_bytes)?;
+        let vm = Arc::new(Vm::new()?);
+        let tracked_ring = cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring());
+        let ring_from_boot = cfg
+            .tracking
+            .as_ref()
+            .and_then(|t| t.backend)
+            .is_some_and(|k| k.needs_dirty_ring());
+        if ring_from_boot
+            && matches!(cfg.guest, GuestConfig::Linux(_))
+            && vm.host_kind() == crate::host::HostKind::Pvm
+        {
+            tracing::warn!(
+                "dirty ring from boot with a Linux guest on PVM: the emulated kernel pushes an \
+                 entry per emulated write and can overflow the ring (host WARN, vCPU stopped); use \
+                 --track-schedule none,ring to start it at the first agent workload"
+            );
+        }
+        // The ring must be on before any vCPU exists.
+        let ring_entries = if tracked_ring || cfg.dirty_ring {
+            Some(tracking::enable_dirty_ring(vm.fd())?)
+        } else {
+            None
+        };
+        vm.register_ram(&ram)?;
+        let mem = ram.memory();
+        let slots = tracking::slots_of(&ram);
+        let rings = ring_entries
+            .map(|entries| Arc::new(DirtyRings::new(vm.clone(), entries, slots.clone())));
+        let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
+
+        let watch = Arc::new(Mutex::new(console::ConsoleWatch::default()));
+        let micro_passes = Arc::new(AtomicU64::new(0));
+        // The session exists only once the vCPUs (and their rings) do; the pass hook, created
+        // with the devices, finds it here.
+        let session_slot: Arc<OnceLock<SharedSession>> = Arc::new(OnceLock::new());
+        let pass_hook: Option<crate::micro_port::PassHook> = cfg.tracking.as_ref().map(|_| {
+            let slot = session_slot.clone();
+            Box::new(move |pass| {
+                if let Some(s) = slot.get() {
+                    tracking_session::lock(s).round(Some(pass));
+                }
+            }) as crate::micro_port::PassHook
+        });
+        let line_hook: Option<console::LineHook> = cfg
+            .tracking
+            .as_ref()
+            .filter(|t| !t.schedule.is_empty())
+            .map(|_| {
+                let slot = session_slot.clone();
+                Box::new(move |line: &str| {
+                    if let Some(s) = slot.get() {
+                        tracking_session::lock(s).on_agent_line(line);
+                    }
+                }) as console::LineHook
+            });
+        let (boot_tx, boot_rx) = channel();
+        let out = cfg.console.open().map_err(MachineError::Console)?;
+        let devs = devices_setup::create(
+            &vm,
+            mem,
+            devices_setup::DeviceOptions {
+                console: out,
+                observer: console::observer(watch.clone(), start, line_hook),
+                disks: &cfg.disks,
+                micro: micro.then(|| (micro_passes.clone(), pass_hook)),
+                start,
+                boot_timer: boot_tx,
+            },
+        )?;
+
+        // vCPUs: all created before any runs (KVM wants the BSP's LAPIC to know its peers).
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseControl::new(nr_vcpus as usize));
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Thread)?;
+        let mut runners = Vec::new();
+        for id in 0..nr_vcpus {
+            let fd = vm.create_vcpu(id)?;
+            if let Some(rings) = &rings {
+                rings
+                    .add_vcpu(&fd)
+                    .map_err(|source| MachineError::RingMap { id, source })?;
+            }
+            let cpuid = cpuid::for_vcpu(vm.kvm(), id, nr_vcpus)?;
+            fd.set_cpuid2(&cpuid).map_err(|source| RegsError::Ioctl {
+                what: "KVM_SET_CPUID2",
+                source,
+            })?;
+            regs::setup_msrs(&fd)?;
+            regs::setup_fpu(&fd)?;
+            regs::setup_lint(&fd)?;
+            runners.push(VcpuRunner {
+                id,
+                fd,
+                pio: devs.pio.clone(),
+                mmio: devs.mmio.clone(),
+                ram: ram.ranges().to_vec(),
+                stop: stop.clone(),
+                exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
+                run_state: Arc::new(RunState::default()),
+                rings: rings.clone(),
+                ring_full_streak: 0,
+                pause: pause.clone(),
+                vm: vm.clone(),
+            });
+        }
+        let (events_tx, events_rx) = channel();
+        Ok(Machine {
+            cfg: cfg.clone(),
+            start,
+            ram,
+            vm,
+            slots,
+            rings,
+            devs,
+            runners,
+            watch,
+            micro_passes,
+            session_slot,
+            boot_rx,
+            exit_evt,
+            stop,
+            kicker: Arc::new(Kicker::default()),
+            pause,
+            events_tx,
+            events_rx,
+        })
+    }
+
+    /// A fresh boot: boot structures and the guest in RAM, the BSP's entry registers.
+    pub fn boot(self) -> Result<Machine, MachineError> {
+        let cfg = &self.cfg;
+        let mem = self.ram.memory();
+        regs::write_descriptor_tables(mem)?;
+        let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
+        paging::write_identity_map(mem, micro).map_err(MachineError::PageTables)?;
+        mptable::write(mem, cfg.vcpus as u8)?;
+        let entry: EntryPoint = match &cfg.guest {
+            GuestConfig::Linux(boot) => {
+                let mut boot = boot.clone();
+                for (i, _) in cfg.disks.iter().enumerate() {
+                    boot.cmdline.push(' ');
+                    boot.cmdline
+                        .push_str(&devices_setup::virtio_cmdline(i as u32));
+                }
+                linux::load(&self.ram, &boot)?
+            }
+            GuestConfig::Micro {
+                payload,
+                mailbox,
+                region,
+                ..
+            } => {
+                if let Some((gpa, bytes)) = region {
+                    micro::check_region(&self.ram, *gpa, *bytes)?;
+                }
+                micro::load(&self.ram, payload, mailbox)?
+            }
+        };
+        if let Some(bsp) = self.runners.first() {
+            regs::setup_boot_sregs(&bsp.fd)?;
+            regs::setup_boot_regs(&bsp.fd, &entry)?;
+        }
+        Ok(self)
+    }
+}

@@ -1,0 +1,291 @@
+//! Running a built VM: the tracking session, vCPU threads, the control API, and the main
+//! thread's event loop until the guest ends, then the report.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use super::build::Machine;
+use super::report::{self, Outcome, RunReport};
+use super::shared::{Shared, SharedParts};
+use super::tracking_session::{self, Harvester, Session, SharedSession};
+use super::{stdin, GuestConfig, MachineError, VmConfig};
+use crate::tracking::TrackContext;
+use crate::vstate::vcpu::{self, VcpuEvent, VcpuStop};
+
+/// Called once the vCPU threads run, with the VM's shared handles (an incoming migration
+/// confirms to the source here).
+pub type OnRunning = Box<dyn FnOnce(&Arc<Shared>) + Send>;
+
+impl Machine {
+    /// Runs the VM to its end and reports how it went.
+    pub fn run(self, on_running: Option<OnRunning>) -> Result<RunReport, MachineError> {
+        let Machine {
+            cfg,
+            start,
+            ram,
+            vm,
+            slots,
+            rings,
+            devs,
+            runners,
+            watch,
+            micro_passes,
+            session_slot,
+            boot_rx,
+            exit_evt,
+            stop,
+            kicker,
+            pause,
+            events_tx,
+            events_rx,
+        } = self;
+        let mem = ram.memory();
+        let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
+        let nr_vcpus = cfg.vcpus as u8;
+        let session = match &cfg.tracking {
+            Some(opts) => {
+                let k = kicker.clone();
+                let ctx = TrackContext {
+                    vm: vm.clone(),
+                    slots: slots.clone(),
+                    memory: mem.clone(),
+                    rings: rings.clone(),
+                    kick: Some(Arc::new(move || {
+                        if !k.kick_all_and_wait(Duration::from_millis(500)) {
+                            tracing::warn!(
+                                "a vCPU did not leave guest mode within 500 ms of a kick"
+                            );
+                        }
+                    })),
+                };
+                let model = match &cfg.guest {
+                    GuestConfig::Micro { mailbox, .. } => {
+                        <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
+                            .ok()
+                            .and_then(|m| micro_guest::Workload::from_mailbox(m).ok())
+                    }
+                    GuestConfig::Linux(_) => None,
+                };
+                let s: SharedSession =
+                    Arc::new(Mutex::new(Session::start(opts, &ctx, model, start)?));
+                let _ = session_slot.set(s.clone());
+                Some(s)
+            }
+            None => None,
+        };
+
+        tracing::info!(
+            "{} {} on {}: {} vCPU(s), {} MiB",
+            if on_running.is_some() {
+                "resuming"
+            } else {
+                "starting"
+            },
+            match &cfg.guest {
+                GuestConfig::Linux(b) => format!("Linux kernel {}", b.kernel.display()),
+                GuestConfig::Micro { .. } => "micro guest".to_string(),
+            },
+            vm.host_kind(),
+            nr_vcpus,
+            cfg.mem_bytes >> 20
+        );
+
+        let shared = Arc::new(Shared::new(
+            SharedParts {
+                vm: vm.clone(),
+                memory: mem.clone(),
+                ranges: ram.ranges().to_vec(),
+                memfd: ram.file().try_clone().map_err(MachineError::Thread)?,
+                slots: slots.clone(),
+                rings: rings.clone(),
+                kicker: kicker.clone(),
+                pause: pause.clone(),
+                micro_passes: micro_passes.clone(),
+                description: crate::migration::description::VmDescription::of(&cfg, ram.ranges()),
+                tracking_active: session.is_some(),
+                start,
+                events: events_tx.clone(),
+                exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
+            },
+            &devs,
+        ));
+
+        let mut threads = Vec::new();
+        for runner in runners {
+            let tx = events_tx.clone();
+            let state = runner.run_state.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{}", runner.id))
+                .spawn(move || runner.run(tx))
+                .map_err(MachineError::Thread)?;
+            kicker.add(&handle, state);
+            threads.push(handle);
+        }
+        drop(events_tx);
+        // Guests without a sync point of their own are harvested periodically.
+        let harvester = match (&session, &cfg.tracking, micro) {
+            (Some(s), Some(opts), false) => {
+                Some(Harvester::spawn(s.clone(), opts.interval).map_err(MachineError::Thread)?)
+            }
+            _ => None,
+        };
+        let api = match &cfg.api_socket {
+            Some(path) => Some(
+                crate::api::server::ApiServer::start(path, shared.clone())
+                    .map_err(MachineError::Api)?,
+            ),
+            None => None,
+        };
+        if let Some(f) = on_running {
+            f(&shared);
+        }
+
+        let quit = Arc::new(AtomicBool::new(false));
+        let _raw = cfg.console_input.then(stdin::RawTerminal::enter);
+        let ended = event_loop(&cfg, &devs, &exit_evt, &events_rx, &quit);
+        let rss = report::rss_beyond_shmem_kib();
+        if let Some(api) = api {
+            api.stop();
+        }
+        // Harvests end before the vCPU threads do: a kick must never target a finished thread.
+        if let Some(h) = harvester {
+            h.stop();
+        }
+        stop.store(true, Ordering::Release);
+        let tracking = session.map(|s| {
+            // The vCPU threads may still hold a clone inside the pass hook: finish under the lock.
+            let mut guard = tracking_session::lock(&s);
+            let taken = std::mem::replace(&mut *guard, Session::empty());
+            taken.finish()
+        });
+        // Parked vCPUs (a pause, or the source of a finished migration) must see the stop.
+        let _ = pause.resume();
+        stop_vcpus(&stop, threads);
+        let (first_run, why) = ended?;
+        let migration = shared.progress().report.clone();
+
+        let boot_timer = boot_rx.try_iter().next();
+        let watch = watch
+            .lock()
+            .map(|w| (w.agent_ready, w.kernel_panic.clone()));
+        let (agent_ready, kernel_panic) = watch.unwrap_or((None, None));
+        let micro_check = match (&cfg.guest, &why) {
+            (
+                GuestConfig::Micro {
+                    expected: Some(expected),
+                    ..
+                },
+                VcpuStop::DeviceExit(0),
+            ) => Some(crate::micro_check::check(mem, expected)),
+            _ => None,
+        };
+        let mut outcome = Outcome::from_stop(why, kernel_panic);
+        if let Some(c) = micro_check.as_ref().filter(|c| c.mismatches > 0) {
+            outcome = Outcome::Fault {
+                message: format!(
+                    "micro guest memory differs from the reference model on {} of {} pages; first at {:x?} (gpa, expected, found)",
+                    c.mismatches, c.pages_checked, c.first_mismatch
+                ),
+            };
+        }
+        Ok(RunReport {
+            host: vm.host_kind(),
+            exit_code: outcome.exit_code(),
+            outcome,
+            vcpus: nr_vcpus,
+            mem_mib: cfg.mem_bytes >> 20,
+            setup_ms: first_run.map(|t| ms(t.duration_since(start))),
+            boot_timer_ms: boot_timer.map(ms),
+            agent_ready_ms: agent_ready.map(ms),
+            micro_passes: micro.then(|| micro_passes.load(Ordering::Acquire)),
+            micro_check,
+            rss_beyond_guest_kib: rss,
+            wall_ms: ms(start.elapsed()),
+            tracking,
+            migration,
+        })
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A subscriber that only wakes the loop when a vCPU stops.
+struct ExitWatch(EventFd);
+
+impl MutEventSubscriber for ExitWatch {
+    fn process(&mut self, _events: event_manager::Events, _ops: &mut event_manager::EventOps) {
+        let _ = self.0.read();
+    }
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        if let Err(e) = ops.add(event_manager::Events::new(
+            &self.0,
+            vmm_sys_util::epoll::EventSet::IN,
+        )) {
+            tracing::error!("cannot watch vCPU exits: {e}");
+        }
+    }
+}
+
+type Ended = (Option<Instant>, VcpuStop);
+
+/// Runs the main thread's loop until the first vCPU stops (or the user quits from the console).
+fn event_loop(
+    cfg: &VmConfig,
+    devs: &super::devices_setup::Devices,
+    exit_evt: &EventFd,
+    rx: &Receiver<VcpuEvent>,
+    quit: &Arc<AtomicBool>,
+) -> Result<Ended, MachineError> {
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
+    let watch_evt = exit_evt.try_clone().map_err(MachineError::Thread)?;
+    em.add_subscriber(Arc::new(Mutex::new(ExitWatch(watch_evt))));
+    if cfg.console_input {
+        let input = stdin::StdinInput::new(devs.console_input(), quit.clone());
+        em.add_subscriber(Arc::new(Mutex::new(input)));
+    }
+    let mut first_run = None;
+    loop {
+        for ev in rx.try_iter() {
+            match ev {
+                VcpuEvent::FirstRun(t) => first_run = Some(t),
+                VcpuEvent::Stopped { id, why } => {
+                    tracing::debug!("vcpu{id} stopped: {why:?}");
+                    return Ok((first_run, why));
+                }
+            }
+        }
+        if quit.load(Ordering::Acquire) {
+            return Ok((first_run, VcpuStop::Stopped));
+        }
+        em.run_with_timeout(100)
+            .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
+    }
+}
+
+/// Stops every vCPU thread: raise the flag, then kick each thread out of KVM_RUN until it ends.
+/// The kick repeats because a signal that lands between the flag check and KVM_RUN is lost.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for t in threads {
+        while !t.is_finished() {
+            if Instant::now() > deadline {
+                tracing::error!("a vCPU thread did not stop within 5 s; exiting without it");
+                return;
+            }
+            let _ = t.kill(vcpu::kick_signal());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = t.join();
+    }
+}

@@ -1,0 +1,129 @@
+//! What a running VM exposes to the control API and to migration: its memory, KVM handles,
+//! devices, the pause control, and a way to end the run (after the guest moved away).
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::devices_setup::Devices;
+use super::stdin::InputSink;
+use crate::memory::{GuestMemory, RamRange};
+use crate::migration::description::VmDescription;
+use crate::migration::progress::Progress;
+use crate::tracking::{DirtyRings, TrackContext, TrackedSlot};
+use crate::vstate::kick::Kicker;
+use crate::vstate::pause::PauseControl;
+use crate::vstate::vcpu::{VcpuEvent, VcpuStop};
+use crate::vstate::vm::Vm;
+
+/// Handles on a running VM. Field order matters for drop: the VM goes before guest memory.
+pub struct Shared {
+    pub vm: Arc<Vm>,
+    pub memory: GuestMemory,
+    pub ranges: Vec<RamRange>,
+    /// The memfd behind guest RAM (holes are punched in it for postcopy).
+    pub memfd: File,
+    pub slots: Vec<TrackedSlot>,
+    pub rings: Option<Arc<DirtyRings>>,
+    pub kicker: Arc<Kicker>,
+    pub pause: Arc<PauseControl>,
+    pub serial: Arc<Mutex<devices::legacy::serial::Serial>>,
+    pub transports: Vec<Arc<Mutex<devices::virtio::mmio::MmioTransport>>>,
+    pub micro_passes: Arc<AtomicU64>,
+    pub description: VmDescription,
+    /// A `--track` session owns the tracking backends while it runs.
+    pub tracking_active: bool,
+    pub start: Instant,
+    pub migration: Mutex<Progress>,
+    console_input: Mutex<InputSink>,
+    events: Mutex<Sender<VcpuEvent>>,
+    exit_evt: EventFd,
+}
+
+pub struct SharedParts {
+    pub vm: Arc<Vm>,
+    pub memory: GuestMemory,
+    pub ranges: Vec<RamRange>,
+    pub memfd: File,
+    pub slots: Vec<TrackedSlot>,
+    pub rings: Option<Arc<DirtyRings>>,
+    pub kicker: Arc<Kicker>,
+    pub pause: Arc<PauseControl>,
+    pub micro_passes: Arc<AtomicU64>,
+    pub description: VmDescription,
+    pub tracking_active: bool,
+    pub start: Instant,
+    pub events: Sender<VcpuEvent>,
+    pub exit_evt: EventFd,
+}
+
+impl Shared {
+    pub fn new(p: SharedParts, devs: &Devices) -> Shared {
+        Shared {
+            vm: p.vm,
+            memory: p.memory,
+            ranges: p.ranges,
+            memfd: p.memfd,
+            slots: p.slots,
+            rings: p.rings,
+            kicker: p.kicker,
+            pause: p.pause,
+            serial: devs.serial.clone(),
+            transports: devs.transports.clone(),
+            micro_passes: p.micro_passes,
+            description: p.description,
+            tracking_active: p.tracking_active,
+            start: p.start,
+            migration: Mutex::new(Progress::default()),
+            console_input: Mutex::new(devs.console_input()),
+            events: Mutex::new(p.events),
+            exit_evt: p.exit_evt,
+        }
+    }
+
+    /// What the dirty trackers need to run on this VM.
+    pub fn track_context(&self) -> TrackContext {
+        let k = self.kicker.clone();
+        TrackContext {
+            vm: self.vm.clone(),
+            slots: self.slots.clone(),
+            memory: self.memory.clone(),
+            rings: self.rings.clone(),
+            kick: Some(Arc::new(move || {
+                if !k.kick_all_and_wait(Duration::from_millis(500)) {
+                    tracing::warn!("a vCPU did not leave guest mode within 500 ms of a kick");
+                }
+            })),
+        }
+    }
+
+    /// Ends the run as if a vCPU had stopped for `why` (the guest now lives elsewhere).
+    pub fn end_run(&self, why: VcpuStop) {
+        let tx = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = tx.send(VcpuEvent::Stopped { id: 0, why });
+        let _ = self.exit_evt.write(1);
+    }
+
+    /// Types `bytes` on the guest's console.
+    pub fn console_input(&self, bytes: &[u8]) {
+        let mut sink = self.console_input.lock().unwrap_or_else(|p| p.into_inner());
+        sink(bytes);
+    }
+
+    pub fn progress(&self) -> MutexGuard<'_, Progress> {
+        self.migration.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn micro_passes(&self) -> u64 {
+        self.micro_passes.load(Ordering::Acquire)
+    }
+
+    /// [(gpa, size)] of every RAM range, as the wire protocol checks them.
+    pub fn ram_table(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|r| (r.gpa, r.size)).collect()
+    }
+}

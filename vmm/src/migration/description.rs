@@ -1,0 +1,258 @@
+//! What the source tells the destination about the VM before any memory moves (the Hello
+//! frame's JSON), and the destination's compatibility check against it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::Mode;
+use crate::machine::{DiskConfig, GuestConfig, VmConfig, MAX_VCPUS};
+use crate::memory::{ram_layout, RamRange};
+
+/// Device models this vmm can restore, by name.
+pub const KNOWN_DEVICES: &[&str] = &["serial", "i8042", "boot-timer", "micro-port", "virtio-blk"];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum GuestDesc {
+    Linux {
+        kernel: String,
+    },
+    /// The micro guest's mailbox (its workload), so the destination can check the final memory
+    /// against the reference model as the source would have.
+    Micro {
+        mailbox: Vec<u8>,
+        region: Option<(u64, u64)>,
+        verify: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskDesc {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmDescription {
+    pub vcpus: u32,
+    pub mem_bytes: u64,
+    /// (gpa, size) of every RAM range.
+    pub ram: Vec<(u64, u64)>,
+    pub guest: GuestDesc,
+    pub disks: Vec<DiskDesc>,
+    /// Device models in the VM, by name (see KNOWN_DEVICES).
+    pub devices: Vec<String>,
+    /// The VM was created with a dirty ring.
+    pub dirty_ring: bool,
+}
+
+/// The Hello frame's payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub vm: VmDescription,
+    pub mode: Mode,
+    /// Names the migration's extra connections.
+    pub session: u64,
+    /// The source's host kind, for the destination's log.
+    pub source_host: String,
+}
+
+/// What the destination insists on (its own command line), checked against the Hello.
+#[derive(Debug, Clone, Default)]
+pub struct Constraints {
+    pub mem_bytes: Option<u64>,
+    pub vcpus: Option<u32>,
+    /// Replaces the source's disk paths, in order (shared storage mounted elsewhere).
+    pub disks: Vec<DiskConfig>,
+}
+
+impl VmDescription {
+    pub fn of(cfg: &VmConfig, ranges: &[RamRange]) -> VmDescription {
+        let mut devices = vec!["serial".to_string(), "i8042".into(), "boot-timer".into()];
+        let guest = match &cfg.guest {
+            GuestConfig::Linux(b) => GuestDesc::Linux {
+                kernel: b.kernel.display().to_string(),
+            },
+            GuestConfig::Micro {
+                mailbox,
+                region,
+                expected,
+                ..
+            } => {
+                devices.push("micro-port".into());
+                GuestDesc::Micro {
+                    mailbox: mailbox.clone(),
+                    region: *region,
+                    verify: expected.is_some(),
+                }
+            }
+        };
+        devices.extend(cfg.disks.iter().map(|_| "virtio-blk".to_string()));
+        VmDescription {
+            vcpus: cfg.vcpus,
+            mem_bytes: cfg.mem_bytes,
+            ram: ranges.iter().map(|r| (r.gpa, r.size)).collect(),
+            guest,
+            disks: cfg
+                .disks
+                .iter()
+                .map(|d| DiskDesc {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    bytes: std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0),
+                })
+                .collect(),
+            devices,
+            dirty_ring: cfg.dirty_ring
+                || cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring()),
+        }
+    }
+
+    /// Refuses a VM this destination cannot host, with the reason; otherwise the disks to open.
+    pub fn check(&self, local: &Constraints) -> Result<Vec<DiskConfig>, String> {
+        if let Some(mem) = local.mem_bytes {
+            if mem != self.mem_bytes {
+                return Err(format!(
+                    "memory size differs: the source VM has {} MiB, this destination was started with --mem {} MiB",
+                    self.mem_bytes >> 20,
+                    mem >> 20
+                ));
+            }
+        }
+        if let Some(v) = local.vcpus {
+            if v != self.vcpus {
+                return Err(format!(
+                    "vCPU count differs: the source VM has {}, this destination was started with --vcpus {v}",
+                    self.vcpus
+                ));
+            }
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS as u32 {
+            return Err(format!(
+                "{} vCPUs: this vmm supports 1 to {MAX_VCPUS}",
+                self.vcpus
+            ));
+        }
+        let layout: Vec<(u64, u64)> = ram_layout(self.mem_bytes)
+            .iter()
+            .map(|r| (r.gpa, r.size))
+            .collect();
+        if layout != self.ram {
+            return Err(format!(
+                "RAM layout {:x?} is not this vmm's layout for {} bytes ({layout:x?})",
+                self.ram, self.mem_bytes
+            ));
+        }
+        if let Some(unknown) = self
+            .devices
+            .iter()
+            .find(|d| !KNOWN_DEVICES.contains(&d.as_str()))
+        {
+            return Err(format!("device '{unknown}' is not supported by this vmm"));
+        }
+        let blk = self.devices.iter().filter(|d| *d == "virtio-blk").count();
+        if blk != self.disks.len() {
+            return Err(format!(
+                "{blk} virtio-blk devices but {} disks described",
+                self.disks.len()
+            ));
+        }
+        if !local.disks.is_empty() && local.disks.len() != self.disks.len() {
+            return Err(format!(
+                "the source VM has {} disks, this destination was given {}",
+                self.disks.len(),
+                local.disks.len()
+            ));
+        }
+        let mut disks = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            let path = local
+                .disks
+                .get(i)
+                .map_or(d.path.clone(), |l| l.path.clone());
+            let bytes = std::fs::metadata(&path)
+                .map_err(|e| format!("disk {i}: cannot open {}: {e}", path.display()))?
+                .len();
+            if bytes != d.bytes {
+                return Err(format!(
+                    "disk {i}: {} has {bytes} bytes, the source's has {}",
+                    path.display(),
+                    d.bytes
+                ));
+            }
+            disks.push(DiskConfig {
+                path,
+                read_only: d.read_only,
+            });
+        }
+        if self.dirty_ring {
+            crate::tracking::TrackerKind::Ring
+                .check_host()
+                .map_err(|e| format!("the VM uses a dirty ring, which this host lacks: {e}"))?;
+        }
+        Ok(disks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc() -> VmDescription {
+        VmDescription {
+            vcpus: 2,
+            mem_bytes: 64 << 20,
+            ram: vec![(0, 64 << 20)],
+            guest: GuestDesc::Linux {
+                kernel: "vmlinux".into(),
+            },
+            disks: vec![],
+            devices: vec!["serial".into(), "i8042".into(), "boot-timer".into()],
+            dirty_ring: false,
+        }
+    }
+
+    #[test]
+    fn a_matching_destination_accepts() {
+        assert!(desc().check(&Constraints::default()).is_ok());
+        let c = Constraints {
+            mem_bytes: Some(64 << 20),
+            vcpus: Some(2),
+            disks: vec![],
+        };
+        assert!(desc().check(&c).is_ok());
+    }
+
+    #[test]
+    fn mismatches_are_refused_with_the_reason() {
+        let c = Constraints {
+            mem_bytes: Some(128 << 20),
+            ..Default::default()
+        };
+        assert!(desc()
+            .check(&c)
+            .unwrap_err()
+            .contains("memory size differs"));
+        let c = Constraints {
+            vcpus: Some(1),
+            ..Default::default()
+        };
+        assert!(desc().check(&c).unwrap_err().contains("vCPU count differs"));
+        let mut d = desc();
+        d.devices.push("virtio-gpu".into());
+        assert!(d
+            .check(&Constraints::default())
+            .unwrap_err()
+            .contains("virtio-gpu"));
+        let mut d = desc();
+        d.ram = vec![(0, 1 << 40)];
+        assert!(d
+            .check(&Constraints::default())
+            .unwrap_err()
+            .contains("layout"));
+        let mut d = desc();
+        d.vcpus = 0;
+        assert!(d.check(&Constraints::default()).is_err());
+    }
+}

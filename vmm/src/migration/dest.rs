@@ -1,0 +1,325 @@
+//! The receiving side (`vmm run --incoming tcp://ADDR:PORT`): waits for one source, checks the
+//! Hello against what this host and its command line allow (refusing before any memory moves),
+//! builds the VM without booting it, writes received pages into guest RAM after bounds-checking
+//! each, restores the state and runs the guest — at `Complete` (precopy) or at once with memory
+//! still missing (`PostcopyStart`).
+
+use std::io::{BufReader, BufWriter};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::description::{Constraints, GuestDesc, Hello};
+use super::pages;
+use super::progress::{DestinationStats, MigrationReport};
+use super::protocol::{check_range, FrameReader, FrameWriter, Message, Role, PAGE_SIZE};
+use super::snapshot::VmSnapshot;
+use super::source::{unexpected, Reader, Writer};
+use super::{postcopy_dst, MigrationError, Mode};
+use crate::boot::linux::LinuxBoot;
+use crate::machine::{ConsoleOutput, GuestConfig, Machine, RunReport, VmConfig};
+
+/// How long the destination waits for the source's second (urgent) connection.
+const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct IncomingOptions {
+    /// HOST:PORT to listen on.
+    pub listen: String,
+    pub console: ConsoleOutput,
+    pub console_input: bool,
+    pub api_socket: Option<PathBuf>,
+    pub constraints: Constraints,
+    /// Write guest RAM as received (the source's RAM at its pause) into this file.
+    pub dump_memory: Option<PathBuf>,
+}
+
+fn streams(stream: TcpStream) -> Result<(Writer, Reader), MigrationError> {
+    stream.set_nodelay(true)?;
+    Ok((
+        FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?)),
+        FrameReader::new(BufReader::with_capacity(1 << 20, stream)),
+    ))
+}
+
+/// Receives one migration and runs the guest to its end.
+pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport, MigrationError> {
+    let listener = TcpListener::bind(&opts.listen).map_err(|source| MigrationError::Listen {
+        addr: opts.listen.clone(),
+        source,
+    })?;
+    tracing::info!("waiting for an incoming migration on {}", opts.listen);
+    let (stream, peer) = listener.accept()?;
+    tracing::info!("incoming migration from {peer}");
+    let (mut w, mut r) = streams(stream)?;
+    let begun = Instant::now();
+
+    let hello = match r.recv()? {
+        Message::Hello(json) => {
+            serde_json::from_slice::<Hello>(&json).map_err(|e| MigrationError::Hello(e.to_string()))
+        }
+        other => Err(unexpected("Hello", &other)),
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err(e) => return Err(refuse(&mut w, e)),
+    };
+    let disks = match hello.vm.check(&opts.constraints) {
+        Ok(d) => d,
+        Err(reason) => return Err(refuse(&mut w, MigrationError::Refused(reason))),
+    };
+    let cfg = match config_of(&hello, disks, opts) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(&mut w, e)),
+    };
+    let machine = match Machine::build(&cfg, start) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e.to_string()))),
+    };
+    w.send(&Message::Accept)?;
+    w.flush()?;
+    tracing::info!(
+        "accepted a {:?} migration of a {} MiB, {} vCPU VM from a {} host",
+        hello.mode,
+        hello.vm.mem_bytes >> 20,
+        hello.vm.vcpus,
+        hello.source_host
+    );
+    let urgent = if hello.mode == Mode::Precopy {
+        None
+    } else {
+        Some(accept_channel(&listener, hello.session)?)
+    };
+
+    let ram = machine.ram.ranges().to_vec();
+    let table: Vec<(u64, u64)> = ram.iter().map(|r| (r.gpa, r.size)).collect();
+    let memfd = machine.ram.file();
+    let mut report = MigrationReport {
+        role: "destination".into(),
+        mode: Some(hello.mode),
+        ..Default::default()
+    };
+    let mut snapshot = None;
+    let mut state_at = None;
+    let pending = loop {
+        match r.recv()? {
+            Message::Pages { gpa, data } => {
+                check_range(&table, gpa, data.len() as u64)?;
+                pages::write_pages(memfd, &ram, gpa, &data)?;
+                report.pages_sent += data.len() as u64 / PAGE_SIZE;
+            }
+            Message::Zero { gpa, pages: n } => {
+                check_range(&table, gpa, n.saturating_mul(PAGE_SIZE))?;
+                pages::zero_pages(memfd, &ram, gpa, n)?;
+                report.zero_pages += n;
+            }
+            Message::RoundEnd { round, pages } => {
+                report.rounds = round;
+                report.pages_per_round.push(pages);
+            }
+            Message::State(json) => {
+                state_at = Some(Instant::now());
+                snapshot = Some(VmSnapshot::decode(&json)?);
+            }
+            Message::Complete if hello.mode == Mode::Precopy => break None,
+            Message::PostcopyStart { pending } if hello.mode != Mode::Precopy => {
+                for &(gpa, n) in &pending {
+                    check_range(&table, gpa, n.saturating_mul(PAGE_SIZE))?;
+                }
+                break Some(pending);
+            }
+            Message::Abort(reason) => return Err(MigrationError::Aborted(reason)),
+            other => {
+                return Err(unexpected(
+                    "Pages, Zero, RoundEnd, State or the end",
+                    &other,
+                ))
+            }
+        }
+    };
+    let snapshot = snapshot.ok_or_else(|| {
+        MigrationError::Protocol(super::protocol::ProtocolError::Unexpected {
+            expected: "State",
+            found: if pending.is_some() {
+                "PostcopyStart"
+            } else {
+                "Complete"
+            },
+        })
+    })?;
+    let state_at = state_at.unwrap_or_else(Instant::now);
+    report.bytes = r.bytes_received();
+
+    match pending {
+        None => {
+            if let Some(path) = &opts.dump_memory {
+                pages::dump_ram(memfd, &ram, path).map_err(|source| MigrationError::Dump {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            if let Err(e) = snapshot.restore(&machine) {
+                let _ = w.send(&Message::Abort(format!(
+                    "the destination cannot restore: {e}"
+                )));
+                let _ = w.flush();
+                return Err(e.into());
+            }
+            let report = Arc::new(Mutex::new(report));
+            let on_running: crate::machine::run::OnRunning = {
+                let report = report.clone();
+                Box::new(move |shared| {
+                    let mut rep = report.lock().unwrap_or_else(|p| p.into_inner());
+                    rep.downtime_ms = state_at.elapsed().as_secs_f64() * 1000.0;
+                    rep.total_ms = begun.elapsed().as_secs_f64() * 1000.0;
+                    let confirmed = w
+                        .send(&Message::Resumed)
+                        .and_then(|()| {
+                            let stats = DestinationStats {
+                                restore_ms: rep.downtime_ms,
+                                postcopy: None,
+                            };
+                            let json = serde_json::to_vec(&stats).unwrap_or_default();
+                            w.send(&Message::Stats(json))
+                        })
+                        .and_then(|()| w.flush());
+                    rep.ok = confirmed.is_ok();
+                    if let Err(e) = confirmed {
+                        rep.error = Some(format!("confirming to the source: {e}"));
+                        tracing::warn!(
+                            "could not confirm to the source ({e}); it will resume its copy if it \
+                             never hears from us"
+                        );
+                    }
+                    shared.progress().report = Some(rep.clone());
+                })
+            };
+            machine
+                .run(Some(on_running))
+                .map_err(|e| MigrationError::Machine(e.to_string()))
+        }
+        Some(pending) => {
+            let Some((uw, ur)) = urgent else {
+                return Err(MigrationError::Busy("no urgent channel".into()));
+            };
+            let pager = postcopy_dst::Receiver::start(
+                &machine,
+                &pending,
+                postcopy_dst::Links { w, r, uw, ur },
+                opts.dump_memory.clone(),
+                report,
+                begun,
+            )?;
+            if let Err(e) = snapshot.restore(&machine) {
+                pager.fail(&format!("the destination cannot restore: {e}"));
+                return Err(e.into());
+            }
+            let on_running: crate::machine::run::OnRunning = Box::new(move |shared| {
+                pager.running(shared.clone(), state_at.elapsed().as_secs_f64() * 1000.0);
+            });
+            machine
+                .run(Some(on_running))
+                .map_err(|e| MigrationError::Machine(e.to_string()))
+        }
+    }
+}
+
+/// Refuses the migration with the reason and returns the error for this side's exit.
+fn refuse(w: &mut Writer, e: MigrationError) -> MigrationError {
+    let reason = match &e {
+        MigrationError::Refused(r) => r.clone(),
+        other => other.to_string(),
+    };
+    let _ = w.send(&Message::Refuse(reason));
+    let _ = w.flush();
+    e
+}
+
+fn accept_channel(
+    listener: &TcpListener,
+    session: u64,
+) -> Result<(Writer, Reader), MigrationError> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + CHANNEL_TIMEOUT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(MigrationError::Timeout(
+                        "waiting for the source's urgent connection".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    let (w, mut r) = streams(stream)?;
+    match r.recv()? {
+        Message::Channel {
+            session: s,
+            role: Role::Urgent,
+        } if s == session => Ok((w, r)),
+        Message::Channel { session: s, .. } if s != session => Err(MigrationError::Hello(format!(
+            "a second connection for session {s:x}, expected {session:x}"
+        ))),
+        other => Err(unexpected("Channel(urgent)", &other)),
+    }
+}
+
+/// The VM to build here: the source's description plus this side's console and API socket.
+fn config_of(
+    hello: &Hello,
+    disks: Vec<crate::machine::DiskConfig>,
+    opts: &IncomingOptions,
+) -> Result<VmConfig, MigrationError> {
+    let guest = match &hello.vm.guest {
+        GuestDesc::Linux { kernel } => GuestConfig::Linux(LinuxBoot {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+        }),
+        GuestDesc::Micro {
+            mailbox,
+            region,
+            verify,
+        } => {
+            let expected = if *verify {
+                let mb = <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
+                    .map_err(|_| MigrationError::Hello("micro guest mailbox size".into()))?;
+                let workload = micro_guest::Workload::from_mailbox(mb)
+                    .map_err(|e| MigrationError::Hello(format!("micro guest mailbox: {e}")))?;
+                let (gpa, _) = region
+                    .ok_or_else(|| MigrationError::Hello("micro guest without a region".into()))?;
+                workload
+                    .final_image()
+                    .map(|pages| crate::micro_check::Expected {
+                        region_gpa: gpa,
+                        pages,
+                    })
+            } else {
+                None
+            };
+            GuestConfig::Micro {
+                payload: Vec::new(),
+                mailbox: mailbox.clone(),
+                region: *region,
+                expected,
+            }
+        }
+    };
+    Ok(VmConfig {
+        vcpus: hello.vm.vcpus,
+        mem_bytes: hello.vm.mem_bytes,
+        guest,
+        disks,
+        console: opts.console.clone(),
+        console_input: opts.console_input,
+        tracking: None,
+        dirty_ring: hello.vm.dirty_ring,
+        api_socket: opts.api_socket.clone(),
+    })
+}

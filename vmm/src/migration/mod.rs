@@ -1,0 +1,134 @@
+//! Live migration between hosts over TCP: precopy, postcopy and hybrid, with any dirty tracker.
+//!
+//! - `protocol`: the framed, checksummed wire format and its message flows (read it first).
+//! - `description`: the Hello (what VM is coming) and the destination's compatibility check.
+//! - `source` / `dest`: the two state machines; `postcopy_src` / `postcopy_dst` the postcopy
+//!   halves (background push, urgent page requests, the `DemandPager` on the destination).
+//! - `snapshot`: vCPU, VM and device state; `pages`: moving RAM; `progress`: status and report.
+//!
+//! Precopy policy (documented for users in README): round 1 sends all RAM (zero pages as
+//! ranges); each later round harvests the tracker and estimates the downtime as
+//! dirty bytes / bandwidth measured over the migration so far. When the estimate is under
+//! `--downtime-ms`, or after `--max-rounds` rounds, or `--max-precopy-ms`, the source pauses the
+//! guest and does the stop-and-copy (precopy) or switches to postcopy (hybrid).
+
+pub mod description;
+pub mod dest;
+pub mod page_index;
+pub mod pages;
+pub mod postcopy_dst;
+pub mod postcopy_src;
+pub mod progress;
+pub mod protocol;
+pub mod rate;
+pub mod snapshot;
+pub mod source;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Precopy,
+    Postcopy,
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            "hybrid" => Ok(Mode::Hybrid),
+            other => Err(format!(
+                "unknown migration mode '{other}' (precopy, postcopy, hybrid)"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("'{0}' is not a tcp://HOST:PORT address")]
+    Url(String),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("migration stream: {0}")]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error(transparent)]
+    Pages(#[from] pages::PagesError),
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("the other side aborted: {0}")]
+    Aborted(String),
+    #[error("dirty tracking: {0}")]
+    Tracking(#[from] crate::tracking::TrackingError),
+    #[error("pausing the guest: {0}")]
+    Pause(#[from] crate::vstate::pause::PauseError),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("demand paging: {0}")]
+    Userfault(#[from] crate::userfault::UserfaultError),
+    #[error("cannot migrate now: {0}")]
+    Busy(String),
+    #[error("building the destination VM: {0}")]
+    Machine(String),
+    #[error("bad Hello from the source: {0}")]
+    Hello(String),
+    #[error("timed out {0}")]
+    Timeout(String),
+    #[error("writing the memory dump {path}: {source}")]
+    Dump {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `tcp://HOST:PORT` -> `HOST:PORT`.
+pub fn parse_tcp_url(url: &str) -> Result<String, MigrationError> {
+    let rest = url
+        .strip_prefix("tcp://")
+        .ok_or_else(|| MigrationError::Url(url.to_string()))?;
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(rest.to_string())
+        }
+        _ => Err(MigrationError::Url(url.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_modes() {
+        assert_eq!(
+            parse_tcp_url("tcp://10.0.0.2:7000").unwrap(),
+            "10.0.0.2:7000"
+        );
+        assert_eq!(parse_tcp_url("tcp://[::1]:7000").unwrap(), "[::1]:7000");
+        for bad in [
+            "10.0.0.2:7000",
+            "tcp://host",
+            "tcp://:7",
+            "tcp://h:99999",
+            "udp://h:1",
+        ] {
+            assert!(parse_tcp_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!("hybrid".parse::<Mode>().unwrap(), Mode::Hybrid);
+        assert!("fast".parse::<Mode>().is_err());
+    }
+}

@@ -1,0 +1,123 @@
+//! Where a migration stands (for `status` while it runs) and what it measured (its report).
+
+use serde::Serialize;
+
+use super::Mode;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    #[default]
+    None,
+    Connecting,
+    Precopy,
+    StopAndCopy,
+    Postcopy,
+    Completed,
+    Failed,
+}
+
+/// Live figures, updated by the migration threads.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub round: u32,
+    pub bytes: u64,
+    /// Guest RAM in bytes (what a first round moves at most).
+    pub ram_bytes: u64,
+    /// Pages still to send (dirty set of the last harvest, or pending postcopy pages).
+    pub remaining_pages: u64,
+    /// The last finished migration (or the one that just failed).
+    pub report: Option<MigrationReport>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// Nearest-rank percentiles of `samples` (sorted here).
+    pub fn of(samples: &mut [f64]) -> Option<Percentiles> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i]
+        };
+        Some(Percentiles {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: samples[samples.len() - 1],
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct PostcopyStats {
+    /// Guest (or VMM) accesses that found a page missing.
+    pub faults: u64,
+    /// Pages the destination asked for on the urgent channel.
+    pub requested_pages: u64,
+    /// Fault to page installed, microseconds.
+    pub latency_us: Option<Percentiles>,
+    /// Pages that arrived through the background push.
+    pub pushed_pages: u64,
+    /// Time from resume on the destination until it held every page.
+    pub fill_ms: f64,
+}
+
+/// Final metrics of one migration, printed by `vmm remote migrate` and in `--json` reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MigrationReport {
+    pub role: String,
+    pub ok: bool,
+    pub mode: Option<Mode>,
+    pub tracker: Option<String>,
+    pub total_ms: f64,
+    /// Source: from pausing the guest until the destination said it runs. Destination: from
+    /// receiving the state until its vCPUs ran.
+    pub downtime_ms: f64,
+    pub bytes: u64,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+    pub rounds: u32,
+    pub pages_per_round: Vec<u64>,
+    /// Payload throughput over the whole migration, MiB/s.
+    pub throughput_mib_s: f64,
+    /// Why the precopy rounds ended: converged, round limit, time limit.
+    pub switchover: Option<String>,
+    pub postcopy: Option<PostcopyStats>,
+    /// What the destination measured (sent back after it confirmed it runs).
+    pub destination: Option<DestinationStats>,
+    pub error: Option<String>,
+}
+
+/// The destination's side of a migration.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct DestinationStats {
+    /// From the State frame's arrival until the vCPUs ran.
+    pub restore_ms: f64,
+    pub postcopy: Option<PostcopyStats>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        let p = Percentiles::of(&mut v).unwrap();
+        assert_eq!((p.p50, p.p90, p.p99, p.max), (50.0, 90.0, 99.0, 100.0));
+        assert!(Percentiles::of(&mut []).is_none());
+        let p = Percentiles::of(&mut [7.0]).unwrap();
+        assert_eq!(p.p99, 7.0);
+    }
+}

@@ -1,0 +1,757 @@
+//! The migration wire protocol: framed, checksummed, sequenced messages over TCP.
+//!
+//! # Frames
+//!
+//! Every message travels in one frame: a 24-byte header and a payload. All integers are
+//! little-endian.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic    b"VMMF"
+//!      4     2  version  VERSION (1); any other value is refused
+//!      6     2  kind     message type (table below)
+//!      8     8  seq      per connection and direction: 0 for the first frame, +1 per frame
+//!     16     4  len      payload bytes, at most MAX_PAYLOAD (8 MiB)
+//!     20     4  crc      CRC-32 (IEEE, crc32fast) of header bytes 0..20 followed by the payload
+//!     24   len  payload
+//! ```
+//!
+//! The reader checks, in this order: magic, version, `len <= MAX_PAYLOAD` (before allocating
+//! anything for the payload), the CRC over the whole frame, the sequence number, then decodes the
+//! payload strictly: fixed layouts must have exactly their size, with no trailing bytes. The CRC
+//! is checked before `seq` and `kind` so that a flipped bit anywhere reports as a checksum error
+//! rather than as whatever the corrupted field happens to look like.
+//!
+//! # Messages
+//!
+//! "raw" payloads are carried as they are; their meaning (JSON, UTF-8) belongs to the layers
+//! above. `gpa` is a guest physical address; every `gpa` below must be page aligned (4096), every
+//! page count at least 1, and `gpa + pages * 4096` must not overflow u64.
+//!
+//! | kind | message         | direction     | payload                                            |
+//! |-----:|-----------------|---------------|----------------------------------------------------|
+//! |    1 | `Hello`         | source → dest | raw: JSON VM description (first frame, main conn.) |
+//! |    2 | `Accept`        | dest → source | empty                                              |
+//! |    3 | `Refuse`        | dest → source | raw: reason, UTF-8 (decoded lossily)               |
+//! |    4 | `Channel`       | source → dest | `session` u64, `role` u8 (0 Main, 1 Urgent): 9 B   |
+//! |    5 | `Pages`         | source → dest | `gpa` u64, then 1..=256 whole pages of data        |
+//! |    6 | `Zero`          | source → dest | `gpa` u64, `pages` u64: 16 B                       |
+//! |    7 | `RoundEnd`      | source → dest | `round` u32, `pages` u64: 12 B                     |
+//! |    8 | `State`         | source → dest | raw: JSON vCPU + VM + device state                 |
+//! |    9 | `PostcopyStart` | source → dest | `count` u32, then `count` × (`gpa` u64, `pages` u64) |
+//! |   10 | `PageRequest`   | dest → source | `gpa` u64, `pages` u32: 12 B (Urgent connection)   |
+//! |   11 | `Complete`      | source → dest | empty                                              |
+//! |   12 | `Resumed`       | dest → source | empty                                              |
+//! |   13 | `Abort`         | either        | raw: reason, UTF-8 (decoded lossily)               |
+//! |   14 | `Stats`         | dest → source | raw: JSON of what the destination measured         |
+//!
+//! Kind 0 and kinds above 14 are refused with [`ProtocolError::UnknownKind`]. `Pages` data is sent
+//! straight from the caller's slice ([`FrameWriter::send_pages`]) and read straight into the
+//! message's buffer, so page data is never copied inside this module.
+//!
+//! # Connections
+//!
+//! The source opens the main connection and sends `Hello` first. Every additional connection
+//! starts with `Channel { session, role }`: `session` names the migration it belongs to (the
+//! source picks it, the destination matches it against the migration it is serving) and `role`
+//! what it carries. `Urgent` carries postcopy demand traffic only, so that a faulting vCPU never
+//! waits behind the background push. Each connection and each direction numbers its frames on
+//! its own.
+//!
+//! # Precopy
+//!
+//! ```text
+//!   source                                      destination
+//!     | -- Hello(vm description) -------------------> |  checks it can host this VM
+//!     | <------------------------- Accept / Refuse --- |  Refuse: nothing moved, source carries on
+//!     |                                                |
+//!     | -- Pages / Zero ... ---------------------------> |  round 0: all of RAM, zero pages as Zero
+//!     | -- RoundEnd{round 0, pages} -------------------> |
+//!     | -- Pages / Zero ... ---------------------------> |  round n: pages dirtied during round n-1
+//!     | -- RoundEnd{round n, pages} -------------------> |
+//!     |  (converged: pauses the guest)                 |
+//!     | -- Pages / Zero ... ---------------------------> |  last round: what is still dirty
+//!     | -- RoundEnd{last, pages} ----------------------> |
+//!     | -- State(json) --------------------------------> |
+//!     | -- Complete -----------------------------------> |  restores state, resumes the guest
+//!     | <---------------------------------- Resumed --- |
+//!     | <----------------------------- Stats(json) --- |  restore time (best effort)
+//!     |  exits                                         |
+//! ```
+//!
+//! Until `Resumed` arrives the source still owns the guest: if anything fails before then
+//! (an error, `Abort`, a closed connection) it resumes its own guest and the destination throws
+//! its copy away. `Stats` is informational: the source reads it if it comes and does not wait
+//! for it to decide anything.
+//!
+//! # Postcopy
+//!
+//! ```text
+//!   source                                      destination
+//!     | -- Hello ------------------------------------> |
+//!     | <----------------------------------- Accept --- |
+//!     |  pauses the guest                              |
+//!     | -- State(json) --------------------------------> |
+//!     | -- PostcopyStart{pending: [(gpa, pages)]} -----> |  restores state, registers every
+//!     |                                                |  pending range with userfaultfd
+//!     |                                                |  (MISSING), resumes the guest
+//!     |==== second connection (Urgent) ================|
+//!     | -- Channel{session, role: Urgent} -------------> |
+//!     | <------------------------ PageRequest{gpa, n} --- |  a vCPU faulted on a missing page
+//!     | -- Pages / Zero (the requested neighbourhood) --> |  UFFDIO_COPY wakes the vCPU
+//!     |        ... more requests and answers ...       |
+//!     |==== main connection, at the same time ==========|
+//!     | -- Pages / Zero ... ---------------------------> |  background push of every pending
+//!     |                                                |  page, jumping to the neighbourhood
+//!     |                                                |  of each request
+//!     | -- Complete -----------------------------------> |  every pending page has been sent
+//!     | <---------------------------------- Resumed --- |  sent once it holds every page
+//!     | <----------------------------- Stats(json) --- |  restore time, fault latencies
+//!     |  exits                                         |
+//! ```
+//!
+//! A page may arrive twice (answered on Urgent and pushed on main). The destination keeps the
+//! first copy and ignores later ones (UFFDIO_COPY's EEXIST), because the guest may have written
+//! the page in between. Once `PostcopyStart` is sent the destination may be running the guest
+//! with memory the source no longer has a current copy of, so the source must not resume: from
+//! then on a failure loses the guest (there is no postcopy recovery).
+//!
+//! # Hybrid
+//!
+//! Precopy rounds (`Pages`/`Zero`/`RoundEnd`) as above, then, instead of a last round, the
+//! postcopy part from "pauses the guest" on: `pending` is the set of pages dirtied since the
+//! last round.
+//!
+//! # Errors
+//!
+//! - Any error from [`FrameReader::recv`] aborts the migration: after one the position in the
+//!   stream is unknown, so the connection must be dropped. The side that sees it sends
+//!   `Abort(reason)` if it still can, and closes.
+//! - The receiver bounds-checks every guest range with [`check_range`] before writing guest RAM;
+//!   the structural checks here (alignment, counts, overflow) are not a substitute.
+//! - A refused handshake happens before any memory moves: the source sends nothing but `Hello`
+//!   until `Accept`.
+//! - [`FrameWriter`] applies the same checks before sending, so a bug on the sending side fails
+//!   locally with the same error the peer would have reported.
+
+// Only std, crc32fast, thiserror and serde: vmm/fuzz compiles this file on its own, without the
+// KVM crates.
+use std::io::{ErrorKind, Read, Write};
+
+mod decode;
+#[cfg(test)]
+mod tests;
+
+use decode::decode;
+
+pub const MAGIC: [u8; 4] = *b"VMMF";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 24;
+pub const PAGE_SIZE: u64 = 4096;
+/// 1 MiB of page data per frame: large enough to amortise the header and CRC setup, small enough
+/// that a demand answer on the Urgent connection is not stuck behind a huge frame.
+pub const MAX_PAGES_PER_FRAME: usize = 256;
+/// Bounds what a peer can make us allocate for one frame; JSON state may be large-ish.
+pub const MAX_PAYLOAD: usize = 8 << 20;
+
+const KIND_HELLO: u16 = 1;
+const KIND_ACCEPT: u16 = 2;
+const KIND_REFUSE: u16 = 3;
+const KIND_CHANNEL: u16 = 4;
+const KIND_PAGES: u16 = 5;
+const KIND_ZERO: u16 = 6;
+const KIND_ROUND_END: u16 = 7;
+const KIND_STATE: u16 = 8;
+const KIND_POSTCOPY_START: u16 = 9;
+const KIND_PAGE_REQUEST: u16 = 10;
+const KIND_COMPLETE: u16 = 11;
+const KIND_RESUMED: u16 = 12;
+const KIND_ABORT: u16 = 13;
+const KIND_STATS: u16 = 14;
+
+/// The `gpa` that precedes page data in a `Pages` payload.
+const PAGES_PREFIX: usize = 8;
+const RANGE_LEN: usize = 16;
+
+/// What an additional connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Role {
+    Main,
+    Urgent,
+}
+
+impl Role {
+    fn to_wire(self) -> u8 {
+        match self {
+            Role::Main => 0,
+            Role::Urgent => 1,
+        }
+    }
+
+    pub(super) fn from_wire(b: u8) -> Option<Role> {
+        match b {
+            0 => Some(Role::Main),
+            1 => Some(Role::Urgent),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Source → destination, first frame on the main connection: JSON VM description.
+    Hello(Vec<u8>),
+    /// Destination → source: the destination can host the VM described in `Hello`.
+    Accept,
+    /// Destination → source: it cannot, and why.
+    Refuse(String),
+    /// Source → destination: first frame on every additional connection.
+    Channel { session: u64, role: Role },
+    /// Guest pages from `gpa`: a non-zero multiple of PAGE_SIZE, at most MAX_PAGES_PER_FRAME pages.
+    Pages { gpa: u64, data: Vec<u8> },
+    /// `pages` pages from `gpa` are all zero.
+    Zero { gpa: u64, pages: u64 },
+    /// End of precopy round `round`, in which `pages` pages were sent.
+    RoundEnd { round: u32, pages: u64 },
+    /// Full vCPU + VM + device state (JSON).
+    State(Vec<u8>),
+    /// Ranges `(gpa, pages)` the destination does not have yet; it resumes the guest on them.
+    PostcopyStart { pending: Vec<(u64, u64)> },
+    /// Destination → source on the Urgent connection: a vCPU is waiting on these pages.
+    PageRequest { gpa: u64, pages: u32 },
+    /// Source → destination: everything has been sent.
+    Complete,
+    /// Destination → source: the guest runs on the destination, which holds every page.
+    Resumed,
+    /// Either way: giving up, with the reason.
+    Abort(String),
+    /// Destination → source, after `Resumed`: JSON of the destination's own measurements
+    /// (restore time, postcopy faults and their latency).
+    Stats(Vec<u8>),
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        kind_name(self.kind())
+    }
+
+    /// The `kind` field this message travels with.
+    pub fn kind(&self) -> u16 {
+        match self {
+            Message::Hello(_) => KIND_HELLO,
+            Message::Accept => KIND_ACCEPT,
+            Message::Refuse(_) => KIND_REFUSE,
+            Message::Channel { .. } => KIND_CHANNEL,
+            Message::Pages { .. } => KIND_PAGES,
+            Message::Zero { .. } => KIND_ZERO,
+            Message::RoundEnd { .. } => KIND_ROUND_END,
+            Message::State(_) => KIND_STATE,
+            Message::PostcopyStart { .. } => KIND_POSTCOPY_START,
+            Message::PageRequest { .. } => KIND_PAGE_REQUEST,
+            Message::Complete => KIND_COMPLETE,
+            Message::Resumed => KIND_RESUMED,
+            Message::Abort(_) => KIND_ABORT,
+            Message::Stats(_) => KIND_STATS,
+        }
+    }
+}
+
+/// The message name for a wire `kind`, or "unknown" for one this version does not define.
+pub fn kind_name(kind: u16) -> &'static str {
+    match kind {
+        KIND_HELLO => "Hello",
+        KIND_ACCEPT => "Accept",
+        KIND_REFUSE => "Refuse",
+        KIND_CHANNEL => "Channel",
+        KIND_PAGES => "Pages",
+        KIND_ZERO => "Zero",
+        KIND_ROUND_END => "RoundEnd",
+        KIND_STATE => "State",
+        KIND_POSTCOPY_START => "PostcopyStart",
+        KIND_PAGE_REQUEST => "PageRequest",
+        KIND_COMPLETE => "Complete",
+        KIND_RESUMED => "Resumed",
+        KIND_ABORT => "Abort",
+        KIND_STATS => "Stats",
+        _ => "unknown",
+    }
+}
+
+fn frame_context(kind: &Option<u16>, seq: &Option<u64>) -> String {
+    match (kind, seq) {
+        (Some(k), Some(s)) => format!(" (frame {s}, {} kind {k})", kind_name(*k)),
+        _ => String::new(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("connection closed inside a frame {part}: got {got} of {expected} bytes{}", frame_context(.kind, .seq))]
+    Truncated {
+        /// "header" or "payload".
+        part: &'static str,
+        got: usize,
+        expected: usize,
+        /// Known once the header has been read.
+        kind: Option<u16>,
+        seq: Option<u64>,
+    },
+    #[error("migration connection I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame magic \"{}\", expected \"VMMF\" (not a vmm migration stream, or out of step)", .found.escape_ascii())]
+    BadMagic { found: [u8; 4] },
+    #[error(
+        "peer speaks migration protocol version {found}; this build supports version {supported}"
+    )]
+    Version { found: u16, supported: u16 },
+    #[error("frame {seq}: unknown message kind {kind}")]
+    UnknownKind { kind: u16, seq: u64 },
+    #[error("frame {seq} ({} kind {kind}): payload of {len} bytes exceeds the limit of {max}", kind_name(*.kind))]
+    TooLarge {
+        len: u64,
+        max: usize,
+        kind: u16,
+        seq: u64,
+    },
+    /// `expected` is the CRC carried in the header, `found` the CRC of the bytes received.
+    #[error("frame {seq} ({} kind {kind}): checksum mismatch: header says {expected:#010x}, data gives {found:#010x}", kind_name(*.kind))]
+    Checksum {
+        kind: u16,
+        seq: u64,
+        expected: u32,
+        found: u32,
+    },
+    #[error("frame sequence number {found}, expected {expected}: a frame was lost, repeated or reordered")]
+    Sequence { expected: u64, found: u64 },
+    #[error("frame {seq} ({kind}): malformed payload: {reason}")]
+    Malformed {
+        kind: &'static str,
+        seq: u64,
+        reason: String,
+    },
+    #[error("guest range [{gpa:#x}, {gpa:#x} + {len:#x}) is not inside guest RAM")]
+    OutOfRange { gpa: u64, len: u64 },
+    #[error("expected {expected}, got {found}")]
+    Unexpected {
+        expected: &'static str,
+        found: &'static str,
+    },
+}
+
+impl ProtocolError {
+    /// For state machines: `msg` arrived where `expected` (a `Message::name`, or a description
+    /// such as "Pages, Zero or RoundEnd") was due.
+    pub fn unexpected(expected: &'static str, msg: &Message) -> Self {
+        ProtocolError::Unexpected {
+            expected,
+            found: msg.name(),
+        }
+    }
+}
+
+fn malformed(kind: &'static str, seq: u64, reason: String) -> ProtocolError {
+    ProtocolError::Malformed { kind, seq, reason }
+}
+
+/// Checks a run of `pages` pages from `gpa`, as carried by Zero, PageRequest and PostcopyStart.
+fn check_span(kind: &'static str, seq: u64, gpa: u64, pages: u64) -> Result<(), ProtocolError> {
+    if gpa & (PAGE_SIZE - 1) != 0 {
+        return Err(malformed(
+            kind,
+            seq,
+            format!("gpa {gpa:#x} is not aligned to {PAGE_SIZE}"),
+        ));
+    }
+    if pages == 0 {
+        return Err(malformed(kind, seq, format!("zero pages at gpa {gpa:#x}")));
+    }
+    let end = pages
+        .checked_mul(PAGE_SIZE)
+        .and_then(|bytes| gpa.checked_add(bytes));
+    if end.is_none() {
+        return Err(malformed(
+            kind,
+            seq,
+            format!("gpa {gpa:#x} + {pages} pages overflows the address space"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_pages(seq: u64, gpa: u64, data_len: usize) -> Result<(), ProtocolError> {
+    let kind = kind_name(KIND_PAGES);
+    if data_len == 0 {
+        return Err(malformed(
+            kind,
+            seq,
+            format!("no page data at gpa {gpa:#x}"),
+        ));
+    }
+    let len = data_len as u64;
+    if len & (PAGE_SIZE - 1) != 0 {
+        return Err(malformed(
+            kind,
+            seq,
+            format!("{len} bytes of page data at gpa {gpa:#x}: not a multiple of {PAGE_SIZE}"),
+        ));
+    }
+    let pages = len / PAGE_SIZE;
+    if pages > MAX_PAGES_PER_FRAME as u64 {
+        return Err(malformed(
+            kind,
+            seq,
+            format!("{pages} pages at gpa {gpa:#x}, more than the {MAX_PAGES_PER_FRAME} allowed per frame"),
+        ));
+    }
+    check_span(kind, seq, gpa, pages)
+}
+
+/// Is `[gpa, gpa + len)` entirely inside one of `ram` = `[(start_gpa, size)]`?
+///
+/// An empty range is refused: no valid message produces one, and accepting it would let a
+/// corrupt `gpa` through unchecked. A range spanning two adjacent regions is refused too, since
+/// the receiver writes each range into one region's mapping.
+pub fn check_range(ram: &[(u64, u64)], gpa: u64, len: u64) -> Result<(), ProtocolError> {
+    let out = ProtocolError::OutOfRange { gpa, len };
+    if len == 0 {
+        return Err(out);
+    }
+    let Some(end) = gpa.checked_add(len) else {
+        return Err(out);
+    };
+    // A region reaching past u64::MAX is nonsense, but saturating keeps the test correct for it.
+    let inside = ram
+        .iter()
+        .any(|&(start, size)| gpa >= start && end <= start.saturating_add(size));
+    if inside {
+        Ok(())
+    } else {
+        Err(out)
+    }
+}
+
+/// Writes frames to one connection in one direction, numbering them from 0.
+pub struct FrameWriter<W: Write> {
+    inner: W,
+    seq: u64,
+    bytes: u64,
+    /// Reused for PostcopyStart, the one payload that must be built before it is sent.
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(w: W) -> Self {
+        FrameWriter {
+            inner: w,
+            seq: 0,
+            bytes: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Validates and sends one message. On a validation error nothing is written and the
+    /// sequence number does not advance; on an I/O error the connection is unusable.
+    pub fn send(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        let seq = self.seq;
+        match msg {
+            Message::Hello(json) => self.write_frame(KIND_HELLO, &[json]),
+            Message::Accept => self.write_frame(KIND_ACCEPT, &[]),
+            Message::Refuse(reason) => self.write_frame(KIND_REFUSE, &[reason.as_bytes()]),
+            Message::Channel { session, role } => {
+                let mut p = [0u8; 9];
+                p[..8].copy_from_slice(&session.to_le_bytes());
+                p[8] = role.to_wire();
+                self.write_frame(KIND_CHANNEL, &[&p])
+            }
+            Message::Pages { gpa, data } => self.send_pages(*gpa, data),
+            Message::Zero { gpa, pages } => {
+                check_span(msg.name(), seq, *gpa, *pages)?;
+                let mut p = [0u8; 16];
+                p[..8].copy_from_slice(&gpa.to_le_bytes());
+                p[8..].copy_from_slice(&pages.to_le_bytes());
+                self.write_frame(KIND_ZERO, &[&p])
+            }
+            Message::RoundEnd { round, pages } => {
+                let mut p = [0u8; 12];
+                p[..4].copy_from_slice(&round.to_le_bytes());
+                p[4..].copy_from_slice(&pages.to_le_bytes());
+                self.write_frame(KIND_ROUND_END, &[&p])
+            }
+            Message::State(json) => self.write_frame(KIND_STATE, &[json]),
+            Message::PostcopyStart { pending } => self.send_postcopy_start(pending),
+            Message::PageRequest { gpa, pages } => {
+                check_span(msg.name(), seq, *gpa, u64::from(*pages))?;
+                let mut p = [0u8; 12];
+                p[..8].copy_from_slice(&gpa.to_le_bytes());
+                p[8..].copy_from_slice(&pages.to_le_bytes());
+                self.write_frame(KIND_PAGE_REQUEST, &[&p])
+            }
+            Message::Complete => self.write_frame(KIND_COMPLETE, &[]),
+            Message::Resumed => self.write_frame(KIND_RESUMED, &[]),
+            Message::Abort(reason) => self.write_frame(KIND_ABORT, &[reason.as_bytes()]),
+            Message::Stats(json) => self.write_frame(KIND_STATS, &[json]),
+        }
+    }
+
+    /// Sends `Pages { gpa, data }` straight from the caller's slice, with the same checks.
+    pub fn send_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), ProtocolError> {
+        check_pages(self.seq, gpa, data.len())?;
+        self.write_frame(KIND_PAGES, &[&gpa.to_le_bytes(), data])
+    }
+
+    fn send_postcopy_start(&mut self, pending: &[(u64, u64)]) -> Result<(), ProtocolError> {
+        let seq = self.seq;
+        // Checked before building so that a huge list costs nothing to refuse.
+        let len = (pending.len() as u64)
+            .saturating_mul(RANGE_LEN as u64)
+            .saturating_add(4);
+        if len > MAX_PAYLOAD as u64 {
+            return Err(ProtocolError::TooLarge {
+                len,
+                max: MAX_PAYLOAD,
+                kind: KIND_POSTCOPY_START,
+                seq,
+            });
+        }
+        let count = u32::try_from(pending.len()).map_err(|_| {
+            malformed(
+                "PostcopyStart",
+                seq,
+                format!("{} ranges do not fit a u32 count", pending.len()),
+            )
+        })?;
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.extend_from_slice(&count.to_le_bytes());
+        for &(gpa, pages) in pending {
+            if let Err(e) = check_span("PostcopyStart", seq, gpa, pages) {
+                self.scratch = buf;
+                return Err(e);
+            }
+            buf.extend_from_slice(&gpa.to_le_bytes());
+            buf.extend_from_slice(&pages.to_le_bytes());
+        }
+        let result = self.write_frame(KIND_POSTCOPY_START, &[&buf]);
+        self.scratch = buf;
+        result
+    }
+
+    /// Writes header and payload parts without joining them, so page data is not copied.
+    fn write_frame(&mut self, kind: u16, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+        let seq = self.seq;
+        let len = parts
+            .iter()
+            .fold(0u64, |acc, p| acc.saturating_add(p.len() as u64));
+        let wire_len = match u32::try_from(len) {
+            Ok(l) if len <= MAX_PAYLOAD as u64 => l,
+            _ => {
+                return Err(ProtocolError::TooLarge {
+                    len,
+                    max: MAX_PAYLOAD,
+                    kind,
+                    seq,
+                })
+            }
+        };
+        let mut header = [0u8; HEADER_LEN];
+        header[0..4].copy_from_slice(&MAGIC);
+        header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        header[6..8].copy_from_slice(&kind.to_le_bytes());
+        header[8..16].copy_from_slice(&seq.to_le_bytes());
+        header[16..20].copy_from_slice(&wire_len.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&header[..20]);
+        for part in parts {
+            crc.update(part);
+        }
+        header[20..24].copy_from_slice(&crc.finalize().to_le_bytes());
+
+        self.inner.write_all(&header)?;
+        self.bytes += HEADER_LEN as u64;
+        for part in parts {
+            self.inner.write_all(part)?;
+            self.bytes += part.len() as u64;
+        }
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// Bytes handed to the inner writer so far (headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The sequence number the next frame will carry, i.e. frames sent so far.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        self.inner.flush()?;
+        Ok(())
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+/// Reads frames from one connection in one direction, expecting them numbered from 0.
+pub struct FrameReader<R: Read> {
+    inner: R,
+    seq: u64,
+    bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(r: R) -> Self {
+        FrameReader {
+            inner: r,
+            seq: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Reads and checks one whole frame. After an error the stream is out of step: drop it.
+    pub fn recv(&mut self) -> Result<Message, ProtocolError> {
+        let mut header = [0u8; HEADER_LEN];
+        let got = self.read_full(&mut header)?;
+        if got == 0 {
+            return Err(ProtocolError::Closed);
+        }
+        if got < HEADER_LEN {
+            return Err(ProtocolError::Truncated {
+                part: "header",
+                got,
+                expected: HEADER_LEN,
+                kind: None,
+                seq: None,
+            });
+        }
+        let [m0, m1, m2, m3, v0, v1, k0, k1, s0, s1, s2, s3, s4, s5, s6, s7, l0, l1, l2, l3, c0, c1, c2, c3] =
+            header;
+        let magic = [m0, m1, m2, m3];
+        if magic != MAGIC {
+            return Err(ProtocolError::BadMagic { found: magic });
+        }
+        let version = u16::from_le_bytes([v0, v1]);
+        if version != VERSION {
+            return Err(ProtocolError::Version {
+                found: version,
+                supported: VERSION,
+            });
+        }
+        let kind = u16::from_le_bytes([k0, k1]);
+        let seq = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
+        let len = u32::from_le_bytes([l0, l1, l2, l3]);
+        let crc = u32::from_le_bytes([c0, c1, c2, c3]);
+        // Refused before any allocation: a peer must not choose how much memory we commit.
+        let len = match usize::try_from(len) {
+            Ok(l) if l <= MAX_PAYLOAD => l,
+            _ => {
+                return Err(ProtocolError::TooLarge {
+                    len: u64::from(len),
+                    max: MAX_PAYLOAD,
+                    kind,
+                    seq,
+                })
+            }
+        };
+
+        // Pages' gpa is read apart so the data lands directly in the Vec the message keeps.
+        let prefix_len = if kind == KIND_PAGES {
+            len.min(PAGES_PREFIX)
+        } else {
+            0
+        };
+        let mut prefix = [0u8; PAGES_PREFIX];
+        let mut body = vec![0u8; len - prefix_len];
+        let mut got = self.read_full(&mut prefix[..prefix_len])?;
+        if got == prefix_len {
+            got += self.read_full(&mut body)?;
+        }
+        if got < len {
+            return Err(ProtocolError::Truncated {
+                part: "payload",
+                got,
+                expected: len,
+                kind: Some(kind),
+                seq: Some(seq),
+            });
+        }
+
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&header[..20]);
+        hasher.update(&prefix[..prefix_len]);
+        hasher.update(&body);
+        let computed = hasher.finalize();
+        if computed != crc {
+            return Err(ProtocolError::Checksum {
+                kind,
+                seq,
+                expected: crc,
+                found: computed,
+            });
+        }
+        if seq != self.seq {
+            return Err(ProtocolError::Sequence {
+                expected: self.seq,
+                found: seq,
+            });
+        }
+        // Wrapping: 2^64 frames cannot happen, but a panic must not be reachable from the wire.
+        self.seq = self.seq.wrapping_add(1);
+        decode(kind, seq, &prefix[..prefix_len], body)
+    }
+
+    /// Reads until `buf` is full or EOF; returns how much was read.
+    fn read_full(&mut self, buf: &mut [u8]) -> Result<usize, ProtocolError> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.inner.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    // A misbehaving reader could claim more than it was given.
+                    let n = n.min(buf.len() - got);
+                    got += n;
+                    self.bytes += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ProtocolError::Io(e)),
+            }
+        }
+        Ok(got)
+    }
+
+    /// Bytes taken from the inner reader so far (headers and partial frames included).
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The sequence number the next frame must carry, i.e. frames accepted so far.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}

@@ -1,0 +1,456 @@
+//! The sending side: handshake, precopy rounds with a dirty tracker, pause, stop-and-copy or the
+//! switch to postcopy, and the ownership hand-over. Until the point of no return (the
+//! destination told to run: `Complete` in precopy, `PostcopyStart` in postcopy) any failure
+//! resumes the guest here, intact.
+
+use std::io::{BufReader, BufWriter};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::description::Hello;
+use super::pages::{self, PageSender, Sent};
+use super::progress::{MigrationReport, Phase};
+use super::protocol::{FrameReader, FrameWriter, Message, Role, PAGE_SIZE};
+use super::rate::RateLimiter;
+use super::snapshot::VmSnapshot;
+use super::{parse_tcp_url, postcopy_src, MigrationError, Mode};
+use crate::machine::shared::Shared;
+use crate::tracking::{self, DirtySet, DirtyTracker, TrackerKind};
+
+/// How long the source waits for the destination to restore and confirm it runs.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a paused source waits for every vCPU to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub to: String,
+    pub mode: Mode,
+    pub tracker: TrackerKind,
+    pub downtime_ms: u64,
+    /// Bandwidth cap in MiB/s (None: unlimited).
+    pub bandwidth_mib_s: Option<u64>,
+    pub max_rounds: u32,
+    pub max_precopy_ms: u64,
+    /// Write guest RAM as it is at the pause into this file (tests compare it with the
+    /// destination's).
+    pub dump_memory: Option<PathBuf>,
+}
+
+impl MigrateOptions {
+    pub fn new(to: &str, mode: Mode, tracker: TrackerKind) -> Self {
+        MigrateOptions {
+            to: to.to_string(),
+            mode,
+            tracker,
+            downtime_ms: 300,
+            bandwidth_mib_s: None,
+            max_rounds: 30,
+            max_precopy_ms: 60_000,
+            dump_memory: None,
+        }
+    }
+}
+
+pub(super) type Writer = FrameWriter<BufWriter<TcpStream>>;
+pub(super) type Reader = FrameReader<BufReader<TcpStream>>;
+
+pub(super) fn connect(addr: &str) -> Result<(Writer, Reader), MigrationError> {
+    let err = |source| MigrationError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
+    let sock = addr
+        .to_socket_addrs()
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(std::io::Error::other("no address")))?;
+    let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(10)).map_err(err)?;
+    stream.set_nodelay(true)?;
+    let w = FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?));
+    let r = FrameReader::new(BufReader::with_capacity(1 << 20, stream));
+    Ok((w, r))
+}
+
+/// Migrates the running VM behind `shared`. On success the guest runs on the destination and
+/// this VM's run ends (outcome `migrated`); on failure before the point of no return the guest
+/// runs on here.
+pub fn migrate(
+    shared: &Arc<Shared>,
+    opts: &MigrateOptions,
+) -> Result<MigrationReport, MigrationError> {
+    if shared.tracking_active {
+        return Err(MigrationError::Busy(
+            "a --track session owns dirty tracking on this VM".into(),
+        ));
+    }
+    {
+        let mut p = shared.progress();
+        if matches!(
+            p.phase,
+            Phase::Connecting | Phase::Precopy | Phase::StopAndCopy | Phase::Postcopy
+        ) {
+            return Err(MigrationError::Busy(
+                "a migration is already running".into(),
+            ));
+        }
+        if p.phase == Phase::Completed {
+            return Err(MigrationError::Busy(
+                "this VM was already migrated away".into(),
+            ));
+        }
+        p.phase = Phase::Connecting;
+        p.round = 0;
+        p.bytes = 0;
+        p.ram_bytes = shared.ranges.iter().map(|r| r.size).sum();
+    }
+    let start = Instant::now();
+    let mut report = MigrationReport {
+        role: "source".into(),
+        mode: Some(opts.mode),
+        tracker: (opts.mode != Mode::Postcopy).then(|| opts.tracker.to_string()),
+        ..Default::default()
+    };
+    let result = run(shared, opts, &mut report);
+    report.total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    if report.total_ms > 0.0 {
+        report.throughput_mib_s =
+            report.bytes as f64 / (1 << 20) as f64 / (report.total_ms / 1000.0);
+    }
+    let mut p = shared.progress();
+    match &result {
+        Ok(()) => {
+            report.ok = true;
+            p.phase = Phase::Completed;
+        }
+        Err(e) => {
+            report.error = Some(e.to_string());
+            p.phase = Phase::Failed;
+        }
+    }
+    p.report = Some(report.clone());
+    drop(p);
+    match result {
+        Ok(()) => {
+            shared.end_run(crate::vstate::vcpu::VcpuStop::Migrated);
+            Ok(report)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ ((std::process::id() as u64) << 32)
+}
+
+fn run(
+    shared: &Arc<Shared>,
+    opts: &MigrateOptions,
+    report: &mut MigrationReport,
+) -> Result<(), MigrationError> {
+    let addr = parse_tcp_url(&opts.to)?;
+    let (mut w, mut r) = connect(&addr)?;
+    let session = session_id();
+    let hello = Hello {
+        vm: shared.description.clone(),
+        mode: opts.mode,
+        session,
+        source_host: shared.vm.host_kind().to_string(),
+    };
+    let json = serde_json::to_vec(&hello).map_err(|e| MigrationError::Hello(e.to_string()))?;
+    w.send(&Message::Hello(json))?;
+    w.flush()?;
+    match r.recv()? {
+        Message::Accept => {}
+        Message::Refuse(reason) => return Err(MigrationError::Refused(reason)),
+        other => return Err(unexpected("Accept", &other)),
+    }
+    let urgent = if opts.mode == Mode::Precopy {
+        None
+    } else {
+        let (mut uw, ur) = connect(&addr)?;
+        uw.send(&Message::Channel {
+            session,
+            role: Role::Urgent,
+        })?;
+        uw.flush()?;
+        Some((uw, ur))
+    };
+
+    let mut rate = RateLimiter::new(opts.bandwidth_mib_s.map(|m| m << 20));
+    let mut sender = PageSender::new(&shared.memfd, &shared.ranges);
+    let mut tracker: Option<Box<dyn DirtyTracker>> = None;
+    let mut dirty = DirtySet::new(&shared.slots);
+    let result = (|| -> Result<(), MigrationError> {
+        if opts.mode != Mode::Postcopy {
+            let mut t = tracking::create(opts.tracker, &shared.track_context())?;
+            t.start()?;
+            tracker = Some(t);
+            precopy_rounds(
+                shared,
+                opts,
+                report,
+                &mut w,
+                &mut sender,
+                &mut rate,
+                tracker.as_deref_mut(),
+                &mut dirty,
+            )?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        stop_tracker(tracker.as_deref_mut());
+        let _ = w.send(&Message::Abort(e.to_string()));
+        let _ = w.flush();
+        return Err(e);
+    }
+
+    // Stop the guest: from here until the point of no return, failure resumes it.
+    shared.progress().phase = Phase::StopAndCopy;
+    let paused_at = Instant::now();
+    let vcpus = match shared.pause.pause(&shared.kicker, true, PAUSE_TIMEOUT) {
+        Ok(v) => v,
+        Err(e) => {
+            stop_tracker(tracker.as_deref_mut());
+            let _ = w.send(&Message::Abort(format!("the source could not pause: {e}")));
+            let _ = w.flush();
+            return Err(e.into());
+        }
+    };
+    let before_commit = (|| -> Result<VmSnapshot, MigrationError> {
+        if let Some(t) = tracker.as_deref_mut() {
+            t.harvest(&mut dirty)?;
+        }
+        stop_tracker(tracker.as_deref_mut());
+        if let Some(path) = &opts.dump_memory {
+            pages::dump_ram(&shared.memfd, &shared.ranges, path).map_err(|source| {
+                MigrationError::Dump {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        Ok(VmSnapshot::capture(shared, vcpus)?)
+    })();
+    let snapshot = match before_commit {
+        Ok(s) => s,
+        Err(e) => return Err(abort_and_resume(shared, &mut w, e)),
+    };
+
+    match opts.mode {
+        Mode::Precopy => {
+            let committed = (|| -> Result<(), MigrationError> {
+                let round = report.rounds + 1;
+                let sent = send_set(&dirty, &mut w, &mut sender, &mut rate)?;
+                w.send(&Message::RoundEnd {
+                    round,
+                    pages: sent.pages + sent.zero_pages,
+                })?;
+                note_round(report, shared, round, sent, &w);
+                w.send(&Message::State(snapshot.encode()?))?;
+                w.send(&Message::Complete)?;
+                w.flush()?;
+                Ok(())
+            })();
+            if let Err(e) = committed {
+                return Err(abort_and_resume(shared, &mut w, e));
+            }
+            // Complete is sent: the destination may run the guest from now on. If it never
+            // confirms, resuming here as well is what keeps the guest alive when the
+            // destination died; README documents the window where both could run.
+            r.get_ref()
+                .get_ref()
+                .set_read_timeout(Some(CONFIRM_TIMEOUT))?;
+            match r.recv() {
+                Ok(Message::Resumed) => {}
+                Ok(Message::Abort(reason)) => {
+                    let _ = shared.pause.resume();
+                    return Err(MigrationError::Aborted(reason));
+                }
+                Ok(other) => {
+                    let _ = shared.pause.resume();
+                    return Err(unexpected("Resumed", &other));
+                }
+                Err(e) => {
+                    let _ = shared.pause.resume();
+                    return Err(e.into());
+                }
+            }
+            report.downtime_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+            report.bytes = w.bytes_sent();
+            if let Ok(Message::Stats(json)) = r.recv() {
+                merge_destination_stats(report, &json);
+            }
+            Ok(())
+        }
+        Mode::Postcopy | Mode::Hybrid => {
+            let pending: Vec<(u64, u64)> = if opts.mode == Mode::Postcopy {
+                shared
+                    .ranges
+                    .iter()
+                    .map(|r| (r.gpa, r.size / PAGE_SIZE))
+                    .collect()
+            } else {
+                dirty
+                    .runs()
+                    .into_iter()
+                    .map(|(gpa, bytes)| (gpa, bytes / PAGE_SIZE))
+                    .collect()
+            };
+            let committed = (|| -> Result<(), MigrationError> {
+                w.send(&Message::State(snapshot.encode()?))?;
+                w.send(&Message::PostcopyStart {
+                    pending: pending.clone(),
+                })?;
+                w.flush()?;
+                Ok(())
+            })();
+            if let Err(e) = committed {
+                return Err(abort_and_resume(shared, &mut w, e));
+            }
+            shared.progress().phase = Phase::Postcopy;
+            let Some((uw, ur)) = urgent else {
+                return Err(MigrationError::Busy("no urgent channel".into()));
+            };
+            let handover_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+            postcopy_src::serve(shared, &pending, w, r, uw, ur, handover_ms, report)
+        }
+    }
+}
+
+/// Precopy rounds until the estimated downtime is under the target or a limit is reached.
+/// Leaves in `dirty` the pages written since the last round sent.
+#[allow(clippy::too_many_arguments)]
+fn precopy_rounds(
+    shared: &Shared,
+    opts: &MigrateOptions,
+    report: &mut MigrationReport,
+    w: &mut Writer,
+    sender: &mut PageSender<'_>,
+    rate: &mut RateLimiter,
+    mut tracker: Option<&mut (dyn DirtyTracker + '_)>,
+    dirty: &mut DirtySet,
+) -> Result<(), MigrationError> {
+    let started = Instant::now();
+    shared.progress().phase = Phase::Precopy;
+    // Round 1: all of RAM.
+    let mut sent = Sent::default();
+    for r in &shared.ranges {
+        sent += sender.send_run(w, rate, r.gpa, r.size / PAGE_SIZE)?;
+    }
+    w.send(&Message::RoundEnd {
+        round: 1,
+        pages: sent.pages + sent.zero_pages,
+    })?;
+    w.flush()?;
+    note_round(report, shared, 1, sent, w);
+    loop {
+        dirty.clear();
+        if let Some(t) = tracker.as_deref_mut() {
+            t.harvest(dirty)?;
+        }
+        let pages = dirty.count();
+        shared.progress().remaining_pages = pages;
+        let elapsed = started.elapsed().as_secs_f64();
+        let bandwidth = (w.bytes_sent() as f64 / elapsed.max(1e-6)).max(1.0);
+        let estimate_ms = (pages * PAGE_SIZE) as f64 / bandwidth * 1000.0;
+        let why = if estimate_ms <= opts.downtime_ms as f64 {
+            Some(format!(
+                "converged: {pages} dirty pages, estimated downtime {estimate_ms:.1} ms <= {} ms",
+                opts.downtime_ms
+            ))
+        } else if report.rounds >= opts.max_rounds {
+            Some(format!(
+                "round limit {} reached with {pages} dirty pages (estimate {estimate_ms:.1} ms)",
+                opts.max_rounds
+            ))
+        } else if started.elapsed() >= Duration::from_millis(opts.max_precopy_ms) {
+            Some(format!(
+                "time limit {} ms reached with {pages} dirty pages (estimate {estimate_ms:.1} ms)",
+                opts.max_precopy_ms
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            tracing::info!("precopy switchover after {} rounds: {why}", report.rounds);
+            report.switchover = Some(why);
+            return Ok(());
+        }
+        let round = report.rounds + 1;
+        let sent = send_set(dirty, w, sender, rate)?;
+        w.send(&Message::RoundEnd {
+            round,
+            pages: sent.pages + sent.zero_pages,
+        })?;
+        w.flush()?;
+        note_round(report, shared, round, sent, w);
+    }
+}
+
+fn send_set(
+    set: &DirtySet,
+    w: &mut Writer,
+    sender: &mut PageSender<'_>,
+    rate: &mut RateLimiter,
+) -> Result<Sent, MigrationError> {
+    let mut sent = Sent::default();
+    for (gpa, bytes) in set.runs() {
+        sent += sender.send_run(w, rate, gpa, bytes / PAGE_SIZE)?;
+    }
+    Ok(sent)
+}
+
+fn note_round(report: &mut MigrationReport, shared: &Shared, round: u32, sent: Sent, w: &Writer) {
+    report.rounds = round;
+    report.pages_per_round.push(sent.pages + sent.zero_pages);
+    report.pages_sent += sent.pages;
+    report.zero_pages += sent.zero_pages;
+    report.bytes = w.bytes_sent();
+    let mut p = shared.progress();
+    p.round = round;
+    p.bytes = w.bytes_sent();
+}
+
+fn stop_tracker(tracker: Option<&mut (dyn DirtyTracker + '_)>) {
+    if let Some(t) = tracker {
+        if let Err(e) = t.stop() {
+            tracing::warn!("stopping the migration's dirty tracker: {e}");
+        }
+    }
+}
+
+/// Before the point of no return: tell the destination, and let the guest run on here.
+fn abort_and_resume(shared: &Shared, w: &mut Writer, e: MigrationError) -> MigrationError {
+    let _ = w.send(&Message::Abort(e.to_string()));
+    let _ = w.flush();
+    if let Err(re) = shared.pause.resume() {
+        tracing::error!("resuming the guest after a failed migration: {re}");
+    }
+    tracing::warn!("migration failed, the guest runs on here: {e}");
+    e
+}
+
+pub(super) fn unexpected(expected: &'static str, found: &Message) -> MigrationError {
+    MigrationError::Protocol(super::protocol::ProtocolError::Unexpected {
+        expected,
+        found: found.name(),
+    })
+}
+
+/// Folds the destination's own figures (downtime it saw, postcopy faults) into the report.
+pub(super) fn merge_destination_stats(report: &mut MigrationReport, json: &[u8]) {
+    match serde_json::from_slice::<super::progress::DestinationStats>(json) {
+        Ok(s) => {
+            report.destination = Some(s);
+        }
+        Err(e) => tracing::warn!("the destination's statistics do not parse: {e}"),
+    }
+}
