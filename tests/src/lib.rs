@@ -3,6 +3,7 @@
 
 pub mod netns;
 pub mod process;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

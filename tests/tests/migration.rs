@@ -98,10 +98,23 @@ fn migrate_micro(mode: &str, tracker: &str, source_extra: &[&str]) {
     let a = std::fs::read(&src_dump).unwrap();
     let b = std::fs::read(dir.path().join("dst.bin")).unwrap();
     assert_eq!(a.len(), b.len());
-    if let Some(i) = a.iter().zip(&b).position(|(x, y)| x != y) {
+    let differing: Vec<usize> = a
+        .chunks(4096)
+        .zip(b.chunks(4096))
+        .enumerate()
+        .filter(|(_, (x, y))| x != y)
+        .map(|(i, _)| i)
+        .collect();
+    if let Some(&first) = differing.first() {
+        let at = first * 4096;
+        let word = |m: &[u8]| u64::from_le_bytes(m[at..at + 8].try_into().unwrap());
         panic!(
-            "{mode}/{tracker}: memory differs at byte offset 0x{i:x} (page 0x{:x})",
-            i / 4096
+            "{mode}/{tracker}: memory differs on {} pages, first 0x{:x} (source word 0x{:x}, destination 0x{:x}); pages {:x?}\nsource report {srep}\ndestination report {drep}",
+            differing.len(),
+            at,
+            word(&a),
+            word(&b),
+            &differing[..differing.len().min(16)]
         );
     }
 }

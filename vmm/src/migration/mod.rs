@@ -63,9 +63,9 @@ pub enum MigrationError {
         source: std::io::Error,
     },
     #[error("network: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("migration stream: {0}")]
-    Protocol(#[from] protocol::ProtocolError),
+    Protocol(protocol::ProtocolError),
     #[error(transparent)]
     Pages(#[from] pages::PagesError),
     #[error("the destination refused the VM: {0}")]
@@ -73,13 +73,13 @@ pub enum MigrationError {
     #[error("the other side aborted: {0}")]
     Aborted(String),
     #[error("dirty tracking: {0}")]
-    Tracking(#[from] crate::tracking::TrackingError),
+    Tracking(crate::tracking::TrackingError),
     #[error("pausing the guest: {0}")]
-    Pause(#[from] crate::vstate::pause::PauseError),
+    Pause(crate::vstate::pause::PauseError),
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
     #[error("demand paging: {0}")]
-    Userfault(#[from] crate::userfault::UserfaultError),
+    Userfault(crate::userfault::UserfaultError),
     #[error("cannot migrate now: {0}")]
     Busy(String),
     #[error("building the destination VM: {0}")]
@@ -93,6 +93,26 @@ pub enum MigrationError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+}
+
+// Conversions written out rather than `#[from]`: that would also make the inner error the
+// `source()`, and `{:#}` chains (anyhow) would print its message twice.
+macro_rules! from_error {
+    ($($ty:ty => $variant:ident),* $(,)?) => {
+        $(impl From<$ty> for MigrationError {
+            fn from(e: $ty) -> Self {
+                MigrationError::$variant(e)
+            }
+        })*
+    };
+}
+
+from_error! {
+    std::io::Error => Io,
+    protocol::ProtocolError => Protocol,
+    crate::tracking::TrackingError => Tracking,
+    crate::vstate::pause::PauseError => Pause,
+    crate::userfault::UserfaultError => Userfault,
 }
 
 /// `tcp://HOST:PORT` -> `HOST:PORT`.

@@ -299,7 +299,7 @@ pub enum ProtocolError {
         seq: Option<u64>,
     },
     #[error("migration connection I/O failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("bad frame magic \"{}\", expected \"VMMF\" (not a vmm migration stream, or out of step)", .found.escape_ascii())]
     BadMagic { found: [u8; 4] },
     #[error(
@@ -338,6 +338,14 @@ pub enum ProtocolError {
         expected: &'static str,
         found: &'static str,
     },
+}
+
+// Not `#[from]`: that would make the I/O error the `source()` too, and error chains would print
+// it twice.
+impl From<std::io::Error> for ProtocolError {
+    fn from(e: std::io::Error) -> Self {
+        ProtocolError::Io(e)
+    }
 }
 
 impl ProtocolError {

@@ -12,7 +12,7 @@ pub use uffd_missing::UffdMissing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserfaultError {
-    #[error("userfaultfd: {0}")]
+    #[error(transparent)]
     Sys(#[from] crate::sys::SysError),
     #[error("{what} failed: {errno}")]
     Uffd { what: &'static str, errno: String },
