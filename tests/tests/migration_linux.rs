@@ -1,0 +1,166 @@
+//! The Linux guest migrated between two network namespaces (two "hosts" joined by a veth pair)
+//! over real TCP, five times in a row, back and forth, precopy, postcopy and hybrid, while its
+//! agent writes memory in a loop. After each hop the console goes on (an echo typed through the
+//! new host's API comes back) and a disk read returns the host's bytes; at the end the agent
+//! stops its workload and verifies every checksum it recorded.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use guest_abi::pattern::{fill_pattern, fnv1a64};
+use vmm_tests::netns::{Side, TwoHosts};
+use vmm_tests::process::{remote, wait_api, Bg};
+use vmm_tests::{agent_lines, images, vmm_bin};
+
+fn console(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// Waits until the console at `path` has an agent line starting with `prefix`.
+fn wait_agent(path: &Path, prefix: &str, timeout: Duration, vm: &mut Bg) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(l) = agent_lines(&console(path))
+            .into_iter()
+            .find(|l| l.starts_with(prefix))
+        {
+            return l;
+        }
+        if let Some(st) = vm.try_wait() {
+            panic!(
+                "{} ended ({st}) before the agent printed '{prefix}':\n{}\nconsole:\n{}",
+                vm.name,
+                vm.stderr(),
+                console(path)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no agent line '{prefix}' within {timeout:?}; console:\n{}",
+            console(path)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out() {
+    let img = images();
+    let hosts = TwoHosts::up("vmmmig").expect("two network namespaces (needs root)");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut image = vec![0u8; 4 << 20];
+    fill_pattern(11, &mut image[..65536]);
+    let disk_sum = fnv1a64(&image[..65536]);
+    std::fs::write(&disk, &image).unwrap();
+
+    // The first host boots the guest; its agent starts a background workload that writes
+    // 24 MiB of pages in a loop (rate-capped so the emulated guest kernel keeps up).
+    let mut side = Side::A;
+    let sock = dir.path().join("vm0.sock");
+    let log = dir.path().join("vm0.log");
+    let mut cmd = hosts.command(side, vmm_bin());
+    cmd.args(["run", "--kernel", img.kernel.to_str().unwrap()])
+        .args(["--initrd", img.initramfs.to_str().unwrap()])
+        .args([
+            "--mem",
+            "128M",
+            "--vcpus",
+            "1",
+            "--agent",
+            "workload,24,random,0,48",
+        ])
+        .args(["--disk", disk.to_str().unwrap(), "--json", "--api-socket"])
+        .arg(&sock)
+        .arg("--console")
+        .arg(format!("file:{}", log.display()));
+    let mut vm = Bg::spawn("vm0", cmd);
+    wait_agent(&log, "workload pass=", Duration::from_secs(300), &mut vm);
+    let mut sock = sock;
+    let mut log = log;
+
+    let modes = ["precopy", "postcopy", "precopy", "hybrid", "postcopy"];
+    for (hop, mode) in modes.iter().enumerate() {
+        let to_side = if side == Side::A { Side::B } else { Side::A };
+        let port = 7900 + hop as u16;
+        let to = hosts.addr(to_side);
+        let next_sock = dir.path().join(format!("vm{}.sock", hop + 1));
+        let next_log = dir.path().join(format!("vm{}.log", hop + 1));
+        let mut cmd = hosts.command(to_side, vmm_bin());
+        cmd.args(["run", "--incoming", &format!("tcp://{to}:{port}"), "--json"])
+            .arg("--api-socket")
+            .arg(&next_sock)
+            .arg("--console")
+            .arg(format!("file:{}", next_log.display()));
+        let mut next = Bg::spawn(&format!("vm{}", hop + 1), cmd);
+        next.wait_for("waiting for an incoming migration", Duration::from_secs(30));
+
+        let (code, reply, err) = remote(
+            &sock,
+            &[
+                "migrate",
+                "--to",
+                &format!("tcp://{to}:{port}"),
+                "--mode",
+                mode,
+                "--tracker",
+                "bitmap",
+                "--json",
+            ],
+        );
+        assert_eq!(code, Some(0), "hop {hop} ({mode}): {err}\n{reply}");
+        let r = &reply["report"];
+        eprintln!(
+            "hop {hop} {mode}: total {:.0} ms, downtime {:.1} ms, {} bytes, rounds {}, postcopy {}",
+            r["total_ms"].as_f64().unwrap_or(0.0),
+            r["downtime_ms"].as_f64().unwrap_or(0.0),
+            r["bytes"],
+            r["rounds"],
+            r["postcopy"]
+        );
+        let (vcode, vrep, verr) = vm.finish(Duration::from_secs(60));
+        assert_eq!(
+            vcode,
+            Some(0),
+            "hop {hop}: the source must exit cleanly:\n{verr}"
+        );
+        assert_eq!(vrep["outcome"]["kind"], "migrated", "{vrep}");
+
+        // The new host runs the guest: its console goes on and its disk reads right.
+        wait_api(&next_sock, Duration::from_secs(10));
+        let echo = format!("echo,hop-{hop}-done;blkread,/dev/vda,0,65536");
+        let (c, _, e) = remote(&next_sock, &["console", &echo]);
+        assert_eq!(c, Some(0), "{e}");
+        wait_agent(
+            &next_log,
+            &format!("echo hop-{hop}-done"),
+            Duration::from_secs(60),
+            &mut next,
+        );
+        let read = wait_agent(&next_log, "blkread", Duration::from_secs(60), &mut next);
+        assert!(
+            read.contains(&format!("fnv64={disk_sum:016x}")),
+            "hop {hop}: {read}"
+        );
+        vm = next;
+        sock = next_sock;
+        log = next_log;
+        side = to_side;
+    }
+
+    let (c, _, e) = remote(
+        &sock,
+        &["console", "workload-stop;workload-verify;poweroff"],
+    );
+    assert_eq!(c, Some(0), "{e}");
+    let verify = wait_agent(&log, "workload-verify", Duration::from_secs(120), &mut vm);
+    assert!(
+        verify.contains("ok=true"),
+        "after five migrations: {verify}"
+    );
+    let (code, rep, err) = vm.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}\n{rep}");
+    let text = console(&log);
+    assert!(!text.contains("Kernel panic"), "{text}");
+    drop(hosts);
+}
