@@ -13,3 +13,5 @@ echo "test: building binaries"
 cargo build --workspace --bins -q
 echo "test: cargo test"
 cargo test --workspace
+echo "test: fuzzing the migration frame decoder for 60 s"
+bash tools/fuzz.sh 60
