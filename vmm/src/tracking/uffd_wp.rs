@@ -34,6 +34,11 @@ pub fn check_host() -> Result<(), String> {
 struct Bits {
     slots: Vec<TrackedSlot>,
     words: Vec<Vec<AtomicU64>>,
+    /// Held by the handler from recording a page to un-protecting it, and by a harvest from
+    /// taking the bits to re-protecting those pages. Without it a harvest could take and
+    /// re-protect a page between the handler's record and its un-protect, which would then
+    /// leave the page writable with its bit clear: every later write lost.
+    gate: Mutex<()>,
 }
 
 impl Bits {
@@ -48,6 +53,7 @@ impl Bits {
                         .collect()
                 })
                 .collect(),
+            gate: Mutex::new(()),
         }
     }
 
@@ -90,9 +96,14 @@ impl UffdWp {
         }
     }
 
-    /// Write-protects the pages set in the handler's bits, then takes exactly those bits.
-    /// Protect first: a write racing with the harvest faults again and is recorded for the
-    /// next round, so nothing is lost whenever the caller reads the pages afterwards.
+    /// Takes the handler's bits (an atomic swap per word), then write-protects the pages taken,
+    /// with the handler held off (`Bits::gate`). In that order: a write between the swap and
+    /// the protection lands before the caller reads the page (it reads after the harvest), and
+    /// every later write faults and is recorded for the next round. Protecting first and
+    /// clearing afterwards would lose the record of a write that faulted in between (the
+    /// handler sets the bit and un-protects, then the clear erases the bit, leaving the page
+    /// writable and untracked): a migration test caught exactly that on the micro guest's
+    /// mailbox page.
     fn take(&mut self, mut on_page_run: impl FnMut(usize, u64, u64)) -> Result<u64, TrackingError> {
         let Some(state) = &self.state else {
             return Err(TrackingError::NotStarted(KIND));
@@ -104,10 +115,11 @@ impl UffdWp {
             });
         }
         let mut total = 0;
+        let _gate = state.bits.gate.lock().unwrap_or_else(|p| p.into_inner());
         for (i, (s, words)) in state.bits.slots.iter().zip(&state.bits.words).enumerate() {
             self.snapshot.clear();
             self.snapshot
-                .extend(words.iter().map(|w| w.load(Ordering::Acquire)));
+                .extend(words.iter().map(|w| w.swap(0, Ordering::AcqRel)));
             for_each_run(&self.snapshot, s.pages(), |first, count| {
                 let addr = (s.host + first * PAGE_SIZE) as *mut libc::c_void;
                 state
@@ -118,9 +130,6 @@ impl UffdWp {
                 total += count;
                 Ok(())
             })?;
-            for (w, taken) in words.iter().zip(&self.snapshot) {
-                w.fetch_and(!taken, Ordering::AcqRel);
-            }
         }
         Ok(total)
     }
@@ -186,6 +195,7 @@ fn handler_loop(
                     ..
                 }) => {
                     let page = addr as u64 & !(PAGE_SIZE - 1);
+                    let _gate = bits.gate.lock().unwrap_or_else(|p| p.into_inner());
                     if !bits.record(page) {
                         return Err(format!("write fault at {page:#x}, outside guest RAM"));
                     }
