@@ -16,7 +16,6 @@ use super::report::{self, Outcome, RunReport};
 use super::shared::{Shared, SharedParts};
 use super::tracking_session::{self, Harvester, Session, SharedSession};
 use super::{stdin, GuestConfig, MachineError, VmConfig};
-use crate::tracking::TrackContext;
 use crate::vstate::vcpu::{self, VcpuEvent, VcpuStop};
 
 /// Called once the vCPU threads run, with the VM's shared handles (an incoming migration
@@ -49,22 +48,28 @@ impl Machine {
         let mem = ram.memory();
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
         let nr_vcpus = cfg.vcpus as u8;
+        let shared = Arc::new(Shared::new(
+            SharedParts {
+                vm: vm.clone(),
+                memory: mem.clone(),
+                ranges: ram.ranges().to_vec(),
+                memfd: ram.file().try_clone().map_err(MachineError::Thread)?,
+                slots: slots.clone(),
+                rings: rings.clone(),
+                kicker: kicker.clone(),
+                pause: pause.clone(),
+                micro_passes: micro_passes.clone(),
+                description: crate::migration::description::VmDescription::of(&cfg, ram.ranges()),
+                tracking_active: cfg.tracking.is_some(),
+                start,
+                events: events_tx.clone(),
+                exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
+            },
+            &devs,
+        ));
+
         let session = match &cfg.tracking {
             Some(opts) => {
-                let k = kicker.clone();
-                let ctx = TrackContext {
-                    vm: vm.clone(),
-                    slots: slots.clone(),
-                    memory: mem.clone(),
-                    rings: rings.clone(),
-                    kick: Some(Arc::new(move || {
-                        if !k.kick_all_and_wait(Duration::from_millis(500)) {
-                            tracing::warn!(
-                                "a vCPU did not leave guest mode within 500 ms of a kick"
-                            );
-                        }
-                    })),
-                };
                 let model = match &cfg.guest {
                     GuestConfig::Micro { mailbox, .. } => {
                         <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
@@ -73,6 +78,7 @@ impl Machine {
                     }
                     GuestConfig::Linux(_) => None,
                 };
+                let ctx = shared.track_context();
                 let s: SharedSession =
                     Arc::new(Mutex::new(Session::start(opts, &ctx, model, start)?));
                 let _ = session_slot.set(s.clone());
@@ -96,26 +102,6 @@ impl Machine {
             nr_vcpus,
             cfg.mem_bytes >> 20
         );
-
-        let shared = Arc::new(Shared::new(
-            SharedParts {
-                vm: vm.clone(),
-                memory: mem.clone(),
-                ranges: ram.ranges().to_vec(),
-                memfd: ram.file().try_clone().map_err(MachineError::Thread)?,
-                slots: slots.clone(),
-                rings: rings.clone(),
-                kicker: kicker.clone(),
-                pause: pause.clone(),
-                micro_passes: micro_passes.clone(),
-                description: crate::migration::description::VmDescription::of(&cfg, ram.ranges()),
-                tracking_active: session.is_some(),
-                start,
-                events: events_tx.clone(),
-                exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
-            },
-            &devs,
-        ));
 
         let mut threads = Vec::new();
         for runner in runners {
