@@ -1,0 +1,594 @@
+//! Live-migration benchmark: the same Linux guest and workload migrated by QEMU 7.2 and by vmm
+//! between two network namespaces (tools/two-hosts.sh) over TCP, in one run, next to what the
+//! link itself does (one TCP connection's throughput, a 4 KiB request/response round trip).
+//!
+//! Each migration boots a fresh source guest whose agent runs an endless memory-writing
+//! workload, migrates it, then stops the workload on the destination and has the agent verify
+//! its memory: a sample counts only if that says `ok=true`. Prints medians over `--runs` per tool
+//! and mode, and the ratios vmm/QEMU (downtime, total time), migration throughput / raw TCP, and
+//! postcopy fault latency / TCP round trip. No thresholds: the numbers are the result.
+
+mod baseline;
+mod guest;
+mod qemu;
+mod qmp;
+mod sample;
+mod stats;
+mod vmm;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use sample::{Mode, Sample, Tool};
+use stats::{median, ratio};
+use vmm_tests::netns::{Side, TwoHosts};
+
+/// vmm's kernel command line (vmm/src/boot/linux.rs `BASE_CMDLINE`), so both VMMs boot the guest
+/// the same way; the agent script is appended.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave \
+clearcpuid=151,288,308,158,306 tsc=reliable clocksource=kvm-clock \
+rcupdate.rcu_cpu_stall_suppress=1";
+
+#[derive(Parser)]
+#[command(about = "Live migration between two network namespaces: vmm vs QEMU 7.2")]
+struct Args {
+    /// Migrations per tool and mode (each boots a fresh guest).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Smoke test: one run.
+    #[arg(long)]
+    quick: bool,
+    /// Which VMMs to measure.
+    #[arg(long, value_delimiter = ',', default_value = "qemu,vmm")]
+    tools: Vec<Tool>,
+    /// Which migration modes.
+    #[arg(long, value_delimiter = ',', default_value = "precopy,postcopy")]
+    modes: Vec<Mode>,
+    /// The vmm binary (default: target/release/vmm of this checkout).
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    /// Kernel and initramfs (default: guest-images/out/images.env).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// The agent script: must start an endless workload (PASSES = 0).
+    #[arg(long, default_value = "workload,32,random,0")]
+    agent: String,
+    /// Downtime target given to both tools.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Bandwidth cap for both in MiB/s (0: none; QEMU's own default would be 32 MiB/s).
+    #[arg(long, default_value_t = 0)]
+    max_bandwidth_mib: u64,
+    /// vmm's dirty tracker.
+    #[arg(long, default_value = "bitmap")]
+    tracker: String,
+    /// Time the workload runs untracked between the source's first pass and the migration.
+    #[arg(long, default_value_t = 2000)]
+    settle_ms: u64,
+    /// MiB written for the raw TCP throughput baseline.
+    #[arg(long, default_value_t = 256)]
+    tcp_mib: u64,
+    /// 4 KiB round trips timed for the RTT baseline.
+    #[arg(long, default_value_t = 2000)]
+    rtt_samples: usize,
+    #[arg(long, default_value_t = 300)]
+    boot_timeout_s: u64,
+    #[arg(long, default_value_t = 600)]
+    migrate_timeout_s: u64,
+    #[arg(long, default_value_t = 180)]
+    verify_timeout_s: u64,
+    /// Namespace pair name (default: bm<pid>).
+    #[arg(long)]
+    name: Option<String>,
+    /// Where per-run logs go (default: /tmp/bench-migrate.<pid>, removed unless a run fails).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Keep the logs even when every run succeeds.
+    #[arg(long)]
+    keep_logs: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What every migration run uses.
+pub struct Config {
+    pub vmm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub mem_mib: u64,
+    pub vcpus: u32,
+    pub agent: String,
+    pub downtime_ms: u64,
+    pub max_bandwidth_mib: u64,
+    pub tracker: String,
+    pub settle: Duration,
+    pub boot_timeout: Duration,
+    pub migrate_timeout: Duration,
+    pub verify_timeout: Duration,
+}
+
+impl Config {
+    pub fn cmdline(&self) -> String {
+        format!("{BASE_CMDLINE} vmm.agent={}", self.agent)
+    }
+    /// QEMU's max-bandwidth (bytes/s); "none" is 1 TiB/s.
+    pub fn max_bandwidth_bytes_s(&self) -> u64 {
+        match self.max_bandwidth_mib {
+            0 => 1 << 40,
+            m => m << 20,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Group {
+    tool: Tool,
+    mode: Mode,
+    runs: usize,
+    ok: usize,
+    /// How many of the ok runs really ran in postcopy.
+    postcopy_entered: usize,
+    total_ms: Option<f64>,
+    downtime_ms: Option<f64>,
+    tool_downtime_ms: Option<f64>,
+    wall_ms: Option<f64>,
+    mib_sent: Option<f64>,
+    throughput_mib_s: Option<f64>,
+    /// Migration throughput / raw TCP throughput.
+    throughput_vs_tcp: Option<f64>,
+    rounds: Option<f64>,
+    postcopy_faults: Option<f64>,
+    /// vmm: p50 fault latency; QEMU: blocktime / requested pages (a mean, QEMU 7.2 has no
+    /// per-fault figure).
+    fault_us: Option<f64>,
+    fault_p99_us: Option<f64>,
+    /// fault_us / TCP 4 KiB round trip p50.
+    fault_vs_rtt: Option<f64>,
+    blocktime_ms: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct Comparison {
+    mode: Mode,
+    downtime_vmm_over_qemu: Option<f64>,
+    total_vmm_over_qemu: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct BaselineSummary {
+    tcp_mib: u64,
+    tcp_mib_s: Option<f64>,
+    rtt_p50_us: Option<f64>,
+    rtt_p99_us: Option<f64>,
+    runs: Vec<baseline::Baseline>,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    host: &'static str,
+    placement: &'static str,
+    qemu: Option<String>,
+    vmm: Option<String>,
+    runs: usize,
+    mem_mib: u64,
+    vcpus: u32,
+    agent: String,
+    downtime_target_ms: u64,
+    tracker: String,
+    baseline: BaselineSummary,
+    groups: Vec<Group>,
+    comparisons: Vec<Comparison>,
+    samples: Vec<Sample>,
+}
+
+const PLACEMENT: &str = "both namespaces on one machine, linked by a veth pair; source, \
+destination and the bench share its CPUs";
+
+fn host_kind() -> &'static str {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "pvm"
+    } else {
+        "hardware"
+    }
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// On SIGINT/SIGTERM: remove the namespaces (which ends every VM still inside them) and exit,
+/// since the Drop guards do not run when a signal ends the process.
+fn clean_up_on_signal(name: String) {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    std::thread::spawn(move || loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            eprintln!("interrupted: removing namespaces {name}-a/-b and their VMs");
+            let _ = std::process::Command::new(vmm_tests::netns::script())
+                .args(["down", &name])
+                .status();
+            std::process::exit(130);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    });
+}
+
+/// A line for the user: above the bar, or on stderr when the bar is hidden (not a terminal), where
+/// indicatif's own println prints nothing.
+fn say(pb: &ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
+}
+
+/// Routes log lines around the progress bar.
+struct BarWriter(ProgressBar);
+
+impl std::io::Write for BarWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .suspend(|| std::io::Write::write_all(&mut std::io::stderr(), buf))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn summarize(
+    samples: &[Sample],
+    baselines: &[baseline::Baseline],
+    tools: &[Tool],
+    modes: &[Mode],
+) -> (BaselineSummary, Vec<Group>, Vec<Comparison>) {
+    let tcp = median(baselines.iter().map(|b| b.tcp_mib_s));
+    let rtt = median(baselines.iter().map(|b| b.rtt_p50_us));
+    let base = BaselineSummary {
+        tcp_mib: baselines.first().map_or(0, |b| b.tcp_mib),
+        tcp_mib_s: tcp,
+        rtt_p50_us: rtt,
+        rtt_p99_us: median(baselines.iter().map(|b| b.rtt_p99_us)),
+        runs: baselines.to_vec(),
+    };
+    let mut groups = Vec::new();
+    for &mode in modes {
+        for &tool in tools {
+            let all: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.tool == tool && s.mode == mode)
+                .collect();
+            let ok: Vec<&Sample> = all.iter().copied().filter(|s| s.ok).collect();
+            let med = |f: &dyn Fn(&Sample) -> Option<f64>| median(ok.iter().filter_map(|s| f(s)));
+            let throughput = med(&|s| s.throughput_mib_s());
+            let fault = med(&|s| s.fault_p50_us());
+            groups.push(Group {
+                tool,
+                mode,
+                runs: all.len(),
+                ok: ok.len(),
+                postcopy_entered: ok
+                    .iter()
+                    .filter(|s| s.postcopy_entered == Some(true))
+                    .count(),
+                total_ms: med(&|s| s.total_ms),
+                downtime_ms: med(&|s| s.downtime_ms),
+                tool_downtime_ms: med(&|s| s.tool_downtime_ms),
+                wall_ms: med(&|s| s.wall_ms),
+                mib_sent: med(&|s| s.bytes.map(|b| b as f64 / (1 << 20) as f64)),
+                throughput_mib_s: throughput,
+                throughput_vs_tcp: ratio(throughput, tcp),
+                rounds: med(&|s| s.rounds.map(|r| r as f64)),
+                postcopy_faults: med(&|s| s.postcopy_faults.map(|r| r as f64)),
+                fault_us: fault,
+                fault_p99_us: med(&|s| s.fault_latency_us.as_ref().and_then(|l| l.p99)),
+                fault_vs_rtt: ratio(fault, rtt),
+                blocktime_ms: med(&|s| s.blocktime_ms),
+            });
+        }
+    }
+    let find = |tool, mode| groups.iter().find(|g| g.tool == tool && g.mode == mode);
+    let comparisons = modes
+        .iter()
+        .filter_map(|&mode| {
+            let (v, q) = (find(Tool::Vmm, mode)?, find(Tool::Qemu, mode)?);
+            Some(Comparison {
+                mode,
+                downtime_vmm_over_qemu: ratio(v.downtime_ms, q.downtime_ms),
+                total_vmm_over_qemu: ratio(v.total_ms, q.total_ms),
+            })
+        })
+        .collect();
+    (base, groups, comparisons)
+}
+
+fn print_table(s: &Summary) {
+    let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
+    println!(
+        "live migration, host {} ({}), medians of {} run(s) per row",
+        s.host,
+        if s.host == "pvm" {
+            "PVM: software nested virtualization, guest kernel emulated; not hardware KVM timings"
+        } else {
+            "hardware KVM"
+        },
+        s.runs
+    );
+    println!(
+        "guest {} MiB, {} vCPU, agent '{}', downtime target {} ms; {}",
+        s.mem_mib, s.vcpus, s.agent, s.downtime_target_ms, PLACEMENT
+    );
+    if let Some(q) = &s.qemu {
+        println!("qemu: {q}");
+    }
+    if let Some(v) = &s.vmm {
+        println!("vmm: {v} (tracker {})", s.tracker);
+    }
+    let b = &s.baseline;
+    println!(
+        "baseline a->b: TCP {} MiB/s ({} MiB, one connection); 4 KiB ping-pong RTT p50 {} us, p99 {} us",
+        f(b.tcp_mib_s, 0),
+        b.tcp_mib,
+        f(b.rtt_p50_us, 1),
+        f(b.rtt_p99_us, 1)
+    );
+    println!();
+    println!(
+        "{:<5} {:<9} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7}",
+        "tool",
+        "mode",
+        "ok",
+        "total ms",
+        "down ms",
+        "wall ms",
+        "MiB sent",
+        "MiB/s",
+        "/TCP",
+        "rounds",
+        "faults",
+        "fault us",
+        "/RTT"
+    );
+    for g in &s.groups {
+        let mode = if g.mode.uses_postcopy() && g.ok > 0 && g.postcopy_entered < g.ok {
+            format!("{}*", g.mode.name())
+        } else {
+            g.mode.name().to_string()
+        };
+        println!(
+            "{:<5} {:<9} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7}",
+            g.tool.name(),
+            mode,
+            format!("{}/{}", g.ok, g.runs),
+            f(g.total_ms, 0),
+            f(g.downtime_ms, 0),
+            f(g.wall_ms, 0),
+            f(g.mib_sent, 1),
+            f(g.throughput_mib_s, 0),
+            f(g.throughput_vs_tcp, 3),
+            f(g.rounds, 0),
+            f(g.postcopy_faults, 0),
+            f(g.fault_us, 0),
+            f(g.fault_vs_rtt, 1),
+        );
+    }
+    println!();
+    for c in &s.comparisons {
+        println!(
+            "vmm/qemu {:<9} downtime {}  total {}",
+            c.mode.name(),
+            f(c.downtime_vmm_over_qemu, 3),
+            f(c.total_vmm_over_qemu, 3)
+        );
+    }
+    println!(
+        "ok: migrated and the destination agent's workload-verify said ok=true. total/down: as"
+    );
+    println!("each tool reports them; wall: migrate command to completion, timed by this bench.");
+    println!(
+        "fault us: vmm's postcopy fault p50; for QEMU, postcopy-blocktime / requested pages (a"
+    );
+    println!(
+        "mean: QEMU 7.2 reports no per-fault latency). * = some runs finished before postcopy."
+    );
+    for sample in s.samples.iter().filter(|s| !s.ok) {
+        println!(
+            "FAILED {} {} run {}: {}",
+            sample.tool.name(),
+            sample.mode.name(),
+            sample.run,
+            sample.error.as_deref().unwrap_or("?")
+        );
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let runs = if args.quick { 1 } else { args.runs.max(1) };
+    let mut tools = args.tools.clone();
+    tools.sort();
+    tools.dedup();
+    let mut modes = args.modes.clone();
+    modes.sort();
+    modes.dedup();
+
+    let steps = (runs * (1 + tools.len() * modes.len())) as u64;
+    let pb = ProgressBar::new(steps);
+    pb.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let log_pb = pb.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(move || BarWriter(log_pb.clone()))
+        .init();
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("bench-migrate must run as root (it creates network namespaces)");
+    }
+    let root = vmm_tests::workspace_root();
+    let vmm_bin = args
+        .vmm
+        .clone()
+        .unwrap_or_else(|| root.join("target/release/vmm"));
+    if tools.contains(&Tool::Vmm) {
+        vmm::check_support(&vmm_bin).context("vmm preflight")?;
+    }
+    let qemu_version = if tools.contains(&Tool::Qemu) {
+        Some(qemu::ensure_installed()?)
+    } else {
+        None
+    };
+    let (kernel, initrd) = guest::images(args.kernel.clone(), args.initrd.clone())?;
+    let cfg = Config {
+        vmm: vmm_bin.clone(),
+        kernel,
+        initrd,
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+        agent: args.agent.clone(),
+        downtime_ms: args.downtime_ms,
+        max_bandwidth_mib: args.max_bandwidth_mib,
+        tracker: args.tracker.clone(),
+        settle: Duration::from_millis(args.settle_ms),
+        boot_timeout: Duration::from_secs(args.boot_timeout_s),
+        migrate_timeout: Duration::from_secs(args.migrate_timeout_s),
+        verify_timeout: Duration::from_secs(args.verify_timeout_s),
+    };
+
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("bm{}", std::process::id()));
+    clean_up_on_signal(name.clone());
+    let hosts = TwoHosts::up(&name).context("creating the two namespaces")?;
+    let (ns_a, ns_b) = (hosts.namespace(Side::A), hosts.namespace(Side::B));
+    let log_dir = args
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/tmp/bench-migrate.{}", std::process::id())));
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+
+    let mut samples = Vec::new();
+    let mut baselines = Vec::new();
+    let mut port = 4400u16;
+    for run in 1..=runs {
+        pb.set_message(format!("run {run}/{runs}: TCP baselines"));
+        let b = baseline::measure(&ns_a, &ns_b, hosts.addr_b, args.tcp_mib, args.rtt_samples)
+            .context("TCP baseline between the namespaces")?;
+        say(
+            &pb,
+            format!(
+                "run {run}: TCP {:.0} MiB/s, 4 KiB RTT p50 {:.1} us p99 {:.1} us",
+                b.tcp_mib_s, b.rtt_p50_us, b.rtt_p99_us
+            ),
+        );
+        baselines.push(b);
+        pb.inc(1);
+        for &mode in &modes {
+            for &tool in &tools {
+                port += 1;
+                let dir = log_dir.join(format!("run{run}-{}-{}", tool.name(), mode.name()));
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let label = format!("run {run}/{runs}: {} {}", tool.name(), mode.name());
+                let progress = |stage: &str| pb.set_message(format!("{label}: {stage}"));
+                let result = match tool {
+                    Tool::Qemu => qemu::run(&hosts, &cfg, mode, run, port, &dir, &progress)
+                        .map_err(anyhow::Error::from),
+                    Tool::Vmm => vmm::run(&hosts, &cfg, mode, run, port, &dir, &progress)
+                        .map_err(anyhow::Error::from),
+                };
+                let sample = result.unwrap_or_else(|e| {
+                    let mut s = Sample::new(tool, mode, run);
+                    s.error = Some(format!("{e:#} (logs: {})", dir.display()));
+                    s
+                });
+                let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.0}"));
+                let line = if sample.ok {
+                    format!(
+                        "{label}: total {} ms, downtime {} ms, {} MiB, rounds {}, faults {}",
+                        f(sample.total_ms),
+                        f(sample.downtime_ms),
+                        f(sample.bytes.map(|b| b as f64 / 1048576.0)),
+                        f(sample.rounds.map(|r| r as f64)),
+                        f(sample.postcopy_faults.map(|r| r as f64)),
+                    )
+                } else {
+                    format!(
+                        "{label}: FAILED: {}",
+                        sample.error.as_deref().unwrap_or("?")
+                    )
+                };
+                say(&pb, line);
+                samples.push(sample);
+                pb.inc(1);
+            }
+        }
+    }
+    pb.finish_and_clear();
+    drop(hosts);
+
+    let (baseline, groups, comparisons) = summarize(&samples, &baselines, &tools, &modes);
+    let failed = samples.iter().filter(|s| !s.ok).count();
+    let summary = Summary {
+        host: host_kind(),
+        placement: PLACEMENT,
+        qemu: qemu_version,
+        vmm: tools
+            .contains(&Tool::Vmm)
+            .then(|| vmm_bin.display().to_string()),
+        runs,
+        mem_mib: cfg.mem_mib,
+        vcpus: cfg.vcpus,
+        agent: cfg.agent.clone(),
+        downtime_target_ms: cfg.downtime_ms,
+        tracker: cfg.tracker.clone(),
+        baseline,
+        groups,
+        comparisons,
+        samples,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_table(&summary);
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} migrations failed; logs kept in {}",
+            summary.samples.len(),
+            log_dir.display()
+        );
+    }
+    if args.keep_logs {
+        eprintln!("logs in {}", log_dir.display());
+    } else if args.log_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&log_dir);
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! One measured migration, whichever tool made it.
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Tool {
+    Qemu,
+    Vmm,
+}
+
+impl Tool {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tool::Qemu => "qemu",
+            Tool::Vmm => "vmm",
+        }
+    }
+}
+
+/// precopy: rounds until the rest fits the downtime target. postcopy: switch over at once and
+/// fetch pages on demand. hybrid: one precopy round, then postcopy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Precopy,
+    Postcopy,
+    Hybrid,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Precopy => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+    pub fn uses_postcopy(self) -> bool {
+        self != Mode::Precopy
+    }
+}
+
+/// Postcopy page-fault latency as vmm reports it (us).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FaultLatency {
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub tool: Tool,
+    pub mode: Mode,
+    pub run: usize,
+    /// Migration completed and the destination's agent verified its workload memory.
+    pub ok: bool,
+    /// The tool's final migration status ("completed", "failed", ...), or "error".
+    pub status: String,
+    pub error: Option<String>,
+    /// Source spawn to the agent's first workload pass.
+    pub boot_ms: Option<f64>,
+    /// Total migration time as the tool reports it.
+    pub total_ms: Option<f64>,
+    /// Guest paused: source stop to destination running. vmm: as it reports it. QEMU: its STOP
+    /// event on the source to its RESUME event on the destination (QMP timestamps, one clock),
+    /// since QEMU 7.2's own postcopy downtime is broken (it reports the host's uptime).
+    pub downtime_ms: Option<f64>,
+    /// Downtime exactly as the tool itself reports it (QEMU: query-migrate `downtime`).
+    pub tool_downtime_ms: Option<f64>,
+    /// Migrate command to completion, timed by this bench the same way for both tools.
+    pub wall_ms: Option<f64>,
+    /// Bytes the tool says it sent (QEMU: ram.transferred).
+    pub bytes: Option<u64>,
+    /// Precopy dirty-sync rounds (QEMU: ram.dirty-sync-count).
+    pub rounds: Option<u64>,
+    pub pages_per_round: Option<Vec<u64>>,
+    /// Whether the migration actually ran in postcopy (a fast precopy may finish first).
+    pub postcopy_entered: Option<bool>,
+    /// Pages the destination requested (vmm: faults; QEMU: ram.postcopy-requests).
+    pub postcopy_faults: Option<u64>,
+    /// vmm only: per-fault latency.
+    pub fault_latency_us: Option<FaultLatency>,
+    /// QEMU only (postcopy-blocktime capability): total time vCPUs waited on faults.
+    pub blocktime_ms: Option<f64>,
+    /// The destination agent's `workload-verify` line.
+    pub verify: Option<String>,
+}
+
+impl Sample {
+    pub fn new(tool: Tool, mode: Mode, run: usize) -> Self {
+        Sample {
+            tool,
+            mode,
+            run,
+            ok: false,
+            status: "error".into(),
+            error: None,
+            boot_ms: None,
+            total_ms: None,
+            downtime_ms: None,
+            tool_downtime_ms: None,
+            wall_ms: None,
+            bytes: None,
+            rounds: None,
+            pages_per_round: None,
+            postcopy_entered: None,
+            postcopy_faults: None,
+            fault_latency_us: None,
+            blocktime_ms: None,
+            verify: None,
+        }
+    }
+
+    /// Migration throughput: bytes over the tool's total time (MiB/s).
+    pub fn throughput_mib_s(&self) -> Option<f64> {
+        match (self.bytes, self.total_ms) {
+            (Some(b), Some(t)) if t > 0.0 => Some(b as f64 / (1 << 20) as f64 / (t / 1000.0)),
+            _ => None,
+        }
+    }
+
+    /// QEMU: mean vCPU wait per requested page (blocktime / requests), the nearest thing QEMU 7.2
+    /// reports to a fault latency. vmm: its p50.
+    pub fn fault_p50_us(&self) -> Option<f64> {
+        match self.tool {
+            Tool::Vmm => self.fault_latency_us.as_ref().and_then(|l| l.p50),
+            Tool::Qemu => match (self.blocktime_ms, self.postcopy_faults) {
+                (Some(b), Some(n)) if n > 0 => Some(b * 1000.0 / n as f64),
+                _ => None,
+            },
+        }
+    }
+}
