@@ -272,3 +272,29 @@ fn a_link_lost_during_postcopy_keeps_every_page_on_the_paused_source() {
     assert_eq!(rcode, Some(0), "{rerr}");
     source_finishes_intact(src, passes);
 }
+
+#[test]
+fn a_destination_that_fails_before_running_the_guest_hands_it_back_even_in_postcopy() {
+    let dir = tempfile::tempdir().unwrap();
+    let passes = 80_000;
+    let (src, sock) = micro_source(dir.path(), passes);
+    // The destination's API socket path is a directory: its run fails after it accepted the
+    // VM and took the state, before any vCPU ran.
+    let blocked = dir.path().join("dst.sock");
+    std::fs::create_dir(&blocked).unwrap();
+    let port = free_port();
+    let dst = destination(port, &["--api-socket", blocked.to_str().unwrap()]);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (code, reply, _) = migrate(&sock, to, "postcopy");
+    assert_eq!(code, Some(1), "{reply}");
+    let err = reply["error"].as_str().unwrap_or_default();
+    assert!(err.contains("never ran the guest"), "{reply}");
+    assert_eq!(
+        state(&sock),
+        "running",
+        "the source must take the guest back"
+    );
+    let (dcode, _, derr) = dst.finish(Duration::from_secs(30));
+    assert_eq!(dcode, Some(1), "{derr}");
+    source_finishes_intact(src, passes);
+}

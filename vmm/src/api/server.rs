@@ -13,8 +13,9 @@ use serde_json::{json, Value};
 use super::Request;
 use crate::machine::shared::Shared;
 use crate::migration::progress::Phase;
-use crate::migration::source::{migrate, MigrateOptions};
+use crate::migration::source::{hand_over, migrate, MigrateOptions};
 use crate::tracking::TrackerKind;
+use crate::vstate::pause::Owner;
 
 /// Longest request line accepted (a console input or a migrate request is far shorter).
 const MAX_LINE: usize = 64 << 10;
@@ -116,7 +117,13 @@ fn serve(stream: UnixStream, shared: &Arc<Shared>) {
             Ok(req) => handle(req, shared),
             Err(e) => error(format!("bad request: {e}")),
         };
-        if reply(&mut out, answer).is_err() {
+        let migrated = answer.get("migrated").and_then(Value::as_bool) == Some(true);
+        let sent = reply(&mut out, answer);
+        if migrated {
+            // Only now, with the report on its way: the VM's run ends and the process exits.
+            hand_over(shared);
+        }
+        if sent.is_err() {
             return;
         }
     }
@@ -135,21 +142,26 @@ fn error(msg: String) -> Value {
 pub fn handle(req: Request, shared: &Arc<Shared>) -> Value {
     match req {
         Request::Status => status(shared),
-        Request::Pause => match shared
-            .pause
-            .pause(&shared.kicker, false, Duration::from_secs(5))
-        {
-            Ok(_) => json!({ "ok": true }),
-            Err(e) => error(e.to_string()),
-        },
-        Request::Resume => {
-            if matches!(
-                shared.progress().phase,
-                Phase::StopAndCopy | Phase::Postcopy
-            ) {
-                return error("a migration owns the paused guest right now".into());
+        Request::Pause => {
+            match shared
+                .pause
+                .pause(&shared.kicker, Owner::Api, false, Duration::from_secs(5))
+            {
+                Ok(_) => json!({ "ok": true }),
+                Err(e) => error(e.to_string()),
             }
-            match shared.pause.resume() {
+        }
+        Request::Resume => {
+            // A migration's pause is lifted by the migration; after a postcopy failure the
+            // guest waits for this explicit decision (README, "Postcopy failures").
+            let failed_postcopy = shared.progress().phase == Phase::Failed
+                && shared.pause.owner() == Some(Owner::Migration);
+            let owner = if failed_postcopy {
+                Owner::Migration
+            } else {
+                Owner::Api
+            };
+            match shared.pause.resume(owner) {
                 Ok(()) => json!({ "ok": true }),
                 Err(e) => error(e.to_string()),
             }
@@ -189,7 +201,7 @@ pub fn handle(req: Request, shared: &Arc<Shared>) -> Value {
                 dump_memory,
             };
             match migrate(shared, &opts) {
-                Ok(report) => json!({ "ok": true, "report": report }),
+                Ok(report) => json!({ "ok": true, "migrated": true, "report": report }),
                 Err(e) => {
                     let report = shared.progress().report.clone();
                     json!({ "ok": false, "error": e.to_string(), "report": report })
@@ -203,6 +215,7 @@ fn status(shared: &Shared) -> Value {
     let p = shared.progress().clone();
     let state = match p.phase {
         Phase::Completed => "migrated",
+        Phase::Incoming => "receiving",
         Phase::Connecting | Phase::Precopy | Phase::StopAndCopy | Phase::Postcopy => "migrating",
         _ if shared.pause.is_paused() => "paused",
         _ => "running",

@@ -103,6 +103,14 @@ impl Machine {
             cfg.mem_bytes >> 20
         );
 
+        // Before any vCPU runs: a failure here must leave the guest never started.
+        let api = match &cfg.api_socket {
+            Some(path) => Some(
+                crate::api::server::ApiServer::start(path, shared.clone())
+                    .map_err(MachineError::Api)?,
+            ),
+            None => None,
+        };
         let mut threads = Vec::new();
         for runner in runners {
             let tx = events_tx.clone();
@@ -121,13 +129,6 @@ impl Machine {
                 Some(Harvester::spawn(s.clone(), opts.interval).map_err(MachineError::Thread)?)
             }
             _ => None,
-        };
-        let api = match &cfg.api_socket {
-            Some(path) => Some(
-                crate::api::server::ApiServer::start(path, shared.clone())
-                    .map_err(MachineError::Api)?,
-            ),
-            None => None,
         };
         if let Some(f) = on_running {
             f(&shared);
@@ -152,7 +153,7 @@ impl Machine {
             taken.finish()
         });
         // Parked vCPUs (a pause, or the source of a finished migration) must see the stop.
-        let _ = pause.resume();
+        pause.release_all();
         stop_vcpus(&stop, threads);
         let (first_run, why) = ended?;
         let migration = shared.progress().report.clone();

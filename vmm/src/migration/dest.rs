@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use super::description::{Constraints, GuestDesc, Hello};
 use super::pages;
 use super::progress::{DestinationStats, MigrationReport};
-use super::protocol::{check_range, FrameReader, FrameWriter, Message, Role, PAGE_SIZE};
+use super::protocol::{
+    check_range, FrameReader, FrameWriter, Message, Role, ABORT_NOT_STARTED, PAGE_SIZE,
+};
 use super::snapshot::VmSnapshot;
 use super::source::{unexpected, Reader, Writer};
 use super::{postcopy_dst, MigrationError, Mode};
@@ -22,6 +24,8 @@ use crate::machine::{ConsoleOutput, GuestConfig, Machine, RunReport, VmConfig};
 
 /// How long the destination waits for the source's second (urgent) connection.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The source sends continuously while it migrates; this long a silence means it is gone.
+const SILENCE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct IncomingOptions {
@@ -37,6 +41,7 @@ pub struct IncomingOptions {
 
 fn streams(stream: TcpStream) -> Result<(Writer, Reader), MigrationError> {
     stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(SILENCE_TIMEOUT))?;
     Ok((
         FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?)),
         FrameReader::new(BufReader::with_capacity(1 << 20, stream)),
@@ -53,6 +58,9 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     let (stream, peer) = listener.accept()?;
     tracing::info!("incoming migration from {peer}");
     let (mut w, mut r) = streams(stream)?;
+    r.get_ref()
+        .get_ref()
+        .set_read_timeout(Some(SILENCE_TIMEOUT))?;
     let begun = Instant::now();
 
     let hello = match r.recv()? {
@@ -73,6 +81,17 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         Ok(c) => c,
         Err(e) => return Err(refuse(&mut w, e)),
     };
+    if hello.mode != Mode::Precopy {
+        // Postcopy needs userfaultfd here: find out before the source commits to it.
+        if let Err(e) = crate::sys::uffd::available_features() {
+            return Err(refuse(
+                &mut w,
+                MigrationError::Refused(format!(
+                    "postcopy needs userfaultfd on the destination, which it cannot open: {e}"
+                )),
+            ));
+        }
+    }
     let machine = match Machine::build(&cfg, start) {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e.to_string()))),
@@ -185,14 +204,18 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                         })
                         .and_then(|()| w.flush());
                     rep.ok = confirmed.is_ok();
-                    if let Err(e) = confirmed {
-                        rep.error = Some(format!("confirming to the source: {e}"));
-                        tracing::warn!(
-                            "could not confirm to the source ({e}); it will resume its copy if it \
-                             never hears from us"
-                        );
-                    }
                     shared.progress().report = Some(rep.clone());
+                    if let Err(e) = confirmed {
+                        // The source resumes its copy when it does not hear from us: this one
+                        // must not run on beside it.
+                        let msg = format!(
+                            "could not confirm the migration to the source ({e}); it resumes \
+                             its own copy, so this one stops"
+                        );
+                        rep.error = Some(msg.clone());
+                        shared.progress().report = Some(rep.clone());
+                        shared.end_run(crate::vstate::vcpu::VcpuStop::Fault(msg));
+                    }
                 })
             };
             machine
@@ -203,24 +226,39 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             let Some((uw, ur)) = urgent else {
                 return Err(MigrationError::Busy("no urgent channel".into()));
             };
-            let pager = postcopy_dst::Receiver::start(
+            let pager = match postcopy_dst::Receiver::start(
                 &machine,
                 &pending,
                 postcopy_dst::Links { w, r, uw, ur },
                 opts.dump_memory.clone(),
                 report,
                 begun,
-            )?;
+            ) {
+                Ok(p) => p,
+                Err(failed) => {
+                    let (e, w) = *failed;
+                    if let Some(mut w) = w {
+                        let _ = w.send(&Message::Abort(format!("{ABORT_NOT_STARTED}{e}")));
+                        let _ = w.flush();
+                    }
+                    return Err(e);
+                }
+            };
             if let Err(e) = snapshot.restore(&machine) {
-                pager.fail(&format!("the destination cannot restore: {e}"));
+                pager.fail(&format!("{ABORT_NOT_STARTED}cannot restore the state: {e}"));
                 return Err(e.into());
             }
-            let on_running: crate::machine::run::OnRunning = Box::new(move |shared| {
-                pager.running(shared.clone(), state_at.elapsed().as_secs_f64() * 1000.0);
-            });
-            machine
-                .run(Some(on_running))
-                .map_err(|e| MigrationError::Machine(e.to_string()))
+            let on_running: crate::machine::run::OnRunning = {
+                let pager = pager.clone();
+                Box::new(move |shared| {
+                    pager.running(shared.clone(), state_at.elapsed().as_secs_f64() * 1000.0);
+                })
+            };
+            // `run` fails only before any vCPU thread starts (API socket, threads).
+            machine.run(Some(on_running)).map_err(|e| {
+                pager.fail(&format!("{ABORT_NOT_STARTED}{e}"));
+                MigrationError::Machine(e.to_string())
+            })
         }
     }
 }
@@ -257,8 +295,11 @@ fn accept_channel(
         }
     };
     stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CHANNEL_TIMEOUT))?;
     let (w, mut r) = streams(stream)?;
-    match r.recv()? {
+    let first = r.recv();
+    r.get_ref().get_ref().set_read_timeout(None)?;
+    match first? {
         Message::Channel {
             session: s,
             role: Role::Urgent,

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use super::page_index::{AtomicPages, PageIndex};
 use super::pages;
-use super::progress::{DestinationStats, MigrationReport, Percentiles, PostcopyStats};
-use super::protocol::{check_range, Message, ProtocolError, PAGE_SIZE};
+use super::progress::{DestinationStats, MigrationReport, Percentiles, Phase, PostcopyStats};
+use super::protocol::{check_range, Message, ProtocolError, ABORT_NOT_STARTED, PAGE_SIZE};
 use super::source::{unexpected, Reader, Writer};
 use super::MigrationError;
 use crate::machine::shared::Shared;
@@ -66,11 +66,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The destination's postcopy machinery, started before the state is restored (restoring may
 /// already touch guest memory: KVM writes the kvmclock page).
+#[derive(Clone)]
 pub struct Receiver {
     inner: Arc<Inner>,
 }
 
 impl Receiver {
+    /// Punches the pending pages out of guest RAM, arms the pager and starts the fault and
+    /// receiver threads. On failure nothing ran yet: the main connection's writer comes back
+    /// with the error, to tell the source.
     pub fn start(
         machine: &Machine,
         pending: &[(u64, u64)],
@@ -78,38 +82,50 @@ impl Receiver {
         dump: Option<PathBuf>,
         report: MigrationReport,
         begun: Instant,
-    ) -> Result<Receiver, MigrationError> {
+    ) -> Result<Receiver, Box<(MigrationError, Option<Writer>)>> {
+        let Links { w, r, uw, ur } = links;
         let ram = machine.ram.ranges().to_vec();
         let memfd = machine.ram.file();
         let index = PageIndex::new(&ram);
         let marks = AtomicPages::new(index.total());
-        for &(gpa, n) in pending {
-            pages::zero_pages(memfd, &ram, gpa, n)?;
-            for p in 0..n {
-                if let Some(i) = index.index(gpa + p * PAGE_SIZE) {
-                    marks.set(i);
+        let prepared = (|| -> Result<(Option<File>, UffdMissing), MigrationError> {
+            for &(gpa, n) in pending {
+                for p in 0..n {
+                    let page = gpa + p * PAGE_SIZE;
+                    let fresh = index.index(page).is_some_and(|i| marks.set(i));
+                    if !fresh {
+                        return Err(MigrationError::Protocol(ProtocolError::Malformed {
+                            kind: "PostcopyStart",
+                            seq: 0,
+                            reason: format!("page 0x{page:x} is listed twice or is not RAM"),
+                        }));
+                    }
                 }
+                pages::zero_pages(memfd, &ram, gpa, n)?;
             }
-        }
-        let dump = match dump {
-            Some(path) => {
-                pages::dump_ram(memfd, &ram, &path).map_err(|source| MigrationError::Dump {
-                    path: path.clone(),
-                    source,
-                })?;
-                Some(
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|source| MigrationError::Dump { path, source })?,
-                )
-            }
-            None => None,
+            let dump = match dump {
+                Some(path) => {
+                    pages::dump_ram(memfd, &ram, &path).map_err(|source| MigrationError::Dump {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    Some(
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(|source| MigrationError::Dump { path, source })?,
+                    )
+                }
+                None => None,
+            };
+            Ok((dump, UffdMissing::arm(&ram, &machine.ram.host_addrs())?))
+        })();
+        let (dump, pager) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Err(Box::new((e, Some(w)))),
         };
-        let pager = UffdMissing::arm(&ram, &machine.ram.host_addrs())?;
         let remaining = marks.count();
         tracing::info!("postcopy: {remaining} pages still on the source; resuming now");
-        let Links { w, r, uw, ur } = links;
         let inner = Arc::new(Inner {
             pager: Box::new(pager),
             table: ram.iter().map(|r| (r.gpa, r.size)).collect(),
@@ -137,20 +153,35 @@ impl Receiver {
                 .spawn(f)
                 .map(|_| ())
         };
-        let i = inner.clone();
-        spawn("postcopy-faults", Box::new(move || i.fault_loop()))?;
-        let i = inner.clone();
-        spawn("postcopy-main", Box::new(move || i.receive_loop(r, true)))?;
-        let i = inner.clone();
-        spawn(
-            "postcopy-urgent",
-            Box::new(move || i.receive_loop(ur, false)),
-        )?;
-        Ok(Receiver { inner })
+        let started = (|| -> std::io::Result<()> {
+            let i = inner.clone();
+            spawn("postcopy-faults", Box::new(move || i.fault_loop()))?;
+            let i = inner.clone();
+            spawn("postcopy-main", Box::new(move || i.receive_loop(r, true)))?;
+            let i = inner.clone();
+            spawn(
+                "postcopy-urgent",
+                Box::new(move || i.receive_loop(ur, false)),
+            )
+        })();
+        let receiver = Receiver { inner };
+        if let Err(e) = started {
+            // The writer went into the receiver: tell the source through it.
+            receiver.fail(&format!(
+                "{ABORT_NOT_STARTED}cannot start the postcopy threads: {e}"
+            ));
+            return Err(Box::new((MigrationError::Io(e), None)));
+        }
+        Ok(receiver)
     }
 
     /// The vCPUs run: from now on the destination owns the guest.
     pub fn running(&self, shared: Arc<Shared>, restore_ms: f64) {
+        {
+            let mut p = shared.progress();
+            p.phase = Phase::Incoming;
+            p.remaining_pages = self.inner.remaining.load(Ordering::Acquire);
+        }
         *lock(&self.inner.running) = Some((shared, restore_ms, Instant::now()));
         self.inner.maybe_finish();
     }
@@ -242,6 +273,9 @@ impl Inner {
             if let Err(e) = handled {
                 self.lost(&e.to_string());
                 return;
+            }
+            if let Some((shared, ..)) = lock(&self.running).as_ref() {
+                shared.progress().remaining_pages = self.remaining.load(Ordering::Acquire);
             }
             self.maybe_finish();
         }
@@ -345,7 +379,10 @@ impl Inner {
             }
             report.bytes = w.bytes_sent();
         }
-        shared.progress().report = Some(report);
+        let mut p = shared.progress();
+        p.report = Some(report);
+        p.phase = Phase::None;
+        p.remaining_pages = 0;
     }
 
     /// A connection or the pager failed while pages are still on the source.

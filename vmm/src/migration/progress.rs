@@ -15,6 +15,8 @@ pub enum Phase {
     Postcopy,
     Completed,
     Failed,
+    /// Destination: the guest runs here while postcopy still brings pages in.
+    Incoming,
 }
 
 /// Live figures, updated by the migration threads.

@@ -153,6 +153,9 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const MAX_PAGES_PER_FRAME: usize = 256;
 /// Bounds what a peer can make us allocate for one frame; JSON state may be large-ish.
 pub const MAX_PAYLOAD: usize = 8 << 20;
+/// How an `Abort` from the destination begins when no vCPU ran there: the source, which still
+/// holds the only live copy, resumes the guest even after `PostcopyStart`.
+pub const ABORT_NOT_STARTED: &str = "the destination never ran the guest: ";
 
 const KIND_HELLO: u16 = 1;
 const KIND_ACCEPT: u16 = 2;

@@ -18,9 +18,16 @@ use super::snapshot::VmSnapshot;
 use super::{parse_tcp_url, postcopy_src, MigrationError, Mode};
 use crate::machine::shared::Shared;
 use crate::tracking::{self, DirtySet, DirtyTracker, TrackerKind};
+use crate::vstate::pause::Owner;
 
 /// How long the source waits for the destination to restore and confirm it runs.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the destination may take to accept or refuse the Hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A send that makes no progress this long means the destination stopped reading.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// The destination's statistics follow its confirmation at once, or not at all.
+pub(super) const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a paused source waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -69,14 +76,15 @@ pub(super) fn connect(addr: &str) -> Result<(Writer, Reader), MigrationError> {
         .ok_or_else(|| err(std::io::Error::other("no address")))?;
     let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(10)).map_err(err)?;
     stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(SEND_TIMEOUT))?;
     let w = FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?));
     let r = FrameReader::new(BufReader::with_capacity(1 << 20, stream));
     Ok((w, r))
 }
 
-/// Migrates the running VM behind `shared`. On success the guest runs on the destination and
-/// this VM's run ends (outcome `migrated`); on failure before the point of no return the guest
-/// runs on here.
+/// Migrates the running VM behind `shared`. On success the guest runs on the destination (the
+/// caller then ends this VM's run with `hand_over`); on failure before the point of no return
+/// the guest runs on here.
 pub fn migrate(
     shared: &Arc<Shared>,
     opts: &MigrateOptions,
@@ -84,6 +92,14 @@ pub fn migrate(
     if shared.tracking_active {
         return Err(MigrationError::Busy(
             "a --track session owns dirty tracking on this VM".into(),
+        ));
+    }
+    if opts.mode != Mode::Postcopy && opts.tracker == TrackerKind::SoftDirty {
+        return Err(MigrationError::Busy(
+            "soft-dirty cannot track a running guest for migration: a write that lands between \
+             reading pagemap and clear_refs loses its dirty bit (use bitmap, bitmap-manual, \
+             ring, uffd-wp or uffd-wp-async)"
+                .into(),
         ));
     }
     {
@@ -132,13 +148,13 @@ pub fn migrate(
     }
     p.report = Some(report.clone());
     drop(p);
-    match result {
-        Ok(()) => {
-            shared.end_run(crate::vstate::vcpu::VcpuStop::Migrated);
-            Ok(report)
-        }
-        Err(e) => Err(e),
-    }
+    result.map(|()| report)
+}
+
+/// After a successful migration (and after its requester has the report): ends this VM's run,
+/// since the guest lives on the destination now.
+pub fn hand_over(shared: &Shared) {
+    shared.end_run(crate::vstate::vcpu::VcpuStop::Migrated);
 }
 
 fn session_id() -> u64 {
@@ -166,11 +182,15 @@ fn run(
     let json = serde_json::to_vec(&hello).map_err(|e| MigrationError::Hello(e.to_string()))?;
     w.send(&Message::Hello(json))?;
     w.flush()?;
+    r.get_ref()
+        .get_ref()
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     match r.recv()? {
         Message::Accept => {}
         Message::Refuse(reason) => return Err(MigrationError::Refused(reason)),
         other => return Err(unexpected("Accept", &other)),
     }
+    r.get_ref().get_ref().set_read_timeout(None)?;
     let urgent = if opts.mode == Mode::Precopy {
         None
     } else {
@@ -215,7 +235,10 @@ fn run(
     // Stop the guest: from here until the point of no return, failure resumes it.
     shared.progress().phase = Phase::StopAndCopy;
     let paused_at = Instant::now();
-    let vcpus = match shared.pause.pause(&shared.kicker, true, PAUSE_TIMEOUT) {
+    let vcpus = match shared
+        .pause
+        .pause(&shared.kicker, Owner::Migration, true, PAUSE_TIMEOUT)
+    {
         Ok(v) => v,
         Err(e) => {
             stop_tracker(tracker.as_deref_mut());
@@ -265,26 +288,23 @@ fn run(
             // Complete is sent: the destination may run the guest from now on. If it never
             // confirms, resuming here as well is what keeps the guest alive when the
             // destination died; README documents the window where both could run.
-            r.get_ref()
+            let confirmed = r
                 .get_ref()
-                .set_read_timeout(Some(CONFIRM_TIMEOUT))?;
-            match r.recv() {
-                Ok(Message::Resumed) => {}
-                Ok(Message::Abort(reason)) => {
-                    let _ = shared.pause.resume();
-                    return Err(MigrationError::Aborted(reason));
-                }
-                Ok(other) => {
-                    let _ = shared.pause.resume();
-                    return Err(unexpected("Resumed", &other));
-                }
-                Err(e) => {
-                    let _ = shared.pause.resume();
-                    return Err(e.into());
-                }
+                .get_ref()
+                .set_read_timeout(Some(CONFIRM_TIMEOUT))
+                .map_err(MigrationError::from)
+                .and_then(|()| match r.recv()? {
+                    Message::Resumed => Ok(()),
+                    Message::Abort(reason) => Err(MigrationError::Aborted(reason)),
+                    other => Err(unexpected("Resumed", &other)),
+                });
+            if let Err(e) = confirmed {
+                let _ = shared.pause.resume(Owner::Migration);
+                return Err(e);
             }
             report.downtime_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
             report.bytes = w.bytes_sent();
+            let _ = r.get_ref().get_ref().set_read_timeout(Some(STATS_TIMEOUT));
             if let Ok(Message::Stats(json)) = r.recv() {
                 merge_destination_stats(report, &json);
             }
@@ -304,6 +324,16 @@ fn run(
                     .map(|(gpa, bytes)| (gpa, bytes / PAGE_SIZE))
                     .collect()
             };
+            // Everything that can fail without the destination's help happens before the
+            // point of no return.
+            let prepared = match urgent {
+                Some((uw, ur)) => postcopy_src::Postcopy::prepare(shared, &pending, r, uw, ur),
+                None => Err(MigrationError::Busy("no urgent channel".into())),
+            };
+            let postcopy = match prepared {
+                Ok(p) => p,
+                Err(e) => return Err(abort_and_resume(shared, &mut w, e)),
+            };
             let committed = (|| -> Result<(), MigrationError> {
                 w.send(&Message::State(snapshot.encode()?))?;
                 w.send(&Message::PostcopyStart {
@@ -313,14 +343,12 @@ fn run(
                 Ok(())
             })();
             if let Err(e) = committed {
+                postcopy.cancel();
                 return Err(abort_and_resume(shared, &mut w, e));
             }
             shared.progress().phase = Phase::Postcopy;
-            let Some((uw, ur)) = urgent else {
-                return Err(MigrationError::Busy("no urgent channel".into()));
-            };
             let handover_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
-            postcopy_src::serve(shared, &pending, w, r, uw, ur, handover_ms, report)
+            postcopy.serve(shared, w, handover_ms, report)
         }
     }
 }
@@ -431,7 +459,7 @@ fn stop_tracker(tracker: Option<&mut (dyn DirtyTracker + '_)>) {
 fn abort_and_resume(shared: &Shared, w: &mut Writer, e: MigrationError) -> MigrationError {
     let _ = w.send(&Message::Abort(e.to_string()));
     let _ = w.flush();
-    if let Err(re) = shared.pause.resume() {
+    if let Err(re) = shared.pause.resume(Owner::Migration) {
         tracing::error!("resuming the guest after a failed migration: {re}");
     }
     tracing::warn!("migration failed, the guest runs on here: {e}");

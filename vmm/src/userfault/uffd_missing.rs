@@ -130,6 +130,9 @@ impl DemandPager for UffdMissing {
             Err(e) => return Err(uffd_err("UFFDIO_COPY")(e)),
         };
         let page = PAGE as usize;
+        // The count comes from the kernel (negative errnos included, cast): never trust it
+        // past the buffer.
+        let done = done.min(data.len());
         let start = done - done % page;
         for (i, chunk) in data[start..].chunks(page).enumerate() {
             let at = gpa + (start + i * page) as u64;

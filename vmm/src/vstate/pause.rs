@@ -1,7 +1,10 @@
-//! Pausing and resuming vCPU threads. A pause makes every vCPU leave KVM_RUN, finish any port
-//! or MMIO access KVM still has to complete, optionally save its complete state, and park until
-//! resumed. Migration pauses the source for the stop-and-copy and takes the saved states; the
-//! API's `pause` and `resume` use the same path without saving.
+//! Pausing and resuming vCPU threads. A pause makes every vCPU leave KVM_RUN, finish the port or
+//! MMIO access KVM still has to complete, and park until resumed. Only once *all* of them have
+//! parked are their states saved (if asked): a vCPU saved while another still ran could miss an
+//! IPI or interrupt sent to it in between, while the VM-wide state saved afterwards would show
+//! it delivered. Migration pauses the source for the stop-and-copy and takes the saved states;
+//! the API's `pause` and `resume` use the same path without saving. A pause has an owner, and
+//! only its owner may lift it: the API cannot resume a guest a migration has stopped.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -22,23 +25,55 @@ pub enum PauseError {
     },
     #[error("vcpu{id} could not save its state: {reason}")]
     Save { id: u8, reason: String },
-    #[error("already paused")]
-    AlreadyPaused,
+    #[error("already paused (by {0})")]
+    AlreadyPaused(Owner),
     #[error("not paused")]
     NotPaused,
+    #[error("the pause belongs to {0}; it cannot be lifted from here")]
+    NotOwner(Owner),
 }
+
+/// Who paused the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Api,
+    Migration,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Owner::Api => "an API pause",
+            Owner::Migration => "a migration",
+        })
+    }
+}
+
+/// A vCPU's answer to a save request.
+pub type Saved = Result<VcpuState, String>;
 
 #[derive(Default)]
 struct Inner {
-    requested: bool,
-    save: bool,
+    owner: Option<Owner>,
     /// Live vCPU threads (a vCPU that stopped for good is no longer counted).
     live: usize,
-    parked: usize,
-    /// Per vCPU id: the state saved when it parked (if asked).
-    states: Vec<Option<Result<VcpuState, String>>>,
+    /// Per vCPU id: the pause epoch it is parked in, if any.
+    parked_in: Vec<Option<u64>>,
     /// Bumped at each resume, so a parked vCPU knows its pause ended even if another began.
     epoch: u64,
+    /// Bumped by the pauser to ask every parked vCPU for its state.
+    save_gen: u64,
+    states: Vec<Option<Saved>>,
+}
+
+impl Inner {
+    fn parked(&self) -> usize {
+        let e = self.epoch;
+        self.parked_in.iter().filter(|p| **p == Some(e)).count()
+    }
+    fn saved(&self) -> usize {
+        self.states.iter().filter(|s| s.is_some()).count()
+    }
 }
 
 /// Shared by the vCPU threads and whoever pauses them.
@@ -56,6 +91,7 @@ impl PauseControl {
             requested: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 live: vcpus,
+                parked_in: vec![None; vcpus],
                 states: vec![None; vcpus],
                 ..Default::default()
             }),
@@ -68,7 +104,11 @@ impl PauseControl {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.lock().requested
+        self.lock().owner.is_some()
+    }
+
+    pub fn owner(&self) -> Option<Owner> {
+        self.lock().owner
     }
 
     /// vCPU side: a pause is pending.
@@ -76,135 +116,201 @@ impl PauseControl {
         self.requested.load(Ordering::Acquire)
     }
 
-    /// vCPU side: does this pause want the vCPU's state saved?
-    pub fn wants_state(&self) -> bool {
-        self.lock().save
-    }
-
-    /// vCPU side: park until resumed, leaving `state` for the pauser. Returns at once if the
-    /// pause was already lifted.
-    pub fn park(&self, id: u8, state: Option<Result<VcpuState, String>>) {
+    /// vCPU side: park until resumed. While parked, `save` runs (on this thread) each time the
+    /// pauser asks for the states. Returns at once if the pause was already lifted.
+    pub fn park(&self, id: u8, save: &mut dyn FnMut() -> Saved) {
+        let idx = id as usize;
         let mut g = self.lock();
-        if !g.requested {
+        if g.owner.is_none() || idx >= g.parked_in.len() {
             return;
         }
-        if let Some(slot) = g.states.get_mut(id as usize) {
-            *slot = state;
-        }
-        g.parked += 1;
         let epoch = g.epoch;
+        let mut seen_gen = g.save_gen;
+        g.parked_in[idx] = Some(epoch);
         self.cv.notify_all();
-        while g.requested && g.epoch == epoch {
+        while g.owner.is_some() && g.epoch == epoch {
+            if g.save_gen != seen_gen {
+                seen_gen = g.save_gen;
+                drop(g);
+                let state = save();
+                g = self.lock();
+                if g.epoch == epoch && g.save_gen == seen_gen {
+                    g.states[idx] = Some(state);
+                    self.cv.notify_all();
+                }
+                continue;
+            }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
-        g.parked -= 1;
+        g.parked_in[idx] = None;
     }
 
     /// vCPU side: this vCPU stopped for good (guest exit, fault, VMM stop).
-    pub fn vcpu_finished(&self) {
+    pub fn vcpu_finished(&self, id: u8) {
         let mut g = self.lock();
         g.live = g.live.saturating_sub(1);
+        if let Some(p) = g.parked_in.get_mut(id as usize) {
+            *p = None;
+        }
         self.cv.notify_all();
     }
 
-    /// Pauses every vCPU and waits until all have parked; with `save`, returns each vCPU's
-    /// state (index = vCPU id). On failure the pause is lifted again.
-    pub fn pause(
+    /// Waits on the condition variable until `done` or the deadline; false on timeout.
+    fn wait_until(
         &self,
-        kicker: &Kicker,
-        save: bool,
-        timeout: Duration,
-    ) -> Result<Vec<VcpuState>, PauseError> {
-        {
-            let mut g = self.lock();
-            if g.requested {
-                return Err(PauseError::AlreadyPaused);
-            }
-            if g.live == 0 {
-                return Err(PauseError::NotRunning);
-            }
-            g.requested = true;
-            g.save = save;
-            for s in g.states.iter_mut() {
-                *s = None;
-            }
-            self.requested.store(true, Ordering::Release);
-        }
-        let deadline = Instant::now() + timeout;
+        kicker: Option<&Kicker>,
+        deadline: Instant,
+        done: impl Fn(&Inner) -> Result<bool, PauseError>,
+    ) -> Result<bool, PauseError> {
         loop {
             {
                 let g = self.lock();
-                if g.live == 0 {
-                    drop(g);
-                    self.lift();
-                    return Err(PauseError::NotRunning);
-                }
-                if g.parked >= g.live {
-                    break;
+                if done(&g)? {
+                    return Ok(true);
                 }
                 if Instant::now() > deadline {
-                    let (parked, total) = (g.parked, g.live);
-                    drop(g);
-                    self.lift();
-                    return Err(PauseError::Timeout {
-                        parked,
-                        total,
-                        ms: timeout.as_millis() as u64,
-                    });
+                    return Ok(false);
                 }
             }
             // A vCPU in KVM_RUN only sees the request once it exits.
-            kicker.kick_all_and_wait(Duration::from_millis(20));
+            if let Some(k) = kicker {
+                k.kick_all_and_wait(Duration::from_millis(20));
+            }
             let g = self.lock();
-            if g.parked < g.live {
+            if !done(&g)? {
                 let _ = self
                     .cv
                     .wait_timeout(g, Duration::from_millis(5))
                     .unwrap_or_else(|p| p.into_inner());
             }
         }
+    }
+
+    /// Pauses every vCPU for `owner` and waits until all have parked; with `save`, then asks
+    /// each for its state and returns them (index = vCPU id). On failure the pause is lifted.
+    pub fn pause(
+        &self,
+        kicker: &Kicker,
+        owner: Owner,
+        save: bool,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, PauseError> {
+        {
+            let mut g = self.lock();
+            if let Some(o) = g.owner {
+                return Err(PauseError::AlreadyPaused(o));
+            }
+            if g.live == 0 {
+                return Err(PauseError::NotRunning);
+            }
+            g.owner = Some(owner);
+            for s in g.states.iter_mut() {
+                *s = None;
+            }
+            self.requested.store(true, Ordering::Release);
+        }
+        let deadline = Instant::now() + timeout;
+        let all_parked = self.wait_until(Some(kicker), deadline, |g| {
+            if g.live == 0 {
+                return Err(PauseError::NotRunning);
+            }
+            Ok(g.parked() >= g.live)
+        });
+        match all_parked {
+            Ok(true) => {}
+            Ok(false) => {
+                let (parked, total) = {
+                    let g = self.lock();
+                    (g.parked(), g.live)
+                };
+                self.lift();
+                return Err(PauseError::Timeout {
+                    parked,
+                    total,
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+            Err(e) => {
+                self.lift();
+                return Err(e);
+            }
+        }
         if !save {
             return Ok(Vec::new());
         }
+        // Every vCPU is out of the guest now: ask for the states.
+        {
+            let mut g = self.lock();
+            g.save_gen += 1;
+            self.cv.notify_all();
+        }
+        let saved = self.wait_until(None, deadline, |g| {
+            if g.live < g.parked_in.len() {
+                return Err(PauseError::NotRunning);
+            }
+            Ok(g.saved() >= g.states.len())
+        });
+        match saved {
+            Ok(true) => {}
+            Ok(false) => {
+                self.lift();
+                return Err(PauseError::Save {
+                    id: 0,
+                    reason: "not every vCPU saved its state in time".into(),
+                });
+            }
+            Err(e) => {
+                self.lift();
+                return Err(e);
+            }
+        }
         let mut g = self.lock();
         let mut out = Vec::new();
+        let mut failed = None;
         for (id, slot) in g.states.iter_mut().enumerate() {
             match slot.take() {
                 Some(Ok(s)) => out.push(s),
                 Some(Err(reason)) => {
-                    drop(g);
-                    self.lift();
-                    return Err(PauseError::Save {
+                    failed.get_or_insert(PauseError::Save {
                         id: id as u8,
                         reason,
                     });
                 }
                 None => {
-                    drop(g);
-                    self.lift();
-                    return Err(PauseError::Save {
+                    failed.get_or_insert(PauseError::Save {
                         id: id as u8,
-                        reason: "it stopped before parking".into(),
+                        reason: "it stopped before saving".into(),
                     });
                 }
             }
         }
+        drop(g);
+        if let Some(e) = failed {
+            self.lift();
+            return Err(e);
+        }
         Ok(out)
     }
 
-    /// Resumes parked vCPUs.
-    pub fn resume(&self) -> Result<(), PauseError> {
-        if !self.lock().requested {
-            return Err(PauseError::NotPaused);
+    /// Resumes the vCPUs parked by `owner`'s pause.
+    pub fn resume(&self, owner: Owner) -> Result<(), PauseError> {
+        match self.lock().owner {
+            None => return Err(PauseError::NotPaused),
+            Some(o) if o != owner => return Err(PauseError::NotOwner(o)),
+            Some(_) => {}
         }
         self.lift();
         Ok(())
     }
 
+    /// Lifts any pause, whoever owns it: the VM is ending (parked vCPUs must see the stop).
+    pub fn release_all(&self) {
+        self.lift();
+    }
+
     fn lift(&self) {
         let mut g = self.lock();
-        g.requested = false;
-        g.save = false;
+        g.owner = None;
         g.epoch += 1;
         self.requested.store(false, Ordering::Release);
         self.cv.notify_all();
@@ -216,43 +322,70 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    #[test]
-    fn pause_waits_for_every_vcpu_and_resume_releases_them() {
-        let ctl = Arc::new(PauseControl::new(2));
-        let kicker = Kicker::default();
-        let done = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..2u8)
+    fn spawn_vcpus(
+        ctl: &Arc<PauseControl>,
+        n: u8,
+        done: &Arc<AtomicBool>,
+    ) -> Vec<std::thread::JoinHandle<u32>> {
+        (0..n)
             .map(|id| {
                 let ctl = ctl.clone();
                 let done = done.clone();
                 std::thread::spawn(move || {
-                    let mut parks = 0;
+                    let mut saves = 0;
                     while !done.load(Ordering::Acquire) {
                         if ctl.pause_requested() {
-                            ctl.park(id, None);
-                            parks += 1;
+                            ctl.park(id, &mut || {
+                                saves += 1;
+                                Err(format!("vcpu{id} has no KVM state in this test"))
+                            });
                         }
                         std::thread::sleep(Duration::from_micros(100));
                     }
-                    ctl.vcpu_finished();
-                    parks
+                    ctl.vcpu_finished(id);
+                    saves
                 })
             })
-            .collect();
-        ctl.pause(&kicker, false, Duration::from_secs(5)).unwrap();
+            .collect()
+    }
+
+    #[test]
+    fn pause_waits_for_every_vcpu_and_only_its_owner_resumes() {
+        let ctl = Arc::new(PauseControl::new(2));
+        let kicker = Kicker::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let threads = spawn_vcpus(&ctl, 2, &done);
+        ctl.pause(&kicker, Owner::Api, false, Duration::from_secs(5))
+            .unwrap();
         assert!(ctl.is_paused());
         assert!(matches!(
-            ctl.pause(&kicker, false, Duration::from_secs(1)),
-            Err(PauseError::AlreadyPaused)
+            ctl.pause(&kicker, Owner::Migration, false, Duration::from_secs(1)),
+            Err(PauseError::AlreadyPaused(Owner::Api))
         ));
-        ctl.resume().unwrap();
-        assert!(matches!(ctl.resume(), Err(PauseError::NotPaused)));
+        assert!(matches!(
+            ctl.resume(Owner::Migration),
+            Err(PauseError::NotOwner(Owner::Api))
+        ));
+        ctl.resume(Owner::Api).unwrap();
+        assert!(matches!(ctl.resume(Owner::Api), Err(PauseError::NotPaused)));
+        // A save-pause asks every parked vCPU once, after all parked; a failed save lifts it.
+        let err = ctl
+            .pause(&kicker, Owner::Migration, true, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(err, PauseError::Save { .. }), "{err}");
+        assert!(!ctl.is_paused());
+        // Back-to-back pauses right after a resume do not see stale parked vCPUs.
+        for _ in 0..20 {
+            ctl.pause(&kicker, Owner::Api, false, Duration::from_secs(5))
+                .unwrap();
+            ctl.resume(Owner::Api).unwrap();
+        }
         done.store(true, Ordering::Release);
         for t in threads {
-            assert!(t.join().unwrap() >= 1);
+            assert_eq!(t.join().unwrap(), 1);
         }
         assert!(matches!(
-            ctl.pause(&kicker, false, Duration::from_secs(1)),
+            ctl.pause(&kicker, Owner::Api, false, Duration::from_secs(1)),
             Err(PauseError::NotRunning)
         ));
     }
@@ -261,7 +394,12 @@ mod tests {
     fn a_vcpu_that_never_parks_times_out_and_lifts_the_pause() {
         let ctl = PauseControl::new(1);
         let err = ctl
-            .pause(&Kicker::default(), false, Duration::from_millis(50))
+            .pause(
+                &Kicker::default(),
+                Owner::Api,
+                false,
+                Duration::from_millis(50),
+            )
             .unwrap_err();
         assert!(matches!(
             err,

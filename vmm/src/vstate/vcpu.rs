@@ -103,7 +103,7 @@ impl VcpuRunner {
     pub fn run(mut self, events: Sender<VcpuEvent>) {
         let why = self.run_loop(&events);
         self.run_state.finished();
-        self.pause.vcpu_finished();
+        self.pause.vcpu_finished(self.id);
         if let VcpuStop::Fault(msg) = &why {
             // The machine's report carries the message; this is for the log's timeline only.
             tracing::debug!("{msg}");
@@ -233,33 +233,29 @@ impl VcpuRunner {
         }
     }
 
-    /// Parks this thread for a pause. A pause that wants the state first lets KVM finish the
-    /// port or MMIO access of the last exit (its result is in kvm_run until the next KVM_RUN),
-    /// so the saved registers are those after the instruction.
-    /// With immediate_exit set, KVM_RUN completes that access and returns EINTR without
-    /// entering the guest; should it report a new exit instead, that exit is dispatched as usual
-    /// and the loop repeats. An exit that ends the vCPU is returned instead of parking.
+    /// Parks this thread for a pause. First KVM finishes the port or MMIO access of the last
+    /// exit (its result sits in kvm_run until the next KVM_RUN): with immediate_exit set,
+    /// KVM_RUN completes it and returns EINTR without entering the guest; should it report a
+    /// new exit instead, that exit is dispatched as usual and the loop repeats. So a saved state
+    /// is always the one after the instruction. An exit that ends the vCPU is returned instead
+    /// of parking.
     fn park(&mut self) -> Option<Next> {
-        let state = if self.pause.wants_state() {
-            self.fd.set_kvm_immediate_exit(1);
-            let finished = loop {
-                match self.run_once() {
-                    Next::Interrupted => break None,
-                    Next::Continue => {}
-                    other => break Some(other),
-                }
-            };
-            self.fd.set_kvm_immediate_exit(0);
-            if finished.is_some() {
-                return finished;
+        self.fd.set_kvm_immediate_exit(1);
+        let finished = loop {
+            match self.run_once() {
+                Next::Interrupted => break None,
+                Next::Continue => {}
+                other => break Some(other),
             }
-            Some(
-                crate::vstate::state::save_vcpu(self.vm.kvm(), &self.fd).map_err(|e| e.to_string()),
-            )
-        } else {
-            None
         };
-        self.pause.park(self.id, state);
+        self.fd.set_kvm_immediate_exit(0);
+        if finished.is_some() {
+            return finished;
+        }
+        let (kvm, fd) = (self.vm.kvm(), &self.fd);
+        self.pause.park(self.id, &mut || {
+            crate::vstate::state::save_vcpu(kvm, fd).map_err(|e| e.to_string())
+        });
         None
     }
 
