@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 use vmm::api::client::Client;
-use vmm::api::Request;
+use vmm::api::{MigrateParams, Request};
 use vmm::machine::ConsoleOutput;
 use vmm::memory::parse_size;
 use vmm::migration::description::Constraints;
@@ -42,30 +42,8 @@ enum RemoteCommand {
     /// Live-migrate the VM to a destination started with `vmm run --incoming tcp://ADDR:PORT`.
     /// Prints the metrics when done; the source VM exits after a successful migration.
     Migrate {
-        /// tcp://HOST:PORT of the destination.
-        #[arg(long)]
-        to: String,
-        /// precopy, postcopy, or hybrid (precopy rounds, then postcopy).
-        #[arg(long, default_value = "precopy")]
-        mode: String,
-        /// Dirty tracker for the precopy rounds (see `vmm backends`).
-        #[arg(long, default_value = "bitmap")]
-        tracker: String,
-        /// Switch over once the estimated downtime is below this.
-        #[arg(long, default_value_t = 300)]
-        downtime_ms: u64,
-        /// Bandwidth cap in MiB/s (default: unlimited).
-        #[arg(long)]
-        bandwidth_mib_s: Option<u64>,
-        /// Switch over after this many precopy rounds at most.
-        #[arg(long, default_value_t = 30)]
-        max_rounds: u32,
-        /// Switch over after this long in precopy at most.
-        #[arg(long, default_value_t = 60_000)]
-        max_precopy_ms: u64,
-        /// Write guest RAM as it is at the pause into this file (for byte-for-byte checks).
-        #[arg(long)]
-        dump_memory: Option<PathBuf>,
+        #[command(flatten)]
+        params: MigrateParams,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -79,34 +57,14 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         RemoteCommand::Pause => (Request::Pause, false),
         RemoteCommand::Resume => (Request::Resume, false),
         RemoteCommand::Console { text } => (Request::Console { input: text }, false),
-        RemoteCommand::Migrate {
-            to,
-            mode,
-            tracker,
-            downtime_ms,
-            bandwidth_mib_s,
-            max_rounds,
-            max_precopy_ms,
-            dump_memory,
-            json,
-        } => {
-            parse_tcp_url(&to)?;
-            (
-                Request::Migrate {
-                    to,
-                    mode,
-                    tracker,
-                    downtime_ms,
-                    bandwidth_mib_s,
-                    max_rounds,
-                    max_precopy_ms,
-                    dump_memory: dump_memory.map(absolute).transpose()?,
-                },
-                json,
-            )
+        RemoteCommand::Migrate { mut params, json } => {
+            parse_tcp_url(&params.to)?;
+            params.options().map_err(anyhow::Error::msg)?;
+            params.dump_memory = params.dump_memory.map(absolute).transpose()?;
+            (Request::Migrate(params), json)
         }
     };
-    let migrating = matches!(req, Request::Migrate { .. });
+    let migrating = matches!(req, Request::Migrate(_));
     let bar = migrating.then(|| progress_bar(a.api_socket.clone()));
     let reply = client.call(&req);
     if let Some((stop, handle)) = bar {

@@ -24,26 +24,61 @@ pub enum Request {
     Status,
     Pause,
     Resume,
-    Console {
-        input: String,
-    },
-    Migrate {
-        to: String,
-        #[serde(default = "default_mode")]
-        mode: String,
-        #[serde(default = "default_tracker")]
-        tracker: String,
-        #[serde(default = "default_downtime")]
-        downtime_ms: u64,
-        #[serde(default)]
-        bandwidth_mib_s: Option<u64>,
-        #[serde(default = "default_rounds")]
-        max_rounds: u32,
-        #[serde(default = "default_precopy_ms")]
-        max_precopy_ms: u64,
-        #[serde(default)]
-        dump_memory: Option<std::path::PathBuf>,
-    },
+    Console { input: String },
+    Migrate(MigrateParams),
+}
+
+/// A migration request: the same fields on the command line (`vmm remote ... migrate`) and in
+/// the API's JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, clap::Args)]
+pub struct MigrateParams {
+    /// tcp://HOST:PORT of the destination (`vmm run --incoming tcp://ADDR:PORT`).
+    #[arg(long)]
+    pub to: String,
+    /// precopy, postcopy, or hybrid (precopy rounds, then postcopy).
+    #[arg(long, default_value = "precopy")]
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Dirty tracker for the precopy rounds (see `vmm backends`).
+    #[arg(long, default_value = "bitmap")]
+    #[serde(default = "default_tracker")]
+    pub tracker: String,
+    /// Switch over once the estimated downtime is below this.
+    #[arg(long, default_value_t = 300)]
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Bandwidth cap in MiB/s (default: unlimited).
+    #[arg(long)]
+    #[serde(default)]
+    pub bandwidth_mib_s: Option<u64>,
+    /// Switch over after this many precopy rounds at most.
+    #[arg(long, default_value_t = 30)]
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// Switch over after this long in precopy at most.
+    #[arg(long, default_value_t = 60_000)]
+    #[serde(default = "default_precopy_ms")]
+    pub max_precopy_ms: u64,
+    /// Write guest RAM as it is at the pause into this file (for byte-for-byte checks).
+    #[arg(long)]
+    #[serde(default)]
+    pub dump_memory: Option<std::path::PathBuf>,
+}
+
+impl MigrateParams {
+    /// Checks the names and builds the migration's options.
+    pub fn options(&self) -> Result<crate::migration::source::MigrateOptions, String> {
+        Ok(crate::migration::source::MigrateOptions {
+            to: self.to.clone(),
+            mode: self.mode.parse()?,
+            tracker: self.tracker.parse().map_err(|e| format!("{e}"))?,
+            downtime_ms: self.downtime_ms,
+            bandwidth_mib_s: self.bandwidth_mib_s,
+            max_rounds: self.max_rounds.max(1),
+            max_precopy_ms: self.max_precopy_ms,
+            dump_memory: self.dump_memory.clone(),
+        })
+    }
 }
 
 fn default_mode() -> String {
@@ -60,4 +95,32 @@ fn default_rounds() -> u32 {
 }
 fn default_precopy_ms() -> u64 {
     60_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_with_defaults_and_refuse_junk() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"migrate","to":"tcp://h:1"}"#).unwrap();
+        let Request::Migrate(p) = r else {
+            panic!("not a migrate request")
+        };
+        assert_eq!(
+            (p.mode.as_str(), p.downtime_ms, p.max_rounds),
+            ("precopy", 300, 30)
+        );
+        assert!(p.options().is_ok());
+        let bad = MigrateParams {
+            tracker: "nope".into(),
+            ..p
+        };
+        assert!(bad.options().is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"console","input":"x"}"#).unwrap(),
+            Request::Console { input: "x".into() }
+        );
+    }
 }

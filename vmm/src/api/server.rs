@@ -13,8 +13,7 @@ use serde_json::{json, Value};
 use super::Request;
 use crate::machine::shared::Shared;
 use crate::migration::progress::Phase;
-use crate::migration::source::{hand_over, migrate, MigrateOptions};
-use crate::tracking::TrackerKind;
+use crate::migration::source::{hand_over, migrate};
 use crate::vstate::pause::Owner;
 
 /// Longest request line accepted (a console input or a migrate request is far shorter).
@@ -172,33 +171,10 @@ pub fn handle(req: Request, shared: &Arc<Shared>) -> Value {
             shared.console_input(&bytes);
             json!({ "ok": true, "bytes": bytes.len() })
         }
-        Request::Migrate {
-            to,
-            mode,
-            tracker,
-            downtime_ms,
-            bandwidth_mib_s,
-            max_rounds,
-            max_precopy_ms,
-            dump_memory,
-        } => {
-            let mode = match mode.parse() {
-                Ok(m) => m,
+        Request::Migrate(params) => {
+            let opts = match params.options() {
+                Ok(o) => o,
                 Err(e) => return error(e),
-            };
-            let tracker: TrackerKind = match tracker.parse() {
-                Ok(t) => t,
-                Err(e) => return error(format!("{e}")),
-            };
-            let opts = MigrateOptions {
-                to,
-                mode,
-                tracker,
-                downtime_ms,
-                bandwidth_mib_s,
-                max_rounds: max_rounds.max(1),
-                max_precopy_ms,
-                dump_memory,
             };
             match migrate(shared, &opts) {
                 Ok(report) => json!({ "ok": true, "migrated": true, "report": report }),
