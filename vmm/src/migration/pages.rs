@@ -69,6 +69,26 @@ impl<'a> PageSender<'a> {
         }
     }
 
+    /// How many of the `pages` pages from `gpa` lie in a hole of the memfd (SEEK_DATA finds
+    /// the next allocated byte; shmem answers it from its page cache).
+    fn hole_pages(&self, gpa: u64, pages: u64) -> Result<u64, PagesError> {
+        let off = file_offset(self.ranges, gpa, PAGE_SIZE)?;
+        // SAFETY: lseek on a descriptor we own, with plain integer arguments.
+        let data =
+            unsafe { libc::lseek(self.memfd.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // No data at or after `off`: the rest of the file is a hole.
+                Some(libc::ENXIO) => Ok(pages),
+                // A file system without SEEK_DATA: read everything.
+                _ => Ok(0),
+            };
+        }
+        let hole = (data as u64).saturating_sub(off) / PAGE_SIZE;
+        Ok(hole.min(pages))
+    }
+
     /// Sends `pages` pages from `gpa`, in frames of at most MAX_PAGES_PER_FRAME, zero runs as
     /// `Zero` frames.
     pub fn send_run<W: Write>(
@@ -81,8 +101,20 @@ impl<'a> PageSender<'a> {
         let mut sent = Sent::default();
         let mut done = 0;
         while done < pages {
-            let n = (pages - done).min(MAX_PAGES_PER_FRAME as u64);
             let at = gpa + done * PAGE_SIZE;
+            // Holes in the memfd (never-touched RAM) are zero without reading them.
+            let hole = self.hole_pages(at, pages - done)?;
+            if hole > 0 {
+                w.send(&super::protocol::Message::Zero {
+                    gpa: at,
+                    pages: hole,
+                })?;
+                sent.zero_pages += hole;
+                rate.account(32);
+                done += hole;
+                continue;
+            }
+            let n = (pages - done).min(MAX_PAGES_PER_FRAME as u64);
             let len = n * PAGE_SIZE;
             let off = file_offset(self.ranges, at, len)?;
             let buf = &mut self.buf[..len as usize];
@@ -224,5 +256,25 @@ mod tests {
         p[4095] = 1;
         assert!(!is_zero(&p));
         assert!(is_zero(&p[1..4095]));
+    }
+
+    #[test]
+    fn holes_are_found_without_reading() {
+        let ram = crate::memory::GuestRam::new(8 << 20).unwrap();
+        let memfd = ram.file();
+        memfd.write_all_at(&[7u8; 4096], 3 * PAGE_SIZE).unwrap();
+        let sender = PageSender::new(memfd, ram.ranges());
+        assert_eq!(sender.hole_pages(0, 10).unwrap(), 3);
+        assert_eq!(sender.hole_pages(0, 2).unwrap(), 2);
+        assert_eq!(sender.hole_pages(3 * PAGE_SIZE, 10).unwrap(), 0);
+        assert_eq!(sender.hole_pages(4 * PAGE_SIZE, 6).unwrap(), 6);
+        // And a whole run over that layout sends one data page, the rest as zero ranges.
+        let mut out = Vec::new();
+        let mut w = FrameWriter::new(&mut out);
+        let mut s2 = PageSender::new(memfd, ram.ranges());
+        let sent = s2
+            .send_run(&mut w, &mut RateLimiter::new(None), 0, 16)
+            .unwrap();
+        assert_eq!((sent.pages, sent.zero_pages), (1, 15));
     }
 }
