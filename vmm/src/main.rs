@@ -48,6 +48,13 @@ enum Command {
     /// Control a running VM through its API socket (vmm run --api-socket): status, pause,
     /// resume, console input, migrate.
     Remote(remote_cli::RemoteArgs),
+    /// What can this host track? Every mechanism on every memory kind, with the evidence
+    /// (runs the `vmm-probe` binary built beside this one; `vmm probe --help` for its options:
+    /// --json, --markdown PATH).
+    Probe {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -391,6 +398,24 @@ fn backends(json: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// The probe lives in its own crate (tools/probe), which builds on this library; it runs as the
+/// `vmm-probe` binary next to this one.
+fn probe(args: &[String]) -> Result<i32> {
+    let exe = std::env::current_exe().context("locating the vmm binary")?;
+    let probe = exe.with_file_name("vmm-probe");
+    if !probe.is_file() {
+        bail!(
+            "{} is missing: build it with `cargo build -p vmm-probe` (same profile as vmm)",
+            probe.display()
+        );
+    }
+    let status = std::process::Command::new(&probe)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", probe.display()))?;
+    Ok(status.code().unwrap_or(1))
+}
+
 fn main() {
     let start = Instant::now();
     let cli = Cli::parse();
@@ -405,6 +430,7 @@ fn main() {
         Command::Backends { json } => backends(json),
         Command::Bench(BenchCommand::Tracking(a)) => bench_cli::tracking(a),
         Command::Remote(a) => remote_cli::remote(a),
+        Command::Probe { args } => probe(&args),
     };
     let code = match code {
         Ok(code) => code,

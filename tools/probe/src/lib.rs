@@ -1,0 +1,228 @@
+//! `vmm-probe`: which userspace memory-tracking mechanisms work on which memory kinds on this
+//! host, found by running each one for real (TRACKING.md's predictions are compared, never
+//! assumed). Everything the probe creates (mappings, fds, userfaultfds, a scratch VM, a hugetlb
+//! reservation) is undone by guards, also on error.
+//!
+//! Call [`run`] and render the [`Report`] with [`render::text`], [`render::markdown`] or serde.
+
+pub mod devices;
+pub mod kinds;
+pub mod pagemap;
+pub mod predict;
+pub mod render;
+pub mod report;
+pub mod uffd;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use kinds::{HugepageReservation, Kind};
+use report::{Cell, HostInfo, KindStatus, Mechanism, Outcome, Report, REPORT_VERSION};
+
+/// The probe failing to run at all; a mechanism that fails is data in the report, not this.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot read {path}: {source}")]
+    Proc {
+        path: &'static str,
+        source: std::io::Error,
+    },
+    #[error("serialising the report: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeOpts {
+    /// Where the file-mapping kind creates (and at once unlinks) its temp file. A disk
+    /// filesystem, so "file" is not just shmem again (/tmp may be tmpfs).
+    pub file_dir: PathBuf,
+    /// Where to look for GPU/VFIO/HMM device nodes.
+    pub dev_dir: PathBuf,
+}
+
+impl Default for ProbeOpts {
+    fn default() -> Self {
+        ProbeOpts {
+            file_dir: PathBuf::from("/var/tmp"),
+            dev_dir: PathBuf::from("/dev"),
+        }
+    }
+}
+
+/// Hugetlb pages the probe needs free at once: one region (a second view maps the same pages).
+const HUGEPAGES_NEEDED: u64 = 4;
+
+/// Serialises runs in one process: two concurrent runs would fight over nr_hugepages and
+/// clear each other's soft-dirty bits.
+static RUN_LOCK: Mutex<()> = Mutex::new(());
+
+pub fn run(opts: &ProbeOpts) -> Result<Report, ProbeError> {
+    let _serial = RUN_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    // The one thing every mechanism here reads through: without it the probe cannot run.
+    std::fs::File::open("/proc/self/pagemap").map_err(|source| ProbeError::Proc {
+        path: "/proc/self/pagemap",
+        source,
+    })?;
+    let host = host_info();
+    let mut kinds_out = Vec::new();
+    let mut cells = Vec::new();
+    for kind in Kind::all() {
+        // The hugetlb reservation lives exactly as long as the hugetlb regions.
+        let _reservation = if kind == Kind::Hugetlb {
+            match HugepageReservation::ensure(HUGEPAGES_NEEDED) {
+                Ok(g) => Some(g),
+                Err(why) => {
+                    kinds_out.push(KindStatus {
+                        memory: kind.name(),
+                        available: false,
+                        note: why,
+                    });
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let status = check_kind(kind, opts, _reservation.as_ref());
+        let available = status.available;
+        kinds_out.push(status);
+        if !available {
+            continue;
+        }
+        for mech in Mechanism::ALL {
+            cells.push(probe_cell(kind, mech, opts));
+        }
+    }
+    Ok(Report {
+        version: REPORT_VERSION,
+        host,
+        kinds: kinds_out,
+        cells,
+        devices: devices::scan(&opts.dev_dir),
+        not_covered: not_covered(),
+    })
+}
+
+fn host_info() -> HostInfo {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    match vmm::sys::uffd::available_features() {
+        Ok(f) => HostInfo {
+            kernel,
+            uffd_features: Some(format!("{f:#x}")),
+            uffd_feature_names: vmm::sys::uffd::feature_names(f)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            uffd_error: None,
+        },
+        Err(e) => HostInfo {
+            kernel,
+            uffd_features: None,
+            uffd_feature_names: Vec::new(),
+            uffd_error: Some(e.to_string()),
+        },
+    }
+}
+
+/// Creates the kind once to see whether it exists here (and for THP, whether it is huge).
+fn check_kind(kind: Kind, opts: &ProbeOpts, res: Option<&HugepageReservation>) -> KindStatus {
+    let name = kind.name();
+    let region = match kinds::create(kind, &opts.file_dir) {
+        Ok(r) => r,
+        Err(why) => {
+            return KindStatus {
+                memory: name,
+                available: false,
+                note: why,
+            }
+        }
+    };
+    let mib = region.len >> 20;
+    let kib = region.len >> 10;
+    let note = match kind {
+        Kind::AnonThp => {
+            region.populate();
+            match kinds::anon_huge_kb(region.addr()) {
+                Ok(kb) if kb as usize == kib => {
+                    format!("{mib} MiB, 2 MiB aligned, MADV_HUGEPAGE; AnonHugePages {kb} kB: huge")
+                }
+                Ok(kb) => format!(
+                    "{mib} MiB, MADV_HUGEPAGE, but AnonHugePages is only {kb} of {kib} kB: \
+                     NOT (all) huge, results below are for what the kernel gave"
+                ),
+                Err(e) => format!("{mib} MiB, MADV_HUGEPAGE; could not check hugeness: {e}"),
+            }
+        }
+        Kind::Anon4k => format!("{kib} KiB private anonymous, MADV_NOHUGEPAGE"),
+        Kind::Memfd => format!("{kib} KiB memfd (shmem), MAP_SHARED"),
+        Kind::Hugetlb => format!(
+            "{mib} MiB memfd MFD_HUGETLB, MAP_SHARED|MAP_HUGETLB; {}",
+            res.map_or_else(String::new, |r| r.describe())
+        ),
+        Kind::GuestMemfd { flags } => format!(
+            "{kib} KiB, KVM_CREATE_GUEST_MEMFD flags={flags:#x} on a scratch VM, mmap'd{}",
+            if region.cpu_access {
+                ""
+            } else {
+                "; no INIT_SHARED: pages are guest-private, the CPU never touches them"
+            }
+        ),
+        Kind::File => format!(
+            "{kib} KiB temp file in {} (unlinked at once), MAP_SHARED",
+            opts.file_dir.display()
+        ),
+    };
+    KindStatus {
+        memory: name,
+        available: true,
+        note,
+    }
+}
+
+/// One cell: a fresh region of `kind`, `mech` run on it, the region torn down.
+fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
+    let (outcome, evidence) = match kinds::create(kind, &opts.file_dir) {
+        Err(why) => (Outcome::Unavailable { why: why.clone() }, why),
+        Ok(region) => match mech {
+            Mechanism::UffdMissing => uffd::missing(&region),
+            Mechanism::UffdWp => uffd::wp(&region),
+            Mechanism::UffdMinor => uffd::minor(&region),
+            Mechanism::UffdWpAsync => uffd::wp_async(&region),
+            Mechanism::PagemapScan => pagemap::scan_written(&region),
+            Mechanism::SoftDirty => pagemap::soft_dirty(&region),
+        },
+    };
+    let prediction = if mech == Mechanism::UffdMinor {
+        predict::predict_minor(kind.row(), matches!(kind, Kind::Memfd))
+    } else {
+        predict::predict(kind.row(), mech)
+    };
+    Cell {
+        memory: kind.name(),
+        mechanism: mech,
+        matches_prediction: prediction.matches(&outcome),
+        predicted: prediction.text.to_string(),
+        outcome,
+        evidence,
+    }
+}
+
+fn not_covered() -> Vec<String> {
+    [
+        "KVM dirty bitmap and dirty ring per memory kind (memslot + micro guest writing it)",
+        "device writes (GPU kernel, HMM device, DMA) and whether any mechanism sees them: the G-miss half of every prediction is unverified",
+        "VFIO BAR mmaps, NVIDIA memory (CUDA via dlopen), HMM ranges, iommufd HW dirty tracking, VFIO dirty pages",
+        "the lab guest (soft-dirty on, test_hmm) and `--in-guest`",
+        "uffd UFFDIO_MOVE and POISON",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect()
+}

@@ -1,0 +1,120 @@
+//! TRACKING.md's predictions ("Predicted results on a GPU host", and its userfaultfd section for
+//! MINOR), for the memory rows this version probes. The CPU-write part of each prediction is
+//! what a host without a GPU can confirm; the "G-miss" part needs a GPU and is not judged here.
+
+use crate::report::{Mechanism, Outcome};
+
+/// Which row of TRACKING.md's table a memory kind falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Row {
+    /// "anonymous / memfd RAM": anonymous 4 KiB, THP and memfd.
+    AnonMemfd,
+    Hugetlb,
+    GuestMemfd,
+    /// Kinds the table has no row for (a regular file mapping).
+    None,
+}
+
+/// What outcome a prediction stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Works,
+    Einval,
+    /// "ok*": works with CONFIG_MEM_SOFT_DIRTY, silently misses without it (these hosts).
+    WorksOrSilentMissWithoutConfig,
+    /// A prediction that cannot be compared with one cell's outcome.
+    NotComparable,
+}
+
+pub struct Prediction {
+    pub text: &'static str,
+    expect: Expect,
+}
+
+impl Prediction {
+    /// Whether `outcome` agrees; None where there is nothing to compare (no prediction, the
+    /// experiment could not be set up, or the prediction is not about a single outcome).
+    pub fn matches(&self, outcome: &Outcome) -> Option<bool> {
+        if matches!(
+            outcome,
+            Outcome::Unavailable { .. } | Outcome::NotApplicable
+        ) {
+            return None;
+        }
+        match self.expect {
+            Expect::Works => Some(*outcome == Outcome::Works),
+            Expect::Einval => {
+                Some(matches!(outcome, Outcome::Errno { code, .. } if *code == libc::EINVAL))
+            }
+            Expect::WorksOrSilentMissWithoutConfig => {
+                Some(matches!(outcome, Outcome::Works | Outcome::SilentMiss))
+            }
+            Expect::NotComparable => None,
+        }
+    }
+}
+
+pub fn predict(row: Row, mech: Mechanism) -> Prediction {
+    use Mechanism::*;
+    let (text, expect) = match (row, mech) {
+        (Row::AnonMemfd, UffdMissing | UffdWp) => ("ok, G-miss", Expect::Works),
+        (Row::AnonMemfd, UffdWpAsync | PagemapScan) => ("ok, G-miss", Expect::Works),
+        (Row::AnonMemfd, SoftDirty) => (
+            "ok*, G-miss (* needs CONFIG_MEM_SOFT_DIRTY; silent miss without it)",
+            Expect::WorksOrSilentMissWithoutConfig,
+        ),
+        (Row::Hugetlb, UffdMissing | UffdWp) => ("ok (aligned), G-miss", Expect::Works),
+        (Row::Hugetlb, UffdWpAsync | PagemapScan) => ("ok, G-miss", Expect::Works),
+        (Row::Hugetlb, SoftDirty) => ("per-VMA only", Expect::NotComparable),
+        (Row::GuestMemfd, UffdMissing | UffdWp | UffdWpAsync | PagemapScan) => {
+            ("EINVAL", Expect::Einval)
+        }
+        (Row::GuestMemfd, UffdMinor) => (
+            "EINVAL (guest_memfd mappings are refused; TRACKING.md userfaultfd section)",
+            Expect::Einval,
+        ),
+        (Row::GuestMemfd, SoftDirty) => ("-", Expect::NotComparable),
+        // MINOR is not in the table; TRACKING.md's userfaultfd section: shmem/hugetlb only.
+        (Row::AnonMemfd | Row::Hugetlb, UffdMinor) => (
+            "shmem/hugetlb only (TRACKING.md userfaultfd section): ok on memfd/hugetlbfs, EINVAL on anonymous",
+            Expect::NotComparable,
+        ),
+        (Row::None, _) => ("-", Expect::NotComparable),
+    };
+    Prediction { text, expect }
+}
+
+/// MINOR's prediction depends on anonymous vs shmem inside the "anonymous / memfd" row.
+pub fn predict_minor(row: Row, shmem_backed: bool) -> Prediction {
+    match row {
+        Row::AnonMemfd | Row::Hugetlb if shmem_backed || row == Row::Hugetlb => Prediction {
+            text: "ok (MINOR: shmem/hugetlb; TRACKING.md userfaultfd section)",
+            expect: Expect::Works,
+        },
+        Row::AnonMemfd => Prediction {
+            text: "EINVAL (MINOR: shmem/hugetlb only; TRACKING.md userfaultfd section)",
+            expect: Expect::Einval,
+        },
+        _ => predict(row, Mechanism::UffdMinor),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_memfd_predicts_einval_and_compares_errno() {
+        let p = predict(Row::GuestMemfd, Mechanism::UffdMissing);
+        assert_eq!(p.matches(&Outcome::errno(libc::EINVAL)), Some(true));
+        assert_eq!(p.matches(&Outcome::errno(libc::EPERM)), Some(false));
+        assert_eq!(p.matches(&Outcome::Works), Some(false));
+    }
+
+    #[test]
+    fn unavailable_is_never_judged() {
+        let p = predict(Row::AnonMemfd, Mechanism::UffdWp);
+        let o = Outcome::Unavailable { why: "x".into() };
+        assert_eq!(p.matches(&o), None);
+    }
+}

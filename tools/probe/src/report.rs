@@ -1,0 +1,169 @@
+//! The probe's findings: one `Cell` per (memory kind, mechanism) tried, each with what was done,
+//! what was seen, and TRACKING.md's prediction for it. Serialised as JSON (schema in
+//! `report.schema.json`), rendered as text and Markdown by `render`.
+
+use serde::Serialize;
+
+/// Bumped whenever a field is added, removed or changes meaning; the schema pins it.
+pub const REPORT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub version: u32,
+    pub host: HostInfo,
+    /// Every memory kind the probe tried to create, with why not where it could not.
+    pub kinds: Vec<KindStatus>,
+    pub cells: Vec<Cell>,
+    /// GPU, VFIO and HMM devices: looked for, one line each.
+    pub devices: Vec<DeviceLine>,
+    /// What this version of the probe does not try yet, so a reader never mistakes absence of a
+    /// row for a clean result.
+    pub not_covered: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostInfo {
+    pub kernel: String,
+    /// UFFDIO_API features offered, hex; None when userfaultfd itself could not be opened.
+    pub uffd_features: Option<String>,
+    pub uffd_feature_names: Vec<String>,
+    pub uffd_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KindStatus {
+    pub memory: String,
+    pub available: bool,
+    /// How it was created (and checked), or why it could not be.
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceLine {
+    pub device: String,
+    pub found: bool,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    UffdMissing,
+    UffdWp,
+    UffdMinor,
+    UffdWpAsync,
+    PagemapScan,
+    SoftDirty,
+}
+
+impl Mechanism {
+    pub const ALL: [Mechanism; 6] = [
+        Mechanism::UffdMissing,
+        Mechanism::UffdWp,
+        Mechanism::UffdMinor,
+        Mechanism::UffdWpAsync,
+        Mechanism::PagemapScan,
+        Mechanism::SoftDirty,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::UffdMissing => "uffd MISSING",
+            Mechanism::UffdWp => "uffd WP",
+            Mechanism::UffdMinor => "uffd MINOR",
+            Mechanism::UffdWpAsync => "uffd WP_ASYNC",
+            Mechanism::PagemapScan => "PAGEMAP_SCAN written",
+            Mechanism::SoftDirty => "soft-dirty",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The mechanism registered and its real check saw exactly what happened.
+    Works,
+    /// The kernel refused, with this errno.
+    Errno { name: String, code: i32 },
+    /// No error, but writes that happened were not reported: the worst kind of finding.
+    SilentMiss,
+    /// The mechanism has nothing to act on here (e.g. memory the CPU may not map).
+    NotApplicable,
+    /// The probe could not set the experiment up.
+    Unavailable { why: String },
+}
+
+impl Outcome {
+    pub fn errno(code: i32) -> Outcome {
+        Outcome::Errno {
+            name: errno_name(code).to_string(),
+            code,
+        }
+    }
+
+    pub fn short(&self) -> String {
+        match self {
+            Outcome::Works => "works".into(),
+            Outcome::Errno { name, .. } => name.clone(),
+            Outcome::SilentMiss => "SILENT MISS".into(),
+            Outcome::NotApplicable => "n/a".into(),
+            Outcome::Unavailable { .. } => "unavailable".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    pub memory: String,
+    pub mechanism: Mechanism,
+    pub outcome: Outcome,
+    /// What was written and what was seen.
+    pub evidence: String,
+    /// TRACKING.md's prediction for this cell ("-" where it makes none).
+    pub predicted: String,
+    /// None where there is no prediction or the outcome cannot be compared with it.
+    pub matches_prediction: Option<bool>,
+}
+
+/// Symbolic name of the errnos these interfaces return; anything else is shown by number.
+pub fn errno_name(code: i32) -> &'static str {
+    match code {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EINTR => "EINTR",
+        libc::EIO => "EIO",
+        libc::ENXIO => "ENXIO",
+        libc::E2BIG => "E2BIG",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        libc::ENOTTY => "ENOTTY",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ESRCH => "ESRCH",
+        _ => "errno",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_serialises_with_a_kind_tag() {
+        let json = serde_json::to_value(Outcome::errno(libc::EINVAL)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"kind": "errno", "name": "EINVAL", "code": 22})
+        );
+        let json = serde_json::to_value(Outcome::SilentMiss).unwrap();
+        assert_eq!(json, serde_json::json!({"kind": "silent_miss"}));
+    }
+}
