@@ -107,7 +107,7 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    fn new(len: usize, flags: libc::c_int, fd: Option<&OwnedFd>) -> std::io::Result<Mapping> {
+    pub fn new(len: usize, flags: libc::c_int, fd: Option<&OwnedFd>) -> std::io::Result<Mapping> {
         let raw = fd.map_or(-1, |f| f.as_raw_fd());
         // SAFETY: a fresh mapping at an address the kernel chooses; it overlaps nothing Rust owns.
         let ptr = unsafe {

@@ -1,12 +1,15 @@
-//! `vmm-probe`: which userspace memory-tracking mechanisms work on which memory kinds on this
-//! host, found by running each one for real (TRACKING.md's predictions are compared, never
-//! assumed). Everything the probe creates (mappings, fds, userfaultfds, a scratch VM, a hugetlb
-//! reservation) is undone by guards, also on error.
+//! `vmm-probe`: which memory-tracking mechanisms (userspace ones and KVM dirty logging) work on
+//! which memory kinds on this host, found by running each one for real (TRACKING.md's
+//! predictions are compared, never assumed). Everything the probe creates (mappings, fds,
+//! userfaultfds, scratch VMs with their vCPUs and dirty rings, a hugetlb reservation) is undone
+//! by guards, also on error.
 //!
 //! Call [`run`] and render the [`Report`] with [`render::text`], [`render::markdown`] or serde.
 
 pub mod devices;
 pub mod kinds;
+pub mod kvm;
+pub mod kvm_guest;
 pub mod pagemap;
 pub mod predict;
 pub mod render;
@@ -91,11 +94,13 @@ pub fn run(opts: &ProbeOpts) -> Result<Report, ProbeError> {
         let status = check_kind(kind, opts, _reservation.as_ref());
         let available = status.available;
         kinds_out.push(status);
-        if !available {
-            continue;
-        }
         for mech in Mechanism::ALL {
-            cells.push(probe_cell(kind, mech, opts));
+            // A guest_memfd without a CPU mapping is still a memslot candidate: KVM's cells
+            // are tried on it; every other mechanism needs the kind to exist as a mapping.
+            let memslot_only = mech.is_kvm() && matches!(kind, Kind::GuestMemfd { .. });
+            if available || memslot_only {
+                cells.push(probe_cell(kind, mech, opts));
+            }
         }
     }
     Ok(Report {
@@ -188,15 +193,21 @@ fn check_kind(kind: Kind, opts: &ProbeOpts, res: Option<&HugepageReservation>) -
 
 /// One cell: a fresh region of `kind`, `mech` run on it, the region torn down.
 fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
-    let (outcome, evidence) = match kinds::create(kind, &opts.file_dir) {
-        Err(why) => (Outcome::Unavailable { why: why.clone() }, why),
-        Ok(region) => match mech {
-            Mechanism::UffdMissing => uffd::missing(&region),
-            Mechanism::UffdWp => uffd::wp(&region),
-            Mechanism::UffdMinor => uffd::minor(&region),
-            Mechanism::UffdWpAsync => uffd::wp_async(&region),
-            Mechanism::PagemapScan => pagemap::scan_written(&region),
-            Mechanism::SoftDirty => pagemap::soft_dirty(&region),
+    let (outcome, evidence) = match mech {
+        // KVM makes its own VM, memory and memslot (guest_memfd needs no CPU mapping).
+        Mechanism::KvmDirtyBitmap => kvm::dirty_log(kind, kvm::Log::Bitmap, &opts.file_dir),
+        Mechanism::KvmDirtyRing => kvm::dirty_log(kind, kvm::Log::Ring, &opts.file_dir),
+        _ => match kinds::create(kind, &opts.file_dir) {
+            Err(why) => (Outcome::Unavailable { why: why.clone() }, why),
+            Ok(region) => match mech {
+                Mechanism::UffdMissing => uffd::missing(&region),
+                Mechanism::UffdWp => uffd::wp(&region),
+                Mechanism::UffdMinor => uffd::minor(&region),
+                Mechanism::UffdWpAsync => uffd::wp_async(&region),
+                Mechanism::PagemapScan => pagemap::scan_written(&region),
+                Mechanism::SoftDirty => pagemap::soft_dirty(&region),
+                Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing => unreachable!(),
+            },
         },
     };
     let prediction = if mech == Mechanism::UffdMinor {
@@ -216,7 +227,7 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
 
 fn not_covered() -> Vec<String> {
     [
-        "KVM dirty bitmap and dirty ring per memory kind (memslot + micro guest writing it)",
+        "KVM dirty logging with MANUAL_DIRTY_LOG_PROTECT2 + CLEAR_DIRTY_LOG, and guest stores at CPL0 (emulated here): only plain GET_DIRTY_LOG and the dirty ring with CPL3 stores are tried",
         "device writes (GPU kernel, HMM device, DMA) and whether any mechanism sees them: the G-miss half of every prediction is unverified",
         "VFIO BAR mmaps, NVIDIA memory (CUDA via dlopen), HMM ranges, iommufd HW dirty tracking, VFIO dirty pages",
         "the lab guest (soft-dirty on, test_hmm) and `--in-guest`",

@@ -74,6 +74,12 @@ pub fn predict(row: Row, mech: Mechanism) -> Prediction {
             Expect::Einval,
         ),
         (Row::GuestMemfd, SoftDirty) => ("-", Expect::NotComparable),
+        // "KVM bitmap/ring" column: vCPU stores are logged; device writes are not (unverified
+        // here). guest_memfd + dirty logging: EINVAL (PLATFORM.md §4).
+        (Row::AnonMemfd | Row::Hugetlb, KvmDirtyBitmap | KvmDirtyRing) => {
+            ("vCPU, G-miss", Expect::Works)
+        }
+        (Row::GuestMemfd, KvmDirtyBitmap | KvmDirtyRing) => ("EINVAL", Expect::Einval),
         // MINOR is not in the table; TRACKING.md's userfaultfd section: shmem/hugetlb only.
         (Row::AnonMemfd | Row::Hugetlb, UffdMinor) => (
             "shmem/hugetlb only (TRACKING.md userfaultfd section): ok on memfd/hugetlbfs, EINVAL on anonymous",
@@ -109,6 +115,19 @@ mod tests {
         assert_eq!(p.matches(&Outcome::errno(libc::EINVAL)), Some(true));
         assert_eq!(p.matches(&Outcome::errno(libc::EPERM)), Some(false));
         assert_eq!(p.matches(&Outcome::Works), Some(false));
+    }
+
+    #[test]
+    fn kvm_dirty_logging_predictions() {
+        for mech in [Mechanism::KvmDirtyBitmap, Mechanism::KvmDirtyRing] {
+            let p = predict(Row::AnonMemfd, mech);
+            assert_eq!(p.text, "vCPU, G-miss");
+            assert_eq!(p.matches(&Outcome::Works), Some(true));
+            assert_eq!(p.matches(&Outcome::SilentMiss), Some(false));
+            let p = predict(Row::GuestMemfd, mech);
+            assert_eq!(p.matches(&Outcome::errno(libc::EINVAL)), Some(true));
+            assert_eq!(predict(Row::None, mech).matches(&Outcome::Works), None);
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 /// Bumped whenever a field is added, removed or changes meaning; the schema pins it.
-pub const REPORT_VERSION: u32 = 1;
+pub const REPORT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -54,17 +54,27 @@ pub enum Mechanism {
     UffdWpAsync,
     PagemapScan,
     SoftDirty,
+    KvmDirtyBitmap,
+    KvmDirtyRing,
 }
 
 impl Mechanism {
-    pub const ALL: [Mechanism; 6] = [
+    pub const ALL: [Mechanism; 8] = [
         Mechanism::UffdMissing,
         Mechanism::UffdWp,
         Mechanism::UffdMinor,
         Mechanism::UffdWpAsync,
         Mechanism::PagemapScan,
         Mechanism::SoftDirty,
+        Mechanism::KvmDirtyBitmap,
+        Mechanism::KvmDirtyRing,
     ];
+
+    /// Mechanisms that act on a memslot rather than on the CPU mapping: they apply to
+    /// guest_memfd even where it cannot be mmap'd.
+    pub fn is_kvm(self) -> bool {
+        matches!(self, Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -74,6 +84,8 @@ impl Mechanism {
             Mechanism::UffdWpAsync => "uffd WP_ASYNC",
             Mechanism::PagemapScan => "PAGEMAP_SCAN written",
             Mechanism::SoftDirty => "soft-dirty",
+            Mechanism::KvmDirtyBitmap => "KVM dirty bitmap",
+            Mechanism::KvmDirtyRing => "KVM dirty ring",
         }
     }
 }

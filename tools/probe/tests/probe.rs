@@ -88,6 +88,61 @@ fn platform_facts_on_this_host() {
             assert_eq!(c.matches_prediction, Some(true));
         }
     }
+    // KVM dirty logging: a guest writes chosen pages of each RAM kind (and the file mapping);
+    // bitmap and ring both report exactly those pages, with nothing from the guest's own
+    // (unlogged) control slot.
+    for mem in [
+        "anon 4K",
+        "anon THP",
+        "memfd",
+        "hugetlbfs",
+        "file (MAP_SHARED)",
+    ] {
+        for mech in [Mechanism::KvmDirtyBitmap, Mechanism::KvmDirtyRing] {
+            let c = cell(&r, mem, mech);
+            assert_eq!(c.outcome, Outcome::Works, "{mem} {mech:?}: {}", c.evidence);
+            assert!(
+                c.evidence.contains("guest stores") && c.evidence.contains("at CPL3"),
+                "{mem} {mech:?}: the write source is a real guest store: {}",
+                c.evidence
+            );
+            assert!(
+                c.evidence.contains("baseline 0 pages dirty")
+                    && c.evidence.contains(": 0 misses, 0 false positives"),
+                "{mem} {mech:?}: {}",
+                c.evidence
+            );
+            assert!(!c.evidence.contains("other slots"), "{}", c.evidence);
+            assert!(c.evidence.contains("[0xd1, 0xd1"), "{}", c.evidence);
+            if mem != "file (MAP_SHARED)" {
+                assert_eq!(c.matches_prediction, Some(true), "{mem} {mech:?}");
+            }
+        }
+    }
+    // guest_memfd (every flag combination, also without MMAP): a guest_memfd slot is accepted,
+    // the same slot with LOG_DIRTY_PAGES is refused with EINVAL (PLATFORM.md §4).
+    for mem in [
+        "guest_memfd 0",
+        "guest_memfd MMAP",
+        "guest_memfd MMAP|INIT_SHARED",
+    ] {
+        for mech in [Mechanism::KvmDirtyBitmap, Mechanism::KvmDirtyRing] {
+            let c = cell(&r, mem, mech);
+            assert_eq!(c.outcome, Outcome::errno(libc::EINVAL), "{mem} {mech:?}");
+            assert_eq!(c.matches_prediction, Some(true));
+            assert!(
+                c.evidence
+                    .contains("control without LOG_DIRTY_PAGES accepted"),
+                "{}",
+                c.evidence
+            );
+        }
+    }
+    assert!(
+        !r.not_covered.iter().any(|n| n.contains("per memory kind")),
+        "{:?}",
+        r.not_covered
+    );
     // No GPU, VFIO or HMM device here: one line each, none claimed found.
     assert_eq!(r.devices.len(), 3);
     assert!(r.devices.iter().all(|d| !d.found), "{:?}", r.devices);

@@ -74,7 +74,7 @@ fn real_report_validates_against_the_schema() {
 #[test]
 fn validator_rejects_what_the_schema_forbids() {
     let schema = schema();
-    let bad = serde_json::json!({"version": 2, "host": {}, "kinds": [], "cells": [
+    let bad = serde_json::json!({"version": 99, "host": {}, "kinds": [], "cells": [
         {"memory": "x", "mechanism": "nope", "outcome": {"kind": "works", "extra": 1},
          "evidence": "", "predicted": "", "matches_prediction": "yes"}
     ], "devices": [], "not_covered": []});
