@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::description::Hello;
 use super::pages::{self, PageSender, Sent};
 use super::progress::{MigrationReport, Phase};
-use super::protocol::{FrameReader, FrameWriter, Message, Role, PAGE_SIZE};
+use super::protocol::{FrameReader, FrameWriter, Message, ProtocolError, Role, PAGE_SIZE};
 use super::rate::RateLimiter;
 use super::snapshot::VmSnapshot;
 use super::{parse_tcp_url, postcopy_src, MigrationError, Mode};
@@ -185,7 +185,22 @@ fn run(
     r.get_ref()
         .get_ref()
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    match r.recv()? {
+    let answer = r.recv().map_err(|e| match e {
+        ProtocolError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            MigrationError::Timeout(format!(
+                "after {} s waiting for {addr} to accept or refuse the VM (is a vmm run \
+                 --incoming listening there, and not busy with another migration?)",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ))
+        }
+        other => other.into(),
+    })?;
+    match answer {
         Message::Accept => {}
         Message::Refuse(reason) => return Err(MigrationError::Refused(reason)),
         other => return Err(unexpected("Accept", &other)),
