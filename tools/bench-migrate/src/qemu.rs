@@ -275,11 +275,7 @@ pub fn run(
         cfg.verify_timeout,
         Some(&mut dst),
     )?;
-    sample.ok = guest::verify_ok(&line);
-    sample.verify = guest::agent_result(&line).map(str::to_string);
-    if !sample.ok {
-        sample.error = Some(format!("destination memory check failed: {line}"));
-    }
+    sample.record_verify(&line);
     drop(dst_qmp);
     Ok(sample)
 }

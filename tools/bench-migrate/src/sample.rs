@@ -90,6 +90,15 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// Records the destination agent's `workload-verify` answer (both tools end a run with it).
+    pub fn record_verify(&mut self, line: &str) {
+        self.ok = crate::guest::verify_ok(line);
+        self.verify = crate::guest::agent_result(line).map(str::to_string);
+        if !self.ok {
+            self.error = Some(format!("destination memory check failed: {line}"));
+        }
+    }
+
     pub fn new(tool: Tool, mode: Mode, run: usize) -> Self {
         Sample {
             tool,
