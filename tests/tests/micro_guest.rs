@@ -103,5 +103,73 @@ fn micro_guest_with_two_vcpus_still_runs() {
         "--json",
     ]);
     assert_eq!(run.code(), Some(0), "stderr:\n{}", run.stderr);
-    assert_eq!(run.report()["micro_check"]["mismatches"], 0);
+    let r = run.report();
+    assert_eq!(r["micro_check"]["mismatches"], 0);
+    // Both vCPUs ran the workload, each on its own 4 MiB region.
+    assert_eq!(r["micro_check"]["pages_checked"], 2 * 1024);
+    assert_eq!(r["micro_passes"], 2);
+}
+
+/// Four vCPUs at once, each on its private region and its slots of a shared region (the
+/// workload issue 6's lazy restore runs): every vCPU finishes, the run ends only then, and
+/// memory matches the model word for word, shared words included.
+#[test]
+fn micro_guest_on_four_vcpus_writes_private_and_shared_regions_exactly() {
+    let run = vmm(&[
+        "run",
+        "--micro",
+        "--vcpus",
+        "4",
+        "--pattern",
+        "random",
+        "--region-mib",
+        "4",
+        "--shared-pages",
+        "16",
+        "--passes",
+        "5",
+        "--seed",
+        "7",
+        "--verify",
+        "--console",
+        "none",
+        "--json",
+    ]);
+    run.assert_no_panic();
+    assert_eq!(run.code(), Some(0), "stderr:\n{}", run.stderr);
+    let r = run.report();
+    assert_eq!(r["outcome"]["kind"], "micro-exit");
+    assert_eq!(r["vcpus"], 4);
+    assert_eq!(r["micro_passes"], 5);
+    assert_eq!(r["micro_check"]["mismatches"], 0, "{}", r["micro_check"]);
+    assert_eq!(r["micro_check"]["pages_checked"], 4 * 1024);
+    assert_eq!(r["micro_check"]["shared_words_checked"], 16 * 512);
+    for vcpu in 0..4 {
+        assert!(
+            run.stderr
+                .contains(&format!("micro guest: vCPU {vcpu} finished with status 0")),
+            "vCPU {vcpu} did not finish:\n{}",
+            run.stderr
+        );
+    }
+    for pass in 1..=5 {
+        assert!(
+            run.stderr
+                .contains(&format!("micro guest: pass {pass} done")),
+            "pass {pass} not reported"
+        );
+    }
+}
+
+#[test]
+fn micro_guest_refuses_more_vcpus_than_it_supports() {
+    let run = vmm(&["run", "--micro", "--vcpus", "9", "--console", "none"]);
+    run.assert_no_panic();
+    assert_eq!(run.code(), Some(1), "stderr:\n{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("the micro guest runs on 1 to 8 vCPUs, not 9"),
+        "{}",
+        run.stderr
+    );
 }

@@ -47,9 +47,13 @@ fn micro_source(dir: &Path, extra: &[&str]) -> (Bg, std::path::PathBuf) {
 }
 
 fn migrate_micro(mode: &str, tracker: &str, source_extra: &[&str]) {
+    migrate_micro_to(mode, tracker, source_extra, &[]);
+}
+
+fn migrate_micro_to(mode: &str, tracker: &str, source_extra: &[&str], dest_extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let dst = destination(dir.path(), port, &[]);
+    let dst = destination(dir.path(), port, dest_extra);
     let (src, sock) = micro_source(dir.path(), source_extra);
     let src_dump = dir.path().join("src.bin");
     let (code, reply, err) = remote(
@@ -135,4 +139,18 @@ fn postcopy_moves_memory_byte_for_byte() {
 #[test]
 fn hybrid_moves_memory_byte_for_byte() {
     migrate_micro("hybrid", "bitmap", &[]);
+}
+
+/// The destination's other demand-paging backends: userfaultfd MINOR, and vCPU exits from
+/// memslot holes (whose page tables, GDT and TSS the destination maps before resuming).
+#[test]
+fn postcopy_on_every_demand_backend_moves_memory_byte_for_byte() {
+    migrate_micro_to("postcopy", "bitmap", &[], &["--demand", "uffd-minor"]);
+    migrate_micro_to("postcopy", "bitmap", &[], &["--demand", "memslot-exits"]);
+    migrate_micro_to(
+        "hybrid",
+        "bitmap",
+        &[],
+        &["--demand", "memslot-exits", "--demand-chunk", "64K"],
+    );
 }

@@ -1,8 +1,10 @@
 //! The Linux guest migrated between two network namespaces (two "hosts" joined by a veth pair)
 //! over real TCP, five times in a row, back and forth, precopy, postcopy and hybrid, while its
 //! agent writes memory in a loop. After each hop the console goes on (an echo typed through the
-//! new host's API comes back) and a disk read returns the host's bytes; at the end the agent
-//! stops its workload and verifies every checksum it recorded.
+//! new host's API comes back) and a disk read returns the host's bytes. Each destination
+//! demand-pages with a different backend (uffd-missing, memslot-exits, uffd-minor). Then the
+//! guest is snapshotted and restored lazily with memslot-exits, and there the agent stops its
+//! workload and verifies every checksum it recorded.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -77,10 +79,17 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
     let mut vm = Bg::spawn("vm0", cmd);
     wait_agent(&log, "workload pass=", Duration::from_secs(300), &mut vm);
     let mut sock = sock;
-    let mut log = log;
 
-    let modes = ["precopy", "postcopy", "precopy", "hybrid", "postcopy"];
-    for (hop, mode) in modes.iter().enumerate() {
+    // Each hop's destination demand-pages with its own backend: memslot-exits gets every
+    // possible page table from the source first (Linux has one address space per process).
+    let hops = [
+        ("precopy", "uffd-missing"),
+        ("postcopy", "memslot-exits"),
+        ("precopy", "uffd-missing"),
+        ("hybrid", "uffd-minor"),
+        ("postcopy", "uffd-missing"),
+    ];
+    for (hop, (mode, demand)) in hops.iter().enumerate() {
         let to_side = if side == Side::A { Side::B } else { Side::A };
         let port = 7900 + hop as u16;
         let to = hosts.addr(to_side);
@@ -88,6 +97,7 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
         let next_log = dir.path().join(format!("vm{}.log", hop + 1));
         let mut cmd = hosts.command(to_side, vmm_bin());
         cmd.args(["run", "--incoming", &format!("tcp://{to}:{port}"), "--json"])
+            .args(["--demand", demand])
             .arg("--api-socket")
             .arg(&next_sock)
             .arg("--console")
@@ -111,11 +121,13 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
         assert_eq!(code, Some(0), "hop {hop} ({mode}): {err}\n{reply}");
         let r = &reply["report"];
         eprintln!(
-            "hop {hop} {mode}: total {:.0} ms, downtime {:.1} ms, {} bytes, rounds {}, postcopy {}",
+            "hop {hop} {mode} ({demand}): total {:.0} ms, downtime {:.1} ms, {} bytes, rounds {}, \
+             presend {} pages, postcopy {}",
             r["total_ms"].as_f64().unwrap_or(0.0),
             r["downtime_ms"].as_f64().unwrap_or(0.0),
             r["bytes"],
             r["rounds"],
+            r["presend_pages"],
             r["postcopy"]
         );
         let (vcode, vrep, verr) = vm.finish(Duration::from_secs(60));
@@ -144,9 +156,54 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
         );
         vm = next;
         sock = next_sock;
-        log = next_log;
         side = to_side;
     }
+
+    // Last, a snapshot restored lazily with memslot-exits, which must find the page tables of
+    // every process in the snapshot file; the final checks run in the restored guest.
+    let snap = dir.path().join("snap");
+    let (c, reply, e) = remote(
+        &sock,
+        &[
+            "snapshot",
+            "--to",
+            snap.to_str().unwrap(),
+            "--exit",
+            "--json",
+        ],
+    );
+    assert_eq!(c, Some(0), "snapshot: {e}\n{reply}");
+    let (vcode, vrep, verr) = vm.finish(Duration::from_secs(60));
+    assert_eq!(vcode, Some(0), "{verr}");
+    assert_eq!(vrep["outcome"]["kind"], "snapshotted", "{vrep}");
+    sock = dir.path().join("restored.sock");
+    let log = dir.path().join("restored.log");
+    let mut cmd = hosts.command(side, vmm_bin());
+    cmd.arg("restore")
+        .arg(&snap)
+        .args([
+            "--lazy",
+            "--demand",
+            "memslot-exits",
+            "--json",
+            "--api-socket",
+        ])
+        .arg(&sock)
+        .arg("--console")
+        .arg(format!("file:{}", log.display()));
+    let mut vm = Bg::spawn("restored", cmd);
+    wait_api(&sock, Duration::from_secs(60));
+    let (c, _, e) = remote(
+        &sock,
+        &["console", "echo,restored;blkread,/dev/vda,0,65536"],
+    );
+    assert_eq!(c, Some(0), "{e}");
+    wait_agent(&log, "echo restored", Duration::from_secs(120), &mut vm);
+    let read = wait_agent(&log, "blkread", Duration::from_secs(60), &mut vm);
+    assert!(
+        read.contains(&format!("fnv64={disk_sum:016x}")),
+        "restored: {read}"
+    );
 
     let (c, _, e) = remote(
         &sock,
@@ -160,6 +217,19 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
     );
     let (code, rep, err) = vm.finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{err}\n{rep}");
+    let d = &rep["demand"];
+    assert_eq!(d["backend"], "memslot-exits", "{rep}");
+    assert!(d["error"].is_null(), "{rep}");
+    eprintln!(
+        "lazy restore (memslot-exits): {} of {} data pages kept present before resuming, {} \
+         fetched on exits ({} code fetches), {} memslots at most, fault p50 {} us",
+        d["eager_pages"],
+        d["data_pages"],
+        d["exits"]["fetched"],
+        d["exits"]["ifetch"],
+        d["exits"]["memslots_max"],
+        d["fault_us"]["p50"]
+    );
     let text = console(&log);
     assert!(!text.contains("Kernel panic"), "{text}");
     drop(hosts);

@@ -155,3 +155,135 @@ pub fn tracking(a: TrackingArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+#[derive(Args)]
+pub struct DemandArgs {
+    /// Demand-paging backends (comma-separated); kvm-userfault shows the kernel's refusal
+    /// where the host lacks it.
+    #[arg(long, value_delimiter = ',', default_values_t = ["uffd-missing".to_string(), "uffd-minor".to_string(), "memslot-exits".to_string(), "kvm-userfault".to_string()])]
+    backends: Vec<String>,
+    /// vCPU counts with private regions only (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 2, 3, 4])]
+    vcpus: Vec<u32>,
+    /// vCPU count of the case where every vCPU also writes one shared region (as large as a
+    /// private one); 0: no shared case.
+    #[arg(long, default_value_t = 4)]
+    shared_vcpus: u32,
+    /// Each vCPU's private region in MiB.
+    #[arg(long, default_value_t = 8)]
+    region_mib: u64,
+    /// Placements of the restoring process (comma-separated): pinned (taskset -c 0: every
+    /// thread on one CPU), free (no affinity).
+    #[arg(long, value_delimiter = ',', default_values_t = ["pinned".to_string(), "free".to_string()])]
+    placements: Vec<String>,
+    /// Fault handlers (comma-separated): in-process, page-server (skipped, with the reason,
+    /// where this build has no `vmm page-server`).
+    #[arg(long, value_delimiter = ',', default_values_t = ["in-process".to_string(), "page-server".to_string()])]
+    handlers: Vec<String>,
+    /// Bytes brought in per fault (--demand-chunk of vmm restore).
+    #[arg(long, default_value = "4K")]
+    chunk: String,
+    /// Runs per row (a fresh source guest and snapshot each); figures are medians.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Window (ms of guest passes) in which the snapshot must land after the first pass.
+    #[arg(long, default_value_t = 15.0)]
+    margin_ms: f64,
+    /// A quick check: 1 run, 1 and 2 vCPUs, no shared case, uffd-missing only, free, in-process,
+    /// 2 MiB regions (overrides those options).
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Write an SVG chart (pages/s per vCPU per backend per vCPU count) to this file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn demand(a: DemandArgs) -> Result<i32> {
+    use bench::demand::{runner::Case, DemandBench, Handler, Placement};
+    let exe = std::env::current_exe().context("cannot find this vmm binary")?;
+    let mut b = DemandBench {
+        exe,
+        runs: a.runs,
+        region_mib: a.region_mib,
+        cases: a
+            .vcpus
+            .iter()
+            .map(|&vcpus| Case {
+                vcpus,
+                shared_pages: 0,
+            })
+            .collect(),
+        backends: a.backends.clone(),
+        placements: a
+            .placements
+            .iter()
+            .map(|p| p.parse::<Placement>())
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?,
+        handlers: a
+            .handlers
+            .iter()
+            .map(|h| h.parse::<Handler>())
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?,
+        chunk: a.chunk.clone(),
+        margin_ms: a.margin_ms,
+        progress: !a.quiet && !a.json,
+    };
+    if a.shared_vcpus > 0 {
+        b.cases.push(Case {
+            vcpus: a.shared_vcpus,
+            shared_pages: a.region_mib * 256,
+        });
+    }
+    if a.quick {
+        b.runs = 1;
+        b.region_mib = 2;
+        b.cases = [1, 2]
+            .map(|vcpus| Case {
+                vcpus,
+                shared_pages: 0,
+            })
+            .to_vec();
+        b.backends = vec!["uffd-missing".into()];
+        b.placements = vec![Placement::Free];
+        b.handlers = vec![Handler::InProcess];
+    }
+    for be in &b.backends {
+        crate::restore_cli::check_backend(be)?;
+    }
+    crate::restore_cli::parse_chunk(&b.chunk)?;
+    if b.region_mib == 0 || b.region_mib > 1024 {
+        anyhow::bail!("--region-mib must be 1..=1024");
+    }
+    if b.cases.iter().any(|c| c.vcpus == 0 || c.vcpus > 32) {
+        anyhow::bail!("--vcpus and --shared-vcpus: each count must be 1..=32");
+    }
+    if b.margin_ms.is_nan() || b.margin_ms <= 0.0 {
+        anyhow::bail!("--margin-ms must be positive");
+    }
+    let report = bench::demand::run(&b)?;
+    let json = bench::demand::to_json(&report);
+    if let Some(path) = &a.json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.svg {
+        let svg = bench::demand::render_svg(&report)?;
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
+        println!("{json}");
+    } else {
+        print!("{}", bench::demand::render_table(&report));
+    }
+    Ok(0)
+}

@@ -12,6 +12,7 @@ pub mod memory;
 pub mod micro_check;
 pub mod micro_port;
 pub mod migration;
+pub mod snapshot;
 pub mod sys;
 pub mod tracking;
 pub mod userfault;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::Value;
 use vmm::api::client::Client;
-use vmm::api::{MigrateParams, Request};
+use vmm::api::{MigrateParams, Request, SnapshotParams};
 use vmm::machine::ConsoleOutput;
 use vmm::memory::parse_size;
 use vmm::migration::description::Constraints;
@@ -39,6 +39,13 @@ enum RemoteCommand {
     Resume,
     /// Type a line on the guest console (a newline is added).
     Console { text: String },
+    /// Write a snapshot (state + memory) into a directory; `vmm restore DIR` brings it back.
+    Snapshot {
+        #[command(flatten)]
+        params: SnapshotParams,
+        #[arg(long)]
+        json: bool,
+    },
     /// Live-migrate the VM to a destination started with `vmm run --incoming tcp://ADDR:PORT`.
     /// Prints the metrics when done; the source VM exits after a successful migration.
     Migrate {
@@ -57,6 +64,10 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         RemoteCommand::Pause => (Request::Pause, false),
         RemoteCommand::Resume => (Request::Resume, false),
         RemoteCommand::Console { text } => (Request::Console { input: text }, false),
+        RemoteCommand::Snapshot { mut params, json } => {
+            params.to = absolute(params.to)?;
+            (Request::Snapshot(params), json)
+        }
         RemoteCommand::Migrate { mut params, json } => {
             parse_tcp_url(&params.to)?;
             params.options().map_err(anyhow::Error::msg)?;
@@ -77,6 +88,15 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else if let Some(report) = reply.get("report").filter(|r| !r.is_null()) {
         print_migration(report);
+    } else if let Some(s) = reply.get("snapshot") {
+        let f = |k: &str| s.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        eprintln!(
+            "vmm: snapshot in {}: {} data pages of {} MiB, guest paused {:.1} ms",
+            s.get("dir").and_then(Value::as_str).unwrap_or("?"),
+            f("data_pages"),
+            f("mem_mib"),
+            f("paused_ms")
+        );
     }
     if !ok {
         let err = reply
@@ -201,8 +221,21 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
             disks,
         },
         dump_memory: a.dump_memory.clone(),
+        demand: vmm::migration::postcopy_dst::Demand {
+            backend: crate::restore_cli::check_backend(&a.demand)?,
+            chunk: crate::restore_cli::parse_chunk(&a.demand_chunk)?,
+            ..Default::default()
+        },
     };
     let report = run_incoming(&opts, start)?;
     print_report(&report, a.json)?;
     Ok(report.exit_code)
+}
+
+/// `vmm snapshot --api-socket PATH --to DIR`: the same as `vmm remote ... snapshot`.
+pub fn snapshot(api_socket: PathBuf, params: SnapshotParams, json: bool) -> Result<i32> {
+    remote(RemoteArgs {
+        api_socket,
+        command: RemoteCommand::Snapshot { params, json },
+    })
 }

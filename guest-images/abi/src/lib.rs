@@ -14,6 +14,8 @@ pub mod layout {
     /// A 64-bit TSS so TR holds something valid; the micro guest never changes privilege through it.
     /// The micro guest adds an I/O permission bitmap (it writes `[TSS_GPA + 0x66, + 0x111)`),
     /// rewrites the TSS descriptor with the larger limit and reloads TR, so CPL3 can use its ports.
+    /// With several vCPUs vmm writes the same bitmap before any vCPU runs and loads the other
+    /// vCPUs' TR with the covering limit itself (see `micro`).
     pub const TSS_GPA: u64 = 0x1000;
     /// The micro guest's mailbox page (see `micro`).
     pub const MICRO_MAILBOX_GPA: u64 = 0x6000;
@@ -40,8 +42,22 @@ pub mod layout {
     pub const MICRO_LOAD_GPA: u64 = 0x10_0000;
     /// Largest micro payload accepted.
     pub const MICRO_MAX_SIZE: u64 = 0x10_0000;
-    /// Top of the micro guest's CPL3 stack.
+    /// Top of the micro guest's CPL3 stack (vCPU 0; vCPU i's is `MICRO_USER_STACK_STRIDE * i`
+    /// lower).
     pub const MICRO_USER_STACK_TOP: u64 = 0x30_0000;
+    /// Distance between the CPL3 stacks of consecutive micro guest vCPUs.
+    pub const MICRO_USER_STACK_STRIDE: u64 = 0x1000;
+    /// Distance between the CPL0 entry stacks of consecutive micro guest vCPUs: vCPU i enters
+    /// with RSP = `BOOT_STACK_GPA - i * MICRO_BOOT_STACK_STRIDE` (the payload pushes one iretq
+    /// frame, 40 bytes).
+    pub const MICRO_BOOT_STACK_STRIDE: u64 = 0x100;
+    /// Where the micro guest's I/O permission bitmap starts in the TSS: right after the
+    /// 104-byte 64-bit TSS (the TSS's I/O map base field, at offset 102, holds this).
+    pub const MICRO_IOPB_OFFSET: u64 = 104;
+    /// Bitmap bytes (all zero: ports 0..MICRO_IOPB_BYTES*8 usable at CPL3), followed by one
+    /// 0xff byte, as the CPU requires. The TR limit that covers them is
+    /// `MICRO_IOPB_OFFSET + MICRO_IOPB_BYTES`.
+    pub const MICRO_IOPB_BYTES: u64 = 168;
     /// Default start of the micro guest's workload region (above its code and stack).
     pub const MICRO_REGION_GPA: u64 = 0x40_0000;
     /// 32-bit MMIO hole: RAM above this is relocated to 4 GiB.
@@ -107,10 +123,33 @@ pub mod ports {
 
 /// The micro guest's mailbox: a page of little-endian u64 fields at `layout::MICRO_MAILBOX_GPA`,
 /// written by vmm before the first KVM_RUN and read by the payload.
+///
+/// # Several vCPUs
+/// Every vCPU runs the workload. vCPU 0 (the BSP) enters as with one vCPU; the VMM starts each
+/// other vCPU i (no INIT/SIPI) at the same entry point, CPL0, with RSI = i, RSP =
+/// `BOOT_STACK_GPA - i * MICRO_BOOT_STACK_STRIDE`, TR already loaded with the TSS and a limit
+/// that covers the I/O bitmap, which the VMM writes into the TSS before any vCPU runs (vCPU 0
+/// writes the same bytes again at CPL0; nothing else is shared set-up). vCPU i then:
+/// - writes its private region: `OFF_REGION_PAGES` pages at
+///   `region_gpa + i * region_pages * 4096` (the private regions are contiguous);
+/// - runs the pattern over `region_pages + shared_pages` logical pages: logical page `p <
+///   region_pages` is its private page `p` (store at offset 0), logical page `region_pages + s`
+///   is shared page `s`, where it stores at offset `8 * i` only (its own slot), so the final
+///   memory does not depend on how the vCPUs interleave;
+/// - uses PRNG seed `vcpu_seed(seed, i)` and stores `store_value_for(i, pass, write)`;
+/// - stores its pass at `vcpu_pass_offset(i)` before each pass (vCPU 0 also at
+///   `OFF_CURRENT_PASS`), writes `port_value(i, pass)` to `ports::MICRO_PASS` after each pass,
+///   and `port_value(i, status)` to `ports::MICRO_EXIT` when done. The VM is finished once every
+///   vCPU has exited with status 0 (any other status ends it at once).
+///
+/// With one vCPU and no shared region all of this is what version 1 did.
 pub mod micro {
     /// `b"MICROGST"` as a little-endian u64.
     pub const MAGIC: u64 = u64::from_le_bytes(*b"MICROGST");
-    pub const VERSION: u64 = 1;
+    /// 2: vCPU count, shared region and per-vCPU progress fields.
+    pub const VERSION: u64 = 2;
+    /// Most vCPUs the micro guest runs on (per-vCPU mailbox slots, stacks, shared-page slots).
+    pub const MAX_VCPUS: u64 = 8;
 
     /// Byte offsets of the mailbox fields.
     pub const OFF_MAGIC: u64 = 0;
@@ -130,7 +169,54 @@ pub mod micro {
     /// from one pass to the next: it is never reset between passes.
     pub const OFF_SEED: u64 = 56;
     /// The guest stores the number of the pass it is running here (progress, for the host).
+    /// With several vCPUs: vCPU 0's pass.
     pub const OFF_CURRENT_PASS: u64 = 64;
+    /// Number of vCPUs that run the workload, 1..=`MAX_VCPUS` (0 is read as 1). A vCPU whose
+    /// index is not below it exits with `EXIT_BAD_VCPU`.
+    pub const OFF_VCPUS: u64 = 72;
+    /// Guest-physical start of the shared region (page aligned; ignored without shared pages).
+    pub const OFF_SHARED_GPA: u64 = 80;
+    /// Size of the shared region in 4 KiB pages (0: none).
+    pub const OFF_SHARED_PAGES: u64 = 88;
+    /// Per-vCPU progress: vCPU i stores the pass it is running at `OFF_VCPU_PASS + 8 * i`.
+    pub const OFF_VCPU_PASS: u64 = 128;
+    /// The payload's own per-vCPU scratch: vCPU i keeps its constants in the `VCPU_FRAME_SIZE`
+    /// bytes at `OFF_VCPU_FRAME + VCPU_FRAME_SIZE * i` (so that it writes no stack page). vmm
+    /// writes zeros there and reads nothing back.
+    pub const OFF_VCPU_FRAME: u64 = 256;
+    pub const VCPU_FRAME_SIZE: u64 = 64;
+
+    /// Mailbox offset of vCPU `vcpu`'s current pass.
+    pub const fn vcpu_pass_offset(vcpu: u64) -> u64 {
+        OFF_VCPU_PASS + 8 * vcpu
+    }
+
+    /// Added (times the vCPU index) to the seed: odd, so every vCPU gets a different seed.
+    pub const SEED_STRIDE: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    /// The seed vCPU `vcpu` uses (then 0 is replaced by 1, as for one vCPU): `seed + vcpu *
+    /// SEED_STRIDE`, wrapping. vCPU 0 uses `seed` itself.
+    pub const fn vcpu_seed(seed: u64, vcpu: u64) -> u64 {
+        seed.wrapping_add(vcpu.wrapping_mul(SEED_STRIDE))
+    }
+
+    /// Bits of a port value that carry the pass number or exit status; the vCPU index is above.
+    pub const PORT_VALUE_BITS: u32 = 24;
+
+    /// The 32-bit value vCPU `vcpu` writes to `ports::MICRO_PASS` (pass number, modulo 2^24) or
+    /// `ports::MICRO_EXIT` (status): `vcpu << 24 | (value & 0xff_ffff)`. For vCPU 0 and fewer
+    /// than 2^24 passes this is the plain number.
+    pub const fn port_value(vcpu: u64, value: u64) -> u32 {
+        (((vcpu & 0xff) << PORT_VALUE_BITS) | (value & ((1 << PORT_VALUE_BITS) - 1))) as u32
+    }
+
+    /// Splits a port value into (vCPU index, pass modulo 2^24 or status).
+    pub const fn split_port_value(value: u32) -> (u64, u64) {
+        (
+            (value >> PORT_VALUE_BITS) as u64,
+            (value & ((1 << PORT_VALUE_BITS) - 1)) as u64,
+        )
+    }
 
     /// Every page of the region, in order.
     pub const PATTERN_SWEEP: u64 = 0;
@@ -145,6 +231,12 @@ pub mod micro {
     /// (counting from 0 within the pass) of pass `pass` (counting from 1).
     pub const fn store_value(pass: u64, i: u64) -> u64 {
         (pass << 32) | (i & 0xffff_ffff)
+    }
+
+    /// What vCPU `vcpu` stores for write `i` of pass `pass`: `store_value(pass, i) ^ vcpu << 56`
+    /// (vCPU 0 stores `store_value` itself), so no two vCPUs store the same value.
+    pub const fn store_value_for(vcpu: u64, pass: u64, i: u64) -> u64 {
+        store_value(pass, i) ^ (vcpu << 56)
     }
 
     /// xorshift64, the payload's PRNG. One step.

@@ -13,6 +13,8 @@ pub const EXIT_BAD_VERSION: u32 = 2;
 pub const EXIT_BAD_PATTERN: u32 = 3;
 /// The region is empty or does not fit in the identity-mapped first 4 GiB.
 pub const EXIT_BAD_REGION: u32 = 4;
+/// The vCPU count is above `guest_abi::micro::MAX_VCPUS`, or this vCPU's index is not below it.
+pub const EXIT_BAD_VCPU: u32 = 5;
 
 /// A short description of an exit status, for the VMM's logs.
 pub fn describe(status: u32) -> &'static str {
@@ -22,6 +24,7 @@ pub fn describe(status: u32) -> &'static str {
         EXIT_BAD_VERSION => "bad mailbox version",
         EXIT_BAD_PATTERN => "unknown pattern",
         EXIT_BAD_REGION => "region empty or beyond the 4 GiB identity map",
+        EXIT_BAD_VCPU => "vCPU count above the maximum, or vCPU index beyond the count",
         _ => "unknown status",
     }
 }

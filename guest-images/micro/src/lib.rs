@@ -10,21 +10,29 @@
 //!   with the TSS at `guest_abi::layout::TSS_GPA` (no I/O bitmap needed), an empty IDT;
 //! - RIP = `guest_abi::layout::MICRO_LOAD_GPA`, where `PAYLOAD` is loaded;
 //!   RSP = `guest_abi::layout::BOOT_STACK_GPA` (the CPL0 code pushes one iretq frame there);
+//!   RSI = the vCPU index, 0 for the boot vCPU (the others: see below);
 //! - the mailbox page at `guest_abi::layout::MICRO_MAILBOX_GPA`, filled by
 //!   `Workload::write_mailbox`.
 //!
 //! # What the payload does
-//! At CPL0 (emulated on PVM hosts, so kept to ~25 instructions) it checks the mailbox magic and
-//! version, gives the TSS an I/O permission bitmap that opens the micro ports to CPL3 (it
+//! At CPL0 (emulated on PVM hosts, so kept to ~35 instructions) it checks the mailbox magic and
+//! version, gives the TSS (vCPU 0 only) an I/O permission bitmap that opens the micro ports to CPL3 (it
 //! writes `TSS_GPA + 102..TSS_GPA + 273`, rewrites the TSS descriptor in the GDT with the larger
 //! limit and reloads TR: PVM clears IOPL on the way to CPL3, so IOPL=3 alone does not let CPL3
 //! use `out` there), then `iretq`s to CPL3 with IOPL=3 and IF=0, stack at
-//! `MICRO_USER_STACK_TOP`. At CPL3
-//! (native speed) it checks the pattern and region, then runs the passes; before each pass it
-//! stores the pass number at `micro::OFF_CURRENT_PASS`, after each it writes the 32-bit pass
-//! number to port `MICRO_PASS`. When done, or on a bad mailbox, it writes a status (see
-//! `exit_status`) to port `MICRO_EXIT` and then spins (CPL3) or halts (CPL0): the VMM is
-//! expected to stop the vCPU at the exit port.
+//! `MICRO_USER_STACK_TOP` (less `MICRO_USER_STACK_STRIDE` per vCPU index). At CPL3
+//! (native speed) it checks the pattern, vCPU count and regions, then runs the passes; before
+//! each pass it stores the pass number at `micro::OFF_CURRENT_PASS` (vCPU 0) and its own
+//! `micro::vcpu_pass_offset`, after each it writes `micro::port_value(index, pass)` (for vCPU 0:
+//! the pass number) to port `MICRO_PASS`. When done, or on a bad mailbox, it writes a status
+//! (see `exit_status`; also through `port_value`) to port `MICRO_EXIT` and then writes it again
+//! in a loop (CPL3; so a vCPU resumed after its exit, say from a snapshot, exits at once) or
+//! halts (CPL0): the VMM is expected to stop the vCPU at the exit port.
+//!
+//! With several vCPUs (`guest_abi::micro` describes the contract) every vCPU runs the workload
+//! on its own private region and its own slots of an optional shared region; the VMM starts
+//! vCPUs other than 0 at the same entry with their index in RSI and TR already covering the
+//! I/O bitmap. `Workload::with_vcpus` models it.
 //!
 //! Nothing in the payload faults on any mailbox contents: an unknown pattern, an empty region
 //! or one beyond 4 GiB is reported as an exit status. It never checks that the region is RAM or
@@ -35,8 +43,8 @@ pub mod exit_status;
 mod model;
 
 pub use model::{
-    current_pass, PageBitmap, Pattern, Workload, WorkloadError, Write, Writes, MAILBOX_SIZE,
-    PAGE_SIZE,
+    current_pass, vcpu_current_pass, PageBitmap, Pattern, Workload, WorkloadError, Write, Writes,
+    MAILBOX_SIZE, PAGE_SIZE,
 };
 
 /// The payload: a flat binary to load at `guest_abi::layout::MICRO_LOAD_GPA`.

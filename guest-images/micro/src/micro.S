@@ -16,6 +16,12 @@
  * natively. IF stays 0 throughout, so the empty IDT is never consulted unless something faults
  * (then the guest triple-faults).
  *
+ * Several vCPUs (guest_abi::micro docs): every vCPU enters here with its index in RSI (0 for the
+ * BSP) and its own CPL0 stack. Only vCPU 0 sets up the TSS I/O bitmap and reloads TR; the VMM
+ * has done both for the others (their TR is loaded with the bitmap-covering limit, and the
+ * bitmap bytes are already in the TSS), so there is nothing to wait for. Each vCPU gets its own
+ * CPL3 stack, private region, seed and mailbox progress slot.
+ *
  * The reference model in src/model.rs must match this loop write for write.
  */
         .include "abi.inc"
@@ -31,6 +37,10 @@ entry:
         jne     bad_magic
         cmpq    $MICRO_VERSION, MAILBOX + OFF_VERSION
         jne     bad_version
+
+        /* vCPUs other than 0 find the TSS and TR set up by the VMM. */
+        test    %rsi, %rsi
+        jnz     to_user
 
         /* Let CPL3 use the exit and pass ports through the TSS I/O permission bitmap. IOPL=3 in
          * RFLAGS (below) is enough on hardware, but PVM clears IOPL on the way to CPL3 (seen
@@ -51,9 +61,15 @@ entry:
         mov     $TSS_SEL, %eax
         ltr     %ax
 
+to_user:
+        /* CPL3 stack: USER_STACK_TOP - (index & 0xff) * stride. RSI survives the iretq. */
+        movzbl  %sil, %eax
+        shl     $USER_STACK_SHIFT, %eax
+        mov     $USER_STACK_TOP, %ecx
+        sub     %rax, %rcx
         /* iretq frame, pushed in reverse of pop order (RIP, CS, RFLAGS, RSP, SS): SS first. */
         pushq   $USER_DS
-        pushq   $USER_STACK_TOP
+        push    %rcx
         pushq   $USER_RFLAGS
         pushq   $USER_CS
         lea     user_entry(%rip), %rax
@@ -66,6 +82,10 @@ bad_magic:
 bad_version:
         mov     $EXIT_BAD_VERSION, %eax
 cpl0_exit:
+        /* Port value: index << 24 | status (guest_abi::micro::port_value). */
+        movzbl  %sil, %ecx
+        shl     $PORT_VALUE_BITS, %ecx
+        or      %ecx, %eax
         mov     $PORT_EXIT, %dx
         out     %eax, %dx
         /* The VMM stops at the exit port; should it resume us, halt (IF=0) rather than run on. */
@@ -75,49 +95,114 @@ cpl0_exit:
 /* ---------------------------------------------------------------- CPL3 */
 /*
  * Registers for the whole run:
- *   r8  region GPA            r9  pages              r10 pattern
- *   r11 passes (0 = forever)  r12 param              r13 PRNG state
+ *   r8  this vCPU's private region GPA
+ *   r9  logical pages (private + shared)   r10 pattern
+ *   r11 passes (0 = forever)                         r13 PRNG state
  *   r14 pass (from 1)         r15 writes per pass    rsi sparse stride (param, 0 -> 1)
- *   rdi hot-set size          rbp pass << 32         rcx write index i within the pass
+ *   rdi hot-set size          rbp value tag: pass << 32 ^ index << 56
+ *   rcx write index i within the pass                r12 this vCPU's frame (below)
  *   rax, rdx, rbx scratch (div uses rdx:rax; rbx holds its divisor 10)
- * No stack use: nothing here calls or pushes.
+ * No stack use: nothing here calls or pushes, so no page but the mailbox and the regions is
+ * ever written at CPL3. This vCPU's constants live in its frame in the mailbox page (which
+ * every pass writes anyway), at MAILBOX + OFF_VCPU_FRAME + index * VCPU_FRAME_SIZE:
  */
+        .set    FR_PRIVATE_PAGES, 0     /* logical pages below this are private */
+        .set    FR_SHARED_SLOT, 8       /* shared GPA + 8 * index */
+        .set    FR_VALUE_TAG, 16        /* index << 56 */
+        .set    FR_PORT_TAG, 24         /* index << 24 */
+        .set    FR_PASS_FIELD, 32       /* address of this vCPU's mailbox pass field */
+        .set    FR_INDEX, 40            /* vCPU index */
+        .set    FR_SIZE, 48             /* <= VCPU_FRAME_SIZE (build.rs checks 48) */
 user_entry:
+        /* The vCPU index first, as this vCPU's frame depends on it: count (0 -> 1) <=
+         * MAX_VCPUS, index (RSI) < count. */
+        mov     MAILBOX + OFF_VCPUS, %rdi
+        test    %rdi, %rdi
+        jnz     1f
+        mov     $1, %edi
+1:
+        cmp     $MAX_VCPUS, %rdi
+        ja      bad_vcpu
+        cmp     %rdi, %rsi
+        jae     bad_vcpu
+        mov     %rsi, %rbx              /* index, < MAX_VCPUS */
+        mov     %rbx, %r12
+        shl     $VCPU_FRAME_SHIFT, %r12
+        add     $MAILBOX + OFF_VCPU_FRAME, %r12
+        mov     %rbx, FR_INDEX(%r12)
+        mov     %rbx, %rax
+        shl     $PORT_VALUE_BITS, %rax
+        mov     %rax, FR_PORT_TAG(%r12)
+
         mov     MAILBOX + OFF_REGION_GPA, %r8
         mov     MAILBOX + OFF_REGION_PAGES, %r9
         mov     MAILBOX + OFF_PATTERN, %r10
         mov     MAILBOX + OFF_PASSES, %r11
-        mov     MAILBOX + OFF_PARAM, %r12
-        mov     MAILBOX + OFF_SEED, %r13
 
         /* Reject what would make the loop fault: an unknown pattern, no pages, or a region
-         * outside the identity map. Every store then lands at region + page * 4096 with
-         * page < pages, inside the map. */
+         * outside the identity map. Every store then lands inside the map: at a private
+         * region + page * 4096 with page < pages, or in the shared region. */
         mov     $EXIT_BAD_PATTERN, %eax
         cmp     $PATTERN_SPARSE, %r10
         ja      cpl3_exit
         mov     $EXIT_BAD_REGION, %eax
         test    %r9, %r9
         jz      cpl3_exit
-        /* pages <= map size / 4096, so that pages << 12 cannot overflow. */
+        /* pages <= map size / 4096, so that pages << 12 (times count <= 8) cannot overflow. */
         mov     $IDENTITY_MAP_PAGES, %edx
         cmp     %rdx, %r9
         ja      cpl3_exit
+        /* Private regions: [region, region + count * (pages << 12)) inside the map. */
         mov     %r9, %rdx
         shl     $12, %rdx
+        imul    %rdi, %rdx
         add     %r8, %rdx
         jc      cpl3_exit
-        movabs  $IDENTITY_MAP_END, %rbx
-        cmp     %rbx, %rdx
+        movabs  $IDENTITY_MAP_END, %rcx
+        cmp     %rcx, %rdx
         ja      cpl3_exit
+        /* This vCPU's: region + index * (pages << 12). */
+        mov     %r9, %rdx
+        shl     $12, %rdx
+        imul    %rbx, %rdx
+        add     %rdx, %r8
+        /* Shared region: none, or [shared, shared + (shared_pages << 12)) inside the map. */
+        mov     MAILBOX + OFF_SHARED_PAGES, %rdi
+        test    %rdi, %rdi
+        jz      1f
+        mov     $IDENTITY_MAP_PAGES, %edx
+        cmp     %rdx, %rdi
+        ja      cpl3_exit
+        mov     %rdi, %rdx
+        shl     $12, %rdx
+        add     MAILBOX + OFF_SHARED_GPA, %rdx
+        jc      cpl3_exit
+        cmp     %rcx, %rdx
+        ja      cpl3_exit
+1:
+        /* The frame. */
+        mov     %r9, FR_PRIVATE_PAGES(%r12)
+        add     %rdi, %r9               /* logical pages: private + shared */
+        mov     MAILBOX + OFF_SHARED_GPA, %rax
+        lea     (%rax, %rbx, 8), %rax
+        mov     %rax, FR_SHARED_SLOT(%r12)
+        mov     %rbx, %rax
+        shl     $56, %rax
+        mov     %rax, FR_VALUE_TAG(%r12)
+        lea     MAILBOX + OFF_VCPU_PASS(, %rbx, 8), %rax
+        mov     %rax, FR_PASS_FIELD(%r12)
 
-        /* Seed 0 would keep xorshift64 at 0 forever: use 1. */
+        /* Seed: seed + index * SEED_STRIDE (guest_abi::micro::vcpu_seed); 0 would keep
+         * xorshift64 at 0 forever: use 1. */
+        movabs  $SEED_STRIDE, %r13
+        imul    %rbx, %r13
+        add     MAILBOX + OFF_SEED, %r13
         test    %r13, %r13
         jnz     1f
         mov     $1, %r13d
 1:
         /* Sparse stride: param, 0 -> 1. */
-        mov     %r12, %rsi
+        mov     MAILBOX + OFF_PARAM, %rsi
         test    %rsi, %rsi
         jnz     1f
         mov     $1, %esi
@@ -136,7 +221,7 @@ user_entry:
         mov     %r9, %r15
         cmp     $PATTERN_SWEEP, %r10
         je      2f
-        mov     %r12, %r15
+        mov     MAILBOX + OFF_PARAM, %r15
         cmp     $PATTERN_HOTSET, %r10
         jbe     2f
         /* Sparse: ceil(pages / stride), as quotient + (remainder != 0): no overflow. */
@@ -152,9 +237,15 @@ user_entry:
 
 pass_loop:
         inc     %r14
+        mov     FR_PASS_FIELD(%r12), %rax
+        mov     %r14, (%rax)
+        cmpq    $0, FR_INDEX(%r12)
+        jne     1f
         mov     %r14, MAILBOX + OFF_CURRENT_PASS
+1:
         mov     %r14, %rbp
         shl     $32, %rbp
+        xor     FR_VALUE_TAG(%r12), %rbp
         xor     %ecx, %ecx
         test    %r15, %r15
         jz      pass_done
@@ -212,19 +303,32 @@ hotset_cold:
         mov     %rdx, %rax
 
 store:
-        /* *(u64 *)(region + page * 4096) = store_value(pass, i) = pass << 32 | (u32)i */
+        /* Address: a private page (offset 0) or this vCPU's slot of a shared page. */
+        cmp     FR_PRIVATE_PAGES(%r12), %rax
+        jae     shared_store
         shl     $12, %rax
         add     %r8, %rax
+store_value:
+        /* store_value_for(index, pass, i) = (pass << 32 | (u32)i) ^ index << 56 */
         mov     %ecx, %edx
         or      %rbp, %rdx
         mov     %rdx, (%rax)
         inc     %rcx
         cmp     %r15, %rcx
         jb      write_loop
+        jmp     pass_done
+shared_store:
+        sub     FR_PRIVATE_PAGES(%r12), %rax
+        shl     $12, %rax
+        add     FR_SHARED_SLOT(%r12), %rax
+        jmp     store_value
 
 pass_done:
+        /* Port value: index << 24 | pass mod 2^24 (guest_abi::micro::port_value). */
         mov     $PORT_PASS, %dx
         mov     %r14d, %eax
+        and     $(1 << PORT_VALUE_BITS) - 1, %eax
+        or      FR_PORT_TAG(%r12), %eax
         out     %eax, %dx
         test    %r11, %r11
         jz      pass_loop
@@ -233,7 +337,17 @@ pass_done:
 
         xor     %eax, %eax              /* EXIT_OK */
 cpl3_exit:
+        or      FR_PORT_TAG(%r12), %eax
+        jmp     exit_loop
+bad_vcpu:
+        /* No frame: the port tag from RSI directly. */
+        mov     $EXIT_BAD_VCPU, %eax
+        movzbl  %sil, %ecx
+        shl     $PORT_VALUE_BITS, %ecx
+        or      %ecx, %eax
+exit_loop:
         mov     $PORT_EXIT, %dx
-        out     %eax, %dx
-        /* The VMM stops the vCPU at the exit port. hlt would #GP at CPL3, so spin instead. */
-1:      jmp     1b
+        /* The VMM stops the vCPU at the exit port. hlt would #GP at CPL3, so report again
+         * instead: a vCPU resumed after its exit (say, on a migration destination) ends at once. */
+1:      out     %eax, %dx
+        jmp     1b

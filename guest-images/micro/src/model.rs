@@ -39,6 +39,22 @@ pub enum WorkloadError {
     BadMagic(u64),
     #[error("mailbox version is {0}, not {version}", version = micro::VERSION)]
     BadVersion(u64),
+    #[error("the micro guest runs on 1 to {max} vCPUs, not {0}", max = micro::MAX_VCPUS)]
+    VcpuCount(u64),
+    #[error("shared region GPA {0:#x} is not 4 KiB aligned")]
+    SharedUnaligned(u64),
+    #[error(
+        "shared region [{start:#x}, {end:#x}) must lie within [{min:#x}, {max:#x}) and clear of \
+         the private regions [{private_start:#x}, {private_end:#x})"
+    )]
+    SharedOutOfRange {
+        start: u64,
+        end: u64,
+        min: u64,
+        max: u64,
+        private_start: u64,
+        private_end: u64,
+    },
 }
 
 /// The workload patterns (`guest_abi::micro::PATTERN_*`).
@@ -111,13 +127,20 @@ impl FromStr for Pattern {
 /// One store of the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Write {
+    /// The vCPU that stores it.
+    pub vcpu: u64,
     /// Pass number, from 1.
     pub pass: u64,
     /// Write number within the pass, from 0.
     pub index: u64,
-    /// Page index within the region.
+    /// Logical page: below `Workload::pages()` a page of the vCPU's private region, else shared
+    /// page `page - pages()`.
     pub page: u64,
-    /// The 8 bytes stored at offset 0 of the page (`micro::store_value(pass, index)`).
+    /// The guest-physical address of the 8 bytes stored: offset 0 of a private page, offset
+    /// `8 * vcpu` of a shared page.
+    pub gpa: u64,
+    /// The 8 bytes stored (`micro::store_value_for(vcpu, pass, index)`; for vCPU 0
+    /// `micro::store_value(pass, index)`).
     pub value: u64,
 }
 
@@ -130,6 +153,9 @@ pub struct Workload {
     passes: u64,
     param: u64,
     seed: u64,
+    vcpus: u64,
+    shared_gpa: u64,
+    shared_pages: u64,
 }
 
 impl Workload {
@@ -181,6 +207,70 @@ impl Workload {
             passes,
             param,
             seed,
+            vcpus: 1,
+            shared_gpa: 0,
+            shared_pages: 0,
+        })
+    }
+
+    /// The same workload on `vcpus` vCPUs (1..=`micro::MAX_VCPUS`), each with its own private
+    /// region of `pages()` pages (vCPU i's at `region_gpa + i * pages * 4096`), plus a shared
+    /// region of `shared_pages` pages at `shared_gpa` (0 pages: none) in which each vCPU writes
+    /// only its own 8-byte slot. See `guest_abi::micro` for what each vCPU does.
+    pub fn with_vcpus(
+        self,
+        vcpus: u64,
+        shared_gpa: u64,
+        shared_pages: u64,
+    ) -> Result<Workload, WorkloadError> {
+        if vcpus == 0 || vcpus > micro::MAX_VCPUS {
+            return Err(WorkloadError::VcpuCount(vcpus));
+        }
+        let private_end = self
+            .pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| len.checked_mul(vcpus))
+            .and_then(|len| self.region_gpa.checked_add(len));
+        let private_end = match private_end {
+            Some(end) if end <= Self::MAX_REGION_END => end,
+            _ => {
+                return Err(WorkloadError::OutOfRange {
+                    start: self.region_gpa,
+                    end: private_end.unwrap_or(u64::MAX),
+                    min: Self::MIN_REGION_GPA,
+                    max: Self::MAX_REGION_END,
+                })
+            }
+        };
+        let shared_gpa = if shared_pages == 0 { 0 } else { shared_gpa };
+        if shared_pages != 0 {
+            if shared_gpa & (PAGE_SIZE - 1) != 0 {
+                return Err(WorkloadError::SharedUnaligned(shared_gpa));
+            }
+            let end = shared_pages
+                .checked_mul(PAGE_SIZE)
+                .and_then(|len| shared_gpa.checked_add(len));
+            let ok = end.is_some_and(|end| {
+                shared_gpa >= Self::MIN_REGION_GPA
+                    && end <= Self::MAX_REGION_END
+                    && (end <= self.region_gpa || shared_gpa >= private_end)
+            });
+            if !ok {
+                return Err(WorkloadError::SharedOutOfRange {
+                    start: shared_gpa,
+                    end: end.unwrap_or(u64::MAX),
+                    min: Self::MIN_REGION_GPA,
+                    max: Self::MAX_REGION_END,
+                    private_start: self.region_gpa,
+                    private_end,
+                });
+            }
+        }
+        Ok(Workload {
+            vcpus,
+            shared_gpa,
+            shared_pages,
+            ..self
         })
     }
 
@@ -205,6 +295,12 @@ impl Workload {
             field(micro::OFF_PASSES),
             field(micro::OFF_PARAM),
             field(micro::OFF_SEED),
+        )?
+        .with_vcpus(
+            // The payload reads a count of 0 as 1.
+            field(micro::OFF_VCPUS).max(1),
+            field(micro::OFF_SHARED_GPA),
+            field(micro::OFF_SHARED_PAGES),
         )
     }
 
@@ -222,6 +318,9 @@ impl Workload {
             (micro::OFF_PARAM, self.param),
             (micro::OFF_SEED, self.seed),
             (micro::OFF_CURRENT_PASS, 0),
+            (micro::OFF_VCPUS, self.vcpus),
+            (micro::OFF_SHARED_GPA, self.shared_gpa),
+            (micro::OFF_SHARED_PAGES, self.shared_pages),
         ];
         for (off, value) in fields {
             write_u64(mailbox, off, value);
@@ -254,35 +353,72 @@ impl Workload {
     pub fn seed(&self) -> u64 {
         self.seed
     }
+    /// Number of vCPUs running the workload (1 unless set by `with_vcpus`).
+    pub fn vcpus(&self) -> u64 {
+        self.vcpus
+    }
+    /// Start of the shared region (0 when there is none).
+    pub fn shared_gpa(&self) -> u64 {
+        self.shared_gpa
+    }
+    /// Pages of the shared region (0: none).
+    pub fn shared_pages(&self) -> u64 {
+        self.shared_pages
+    }
+    /// Pages each vCPU's pattern ranges over: its private pages, then the shared ones.
+    pub fn logical_pages(&self) -> u64 {
+        self.pages + self.shared_pages
+    }
 
-    /// First GPA past the region.
+    /// First GPA past vCPU 0's region (with one vCPU: past the region).
     pub fn region_end(&self) -> u64 {
         // Cannot overflow: checked in `new`.
         self.region_gpa + self.pages * PAGE_SIZE
     }
 
-    /// GPA of page `page` of the region.
+    /// First GPA past the private regions of all vCPUs (they are contiguous).
+    pub fn private_regions_end(&self) -> u64 {
+        // Cannot overflow: checked in `with_vcpus`.
+        self.region_gpa + self.vcpus * self.pages * PAGE_SIZE
+    }
+
+    /// Start of vCPU `vcpu`'s private region.
+    pub fn private_region_gpa(&self, vcpu: u64) -> u64 {
+        self.region_gpa + vcpu * self.pages * PAGE_SIZE
+    }
+
+    /// GPA of page `page` of vCPU 0's region.
     pub fn page_gpa(&self, page: u64) -> u64 {
         self.region_gpa + page * PAGE_SIZE
     }
 
-    /// Writes in each pass.
+    /// Writes in each pass (of each vCPU).
     pub fn writes_per_pass(&self) -> u64 {
-        micro::writes_per_pass(self.pattern.abi(), self.pages, self.param)
+        micro::writes_per_pass(self.pattern.abi(), self.logical_pages(), self.param)
     }
 
-    /// Every write of the workload in order, from pass 1. Endless when `passes` is 0 (use
+    /// Every write of vCPU 0 in order, from pass 1. Endless when `passes` is 0 (use
     /// `take_while` on `Write::pass`).
     pub fn writes(&self) -> Writes {
         self.writes_from_pass(1)
     }
 
-    /// The writes from the start of pass `pass` (from 1) on. Skipping earlier passes only steps
-    /// the PRNG, which carries over from pass to pass.
+    /// vCPU 0's writes from the start of pass `pass` (from 1) on. Skipping earlier passes only
+    /// steps the PRNG, which carries over from pass to pass.
     pub fn writes_from_pass(&self, pass: u64) -> Writes {
+        self.vcpu_writes_from_pass(0, pass)
+    }
+
+    /// Every write of vCPU `vcpu` in order, from pass 1.
+    pub fn vcpu_writes(&self, vcpu: u64) -> Writes {
+        self.vcpu_writes_from_pass(vcpu, 1)
+    }
+
+    /// vCPU `vcpu`'s writes from the start of pass `pass` (from 1) on.
+    pub fn vcpu_writes_from_pass(&self, vcpu: u64, pass: u64) -> Writes {
         let pass = pass.max(1);
         let per_pass = self.writes_per_pass();
-        let mut rng = if self.seed == 0 { 1 } else { self.seed };
+        let mut rng = guest_abi::pattern::pattern_state(micro::vcpu_seed(self.seed, vcpu));
         if self.pattern.uses_rng() {
             for _ in 0..(pass - 1).saturating_mul(per_pass) {
                 rng = micro::xorshift64(rng);
@@ -290,36 +426,103 @@ impl Workload {
         }
         Writes {
             workload: *self,
+            vcpu,
             per_pass,
             pass,
             index: 0,
             rng,
+            pattern_abi: self.pattern.abi(),
+            uses_rng: self.pattern.uses_rng(),
+            logical_pages: self.logical_pages(),
+            private_base: self.private_region_gpa(vcpu),
+            shared_slot: self.shared_gpa + 8 * vcpu,
+            value_tag: micro::store_value_for(vcpu, 0, 0),
         }
     }
 
     /// The pages written during pass `pass` (from 1): exactly what a dirty log harvested right
-    /// before and right after that pass must hold for the region.
+    /// before and right after that pass must hold for the region. See
+    /// `pages_written_in_passes` for several vCPUs.
     pub fn pages_written_in_pass(&self, pass: u64) -> PageBitmap {
         self.pages_written_in_passes(pass, pass)
     }
 
-    /// The pages written during passes `first..=last`.
+    /// The private pages written during passes `first..=last`, over all private regions (bit
+    /// `vcpu * pages + page`; with one vCPU, the region's pages). Writes to the shared region
+    /// are not in it. With several vCPUs the passes are each vCPU's own.
     pub fn pages_written_in_passes(&self, first: u64, last: u64) -> PageBitmap {
-        let mut set = PageBitmap::new(self.pages);
-        for w in self.writes_from_pass(first).take_while(|w| w.pass <= last) {
-            set.insert(w.page);
+        let mut set = PageBitmap::new(self.vcpus * self.pages);
+        for vcpu in 0..self.vcpus {
+            let writes = self.vcpu_writes_from_pass(vcpu, first);
+            for w in writes.take_while(|w| w.pass <= last) {
+                if w.page < self.pages {
+                    set.insert(vcpu * self.pages + w.page);
+                }
+            }
         }
         set
     }
 
-    /// The last value stored in each page after `passes` complete passes (`None`: never
-    /// written, so still what the VMM put there). Only the first 8 bytes of a page are written.
+    /// The last value stored in each private page after `passes` complete passes of every vCPU
+    /// (`None`: never written, so still what the VMM put there), vCPU 0's region first: entry
+    /// `vcpu * pages + page`, for the contiguous private regions from `region_gpa`. Only the
+    /// first 8 bytes of a private page are written.
     pub fn image_after(&self, passes: u64) -> Vec<Option<u64>> {
-        let mut image = vec![None; to_usize(self.pages)];
-        for w in self.writes().take_while(|w| w.pass <= passes) {
-            image[to_usize(w.page)] = Some(w.value);
+        let mut image = vec![None; to_usize(self.vcpus * self.pages)];
+        for vcpu in 0..self.vcpus {
+            let base = vcpu * self.pages;
+            self.for_each_store(vcpu, passes, |page, value| {
+                if page < self.pages {
+                    image[to_usize(base + page)] = Some(value);
+                }
+            });
         }
         image
+    }
+
+    /// The shared region after `passes` complete passes of every vCPU, word by word: entry
+    /// `page * 512 + word` is the u64 at `shared_gpa + page * 4096 + 8 * word`. Word `i <
+    /// vcpus` is vCPU i's slot (`None`: never written); every other word is never written
+    /// (`None`). Empty without a shared region.
+    pub fn shared_image_after(&self, passes: u64) -> Vec<Option<u64>> {
+        const WORDS: u64 = PAGE_SIZE / 8;
+        let mut image = vec![None; to_usize(self.shared_pages * WORDS)];
+        if self.shared_pages == 0 {
+            return image;
+        }
+        for vcpu in 0..self.vcpus {
+            self.for_each_store(vcpu, passes, |page, value| {
+                if page >= self.pages {
+                    image[to_usize((page - self.pages) * WORDS + vcpu)] = Some(value);
+                }
+            });
+        }
+        image
+    }
+
+    /// Calls `f(logical page, value)` for each write of vCPU `vcpu` in passes `1..=passes`:
+    /// what `vcpu_writes` yields, without building a `Write` each time. The final images of a
+    /// long workload take tens of millions of writes (in debug builds too: a migration
+    /// destination computes one), so this is the model's hot loop.
+    fn for_each_store(&self, vcpu: u64, passes: u64, mut f: impl FnMut(u64, u64)) {
+        let per_pass = self.writes_per_pass();
+        let pattern = self.pattern.abi();
+        let uses_rng = self.pattern.uses_rng();
+        let pages = self.logical_pages();
+        let mut rng = guest_abi::pattern::pattern_state(micro::vcpu_seed(self.seed, vcpu));
+        for pass in 1..=passes {
+            // store_value_for(vcpu, pass, i) = this | (u32)i.
+            let high = micro::store_value_for(vcpu, pass, 0);
+            for i in 0..per_pass {
+                if uses_rng {
+                    rng = micro::xorshift64(rng);
+                }
+                f(
+                    micro::page_for(pattern, pages, self.param, i, rng),
+                    high | (i & 0xffff_ffff),
+                );
+            }
+        }
     }
 
     /// The image once the workload has finished; `None` for an endless workload.
@@ -332,10 +535,22 @@ impl Workload {
 #[derive(Debug, Clone)]
 pub struct Writes {
     workload: Workload,
+    vcpu: u64,
     per_pass: u64,
     pass: u64,
     index: u64,
     rng: u64,
+    // Per-workload constants, computed once (the model runs tens of millions of writes for a
+    // long workload, in debug builds too).
+    pattern_abi: u64,
+    uses_rng: bool,
+    logical_pages: u64,
+    /// This vCPU's private region.
+    private_base: u64,
+    /// This vCPU's slot in shared page 0.
+    shared_slot: u64,
+    /// `vcpu << 56`, xor-ed into `store_value` (`micro::store_value_for`).
+    value_tag: u64,
 }
 
 impl Iterator for Writes {
@@ -350,15 +565,29 @@ impl Iterator for Writes {
         if w.passes != 0 && self.pass > w.passes {
             return None;
         }
-        if w.pattern.uses_rng() {
+        if self.uses_rng {
             self.rng = micro::xorshift64(self.rng);
         }
-        let page = micro::page_for(w.pattern.abi(), w.pages, w.param, self.index, self.rng);
+        let page = micro::page_for(
+            self.pattern_abi,
+            self.logical_pages,
+            w.param,
+            self.index,
+            self.rng,
+        );
+        let gpa = if page < w.pages {
+            self.private_base + page * PAGE_SIZE
+        } else {
+            self.shared_slot + (page - w.pages) * PAGE_SIZE
+        };
         let write = Write {
+            vcpu: self.vcpu,
             pass: self.pass,
             index: self.index,
             page,
-            value: micro::store_value(self.pass, self.index),
+            gpa,
+            // micro::store_value_for(vcpu, pass, index), with the vCPU part precomputed.
+            value: micro::store_value(self.pass, self.index) ^ self.value_tag,
         };
         self.index += 1;
         Some(write)
@@ -466,7 +695,17 @@ fn write_u64(page: &mut [u8; MAILBOX_SIZE], off: u64, value: u64) {
     page[off..off + 8].copy_from_slice(&value.to_le_bytes());
 }
 
-/// The pass the payload was running when the mailbox was read (0: not started yet).
+/// The pass the payload was running when the mailbox was read (0: not started yet). With
+/// several vCPUs: vCPU 0's.
 pub fn current_pass(mailbox: &[u8; MAILBOX_SIZE]) -> u64 {
     read_u64(mailbox, micro::OFF_CURRENT_PASS)
+}
+
+/// The pass vCPU `vcpu` was running when the mailbox was read (0: not started yet, or `vcpu`
+/// is not below `micro::MAX_VCPUS`).
+pub fn vcpu_current_pass(mailbox: &[u8; MAILBOX_SIZE], vcpu: u64) -> u64 {
+    if vcpu >= micro::MAX_VCPUS {
+        return 0;
+    }
+    read_u64(mailbox, micro::vcpu_pass_offset(vcpu))
 }

@@ -9,6 +9,8 @@
 //! | `{"cmd":"console","input":"TEXT"}` | `bytes`: TEXT plus a newline typed on the guest console |
 //! | `{"cmd":"migrate","to":"tcp://HOST:PORT","mode":"precopy"\|"postcopy"\|"hybrid","tracker":"bitmap",`<br>`"downtime_ms":300,"bandwidth_mib_s":null,"max_rounds":30,"max_precopy_ms":60000,"dump_memory":null}` | `report`: the migration's metrics, sent when it ends; the VM exits after a successful one |
 //!
+//! | `{"cmd":"snapshot","to":"DIR","exit":false}` | `snapshot`: directory, data pages, pause time; with `exit` the VM then ends |
+//!
 //! Any failure answers `{"ok":false,"error":"..."}` and changes nothing (a failed migration
 //! leaves the guest running here). Requests on one connection are served in order; use another
 //! connection to ask for `status` while a `migrate` runs.
@@ -26,6 +28,19 @@ pub enum Request {
     Resume,
     Console { input: String },
     Migrate(MigrateParams),
+    Snapshot(SnapshotParams),
+}
+
+/// A snapshot request (`vmm snapshot`, `vmm remote ... snapshot`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, clap::Args)]
+pub struct SnapshotParams {
+    /// Directory to write the snapshot into (vm.json and memory; created if missing).
+    #[arg(long)]
+    pub to: std::path::PathBuf,
+    /// End the VM after the snapshot instead of resuming it.
+    #[arg(long)]
+    #[serde(default)]
+    pub exit: bool,
 }
 
 /// A migration request: the same fields on the command line (`vmm remote ... migrate`) and in

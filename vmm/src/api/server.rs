@@ -117,10 +117,14 @@ fn serve(stream: UnixStream, shared: &Arc<Shared>) {
             Err(e) => error(format!("bad request: {e}")),
         };
         let migrated = answer.get("migrated").and_then(Value::as_bool) == Some(true);
+        let snapshot_exit = answer.get("exit").and_then(Value::as_bool) == Some(true);
         let sent = reply(&mut out, answer);
         if migrated {
             // Only now, with the report on its way: the VM's run ends and the process exits.
             hand_over(shared);
+        }
+        if snapshot_exit {
+            crate::snapshot::take::end_after(shared);
         }
         if sent.is_err() {
             return;
@@ -171,6 +175,7 @@ pub fn handle(req: Request, shared: &Arc<Shared>) -> Value {
             shared.console_input(&bytes);
             json!({ "ok": true, "bytes": bytes.len() })
         }
+        Request::Snapshot(params) => snapshot(shared, &params),
         Request::Migrate(params) => {
             let opts = match params.options() {
                 Ok(o) => o,
@@ -184,6 +189,13 @@ pub fn handle(req: Request, shared: &Arc<Shared>) -> Value {
                 }
             }
         }
+    }
+}
+
+fn snapshot(shared: &Shared, p: &crate::api::SnapshotParams) -> Value {
+    match crate::snapshot::take::take(shared, &p.to, p.exit) {
+        Ok(taken) => json!({ "ok": true, "snapshot": taken, "exit": p.exit }),
+        Err(e) => error(e.to_string()),
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod axis;
 pub mod chart;
+pub mod demand;
 mod format;
 pub mod json;
 mod legend;

@@ -17,6 +17,7 @@ use crate::boot::mptable;
 use crate::boot::{paging, EntryPoint};
 use crate::memory::GuestRam;
 use crate::tracking::{self, DirtyRings, TrackedSlot};
+use crate::userfault::DemandExits;
 use crate::vstate::cpuid;
 use crate::vstate::kick::{Kicker, RunState};
 use crate::vstate::pause::PauseControl;
@@ -44,6 +45,11 @@ pub struct Machine {
     pub pause: Arc<PauseControl>,
     pub events_tx: Sender<VcpuEvent>,
     pub events_rx: Receiver<VcpuEvent>,
+    /// Set when an exit-based demand pager is armed (lazy restore, postcopy): the vCPU threads
+    /// resolve missing-page exits through it.
+    pub demand: DemandExits,
+    /// Guest memory is still being paged in (see `Shared::paging_in`).
+    pub paging_in: Arc<AtomicBool>,
 }
 
 impl Machine {
@@ -123,7 +129,11 @@ impl Machine {
                 console: out,
                 observer: console::observer(watch.clone(), start, line_hook),
                 disks: &cfg.disks,
-                micro: micro.then(|| (micro_passes.clone(), pass_hook)),
+                micro: micro.then(|| {
+                    crate::micro_port::MicroPort::new(micro_passes.clone())
+                        .with_vcpus(nr_vcpus)
+                        .with_hook(pass_hook)
+                }),
                 start,
                 boot_timer: boot_tx,
             },
@@ -133,6 +143,7 @@ impl Machine {
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(PauseControl::new(nr_vcpus as usize));
         let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Thread)?;
+        let demand: DemandExits = Arc::new(OnceLock::new());
         let mut runners = Vec::new();
         for id in 0..nr_vcpus {
             let fd = vm.create_vcpu(id)?;
@@ -162,6 +173,8 @@ impl Machine {
                 ring_full_streak: 0,
                 pause: pause.clone(),
                 vm: vm.clone(),
+                demand: demand.clone(),
+                code_retry: None,
             });
         }
         let (events_tx, events_rx) = channel();
@@ -184,6 +197,8 @@ impl Machine {
             pause,
             events_tx,
             events_rx,
+            demand,
+            paging_in: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -214,12 +229,21 @@ impl Machine {
                 if let Some((gpa, bytes)) = region {
                     micro::check_region(&self.ram, *gpa, *bytes)?;
                 }
+                if self.runners.len() > 1 {
+                    micro::write_io_bitmap(mem)?;
+                }
                 micro::load(&self.ram, payload, mailbox)?
             }
         };
         if let Some(bsp) = self.runners.first() {
             regs::setup_boot_sregs(&bsp.fd)?;
             regs::setup_boot_regs(&bsp.fd, &entry)?;
+        }
+        // Every vCPU runs a micro guest: the others start at its entry (see `boot::micro`).
+        if micro {
+            for ap in self.runners.iter().skip(1) {
+                micro::setup_ap(&ap.fd, ap.id)?;
+            }
         }
         Ok(self)
     }

@@ -3,7 +3,6 @@
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,8 +47,8 @@ pub struct DeviceOptions<'a> {
     pub console: Box<dyn std::io::Write + Send>,
     pub observer: OutputObserver,
     pub disks: &'a [DiskConfig],
-    /// For the micro guest: where its port device counts passes, and what runs at each.
-    pub micro: Option<(Arc<AtomicU64>, Option<crate::micro_port::PassHook>)>,
+    /// For the micro guest: its port device (pass counter, hook at each pass, vCPU count).
+    pub micro: Option<MicroPort>,
     pub start: Instant,
     pub boot_timer: Sender<Duration>,
 }
@@ -154,8 +153,8 @@ pub fn create(
         i8042_len,
     )?;
 
-    if let Some((passes, hook)) = opts.micro {
-        let port = Arc::new(Mutex::new(MicroPort::new(passes).with_hook(hook)));
+    if let Some(port) = opts.micro {
+        let port = Arc::new(Mutex::new(port));
         place(
             &mut pio,
             "micro guest ports",

@@ -23,6 +23,8 @@ pub enum Outcome {
     Stopped,
     /// The guest was migrated to another host and runs there: exit code 0.
     Migrated,
+    /// A snapshot was taken with `exit`: the guest lives on in the snapshot: exit code 0.
+    Snapshotted,
 }
 
 pub const EXIT_KERNEL_PANIC: i32 = 3;
@@ -39,12 +41,17 @@ impl Outcome {
             (VcpuStop::DeviceExit(status), None) => Outcome::MicroExit { status },
             (VcpuStop::Stopped, None) => Outcome::Stopped,
             (VcpuStop::Migrated, None) => Outcome::Migrated,
+            (VcpuStop::Snapshotted, None) => Outcome::Snapshotted,
         }
     }
 
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Reset | Outcome::Poweroff | Outcome::Stopped | Outcome::Migrated => 0,
+            Outcome::Reset
+            | Outcome::Poweroff
+            | Outcome::Stopped
+            | Outcome::Migrated
+            | Outcome::Snapshotted => 0,
             Outcome::MicroExit { status: 0 } => 0,
             Outcome::MicroExit { .. } => EXIT_MICRO_FAILED,
             Outcome::KernelPanic { .. } => EXIT_KERNEL_PANIC,
@@ -61,6 +68,7 @@ impl Outcome {
             Outcome::Fault { message } => format!("guest fault: {message}"),
             Outcome::Stopped => "stopped from the console".into(),
             Outcome::Migrated => "guest migrated away; it runs on the destination now".into(),
+            Outcome::Snapshotted => "snapshot taken; the guest lives on in it".into(),
         }
     }
 }

@@ -44,6 +44,8 @@ impl Machine {
             pause,
             events_tx,
             events_rx,
+            demand: _,
+            paging_in,
         } = self;
         let mem = ram.memory();
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
@@ -62,6 +64,7 @@ impl Machine {
                 description: crate::migration::description::VmDescription::of(&cfg, ram.ranges()),
                 tracking_active: cfg.tracking.is_some(),
                 start,
+                paging_in,
                 events: events_tx.clone(),
                 exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
             },
@@ -71,10 +74,13 @@ impl Machine {
         let session = match &cfg.tracking {
             Some(opts) => {
                 let model = match &cfg.guest {
+                    // Per-pass exactness needs the guest to stand still at each pass: with
+                    // several vCPUs the others keep writing, so no model then.
                     GuestConfig::Micro { mailbox, .. } => {
                         <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
                             .ok()
                             .and_then(|m| micro_guest::Workload::from_mailbox(m).ok())
+                            .filter(|w| w.vcpus() == 1)
                     }
                     GuestConfig::Linux(_) => None,
                 };
@@ -136,7 +142,9 @@ impl Machine {
 
         let quit = Arc::new(AtomicBool::new(false));
         let _raw = cfg.console_input.then(stdin::RawTerminal::enter);
-        let ended = event_loop(&cfg, &devs, &exit_evt, &events_rx, &quit);
+        // A micro guest ends when every vCPU has exited with status 0 (or one stops otherwise).
+        let exits_needed = if micro { usize::from(nr_vcpus) } else { 1 };
+        let ended = event_loop(&cfg, &devs, &exit_evt, &events_rx, &quit, exits_needed);
         let rss = report::rss_beyond_shmem_kib();
         if let Some(api) = api {
             api.stop();
@@ -167,10 +175,11 @@ impl Machine {
             (
                 GuestConfig::Micro {
                     expected: Some(expected),
+                    mailbox,
                     ..
                 },
                 VcpuStop::DeviceExit(0),
-            ) => Some(crate::micro_check::check(mem, expected)),
+            ) => Some(crate::micro_check::check_run(mem, expected, mailbox)),
             _ => None,
         };
         let mut outcome = Outcome::from_stop(why, kernel_panic);
@@ -225,12 +234,15 @@ impl MutEventSubscriber for ExitWatch {
 type Ended = (Option<Instant>, VcpuStop);
 
 /// Runs the main thread's loop until the first vCPU stops (or the user quits from the console).
+/// A vCPU that stops with `DeviceExit(0)` only ends the loop once `exits_needed` different vCPUs
+/// have (the micro guest's vCPUs each exit when done); any other stop ends it at once.
 fn event_loop(
     cfg: &VmConfig,
     devs: &super::devices_setup::Devices,
     exit_evt: &EventFd,
     rx: &Receiver<VcpuEvent>,
     quit: &Arc<AtomicBool>,
+    exits_needed: usize,
 ) -> Result<Ended, MachineError> {
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
         EventManager::new().map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
@@ -241,10 +253,21 @@ fn event_loop(
         em.add_subscriber(Arc::new(Mutex::new(input)));
     }
     let mut first_run = None;
+    let mut exited = std::collections::BTreeSet::new();
     loop {
         for ev in rx.try_iter() {
             match ev {
                 VcpuEvent::FirstRun(t) => first_run = Some(t),
+                VcpuEvent::Stopped {
+                    id,
+                    why: VcpuStop::DeviceExit(0),
+                } if exited.len() + 1 < exits_needed => {
+                    exited.insert(id);
+                    tracing::debug!(
+                        "vcpu{id} exited with status 0 ({} of {exits_needed})",
+                        exited.len()
+                    );
+                }
                 VcpuEvent::Stopped { id, why } => {
                     tracing::debug!("vcpu{id} stopped: {why:?}");
                     return Ok((first_run, why));

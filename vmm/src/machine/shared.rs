@@ -38,6 +38,9 @@ pub struct Shared {
     /// A `--track` session owns the tracking backends while it runs.
     pub tracking_active: bool,
     pub start: Instant,
+    /// Set while guest memory is still being paged in (lazy restore, postcopy): the memory
+    /// file then has holes where pages are missing, so nothing may read it as the guest's RAM.
+    pub paging_in: Arc<std::sync::atomic::AtomicBool>,
     pub migration: Mutex<Progress>,
     console_input: Mutex<InputSink>,
     events: Mutex<Sender<VcpuEvent>>,
@@ -57,6 +60,7 @@ pub struct SharedParts {
     pub description: VmDescription,
     pub tracking_active: bool,
     pub start: Instant,
+    pub paging_in: Arc<std::sync::atomic::AtomicBool>,
     pub events: Sender<VcpuEvent>,
     pub exit_evt: EventFd,
 }
@@ -68,6 +72,7 @@ impl Shared {
             memory: p.memory,
             ranges: p.ranges,
             memfd: p.memfd,
+            paging_in: p.paging_in,
             slots: p.slots,
             rings: p.rings,
             kicker: p.kicker,
@@ -106,6 +111,20 @@ impl Shared {
         let tx = self.events.lock().unwrap_or_else(|p| p.into_inner());
         let _ = tx.send(VcpuEvent::Stopped { id: 0, why });
         let _ = self.exit_evt.write(1);
+    }
+
+    /// Refuses, with the reason, to read guest RAM from the memory file while pages are still
+    /// missing from it (snapshot, migration).
+    pub fn memory_complete(&self) -> Result<(), String> {
+        if self.paging_in.load(Ordering::Acquire) {
+            return Err(
+                "guest memory is still being paged in (lazy restore or postcopy): \
+                        pages missing from it would be read as zeros; wait until every page \
+                        is here (restore with --prefetch)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Types `bytes` on the guest's console.

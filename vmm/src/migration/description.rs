@@ -109,6 +109,62 @@ impl VmDescription {
         }
     }
 
+    /// The VM to build from this description, with this side's console, disks and API socket
+    /// (a migration's destination, a snapshot's restore).
+    pub fn config(
+        &self,
+        disks: Vec<DiskConfig>,
+        console: crate::machine::ConsoleOutput,
+        console_input: bool,
+        api_socket: Option<PathBuf>,
+    ) -> Result<VmConfig, String> {
+        let guest = match &self.guest {
+            GuestDesc::Linux { kernel } => GuestConfig::Linux(crate::boot::linux::LinuxBoot {
+                kernel: kernel.into(),
+                initrd: None,
+                cmdline: String::new(),
+            }),
+            GuestDesc::Micro {
+                mailbox,
+                region,
+                verify,
+            } => {
+                let expected = if *verify {
+                    let mb = <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
+                        .map_err(|_| "micro guest mailbox size".to_string())?;
+                    let workload = micro_guest::Workload::from_mailbox(mb)
+                        .map_err(|e| format!("micro guest mailbox: {e}"))?;
+                    let (gpa, _) = region.ok_or("micro guest without a region")?;
+                    workload
+                        .final_image()
+                        .map(|pages| crate::micro_check::Expected {
+                            region_gpa: gpa,
+                            pages,
+                        })
+                } else {
+                    None
+                };
+                GuestConfig::Micro {
+                    payload: Vec::new(),
+                    mailbox: mailbox.clone(),
+                    region: *region,
+                    expected,
+                }
+            }
+        };
+        Ok(VmConfig {
+            vcpus: self.vcpus,
+            mem_bytes: self.mem_bytes,
+            guest,
+            disks,
+            console,
+            console_input,
+            tracking: None,
+            dirty_ring: self.dirty_ring,
+            api_socket,
+        })
+    }
+
     /// Refuses a VM this destination cannot host, with the reason; otherwise the disks to open.
     pub fn check(&self, local: &Constraints) -> Result<Vec<DiskConfig>, String> {
         if let Some(mem) = local.mem_bytes {

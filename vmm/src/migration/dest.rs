@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::description::{Constraints, GuestDesc, Hello};
+use super::description::{Constraints, Hello};
 use super::pages;
 use super::progress::{DestinationStats, MigrationReport};
 use super::protocol::{
@@ -19,8 +19,7 @@ use super::protocol::{
 use super::snapshot::VmSnapshot;
 use super::source::{unexpected, Reader, Writer};
 use super::{postcopy_dst, MigrationError, Mode};
-use crate::boot::linux::LinuxBoot;
-use crate::machine::{ConsoleOutput, GuestConfig, Machine, RunReport, VmConfig};
+use crate::machine::{ConsoleOutput, Machine, RunReport, VmConfig};
 
 /// How long the destination waits for the source's second (urgent) connection.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +36,8 @@ pub struct IncomingOptions {
     pub constraints: Constraints,
     /// Write guest RAM as received (the source's RAM at its pause) into this file.
     pub dump_memory: Option<PathBuf>,
+    /// The demand-paging backend for postcopy.
+    pub demand: postcopy_dst::Demand,
 }
 
 fn streams(stream: TcpStream) -> Result<(Writer, Reader), MigrationError> {
@@ -82,6 +83,9 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         Err(e) => return Err(refuse(&mut w, e)),
     };
     if hello.mode != Mode::Precopy {
+        if let Err(reason) = demand_fits(&opts.demand) {
+            return Err(refuse(&mut w, MigrationError::Refused(reason)));
+        }
         // Postcopy needs userfaultfd here: find out before the source commits to it.
         if let Err(e) = crate::sys::uffd::available_features() {
             return Err(refuse(
@@ -96,7 +100,21 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e.to_string()))),
     };
-    w.send(&Message::Accept)?;
+    // memslot-exits cannot see KVM's own accesses: the page tables must all be here before the
+    // guest runs. A guest with one address space (the micro guest) has them all under its
+    // CR3, which this side walks itself (`Receiver::keep_present`); Linux has one per process,
+    // and only the source can find those (`presend`).
+    let many_address_spaces = matches!(hello.vm.guest, super::description::GuestDesc::Linux { .. });
+    if hello.mode != Mode::Precopy && opts.demand.backend == "memslot-exits" && many_address_spaces
+    {
+        let json = serde_json::to_vec(&super::presend::AcceptOptions {
+            presend_page_tables: true,
+        })
+        .map_err(|e| MigrationError::Hello(e.to_string()))?;
+        w.send(&Message::AcceptWith(json))?;
+    } else {
+        w.send(&Message::Accept)?;
+    }
     w.flush()?;
     tracing::info!(
         "accepted a {:?} migration of a {} MiB, {} vCPU VM from a {} host",
@@ -228,6 +246,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             };
             let pager = match postcopy_dst::Receiver::start(
                 &machine,
+                &opts.demand,
                 &pending,
                 postcopy_dst::Links { w, r, uw, ur },
                 opts.dump_memory.clone(),
@@ -244,6 +263,19 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                     return Err(e);
                 }
             };
+            match pager.keep_present(&snapshot.vcpus) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    "{}: {n} page-table, descriptor and PV pages mapped before resuming",
+                    opts.demand.backend
+                ),
+                Err(e) => {
+                    pager.fail(&format!(
+                        "{ABORT_NOT_STARTED}cannot map the pages KVM touches itself: {e}"
+                    ));
+                    return Err(e);
+                }
+            }
             if let Err(e) = snapshot.restore(&machine) {
                 pager.fail(&format!("{ABORT_NOT_STARTED}cannot restore the state: {e}"));
                 return Err(e.into());
@@ -260,6 +292,16 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                 MigrationError::Machine(e.to_string())
             })
         }
+    }
+}
+
+/// Whether this destination's demand-paging backend can work here at all (memslot-exits
+/// gets the pages KVM touches itself from the source, see `presend`).
+fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), String> {
+    match demand.backend.as_str() {
+        "kvm-userfault" => crate::userfault::kvm_userfault_support()
+            .map_err(|why| format!("postcopy with --demand kvm-userfault: {why}")),
+        _ => Ok(()),
     }
 }
 
@@ -317,50 +359,13 @@ fn config_of(
     disks: Vec<crate::machine::DiskConfig>,
     opts: &IncomingOptions,
 ) -> Result<VmConfig, MigrationError> {
-    let guest = match &hello.vm.guest {
-        GuestDesc::Linux { kernel } => GuestConfig::Linux(LinuxBoot {
-            kernel: kernel.into(),
-            initrd: None,
-            cmdline: String::new(),
-        }),
-        GuestDesc::Micro {
-            mailbox,
-            region,
-            verify,
-        } => {
-            let expected = if *verify {
-                let mb = <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
-                    .map_err(|_| MigrationError::Hello("micro guest mailbox size".into()))?;
-                let workload = micro_guest::Workload::from_mailbox(mb)
-                    .map_err(|e| MigrationError::Hello(format!("micro guest mailbox: {e}")))?;
-                let (gpa, _) = region
-                    .ok_or_else(|| MigrationError::Hello("micro guest without a region".into()))?;
-                workload
-                    .final_image()
-                    .map(|pages| crate::micro_check::Expected {
-                        region_gpa: gpa,
-                        pages,
-                    })
-            } else {
-                None
-            };
-            GuestConfig::Micro {
-                payload: Vec::new(),
-                mailbox: mailbox.clone(),
-                region: *region,
-                expected,
-            }
-        }
-    };
-    Ok(VmConfig {
-        vcpus: hello.vm.vcpus,
-        mem_bytes: hello.vm.mem_bytes,
-        guest,
-        disks,
-        console: opts.console.clone(),
-        console_input: opts.console_input,
-        tracking: None,
-        dirty_ring: hello.vm.dirty_ring,
-        api_socket: opts.api_socket.clone(),
-    })
+    hello
+        .vm
+        .config(
+            disks,
+            opts.console.clone(),
+            opts.console_input,
+            opts.api_socket.clone(),
+        )
+        .map_err(MigrationError::Hello)
 }

@@ -18,6 +18,7 @@ pub mod page_index;
 pub mod pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
+pub mod presend;
 pub mod progress;
 pub mod protocol;
 pub mod rate;

@@ -26,7 +26,25 @@ use super::MigrationError;
 use crate::machine::shared::Shared;
 use crate::machine::Machine;
 use crate::memory::RamRange;
-use crate::userfault::{DemandPager, Installed, UffdMissing};
+use crate::userfault::{self, ArmArgs, DemandPager, Installed};
+
+/// The demand-paging backend the destination runs postcopy on (`--demand`).
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub backend: String,
+    pub chunk: u64,
+    pub soft_slots: usize,
+}
+
+impl Default for Demand {
+    fn default() -> Self {
+        Demand {
+            backend: "uffd-missing".into(),
+            chunk: 4096,
+            soft_slots: userfault::memslot_exits::DEFAULT_SOFT_LIMIT,
+        }
+    }
+}
 
 /// Exit status of a destination whose postcopy could not finish.
 pub const EXIT_POSTCOPY_LOST: i32 = 1;
@@ -39,7 +57,7 @@ pub struct Links {
 }
 
 struct Inner {
-    pager: Box<dyn DemandPager>,
+    pager: Arc<dyn DemandPager>,
     index: PageIndex,
     table: Vec<(u64, u64)>,
     ram: Vec<RamRange>,
@@ -77,6 +95,7 @@ impl Receiver {
     /// with the error, to tell the source.
     pub fn start(
         machine: &Machine,
+        demand: &Demand,
         pending: &[(u64, u64)],
         links: Links,
         dump: Option<PathBuf>,
@@ -88,7 +107,7 @@ impl Receiver {
         let memfd = machine.ram.file();
         let index = PageIndex::new(&ram);
         let marks = AtomicPages::new(index.total());
-        let prepared = (|| -> Result<(Option<File>, UffdMissing), MigrationError> {
+        let prepared = (|| -> Result<(Option<File>, Arc<dyn DemandPager>), MigrationError> {
             for &(gpa, n) in pending {
                 for p in 0..n {
                     let page = gpa + p * PAGE_SIZE;
@@ -118,16 +137,36 @@ impl Receiver {
                 }
                 None => None,
             };
-            Ok((dump, UffdMissing::arm(&ram, &machine.ram.host_addrs())?))
+            let pager = userfault::arm(
+                &demand.backend,
+                ArmArgs {
+                    vm: machine.vm.clone(),
+                    ranges: &ram,
+                    host_addrs: &machine.ram.host_addrs(),
+                    memfd,
+                    pending,
+                    chunk: demand.chunk,
+                    soft_slots: demand.soft_slots,
+                },
+            )?;
+            if let Some(exits) = pager.exits() {
+                // No inline fetch: vCPU exits queue their pages for the fault thread, which
+                // asks the source as for any other fault.
+                let _ = machine.demand.set(exits);
+            }
+            Ok((dump, pager))
         })();
         let (dump, pager) = match prepared {
             Ok(p) => p,
             Err(e) => return Err(Box::new((e, Some(w)))),
         };
         let remaining = marks.count();
+        machine
+            .paging_in
+            .store(true, std::sync::atomic::Ordering::Release);
         tracing::info!("postcopy: {remaining} pages still on the source; resuming now");
         let inner = Arc::new(Inner {
-            pager: Box::new(pager),
+            pager,
             table: ram.iter().map(|r| (r.gpa, r.size)).collect(),
             ram,
             index,
@@ -173,6 +212,54 @@ impl Receiver {
             return Err(Box::new((MigrationError::Io(e), None)));
         }
         Ok(receiver)
+    }
+
+    /// Exit backends: maps, before any vCPU runs, the pages KVM touches itself (page tables
+    /// reachable from each vCPU's CR3, descriptor tables, TSS stacks, PV pages), asking the
+    /// source for each that is still there, and pins what is mapped already (the source sent
+    /// the page tables of every address space first, see `presend`).
+    pub fn keep_present(
+        &self,
+        vcpus: &[crate::vstate::state::VcpuState],
+    ) -> Result<u64, MigrationError> {
+        let Some(exits) = self.inner.pager.exits() else {
+            return Ok(0);
+        };
+        // What the source sent before the switch includes every possible page table.
+        exits.pin_mapped();
+        let mut failed = None;
+        let mut read = |gpa: u64| -> Option<Vec<u8>> {
+            if !exits.covers(gpa) {
+                return None;
+            }
+            if let Err(e) = exits.keep_mapped(gpa) {
+                failed.get_or_insert(e);
+                return None;
+            }
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            exits.complete_read(gpa, &mut page).ok()?;
+            Some(page)
+        };
+        let mut pages = userfault::keep_present::pv_pages(vcpus);
+        for v in vcpus {
+            pages.extend(userfault::keep_present::walk_page_tables(
+                &v.sregs, &mut read,
+            ));
+            pages.extend(userfault::keep_present::cpu_structure_pages(
+                &v.sregs, &mut read,
+            ));
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        for &g in &pages {
+            if exits.covers(g) {
+                exits.keep_mapped(g)?;
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        Ok(pages.len() as u64)
     }
 
     /// The vCPUs run: from now on the destination owns the guest.
@@ -318,6 +405,7 @@ impl Inner {
                 continue;
             };
             self.resolved(idx);
+            self.pager.note_zero(page, 1);
             // Someone waits on it: install the zero page now (others stay holes, which read
             // as zeros once the pager is disarmed).
             let waited = lock(&self.waiting).remove(&idx);
@@ -343,6 +431,7 @@ impl Inner {
         if let Err(e) = self.pager.disarm() {
             tracing::error!("disarming the postcopy pager: {e}");
         }
+        shared.paging_in.store(false, Ordering::Release);
         let mut lat = lock(&self.latencies_us).clone();
         let stats = PostcopyStats {
             faults: self.faults.load(Ordering::Acquire),

@@ -96,6 +96,10 @@ pub struct MigrationReport {
     /// Why the precopy rounds ended: converged, round limit, time limit.
     pub switchover: Option<String>,
     pub postcopy: Option<PostcopyStats>,
+    /// Postcopy to a destination that asked for it: pages that could be page tables, sent
+    /// while the guest was paused, and the time the scan and send took (part of the downtime).
+    pub presend_pages: Option<u64>,
+    pub presend_ms: Option<f64>,
     /// What the destination measured (sent back after it confirmed it runs).
     pub destination: Option<DestinationStats>,
     pub error: Option<String>,

@@ -31,7 +31,7 @@
 //! | kind | message         | direction     | payload                                            |
 //! |-----:|-----------------|---------------|----------------------------------------------------|
 //! |    1 | `Hello`         | source → dest | raw: JSON VM description (first frame, main conn.) |
-//! |    2 | `Accept`        | dest → source | empty                                              |
+//! |    2 | `Accept`        | dest → source | empty, or JSON options (`presend::AcceptOptions`)  |
 //! |    3 | `Refuse`        | dest → source | raw: reason, UTF-8 (decoded lossily)               |
 //! |    4 | `Channel`       | source → dest | `session` u64, `role` u8 (0 Main, 1 Urgent): 9 B   |
 //! |    5 | `Pages`         | source → dest | `gpa` u64, then 1..=256 whole pages of data        |
@@ -206,6 +206,8 @@ pub enum Message {
     Hello(Vec<u8>),
     /// Destination → source: the destination can host the VM described in `Hello`.
     Accept,
+    /// `Accept` with options (JSON `presend::AcceptOptions`; same kind, non-empty payload).
+    AcceptWith(Vec<u8>),
     /// Destination → source: it cannot, and why.
     Refuse(String),
     /// Source → destination: first frame on every additional connection.
@@ -242,7 +244,7 @@ impl Message {
     pub fn kind(&self) -> u16 {
         match self {
             Message::Hello(_) => KIND_HELLO,
-            Message::Accept => KIND_ACCEPT,
+            Message::Accept | Message::AcceptWith(_) => KIND_ACCEPT,
             Message::Refuse(_) => KIND_REFUSE,
             Message::Channel { .. } => KIND_CHANNEL,
             Message::Pages { .. } => KIND_PAGES,
@@ -469,6 +471,7 @@ impl<W: Write> FrameWriter<W> {
         match msg {
             Message::Hello(json) => self.write_frame(KIND_HELLO, &[json]),
             Message::Accept => self.write_frame(KIND_ACCEPT, &[]),
+            Message::AcceptWith(json) => self.write_frame(KIND_ACCEPT, &[json]),
             Message::Refuse(reason) => self.write_frame(KIND_REFUSE, &[reason.as_bytes()]),
             Message::Channel { session, role } => {
                 let mut p = [0u8; 9];

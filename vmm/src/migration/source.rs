@@ -171,6 +171,7 @@ fn run(
     report: &mut MigrationReport,
 ) -> Result<(), MigrationError> {
     let addr = parse_tcp_url(&opts.to)?;
+    shared.memory_complete().map_err(MigrationError::Busy)?;
     let (mut w, mut r) = connect(&addr)?;
     let session = session_id();
     let hello = Hello {
@@ -200,11 +201,13 @@ fn run(
         }
         other => other.into(),
     })?;
-    match answer {
-        Message::Accept => {}
+    let accepted = match answer {
+        Message::Accept => super::presend::AcceptOptions::default(),
+        Message::AcceptWith(json) => serde_json::from_slice(&json)
+            .map_err(|e| MigrationError::Hello(format!("the destination's Accept options: {e}")))?,
         Message::Refuse(reason) => return Err(MigrationError::Refused(reason)),
         other => return Err(unexpected("Accept", &other)),
-    }
+    };
     r.get_ref().get_ref().set_read_timeout(None)?;
     let urgent = if opts.mode == Mode::Precopy {
         None
@@ -338,6 +341,38 @@ fn run(
                     .into_iter()
                     .map(|(gpa, bytes)| (gpa, bytes / PAGE_SIZE))
                     .collect()
+            };
+            // A destination that cannot see KVM's own accesses gets every page that could be
+            // a page table now, while the guest is paused (see `presend`).
+            let pending = if accepted.presend_page_tables {
+                let t = Instant::now();
+                let bits = crate::userfault::keep_present::guest_phys_bits(snapshot.vcpus.first());
+                let (now, rest) = super::presend::split(
+                    &shared.memfd,
+                    &shared.ranges,
+                    &pending,
+                    &snapshot.vcpus,
+                    bits,
+                );
+                let sent = (|| -> Result<(), MigrationError> {
+                    for &gpa in &now {
+                        sender.send_run(&mut w, &mut rate, gpa, 1)?;
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = sent {
+                    return Err(abort_and_resume(shared, &mut w, e));
+                }
+                report.presend_pages = Some(now.len() as u64);
+                report.presend_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+                tracing::info!(
+                    "postcopy: sent {} possible page-table pages first ({:.1} ms)",
+                    now.len(),
+                    t.elapsed().as_secs_f64() * 1000.0
+                );
+                rest
+            } else {
+                pending
             };
             // Everything that can fail without the destination's help happens before the
             // point of no return.

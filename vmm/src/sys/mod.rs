@@ -3,6 +3,7 @@
 //! `PAGEMAP_SCAN` (`pagemap`). TRACKING.md lists what each interface can and cannot see.
 
 pub mod kvm_dirty;
+pub mod kvm_userfault;
 pub mod pagemap;
 pub mod uffd;
 

@@ -4,10 +4,20 @@
 //! userfaultfd MISSING: MINOR + CONTINUE, real KVM_MEM_USERFAULT exits, or their emulation with
 //! memslot holes on stock kernels (issue 6).
 
+pub mod exits;
+pub mod keep_present;
+pub mod kvm_userfault;
+pub mod memslot_exits;
+pub mod uffd_minor;
 pub mod uffd_missing;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use exits::{DemandExits, ExitPager, ExitStats, Fetch};
+pub use memslot_exits::MemslotExits;
+
+pub use uffd_minor::UffdMinor;
 pub use uffd_missing::UffdMissing;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +32,12 @@ pub enum UserfaultError {
     Poll(std::io::Error),
     #[error("unexpected userfaultfd event: {0}")]
     Event(String),
+    #[error("{0}")]
+    Kvm(String),
+    #[error("fetching guest pages 0x{gpa:x}+0x{len:x}: {reason}")]
+    Fetch { gpa: u64, len: u64, reason: String },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// A touch of a missing page.
@@ -56,7 +72,73 @@ pub trait DemandPager: Send + Sync {
     fn wake(&self, gpa: u64, pages: u64) -> Result<(), UserfaultError>;
     /// Stops catching faults: every later access behaves as on ordinary memory.
     fn disarm(&self) -> Result<(), UserfaultError>;
+    /// These pending pages turned out to be zero: nothing needs installing (a hole reads as
+    /// zero), but a backend that tracks missing pages itself must stop waiting for them.
+    fn note_zero(&self, _gpa: u64, _pages: u64) {}
+    /// For backends whose vCPU accesses to missing pages exit to userspace (memslot holes, KVM
+    /// Userfault): the handle the vCPU threads resolve those exits through.
+    fn exits(&self) -> Option<Arc<dyn ExitPager>> {
+        None
+    }
 }
 
 /// Names `vmm` accepts for `--demand`.
-pub const BACKENDS: &[&str] = &["uffd-missing"];
+pub const BACKENDS: &[&str] = &[
+    "uffd-missing",
+    "uffd-minor",
+    "memslot-exits",
+    "kvm-userfault",
+];
+
+/// What arming a backend needs from the machine.
+pub struct ArmArgs<'a> {
+    pub vm: std::sync::Arc<crate::vstate::vm::Vm>,
+    pub ranges: &'a [crate::memory::RamRange],
+    pub host_addrs: &'a [u64],
+    pub memfd: &'a std::fs::File,
+    /// Pages (gpa, count) that are missing; already punched out of `memfd`.
+    pub pending: &'a [(u64, u64)],
+    /// Bytes brought in per exit (exit backends).
+    pub chunk: u64,
+    /// Memslots used before chunks are merged (memslot-exits).
+    pub soft_slots: usize,
+}
+
+/// Arms the backend called `name` over guest RAM.
+pub fn arm(name: &str, a: ArmArgs<'_>) -> Result<Arc<dyn DemandPager>, UserfaultError> {
+    match name {
+        "uffd-missing" => Ok(Arc::new(UffdMissing::arm(a.ranges, a.host_addrs)?)),
+        "uffd-minor" => Ok(Arc::new(UffdMinor::arm(
+            a.ranges,
+            a.host_addrs,
+            a.memfd,
+            a.pending,
+        )?)),
+        "memslot-exits" => Ok(Arc::new(MemslotExits::arm(
+            a.vm,
+            a.ranges,
+            a.host_addrs,
+            a.memfd,
+            a.pending,
+            a.chunk,
+            a.soft_slots,
+        )?)),
+        "kvm-userfault" => Ok(Arc::new(kvm_userfault::KvmUserfault::arm(
+            a.vm,
+            a.ranges,
+            a.host_addrs,
+            a.memfd,
+            a.pending,
+            a.chunk,
+        )?)),
+        other => Err(UserfaultError::Unsupported(format!(
+            "unknown demand-paging backend {other:?}; known: {}",
+            BACKENDS.join(", ")
+        ))),
+    }
+}
+
+/// Whether this kernel has KVM Userfault (tries the memslot flag on a throwaway VM).
+pub fn kvm_userfault_support() -> Result<(), String> {
+    kvm_userfault::support()
+}

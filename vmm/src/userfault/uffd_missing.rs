@@ -45,6 +45,35 @@ impl UffdMissing {
         Ok(UffdMissing { uffd, ranges })
     }
 
+    /// A pager over a userfaultfd that another process registered with `arm` (received over
+    /// a Unix socket: the out-of-process page server). Nothing is registered here; UFFDIO_COPY,
+    /// ZEROPAGE and WAKE act on the address space that created `uffd`, at `host_addrs` (its
+    /// mappings of `ranges`).
+    pub fn from_fd(
+        uffd: std::os::fd::OwnedFd,
+        ranges: &[RamRange],
+        host_addrs: &[u64],
+    ) -> Result<UffdMissing, UserfaultError> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        if ranges.len() != host_addrs.len() {
+            return Err(UserfaultError::Unsupported(format!(
+                "{} RAM ranges but {} host addresses",
+                ranges.len(),
+                host_addrs.len()
+            )));
+        }
+        // SAFETY: `uffd` is an owned descriptor whose ownership moves into the `Uffd`.
+        let uffd = unsafe { Uffd::from_raw_fd(uffd.into_raw_fd()) };
+        Ok(UffdMissing {
+            uffd,
+            ranges: ranges
+                .iter()
+                .copied()
+                .zip(host_addrs.iter().copied())
+                .collect(),
+        })
+    }
+
     fn host(&self, gpa: u64, len: u64) -> Result<*mut libc::c_void, UserfaultError> {
         self.ranges
             .iter()
@@ -53,43 +82,13 @@ impl UffdMissing {
             .ok_or(UserfaultError::NotRam { gpa, len })
     }
 
-    fn gpa_of(&self, addr: u64) -> Option<u64> {
-        self.ranges
-            .iter()
-            .find(|(r, host)| addr >= *host && addr < host + r.size)
-            .map(|(r, host)| r.gpa + (addr - host))
-    }
-}
-
-impl DemandPager for UffdMissing {
-    fn name(&self) -> &'static str {
-        "uffd-missing"
+    /// The userfaultfd, for a caller that polls it beside other descriptors.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.uffd.as_raw_fd()
     }
 
-    fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {
-        let mut pfd = libc::pollfd {
-            fd: self.uffd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, count 1.
-        let rc = unsafe {
-            libc::poll(
-                &mut pfd,
-                1,
-                timeout.as_millis().min(i32::MAX as u128) as i32,
-            )
-        };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(None);
-            }
-            return Err(UserfaultError::Poll(e));
-        }
-        if rc == 0 {
-            return Ok(None);
-        }
+    /// Reads one pending event (call when the descriptor is readable): the fault, or None.
+    pub fn read_fault(&self) -> Result<Option<Fault>, UserfaultError> {
         match self
             .uffd
             .read_event()
@@ -111,6 +110,28 @@ impl DemandPager for UffdMissing {
             }
             Some(other) => Err(UserfaultError::Event(format!("{other:?}"))),
         }
+    }
+
+    fn gpa_of(&self, addr: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|(r, host)| addr >= *host && addr < host + r.size)
+            .map(|(r, host)| r.gpa + (addr - host))
+    }
+}
+
+impl DemandPager for UffdMissing {
+    fn name(&self) -> &'static str {
+        "uffd-missing"
+    }
+
+    fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {
+        let fd = self.uffd.as_raw_fd();
+        let (ready, _) = super::exits::poll_two(fd, fd, timeout)?;
+        if !ready {
+            return Ok(None);
+        }
+        self.read_fault()
     }
 
     fn install(&self, gpa: u64, data: &[u8]) -> Result<Installed, UserfaultError> {

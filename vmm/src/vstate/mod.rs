@@ -2,6 +2,7 @@
 
 pub mod cpuid;
 pub mod kick;
+pub mod operands;
 pub mod pause;
 pub mod regs;
 pub mod state;

@@ -20,6 +20,7 @@ use super::pause::PauseControl;
 use super::vm::Vm;
 use crate::memory::RamRange;
 use crate::tracking::DirtyRings;
+use crate::userfault::DemandExits;
 
 /// Consecutive ring-full exits with nothing to collect before the vCPU gives up: the host
 /// kernel pushed past the ring's end (PLATFORM.md §5) and re-entering would livelock.
@@ -40,6 +41,8 @@ pub enum VcpuStop {
     Stopped,
     /// The guest was migrated away and runs on the destination now.
     Migrated,
+    /// A snapshot was taken and the VM asked to end: the guest lives on in the snapshot.
+    Snapshotted,
 }
 
 /// What a vCPU thread tells the machine.
@@ -96,12 +99,32 @@ pub struct VcpuRunner {
     pub pause: Arc<PauseControl>,
     /// For saving this vCPU's state when a pause asks for it.
     pub vm: Arc<Vm>,
+    /// An exit-based demand pager, once one is armed: MMIO exits into RAM and instruction
+    /// fetches from unmapped RAM are missing pages to bring in, not faults.
+    pub demand: DemandExits,
+    /// RIP of the last emulation failure re-entered because its code page was being remapped.
+    pub code_retry: Option<u64>,
 }
 
 impl VcpuRunner {
     /// Runs until the guest or the VMM stops this vCPU; always reports why.
     pub fn run(mut self, events: Sender<VcpuEvent>) {
-        let why = self.run_loop(&events);
+        // A bug that panics in this thread must still end the VM with a report: without the
+        // event the main loop would wait for this vCPU forever.
+        let id = self.id;
+        let why =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(&events)))
+            {
+                Ok(why) => why,
+                Err(panic) => {
+                    let msg = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    VcpuStop::Fault(format!("vcpu{id}: internal error in vmm (panic): {msg}"))
+                }
+            };
         self.run_state.finished();
         self.pause.vcpu_finished(self.id);
         if let VcpuStop::Fault(msg) = &why {
@@ -185,7 +208,7 @@ impl VcpuRunner {
             },
             VcpuExit::MmioRead(addr, data) => {
                 if in_ram(&self.ram, addr) {
-                    return Next::Stop(mmio_in_ram(id, "read", addr));
+                    return demand_access(id, self.demand.get(), addr, Access::Read(data));
                 }
                 if self.mmio.read(addr, data).is_err() {
                     data.fill(0xff);
@@ -195,7 +218,7 @@ impl VcpuRunner {
             }
             VcpuExit::MmioWrite(addr, data) => {
                 if in_ram(&self.ram, addr) {
-                    return Next::Stop(mmio_in_ram(id, "write", addr));
+                    return demand_access(id, self.demand.get(), addr, Access::Write(data));
                 }
                 match self.mmio.write(addr, data) {
                     Ok(action) => action_next(action),
@@ -211,7 +234,10 @@ impl VcpuRunner {
             ))),
             VcpuExit::Shutdown => Next::Shutdown,
             VcpuExit::FailEntry(reason, _cpu) => Next::FailEntry(reason),
-            VcpuExit::InternalError => Next::InternalError,
+            VcpuExit::InternalError => match self.demand.get().cloned() {
+                Some(pager) => self.missing_code(pager.as_ref()),
+                None => Next::InternalError,
+            },
             VcpuExit::SystemEvent(kind, _) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuStop::Poweroff),
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Stop(VcpuStop::Reset),
@@ -220,6 +246,27 @@ impl VcpuRunner {
                 ))),
             },
             VcpuExit::IoapicEoi(_) | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
+            // KVM Userfault: the access never executed; once the page is in, re-enter.
+            VcpuExit::MemoryFault { flags, gpa, size } => {
+                let fault = crate::sys::kvm_userfault::MemoryFault::from_fields(flags, gpa, size);
+                match self.demand.get() {
+                    Some(pager) if fault.userfault => match pager.resolve(id, gpa, size) {
+                        Ok(true) => Next::Continue,
+                        Ok(false) => Next::Stop(VcpuStop::Fault(format!(
+                            "vcpu{id}: KVM userfault exit at 0x{gpa:x}, outside guest RAM"
+                        ))),
+                        Err(e) => Next::Stop(VcpuStop::Fault(format!(
+                            "vcpu{id}: {} could not bring in 0x{gpa:x}: {e}; the guest stops \
+                             rather than run on without it",
+                            pager.name()
+                        ))),
+                    },
+                    _ => Next::Stop(VcpuStop::Fault(self.fault(&format!(
+                        "KVM_EXIT_MEMORY_FAULT at 0x{gpa:x}+0x{size:x}, flags 0x{flags:x} \
+                         (no demand pager handles it)"
+                    )))),
+                }
+            }
             // kvm-ioctls does not know this exit (TRACKING.md): handle the raw reason.
             VcpuExit::Unsupported(kvm_bindings::KVM_EXIT_DIRTY_RING_FULL) => {
                 ring_full(id, self.rings.as_deref(), &mut self.ring_full_streak)
@@ -259,6 +306,165 @@ impl VcpuRunner {
         None
     }
 
+    /// An emulation failure while an exit pager is armed: KVM reports an instruction fetch from
+    /// a page in no memslot this way, without a GPA. Translate the RIP (and the last byte an
+    /// instruction there could span), bring in whatever is missing and re-enter; KVM then
+    /// fetches the instruction again. When the code is all mapped, the failure is something
+    /// else (an instruction KVM cannot emulate, e.g. a VEX load from a missing page, which
+    /// carries no GPA either): stop with the full report instead of guessing.
+    fn missing_code(&mut self, pager: &dyn crate::userfault::ExitPager) -> Next {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_INTERNAL_ERROR, so `internal` is the member KVM
+        // filled in; plain data.
+        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return Next::InternalError;
+        }
+        let (Ok(regs), Ok(sregs)) = (self.fd.get_regs(), self.fd.get_sregs()) else {
+            return Next::InternalError;
+        };
+        let long_mode = sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0;
+        let linear = if long_mode {
+            regs.rip
+        } else {
+            sregs.cs.base.wrapping_add(regs.rip)
+        };
+        let mut brought = false;
+        let mut raced = false;
+        for at in [linear, linear.wrapping_add(14)] {
+            let gpa = match self.fd.translate_gva(at) {
+                Ok(t) if t.valid != 0 => t.physical_address,
+                _ => continue,
+            };
+            if !pager.covers(gpa) {
+                continue;
+            }
+            // Mapped now: the fetch may have raced with a memslot merge, which `mapped` waited
+            // out. Re-enter once; the same RIP failing again is a real emulation failure.
+            if pager.mapped(gpa) {
+                raced = true;
+                continue;
+            }
+            match pager.resolve(self.id, gpa, 1) {
+                Ok(true) => {
+                    pager.note_ifetch();
+                    brought = true
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    return Next::Stop(VcpuStop::Fault(self.fault(&format!(
+                        "{} could not bring in the code page at 0x{gpa:x}: {e}",
+                        pager.name()
+                    ))))
+                }
+            }
+        }
+        if !brought {
+            // The code is there: the instruction itself touched an unmapped page in a way
+            // KVM cannot emulate (SSE/AVX). Decode its operands, bring their pages in and let
+            // the CPU run it natively.
+            match self.missing_operands(pager, &regs, &sregs, long_mode) {
+                Ok(b) => {
+                    if b {
+                        pager.note_decoded();
+                    }
+                    brought = b
+                }
+                Err(e) => {
+                    return Next::Stop(VcpuStop::Fault(self.fault(&format!(
+                        "emulation failure with {} armed: {e}",
+                        pager.name()
+                    ))))
+                }
+            }
+        }
+        if brought {
+            self.code_retry = None;
+            Next::Continue
+        } else if raced && self.code_retry != Some(regs.rip) {
+            self.code_retry = Some(regs.rip);
+            Next::Continue
+        } else {
+            Next::InternalError
+        }
+    }
+
+    /// The pages the failed instruction's memory operands touch, brought in when unmapped.
+    /// Ok(false): all mapped (a real emulation failure). Err: the accesses cannot be known.
+    fn missing_operands(
+        &mut self,
+        pager: &dyn crate::userfault::ExitPager,
+        regs: &kvm_bindings::kvm_regs,
+        sregs: &kvm_bindings::kvm_sregs,
+        long_mode: bool,
+    ) -> Result<bool, String> {
+        let Some(bytes) = self.instruction_bytes() else {
+            return Ok(false);
+        };
+        let bitness = if long_mode {
+            64
+        } else if sregs.cs.db != 0 {
+            32
+        } else {
+            16
+        };
+        let accesses = crate::vstate::operands::memory_accesses(&bytes, bitness, regs, sregs)?;
+        tracing::debug!(
+            "vcpu{}: emulation failure at 0x{:x}: operands {accesses:x?}",
+            self.id,
+            regs.rip
+        );
+        let mut brought = false;
+        for a in accesses {
+            let mut page = a.linear & !0xfff;
+            let end = a.linear.saturating_add(a.len);
+            while page < end {
+                let gpa = match self.fd.translate_gva(page) {
+                    Ok(t) if t.valid != 0 => t.physical_address & !0xfff,
+                    other => {
+                        tracing::debug!(
+                            "vcpu{}: 0x{page:x} does not translate: {other:?}",
+                            self.id
+                        );
+                        page += 0x1000;
+                        continue;
+                    }
+                };
+                tracing::debug!(
+                    "vcpu{}: operand page 0x{page:x} -> 0x{gpa:x}, mapped {}",
+                    self.id,
+                    pager.mapped(gpa)
+                );
+                if pager.covers(gpa) && !pager.mapped(gpa) {
+                    pager
+                        .resolve(self.id, gpa, 1)
+                        .map_err(|e| format!("bringing in 0x{gpa:x}: {e}"))?;
+                    brought = true;
+                }
+                page += 0x1000;
+            }
+        }
+        Ok(brought)
+    }
+
+    /// The instruction bytes KVM put in an emulation-failure exit, if it did.
+    fn instruction_bytes(&mut self) -> Option<Vec<u8>> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the member
+        // KVM filled; plain data.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let ndata = (internal.ndata as usize).min(internal.data.len());
+        let data = &internal.data[..ndata];
+        if ndata < 3 || data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES as u64 == 0 {
+            return None;
+        }
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&data[1].to_le_bytes());
+        raw[8..].copy_from_slice(&data[2].to_le_bytes());
+        let n = (raw[0] as usize).min(15);
+        Some(raw[1..1 + n].to_vec())
+    }
+
     /// Decodes KVM_EXIT_INTERNAL_ERROR; for an emulation failure, the instruction bytes.
     fn internal_error(&mut self) -> String {
         let run = self.fd.get_kvm_run();
@@ -283,8 +489,19 @@ impl VcpuRunner {
                 } else {
                     format!("no instruction bytes reported (data {data:x?})")
                 };
+                let hint = match self.demand.get() {
+                    Some(p) => format!(
+                        " ({} is armed and the code here is mapped: if this instruction reads \
+                         or writes a page not mapped yet in a way KVM cannot emulate, e.g. a \
+                         SIMD/VEX access, the exit carries no address and this backend cannot \
+                         serve it; restore with --demand uffd-missing)",
+                        p.name()
+                    ),
+                    None => String::new(),
+                };
                 format!(
-                    "emulation failure: KVM cannot execute the guest instruction at RIP; {bytes}"
+                    "emulation failure: KVM cannot execute the guest instruction at RIP; \
+                     {bytes}{hint}"
                 )
             }
             2 => "simultaneous exceptions (KVM_INTERNAL_ERROR_SIMUL_EX)".to_string(),
@@ -332,6 +549,54 @@ fn ring_full(id: u8, rings: Option<&DirtyRings>, streak: &mut u32) -> Next {
         }
         Err(e) => Next::Stop(VcpuStop::Fault(format!(
             "vcpu{id}: collecting the dirty rings on a ring-full exit failed: {e}"
+        ))),
+    }
+}
+
+enum Access<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// An MMIO exit into guest RAM. With an exit-based demand pager armed it is a vCPU touching a
+/// page that is not mapped yet: bring the page in, then complete the access against memory
+/// exactly as KVM would have (a load's data goes back through kvm_run; a store, whose RIP is
+/// already past it, is applied here). Completing rather than replaying matters: a load replayed
+/// without its data retires without writing its register (PLATFORM.md §8).
+fn demand_access(
+    id: u8,
+    pager: Option<&Arc<dyn crate::userfault::ExitPager>>,
+    addr: u64,
+    access: Access<'_>,
+) -> Next {
+    let dir = match access {
+        Access::Read(_) => "read",
+        Access::Write(_) => "write",
+    };
+    let Some(pager) = pager else {
+        return Next::Stop(mmio_in_ram(id, dir, addr));
+    };
+    let len = match &access {
+        Access::Read(d) => d.len(),
+        Access::Write(d) => d.len(),
+    } as u64;
+    let done = pager.resolve(id, addr, len).and_then(|served| {
+        if !served {
+            return Ok(false);
+        }
+        match access {
+            Access::Read(data) => pager.complete_read(addr, data)?,
+            Access::Write(data) => pager.complete_write(addr, data)?,
+        }
+        Ok(true)
+    });
+    match done {
+        Ok(true) => Next::Continue,
+        Ok(false) => Next::Stop(mmio_in_ram(id, dir, addr)),
+        Err(e) => Next::Stop(VcpuStop::Fault(format!(
+            "vcpu{id}: {} could not bring in the page of a guest {dir} at 0x{addr:x}: {e}; \
+             the guest stops rather than run on without it",
+            pager.name()
         ))),
     }
 }

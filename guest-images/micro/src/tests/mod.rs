@@ -165,7 +165,8 @@ fn mailbox_round_trips() {
     assert_eq!(page[..8], *b"MICROGST");
     assert_eq!(Workload::from_mailbox(&page), Ok(w));
     assert_eq!(current_pass(&page), 0);
-    assert!(page[72..].iter().all(|&b| b == 0));
+    assert_eq!(page[72..80], 1u64.to_le_bytes()); // one vCPU
+    assert!(page[80..].iter().all(|&b| b == 0));
 
     let mut bad = page;
     bad[0] = b'X';
@@ -174,10 +175,10 @@ fn mailbox_round_trips() {
         Err(WorkloadError::BadMagic(_))
     ));
     let mut bad = page;
-    bad[8] = 2;
+    bad[8] = 7;
     assert_eq!(
         Workload::from_mailbox(&bad),
-        Err(WorkloadError::BadVersion(2))
+        Err(WorkloadError::BadVersion(7))
     );
     let mut bad = page;
     bad[32] = 9;
@@ -242,9 +243,9 @@ fn payload_fits_and_ends_in_a_guard() {
     assert!(!PAYLOAD.is_empty());
     assert!((PAYLOAD.len() as u64) < layout::MICRO_MAX_SIZE);
     // No int3 anywhere (it would be padding or a breakpoint; neither may run), and the last
-    // instruction is the `jmp .` guard, so nothing falls off the end.
+    // instruction is the guard that jumps back to the exit `out`, so nothing falls off the end.
     assert!(!PAYLOAD.contains(&0xcc));
-    assert_eq!(PAYLOAD[PAYLOAD.len() - 2..], [0xeb, 0xfe]);
+    assert_eq!(PAYLOAD[PAYLOAD.len() - 3..], [0xef, 0xeb, 0xfd]);
     assert!(USER_ENTRY_OFFSET > 0 && USER_ENTRY_OFFSET < PAYLOAD.len());
     // It starts with the magic check: movabs $MAGIC, %rax.
     assert_eq!(PAYLOAD[..2], [0x48, 0xb8]);
@@ -283,17 +284,17 @@ fn payload_disassembles_to_the_expected_instructions() {
         .collect();
     assert!(!insns.is_empty(), "{text}");
     assert!(!text.contains("(bad)"), "{text}");
-    // Plain moves, compares, pushes, one string store and ltr/iretq: all within what KVM's
-    // emulator handles.
+    // Plain moves, compares, pushes, shifts, one string store and ltr/iretq: all within what
+    // KVM's emulator handles.
     let allowed_cpl0 = [
         "movabs", "cmp", "cmpq", "jne", "movw", "lea", "mov", "xor", "rep", "movb", "movq", "ltr",
-        "push", "iretq", "jmp", "out", "hlt",
+        "push", "iretq", "jmp", "out", "hlt", "test", "movzbl", "shl", "sub", "or",
     ];
     let (cpl0, cpl3): (Vec<_>, Vec<_>) = insns.iter().partition(|(a, _)| *a < USER_ENTRY_OFFSET);
     for (addr, m) in &cpl0 {
         assert!(allowed_cpl0.contains(&m.as_str()), "CPL0 {m} at {addr:#x}");
     }
-    assert!(cpl0.len() <= 30, "{} CPL0 instructions", cpl0.len());
+    assert!(cpl0.len() <= 40, "{} CPL0 instructions", cpl0.len());
     for (addr, m) in &cpl3 {
         assert!(
             !["hlt", "iretq", "int3", "cli", "sti", "wrmsr", "rdmsr"].contains(&m.as_str()),
@@ -304,4 +305,155 @@ fn payload_disassembles_to_the_expected_instructions() {
         cpl3.iter().any(|(a, _)| *a == USER_ENTRY_OFFSET),
         "user_entry is an instruction boundary"
     );
+}
+
+fn smp(vcpus: u64, shared: u64) -> Workload {
+    Workload::new(REGION, 100, Pattern::Random, 3, 150, 42)
+        .and_then(|w| w.with_vcpus(vcpus, REGION + vcpus * 100 * PAGE_SIZE, shared))
+        .expect("valid workload")
+}
+
+#[test]
+fn one_vcpu_without_shared_pages_is_the_plain_workload() {
+    let plain = workload(100, Pattern::Random, 3, 150);
+    let one = plain.with_vcpus(1, 0x1234_5000, 0).expect("valid");
+    assert_eq!(one, plain);
+    assert_eq!(
+        one.vcpu_writes(0).collect::<Vec<_>>(),
+        plain.writes().collect::<Vec<_>>()
+    );
+    for wr in plain.writes() {
+        assert_eq!(wr.vcpu, 0);
+        assert_eq!(wr.gpa, plain.page_gpa(wr.page));
+        assert_eq!(wr.value, micro::store_value(wr.pass, wr.index));
+    }
+}
+
+#[test]
+fn each_vcpu_writes_its_own_region_and_slots() {
+    let w = smp(4, 3);
+    assert_eq!(w.logical_pages(), 103);
+    assert_eq!(w.private_regions_end(), REGION + 400 * PAGE_SIZE);
+    let mut shared_writes = 0;
+    for vcpu in 0..4 {
+        let private = w.private_region_gpa(vcpu)..w.private_region_gpa(vcpu) + 100 * PAGE_SIZE;
+        for wr in w.vcpu_writes(vcpu) {
+            assert_eq!(wr.vcpu, vcpu);
+            assert_eq!(wr.value, micro::store_value_for(vcpu, wr.pass, wr.index));
+            if wr.page < 100 {
+                assert!(private.contains(&wr.gpa), "{wr:?}");
+                assert_eq!(wr.gpa % PAGE_SIZE, 0);
+            } else {
+                shared_writes += 1;
+                assert_eq!(
+                    wr.gpa,
+                    w.shared_gpa() + (wr.page - 100) * PAGE_SIZE + 8 * vcpu
+                );
+            }
+        }
+    }
+    assert!(shared_writes > 0, "random writes reach the shared pages");
+    // Different seeds per vCPU: different page sequences.
+    let pages = |v| w.vcpu_writes(v).map(|wr| wr.page).collect::<Vec<_>>();
+    assert_ne!(pages(0), pages(1));
+    assert_eq!(
+        w.vcpu_writes(2).next().map(|wr| wr.page),
+        Some(micro::xorshift64(micro::vcpu_seed(42, 2)) % 103)
+    );
+}
+
+#[test]
+fn images_hold_every_vcpu_s_last_writes() {
+    let w = smp(3, 2);
+    let image = w.final_image().expect("finite");
+    let shared = w.shared_image_after(3);
+    assert_eq!(image.len(), 300);
+    assert_eq!(shared.len(), 2 * 512);
+    let mut want_private = vec![None; 300];
+    let mut want_shared = vec![None; 1024];
+    for vcpu in 0..3 {
+        for wr in w.vcpu_writes(vcpu) {
+            if wr.page < 100 {
+                want_private[(vcpu * 100 + wr.page) as usize] = Some(wr.value);
+            } else {
+                want_shared[((wr.gpa - w.shared_gpa()) / 8) as usize] = Some(wr.value);
+            }
+        }
+    }
+    assert_eq!(image, want_private);
+    assert_eq!(shared, want_shared);
+    // Only slots 0..3 of a shared page are ever written.
+    assert!(shared
+        .chunks(512)
+        .all(|page| page[3..].iter().all(Option::is_none)));
+    // The union of the private pages written per pass covers every written page.
+    let written = w.pages_written_in_passes(1, 3);
+    assert_eq!(written.pages(), 300);
+    assert_eq!(
+        written.count(),
+        image.iter().filter(|v| v.is_some()).count() as u64
+    );
+}
+
+#[test]
+fn smp_mailbox_round_trips_and_progress_is_per_vcpu() {
+    let w = smp(8, 5);
+    let mut page = w.mailbox();
+    assert_eq!(Workload::from_mailbox(&page), Ok(w));
+    page[micro::vcpu_pass_offset(7) as usize..][..8].copy_from_slice(&6u64.to_le_bytes());
+    assert_eq!(vcpu_current_pass(&page, 7), 6);
+    assert_eq!(vcpu_current_pass(&page, 0), 0);
+    assert_eq!(vcpu_current_pass(&page, 8), 0);
+    // A count of 0 is read as 1, as the payload does.
+    let one = workload(100, Pattern::Sweep, 1, 0);
+    let mut page = one.mailbox();
+    page[micro::OFF_VCPUS as usize..][..8].fill(0);
+    assert_eq!(Workload::from_mailbox(&page), Ok(one));
+}
+
+#[test]
+fn invalid_vcpu_counts_and_shared_regions_are_rejected() {
+    let w = workload(100, Pattern::Sweep, 1, 0);
+    assert_eq!(w.with_vcpus(0, 0, 0), Err(WorkloadError::VcpuCount(0)));
+    assert_eq!(w.with_vcpus(9, 0, 0), Err(WorkloadError::VcpuCount(9)));
+    let end = REGION + 400 * PAGE_SIZE;
+    assert!(w.with_vcpus(4, end, 1).is_ok());
+    assert_eq!(
+        w.with_vcpus(4, end + 8, 1),
+        Err(WorkloadError::SharedUnaligned(end + 8))
+    );
+    // Overlapping a private region, below the payload, beyond the hole.
+    for gpa in [end - PAGE_SIZE, 0x20_0000, Workload::MAX_REGION_END] {
+        assert!(
+            matches!(
+                w.with_vcpus(4, gpa, 1),
+                Err(WorkloadError::SharedOutOfRange { .. })
+            ),
+            "{gpa:#x}"
+        );
+    }
+    // Private regions past the hole.
+    let top = Workload::new(
+        Workload::MAX_REGION_END - PAGE_SIZE,
+        1,
+        Pattern::Sweep,
+        1,
+        0,
+        1,
+    )
+    .expect("valid");
+    assert!(matches!(
+        top.with_vcpus(2, 0, 0),
+        Err(WorkloadError::OutOfRange { .. })
+    ));
+}
+
+#[test]
+fn port_values_carry_the_vcpu() {
+    assert_eq!(micro::port_value(0, 5), 5);
+    assert_eq!(micro::port_value(3, 5), 3 << 24 | 5);
+    assert_eq!(micro::port_value(1, (1 << 24) + 2), 1 << 24 | 2);
+    assert_eq!(micro::split_port_value(micro::port_value(7, 123)), (7, 123));
+    assert_eq!(micro::vcpu_seed(42, 0), 42);
+    assert_ne!(micro::vcpu_seed(42, 1), micro::vcpu_seed(42, 2));
 }

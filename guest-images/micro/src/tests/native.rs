@@ -33,7 +33,8 @@ struct Log {
     fault_byte: u8,
 }
 
-/// Child exit codes. EXITED: exit port written, then `jmp .`; HALTED: exit port, then `hlt`.
+/// Child exit codes. EXITED: exit port written, then a jump back to that `out` (CPL3);
+/// HALTED: exit port, then `hlt` (CPL0).
 const EXITED: i32 = 0;
 const STOPPED: i32 = 10;
 const FAULT: i32 = 11;
@@ -62,10 +63,10 @@ extern "C" fn on_sigsegv(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc:
                 log.events[log.count as usize] = (port, value);
                 log.count += 1;
                 if port == ports::MICRO_EXIT {
-                    // The VMM stops here; check what would follow: `jmp .` or `hlt`.
+                    // The VMM stops here; check what would follow: `jmp` back to the `out` or `hlt`.
                     let next = rip as *const u8;
                     match (*next.add(1), *next.add(2)) {
-                        (0xeb, 0xfe) => libc::_exit(EXITED),
+                        (0xeb, 0xfd) => libc::_exit(EXITED),
                         (0xf4, _) => libc::_exit(HALTED),
                         (other, _) => {
                             log.fault_rip = rip + 1;
@@ -94,9 +95,13 @@ extern "C" fn on_sigsegv(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc:
 struct Outcome {
     code: i32,
     events: Vec<(u16, u32)>,
-    /// First u64 of each region page.
+    /// First u64 of each private region page, vCPU 0's region first.
     image: Vec<u64>,
+    /// Every u64 of the shared region.
+    shared: Vec<u64>,
     current_pass: u64,
+    /// Each vCPU's mailbox progress field.
+    vcpu_passes: Vec<u64>,
     fault: (u64, u8),
 }
 
@@ -134,13 +139,26 @@ impl Drop for Mapping {
     }
 }
 
-/// Runs the payload from `entry_offset` with `mailbox` and a zeroed region for `w`. None when
-/// the fixed mappings cannot be made (not root, or the addresses are taken).
+/// Runs the payload from `entry_offset` with `mailbox` and a zeroed region for `w`, as vCPU 0.
+/// None when the fixed mappings cannot be made (not root, or the addresses are taken).
 fn run(
     w: &Workload,
     mailbox: &[u8; MAILBOX_SIZE],
     entry_offset: usize,
     stop_after_passes: u32,
+) -> Option<Outcome> {
+    run_vcpus(w, mailbox, entry_offset, stop_after_passes, &[0])
+}
+
+/// Like `run`, as each vCPU of `vcpus` in turn (a child each, RSI = the index), on the same
+/// memory; stops at the first child that does not exit. Running them one after the other ends
+/// in the memory a concurrent run does, as each vCPU writes only its own bytes.
+fn run_vcpus(
+    w: &Workload,
+    mailbox: &[u8; MAILBOX_SIZE],
+    entry_offset: usize,
+    stop_after_passes: u32,
+    vcpus: &[u64],
 ) -> Option<Outcome> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mb) = Mapping::new(Some(layout::MICRO_MAILBOX_GPA), MAILBOX_SIZE) else {
@@ -150,10 +168,23 @@ fn run(
         );
         return None;
     };
-    let region_len = (w.pages() * PAGE_SIZE) as usize;
+    let region_len = (w.private_regions_end() - w.region_gpa()) as usize;
     let Some(region) = Mapping::new(Some(w.region_gpa()), region_len) else {
         eprintln!("skipped: cannot map the region at {:#x}", w.region_gpa());
         return None;
+    };
+    let shared_len = (w.shared_pages() * PAGE_SIZE) as usize;
+    let shared = if shared_len == 0 {
+        None
+    } else {
+        let Some(m) = Mapping::new(Some(w.shared_gpa()), shared_len) else {
+            eprintln!(
+                "skipped: cannot map the shared region at {:#x}",
+                w.shared_gpa()
+            );
+            return None;
+        };
+        Some(m)
     };
     let code = Mapping::new(None, PAYLOAD.len()).expect("map code");
     let log_map = Mapping::new(None, std::mem::size_of::<Log>()).expect("map log");
@@ -174,18 +205,56 @@ fn run(
     LOG.store(log_map.addr.cast(), Ordering::Relaxed);
     let entry = code.addr as usize + entry_offset;
 
+    let mut exit_code = EXITED;
+    for &vcpu in vcpus {
+        exit_code = run_child(entry, vcpu);
+        if exit_code != EXITED {
+            break;
+        }
+    }
+
+    // SAFETY: the child is gone; the shared mappings hold what it wrote.
+    let log = unsafe { &*log_map.addr.cast::<Log>() };
+    let image = (0..region_len / PAGE_SIZE as usize)
+        // SAFETY: inside the region mapping.
+        .map(|page| unsafe { ptr::read(region.addr.add(page * PAGE_SIZE as usize).cast::<u64>()) })
+        .collect();
+    let shared = shared.as_ref().map_or_else(Vec::new, |m| {
+        (0..shared_len / 8)
+            // SAFETY: inside the shared mapping.
+            .map(|word| unsafe { ptr::read(m.addr.add(word * 8).cast::<u64>()) })
+            .collect()
+    });
+    // SAFETY: inside the mailbox mapping.
+    let field = |off: u64| unsafe { ptr::read(mb.addr.add(off as usize).cast::<u64>()) };
+    Some(Outcome {
+        code: exit_code,
+        events: log.events[..log.count as usize].to_vec(),
+        image,
+        shared,
+        current_pass: field(micro::OFF_CURRENT_PASS),
+        vcpu_passes: (0..micro::MAX_VCPUS)
+            .map(|v| field(micro::vcpu_pass_offset(v)))
+            .collect(),
+        fault: (log.fault_rip, log.fault_byte),
+    })
+}
+
+/// Runs the payload at `entry` in a child process as vCPU `vcpu`; its exit code.
+fn run_child(entry: usize, vcpu: u64) -> i32 {
     // SAFETY: the child only installs a handler and jumps into the payload, which never returns:
     // it ends in the handler's _exit. No locks or allocation in between.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork");
     if pid == 0 {
-        // SAFETY: see above; the payload uses only registers, the mappings and `out`.
+        // SAFETY: see above; the payload uses only registers, the mappings, its stack and `out`.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_sigsegv as *const () as usize;
             sa.sa_flags = libc::SA_SIGINFO;
             libc::sigaction(libc::SIGSEGV, &sa, ptr::null_mut());
-            std::arch::asm!("jmp {0}", in(reg) entry, options(noreturn));
+            // RSI: the vCPU index, as the VMM passes it.
+            std::arch::asm!("jmp {0}", in(reg) entry, in("rsi") vcpu, options(noreturn));
         }
     }
 
@@ -208,23 +277,7 @@ fn run(
         std::thread::sleep(Duration::from_millis(1));
     }
     assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
-
-    // SAFETY: the child is gone; the shared mappings hold what it wrote.
-    let log = unsafe { &*log_map.addr.cast::<Log>() };
-    let image = (0..w.pages() as usize)
-        // SAFETY: inside the region mapping.
-        .map(|page| unsafe { ptr::read(region.addr.add(page * PAGE_SIZE as usize).cast::<u64>()) })
-        .collect();
-    // SAFETY: inside the mailbox mapping.
-    let current_pass =
-        unsafe { ptr::read(mb.addr.add(micro::OFF_CURRENT_PASS as usize).cast::<u64>()) };
-    Some(Outcome {
-        code: libc::WEXITSTATUS(status),
-        events: log.events[..log.count as usize].to_vec(),
-        image,
-        current_pass,
-        fault: (log.fault_rip, log.fault_byte),
-    })
+    libc::WEXITSTATUS(status)
 }
 
 fn expected_events(passes: u64, exit: Option<u32>) -> Vec<(u16, u32)> {
@@ -348,4 +401,69 @@ fn bad_mailboxes_exit_with_a_status() {
         }
     }
     // The last page below 4 GiB is still accepted (then the host sees the write; not here).
+}
+
+/// Every vCPU of a 4-vCPU workload with a shared region, run one after the other on the same
+/// memory: the private regions and every word of the shared region match the model, each vCPU
+/// reports its passes and exit with its index in the port value, and keeps its own progress.
+#[test]
+fn several_vcpus_match_the_model() {
+    let region = 0x1000_0000;
+    for (pattern, pages, shared, passes, param) in [
+        (Pattern::Random, 200, 3, 3, 500),
+        (Pattern::Sweep, 50, 2, 2, 0),
+        (Pattern::Hotset, 97, 5, 2, 300),
+        (Pattern::Sparse, 100, 4, 2, 3),
+    ] {
+        let w = Workload::new(region, pages, pattern, passes, param, 9)
+            .and_then(|w| w.with_vcpus(4, region + 0x100_0000, shared))
+            .expect("valid");
+        let Some(out) = run_vcpus(&w, &w.mailbox(), USER_ENTRY_OFFSET, 0, &[0, 1, 2, 3]) else {
+            return;
+        };
+        assert_eq!(out.code, EXITED, "{w:?}: fault at {:#x}", out.fault.0);
+        let mut events = Vec::new();
+        for vcpu in 0..4 {
+            events.extend((1..=passes).map(|p| (ports::MICRO_PASS, micro::port_value(vcpu, p))));
+            events.push((ports::MICRO_EXIT, micro::port_value(vcpu, EXIT_OK.into())));
+        }
+        assert_eq!(out.events, events, "{w:?}");
+        assert_eq!(out.current_pass, passes);
+        assert_eq!(
+            out.vcpu_passes,
+            [passes, passes, passes, passes, 0, 0, 0, 0]
+        );
+        let zero = |image: Vec<Option<u64>>| -> Vec<u64> {
+            image.iter().map(|v| v.unwrap_or(0)).collect()
+        };
+        assert_same_image(&out.image, &zero(w.image_after(passes)), &w);
+        assert_same_image(&out.shared, &zero(w.shared_image_after(passes)), &w);
+        assert!(
+            out.shared.iter().any(|&v| v != 0),
+            "{w:?}: the shared region was written"
+        );
+    }
+}
+
+#[test]
+fn a_vcpu_beyond_the_count_exits_with_a_status() {
+    let w = Workload::new(0x1000_0000, 4, Pattern::Sweep, 1, 0, 1)
+        .and_then(|w| w.with_vcpus(2, 0, 0))
+        .expect("valid");
+    if let Some(out) = run_vcpus(&w, &w.mailbox(), USER_ENTRY_OFFSET, 0, &[2]) {
+        assert_eq!(out.code, EXITED);
+        assert_eq!(
+            out.events,
+            [(
+                ports::MICRO_EXIT,
+                micro::port_value(2, EXIT_BAD_VCPU.into())
+            )]
+        );
+        assert!(out.image.iter().all(|&v| v == 0));
+    }
+    let mut mb = w.mailbox();
+    mb[micro::OFF_VCPUS as usize..][..8].copy_from_slice(&9u64.to_le_bytes());
+    if let Some(out) = run_vcpus(&w, &mb, USER_ENTRY_OFFSET, 0, &[0]) {
+        assert_eq!(out.events, [(ports::MICRO_EXIT, EXIT_BAD_VCPU)]);
+    }
 }

@@ -74,10 +74,8 @@ pub(super) fn decode(
     let name = kind_name(kind);
     let msg = match kind {
         KIND_HELLO => Message::Hello(body),
-        KIND_ACCEPT => {
-            expect_empty(name, seq, &body)?;
-            Message::Accept
-        }
+        KIND_ACCEPT if body.is_empty() => Message::Accept,
+        KIND_ACCEPT => Message::AcceptWith(body),
         KIND_REFUSE => Message::Refuse(lossy_string(body)),
         KIND_CHANNEL => {
             let mut f = Fields::exact(name, seq, &body, 9)?;

@@ -13,6 +13,7 @@ fn every_message() -> Vec<Message> {
         Message::Hello(br#"{"vcpus":2,"mem_mib":128}"#.to_vec()),
         Message::Hello(Vec::new()),
         Message::Accept,
+        Message::AcceptWith(br#"{"presend_page_tables":true}"#.to_vec()),
         Message::Refuse("not enough memory".into()),
         Message::Channel {
             session: 0xdead_beef_0123_4567,
@@ -428,10 +429,10 @@ fn zero_and_page_request_spans_are_checked() {
 
 #[test]
 fn fixed_layouts_must_have_exact_lengths() {
-    assert_malformed(
-        recv_one(&raw_frame(KIND_ACCEPT, 0, &[0])),
-        "Accept",
-        "expected 0",
+    // Accept carries options (JSON) or nothing; the source parses the options.
+    assert_eq!(
+        recv_one(&raw_frame(KIND_ACCEPT, 0, b"{}")).unwrap(),
+        Message::AcceptWith(b"{}".to_vec())
     );
     assert_malformed(
         recv_one(&raw_frame(KIND_COMPLETE, 0, &[0; 3])),

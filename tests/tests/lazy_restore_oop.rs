@@ -1,0 +1,283 @@
+//! Lazy restore of the micro guest with the fault handler in a separate `vmm page-server`
+//! process (the userfaultfd handed over with SCM_RIGHTS for the uffd backends; page requests
+//! for the exit backends): the workload must finish and match its model, and with --prefetch
+//! the pages installed must be the snapshot's byte for byte. A page server that dies or speaks
+//! nonsense must stop the restore with a clear error, never leave it hanging or running on.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm_tests::process::{remote, wait_api, Bg};
+use vmm_tests::vmm_bin;
+
+const PASSES: u64 = 20000;
+
+/// Runs the micro guest, lets it do some passes, snapshots it with --exit into DIR/snap.
+fn snapshot_micro(dir: &Path, extra: &[&str]) -> PathBuf {
+    let sock = dir.join("src.sock");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(["run", "--micro", "--pattern", "random", "--region-mib", "4"])
+        .args([
+            "--param",
+            "256",
+            "--passes",
+            &PASSES.to_string(),
+            "--verify",
+        ])
+        .args(["--console", "none", "--json", "--api-socket"])
+        .arg(&sock)
+        .args(extra);
+    let src = Bg::spawn("source", cmd);
+    wait_api(&sock, Duration::from_secs(20));
+    for _ in 0..500 {
+        let (_, v, _) = remote(&sock, &["status", "--json"]);
+        if v["micro_passes"].as_u64().unwrap_or(0) >= 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let snap = dir.join("snap");
+    let out = Command::new(vmm_bin())
+        .args(["snapshot", "--api-socket"])
+        .arg(&sock)
+        .arg("--to")
+        .arg(&snap)
+        .args(["--exit", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, rep, err) = src.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "source:\n{err}");
+    assert_eq!(rep["outcome"]["kind"], "snapshotted", "{rep}");
+    snap
+}
+
+fn wait_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts `vmm page-server` for `snap` on `sock`.
+fn page_server(snap: &Path, sock: &Path) -> Bg {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(["page-server", "--json", "--snapshot"])
+        .arg(snap)
+        .arg("--socket")
+        .arg(sock);
+    let bg = Bg::spawn("page-server", cmd);
+    wait_socket(sock);
+    bg
+}
+
+/// `vmm restore SNAP --lazy ... --page-server SOCK --json` in the background.
+fn restore_bg(snap: &Path, sock: &Path, args: &[&str]) -> Bg {
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("restore")
+        .arg(snap)
+        .args(["--console", "none", "--json", "--lazy", "--page-server"])
+        .arg(sock)
+        .args(args);
+    Bg::spawn("restore", cmd)
+}
+
+fn assert_finished(what: &str, code: Option<i32>, rep: &Value, err: &str) {
+    assert_eq!(code, Some(0), "{what}: {err}\n{rep}");
+    let run = &rep["run"];
+    assert_eq!(run["outcome"]["kind"], "micro-exit", "{what}: {rep}");
+    assert_eq!(run["micro_passes"].as_u64(), Some(PASSES), "{what}: {rep}");
+    assert_eq!(run["micro_check"]["mismatches"], 0, "{what}: {rep}");
+    assert!(rep["demand"]["error"].is_null(), "{what}: {rep}");
+}
+
+fn assert_same_memory(what: &str, a: &Path, b: &Path) {
+    let x = std::fs::read(a).unwrap();
+    let y = std::fs::read(b).unwrap();
+    assert_eq!(x.len(), y.len(), "{what}: sizes");
+    let differing = x.chunks(4096).zip(y.chunks(4096)).position(|(p, q)| p != q);
+    assert!(
+        differing.is_none(),
+        "{what}: page 0x{:x} differs from the snapshot",
+        differing.unwrap_or(0) * 4096
+    );
+}
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn out_of_process_lazy_restores_give_back_the_snapshot_and_finish_the_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot_micro(dir.path(), &[]);
+    let memory = snap.join("memory");
+    for backend in ["uffd-missing", "uffd-minor", "memslot-exits"] {
+        let sock = dir.path().join(format!("{backend}.sock"));
+        let server = page_server(&snap, &sock);
+        let (code, rep, err) = restore_bg(&snap, &sock, &["--demand", backend]).finish(LIMIT);
+        assert_finished(backend, code, &rep, &err);
+        let d = &rep["demand"];
+        assert_eq!(d["backend"], backend, "{d}");
+        assert!(d["faults"].as_u64().unwrap_or(0) > 0, "{backend}: {d}");
+        assert!(d["fault_us"]["p50"].as_f64().is_some(), "{backend}: {d}");
+        let ps = &d["page_server"];
+        let mode = if backend.starts_with("uffd") {
+            "uffd"
+        } else {
+            "exits"
+        };
+        assert_eq!(ps["mode"], mode, "{backend}: {d}");
+        if mode == "exits" {
+            assert!(ps["requests"].as_u64().unwrap_or(0) > 0, "{backend}: {d}");
+        }
+        let (scode, srep, serr) = server.finish(Duration::from_secs(20));
+        assert_eq!(scode, Some(0), "{backend} page server: {serr}");
+        assert_eq!(srep["backend"], backend, "{srep}");
+        eprintln!(
+            "{backend} out of process: {} faults, fault p50 {} us p99 {} us",
+            d["faults"], d["fault_us"]["p50"], d["fault_us"]["p99"]
+        );
+
+        let sock = dir.path().join(format!("{backend}-pf.sock"));
+        let server = page_server(&snap, &sock);
+        let dump = dir.path().join(format!("{backend}.bin"));
+        let (code, rep, err) = restore_bg(
+            &snap,
+            &sock,
+            &[
+                "--demand",
+                backend,
+                "--prefetch",
+                "--dump-memory",
+                dump.to_str().unwrap(),
+            ],
+        )
+        .finish(LIMIT);
+        assert_finished(&format!("{backend} --prefetch"), code, &rep, &err);
+        assert_eq!(
+            rep["demand"]["pages_installed"], rep["demand"]["data_pages"],
+            "{backend}: {rep}"
+        );
+        let (scode, _, serr) = server.finish(Duration::from_secs(20));
+        assert_eq!(scode, Some(0), "{backend} page server: {serr}");
+        assert_same_memory(backend, &memory, &dump);
+    }
+}
+
+/// A frame as the page server sends it (see vmm/src/snapshot/page_proto.rs).
+fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = b"VPSF".to_vec();
+    f.extend_from_slice(&1u16.to_le_bytes());
+    f.extend_from_slice(&kind.to_le_bytes());
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A fake page server: accepts the restoring vmm, reads its handshake, answers `reply`, then
+/// closes every connection (`Ready` then nothing: a server that died after the handshake).
+fn fake_server(sock: &Path, reply: Vec<u8>) -> std::thread::JoinHandle<String> {
+    let listener = UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).unwrap();
+        let len = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize;
+        let mut hello = vec![0u8; len];
+        c.read_exact(&mut hello).unwrap();
+        c.write_all(&reply).unwrap();
+        drop(c);
+        String::from_utf8_lossy(&hello).into_owned()
+    })
+}
+
+#[test]
+fn a_dead_or_garbled_page_server_stops_the_restore_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot_micro(dir.path(), &[]);
+    let ready = frame(2, br#"{"session":1,"pid":1}"#);
+    for backend in ["uffd-missing", "uffd-minor", "memslot-exits"] {
+        // Dies right after the handshake: the guest must not run on, the restore must end.
+        let sock = dir.path().join(format!("dead-{backend}.sock"));
+        let fake = fake_server(&sock, ready.clone());
+        let (code, rep, err) = restore_bg(&snap, &sock, &["--demand", backend]).finish(LIMIT);
+        let hello = fake.join().unwrap();
+        assert!(hello.contains(backend), "{hello}");
+        assert_ne!(code, Some(0), "{backend}: {err}\n{rep}");
+        assert!(err.contains("page server"), "{backend}: {err}");
+        assert_ne!(rep["run"]["micro_passes"].as_u64(), Some(PASSES), "{rep}");
+    }
+    // Not a page server, and a future version of one: refused before the guest runs.
+    let sock = dir.path().join("garbage.sock");
+    let fake = fake_server(&sock, b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
+    let (code, _, err) = restore_bg(&snap, &sock, &["--demand", "uffd-missing"]).finish(LIMIT);
+    fake.join().unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("bad frame magic"), "{err}");
+    let sock = dir.path().join("future.sock");
+    let mut f = frame(2, b"{}");
+    f[4] = 9;
+    let fake = fake_server(&sock, f);
+    let (code, _, err) = restore_bg(&snap, &sock, &["--demand", "memslot-exits"]).finish(LIMIT);
+    fake.join().unwrap();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("version 9"), "{err}");
+    // No server at all.
+    let (code, _, err) = restore_bg(&snap, &dir.path().join("none.sock"), &[]).finish(LIMIT);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("connecting to the page server"), "{err}");
+    // A page server given a snapshot that is not there refuses at once.
+    let out = Command::new(vmm_bin())
+        .args(["page-server", "--snapshot"])
+        .arg(dir.path().join("missing"))
+        .arg("--socket")
+        .arg(dir.path().join("x.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vm.json"));
+}
+
+/// Four vCPUs faulting at once: each data connection serves one caller (exit backends), the
+/// server's one fault thread serves them all (uffd); every page lands, the workload finishes.
+#[test]
+fn four_vcpus_restore_out_of_process_with_every_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot_micro(dir.path(), &["--vcpus", "4"]);
+    let memory = snap.join("memory");
+    for backend in ["uffd-missing", "uffd-minor", "memslot-exits"] {
+        let sock = dir.path().join(format!("{backend}.sock"));
+        let server = page_server(&snap, &sock);
+        let dump = dir.path().join(format!("{backend}.bin"));
+        let (code, rep, err) = restore_bg(
+            &snap,
+            &sock,
+            &[
+                "--demand",
+                backend,
+                "--prefetch",
+                "--dump-memory",
+                dump.to_str().unwrap(),
+            ],
+        )
+        .finish(LIMIT);
+        assert_finished(&format!("{backend} 4 vCPUs"), code, &rep, &err);
+        assert_eq!(rep["run"]["vcpus"], 4, "{rep}");
+        let (scode, _, serr) = server.finish(Duration::from_secs(20));
+        assert_eq!(scode, Some(0), "{backend} page server: {serr}");
+        assert_same_memory(backend, &memory, &dump);
+    }
+}

@@ -1,0 +1,35 @@
+//! Snapshots: `vmm snapshot` (through the control API) writes the complete VM state and guest
+//! RAM to a directory; `vmm restore` brings it back, either eagerly (all of RAM copied in before
+//! the vCPUs run) or lazily (`--lazy --demand NAME`: the vCPUs run at once and each page comes
+//! in from the snapshot file on first touch, through a `DemandPager` backend). Lazy restore is
+//! the demand-paging test bed that needs no second host.
+
+pub mod files;
+pub mod lazy;
+pub mod page_proto;
+pub mod page_server;
+pub mod restore;
+pub mod take;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot snapshot now: {0}")]
+    Busy(String),
+    #[error(transparent)]
+    State(#[from] crate::migration::snapshot::SnapshotError),
+    #[error(transparent)]
+    Files(files::SnapshotFileError),
+    #[error("building the VM: {0}")]
+    Machine(String),
+    #[error("this snapshot cannot be restored here: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    Demand(#[from] crate::userfault::UserfaultError),
+    #[error(transparent)]
+    PageServer(#[from] page_server::PageServerError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,95 @@
+//! Taking a snapshot of a running VM (the API's `snapshot` request): pause every vCPU with its
+//! state saved, write the state and guest RAM, then resume the guest, or end this VM's run when
+//! asked to (the snapshot then is the only copy).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::files::{self, SnapshotFileError};
+use super::SnapshotError;
+use crate::machine::shared::Shared;
+use crate::migration::snapshot::VmSnapshot;
+use crate::vstate::pause::Owner;
+use crate::vstate::vcpu::VcpuStop;
+
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Taken {
+    pub dir: String,
+    pub data_pages: u64,
+    pub mem_mib: u64,
+    /// Time the guest was paused for the snapshot.
+    pub paused_ms: f64,
+    pub micro_passes: u64,
+}
+
+/// Takes a snapshot into `dir`. With `exit`, the VM's run ends afterwards (outcome
+/// `snapshotted`); otherwise the guest resumes. On failure the guest resumes and nothing is
+/// left half-written under `vm.json`.
+pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotError> {
+    if let Some(owner) = shared.pause.owner() {
+        return Err(SnapshotError::Busy(format!(
+            "the VM is paused by {owner:?}; a snapshot pauses it itself, so resume it first"
+        )));
+    }
+    shared.memory_complete().map_err(SnapshotError::Busy)?;
+    let t0 = Instant::now();
+    let vcpus = shared
+        .pause
+        .pause(&shared.kicker, Owner::Migration, true, PAUSE_TIMEOUT)
+        .map_err(|e| SnapshotError::Busy(e.to_string()))?;
+    let written = (|| -> Result<files::Manifest, SnapshotError> {
+        let state = VmSnapshot::capture(shared, vcpus).map_err(SnapshotError::State)?;
+        files::write(
+            dir,
+            &shared.description,
+            &state,
+            &shared.vm.host_kind().to_string(),
+            &shared.memfd,
+            &shared.ranges,
+        )
+        .map_err(SnapshotError::Files)
+    })();
+    let paused_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let manifest = match written {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = shared.pause.resume(Owner::Migration);
+            return Err(e);
+        }
+    };
+    let taken = Taken {
+        dir: dir.display().to_string(),
+        data_pages: manifest.data_pages,
+        mem_mib: manifest.vm.mem_bytes >> 20,
+        paused_ms,
+        micro_passes: manifest.state.micro_passes,
+    };
+    tracing::info!(
+        "snapshot written to {} ({} data pages, guest paused {:.1} ms)",
+        taken.dir,
+        taken.data_pages,
+        paused_ms
+    );
+    if !exit {
+        shared
+            .pause
+            .resume(Owner::Migration)
+            .map_err(|e| SnapshotError::Busy(e.to_string()))?;
+    }
+    Ok(taken)
+}
+
+/// Ends the VM's run after a snapshot taken with `exit` (the caller has its answer already).
+pub fn end_after(shared: &Shared) {
+    shared.end_run(VcpuStop::Snapshotted);
+}
+
+impl From<SnapshotFileError> for SnapshotError {
+    fn from(e: SnapshotFileError) -> Self {
+        SnapshotError::Files(e)
+    }
+}

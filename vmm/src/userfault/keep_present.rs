@@ -1,0 +1,293 @@
+//! Pages that must be present before the vCPUs run under an exit backend (`memslot-exits`),
+//! because KVM itself touches them and a missing one would never reach the VMM:
+//!
+//! - **Guest page tables.** Under shadow paging KVM walks them itself; on hardware the walk
+//!   goes through EPT/NPT. A page-table page in no memslot makes the guest take a #PF that
+//!   never happened, with no exit (measured on PVM, PLATFORM.md §8). Which pages are page
+//!   tables is guest knowledge the VMM does not have, so we keep a superset present: every
+//!   non-zero page in which each 8-byte word that has the present bit (bit 0) set also has its
+//!   reserved physical-address bits (MAXPHYADDR..51) clear. Every valid x86-64 page-table page
+//!   passes (an entry with a reserved bit set faults on use); random data and text almost never
+//!   do (each odd word must have 52 - MAXPHYADDR zero bits). Pages that become page tables
+//!   later are written by the guest first (zeroing, or copying the kernel half), which brings
+//!   them in through an ordinary exit.
+//! - **Descriptor tables, the TSS and the stacks events are delivered on**: KVM reads the GDT,
+//!   IDT, LDT and TSS (the I/O permission bitmap on every CPL3 port access) and pushes
+//!   exception frames on the TSS's RSP0 and IST stacks itself.
+//! - **Paravirtual pages KVM writes**: kvmclock (MSR_KVM_SYSTEM_TIME_NEW), steal time, PV EOI
+//!   and async-PF, named by MSRs in the saved vCPU state. A guest that moves them later, to a
+//!   page still missing, would lose KVM's writes; Linux sets them once per CPU at boot.
+
+use crate::vstate::state::VcpuState;
+
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
+const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+
+/// The guest's physical-address width (CPUID 0x8000_0008 EAX[7:0]; the guest sees the host's
+/// value on these machines), 52 when unknown (which keeps every candidate: safe, not lazy).
+pub fn guest_phys_bits(vcpu: Option<&VcpuState>) -> u32 {
+    vcpu.and_then(|v| {
+        v.cpuid
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .map(|e| e.eax & 0xff)
+    })
+    .filter(|&b| (32..=52).contains(&b))
+    .unwrap_or(52)
+}
+
+/// Whether `page` (4 KiB) could be an x86-64 page-table page (see the module doc).
+pub fn could_be_page_table(page: &[u8], phys_bits: u32) -> bool {
+    let reserved: u64 = if phys_bits >= 52 {
+        0
+    } else {
+        ((1u64 << 52) - 1) & !((1u64 << phys_bits) - 1)
+    };
+    let mut any = false;
+    for w in page.chunks_exact(8) {
+        let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+        if v != 0 {
+            any = true;
+        }
+        if v & 1 != 0 && v & reserved != 0 {
+            return false;
+        }
+    }
+    any
+}
+
+/// The page-table pages reachable from a vCPU's CR3 (exact for the address space it is in:
+/// enough for a guest with one address space, like the micro guest). `read` returns a page's
+/// content, None outside RAM or for a zero page. Non-paged or 32-bit guests have none.
+pub fn walk_page_tables(
+    sregs: &kvm_bindings::kvm_sregs,
+    read: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) -> Vec<u64> {
+    let paging = sregs.cr0 & (1 << 31) != 0;
+    let long = sregs.efer & (1 << 10) != 0 && sregs.cr4 & (1 << 5) != 0;
+    if !paging || !long {
+        return Vec::new();
+    }
+    let levels = if sregs.cr4 & (1 << 12) != 0 { 5 } else { 4 };
+    let mut tables = Vec::new();
+    let mut todo = vec![(sregs.cr3 & 0x000f_ffff_ffff_f000, levels)];
+    while let Some((gpa, level)) = todo.pop() {
+        if tables.contains(&gpa) || tables.len() > 1 << 16 {
+            continue;
+        }
+        tables.push(gpa);
+        if level == 1 {
+            continue;
+        }
+        let Some(page) = read(gpa) else { continue };
+        for w in page.chunks_exact(8) {
+            let e = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            let huge = e & (1 << 7) != 0 && level <= 3;
+            if e & 1 != 0 && !huge {
+                todo.push((e & 0x000f_ffff_ffff_f000, level - 1));
+            }
+        }
+    }
+    tables.sort_unstable();
+    tables
+}
+
+fn entry(page: &[u8], i: usize) -> u64 {
+    let w = &page[i * 8..i * 8 + 8];
+    u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+}
+
+/// Translates a linear address through the guest's page tables (as read by `read`).
+pub fn translate(
+    sregs: &kvm_bindings::kvm_sregs,
+    linear: u64,
+    read: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) -> Option<u64> {
+    if sregs.cr0 & (1 << 31) == 0 {
+        return Some(linear);
+    }
+    if sregs.efer & (1 << 10) == 0 {
+        return None;
+    }
+    let levels: u32 = if sregs.cr4 & (1 << 12) != 0 { 5 } else { 4 };
+    let mut table = sregs.cr3 & 0x000f_ffff_ffff_f000;
+    for level in (1..=levels).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let idx = ((linear >> shift) & 0x1ff) as usize;
+        let e = entry(&read(table)?, idx);
+        if e & 1 == 0 {
+            return None;
+        }
+        let base = e & 0x000f_ffff_ffff_f000;
+        if level == 1 || (e & (1 << 7) != 0 && level <= 3) {
+            let mask = (1u64 << shift) - 1;
+            return Some((base & !mask) | (linear & mask));
+        }
+        table = base;
+    }
+    None
+}
+
+/// Pages of the descriptor tables, the TSS and the event-delivery stacks (RSP0-2, IST1-7, the
+/// top page of each and the one below it), as guest-physical addresses.
+pub fn cpu_structure_pages(
+    sregs: &kvm_bindings::kvm_sregs,
+    read: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) -> Vec<u64> {
+    let mut linear: Vec<(u64, u64)> = vec![
+        (sregs.gdt.base, sregs.gdt.limit as u64),
+        (sregs.idt.base, sregs.idt.limit as u64),
+    ];
+    if sregs.ldt.present != 0 {
+        linear.push((sregs.ldt.base, sregs.ldt.limit as u64));
+    }
+    if sregs.tr.present != 0 || sregs.tr.limit != 0 {
+        linear.push((sregs.tr.base, sregs.tr.limit as u64));
+    }
+    let mut pages = Vec::new();
+    for (base, limit) in linear {
+        let mut at = base & !0xfff;
+        while at <= base.saturating_add(limit.min(1 << 20)) {
+            if let Some(g) = translate(sregs, at, read) {
+                pages.push(g & !0xfff);
+            }
+            at += 0x1000;
+        }
+    }
+    // The 64-bit TSS: RSP0-2 at 4, 12, 20; IST1-7 at 36.. (unaligned u64s).
+    if sregs.tr.limit >= 0x67 {
+        let mut tss = [0u8; 0x68];
+        let mut ok = true;
+        for (i, b) in tss.iter_mut().enumerate() {
+            let lin = sregs.tr.base + i as u64;
+            match translate(sregs, lin, read).and_then(|g| Some((g, read(g & !0xfff)?))) {
+                Some((g, page)) => *b = page[(g & 0xfff) as usize],
+                None => ok = false,
+            }
+        }
+        if ok {
+            for off in [4usize, 12, 20, 36, 44, 52, 60, 68, 76, 84] {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&tss[off..off + 8]);
+                let sp = u64::from_le_bytes(w);
+                if sp == 0 {
+                    continue;
+                }
+                for lin in [sp.wrapping_sub(1), sp.wrapping_sub(0x1001)] {
+                    if let Some(g) = translate(sregs, lin, read) {
+                        pages.push(g & !0xfff);
+                    }
+                }
+            }
+        }
+    }
+    pages
+}
+
+/// Guest-physical pages named by the paravirtual MSRs of every vCPU (enabled ones only).
+pub fn pv_pages(vcpus: &[VcpuState]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for v in vcpus {
+        for msr in [
+            MSR_KVM_SYSTEM_TIME_NEW,
+            MSR_KVM_SYSTEM_TIME,
+            MSR_KVM_ASYNC_PF_EN,
+            MSR_KVM_STEAL_TIME,
+            MSR_KVM_PV_EOI_EN,
+        ] {
+            if let Some(val) = v.msr(msr) {
+                if val & 1 != 0 {
+                    // Each structure is at most 64 bytes: it may still straddle two pages.
+                    let gpa = val & !0x3f;
+                    pages.push(gpa & !0xfff);
+                    pages.push((gpa + 63) & !0xfff);
+                }
+            }
+        }
+    }
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(words: &[(usize, u64)]) -> Vec<u8> {
+        let mut p = vec![0u8; 4096];
+        for &(i, v) in words {
+            p[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn the_walk_finds_every_table_of_one_address_space() {
+        // PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> (2 MiB leaf, PT 0x4000 -> 4 KiB leaf).
+        let mem = std::collections::HashMap::from([
+            (0x1000u64, page(&[(0, 0x2003)])),
+            (0x2000, page(&[(0, 0x3003)])),
+            (0x3000, page(&[(0, 0x20_0083), (1, 0x4003)])),
+            (0x4000, page(&[(0, 0x5003)])),
+        ]);
+        let sregs = kvm_bindings::kvm_sregs {
+            cr0: 1 << 31 | 1,
+            cr3: 0x1000,
+            cr4: 1 << 5,
+            efer: 1 << 10 | 1 << 8,
+            ..Default::default()
+        };
+        let found = walk_page_tables(&sregs, &mut |g| mem.get(&g).cloned());
+        assert_eq!(found, vec![0x1000, 0x2000, 0x3000, 0x4000]);
+        let real_mode = kvm_bindings::kvm_sregs::default();
+        assert!(walk_page_tables(&real_mode, &mut |g| mem.get(&g).cloned()).is_empty());
+    }
+
+    #[test]
+    fn page_tables_pass_and_data_fails() {
+        // A PML4/PD as Linux or the micro guest builds them: present entries, NX and software
+        // bits, 2 MiB leaves, a non-present swap-like entry.
+        let pt = page(&[
+            (0, 0x0000_0000_0000_a003),
+            (1, 0x8000_0000_0020_00e3),
+            (2, 0x0400_0000_1234_5067),
+            (3, 0x0000_0000_dead_be00),
+            (511, 0x0000_0000_0000_b023),
+        ]);
+        assert!(could_be_page_table(&pt, 46));
+        assert!(
+            !could_be_page_table(&vec![0u8; 4096], 46),
+            "zero pages never"
+        );
+        // Random data: an odd word with high physical bits set.
+        let mut rnd = vec![0u8; 4096];
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for w in rnd.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        assert!(!could_be_page_table(&rnd, 46));
+        // Text.
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog. "
+            .iter()
+            .cycle()
+            .take(4096)
+            .copied()
+            .collect();
+        assert!(!could_be_page_table(&text, 46));
+        // The micro guest's workload stamp: (pass << 32) | i at offset 0, rest zero.
+        let stamp = page(&[(0, (7u64 << 32) | 3)]);
+        assert!(
+            could_be_page_table(&stamp, 46),
+            "small values pass: kept, safely"
+        );
+        // Unknown width keeps everything non-zero.
+        assert!(could_be_page_table(&rnd, 52));
+    }
+}

@@ -1,0 +1,311 @@
+//! `kvm-userfault`: the KVM Userfault uAPI (v3 semantics, not merged upstream; see
+//! `sys::kvm_userfault` and TRACKING.md). Every RAM memslot is re-registered with
+//! `KVM_MEM_USERFAULT` and a bitmap with one bit per missing page; a vCPU access to a marked
+//! page fails `KVM_RUN` with a `KVM_EXIT_MEMORY_FAULT` exit (flag USERFAULT) carrying the GPA.
+//! The vCPU thread gets the page in, clears its bit with a store-release, and re-enters: the
+//! access was never executed, so nothing needs completing.
+//!
+//! KVM's own accesses and the VMM's go through the host mapping, where userfaultfd MISSING
+//! stays registered, as the series intends.
+//!
+//! Support is detected by trying the flag on a scratch slot; a kernel without the series
+//! refuses it with EINVAL, and arming then fails with the kernel's answer.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::exits::{poll_two, ExitPager, ExitStats, Fetch, Waiters};
+use super::{DemandPager, Fault, Installed, UffdMissing, UserfaultError};
+use crate::memory::RamRange;
+use crate::sys::kvm_userfault::{self as sys, Support, UserfaultBitmap};
+use crate::vstate::vm::Vm;
+
+const PAGE: u64 = 4096;
+
+struct Slot {
+    id: u32,
+    range: RamRange,
+    host: u64,
+    bitmap: UserfaultBitmap,
+}
+
+struct Inner {
+    uffd: UffdMissing,
+    waiters: Arc<Waiters>,
+    vm: Arc<Vm>,
+    slots: Vec<Slot>,
+    chunk: u64,
+    fetched: AtomicU64,
+    cleared_only: AtomicU64,
+}
+
+pub struct KvmUserfault {
+    inner: Arc<Inner>,
+}
+
+/// Whether this kernel has KVM Userfault, found by trying the memslot flag on a throwaway VM.
+pub fn support() -> Result<(), String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
+    match sys::probe_support(&vm) {
+        Support::Supported => Ok(()),
+        Support::Unsupported { explanation, .. } => Err(explanation),
+    }
+}
+
+impl KvmUserfault {
+    /// Re-registers the VM's RAM slots (ids 0.. in range order, as `Vm::register_ram` made
+    /// them) with KVM_MEM_USERFAULT and the pending pages marked. Before any vCPU runs.
+    pub fn arm(
+        vm: Arc<Vm>,
+        ranges: &[RamRange],
+        host_addrs: &[u64],
+        memfd: &File,
+        pending: &[(u64, u64)],
+        chunk: u64,
+    ) -> Result<KvmUserfault, UserfaultError> {
+        let chunk =
+            super::memslot_exits::check_chunk(chunk).map_err(UserfaultError::Unsupported)?;
+        if let Support::Unsupported { explanation, .. } = sys::probe_support(vm.fd()) {
+            return Err(UserfaultError::Unsupported(format!(
+                "kvm-userfault is not available: {explanation}"
+            )));
+        }
+        let waiters = Arc::new(Waiters::new(ranges, memfd, pending)?);
+        let mut slots = Vec::new();
+        for (id, (range, host)) in ranges.iter().zip(host_addrs).enumerate() {
+            let bitmap = UserfaultBitmap::for_size(range.size);
+            for &(gpa, n) in pending {
+                for p in 0..n {
+                    let page = gpa + p * PAGE;
+                    if range.contains(page) {
+                        bitmap.set((page - range.gpa) / PAGE);
+                    }
+                }
+            }
+            slots.push(Slot {
+                id: id as u32,
+                range: *range,
+                host: *host,
+                bitmap,
+            });
+        }
+        let uffd = UffdMissing::arm(ranges, host_addrs)?;
+        let inner = Inner {
+            uffd,
+            waiters,
+            vm,
+            slots,
+            chunk,
+            fetched: AtomicU64::new(0),
+            cleared_only: AtomicU64::new(0),
+        };
+        for s in &inner.slots {
+            // SAFETY: the host range is the guest-RAM mapping, which outlives the VM; the
+            // bitmap lives in `inner`, which outlives the slot's flag (disarm clears it, and
+            // the VM is dropped before the pager).
+            unsafe {
+                sys::set_userfault_region(
+                    inner.vm.fd(),
+                    s.id,
+                    s.range.gpa,
+                    s.range.size,
+                    s.host,
+                    &s.bitmap,
+                    0,
+                )
+            }
+            .map_err(|e| UserfaultError::Kvm(format!("KVM_MEM_USERFAULT on slot {}: {e}", s.id)))?;
+        }
+        Ok(KvmUserfault {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl Inner {
+    fn slot_of(&self, gpa: u64) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.range.contains(gpa))
+    }
+
+    fn bit_set(&self, gpa: u64) -> bool {
+        self.slot_of(gpa)
+            .is_some_and(|s| s.bitmap.is_set_acquire((gpa - s.range.gpa) / PAGE))
+    }
+}
+
+impl ExitPager for Inner {
+    fn name(&self) -> &'static str {
+        "kvm-userfault"
+    }
+
+    fn covers(&self, gpa: u64) -> bool {
+        self.slot_of(gpa).is_some()
+    }
+
+    fn resolve(&self, _vcpu: u8, gpa: u64, len: u64) -> Result<bool, UserfaultError> {
+        let Some(slot) = self.slot_of(gpa) else {
+            return Ok(false);
+        };
+        let r = slot.range;
+        let start = r.gpa + (gpa - r.gpa) / self.chunk * self.chunk;
+        let end = (start + self.chunk)
+            .max(gpa + len.max(1))
+            .min(r.end())
+            .div_ceil(PAGE)
+            * PAGE;
+        if self.waiters.bring_in(start, (end - start) / PAGE, false)? {
+            self.fetched.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.cleared_only.fetch_add(1, Ordering::AcqRel);
+        }
+        // The pages are in the memory file: only now may KVM map them (release, as the
+        // series requires, so KVM sees the page contents before the cleared bit).
+        let first = (start - r.gpa) / PAGE;
+        slot.bitmap.clear_range_release(first, (end - start) / PAGE);
+        Ok(true)
+    }
+
+    fn keep_mapped(&self, gpa: u64) -> Result<bool, UserfaultError> {
+        // KVM's own accesses go through userfaultfd here; bringing the page in is enough.
+        self.resolve(0, gpa, PAGE)
+    }
+
+    fn mapped(&self, gpa: u64) -> bool {
+        !self.bit_set(gpa)
+    }
+
+    fn complete_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), UserfaultError> {
+        self.waiters.read(gpa, data)
+    }
+
+    fn complete_write(&self, gpa: u64, data: &[u8]) -> Result<(), UserfaultError> {
+        self.waiters.write(gpa, data)
+    }
+
+    fn set_fetch(&self, fetch: Arc<dyn Fetch>) {
+        let _ = self.waiters.fetch.set(fetch);
+    }
+
+    fn stats(&self) -> ExitStats {
+        ExitStats {
+            fetched: self.fetched.load(Ordering::Acquire),
+            mapped_only: self.cleared_only.load(Ordering::Acquire),
+            ..Default::default()
+        }
+    }
+}
+
+impl DemandPager for KvmUserfault {
+    fn name(&self) -> &'static str {
+        "kvm-userfault"
+    }
+
+    fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {
+        if let Some(f) = self.inner.waiters.pop() {
+            return Ok(Some(f));
+        }
+        let (uffd, queued) = poll_two(
+            self.inner.uffd.raw_fd(),
+            self.inner.waiters.queued_fd(),
+            timeout,
+        )?;
+        if queued {
+            if let Some(f) = self.inner.waiters.pop() {
+                return Ok(Some(f));
+            }
+        }
+        if uffd {
+            return self.inner.uffd.read_fault();
+        }
+        Ok(None)
+    }
+
+    fn install(&self, gpa: u64, data: &[u8]) -> Result<Installed, UserfaultError> {
+        let r = self.inner.uffd.install(gpa, data)?;
+        self.inner
+            .waiters
+            .mark_present(gpa, data.len() as u64 / PAGE);
+        Ok(r)
+    }
+
+    fn install_zero(&self, gpa: u64, pages: u64) -> Result<Installed, UserfaultError> {
+        let r = self.inner.uffd.install_zero(gpa, pages)?;
+        self.inner.waiters.mark_present(gpa, pages);
+        Ok(r)
+    }
+
+    fn wake(&self, gpa: u64, pages: u64) -> Result<(), UserfaultError> {
+        self.inner.uffd.wake(gpa, pages)
+    }
+
+    fn note_zero(&self, gpa: u64, pages: u64) {
+        self.inner.waiters.mark_present(gpa, pages);
+    }
+
+    /// Every page is present: the slots lose the flag (so KVM stops reading the bitmaps).
+    fn disarm(&self) -> Result<(), UserfaultError> {
+        self.inner.uffd.disarm()?;
+        for s in &self.inner.slots {
+            s.bitmap.clear_range_release(0, s.bitmap.pages());
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot: s.id,
+                flags: 0,
+                guest_phys_addr: s.range.gpa,
+                memory_size: s.range.size,
+                userspace_addr: s.host,
+            };
+            // SAFETY: the same mapping the slot already had, which outlives the VM.
+            unsafe { self.inner.vm.fd().set_user_memory_region(region) }
+                .map_err(|e| UserfaultError::Kvm(format!("clearing KVM_MEM_USERFAULT: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn exits(&self) -> Option<Arc<dyn ExitPager>> {
+        Some(self.inner.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    /// This host has no KVM Userfault (PLATFORM.md §4): arming must refuse with the kernel's
+    /// answer, and leave the VM's memslots as they were.
+    #[test]
+    fn arming_is_refused_with_the_kernels_answer_where_the_kernel_lacks_it() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let vm = Arc::new(Vm::new().unwrap());
+        vm.register_ram(&ram).unwrap();
+        let supported = support();
+        let armed = KvmUserfault::arm(
+            vm.clone(),
+            ram.ranges(),
+            &ram.host_addrs(),
+            ram.file(),
+            &[(0x10000, 4)],
+            PAGE,
+        );
+        match (supported, armed) {
+            (Err(why), Err(e)) => {
+                let e = e.to_string();
+                assert!(e.contains("kvm-userfault is not available"), "{e}");
+                assert!(e.contains(&why), "{e} / {why}");
+                assert!(why.contains("EINVAL") || why.contains("errno"), "{why}");
+            }
+            (Ok(()), Ok(p)) => {
+                // A patched kernel: the bits and the exit contract are live.
+                let ex = p.exits().unwrap();
+                assert!(!ex.mapped(0x10000));
+                assert!(ex.mapped(0x20000));
+            }
+            (s, a) => panic!("probe {s:?} and arm {:?} disagree", a.err()),
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! `memslot-exits`: the exit model on stock kernels. A missing chunk of guest RAM is simply in
+//! no memslot, so a vCPU access to it leaves `KVM_RUN` (PLATFORM.md §8): a load or store as an
+//! MMIO exit with the GPA, an instruction fetch as an emulation failure without one (the vCPU
+//! translates its RIP). The vCPU thread gets the chunk's pages into the memory file, adds a
+//! memslot for the chunk, completes the trapped access against memory and re-enters.
+//!
+//! What this cannot see, and how it is covered:
+//! - KVM's own accesses (kvmclock, steal time, PV EOI; guest page-table walks under shadow
+//!   paging) need a memslot: a page-table page or a PV page that is missing makes the guest see
+//!   a fault that never happened, with no exit at all. Such pages must be present before the
+//!   vCPUs run; `eager_pages` finds them (see `keep_present`).
+//! - The VMM's own accesses go through the host mapping of the memory file, where userfaultfd
+//!   MISSING stays registered (as KVM Userfault intends for non-vCPU accesses).
+//! - The memslot count is limited (32764 here): below `soft_limit` slots each chunk gets its own
+//!   slot (cheapest add); above it, a chunk is widened to reach its nearest unpinned mapped
+//!   neighbour (up to `MAX_WIDEN` away, bringing in the pages between) and merged with it
+//!   (delete + create). So the count stays near the soft limit plus the pinned runs plus one
+//!   isolated chunk per 2 MiB at worst. `KVM_X86_QUIRK_SLOT_ZAP_ALL` is disabled when KVM allows it, so a delete zaps only
+//!   that slot's shadow pages instead of the whole guest's.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region};
+
+use super::exits::{poll_two, ExitPager, ExitStats, Fetch, Waiters};
+use super::{DemandPager, Fault, Installed, UffdMissing, UserfaultError};
+use crate::memory::RamRange;
+use crate::vstate::vm::Vm;
+
+const PAGE: u64 = 4096;
+/// Slots used before chunks start being merged with their neighbours.
+pub const DEFAULT_SOFT_LIMIT: usize = 1024;
+/// Above the soft limit, a chunk is widened across at most this much unmapped memory to reach
+/// a neighbour it can merge with: those pages are brought in too (they are the guest's real
+/// contents, so mapping them is correct), trading extra fetches for a bounded slot count.
+const MAX_WIDEN: u64 = 2 << 20;
+
+/// Chunk sizes accepted (bytes): powers of two from 4 KiB to 2 MiB.
+pub fn check_chunk(bytes: u64) -> Result<u64, String> {
+    if bytes.is_power_of_two() && (PAGE..=2 << 20).contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "demand chunk must be a power of two from 4 KiB to 2 MiB, got {bytes} bytes"
+        ))
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Run {
+    slot: u32,
+    size: u64,
+    /// Holds pages KVM itself touches (page tables, descriptor tables, PV pages): never
+    /// deleted or merged, since KVM's own accesses fail silently while a slot is being
+    /// replaced.
+    pinned: bool,
+}
+
+struct Slots {
+    /// Mapped runs by start GPA.
+    runs: BTreeMap<u64, Run>,
+    free: Vec<u32>,
+    next: u32,
+    max: u32,
+    disarmed: bool,
+}
+
+struct Inner {
+    uffd: UffdMissing,
+    waiters: Arc<Waiters>,
+    vm: Arc<Vm>,
+    ranges: Vec<(RamRange, u64)>,
+    chunk: u64,
+    soft_limit: usize,
+    slots: Mutex<Slots>,
+    fetched: AtomicU64,
+    mapped_only: AtomicU64,
+    raced: AtomicU64,
+    merges: AtomicU64,
+    max_slots: AtomicU64,
+    ifetch: AtomicU64,
+    decoded: AtomicU64,
+}
+
+pub struct MemslotExits {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemslotExits {
+    /// Takes over the VM's RAM memslots: only chunks with no pending page stay mapped for the
+    /// vCPUs. Call before any vCPU runs, after the pending pages were punched out of `memfd`.
+    pub fn arm(
+        vm: Arc<Vm>,
+        ranges: &[RamRange],
+        host_addrs: &[u64],
+        memfd: &File,
+        pending: &[(u64, u64)],
+        chunk: u64,
+        soft_limit: usize,
+    ) -> Result<MemslotExits, UserfaultError> {
+        let chunk = check_chunk(chunk).map_err(UserfaultError::Unsupported)?;
+        let waiters = Arc::new(Waiters::new(ranges, memfd, pending)?);
+        let max = vm
+            .fd()
+            .check_extension_int(kvm_ioctls::Cap::NrMemslots)
+            .max(ranges.len() as i32) as u32;
+        disable_zap_all(&vm);
+        let uffd = UffdMissing::arm(ranges, host_addrs)?;
+        let inner = Inner {
+            uffd,
+            waiters,
+            vm,
+            ranges: ranges
+                .iter()
+                .copied()
+                .zip(host_addrs.iter().copied())
+                .collect(),
+            chunk,
+            soft_limit: soft_limit.max(1),
+            slots: Mutex::new(Slots {
+                runs: BTreeMap::new(),
+                free: Vec::new(),
+                next: 0,
+                max,
+                disarmed: false,
+            }),
+            fetched: AtomicU64::new(0),
+            mapped_only: AtomicU64::new(0),
+            raced: AtomicU64::new(0),
+            merges: AtomicU64::new(0),
+            max_slots: AtomicU64::new(0),
+            ifetch: AtomicU64::new(0),
+            decoded: AtomicU64::new(0),
+        };
+        // Runs holding pages KVM touches get pinned by `keep_mapped` before the vCPUs run.
+        {
+            let mut s = lock(&inner.slots);
+            for slot in 0..ranges.len() as u32 {
+                inner.set_slot(slot, 0, 0)?;
+            }
+            for (r, _) in &inner.ranges {
+                let mut run: Option<(u64, u64)> = None;
+                let mut at = r.gpa;
+                while at < r.end() {
+                    let end = (at + chunk).min(r.end());
+                    let present = inner.waiters.missing_runs(at, (end - at) / PAGE).is_empty();
+                    match (&mut run, present) {
+                        (Some((_, size)), true) => *size += end - at,
+                        (None, true) => run = Some((at, end - at)),
+                        (Some(_), false) => {
+                            if let Some((g, n)) = run.take() {
+                                inner.add_slot(&mut s, g, n, false)?;
+                            }
+                        }
+                        (None, false) => {}
+                    }
+                    at = end;
+                }
+                if let Some((g, n)) = run {
+                    inner.add_slot(&mut s, g, n, false)?;
+                }
+            }
+        }
+        tracing::info!(
+            "memslot-exits: {} pages missing, {} KiB chunks, {} memslots mapped",
+            inner.waiters.remaining(),
+            chunk >> 10,
+            lock(&inner.slots).runs.len()
+        );
+        Ok(MemslotExits {
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+/// Without this quirk disabled, deleting any memslot zaps the shadow pages of the whole guest
+/// (measured: a re-read of 3000 pages went from 61 us to 10 ms, PLATFORM.md §8).
+fn disable_zap_all(vm: &Vm) {
+    let quirks = vm
+        .fd()
+        .check_extension_raw(kvm_bindings::KVM_CAP_DISABLE_QUIRKS2 as libc::c_ulong);
+    let zap = kvm_bindings::KVM_X86_QUIRK_SLOT_ZAP_ALL as i32;
+    if quirks & zap == 0 {
+        tracing::info!(
+            "memslot-exits: KVM cannot disable KVM_X86_QUIRK_SLOT_ZAP_ALL: each memslot delete \
+             zaps the whole guest's shadow pages"
+        );
+        return;
+    }
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_DISABLE_QUIRKS2,
+        args: [zap as u64, 0, 0, 0],
+        ..Default::default()
+    };
+    if let Err(e) = vm.fd().enable_cap(&cap) {
+        tracing::info!("memslot-exits: disabling KVM_X86_QUIRK_SLOT_ZAP_ALL failed: {e}");
+    }
+}
+
+impl Inner {
+    fn host_of(&self, gpa: u64) -> Option<u64> {
+        self.ranges
+            .iter()
+            .find(|(r, _)| r.contains(gpa))
+            .map(|(r, h)| h + (gpa - r.gpa))
+    }
+
+    fn set_slot(&self, slot: u32, gpa: u64, size: u64) -> Result<(), UserfaultError> {
+        let host = if size == 0 {
+            0
+        } else {
+            self.host_of(gpa)
+                .ok_or(UserfaultError::NotRam { gpa, len: size })?
+        };
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the host range lies inside the guest-RAM mapping (found by `host_of`, and a
+        // run never crosses a RAM range), which outlives the VM; size 0 deletes the slot.
+        unsafe { self.vm.fd().set_user_memory_region(region) }.map_err(|e| {
+            UserfaultError::Kvm(format!(
+                "KVM_SET_USER_MEMORY_REGION slot {slot} at 0x{gpa:x}+0x{size:x}: {e}"
+            ))
+        })
+    }
+
+    fn add_slot(
+        &self,
+        s: &mut Slots,
+        gpa: u64,
+        size: u64,
+        pinned: bool,
+    ) -> Result<(), UserfaultError> {
+        let slot = match s.free.pop() {
+            Some(id) => id,
+            None if s.next < s.max => {
+                s.next += 1;
+                s.next - 1
+            }
+            None => {
+                return Err(UserfaultError::Kvm(format!(
+                    "out of memslots ({} in use, KVM allows {}): guest RAM is too fragmented \
+                     for this chunk size; use a larger --demand-chunk",
+                    s.runs.len(),
+                    s.max
+                )))
+            }
+        };
+        if let Err(e) = self.set_slot(slot, gpa, size) {
+            s.free.push(slot);
+            return Err(e);
+        }
+        s.runs.insert(gpa, Run { slot, size, pinned });
+        self.max_slots
+            .fetch_max(s.runs.len() as u64, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn remove_run(&self, s: &mut Slots, start: u64) -> Result<u64, UserfaultError> {
+        let Some(run) = s.runs.remove(&start) else {
+            return Ok(0);
+        };
+        self.set_slot(run.slot, start, 0)?;
+        s.free.push(run.slot);
+        Ok(run.size)
+    }
+
+    fn is_mapped(s: &Slots, gpa: u64) -> bool {
+        s.disarmed
+            || s.runs
+                .range(..=gpa)
+                .next_back()
+                .is_some_and(|(start, run)| gpa < start + run.size)
+    }
+
+    /// The pieces of [start, end) no run maps, as (gpa, size).
+    fn unmapped_parts(s: &Slots, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut parts = Vec::new();
+        let mut at = start;
+        if let Some((g, run)) = s.runs.range(..start).next_back() {
+            at = at.max(g + run.size);
+        }
+        for (&g, run) in s.runs.range(start..end) {
+            if g > at {
+                parts.push((at, g - at));
+            }
+            at = at.max(g + run.size);
+        }
+        if at < end {
+            parts.push((at, end - at));
+        }
+        parts
+    }
+
+    /// The chunk holding `gpa`, clipped to its RAM range.
+    fn chunk_of(&self, gpa: u64) -> Option<(u64, u64)> {
+        let (r, _) = self.ranges.iter().find(|(r, _)| r.contains(gpa))?;
+        let start = r.gpa + (gpa - r.gpa) / self.chunk * self.chunk;
+        Some((start, (start + self.chunk).min(r.end())))
+    }
+
+    /// Maps [start, end) for the vCPUs, merging with unpinned neighbours once many slots are
+    /// used. While a merge replaces slots, vCPU accesses to them exit and are completed against
+    /// memory (they find the range mapped under the lock), and KVM's own accesses would fail,
+    /// which is why pages KVM touches are pinned in slots of their own.
+    fn map_chunk(&self, start: u64, end: u64, pinned: bool) -> Result<(), UserfaultError> {
+        let mut s = lock(&self.slots);
+        let parts = Self::unmapped_parts(&s, start, end);
+        if parts.first() != Some(&(start, end - start)) {
+            // Another vCPU mapped part of it meanwhile (a widened range can overlap): map what
+            // is left as it is.
+            for (g, n) in parts {
+                self.add_slot(&mut s, g, n, pinned)?;
+            }
+            return Ok(());
+        }
+        if s.runs.len() < self.soft_limit || pinned {
+            return self.add_slot(&mut s, start, end - start, pinned);
+        }
+        let left = s
+            .runs
+            .range(..start)
+            .next_back()
+            .filter(|(g, run)| *g + run.size == start && !run.pinned)
+            .map(|(g, _)| *g);
+        let right = s.runs.get(&end).filter(|run| !run.pinned).map(|_| end);
+        let mut from = start;
+        let mut to = end;
+        if let Some(l) = left {
+            from = l;
+            self.remove_run(&mut s, l)?;
+        }
+        if let Some(r) = right {
+            to = end + self.remove_run(&mut s, r)?;
+        }
+        if left.is_some() || right.is_some() {
+            self.merges.fetch_add(1, Ordering::AcqRel);
+        }
+        self.add_slot(&mut s, from, to - from, false)
+    }
+
+    /// Above the soft limit: [start, end) stretched to touch its nearest unpinned mapped
+    /// neighbour, when that is at most `MAX_WIDEN` away (see `MAX_WIDEN`).
+    fn widen(&self, start: u64, end: u64) -> (u64, u64) {
+        let s = lock(&self.slots);
+        if s.runs.len() < self.soft_limit {
+            return (start, end);
+        }
+        let Some((r, _)) = self.ranges.iter().find(|(r, _)| r.contains(start)) else {
+            return (start, end);
+        };
+        let left = s
+            .runs
+            .range(r.gpa..start)
+            .next_back()
+            .filter(|(g, run)| !run.pinned && *g + run.size <= start)
+            .map(|(g, run)| start - (g + run.size));
+        let right = s
+            .runs
+            .range(end..r.end())
+            .next()
+            .filter(|(_, run)| !run.pinned)
+            .map(|(g, _)| g - end);
+        match (left, right) {
+            (Some(l), Some(rt)) if l <= rt && l <= MAX_WIDEN => (start - l, end),
+            (Some(_), Some(rt)) if rt <= MAX_WIDEN => (start, end + rt),
+            (Some(l), None) if l <= MAX_WIDEN => (start - l, end),
+            (None, Some(rt)) if rt <= MAX_WIDEN => (start, end + rt),
+            _ => (start, end),
+        }
+    }
+
+    fn bring_and_map(&self, gpa: u64, len: u64, pinned: bool) -> Result<bool, UserfaultError> {
+        if !self.covers(gpa) {
+            return Ok(false);
+        }
+        let last = gpa + len.max(1) - 1;
+        let mut at = gpa;
+        loop {
+            let Some((start, end)) = self.chunk_of(at) else {
+                return Ok(false);
+            };
+            let (start, end) = if pinned {
+                (start, end)
+            } else {
+                self.widen(start, end)
+            };
+            let already = {
+                let mut s = lock(&self.slots);
+                let mapped = Self::is_mapped(&s, start);
+                if mapped && pinned {
+                    if let Some((_, run)) = s.runs.range_mut(..=start).next_back() {
+                        run.pinned = true;
+                    }
+                }
+                mapped
+            };
+            if already {
+                if !pinned {
+                    self.raced.fetch_add(1, Ordering::AcqRel);
+                }
+            } else {
+                if self.waiters.bring_in(start, (end - start) / PAGE, false)? {
+                    self.fetched.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    self.mapped_only.fetch_add(1, Ordering::AcqRel);
+                }
+                self.map_chunk(start, end, pinned)?;
+            }
+            if last < end {
+                return Ok(true);
+            }
+            at = end;
+        }
+    }
+}
+
+impl ExitPager for Inner {
+    fn name(&self) -> &'static str {
+        "memslot-exits"
+    }
+
+    fn covers(&self, gpa: u64) -> bool {
+        self.waiters.covers(gpa)
+    }
+
+    fn resolve(&self, _vcpu: u8, gpa: u64, len: u64) -> Result<bool, UserfaultError> {
+        self.bring_and_map(gpa, len, false)
+    }
+
+    fn keep_mapped(&self, gpa: u64) -> Result<bool, UserfaultError> {
+        self.bring_and_map(gpa, PAGE, true)
+    }
+
+    fn mapped(&self, gpa: u64) -> bool {
+        Self::is_mapped(&lock(&self.slots), gpa)
+    }
+
+    fn pin_mapped(&self) {
+        for run in lock(&self.slots).runs.values_mut() {
+            run.pinned = true;
+        }
+    }
+
+    fn note_ifetch(&self) {
+        self.ifetch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn note_decoded(&self) {
+        self.decoded.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn complete_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), UserfaultError> {
+        self.waiters.read(gpa, data)
+    }
+
+    fn complete_write(&self, gpa: u64, data: &[u8]) -> Result<(), UserfaultError> {
+        self.waiters.write(gpa, data)
+    }
+
+    fn set_fetch(&self, fetch: Arc<dyn Fetch>) {
+        let _ = self.waiters.fetch.set(fetch);
+    }
+
+    fn stats(&self) -> ExitStats {
+        ExitStats {
+            fetched: self.fetched.load(Ordering::Acquire),
+            mapped_only: self.mapped_only.load(Ordering::Acquire),
+            raced: self.raced.load(Ordering::Acquire),
+            ifetch: self.ifetch.load(Ordering::Acquire),
+            decoded: self.decoded.load(Ordering::Acquire),
+            memslots_now: lock(&self.slots).runs.len() as u64,
+            memslots_max: self.max_slots.load(Ordering::Acquire),
+            merges: self.merges.load(Ordering::Acquire),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+impl DemandPager for MemslotExits {
+    fn name(&self) -> &'static str {
+        "memslot-exits"
+    }
+
+    fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {
+        if let Some(f) = self.inner.waiters.pop() {
+            return Ok(Some(f));
+        }
+        let (uffd, queued) = poll_two(
+            self.inner.uffd.raw_fd(),
+            self.inner.waiters.queued_fd(),
+            timeout,
+        )?;
+        if queued {
+            if let Some(f) = self.inner.waiters.pop() {
+                return Ok(Some(f));
+            }
+        }
+        if uffd {
+            return self.inner.uffd.read_fault();
+        }
+        Ok(None)
+    }
+
+    fn install(&self, gpa: u64, data: &[u8]) -> Result<Installed, UserfaultError> {
+        let r = self.inner.uffd.install(gpa, data)?;
+        self.inner
+            .waiters
+            .mark_present(gpa, data.len() as u64 / PAGE);
+        Ok(r)
+    }
+
+    fn install_zero(&self, gpa: u64, pages: u64) -> Result<Installed, UserfaultError> {
+        let r = self.inner.uffd.install_zero(gpa, pages)?;
+        self.inner.waiters.mark_present(gpa, pages);
+        Ok(r)
+    }
+
+    fn wake(&self, gpa: u64, pages: u64) -> Result<(), UserfaultError> {
+        self.inner.uffd.wake(gpa, pages)
+    }
+
+    fn note_zero(&self, gpa: u64, pages: u64) {
+        self.inner.waiters.mark_present(gpa, pages);
+    }
+
+    /// Every page is present: map every gap between the mapped runs with one slot each.
+    /// Only adds slots (at most one more than there are runs): replacing them with the
+    /// original one-per-range layout would open a window in which KVM's own accesses fail
+    /// (see `map_chunk`).
+    fn disarm(&self) -> Result<(), UserfaultError> {
+        self.inner.uffd.disarm()?;
+        let inner = &self.inner;
+        if inner.waiters.remaining() != 0 {
+            return Err(UserfaultError::Unsupported(format!(
+                "memslot-exits disarmed with {} pages still missing",
+                inner.waiters.remaining()
+            )));
+        }
+        let mut s = lock(&inner.slots);
+        for (r, _) in &inner.ranges {
+            let mut gaps = Vec::new();
+            let mut at = r.gpa;
+            for (&start, run) in s.runs.range(r.gpa..r.end()) {
+                if start > at {
+                    gaps.push((at, start - at));
+                }
+                at = at.max(start + run.size);
+            }
+            if at < r.end() {
+                gaps.push((at, r.end() - at));
+            }
+            for (g, n) in gaps {
+                inner.add_slot(&mut s, g, n, false)?;
+            }
+        }
+        s.disarmed = true;
+        Ok(())
+    }
+
+    fn exits(&self) -> Option<Arc<dyn ExitPager>> {
+        Some(self.inner.clone())
+    }
+}
