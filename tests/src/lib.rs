@@ -4,6 +4,7 @@
 pub mod netns;
 pub mod process;
 pub mod proxy;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -11,57 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmm_tests::process::{remote, wait_api, Bg};
+use vmm_tests::snapshot::{assert_finished, assert_same_memory, snapshot_micro};
 use vmm_tests::vmm_bin;
-
-const PASSES: u64 = 20000;
-
-/// Runs the micro guest, lets it do some passes, snapshots it with --exit into DIR/snap.
-fn snapshot_micro(dir: &Path, extra: &[&str]) -> PathBuf {
-    let sock = dir.join("src.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args(["run", "--micro", "--pattern", "random", "--region-mib", "4"])
-        .args([
-            "--param",
-            "256",
-            "--passes",
-            &PASSES.to_string(),
-            "--verify",
-        ])
-        .args(["--console", "none", "--json", "--api-socket"])
-        .arg(&sock)
-        .args(extra);
-    let src = Bg::spawn("source", cmd);
-    wait_api(&sock, Duration::from_secs(20));
-    for _ in 0..500 {
-        let (_, v, _) = remote(&sock, &["status", "--json"]);
-        if v["micro_passes"].as_u64().unwrap_or(0) >= 20 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let snap = dir.join("snap");
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(&snap)
-        .args(["--exit", "--json"])
-        .output()
-        .unwrap();
-    let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    assert!(
-        out.status.success(),
-        "snapshot failed: {reply}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(reply["ok"], true, "{reply}");
-    let (code, rep, err) = src.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "source:\n{err}");
-    assert_eq!(rep["outcome"]["kind"], "snapshotted", "{rep}");
-    let passes = rep["micro_passes"].as_u64().unwrap();
-    assert!(passes < PASSES, "the guest finished before the snapshot");
-    snap
-}
 
 /// `vmm restore SNAP ARGS --json`: (exit code, the JSON report, stderr).
 fn restore(snap: &Path, args: &[&str]) -> (Option<i32>, Value, String) {
@@ -83,37 +34,6 @@ fn restore(snap: &Path, args: &[&str]) -> (Option<i32>, Value, String) {
         json,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// The workload finished after the restore and matched its model.
-fn assert_finished(what: &str, code: Option<i32>, rep: &Value, err: &str) {
-    assert_eq!(code, Some(0), "{what}: {err}\n{rep}");
-    let run = &rep["run"];
-    assert_eq!(run["outcome"]["kind"], "micro-exit", "{what}: {rep}");
-    assert_eq!(run["micro_passes"].as_u64(), Some(PASSES), "{what}: {rep}");
-    assert_eq!(run["micro_check"]["mismatches"], 0, "{what}: {rep}");
-    if !rep["demand"].is_null() {
-        assert!(rep["demand"]["error"].is_null(), "{what}: {rep}");
-    }
-}
-
-fn assert_same_memory(what: &str, a: &Path, b: &Path) {
-    let x = std::fs::read(a).unwrap();
-    let y = std::fs::read(b).unwrap();
-    assert_eq!(x.len(), y.len(), "{what}: sizes");
-    let differing: Vec<usize> = x
-        .chunks(4096)
-        .zip(y.chunks(4096))
-        .enumerate()
-        .filter(|(_, (p, q))| p != q)
-        .map(|(i, _)| i)
-        .collect();
-    assert!(
-        differing.is_empty(),
-        "{what}: {} pages differ from the snapshot, first at 0x{:x}",
-        differing.len(),
-        differing[0] * 4096
-    );
 }
 
 fn backends_here() -> Vec<&'static str> {
@@ -431,7 +351,13 @@ fn memslot_exits_serves_sse_loads_from_missing_pages_by_decoding_them() {
     let snap = dir.path().join("snap");
     let (c, reply, e) = remote(
         &sock,
-        &["snapshot", "--to", snap.to_str().unwrap(), "--exit", "--json"],
+        &[
+            "snapshot",
+            "--to",
+            snap.to_str().unwrap(),
+            "--exit",
+            "--json",
+        ],
     );
     assert_eq!(c, Some(0), "{e}\n{reply}");
     let (code, rep, err) = src.finish(Duration::from_secs(30));
@@ -441,7 +367,10 @@ fn memslot_exits_serves_sse_loads_from_missing_pages_by_decoding_them() {
         let (code, rep, err) = restore(&snap, &["--lazy", "--demand", backend]);
         assert_eq!(code, Some(0), "{backend}: {err}\n{rep}");
         assert_eq!(rep["run"]["outcome"]["kind"], "micro-exit", "{rep}");
-        assert_eq!(rep["run"]["outcome"]["status"], 0, "{backend}: wrong value loaded");
+        assert_eq!(
+            rep["run"]["outcome"]["status"], 0,
+            "{backend}: wrong value loaded"
+        );
         if backend == "memslot-exits" {
             let x = &rep["demand"]["exits"];
             assert_eq!(x["decoded"], 2, "both loads decoded: {rep}");

@@ -6,59 +6,13 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use vmm_tests::process::{remote, wait_api, Bg};
+use vmm_tests::process::Bg;
+use vmm_tests::snapshot::{assert_finished, assert_same_memory, snapshot_micro, PASSES};
 use vmm_tests::vmm_bin;
-
-const PASSES: u64 = 20000;
-
-/// Runs the micro guest, lets it do some passes, snapshots it with --exit into DIR/snap.
-fn snapshot_micro(dir: &Path, extra: &[&str]) -> PathBuf {
-    let sock = dir.join("src.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args(["run", "--micro", "--pattern", "random", "--region-mib", "4"])
-        .args([
-            "--param",
-            "256",
-            "--passes",
-            &PASSES.to_string(),
-            "--verify",
-        ])
-        .args(["--console", "none", "--json", "--api-socket"])
-        .arg(&sock)
-        .args(extra);
-    let src = Bg::spawn("source", cmd);
-    wait_api(&sock, Duration::from_secs(20));
-    for _ in 0..500 {
-        let (_, v, _) = remote(&sock, &["status", "--json"]);
-        if v["micro_passes"].as_u64().unwrap_or(0) >= 20 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let snap = dir.join("snap");
-    let out = Command::new(vmm_bin())
-        .args(["snapshot", "--api-socket"])
-        .arg(&sock)
-        .arg("--to")
-        .arg(&snap)
-        .args(["--exit", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "snapshot failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (code, rep, err) = src.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "source:\n{err}");
-    assert_eq!(rep["outcome"]["kind"], "snapshotted", "{rep}");
-    snap
-}
 
 fn wait_socket(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -93,27 +47,6 @@ fn restore_bg(snap: &Path, sock: &Path, args: &[&str]) -> Bg {
         .arg(sock)
         .args(args);
     Bg::spawn("restore", cmd)
-}
-
-fn assert_finished(what: &str, code: Option<i32>, rep: &Value, err: &str) {
-    assert_eq!(code, Some(0), "{what}: {err}\n{rep}");
-    let run = &rep["run"];
-    assert_eq!(run["outcome"]["kind"], "micro-exit", "{what}: {rep}");
-    assert_eq!(run["micro_passes"].as_u64(), Some(PASSES), "{what}: {rep}");
-    assert_eq!(run["micro_check"]["mismatches"], 0, "{what}: {rep}");
-    assert!(rep["demand"]["error"].is_null(), "{what}: {rep}");
-}
-
-fn assert_same_memory(what: &str, a: &Path, b: &Path) {
-    let x = std::fs::read(a).unwrap();
-    let y = std::fs::read(b).unwrap();
-    assert_eq!(x.len(), y.len(), "{what}: sizes");
-    let differing = x.chunks(4096).zip(y.chunks(4096)).position(|(p, q)| p != q);
-    assert!(
-        differing.is_none(),
-        "{what}: page 0x{:x} differs from the snapshot",
-        differing.unwrap_or(0) * 4096
-    );
 }
 
 const LIMIT: Duration = Duration::from_secs(120);

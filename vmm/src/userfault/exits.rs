@@ -285,6 +285,46 @@ impl Waiters {
     }
 }
 
+/// What every exit backend shares: userfaultfd MISSING on the host mapping (for KVM's and the
+/// VMM's own accesses), and the missing-page bookkeeping with its queue of vCPU faults.
+pub struct ExitBase {
+    pub uffd: super::UffdMissing,
+    pub waiters: Arc<Waiters>,
+}
+
+impl ExitBase {
+    /// The next fault: a queued vCPU fault first, else a userfaultfd event.
+    pub fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {
+        if let Some(f) = self.waiters.pop() {
+            return Ok(Some(f));
+        }
+        let (uffd, queued) = poll_two(self.uffd.raw_fd(), self.waiters.queued_fd(), timeout)?;
+        if queued {
+            if let Some(f) = self.waiters.pop() {
+                return Ok(Some(f));
+            }
+        }
+        if uffd {
+            return self.uffd.read_fault();
+        }
+        Ok(None)
+    }
+
+    /// Installs through userfaultfd (waking the VMM's and KVM's waiters) and marks the pages
+    /// present (waking the vCPUs').
+    pub fn install(&self, gpa: u64, data: &[u8]) -> Result<super::Installed, UserfaultError> {
+        let r = super::DemandPager::install(&self.uffd, gpa, data)?;
+        self.waiters.mark_present(gpa, data.len() as u64 / PAGE);
+        Ok(r)
+    }
+
+    pub fn install_zero(&self, gpa: u64, pages: u64) -> Result<super::Installed, UserfaultError> {
+        let r = super::DemandPager::install_zero(&self.uffd, gpa, pages)?;
+        self.waiters.mark_present(gpa, pages);
+        Ok(r)
+    }
+}
+
 /// Waits up to `timeout` for either descriptor to become readable; returns which were.
 pub fn poll_two(a: RawFd, b: RawFd, timeout: Duration) -> Result<(bool, bool), UserfaultError> {
     let mut fds = [

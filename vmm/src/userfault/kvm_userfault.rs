@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::exits::{poll_two, ExitPager, ExitStats, Fetch, Waiters};
+use super::exits::{ExitBase, ExitPager, ExitStats, Fetch, Waiters};
 use super::{DemandPager, Fault, Installed, UffdMissing, UserfaultError};
 use crate::memory::RamRange;
 use crate::sys::kvm_userfault::{self as sys, Support, UserfaultBitmap};
@@ -32,8 +32,7 @@ struct Slot {
 }
 
 struct Inner {
-    uffd: UffdMissing,
-    waiters: Arc<Waiters>,
+    base: ExitBase,
     vm: Arc<Vm>,
     slots: Vec<Slot>,
     chunk: u64,
@@ -96,8 +95,7 @@ impl KvmUserfault {
         }
         let uffd = UffdMissing::arm(ranges, host_addrs)?;
         let inner = Inner {
-            uffd,
-            waiters,
+            base: ExitBase { uffd, waiters },
             vm,
             slots,
             chunk,
@@ -158,7 +156,11 @@ impl ExitPager for Inner {
             .min(r.end())
             .div_ceil(PAGE)
             * PAGE;
-        if self.waiters.bring_in(start, (end - start) / PAGE, false)? {
+        if self
+            .base
+            .waiters
+            .bring_in(start, (end - start) / PAGE, false)?
+        {
             self.fetched.fetch_add(1, Ordering::AcqRel);
         } else {
             self.cleared_only.fetch_add(1, Ordering::AcqRel);
@@ -180,15 +182,15 @@ impl ExitPager for Inner {
     }
 
     fn complete_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), UserfaultError> {
-        self.waiters.read(gpa, data)
+        self.base.waiters.read(gpa, data)
     }
 
     fn complete_write(&self, gpa: u64, data: &[u8]) -> Result<(), UserfaultError> {
-        self.waiters.write(gpa, data)
+        self.base.waiters.write(gpa, data)
     }
 
     fn set_fetch(&self, fetch: Arc<dyn Fetch>) {
-        let _ = self.waiters.fetch.set(fetch);
+        let _ = self.base.waiters.fetch.set(fetch);
     }
 
     fn stats(&self) -> ExitStats {
@@ -206,50 +208,28 @@ impl DemandPager for KvmUserfault {
     }
 
     fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {
-        if let Some(f) = self.inner.waiters.pop() {
-            return Ok(Some(f));
-        }
-        let (uffd, queued) = poll_two(
-            self.inner.uffd.raw_fd(),
-            self.inner.waiters.queued_fd(),
-            timeout,
-        )?;
-        if queued {
-            if let Some(f) = self.inner.waiters.pop() {
-                return Ok(Some(f));
-            }
-        }
-        if uffd {
-            return self.inner.uffd.read_fault();
-        }
-        Ok(None)
+        self.inner.base.next_fault(timeout)
     }
 
     fn install(&self, gpa: u64, data: &[u8]) -> Result<Installed, UserfaultError> {
-        let r = self.inner.uffd.install(gpa, data)?;
-        self.inner
-            .waiters
-            .mark_present(gpa, data.len() as u64 / PAGE);
-        Ok(r)
+        self.inner.base.install(gpa, data)
     }
 
     fn install_zero(&self, gpa: u64, pages: u64) -> Result<Installed, UserfaultError> {
-        let r = self.inner.uffd.install_zero(gpa, pages)?;
-        self.inner.waiters.mark_present(gpa, pages);
-        Ok(r)
+        self.inner.base.install_zero(gpa, pages)
     }
 
     fn wake(&self, gpa: u64, pages: u64) -> Result<(), UserfaultError> {
-        self.inner.uffd.wake(gpa, pages)
+        self.inner.base.uffd.wake(gpa, pages)
     }
 
     fn note_zero(&self, gpa: u64, pages: u64) {
-        self.inner.waiters.mark_present(gpa, pages);
+        self.inner.base.waiters.mark_present(gpa, pages);
     }
 
     /// Every page is present: the slots lose the flag (so KVM stops reading the bitmaps).
     fn disarm(&self) -> Result<(), UserfaultError> {
-        self.inner.uffd.disarm()?;
+        self.inner.base.uffd.disarm()?;
         for s in &self.inner.slots {
             s.bitmap.clear_range_release(0, s.bitmap.pages());
             let region = kvm_bindings::kvm_userspace_memory_region {

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region};
 
-use super::exits::{poll_two, ExitPager, ExitStats, Fetch, Waiters};
+use super::exits::{ExitBase, ExitPager, ExitStats, Fetch, Waiters};
 use super::{DemandPager, Fault, Installed, UffdMissing, UserfaultError};
 use crate::memory::RamRange;
 use crate::vstate::vm::Vm;
@@ -70,8 +70,7 @@ struct Slots {
 }
 
 struct Inner {
-    uffd: UffdMissing,
-    waiters: Arc<Waiters>,
+    base: ExitBase,
     vm: Arc<Vm>,
     ranges: Vec<(RamRange, u64)>,
     chunk: u64,
@@ -115,8 +114,7 @@ impl MemslotExits {
         disable_zap_all(&vm);
         let uffd = UffdMissing::arm(ranges, host_addrs)?;
         let inner = Inner {
-            uffd,
-            waiters,
+            base: ExitBase { uffd, waiters },
             vm,
             ranges: ranges
                 .iter()
@@ -151,7 +149,11 @@ impl MemslotExits {
                 let mut at = r.gpa;
                 while at < r.end() {
                     let end = (at + chunk).min(r.end());
-                    let present = inner.waiters.missing_runs(at, (end - at) / PAGE).is_empty();
+                    let present = inner
+                        .base
+                        .waiters
+                        .missing_runs(at, (end - at) / PAGE)
+                        .is_empty();
                     match (&mut run, present) {
                         (Some((_, size)), true) => *size += end - at,
                         (None, true) => run = Some((at, end - at)),
@@ -171,7 +173,7 @@ impl MemslotExits {
         }
         tracing::info!(
             "memslot-exits: {} pages missing, {} KiB chunks, {} memslots mapped",
-            inner.waiters.remaining(),
+            inner.base.waiters.remaining(),
             chunk >> 10,
             lock(&inner.slots).runs.len()
         );
@@ -412,7 +414,11 @@ impl Inner {
                     self.raced.fetch_add(1, Ordering::AcqRel);
                 }
             } else {
-                if self.waiters.bring_in(start, (end - start) / PAGE, false)? {
+                if self
+                    .base
+                    .waiters
+                    .bring_in(start, (end - start) / PAGE, false)?
+                {
                     self.fetched.fetch_add(1, Ordering::AcqRel);
                 } else {
                     self.mapped_only.fetch_add(1, Ordering::AcqRel);
@@ -433,7 +439,7 @@ impl ExitPager for Inner {
     }
 
     fn covers(&self, gpa: u64) -> bool {
-        self.waiters.covers(gpa)
+        self.base.waiters.covers(gpa)
     }
 
     fn resolve(&self, _vcpu: u8, gpa: u64, len: u64) -> Result<bool, UserfaultError> {
@@ -463,15 +469,15 @@ impl ExitPager for Inner {
     }
 
     fn complete_read(&self, gpa: u64, data: &mut [u8]) -> Result<(), UserfaultError> {
-        self.waiters.read(gpa, data)
+        self.base.waiters.read(gpa, data)
     }
 
     fn complete_write(&self, gpa: u64, data: &[u8]) -> Result<(), UserfaultError> {
-        self.waiters.write(gpa, data)
+        self.base.waiters.write(gpa, data)
     }
 
     fn set_fetch(&self, fetch: Arc<dyn Fetch>) {
-        let _ = self.waiters.fetch.set(fetch);
+        let _ = self.base.waiters.fetch.set(fetch);
     }
 
     fn stats(&self) -> ExitStats {
@@ -497,45 +503,23 @@ impl DemandPager for MemslotExits {
     }
 
     fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {
-        if let Some(f) = self.inner.waiters.pop() {
-            return Ok(Some(f));
-        }
-        let (uffd, queued) = poll_two(
-            self.inner.uffd.raw_fd(),
-            self.inner.waiters.queued_fd(),
-            timeout,
-        )?;
-        if queued {
-            if let Some(f) = self.inner.waiters.pop() {
-                return Ok(Some(f));
-            }
-        }
-        if uffd {
-            return self.inner.uffd.read_fault();
-        }
-        Ok(None)
+        self.inner.base.next_fault(timeout)
     }
 
     fn install(&self, gpa: u64, data: &[u8]) -> Result<Installed, UserfaultError> {
-        let r = self.inner.uffd.install(gpa, data)?;
-        self.inner
-            .waiters
-            .mark_present(gpa, data.len() as u64 / PAGE);
-        Ok(r)
+        self.inner.base.install(gpa, data)
     }
 
     fn install_zero(&self, gpa: u64, pages: u64) -> Result<Installed, UserfaultError> {
-        let r = self.inner.uffd.install_zero(gpa, pages)?;
-        self.inner.waiters.mark_present(gpa, pages);
-        Ok(r)
+        self.inner.base.install_zero(gpa, pages)
     }
 
     fn wake(&self, gpa: u64, pages: u64) -> Result<(), UserfaultError> {
-        self.inner.uffd.wake(gpa, pages)
+        self.inner.base.uffd.wake(gpa, pages)
     }
 
     fn note_zero(&self, gpa: u64, pages: u64) {
-        self.inner.waiters.mark_present(gpa, pages);
+        self.inner.base.waiters.mark_present(gpa, pages);
     }
 
     /// Every page is present: map every gap between the mapped runs with one slot each.
@@ -543,12 +527,12 @@ impl DemandPager for MemslotExits {
     /// original one-per-range layout would open a window in which KVM's own accesses fail
     /// (see `map_chunk`).
     fn disarm(&self) -> Result<(), UserfaultError> {
-        self.inner.uffd.disarm()?;
+        self.inner.base.uffd.disarm()?;
         let inner = &self.inner;
-        if inner.waiters.remaining() != 0 {
+        if inner.base.waiters.remaining() != 0 {
             return Err(UserfaultError::Unsupported(format!(
                 "memslot-exits disarmed with {} pages still missing",
-                inner.waiters.remaining()
+                inner.base.waiters.remaining()
             )));
         }
         let mut s = lock(&inner.slots);
