@@ -2,7 +2,9 @@
 # Builds the Linux test guest: a patched 6.1 kernel (ELF vmlinux + bzImage) and an initramfs
 # (busybox + /init + the static vmm-agent). Each artefact is cached by a content hash of its
 # inputs, so a second run with unchanged inputs is a cache hit and takes seconds.
-# See guest-images/README.md. Usage: guest-images/build.sh   (no arguments)
+# See guest-images/README.md. Usage: guest-images/build.sh   (no arguments: the default guest)
+#   guest-images/build.sh --lab         the lab guest (6.12 + test_hmm + vmm-probe; lab.sh)
+#   guest-images/build.sh --lab-kernel  only the lab kernel
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -211,7 +213,17 @@ ensure_artefact() {
 link_out() { ln -sfn "$1" "$OUT/$2"; }
 
 main() {
-    [[ $# -eq 0 ]] || die "usage: $0 (no arguments; set VMM_IMAGE_CACHE to move the cache)"
+    # The lab guest (issue 5; guest-images/lab.sh): only on request, never on the default path.
+    case ${1:-} in
+        --lab|--lab-kernel)
+            [[ $# -eq 1 ]] || die "usage: $0 [--lab | --lab-kernel]"
+            # shellcheck source=lab.sh
+            source "$HERE/lab.sh"
+            if [[ $1 == --lab-kernel ]]; then lab_main kernel-only; else lab_main; fi
+            return
+            ;;
+    esac
+    [[ $# -eq 0 ]] || die "usage: $0 [--lab | --lab-kernel] (no arguments: the default guest; set VMM_IMAGE_CACHE to move the cache)"
     ensure_packages
     mkdir -p "$CACHE" "$OUT"
     # One build at a time per cache; a waiting run then sees the other's result as a hit.

@@ -7,9 +7,13 @@
 //! Call [`run`] and render the [`Report`] with [`render::text`], [`render::markdown`] or serde.
 
 pub mod devices;
+pub mod frame;
+pub mod hmm;
+pub mod in_guest;
 pub mod kinds;
 pub mod kvm;
 pub mod kvm_guest;
+pub mod lab_init;
 pub mod pagemap;
 pub mod predict;
 pub mod render;
@@ -60,6 +64,17 @@ impl Default for ProbeOpts {
 /// Hugetlb pages the probe needs free at once: one region (a second view maps the same pages).
 const HUGEPAGES_NEEDED: u64 = 4;
 
+/// Set by the lab guest's init (lab_init.rs): progress lines on stderr (the console there), so
+/// a run that hangs in the guest kernel shows where, and rows done so far are not lost.
+pub static PROGRESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One progress line (prefix `VMM-PROBE-PROGRESS`) when [`PROGRESS`] is set.
+pub fn progress(msg: std::fmt::Arguments) {
+    if PROGRESS.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("VMM-PROBE-PROGRESS {msg}");
+    }
+}
+
 /// Serialises runs in one process: two concurrent runs would fight over nr_hugepages and
 /// clear each other's soft-dirty bits.
 static RUN_LOCK: Mutex<()> = Mutex::new(());
@@ -99,16 +114,36 @@ pub fn run(opts: &ProbeOpts) -> Result<Report, ProbeError> {
             // are tried on it; every other mechanism needs the kind to exist as a mapping.
             let memslot_only = mech.is_kvm() && matches!(kind, Kind::GuestMemfd { .. });
             if available || memslot_only {
-                cells.push(probe_cell(kind, mech, opts));
+                let c = probe_cell(kind, mech, opts);
+                progress(format_args!(
+                    "{} / {}: {}",
+                    c.memory,
+                    mech.name(),
+                    c.outcome.short()
+                ));
+                cells.push(c);
             }
         }
+    }
+    let mut devices = devices::scan(&opts.dev_dir);
+    // HMM: the emulated device (test_hmm) is there in the lab guest; run the life cycle on it.
+    if let Some(path) = hmm::find_device(&opts.dev_dir) {
+        let rows = hmm::lifecycle(&path);
+        for d in devices.iter_mut().filter(|d| d.device == "HMM") {
+            d.line = format!(
+                "present: {} life-cycle rows run on {} (test_hmm), see the HMM cells",
+                rows.len(),
+                path.display()
+            );
+        }
+        cells.extend(rows);
     }
     Ok(Report {
         version: REPORT_VERSION,
         host,
         kinds: kinds_out,
         cells,
-        devices: devices::scan(&opts.dev_dir),
+        devices,
         not_covered: not_covered(),
     })
 }
@@ -218,6 +253,7 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
     Cell {
         memory: kind.name(),
         mechanism: mech,
+        step: None,
         matches_prediction: prediction.matches(&outcome),
         predicted: prediction.text.to_string(),
         outcome,
@@ -228,9 +264,9 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
 fn not_covered() -> Vec<String> {
     [
         "KVM dirty logging with MANUAL_DIRTY_LOG_PROTECT2 + CLEAR_DIRTY_LOG, and guest stores at CPL0 (emulated here): only plain GET_DIRTY_LOG and the dirty ring with CPL3 stores are tried",
-        "device writes (GPU kernel, HMM device, DMA) and whether any mechanism sees them: the G-miss half of every prediction is unverified",
-        "VFIO BAR mmaps, NVIDIA memory (CUDA via dlopen), HMM ranges, iommufd HW dirty tracking, VFIO dirty pages",
-        "the lab guest (soft-dirty on, test_hmm) and `--in-guest`",
+        "writes by a GPU kernel or by DMA, and whether any mechanism sees them: the G-miss half of the predictions is verified only for test_hmm device writes (HMM rows, lab guest: `vmm probe --in-guest`)",
+        "VFIO BAR mmaps, NVIDIA memory (CUDA via dlopen), UVM's HMM mode, iommufd HW dirty tracking, VFIO dirty pages",
+        "HMM rows on host kernels without test_hmm: they run only where /dev/hmm_dmirror0 exists (the lab guest)",
         "uffd UFFDIO_MOVE and POISON",
     ]
     .into_iter()

@@ -1,11 +1,15 @@
 //! `vmm-probe [--json] [--markdown PATH]`: runs every mechanism on every memory kind here.
+//! `vmm-probe --in-guest`: the same inside the lab guest (HMM rows on test_hmm, soft-dirty on),
+//! booted with `vmm run`; the guest's report is printed here.
 //! Exit 0 whatever the mechanisms did (that is the data); 1 only if the probe could not run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use vmm_probe::{render, run, ProbeError, ProbeOpts};
+use vmm_probe::in_guest::{self, InGuestOpts};
+use vmm_probe::{lab_init, render, run, ProbeError, ProbeOpts};
 
 #[derive(Parser)]
 #[command(about = "Which memory-tracking mechanisms work on which memory kinds on this host")]
@@ -19,6 +23,71 @@ struct Args {
     /// Directory for the file-mapping kind's temp file (unlinked at once).
     #[arg(long, default_value = "/var/tmp")]
     file_dir: PathBuf,
+    /// Run the probe inside the lab guest (Linux 6.12 with test_hmm and soft-dirty): build it
+    /// if needed (guest-images/build.sh --lab), boot it with `vmm run`, print its report.
+    #[arg(long)]
+    in_guest: bool,
+    /// With --in-guest: the lab image directory.
+    #[arg(long, default_value = "guest-images/out/lab", requires = "in_guest")]
+    lab_dir: PathBuf,
+    /// With --in-guest: the image build script (run with --lab first; a cache hit when
+    /// nothing changed).
+    #[arg(long, default_value = "guest-images/build.sh", requires = "in_guest")]
+    build_script: PathBuf,
+    /// With --in-guest: use the lab image as it is, do not run the build script.
+    #[arg(long, requires = "in_guest")]
+    no_build: bool,
+    /// With --in-guest: the vmm binary (default: `vmm` beside this binary).
+    #[arg(long, requires = "in_guest")]
+    vmm: Option<PathBuf>,
+    /// With --in-guest: where the guest console goes.
+    #[arg(
+        long,
+        default_value = "/tmp/vmm-probe-lab-console.log",
+        requires = "in_guest"
+    )]
+    console_log: PathBuf,
+    /// With --in-guest: give up after this many seconds (boot 40-130 s + probe 1-7 min on
+    /// PVM hosts, depending on load).
+    #[arg(long, default_value_t = 1200, requires = "in_guest")]
+    timeout_s: u64,
+    /// Internal: run as PID 1 of the lab guest (guest-images/lab/init).
+    #[arg(long, hide = true)]
+    lab_init: bool,
+}
+
+fn in_guest_main(args: Args) -> Result<(), String> {
+    let vmm = match args.vmm {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| format!("locating this binary: {e}"))?
+            .with_file_name("vmm"),
+    };
+    let opts = InGuestOpts {
+        lab_dir: args.lab_dir,
+        build_script: (!args.no_build).then_some(args.build_script),
+        vmm,
+        console_log: args.console_log,
+        timeout: Duration::from_secs(args.timeout_s),
+    };
+    let r = in_guest::run(&opts)?;
+    if args.json {
+        print!("{}", r.json);
+    } else {
+        print!("{}", r.text);
+    }
+    if let Some(path) = args.markdown {
+        std::fs::write(&path, &r.markdown)
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    eprintln!(
+        "vmm-probe: lab guest: probe started {} s after vmm run, report complete after {:.1} s \
+         (console: {})",
+        r.ready_s.map_or("?".into(), |s| format!("{s:.1}")),
+        r.boot_to_report_s,
+        opts.console_log.display()
+    );
+    Ok(())
 }
 
 fn main_inner(args: Args) -> Result<(), ProbeError> {
@@ -40,7 +109,16 @@ fn main_inner(args: Args) -> Result<(), ProbeError> {
 }
 
 fn main() -> ExitCode {
-    match main_inner(Args::parse()) {
+    let args = Args::parse();
+    if args.lab_init {
+        lab_init::run_as_init();
+    }
+    let result = if args.in_guest {
+        in_guest_main(args)
+    } else {
+        main_inner(args).map_err(|e| e.to_string())
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmm-probe: {e}");

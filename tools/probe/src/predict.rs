@@ -24,6 +24,10 @@ enum Expect {
     WorksOrSilentMissWithoutConfig,
     /// A prediction that cannot be compared with one cell's outcome.
     NotComparable,
+    /// Device writes are not seen (G-miss): a silent miss is the predicted outcome.
+    SilentMiss,
+    /// The device's access to memory armed with userfaultfd fails (an errno).
+    DeviceRefused,
 }
 
 pub struct Prediction {
@@ -50,6 +54,8 @@ impl Prediction {
                 Some(matches!(outcome, Outcome::Works | Outcome::SilentMiss))
             }
             Expect::NotComparable => None,
+            Expect::SilentMiss => Some(*outcome == Outcome::SilentMiss),
+            Expect::DeviceRefused => Some(matches!(outcome, Outcome::Errno { .. })),
         }
     }
 }
@@ -86,6 +92,42 @@ pub fn predict(row: Row, mech: Mechanism) -> Prediction {
             Expect::NotComparable,
         ),
         (Row::None, _) => ("-", Expect::NotComparable),
+    };
+    Prediction { text, expect }
+}
+
+/// The steps of the HMM life cycle (hmm.rs), each a row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HmmStep {
+    MigrateToDevice,
+    DeviceWriteOnDevice,
+    CpuWriteMigratesBack,
+    CpuWriteAgain,
+    DeviceWriteInRam,
+}
+
+/// TRACKING.md's "HMM malloc range" row (uffd: "registers; GPU access then faults fatally",
+/// WP_ASYNC + PAGEMAP_SCAN: "same", soft-dirty: "G-miss"); CPU writes as its anonymous row
+/// ("ok"); a migration is no write, so nothing should be reported for it.
+pub fn predict_hmm(mech: Mechanism, step: HmmStep) -> Prediction {
+    use HmmStep::*;
+    let device = matches!(step, DeviceWriteOnDevice | DeviceWriteInRam);
+    let (text, expect) = match (mech, step) {
+        (_, MigrateToDevice) => (
+            "not a write: nothing reported (no TRACKING.md cell)",
+            Expect::Works,
+        ),
+        (Mechanism::UffdWp | Mechanism::PagemapScan, _) if device => (
+            "registers; GPU access then faults fatally (HMM malloc range row)",
+            Expect::DeviceRefused,
+        ),
+        (Mechanism::SoftDirty, _) if device => {
+            ("G-miss (HMM malloc range row)", Expect::SilentMiss)
+        }
+        (_, CpuWriteMigratesBack | CpuWriteAgain) => {
+            ("ok: CPU writes seen (anonymous row)", Expect::Works)
+        }
+        _ => ("-", Expect::NotComparable),
     };
     Prediction { text, expect }
 }

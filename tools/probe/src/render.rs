@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::report::{Cell, Report};
+use crate::report::{Cell, Outcome, Report};
 
 fn matches(c: &Cell) -> &'static str {
     match c.matches_prediction {
@@ -40,20 +40,20 @@ pub fn text(r: &Report) -> String {
     let w_mem = r
         .cells
         .iter()
-        .map(|c| c.memory.len())
+        .map(|c| c.label().len())
         .max()
         .unwrap_or(6)
         .max(6);
     let _ = writeln!(
         s,
-        "\n{:<w_mem$}  {:<20}  {:<11}  {:<5}  evidence",
+        "\n{:<w_mem$}  {:<20}  {:<14}  {:<5}  evidence",
         "memory", "mechanism", "outcome", "pred?"
     );
     for c in &r.cells {
         let _ = writeln!(
             s,
-            "{:<w_mem$}  {:<20}  {:<11}  {:<5}  {}  [predicted: {}]",
-            c.memory,
+            "{:<w_mem$}  {:<20}  {:<14}  {:<5}  {}  [predicted: {}]",
+            c.label(),
             c.mechanism.name(),
             c.outcome.short(),
             matches(c),
@@ -106,15 +106,15 @@ pub fn markdown(r: &Report) -> String {
         "\n## Cells\n\n| memory | mechanism | outcome | predicted (TRACKING.md) | matches | evidence |\n|---|---|---|---|---|---|"
     );
     for c in &r.cells {
-        let outcome = if c.outcome.short() == "SILENT MISS" {
-            "**SILENT MISS**".to_string()
+        let outcome = if matches!(c.outcome, Outcome::SilentMiss | Outcome::FalsePositive) {
+            format!("**{}**", c.outcome.short())
         } else {
             c.outcome.short()
         };
         let _ = writeln!(
             s,
             "| {} | {} | {} | {} | {} | {} |",
-            md(&c.memory),
+            md(&c.label()),
             c.mechanism.name(),
             md(&outcome),
             md(&c.predicted),

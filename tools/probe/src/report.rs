@@ -2,12 +2,12 @@
 //! what was seen, and TRACKING.md's prediction for it. Serialised as JSON (schema in
 //! `report.schema.json`), rendered as text and Markdown by `render`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a field is added, removed or changes meaning; the schema pins it.
-pub const REPORT_VERSION: u32 = 2;
+pub const REPORT_VERSION: u32 = 3;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub version: u32,
     pub host: HostInfo,
@@ -21,7 +21,7 @@ pub struct Report {
     pub not_covered: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {
     pub kernel: String,
     /// UFFDIO_API features offered, hex; None when userfaultfd itself could not be opened.
@@ -30,7 +30,7 @@ pub struct HostInfo {
     pub uffd_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KindStatus {
     pub memory: String,
     pub available: bool,
@@ -38,14 +38,14 @@ pub struct KindStatus {
     pub note: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceLine {
     pub device: String,
     pub found: bool,
     pub line: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mechanism {
     UffdMissing,
@@ -90,7 +90,7 @@ impl Mechanism {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Outcome {
     /// The mechanism registered and its real check saw exactly what happened.
@@ -99,6 +99,8 @@ pub enum Outcome {
     Errno { name: String, code: i32 },
     /// No error, but writes that happened were not reported: the worst kind of finding.
     SilentMiss,
+    /// Writes reported that never happened (e.g. a page migration reported as a write).
+    FalsePositive,
     /// The mechanism has nothing to act on here (e.g. memory the CPU may not map).
     NotApplicable,
     /// The probe could not set the experiment up.
@@ -118,16 +120,19 @@ impl Outcome {
             Outcome::Works => "works".into(),
             Outcome::Errno { name, .. } => name.clone(),
             Outcome::SilentMiss => "SILENT MISS".into(),
+            Outcome::FalsePositive => "FALSE POSITIVE".into(),
             Outcome::NotApplicable => "n/a".into(),
             Outcome::Unavailable { .. } => "unavailable".into(),
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cell {
     pub memory: String,
     pub mechanism: Mechanism,
+    /// For life-cycle rows (HMM): which step of the life cycle this row is; None otherwise.
+    pub step: Option<String>,
     pub outcome: Outcome,
     /// What was written and what was seen.
     pub evidence: String,
@@ -135,6 +140,16 @@ pub struct Cell {
     pub predicted: String,
     /// None where there is no prediction or the outcome cannot be compared with it.
     pub matches_prediction: Option<bool>,
+}
+
+impl Cell {
+    /// The memory column as shown: the memory kind, and the step where there is one.
+    pub fn label(&self) -> String {
+        match &self.step {
+            Some(step) => format!("{}: {step}", self.memory),
+            None => self.memory.clone(),
+        }
+    }
 }
 
 /// Symbolic name of the errnos these interfaces return; anything else is shown by number.

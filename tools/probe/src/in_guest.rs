@@ -1,0 +1,175 @@
+//! `vmm-probe --in-guest` (`vmm probe --in-guest`): the probe inside the lab guest, from the host.
+//! Builds the lab image if needed (`guest-images/build.sh --lab`, a cache hit in seconds when
+//! nothing changed), boots it with `vmm run` (the `vmm` binary beside this one), waits for the
+//! guest's framed report on the console (frame.rs) and returns it. The guest needs no /dev/kvm
+//! of its own: every KVM cell there says so; the HMM and soft-dirty rows are the point.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::report::Report;
+use crate::{frame, render};
+
+#[derive(Debug, Clone)]
+pub struct InGuestOpts {
+    /// Where `build.sh --lab` puts vmlinux and initramfs.cpio.
+    pub lab_dir: PathBuf,
+    /// The image build script; None: use what is in `lab_dir` as it is.
+    pub build_script: Option<PathBuf>,
+    /// The vmm binary.
+    pub vmm: PathBuf,
+    /// The guest console goes here (kept for a person to read).
+    pub console_log: PathBuf,
+    /// The whole boot-probe-report run must end within this.
+    pub timeout: Duration,
+}
+
+/// The guest's report: its JSON as it came, parsed, rendered here, and timings.
+#[derive(Debug, Clone)]
+pub struct GuestReport {
+    pub json: String,
+    pub report: Report,
+    pub text: String,
+    pub markdown: String,
+    /// Seconds from starting `vmm run` to the probe's ready marker / to its DONE line (read
+    /// from the console file's growth, so within ~0.2 s).
+    pub ready_s: Option<f64>,
+    pub boot_to_report_s: f64,
+}
+
+fn build(script: &Path) -> Result<(), String> {
+    eprintln!("vmm-probe: {} --lab", script.display());
+    let status = Command::new(script)
+        .arg("--lab")
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !status.success() {
+        return Err(format!("{} --lab failed ({status})", script.display()));
+    }
+    Ok(())
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Boots the lab guest and returns its report; Err says why there is none (with the console's
+/// last lines).
+pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
+    if let Some(script) = &o.build_script {
+        build(script)?;
+    }
+    let kernel = o.lab_dir.join("vmlinux");
+    let initrd = o.lab_dir.join("initramfs.cpio");
+    for p in [&kernel, &initrd] {
+        if !p.exists() {
+            return Err(format!(
+                "{} is missing: build the lab guest with `guest-images/build.sh --lab`",
+                p.display()
+            ));
+        }
+    }
+    if !o.vmm.is_file() {
+        return Err(format!(
+            "{} is missing: build it with `cargo build -p vmm` (same profile as vmm-probe)",
+            o.vmm.display()
+        ));
+    }
+    let _ = std::fs::remove_file(&o.console_log);
+    let console = format!("file:{}", o.console_log.display());
+    let start = Instant::now();
+    let mut cmd = Command::new(&o.vmm);
+    cmd.args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        // 1 vCPU: boot is no faster with 2 here (PLATFORM.md section 3) and the probe is
+        // single-threaded apart from its uffd handlers. 256 MiB: test_hmm's device-private
+        // pages are backed by ordinary RAM pages.
+        .args(["--vcpus", "1", "--mem", "256M", "--console", &console])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and only makes one
+    // async-signal-safe system call.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The guest dies with this process (e.g. a test harness killing it).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", o.vmm.display()))?;
+    let mut ready_s = None;
+    let exit = loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| format!("waiting for vmm: {e}"))?
+        {
+            break Some(status);
+        }
+        if ready_s.is_none() && read_console(&o.console_log).contains(frame::READY) {
+            ready_s = Some(start.elapsed().as_secs_f64());
+        }
+        if start.elapsed() > o.timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let elapsed = start.elapsed().as_secs_f64();
+    let console = read_console(&o.console_log);
+    let stderr = child
+        .stderr
+        .take()
+        .map(|mut s| {
+            let mut t = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut t);
+            t
+        })
+        .unwrap_or_default();
+    let why_not = |what: &str| {
+        format!(
+            "{what} (vmm {}, {elapsed:.0} s; console in {})\nvmm stderr:\n{}\nconsole tail:\n{}",
+            match exit {
+                Some(s) => s.to_string(),
+                None => format!("killed after the {} s timeout", o.timeout.as_secs()),
+            },
+            o.console_log.display(),
+            tail(&stderr, 10),
+            tail(&console, 30)
+        )
+    };
+    match frame::done(&console) {
+        Some(s) if s == "ok" => {}
+        Some(s) => return Err(why_not(&format!("the probe in the guest failed: {s}"))),
+        None => return Err(why_not("the guest never finished its report")),
+    }
+    let json = frame::section(&console, frame::JSON_BEGIN, frame::JSON_END)
+        .ok_or_else(|| why_not("no JSON section"))?;
+    let report: Report = serde_json::from_str(json.trim())
+        .map_err(|e| why_not(&format!("the guest's JSON does not parse ({e})")))?;
+    Ok(GuestReport {
+        text: render::text(&report),
+        markdown: render::markdown(&report),
+        json,
+        report,
+        ready_s,
+        boot_to_report_s: elapsed,
+    })
+}
+
+fn read_console(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}

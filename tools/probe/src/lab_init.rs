@@ -1,0 +1,73 @@
+//! `vmm-probe --lab-init`: the probe as PID 1 of the lab guest (guest-images/lab/init execs it
+//! after mounting /proc, /sys, /dev and /tmp). It runs every probe (the HMM life cycle on
+//! /dev/hmm_dmirror0 included), prints the report framed for the host (frame.rs) on the console,
+//! and reboots the machine: with `reboot=k` on the command line that is the keyboard-controller
+//! reset vmm treats as a clean exit. PID 1 must never exit, so every path ends in the reboot.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::frame;
+use crate::{run, ProbeOpts};
+
+fn emit(out: &mut impl Write, begin: &str, body: &str, end: &str) {
+    let _ = writeln!(out, "{begin}");
+    let _ = out.write_all(body.as_bytes());
+    if !body.ends_with('\n') {
+        let _ = writeln!(out);
+    }
+    let _ = writeln!(out, "{end}");
+    let _ = out.flush();
+}
+
+fn report(out: &mut impl Write) -> Result<(), String> {
+    let opts = ProbeOpts {
+        // The initramfs has /var/tmp on its rootfs (tmpfs); there is no disk in the lab guest.
+        file_dir: PathBuf::from("/var/tmp"),
+        ..ProbeOpts::default()
+    };
+    let r = run(&opts).map_err(|e| e.to_string())?;
+    // Compact JSON: every console byte crosses an emulated UART on PVM hosts.
+    let json = serde_json::to_string(&r).map_err(|e| e.to_string())?;
+    // Only the JSON: the host renders text and Markdown from it (the UART is slow, ~0.5 KB/s
+    // measured with a loaded PVM host).
+    emit(out, frame::JSON_BEGIN, &json, frame::JSON_END);
+    Ok(())
+}
+
+/// Never returns: runs, reports, reboots (or, outside PID 1, exits with the status).
+pub fn run_as_init() -> ! {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let _ = writeln!(out, "{}", frame::READY);
+    let _ = out.flush();
+    crate::PROGRESS.store(true, std::sync::atomic::Ordering::Relaxed);
+    let status = report(&mut out);
+    match &status {
+        Ok(()) => {
+            let _ = writeln!(out, "{} ok", frame::DONE);
+        }
+        Err(e) => {
+            let _ = writeln!(out, "{} error: {e}", frame::DONE);
+        }
+    }
+    let _ = out.flush();
+    drop(out);
+    // SAFETY: getpid has no preconditions.
+    if unsafe { libc::getpid() } == 1 {
+        // SAFETY: sync and reboot(2) with a valid command; on success reboot does not return.
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::RB_AUTOBOOT);
+        }
+        eprintln!(
+            "vmm-probe: reboot failed: {}",
+            std::io::Error::last_os_error()
+        );
+        // Init must not exit (the kernel would panic); idle until vmm's timeout ends the VM.
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+    std::process::exit(if status.is_ok() { 0 } else { 1 })
+}
