@@ -273,10 +273,7 @@ fn guest_config(a: &RunArgs) -> Result<GuestConfig> {
             let pages = workload
                 .final_image()
                 .context("--verify needs a finite number of passes (--passes 0 runs forever)")?;
-            Some(vmm::micro_check::Expected {
-                region_gpa: region,
-                pages,
-            })
+            Some(vmm::micro_check::Expected::new(region, pages))
         } else {
             None
         };

@@ -4,18 +4,85 @@
 //! words must hold what the model says (each vCPU's slot its last value, everything else 0).
 //! This is the ground truth later checks build on.
 
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
 
 /// The expected final image of a micro-guest region.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Expected {
     pub region_gpa: u64,
-    /// Per page: the last value written, or None if never written. With several vCPUs, their
-    /// private regions one after the other (`micro_guest::Workload::final_image`).
-    pub pages: Vec<Option<u64>>,
+    image: Arc<Image>,
+}
+
+/// Per page: the last value written, or None if never written. With several vCPUs, their
+/// private regions one after the other (`micro_guest::Workload::final_image`).
+type Pages = Vec<Option<u64>>;
+
+struct Image {
+    ready: OnceLock<Pages>,
+    computing: Mutex<Option<JoinHandle<Pages>>>,
+}
+
+impl std::fmt::Debug for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expected")
+            .field("region_gpa", &self.region_gpa)
+            .field("ready", &self.image.ready.get().map(|p| p.len()))
+            .finish()
+    }
+}
+
+impl Expected {
+    pub fn new(region_gpa: u64, pages: Pages) -> Expected {
+        let ready = OnceLock::new();
+        let _ = ready.set(pages);
+        Expected {
+            region_gpa,
+            image: Arc::new(Image {
+                ready,
+                computing: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Computes the image on a background thread: a long workload's model takes seconds, and
+    /// a migration's destination must not keep the source waiting for it before it accepts.
+    /// None for an endless workload (nothing to check).
+    pub fn in_background(region_gpa: u64, workload: micro_guest::Workload) -> Option<Expected> {
+        if workload.passes() == 0 {
+            return None;
+        }
+        let handle = std::thread::Builder::new()
+            .name("micro-model".into())
+            .spawn(move || workload.final_image().unwrap_or_default())
+            .ok();
+        let image = Image {
+            ready: OnceLock::new(),
+            computing: Mutex::new(handle),
+        };
+        Some(Expected {
+            region_gpa,
+            image: Arc::new(image),
+        })
+    }
+
+    /// The image, waiting for the background computation if it still runs.
+    pub fn pages(&self) -> &[Option<u64>] {
+        self.image.ready.get_or_init(|| {
+            let handle = self
+                .image
+                .computing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            handle.and_then(|h| h.join().ok()).unwrap_or_default()
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -49,7 +116,7 @@ pub fn check(mem: &GuestMemory, expected: &Expected) -> CheckResult {
         mismatches: 0,
         first_mismatch: None,
     };
-    for (i, want) in expected.pages.iter().enumerate() {
+    for (i, want) in expected.pages().iter().enumerate() {
         let gpa = expected.region_gpa + i as u64 * 4096;
         let want = want.unwrap_or(0);
         result.pages_checked += 1;
@@ -108,10 +175,7 @@ mod tests {
                     .expect("write");
             }
         }
-        let expected = Expected {
-            region_gpa: region,
-            pages: w.final_image().expect("finite"),
-        };
+        let expected = Expected::new(region, w.final_image().expect("finite"));
         let r = check_run(mem, &expected, &w.mailbox());
         assert_eq!(
             (r.pages_checked, r.shared_words_checked, r.mismatches),

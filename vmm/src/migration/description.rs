@@ -135,12 +135,7 @@ impl VmDescription {
                     let workload = micro_guest::Workload::from_mailbox(mb)
                         .map_err(|e| format!("micro guest mailbox: {e}"))?;
                     let (gpa, _) = region.ok_or("micro guest without a region")?;
-                    workload
-                        .final_image()
-                        .map(|pages| crate::micro_check::Expected {
-                            region_gpa: gpa,
-                            pages,
-                        })
+                    crate::micro_check::Expected::in_background(gpa, workload)
                 } else {
                     None
                 };

@@ -70,6 +70,8 @@ struct Inner {
     pushed: AtomicU64,
     complete: AtomicBool,
     done: AtomicBool,
+    /// The main connection's receiver has ended (the source closed it).
+    main_closed: AtomicBool,
     dump: Option<File>,
     requests_w: Mutex<Writer>,
     main_w: Mutex<Option<Writer>>,
@@ -179,6 +181,7 @@ impl Receiver {
             pushed: AtomicU64::new(0),
             complete: AtomicBool::new(false),
             done: AtomicBool::new(false),
+            main_closed: AtomicBool::new(false),
             dump,
             requests_w: Mutex::new(uw),
             main_w: Mutex::new(Some(w)),
@@ -196,7 +199,13 @@ impl Receiver {
             let i = inner.clone();
             spawn("postcopy-faults", Box::new(move || i.fault_loop()))?;
             let i = inner.clone();
-            spawn("postcopy-main", Box::new(move || i.receive_loop(r, true)))?;
+            spawn(
+                "postcopy-main",
+                Box::new(move || {
+                    i.clone().receive_loop(r, true);
+                    i.main_closed.store(true, Ordering::Release);
+                }),
+            )?;
             let i = inner.clone();
             spawn(
                 "postcopy-urgent",
@@ -279,6 +288,13 @@ impl Receiver {
         if let Some(w) = lock(&self.inner.main_w).as_mut() {
             let _ = w.send(&Message::Abort(reason.to_string()));
             let _ = w.flush();
+        }
+        // Let the source read the Abort before this process exits: closing a socket with the
+        // source's pushed pages still unread resets it, and the reset can destroy the Abort
+        // in flight. The main receiver keeps reading until the source closes its side.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.inner.main_closed.load(Ordering::Acquire) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }

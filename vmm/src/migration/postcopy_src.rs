@@ -191,6 +191,17 @@ impl Postcopy {
             }
             Ok(())
         })();
+        // A write can fail because the destination gave up and closed: its Abort, saying
+        // whether it ever ran the guest, may be just behind. Look before deciding.
+        let outcome = match outcome {
+            Err(e) if !matches!(e, MigrationError::Aborted(_)) => {
+                match self.words.recv_timeout(Duration::from_secs(2)) {
+                    Ok(Word::Aborted(reason)) => Err(MigrationError::Aborted(reason)),
+                    _ => Err(e),
+                }
+            }
+            other => other,
+        };
         let urgent_bytes = self.close();
         report.bytes = w.bytes_sent() + urgent_bytes;
         let mut stats = report
