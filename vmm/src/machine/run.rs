@@ -44,7 +44,7 @@ impl Machine {
             pause,
             events_tx,
             events_rx,
-            demand: _,
+            demand,
             paging_in,
         } = self;
         let mem = ram.memory();
@@ -65,6 +65,7 @@ impl Machine {
                 tracking_active: cfg.tracking.is_some(),
                 start,
                 paging_in,
+                demand,
                 events: events_tx.clone(),
                 exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
             },

@@ -41,6 +41,8 @@ pub struct Shared {
     /// Set while guest memory is still being paged in (lazy restore, postcopy): the memory
     /// file then has holes where pages are missing, so nothing may read it as the guest's RAM.
     pub paging_in: Arc<std::sync::atomic::AtomicBool>,
+    /// The exit-based demand pager, if one was armed (its memslot layout may need settling).
+    pub demand: crate::userfault::DemandExits,
     pub migration: Mutex<Progress>,
     console_input: Mutex<InputSink>,
     events: Mutex<Sender<VcpuEvent>>,
@@ -61,6 +63,7 @@ pub struct SharedParts {
     pub tracking_active: bool,
     pub start: Instant,
     pub paging_in: Arc<std::sync::atomic::AtomicBool>,
+    pub demand: crate::userfault::DemandExits,
     pub events: Sender<VcpuEvent>,
     pub exit_evt: EventFd,
 }
@@ -73,6 +76,7 @@ impl Shared {
             ranges: p.ranges,
             memfd: p.memfd,
             paging_in: p.paging_in,
+            demand: p.demand,
             slots: p.slots,
             rings: p.rings,
             kicker: p.kicker,
@@ -125,6 +129,32 @@ impl Shared {
             );
         }
         Ok(())
+    }
+
+    /// After demand paging with an exit backend, gives the VM back its one-memslot-per-RAM-range
+    /// layout, which dirty tracking and later migrations rely on. Replacing slots while vCPUs
+    /// run would make KVM's own accesses fail in the gap, so every vCPU is paused for it.
+    pub fn settle_memslots(&self) -> Result<(), String> {
+        let Some(exits) = self.demand.get() else {
+            return Ok(());
+        };
+        if exits.layout_settled() {
+            return Ok(());
+        }
+        self.pause
+            .pause(
+                &self.kicker,
+                crate::vstate::pause::Owner::Migration,
+                false,
+                std::time::Duration::from_secs(5),
+            )
+            .map_err(|e| format!("pausing to settle the memslots: {e}"))?;
+        let settled = exits.settle_layout().map_err(|e| e.to_string());
+        let resumed = self
+            .pause
+            .resume(crate::vstate::pause::Owner::Migration)
+            .map_err(|e| format!("resuming after settling the memslots: {e}"));
+        settled.and(resumed)
     }
 
     /// Types `bytes` on the guest's console.

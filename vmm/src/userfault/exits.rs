@@ -55,6 +55,15 @@ pub trait ExitPager: Send + Sync {
     /// Pins everything mapped now: before the vCPUs run, what is present may hold pages KVM
     /// reads itself (page tables of any process), so those slots must never be replaced.
     fn pin_mapped(&self) {}
+    /// Whether the VM's memslots are one per RAM range again (or never changed).
+    fn layout_settled(&self) -> bool {
+        true
+    }
+    /// With every vCPU paused and every page present: replaces this backend's memslots with
+    /// one per RAM range (ids 0.., as `Vm::register_ram` made them).
+    fn settle_layout(&self) -> Result<(), UserfaultError> {
+        Ok(())
+    }
     /// An instruction fetch from an unmapped page was resolved (an emulation-failure exit).
     fn note_ifetch(&self) {}
     /// An instruction's memory operands were decoded and brought in (see `ExitStats::decoded`).

@@ -67,6 +67,8 @@ struct Slots {
     next: u32,
     max: u32,
     disarmed: bool,
+    /// The original one-slot-per-range layout is back (`settle_layout`).
+    settled: bool,
 }
 
 struct Inner {
@@ -129,6 +131,7 @@ impl MemslotExits {
                 next: 0,
                 max,
                 disarmed: false,
+                settled: false,
             }),
             fetched: AtomicU64::new(0),
             mapped_only: AtomicU64::new(0),
@@ -285,6 +288,10 @@ impl Inner {
                 .range(..=gpa)
                 .next_back()
                 .is_some_and(|(start, run)| gpa < start + run.size)
+    }
+
+    fn waiters_remaining(&self) -> u64 {
+        self.base.waiters.remaining()
     }
 
     /// The pieces of [start, end) no run maps, as (gpa, size).
@@ -452,6 +459,33 @@ impl ExitPager for Inner {
 
     fn mapped(&self, gpa: u64) -> bool {
         Self::is_mapped(&lock(&self.slots), gpa)
+    }
+
+    fn layout_settled(&self) -> bool {
+        lock(&self.slots).settled
+    }
+
+    fn settle_layout(&self) -> Result<(), UserfaultError> {
+        if self.waiters_remaining() != 0 {
+            return Err(UserfaultError::Unsupported(format!(
+                "{} pages are still missing",
+                self.waiters_remaining()
+            )));
+        }
+        let mut s = lock(&self.slots);
+        if s.settled {
+            return Ok(());
+        }
+        s.disarmed = true;
+        let starts: Vec<u64> = s.runs.keys().copied().collect();
+        for start in starts {
+            self.remove_run(&mut s, start)?;
+        }
+        for (slot, (r, _)) in self.ranges.iter().enumerate() {
+            self.set_slot(slot as u32, r.gpa, r.size)?;
+        }
+        s.settled = true;
+        Ok(())
     }
 
     fn pin_mapped(&self) {
