@@ -148,11 +148,8 @@ impl Lazy {
     }
 
     fn file_offset(&self, gpa: u64, len: u64) -> Result<u64, UserfaultError> {
-        self.ranges
-            .iter()
-            .find(|r| gpa >= r.gpa && len <= r.size && gpa - r.gpa <= r.size - len)
-            .map(|r| r.file_offset + (gpa - r.gpa))
-            .ok_or(UserfaultError::NotRam { gpa, len })
+        crate::migration::pages::file_offset(&self.ranges, gpa, len)
+            .map_err(|_| UserfaultError::NotRam { gpa, len })
     }
 
     /// Installs the snapshot's data pages in [gpa, gpa+pages) that are not installed yet.

@@ -476,18 +476,12 @@ impl VcpuRunner {
         let what = match internal.suberror {
             KVM_INTERNAL_ERROR_EMULATION => {
                 // kvm_run.emulation_failure: data[0] = flags, then insn_size (u8) and 15 bytes.
-                let bytes = if ndata >= 3
-                    && data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES as u64 != 0
-                {
-                    let mut raw = [0u8; 16];
-                    raw[..8].copy_from_slice(&data[1].to_le_bytes());
-                    raw[8..].copy_from_slice(&data[2].to_le_bytes());
-                    let n = (raw[0] as usize).min(15);
-                    let hex: Vec<String> =
-                        raw[1..1 + n].iter().map(|b| format!("{b:02x}")).collect();
-                    format!("instruction bytes: {}", hex.join(" "))
-                } else {
-                    format!("no instruction bytes reported (data {data:x?})")
+                let bytes = match self.instruction_bytes() {
+                    Some(raw) => {
+                        let hex: Vec<String> = raw.iter().map(|b| format!("{b:02x}")).collect();
+                        format!("instruction bytes: {}", hex.join(" "))
+                    }
+                    None => format!("no instruction bytes reported (data {data:x?})"),
                 };
                 let hint = match self.demand.get() {
                     Some(p) => format!(
