@@ -3,7 +3,16 @@
 
 use std::path::Path;
 
-use crate::report::DeviceLine;
+use crate::report::{Cell, DeviceLine, KindStatus};
+
+/// What probing one device class (CUDA, VFIO) found: the memory kinds it tried to create (with
+/// why not), the cells run on them, and the one device line for the report.
+#[derive(Debug, Clone)]
+pub struct DeviceFindings {
+    pub kinds: Vec<KindStatus>,
+    pub cells: Vec<Cell>,
+    pub line: DeviceLine,
+}
 
 fn entries(dir: &Path, prefix: &str) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir(dir) else {

@@ -440,3 +440,119 @@ pub fn dirty_log(kind: Kind, log: Log, file_dir: &Path) -> Finding {
         (Outcome::SilentMiss, evidence)
     }
 }
+
+/// The most of an external range put in the slot: a BAR can be many GiB, and the bitmap and
+/// the guest's identity map only need to cover the pages written.
+const EXTERNAL_SLOT_MAX: usize = 64 << 20;
+
+/// KVM dirty logging on memory the probe did not create (external.rs): a slot with
+/// LOG_DIRTY_PAGES over (the start of) `addr..addr+len`, then either `device` writes through
+/// its own path (`device(addr)`: a GPU kernel, DMA) and the log is judged against
+/// external::DEVICE_PAGES, or, where `cpu_writes`, the guest stores as in [`dirty_log`].
+pub fn dirty_log_external(
+    addr: usize,
+    len: usize,
+    log: Log,
+    cpu_writes: bool,
+    device: Option<&mut dyn FnMut(usize) -> Result<(), crate::external::DeviceFailure>>,
+) -> Finding {
+    let len = len.min(EXTERNAL_SLOT_MAX);
+    let mut v = match scratch_vm(log) {
+        Ok(v) => v,
+        Err(f) => return f,
+    };
+    let region = kvm_userspace_memory_region {
+        slot: SLOT,
+        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: GPA,
+        memory_size: len as u64,
+        userspace_addr: addr as u64,
+    };
+    // SAFETY: the caller (external.rs's owner of the memory) keeps `addr..addr+len` mapped
+    // until after this function returns, and `v` (the VM) is dropped before that; the guest
+    // stores single bytes that Rust code never references.
+    if let Err(e) = unsafe { v.vm.set_user_memory_region(region) } {
+        return kvm_err("KVM_SET_USER_MEMORY_REGION(LOG_DIRTY_PAGES)", &e);
+    }
+    let mut other_slots = 0;
+    let baseline = match harvest(&v, log, len, &mut other_slots) {
+        Ok(p) => p,
+        Err(f) => return f,
+    };
+    let slot_note = format!(
+        "slot {SLOT} with LOG_DIRTY_PAGES over {} 4K pages at GPA {GPA:#x}{}; baseline {} dirty",
+        len / SMALL,
+        if v.ring_note.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", v.ring_note)
+        },
+        baseline.len()
+    );
+    let (written, source): (BTreeSet<u64>, String) = match device {
+        Some(write) => {
+            if let Err(e) = write(addr) {
+                let why = format!("{slot_note}; the device's write failed: {}", e.why);
+                return if e.faulted {
+                    (Outcome::DeviceFault { why: e.why }, why)
+                } else {
+                    (Outcome::Unavailable { why: e.why }, why)
+                };
+            }
+            (
+                crate::external::DEVICE_PAGES
+                    .iter()
+                    .map(|&p| p as u64)
+                    .collect(),
+                "device stores (not through KVM)".into(),
+            )
+        }
+        None if cpu_writes => {
+            let units = chosen(len / SMALL);
+            let gpas: Vec<u64> = units
+                .iter()
+                .map(|&u| GPA + (u * SMALL) as u64 + WRITE_OFF)
+                .collect();
+            let ran = kvm_guest::load(&v.kvm, &v.vm, &v.vcpu, &gpas).and_then(|control| {
+                v.control = Some(control);
+                kvm_guest::run(&mut v.vcpu)
+            });
+            match ran {
+                Ok(cpl) => (
+                    units.iter().map(|&u| u as u64).collect(),
+                    format!("guest stores at CPL{cpl}"),
+                ),
+                Err(why) => {
+                    return unavailable(format!("{slot_note}; the guest could not run: {why}"))
+                }
+            }
+        }
+        None => {
+            let why = format!(
+                "{slot_note}: the slot is accepted; no vCPU store made (CPU writes to this \
+                 memory are not allowed)"
+            );
+            return (Outcome::Unavailable { why: why.clone() }, why);
+        }
+    };
+    let seen = match harvest(&v, log, len, &mut other_slots) {
+        Ok(p) => p,
+        Err(f) => return f,
+    };
+    drop(v);
+    let misses = written.difference(&seen).count();
+    let extra = seen.difference(&written).count();
+    let evidence = format!(
+        "{slot_note}; {source} to pages {written:?}; {} reported {seen:?}: {misses} misses, \
+         {extra} false positives",
+        log.name()
+    );
+    let outcome = if misses > 0 {
+        Outcome::SilentMiss
+    } else if extra > 0 {
+        Outcome::FalsePositive
+    } else {
+        Outcome::Works
+    };
+    (outcome, evidence)
+}

@@ -6,7 +6,9 @@
 //!
 //! Call [`run`] and render the [`Report`] with [`render::text`], [`render::markdown`] or serde.
 
+pub mod cuda;
 pub mod devices;
+pub mod external;
 pub mod frame;
 pub mod hmm;
 pub mod in_guest;
@@ -19,6 +21,7 @@ pub mod predict;
 pub mod render;
 pub mod report;
 pub mod uffd;
+pub mod vfio;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -50,6 +53,13 @@ pub struct ProbeOpts {
     pub file_dir: PathBuf,
     /// Where to look for GPU/VFIO/HMM device nodes.
     pub dev_dir: PathBuf,
+    /// Where VFIO groups' and cdevs' devices are described (normally /sys).
+    pub sys_dir: PathBuf,
+    /// The CUDA driver library, opened with dlopen at run time.
+    pub cuda_library: PathBuf,
+    /// Let the CPU and a KVM guest write prefetchable (memory, not register) BARs of a bound
+    /// VFIO device. Off by default: the probe then only registers mechanisms on BARs.
+    pub bar_writes: bool,
 }
 
 impl Default for ProbeOpts {
@@ -57,6 +67,9 @@ impl Default for ProbeOpts {
         ProbeOpts {
             file_dir: PathBuf::from("/var/tmp"),
             dev_dir: PathBuf::from("/dev"),
+            sys_dir: PathBuf::from("/sys"),
+            cuda_library: PathBuf::from("libcuda.so.1"),
+            bar_writes: false,
         }
     }
 }
@@ -241,7 +254,12 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
                 Mechanism::UffdWpAsync => uffd::wp_async(&region),
                 Mechanism::PagemapScan => pagemap::scan_written(&region),
                 Mechanism::SoftDirty => pagemap::soft_dirty(&region),
-                Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing => unreachable!(),
+                // Not in Mechanism::ALL: run only by the vfio module over a bound device.
+                Mechanism::KvmDirtyBitmap
+                | Mechanism::KvmDirtyRing
+                | Mechanism::IommufdHwDirty
+                | Mechanism::VfioType1Dirty
+                | Mechanism::VfioDmaLogging => unreachable!(),
             },
         },
     };

@@ -11,6 +11,16 @@ pub enum Row {
     AnonMemfd,
     Hugetlb,
     GuestMemfd,
+    /// "vfio-pci BAR (VRAM)": a BAR mmap'd through a VFIO device fd.
+    VfioBar,
+    /// "nvidia.ko BAR mmap": memory nvidia.ko maps itself (cuMemHostAlloc's mapping).
+    NvidiaMmap,
+    /// "UVM managed memory" (cuMemAllocManaged).
+    UvmManaged,
+    /// "HMM malloc range": plain anonymous memory a GPU reaches through UVM's HMM mode.
+    HmmMalloc,
+    /// "pinned host memory written by GPU DMA" (cuMemHostRegister over anonymous memory).
+    PinnedHost,
     /// Kinds the table has no row for (a regular file mapping).
     None,
 }
@@ -55,7 +65,10 @@ impl Prediction {
             }
             Expect::NotComparable => None,
             Expect::SilentMiss => Some(*outcome == Outcome::SilentMiss),
-            Expect::DeviceRefused => Some(matches!(outcome, Outcome::Errno { .. })),
+            Expect::DeviceRefused => Some(matches!(
+                outcome,
+                Outcome::Errno { .. } | Outcome::DeviceFault { .. }
+            )),
         }
     }
 }
@@ -91,7 +104,90 @@ pub fn predict(row: Row, mech: Mechanism) -> Prediction {
             "shmem/hugetlb only (TRACKING.md userfaultfd section): ok on memfd/hugetlbfs, EINVAL on anonymous",
             Expect::NotComparable,
         ),
+        (Row::VfioBar, UffdMissing | UffdWp | UffdMinor) => ("EINVAL", Expect::Einval),
+        (Row::VfioBar, UffdWpAsync | PagemapScan) => ("EINVAL / skipped", Expect::Einval),
+        (Row::VfioBar, SoftDirty) => ("never dirty", Expect::SilentMiss),
+        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyRing) => ("vCPU stores only", Expect::Works),
+        (Row::NvidiaMmap | Row::UvmManaged, UffdMissing | UffdWp | UffdMinor) => {
+            ("EINVAL", Expect::Einval)
+        }
+        (Row::NvidiaMmap | Row::UvmManaged, UffdWpAsync | PagemapScan) => {
+            ("EINVAL", Expect::Einval)
+        }
+        (Row::NvidiaMmap, SoftDirty) => ("never dirty", Expect::SilentMiss),
+        (Row::UvmManaged, SoftDirty) => ("CPU-resident only", Expect::NotComparable),
+        (Row::HmmMalloc | Row::PinnedHost, UffdMissing | UffdWp | UffdWpAsync | PagemapScan) => {
+            ("ok (registers; CPU writes seen)", Expect::Works)
+        }
+        (Row::HmmMalloc | Row::PinnedHost, SoftDirty) => (
+            "ok* for CPU writes (anonymous memory)",
+            Expect::WorksOrSilentMissWithoutConfig,
+        ),
+        (Row::HmmMalloc | Row::PinnedHost, UffdMinor) => (
+            "EINVAL (anonymous memory; MINOR is shmem/hugetlb only)",
+            Expect::Einval,
+        ),
+        (Row::HmmMalloc, KvmDirtyBitmap | KvmDirtyRing) => ("vCPU, G-miss", Expect::Works),
+        (Row::PinnedHost, KvmDirtyBitmap | KvmDirtyRing) => {
+            ("G-miss (vCPU stores logged)", Expect::Works)
+        }
+        (_, IommufdHwDirty | VfioType1Dirty | VfioDmaLogging) => predict_dma(row, mech),
+        (Row::NvidiaMmap | Row::UvmManaged, KvmDirtyBitmap | KvmDirtyRing) => {
+            ("-", Expect::NotComparable)
+        }
         (Row::None, _) => ("-", Expect::NotComparable),
+    };
+    Prediction { text, expect }
+}
+
+/// The iommufd and VFIO columns, for the DMA mechanisms' cells (whose outcome here is about
+/// enabling the mechanism, with no device DMA the probe can cause).
+fn predict_dma(row: Row, mech: Mechanism) -> (&'static str, Expect) {
+    use Mechanism::*;
+    match (row, mech) {
+        (Row::AnonMemfd | Row::Hugetlb, IommufdHwDirty) => ("sees GPU DMA", Expect::NotComparable),
+        (Row::PinnedHost, IommufdHwDirty) => ("only one that sees it", Expect::NotComparable),
+        (Row::AnonMemfd | Row::Hugetlb | Row::PinnedHost, VfioType1Dirty) => {
+            ("all-dirty", Expect::NotComparable)
+        }
+        (Row::VfioBar, IommufdHwDirty) => ("never (not DMA)", Expect::NotComparable),
+        (Row::VfioBar, VfioType1Dirty) => ("meaningless", Expect::NotComparable),
+        (_, VfioDmaLogging) => (
+            "mlx5/pds variant drivers only (TRACKING.md: DMA section); vfio-pci: refused",
+            Expect::NotComparable,
+        ),
+        _ => ("-", Expect::NotComparable),
+    }
+}
+
+/// Whether a mechanism armed over `row` reports writes made by the device (a GPU kernel, DMA)
+/// rather than the CPU: the "G-miss" half of TRACKING.md's cells.
+pub fn predict_device_write(row: Row, mech: Mechanism) -> Prediction {
+    use Mechanism::*;
+    let (text, expect) = match (row, mech) {
+        (Row::HmmMalloc, UffdWp | UffdMissing | UffdWpAsync | PagemapScan) => (
+            "registers; GPU access then faults fatally (HMM malloc range row)",
+            Expect::DeviceRefused,
+        ),
+        (Row::HmmMalloc, SoftDirty | KvmDirtyBitmap | KvmDirtyRing) => {
+            ("G-miss", Expect::SilentMiss)
+        }
+        (Row::PinnedHost | Row::AnonMemfd | Row::Hugetlb, IommufdHwDirty) => {
+            ("sees GPU DMA", Expect::Works)
+        }
+        (Row::PinnedHost | Row::AnonMemfd | Row::Hugetlb, VfioType1Dirty) => {
+            ("all-dirty", Expect::NotComparable)
+        }
+        (Row::PinnedHost | Row::AnonMemfd | Row::Hugetlb, _) => ("G-miss", Expect::SilentMiss),
+        (Row::UvmManaged, SoftDirty) => (
+            "CPU-resident only: a GPU write migrates the page away",
+            Expect::SilentMiss,
+        ),
+        (Row::VfioBar | Row::NvidiaMmap, SoftDirty) => ("never dirty", Expect::SilentMiss),
+        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyRing) => {
+            ("vCPU stores only: the GPU's own writes never", Expect::SilentMiss)
+        }
+        _ => ("-", Expect::NotComparable),
     };
     Prediction { text, expect }
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a field is added, removed or changes meaning; the schema pins it.
-pub const REPORT_VERSION: u32 = 3;
+pub const REPORT_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -56,6 +56,12 @@ pub enum Mechanism {
     SoftDirty,
     KvmDirtyBitmap,
     KvmDirtyRing,
+    /// iommufd hardware dirty tracking (IOMMU_HWPT_ALLOC_DIRTY_TRACKING and friends).
+    IommufdHwDirty,
+    /// VFIO type1 VFIO_IOMMU_DIRTY_PAGES on a legacy container.
+    VfioType1Dirty,
+    /// VFIO device DMA logging (VFIO_DEVICE_FEATURE_DMA_LOGGING_*), in the device's driver.
+    VfioDmaLogging,
 }
 
 impl Mechanism {
@@ -68,6 +74,14 @@ impl Mechanism {
         Mechanism::SoftDirty,
         Mechanism::KvmDirtyBitmap,
         Mechanism::KvmDirtyRing,
+    ];
+
+    /// The mechanisms that watch DMA rather than CPU page tables: tried only where a VFIO
+    /// device is bound.
+    pub const DMA: [Mechanism; 3] = [
+        Mechanism::IommufdHwDirty,
+        Mechanism::VfioType1Dirty,
+        Mechanism::VfioDmaLogging,
     ];
 
     /// Mechanisms that act on a memslot rather than on the CPU mapping: they apply to
@@ -86,6 +100,9 @@ impl Mechanism {
             Mechanism::SoftDirty => "soft-dirty",
             Mechanism::KvmDirtyBitmap => "KVM dirty bitmap",
             Mechanism::KvmDirtyRing => "KVM dirty ring",
+            Mechanism::IommufdHwDirty => "iommufd HW dirty",
+            Mechanism::VfioType1Dirty => "VFIO type1 dirty",
+            Mechanism::VfioDmaLogging => "VFIO DMA logging",
         }
     }
 }
@@ -101,6 +118,9 @@ pub enum Outcome {
     SilentMiss,
     /// Writes reported that never happened (e.g. a page migration reported as a write).
     FalsePositive,
+    /// The device's own access failed because of the mechanism (a GPU fault, a failed DMA):
+    /// TRACKING.md's "GPU access then faults fatally".
+    DeviceFault { why: String },
     /// The mechanism has nothing to act on here (e.g. memory the CPU may not map).
     NotApplicable,
     /// The probe could not set the experiment up.
@@ -121,6 +141,7 @@ impl Outcome {
             Outcome::Errno { name, .. } => name.clone(),
             Outcome::SilentMiss => "SILENT MISS".into(),
             Outcome::FalsePositive => "FALSE POSITIVE".into(),
+            Outcome::DeviceFault { .. } => "DEVICE FAULT".into(),
             Outcome::NotApplicable => "n/a".into(),
             Outcome::Unavailable { .. } => "unavailable".into(),
         }

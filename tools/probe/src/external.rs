@@ -1,0 +1,533 @@
+//! Memory the probe did not create (a VFIO BAR mmap, CUDA allocations, a range a GPU reaches
+//! through UVM's HMM mode): every CPU-side mechanism tried on it, and, where a device can be
+//! made to write it, whether each mechanism sees those device writes. A device write a mechanism
+//! does not report is a SILENT MISS: the finding this exists for.
+//!
+//! The owner of the memory (the cuda or vfio module) keeps it mapped across [`probe`] and
+//! supplies the [`DeviceWriter`]; everything armed here (userfaultfds, soft-dirty intervals,
+//! scratch VMs) is undone before a cell is returned.
+
+use std::collections::BTreeSet;
+
+use userfaultfd::RegisterMode;
+use vmm::sys::uffd::{FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED};
+
+use crate::hmm::trackers::{self, Range};
+use crate::kinds::SMALL;
+use crate::kvm;
+use crate::predict::{predict, predict_device_write, Row};
+use crate::report::{Cell, Mechanism, Outcome};
+use crate::uffd::Finding;
+
+/// Pages the CPU writes in the CPU check, and the device in the device check: apart, so a
+/// report smeared over neighbours shows as a false positive.
+pub const CPU_PAGES: [usize; 2] = [2, 6];
+pub const DEVICE_PAGES: [usize; 2] = [1, 5];
+/// The fewest 4 KiB pages a range must have for those choices.
+pub const MIN_PAGES: usize = 8;
+/// What the device stores (8 bytes at the start of each of its pages).
+pub const DEVICE_VALUE: u64 = 0xd00d_0000_0000_0001;
+const CPU_VALUE: u64 = 0xc0de_0000_0000_0002;
+
+/// Why a device write could not be made or did not complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFailure {
+    /// The errno where the failure was a system call's (a DMA ioctl, test_hmm).
+    pub errno: Option<i32>,
+    /// The whole reason, e.g. "cuCtxSynchronize: CUDA_ERROR_ILLEGAL_ADDRESS (700)".
+    pub why: String,
+    /// True when the device faulted on the memory (the access itself failed), as opposed to
+    /// the probe failing to issue the write (no context, launch refused before running).
+    pub faulted: bool,
+}
+
+/// A device that can be made to write memory: a GPU kernel, a DMA engine.
+pub trait DeviceWriter {
+    /// Who writes, for the evidence: e.g. "GPU kernel (PTX, cuLaunchKernel)".
+    fn name(&self) -> String;
+    /// Makes the device store `value` (8 bytes, little endian) at the start of each 4 KiB page
+    /// index in `pages` of the range starting at `addr`, and returns once the stores are
+    /// complete and visible to the CPU. Must not hang: a device stuck on a fault is given up on
+    /// after a bounded wait and reported as a failure. The range stays usable afterwards.
+    fn write_pages(&mut self, addr: usize, pages: &[usize], value: u64)
+        -> Result<(), DeviceFailure>;
+}
+
+/// One range of external memory and how it may be touched.
+pub struct External<'a> {
+    /// The memory column of its cells, e.g. "CUDA managed (cuMemAllocManaged)".
+    pub memory: String,
+    /// Which TRACKING.md row it falls in (the predictions).
+    pub row: Row,
+    /// Page-aligned start and length (a multiple of 4 KiB, at least MIN_PAGES pages).
+    pub addr: usize,
+    pub len: usize,
+    /// The CPU may read it (false: no CPU mapping at all; every CPU mechanism is n/a).
+    pub cpu_access: bool,
+    /// The CPU and a KVM guest may write it (false for register BARs unless allowed).
+    pub cpu_writes: bool,
+    pub device: Option<&'a mut dyn DeviceWriter>,
+}
+
+impl External<'_> {
+    fn range(&self) -> Range {
+        Range {
+            start: self.addr,
+            pages: self.len / SMALL,
+        }
+    }
+
+    fn valid(&self) -> Result<(), String> {
+        if self.addr % SMALL != 0 || self.len % SMALL != 0 || self.len / SMALL < MIN_PAGES {
+            return Err(format!(
+                "range {:#x}+{:#x} is not {MIN_PAGES}+ aligned 4 KiB pages",
+                self.addr, self.len
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which write a cell is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Cpu,
+    Device,
+}
+
+fn cell(ext: &External, mech: Mechanism, source: Source, f: Finding) -> Cell {
+    let (outcome, evidence) = f;
+    let (prediction, step) = match source {
+        Source::Cpu => (predict(ext.row, mech), None),
+        Source::Device => (
+            predict_device_write(ext.row, mech),
+            Some(format!(
+                "device writes pages {DEVICE_PAGES:?} ({})",
+                ext.device.as_ref().map_or_else(String::new, |d| d.name())
+            )),
+        ),
+    };
+    crate::progress(format_args!(
+        "{} / {}{}: {}",
+        ext.memory,
+        mech.name(),
+        step.as_deref()
+            .map_or_else(String::new, |s| format!(" ({s})")),
+        outcome.short()
+    ));
+    Cell {
+        memory: ext.memory.clone(),
+        mechanism: mech,
+        step,
+        matches_prediction: prediction.matches(&outcome),
+        predicted: prediction.text.to_string(),
+        outcome,
+        evidence,
+    }
+}
+
+/// Every mechanism of [`Mechanism::ALL`] on `ext` for CPU writes, then, where there is a device
+/// writer, the write trackers and KVM's bitmap for device writes.
+pub fn probe(ext: &mut External) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    if let Err(why) = ext.valid() {
+        for mech in Mechanism::ALL {
+            let f = (Outcome::Unavailable { why: why.clone() }, why.clone());
+            cells.push(cell(ext, mech, Source::Cpu, f));
+        }
+        return cells;
+    }
+    for mech in Mechanism::ALL {
+        let f = cpu_cell(ext, mech);
+        cells.push(cell(ext, mech, Source::Cpu, f));
+    }
+    if ext.device.is_some() {
+        for mech in [
+            Mechanism::SoftDirty,
+            Mechanism::PagemapScan,
+            Mechanism::KvmDirtyBitmap,
+            // Synchronous WP last: a device write may wait on its handler.
+            Mechanism::UffdWp,
+        ] {
+            let f = device_cell(ext, mech);
+            cells.push(cell(ext, mech, Source::Device, f));
+        }
+    }
+    cells
+}
+
+/// The uffd registration a mechanism needs, tried on its own so the errno is kept; the uffd is
+/// closed again (unregistering) before returning.
+fn registration(ext: &External, mech: Mechanism) -> Option<Finding> {
+    let (features, mode) = match mech {
+        Mechanism::UffdMissing => (0, RegisterMode::MISSING),
+        Mechanism::UffdWp => (0, RegisterMode::WRITE_PROTECT),
+        Mechanism::UffdMinor => (0, RegisterMode::MINOR),
+        Mechanism::UffdWpAsync | Mechanism::PagemapScan => (
+            FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED,
+            RegisterMode::WRITE_PROTECT,
+        ),
+        _ => return None,
+    };
+    let uffd = match crate::uffd::open(features) {
+        Ok(u) => u,
+        Err(f) => return Some(f),
+    };
+    match uffd.register_with_mode(ext.addr as *mut _, ext.len, mode) {
+        Ok(ioctls) => {
+            drop(uffd);
+            Some((
+                Outcome::Works,
+                format!(
+                    "UFFDIO_REGISTER {mode:?} (features {features:#x}) accepted over {} pages; \
+                     ioctls {ioctls:?}",
+                    ext.len / SMALL
+                ),
+            ))
+        }
+        Err(e) => {
+            let code = match e {
+                userfaultfd::Error::SystemError(n) => Some(n as i32),
+                _ => None,
+            };
+            Some(match code {
+                Some(code) => (
+                    Outcome::errno(code),
+                    format!("UFFDIO_REGISTER {mode:?} (features {features:#x}): {e}"),
+                ),
+                None => (
+                    Outcome::Unavailable {
+                        why: format!("UFFDIO_REGISTER {mode:?}: {e}"),
+                    },
+                    format!("UFFDIO_REGISTER {mode:?}: {e}"),
+                ),
+            })
+        }
+    }
+}
+
+fn store(addr: usize, page: usize, value: u64) {
+    // SAFETY: the caller checked `page` < the range's pages; the owner keeps the range mapped
+    // and writable by the CPU (`cpu_writes`) for the whole probe; the store is volatile and no
+    // Rust reference to the memory exists.
+    unsafe { std::ptr::write_volatile((addr + page * SMALL) as *mut u64, value) }
+}
+
+fn load(addr: usize, page: usize) -> u64 {
+    // SAFETY: as `store`, for reads (`cpu_access`).
+    unsafe { std::ptr::read_volatile((addr + page * SMALL) as *const u64) }
+}
+
+/// What a tracker reported against what was written.
+fn judge(written: &[usize], seen: &BTreeSet<usize>) -> (Outcome, String) {
+    let written: BTreeSet<usize> = written.iter().copied().collect();
+    let misses: Vec<_> = written.difference(seen).collect();
+    let extra: Vec<_> = seen.difference(&written).collect();
+    let outcome = if !misses.is_empty() {
+        Outcome::SilentMiss
+    } else if !extra.is_empty() {
+        Outcome::FalsePositive
+    } else {
+        Outcome::Works
+    };
+    (
+        outcome,
+        format!(
+            "wrote pages {written:?}, reported {seen:?}: {} misses, {} false positives",
+            misses.len(),
+            extra.len()
+        ),
+    )
+}
+
+fn cpu_cell(ext: &mut External, mech: Mechanism) -> Finding {
+    if !ext.cpu_access {
+        // Also KVM's: a memslot needs a host mapping of the memory.
+        return (
+            Outcome::NotApplicable,
+            "no CPU mapping: nothing for a userfaultfd, pagemap or memslot to act on".into(),
+        );
+    }
+    match mech {
+        Mechanism::UffdMissing | Mechanism::UffdMinor | Mechanism::UffdWpAsync => {
+            registration(ext, mech).unwrap_or_else(|| unreachable_finding(mech))
+        }
+        Mechanism::UffdWp | Mechanism::PagemapScan | Mechanism::SoftDirty => {
+            if let Some(f @ (Outcome::Errno { .. } | Outcome::Unavailable { .. }, _)) =
+                registration(ext, mech)
+            {
+                return f;
+            }
+            if !ext.cpu_writes {
+                return (
+                    Outcome::Unavailable {
+                        why: "CPU writes to this memory are not made (see the kind's note)".into(),
+                    },
+                    "registration accepted; no CPU write made, so detection is untried".into(),
+                );
+            }
+            tracked_writes(ext, mech, Source::Cpu)
+        }
+        Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing => {
+            let log = if mech == Mechanism::KvmDirtyRing {
+                kvm::Log::Ring
+            } else {
+                kvm::Log::Bitmap
+            };
+            kvm::dirty_log_external(ext.addr, ext.len, log, ext.cpu_writes, None)
+        }
+        _ => unreachable_finding(mech),
+    }
+}
+
+fn unreachable_finding(mech: Mechanism) -> Finding {
+    let why = format!("{} is not a CPU-side mechanism", mech.name());
+    (Outcome::Unavailable { why: why.clone() }, why)
+}
+
+/// Arms `mech`'s tracker, makes the writes (CPU or device), harvests and judges.
+fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Finding {
+    let mut tracker = match trackers::new(mech, ext.range()) {
+        Ok(t) => t,
+        Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
+    };
+    if let Err(why) = tracker.arm() {
+        return (Outcome::Unavailable { why: why.clone() }, why);
+    }
+    let (pages, wrote) = match source {
+        Source::Cpu => {
+            for &p in &CPU_PAGES {
+                store(ext.addr, p, CPU_VALUE);
+            }
+            (&CPU_PAGES[..], "CPU stores".to_string())
+        }
+        Source::Device => {
+            let (addr, name) = (ext.addr, ext.device.as_ref().map(|d| d.name()));
+            let Some(dev) = ext.device.as_mut() else {
+                return unreachable_finding(mech);
+            };
+            if let Err(e) = dev.write_pages(addr, &DEVICE_PAGES, DEVICE_VALUE) {
+                // The tracker is dropped (disarmed) first, which releases a device write still
+                // waiting on a write-protect fault.
+                drop(tracker);
+                return device_failed(e, mech);
+            }
+            (&DEVICE_PAGES[..], name.unwrap_or_default())
+        }
+    };
+    let seen = match tracker.harvest() {
+        Ok(s) => s,
+        Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
+    };
+    drop(tracker);
+    let (outcome, evidence) = judge(pages, &seen);
+    let landed = landed(ext, pages, source);
+    (outcome, format!("{wrote}: {evidence}{landed}"))
+}
+
+/// The CPU's read-back of the written pages: proof that the writes happened, so a miss is
+/// really a miss. Read after harvesting (a read may migrate managed memory back to the CPU).
+fn landed(ext: &External, pages: &[usize], source: Source) -> String {
+    if !ext.cpu_access {
+        return String::new();
+    }
+    let want = match source {
+        Source::Cpu => CPU_VALUE,
+        Source::Device => DEVICE_VALUE,
+    };
+    let ok = pages.iter().filter(|&&p| load(ext.addr, p) == want).count();
+    format!(
+        "; CPU reads the value back in {ok} of {} written pages",
+        pages.len()
+    )
+}
+
+fn device_failed(e: DeviceFailure, mech: Mechanism) -> Finding {
+    let evidence = format!(
+        "{} armed; the device's write failed: {}",
+        mech.name(),
+        e.why
+    );
+    match (e.faulted, e.errno) {
+        (true, _) => (Outcome::DeviceFault { why: e.why }, evidence),
+        (false, Some(code)) => (Outcome::errno(code), evidence),
+        (false, None) => (Outcome::Unavailable { why: e.why }, evidence),
+    }
+}
+
+fn device_cell(ext: &mut External, mech: Mechanism) -> Finding {
+    match mech {
+        Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing => {
+            let log = if mech == Mechanism::KvmDirtyRing {
+                kvm::Log::Ring
+            } else {
+                kvm::Log::Bitmap
+            };
+            let (addr, len) = (ext.addr, ext.len);
+            let Some(dev) = ext.device.as_mut() else {
+                return unreachable_finding(mech);
+            };
+            let mut write = |a: usize| dev.write_pages(a, &DEVICE_PAGES, DEVICE_VALUE);
+            kvm::dirty_log_external(addr, len, log, false, Some(&mut write))
+        }
+        _ => {
+            if ext.cpu_access {
+                if let Some(f @ (Outcome::Errno { .. } | Outcome::Unavailable { .. }, _)) =
+                    registration(ext, mech)
+                {
+                    return (
+                        Outcome::NotApplicable,
+                        format!("not armed: {}", f.1),
+                    );
+                }
+            } else {
+                return (
+                    Outcome::NotApplicable,
+                    "no CPU mapping: nothing to arm".into(),
+                );
+            }
+            tracked_writes(ext, mech, Source::Device)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kinds::Mapping;
+
+    /// Stands in for a device only to isolate this module's bookkeeping: it "writes" with the
+    /// CPU, which every CPU-side tracker sees, or fails the way a faulting GPU would.
+    struct CpuAsDevice {
+        fail: Option<DeviceFailure>,
+    }
+
+    impl DeviceWriter for CpuAsDevice {
+        fn name(&self) -> String {
+            "the CPU standing in for a device (unit test)".into()
+        }
+        fn write_pages(
+            &mut self,
+            addr: usize,
+            pages: &[usize],
+            value: u64,
+        ) -> Result<(), DeviceFailure> {
+            if let Some(f) = self.fail.clone() {
+                return Err(f);
+            }
+            for &p in pages {
+                store(addr, p, value);
+            }
+            Ok(())
+        }
+    }
+
+    fn anon(pages: usize) -> Mapping {
+        Mapping::new(
+            pages * SMALL,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn judge_names_misses_before_false_positives() {
+        let seen: BTreeSet<usize> = [1, 3].into_iter().collect();
+        assert_eq!(judge(&[1, 5], &seen).0, Outcome::SilentMiss);
+        assert_eq!(judge(&[1], &seen).0, Outcome::FalsePositive);
+        assert_eq!(judge(&[1, 3], &seen).0, Outcome::Works);
+    }
+
+    #[test]
+    fn a_short_range_is_refused_in_every_cell() {
+        let m = anon(2);
+        let mut ext = External {
+            memory: "short".into(),
+            row: Row::None,
+            addr: m.ptr as usize,
+            len: m.len,
+            cpu_access: true,
+            cpu_writes: true,
+            device: None,
+        };
+        let cells = probe(&mut ext);
+        assert_eq!(cells.len(), Mechanism::ALL.len());
+        assert!(cells
+            .iter()
+            .all(|c| matches!(c.outcome, Outcome::Unavailable { .. })));
+    }
+
+    #[test]
+    fn anonymous_memory_through_the_external_path() {
+        let m = anon(16);
+        let mut dev = CpuAsDevice { fail: None };
+        let mut ext = External {
+            memory: "anon via external".into(),
+            row: Row::PinnedHost,
+            addr: m.ptr as usize,
+            len: m.len,
+            cpu_access: true,
+            cpu_writes: true,
+            device: Some(&mut dev),
+        };
+        let cells = probe(&mut ext);
+        let get = |mech, device: bool| {
+            cells
+                .iter()
+                .find(|c| c.mechanism == mech && c.step.is_some() == device)
+                .unwrap_or_else(|| panic!("no cell {mech:?} device={device}: {cells:#?}"))
+        };
+        for mech in [
+            Mechanism::UffdMissing,
+            Mechanism::UffdWp,
+            Mechanism::UffdWpAsync,
+            Mechanism::PagemapScan,
+        ] {
+            assert_eq!(get(mech, false).outcome, Outcome::Works, "{mech:?}");
+        }
+        assert!(matches!(
+            get(Mechanism::UffdMinor, false).outcome,
+            Outcome::Errno { code: libc::EINVAL, .. }
+        ));
+        // The CPU stand-in's stores are CPU stores: the trackers see them, with the read-back.
+        let wp = get(Mechanism::UffdWp, true);
+        assert_eq!(wp.outcome, Outcome::Works, "{}", wp.evidence);
+        assert!(wp.evidence.contains("2 of 2"), "{}", wp.evidence);
+        assert_eq!(get(Mechanism::PagemapScan, true).outcome, Outcome::Works);
+        // KVM never sees host stores: the bitmap misses them whoever makes them.
+        let k = get(Mechanism::KvmDirtyBitmap, true);
+        assert!(
+            matches!(k.outcome, Outcome::SilentMiss | Outcome::Unavailable { .. }),
+            "{k:?}"
+        );
+    }
+
+    #[test]
+    fn a_device_fault_is_reported_as_such() {
+        let m = anon(8);
+        let mut dev = CpuAsDevice {
+            fail: Some(DeviceFailure {
+                errno: None,
+                why: "GPU fault (test)".into(),
+                faulted: true,
+            }),
+        };
+        let mut ext = External {
+            memory: "faulting".into(),
+            row: Row::HmmMalloc,
+            addr: m.ptr as usize,
+            len: m.len,
+            cpu_access: true,
+            cpu_writes: true,
+            device: Some(&mut dev),
+        };
+        let cells = probe(&mut ext);
+        let wp = cells
+            .iter()
+            .find(|c| c.mechanism == Mechanism::UffdWp && c.step.is_some())
+            .unwrap();
+        assert!(matches!(wp.outcome, Outcome::DeviceFault { .. }), "{wp:?}");
+        assert_eq!(wp.matches_prediction, Some(true));
+    }
+}
