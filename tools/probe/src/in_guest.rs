@@ -24,6 +24,8 @@ pub struct InGuestOpts {
     pub console_log: PathBuf,
     /// The whole boot-probe-report run must end within this.
     pub timeout: Duration,
+    /// Run the guest's probe with [`crate::ProbeOpts::quick`].
+    pub quick: bool,
 }
 
 /// The guest's report: its JSON as it came, parsed, rendered here, and timings.
@@ -91,7 +93,11 @@ pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
         // 1 vCPU: boot is no faster with 2 here (PLATFORM.md section 3) and the probe is
         // single-threaded apart from its uffd handlers. 256 MiB: test_hmm's device-private
         // pages are backed by ordinary RAM pages.
-        .args(["--vcpus", "1", "--mem", "256M", "--console", &console])
+        .args(["--vcpus", "1", "--mem", "256M", "--console", &console]);
+    if o.quick {
+        cmd.args(["--append", crate::lab_init::QUICK_PARAM]);
+    }
+    cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

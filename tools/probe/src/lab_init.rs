@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use crate::frame;
 use crate::{run, ProbeOpts};
 
+/// The kernel command-line word that selects [`ProbeOpts::quick`] in the guest.
+pub const QUICK_PARAM: &str = "vmm_probe.quick";
+
 fn emit(out: &mut impl Write, begin: &str, body: &str, end: &str) {
     let _ = writeln!(out, "{begin}");
     let _ = out.write_all(body.as_bytes());
@@ -24,6 +27,10 @@ fn report(out: &mut impl Write) -> Result<(), String> {
     let opts = ProbeOpts {
         // The initramfs has /var/tmp on its rootfs (tmpfs); there is no disk in the lab guest.
         file_dir: PathBuf::from("/var/tmp"),
+        // `vmm probe --in-guest --quick` appends this to the kernel command line.
+        quick: std::fs::read_to_string("/proc/cmdline")
+            .map(|c| c.split_whitespace().any(|w| w == QUICK_PARAM))
+            .unwrap_or(false),
         ..ProbeOpts::default()
     };
     let r = run(&opts).map_err(|e| e.to_string())?;

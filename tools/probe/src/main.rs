@@ -23,6 +23,16 @@ struct Args {
     /// Directory for the file-mapping kind's temp file (unlinked at once).
     #[arg(long, default_value = "/var/tmp")]
     file_dir: PathBuf,
+    /// The CUDA driver library, loaded at run time (no build-time CUDA).
+    #[arg(long, default_value = "libcuda.so.1", value_name = "PATH")]
+    cuda_library: PathBuf,
+    /// Let the CPU and a KVM guest write the prefetchable (memory) BARs of bound VFIO devices,
+    /// so write detection is tried on them too. Register BARs are never read or written.
+    #[arg(long)]
+    bar_writes: bool,
+    /// Of the host memory kinds, probe only anonymous 4 KiB (HMM, GPU and VFIO as usual).
+    #[arg(long)]
+    quick: bool,
     /// Run the probe inside the lab guest (Linux 6.12 with test_hmm and soft-dirty): build it
     /// if needed (guest-images/build.sh --lab), boot it with `vmm run`, print its report.
     #[arg(long)]
@@ -69,6 +79,7 @@ fn in_guest_main(args: Args) -> Result<(), String> {
         vmm,
         console_log: args.console_log,
         timeout: Duration::from_secs(args.timeout_s),
+        quick: args.quick,
     };
     let r = in_guest::run(&opts)?;
     if args.json {
@@ -93,6 +104,9 @@ fn in_guest_main(args: Args) -> Result<(), String> {
 fn main_inner(args: Args) -> Result<(), ProbeError> {
     let opts = ProbeOpts {
         file_dir: args.file_dir,
+        cuda_library: args.cuda_library,
+        bar_writes: args.bar_writes,
+        quick: args.quick,
         ..ProbeOpts::default()
     };
     let report = run(&opts)?;

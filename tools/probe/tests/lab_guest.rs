@@ -53,6 +53,8 @@ fn hmm_rows_are_real_and_soft_dirty_works_in_the_lab_guest() {
         vmm: vmm_bin(),
         console_log: console.clone(),
         timeout: Duration::from_secs(1200),
+        // Anonymous 4 KiB memory and the HMM life cycle: what this test checks.
+        quick: true,
     };
     let got = in_guest::run(&opts).unwrap_or_else(|e| panic!("{e}"));
     let _ = std::fs::remove_file(&console);
