@@ -268,12 +268,8 @@ fn cpu_cell(ext: &mut External, mech: Mechanism) -> Finding {
             }
             tracked_writes(ext, mech, Source::Cpu)
         }
-        Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing => {
-            let log = if mech == Mechanism::KvmDirtyRing {
-                kvm::Log::Ring
-            } else {
-                kvm::Log::Bitmap
-            };
+        Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyBitmapManual | Mechanism::KvmDirtyRing => {
+            let log = kvm::Log::of(mech);
             kvm::dirty_log_external(ext.addr, ext.len, log, ext.cpu_writes, None)
         }
         _ => unreachable_finding(mech),
@@ -287,6 +283,14 @@ fn unreachable_finding(mech: Mechanism) -> Finding {
 
 /// Arms `mech`'s tracker, makes the writes (CPU or device), harvests and judges.
 fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Finding {
+    if ext.cpu_writes {
+        // Present pages first, as RAM a guest has used is: synchronous WP (without
+        // WP_UNPOPULATED) protects only present PTEs, and the first write to a never-touched
+        // page would otherwise go unreported for that reason alone.
+        for p in 0..ext.len / SMALL {
+            store(ext.addr, p, 0);
+        }
+    }
     let mut tracker = match trackers::new(mech, ext.range()) {
         Ok(t) => t,
         Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
@@ -357,12 +361,8 @@ fn device_failed(e: DeviceFailure, mech: Mechanism) -> Finding {
 
 fn device_cell(ext: &mut External, mech: Mechanism) -> Finding {
     match mech {
-        Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing => {
-            let log = if mech == Mechanism::KvmDirtyRing {
-                kvm::Log::Ring
-            } else {
-                kvm::Log::Bitmap
-            };
+        Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyBitmapManual | Mechanism::KvmDirtyRing => {
+            let log = kvm::Log::of(mech);
             let (addr, len) = (ext.addr, ext.len);
             let Some(dev) = ext.device.as_mut() else {
                 return unreachable_finding(mech);

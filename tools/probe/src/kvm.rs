@@ -21,7 +21,9 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm::sys::kvm_dirty::{
-    dirty_ring_caps, enable_dirty_ring, reset_dirty_rings, DirtyRingMap, DIRTY_GFN_SIZE,
+    clear_dirty_log, dirty_ring_caps, enable_dirty_ring, enable_manual_protect,
+    manual_protect_supported, reset_dirty_rings, DirtyRingMap, DIRTY_GFN_SIZE,
+    MANUAL_PROTECT_ENABLE,
 };
 
 use crate::kinds::{self, Kind, Region, GUEST_MEMFD_FLAG_MMAP, SMALL};
@@ -50,6 +52,9 @@ const WRITE_SOURCE: &str =
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Log {
     Bitmap,
+    /// MANUAL_DIRTY_LOG_PROTECT2 (without INITIALLY_SET): GET_DIRTY_LOG no longer clears, and
+    /// each harvest clears (and re-protects) what it took with CLEAR_DIRTY_LOG.
+    BitmapManual,
     Ring,
 }
 
@@ -57,7 +62,18 @@ impl Log {
     fn name(self) -> &'static str {
         match self {
             Log::Bitmap => "KVM_GET_DIRTY_LOG",
+            Log::BitmapManual => "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG",
             Log::Ring => "dirty ring",
+        }
+    }
+
+    /// The log behind a KVM mechanism (the bitmap for any other).
+    pub fn of(mech: crate::report::Mechanism) -> Log {
+        use crate::report::Mechanism;
+        match mech {
+            Mechanism::KvmDirtyRing => Log::Ring,
+            Mechanism::KvmDirtyBitmapManual => Log::BitmapManual,
+            _ => Log::Bitmap,
         }
     }
 }
@@ -126,6 +142,19 @@ fn scratch_vm(log: Log) -> Result<Vm, Finding> {
             "{} ring of {RING_ENTRIES} entries",
             if acq_rel { "ACQ_REL" } else { "plain" }
         );
+    }
+    if log == Log::BitmapManual {
+        let offered = manual_protect_supported(&vm);
+        if offered & MANUAL_PROTECT_ENABLE == 0 {
+            return Err(unavailable(format!(
+                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered (flags {offered:#x})"
+            )));
+        }
+        enable_manual_protect(&vm, MANUAL_PROTECT_ENABLE).map_err(|e| match e.errno() {
+            Some(code) => (Outcome::errno(code), e.to_string()),
+            None => unavailable(e.to_string()),
+        })?;
+        ring_note = "manual clear (MANUAL_DIRTY_LOG_PROTECT2 = ENABLE)".into();
     }
     let vcpu = vm
         .create_vcpu(0)
@@ -278,10 +307,19 @@ fn kvm_writes(vcpu: &VcpuFd, gpa: u64) -> Result<(), String> {
 fn harvest(v: &Vm, log: Log, len: usize, other: &mut usize) -> Result<BTreeSet<u64>, Finding> {
     let mut pages = BTreeSet::new();
     match (log, &v.ring) {
-        (Log::Bitmap, _) => {
+        (Log::Bitmap | Log::BitmapManual, _) => {
             let bitmap =
                 v.vm.get_dirty_log(SLOT, len)
                     .map_err(|e| kvm_err("KVM_GET_DIRTY_LOG", &e))?;
+            if log == Log::BitmapManual {
+                // The slot ends where the bitmap does, so any page count is accepted.
+                let pages = u32::try_from(len / SMALL)
+                    .map_err(|_| unavailable(format!("slot of {len} bytes too large")))?;
+                clear_dirty_log(&v.vm, SLOT, 0, pages, &bitmap).map_err(|e| match e.errno() {
+                    Some(code) => (Outcome::errno(code), e.to_string()),
+                    None => unavailable(e.to_string()),
+                })?;
+            }
             for (w, word) in bitmap.iter().enumerate() {
                 for b in 0..64 {
                     if word & (1 << b) != 0 {

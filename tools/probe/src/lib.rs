@@ -267,6 +267,9 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
     let (outcome, evidence) = match mech {
         // KVM makes its own VM, memory and memslot (guest_memfd needs no CPU mapping).
         Mechanism::KvmDirtyBitmap => kvm::dirty_log(kind, kvm::Log::Bitmap, &opts.file_dir),
+        Mechanism::KvmDirtyBitmapManual => {
+            kvm::dirty_log(kind, kvm::Log::BitmapManual, &opts.file_dir)
+        }
         Mechanism::KvmDirtyRing => kvm::dirty_log(kind, kvm::Log::Ring, &opts.file_dir),
         _ => match kinds::create(kind, &opts.file_dir) {
             Err(why) => (Outcome::Unavailable { why: why.clone() }, why),
@@ -279,6 +282,7 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
                 Mechanism::SoftDirty => pagemap::soft_dirty(&region),
                 // Not in Mechanism::ALL: run only by the vfio module over a bound device.
                 Mechanism::KvmDirtyBitmap
+                | Mechanism::KvmDirtyBitmapManual
                 | Mechanism::KvmDirtyRing
                 | Mechanism::IommufdHwDirty
                 | Mechanism::VfioType1Dirty
@@ -304,7 +308,7 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
 
 fn not_covered() -> Vec<String> {
     [
-        "KVM dirty logging with MANUAL_DIRTY_LOG_PROTECT2 + CLEAR_DIRTY_LOG, and guest stores at CPL0 (emulated here): only plain GET_DIRTY_LOG and the dirty ring with CPL3 stores are tried",
+        "guest stores at CPL0 (emulated instruction by instruction on PVM hosts): the KVM cells' guest stores at CPL3",
         "a mapping nvidia.ko makes of a BAR or of VRAM through /dev/nvidia* directly (it needs the driver's private RM allocation ioctls): the nvidia.ko row is probed through cuMemHostAlloc's mapping instead",
         "writes by a passed-through device's own DMA: the probe cannot make a bound device DMA without that device's driver, so the DMA mechanisms are enabled and read, and their detection of device writes is left untried",
         "HMM rows on host kernels without test_hmm: they run only where /dev/hmm_dmirror0 exists (the lab guest)",

@@ -95,10 +95,10 @@ pub fn predict(row: Row, mech: Mechanism) -> Prediction {
         (Row::GuestMemfd, SoftDirty) => ("-", Expect::NotComparable),
         // "KVM bitmap/ring" column: vCPU stores are logged; device writes are not (unverified
         // here). guest_memfd + dirty logging: EINVAL (PLATFORM.md §4).
-        (Row::AnonMemfd | Row::Hugetlb, KvmDirtyBitmap | KvmDirtyRing) => {
+        (Row::AnonMemfd | Row::Hugetlb, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => {
             ("vCPU, G-miss", Expect::Works)
         }
-        (Row::GuestMemfd, KvmDirtyBitmap | KvmDirtyRing) => ("EINVAL", Expect::Einval),
+        (Row::GuestMemfd, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => ("EINVAL", Expect::Einval),
         // MINOR is not in the table; TRACKING.md's userfaultfd section: shmem/hugetlb only.
         (Row::AnonMemfd | Row::Hugetlb, UffdMinor) => (
             "shmem/hugetlb only (TRACKING.md userfaultfd section): ok on memfd/hugetlbfs, EINVAL on anonymous",
@@ -107,7 +107,7 @@ pub fn predict(row: Row, mech: Mechanism) -> Prediction {
         (Row::VfioBar, UffdMissing | UffdWp | UffdMinor) => ("EINVAL", Expect::Einval),
         (Row::VfioBar, UffdWpAsync | PagemapScan) => ("EINVAL / skipped", Expect::Einval),
         (Row::VfioBar, SoftDirty) => ("never dirty", Expect::SilentMiss),
-        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyRing) => ("vCPU stores only", Expect::Works),
+        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => ("vCPU stores only", Expect::Works),
         (Row::NvidiaMmap | Row::UvmManaged, UffdMissing | UffdWp | UffdMinor) => {
             ("EINVAL", Expect::Einval)
         }
@@ -127,12 +127,12 @@ pub fn predict(row: Row, mech: Mechanism) -> Prediction {
             "EINVAL (anonymous memory; MINOR is shmem/hugetlb only)",
             Expect::Einval,
         ),
-        (Row::HmmMalloc, KvmDirtyBitmap | KvmDirtyRing) => ("vCPU, G-miss", Expect::Works),
-        (Row::PinnedHost, KvmDirtyBitmap | KvmDirtyRing) => {
+        (Row::HmmMalloc, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => ("vCPU, G-miss", Expect::Works),
+        (Row::PinnedHost, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => {
             ("G-miss (vCPU stores logged)", Expect::Works)
         }
         (_, IommufdHwDirty | VfioType1Dirty | VfioDmaLogging) => predict_dma(row, mech),
-        (Row::NvidiaMmap | Row::UvmManaged, KvmDirtyBitmap | KvmDirtyRing) => {
+        (Row::NvidiaMmap | Row::UvmManaged, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => {
             ("-", Expect::NotComparable)
         }
         (Row::None, _) => ("-", Expect::NotComparable),
@@ -169,7 +169,7 @@ pub fn predict_device_write(row: Row, mech: Mechanism) -> Prediction {
             "registers; GPU access then faults fatally (HMM malloc range row)",
             Expect::DeviceRefused,
         ),
-        (Row::HmmMalloc, SoftDirty | KvmDirtyBitmap | KvmDirtyRing) => {
+        (Row::HmmMalloc, SoftDirty | KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => {
             ("G-miss", Expect::SilentMiss)
         }
         (Row::PinnedHost | Row::AnonMemfd | Row::Hugetlb, IommufdHwDirty) => {
@@ -184,7 +184,7 @@ pub fn predict_device_write(row: Row, mech: Mechanism) -> Prediction {
             Expect::SilentMiss,
         ),
         (Row::VfioBar | Row::NvidiaMmap, SoftDirty) => ("never dirty", Expect::SilentMiss),
-        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyRing) => {
+        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => {
             ("vCPU stores only: the GPU's own writes never", Expect::SilentMiss)
         }
         _ => ("-", Expect::NotComparable),
@@ -257,7 +257,11 @@ mod tests {
 
     #[test]
     fn kvm_dirty_logging_predictions() {
-        for mech in [Mechanism::KvmDirtyBitmap, Mechanism::KvmDirtyRing] {
+        for mech in [
+            Mechanism::KvmDirtyBitmap,
+            Mechanism::KvmDirtyBitmapManual,
+            Mechanism::KvmDirtyRing,
+        ] {
             let p = predict(Row::AnonMemfd, mech);
             assert_eq!(p.text, "vCPU, G-miss");
             assert_eq!(p.matches(&Outcome::Works), Some(true));

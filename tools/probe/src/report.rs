@@ -55,6 +55,9 @@ pub enum Mechanism {
     PagemapScan,
     SoftDirty,
     KvmDirtyBitmap,
+    /// The bitmap with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: GET_DIRTY_LOG, then CLEAR_DIRTY_LOG
+    /// re-protects only the pages reported (what a migration with manual clear does).
+    KvmDirtyBitmapManual,
     KvmDirtyRing,
     /// iommufd hardware dirty tracking (IOMMU_HWPT_ALLOC_DIRTY_TRACKING and friends).
     IommufdHwDirty,
@@ -65,7 +68,7 @@ pub enum Mechanism {
 }
 
 impl Mechanism {
-    pub const ALL: [Mechanism; 8] = [
+    pub const ALL: [Mechanism; 9] = [
         Mechanism::UffdMissing,
         Mechanism::UffdWp,
         Mechanism::UffdMinor,
@@ -73,6 +76,7 @@ impl Mechanism {
         Mechanism::PagemapScan,
         Mechanism::SoftDirty,
         Mechanism::KvmDirtyBitmap,
+        Mechanism::KvmDirtyBitmapManual,
         Mechanism::KvmDirtyRing,
     ];
 
@@ -87,7 +91,10 @@ impl Mechanism {
     /// Mechanisms that act on a memslot rather than on the CPU mapping: they apply to
     /// guest_memfd even where it cannot be mmap'd.
     pub fn is_kvm(self) -> bool {
-        matches!(self, Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyRing)
+        matches!(
+            self,
+            Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyBitmapManual | Mechanism::KvmDirtyRing
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -99,6 +106,7 @@ impl Mechanism {
             Mechanism::PagemapScan => "PAGEMAP_SCAN written",
             Mechanism::SoftDirty => "soft-dirty",
             Mechanism::KvmDirtyBitmap => "KVM dirty bitmap",
+            Mechanism::KvmDirtyBitmapManual => "KVM bitmap, manual",
             Mechanism::KvmDirtyRing => "KVM dirty ring",
             Mechanism::IommufdHwDirty => "iommufd HW dirty",
             Mechanism::VfioType1Dirty => "VFIO type1 dirty",

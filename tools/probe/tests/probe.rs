@@ -98,7 +98,11 @@ fn platform_facts_on_this_host() {
         "hugetlbfs",
         "file (MAP_SHARED)",
     ] {
-        for mech in [Mechanism::KvmDirtyBitmap, Mechanism::KvmDirtyRing] {
+        for mech in [
+            Mechanism::KvmDirtyBitmap,
+            Mechanism::KvmDirtyBitmapManual,
+            Mechanism::KvmDirtyRing,
+        ] {
             let c = cell(&r, mem, mech);
             assert_eq!(c.outcome, Outcome::Works, "{mem} {mech:?}: {}", c.evidence);
             assert!(
@@ -126,7 +130,11 @@ fn platform_facts_on_this_host() {
         "guest_memfd MMAP",
         "guest_memfd MMAP|INIT_SHARED",
     ] {
-        for mech in [Mechanism::KvmDirtyBitmap, Mechanism::KvmDirtyRing] {
+        for mech in [
+            Mechanism::KvmDirtyBitmap,
+            Mechanism::KvmDirtyBitmapManual,
+            Mechanism::KvmDirtyRing,
+        ] {
             let c = cell(&r, mem, mech);
             assert_eq!(c.outcome, Outcome::errno(libc::EINVAL), "{mem} {mech:?}");
             assert_eq!(c.matches_prediction, Some(true));
