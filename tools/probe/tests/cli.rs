@@ -1,0 +1,98 @@
+//! `vmm-probe` and `vmm probe` as a person runs them on this host (no GPU, no VFIO, no HMM
+//! device): exit 0, one line per absent device, JSON and Markdown written; bad arguments end in
+//! a usage error and an unwritable Markdown path in exit 1 with the path named.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn probe_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmm-probe"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn the_table_has_one_line_per_absent_device_and_exits_0() {
+    let out = Command::new(probe_bin()).arg("--quick").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let devices: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| *l != "devices:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert_eq!(devices.len(), 3, "{stdout}");
+    for (line, name, says) in [
+        (devices[0], "GPU", "no GPU"),
+        (devices[1], "VFIO", "no VFIO"),
+        (devices[2], "HMM", "no HMM device"),
+    ] {
+        assert!(line.trim_start().starts_with(name), "{line}");
+        assert!(line.contains(says), "{line}");
+    }
+}
+
+#[test]
+fn json_and_markdown_are_written_and_the_devices_are_not_found() {
+    let md = std::env::temp_dir().join(format!("vmm-probe-cli-{}.md", std::process::id()));
+    let out = Command::new(probe_bin())
+        .args(["--quick", "--json", "--markdown"])
+        .arg(&md)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    let devices = r["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 3);
+    assert!(devices.iter().all(|d| d["found"] == false), "{devices:?}");
+    // --quick: of the host kinds only anonymous 4 KiB, every mechanism on it.
+    let cells = r["cells"].as_array().expect("cells");
+    assert!(cells.iter().all(|c| c["memory"] == "anon 4K"), "{cells:?}");
+    assert_eq!(cells.len(), 9);
+    let markdown = std::fs::read_to_string(&md).expect("markdown written");
+    let _ = std::fs::remove_file(&md);
+    assert!(markdown.contains("| memory | mechanism"), "{markdown}");
+}
+
+#[test]
+fn bad_arguments_are_a_usage_error_and_an_unwritable_report_path_exit_1() {
+    let out = Command::new(probe_bin()).arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+    let out = Command::new(probe_bin())
+        .args(["--quick", "--markdown", "/nonexistent-dir/report.md"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent-dir/report.md"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `vmm probe` runs the `vmm-probe` beside it; present when the workspace's binaries are built
+/// (tools/test.sh builds them before the tests).
+#[test]
+fn vmm_probe_subcommand_passes_arguments_and_exit_status_through() {
+    let vmm = probe_bin().with_file_name("vmm");
+    if !Path::new(&vmm).exists() {
+        eprintln!("SKIPPED: {} not built (cargo build --workspace --bins)", vmm.display());
+        return;
+    }
+    let out = Command::new(&vmm)
+        .args(["probe", "--quick", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(r["version"], 4);
+}
