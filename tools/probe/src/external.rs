@@ -142,11 +142,13 @@ pub fn probe(ext: &mut External) -> Vec<Cell> {
         cells.push(cell(ext, mech, Source::Cpu, f));
     }
     if ext.device.is_some() {
+        // Those that arm no userfaultfd first: TRACKING.md predicts that a GPU access to a
+        // range armed with one faults fatally, which can cost the device its context and the
+        // later cells their writer. Synchronous WP last: a device write may wait on its handler.
         for mech in [
             Mechanism::SoftDirty,
-            Mechanism::PagemapScan,
             Mechanism::KvmDirtyBitmap,
-            // Synchronous WP last: a device write may wait on its handler.
+            Mechanism::PagemapScan,
             Mechanism::UffdWp,
         ] {
             let f = device_cell(ext, mech);
