@@ -49,8 +49,12 @@ pub trait DeviceWriter {
     /// index in `pages` of the range starting at `addr`, and returns once the stores are
     /// complete and visible to the CPU. Must not hang: a device stuck on a fault is given up on
     /// after a bounded wait and reported as a failure. The range stays usable afterwards.
-    fn write_pages(&mut self, addr: usize, pages: &[usize], value: u64)
-        -> Result<(), DeviceFailure>;
+    fn write_pages(
+        &mut self,
+        addr: usize,
+        pages: &[usize],
+        value: u64,
+    ) -> Result<(), DeviceFailure>;
 }
 
 /// One range of external memory and how it may be touched.
@@ -377,10 +381,7 @@ fn device_cell(ext: &mut External, mech: Mechanism) -> Finding {
                 if let Some(f @ (Outcome::Errno { .. } | Outcome::Unavailable { .. }, _)) =
                     registration(ext, mech)
                 {
-                    return (
-                        Outcome::NotApplicable,
-                        format!("not armed: {}", f.1),
-                    );
+                    return (Outcome::NotApplicable, format!("not armed: {}", f.1));
                 }
             } else {
                 return (
@@ -425,12 +426,7 @@ mod tests {
     }
 
     fn anon(pages: usize) -> Mapping {
-        Mapping::new(
-            pages * SMALL,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            None,
-        )
-        .unwrap()
+        Mapping::new(pages * SMALL, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None).unwrap()
     }
 
     #[test]
@@ -490,7 +486,10 @@ mod tests {
         }
         assert!(matches!(
             get(Mechanism::UffdMinor, false).outcome,
-            Outcome::Errno { code: libc::EINVAL, .. }
+            Outcome::Errno {
+                code: libc::EINVAL,
+                ..
+            }
         ));
         // The CPU stand-in's stores are CPU stores: the trackers see them, with the read-back.
         let wp = get(Mechanism::UffdWp, true);

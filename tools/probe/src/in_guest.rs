@@ -97,8 +97,7 @@ pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
     if o.quick {
         cmd.args(["--append", crate::lab_init::QUICK_PARAM]);
     }
-    cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0);

@@ -184,9 +184,10 @@ pub fn predict_device_write(row: Row, mech: Mechanism) -> Prediction {
             Expect::SilentMiss,
         ),
         (Row::VfioBar | Row::NvidiaMmap, SoftDirty) => ("never dirty", Expect::SilentMiss),
-        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => {
-            ("vCPU stores only: the GPU's own writes never", Expect::SilentMiss)
-        }
+        (Row::VfioBar, KvmDirtyBitmap | KvmDirtyBitmapManual | KvmDirtyRing) => (
+            "vCPU stores only: the GPU's own writes never",
+            Expect::SilentMiss,
+        ),
         _ => ("-", Expect::NotComparable),
     };
     Prediction { text, expect }

@@ -64,7 +64,10 @@ fn json_and_markdown_are_written_and_the_devices_are_not_found() {
 
 #[test]
 fn bad_arguments_are_a_usage_error_and_an_unwritable_report_path_exit_1() {
-    let out = Command::new(probe_bin()).arg("--no-such-flag").output().unwrap();
+    let out = Command::new(probe_bin())
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
     let out = Command::new(probe_bin())
@@ -85,7 +88,10 @@ fn bad_arguments_are_a_usage_error_and_an_unwritable_report_path_exit_1() {
 fn vmm_probe_subcommand_passes_arguments_and_exit_status_through() {
     let vmm = probe_bin().with_file_name("vmm");
     if !Path::new(&vmm).exists() {
-        eprintln!("SKIPPED: {} not built (cargo build --workspace --bins)", vmm.display());
+        eprintln!(
+            "SKIPPED: {} not built (cargo build --workspace --bins)",
+            vmm.display()
+        );
         return;
     }
     let out = Command::new(&vmm)
