@@ -87,9 +87,7 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
         ("precopy", "uffd-missing"),
         ("postcopy", "memslot-exits"),
         ("precopy", "uffd-missing"),
-        // uffd-minor is covered by the micro guest's postcopy and a Linux lazy restore; a
-        // Linux hybrid onto uffd-minor went silent once (open, see the issue 6 note).
-        ("hybrid", "uffd-missing"),
+        ("hybrid", "uffd-minor"),
         ("postcopy", "uffd-missing"),
     ];
     for (hop, (mode, demand)) in hops.iter().enumerate() {

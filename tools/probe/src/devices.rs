@@ -1,5 +1,5 @@
-//! GPU, VFIO and HMM devices: looked for under /dev, one line each. This version probes none of
-//! them; a device that is present is reported as such so its absence from the cells is explained.
+//! The device lines of the report: one each for the GPU (cuda/), VFIO (vfio/) and HMM (test_hmm,
+//! hmm/), saying what was found and probed, or in one line why nothing was.
 
 use std::path::Path;
 
@@ -14,74 +14,27 @@ pub struct DeviceFindings {
     pub line: DeviceLine,
 }
 
-fn entries(dir: &Path, prefix: &str) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(prefix))
-        .collect();
-    names.sort();
-    names
-}
-
-fn line(device: &str, found: Vec<String>, absent: String) -> DeviceLine {
-    if found.is_empty() {
-        DeviceLine {
-            device: device.into(),
-            found: false,
-            line: absent,
-        }
-    } else {
-        DeviceLine {
-            device: device.into(),
-            found: true,
-            line: format!(
-                "present ({}) but not probed yet by this version",
-                found.join(", ")
-            ),
-        }
+/// The HMM line before the life cycle runs: test_hmm's device nodes under `dev`, or why none.
+pub fn hmm_line(dev: &Path) -> DeviceLine {
+    let mut found: Vec<String> = std::fs::read_dir(dev)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("hmm_dmirror"))
+                .map(|n| format!("{}/{n}", dev.display()))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    DeviceLine {
+        device: "HMM".into(),
+        found: !found.is_empty(),
+        line: if found.is_empty() {
+            "no HMM device: no /dev/hmm_dmirror*".into()
+        } else {
+            format!("present ({})", found.join(", "))
+        },
     }
-}
-
-/// Looks under `dev` (normally /dev).
-pub fn scan(dev: &Path) -> Vec<DeviceLine> {
-    let gpu = entries(dev, "nvidia")
-        .into_iter()
-        .map(|n| format!("/dev/{n}"))
-        .collect();
-    // /dev/vfio/vfio is the container node, present whenever the module is loaded: a device is
-    // a numbered group or an iommufd cdev under /dev/vfio/devices/.
-    let vfio_dir = dev.join("vfio");
-    let mut vfio: Vec<String> = entries(&vfio_dir, "")
-        .into_iter()
-        .filter(|n| n != "vfio" && n != "devices")
-        .map(|n| format!("/dev/vfio/{n}"))
-        .collect();
-    vfio.extend(
-        entries(&vfio_dir.join("devices"), "")
-            .into_iter()
-            .map(|n| format!("/dev/vfio/devices/{n}")),
-    );
-    let hmm = entries(dev, "hmm_dmirror")
-        .into_iter()
-        .map(|n| format!("/dev/{n}"))
-        .collect();
-    vec![
-        line("GPU", gpu, "no GPU: no /dev/nvidia* device".into()),
-        line(
-            "VFIO",
-            vfio,
-            if vfio_dir.exists() {
-                "no VFIO device: /dev/vfio/ has no group or cdev".into()
-            } else {
-                "no VFIO: /dev/vfio/ absent".into()
-            },
-        ),
-        line("HMM", hmm, "no HMM device: no /dev/hmm_dmirror*".into()),
-    ]
 }
 
 #[cfg(test)]
@@ -89,17 +42,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn present_devices_are_named_and_not_claimed_probed() {
+    fn hmm_nodes_are_named_and_others_ignored() {
         let dir = std::env::temp_dir().join(format!("vmm-probe-devtest-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("vfio/devices")).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let none = hmm_line(&dir);
+        std::fs::write(dir.join("hmm_dmirror1"), b"").unwrap();
+        std::fs::write(dir.join("hmm_dmirror0"), b"").unwrap();
         std::fs::write(dir.join("nvidia0"), b"").unwrap();
-        std::fs::write(dir.join("vfio/vfio"), b"").unwrap();
-        let lines = scan(&dir);
+        let some = hmm_line(&dir);
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(lines[0].found);
-        assert!(lines[0].line.contains("/dev/nvidia0"), "{}", lines[0].line);
-        assert!(lines[0].line.contains("not probed yet"));
-        assert!(!lines[1].found, "the container node alone is no device");
-        assert!(!lines[2].found);
+        assert!(!none.found);
+        assert_eq!(none.line, "no HMM device: no /dev/hmm_dmirror*");
+        assert!(some.found);
+        let d = dir.display();
+        assert_eq!(
+            some.line,
+            format!("present ({d}/hmm_dmirror0, {d}/hmm_dmirror1)")
+        );
     }
 }

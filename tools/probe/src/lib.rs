@@ -152,16 +152,14 @@ pub fn run(opts: &ProbeOpts) -> Result<Report, ProbeError> {
             }
         }
     }
-    let mut devices = devices::scan(&opts.dev_dir);
-    // GPU (CUDA) and VFIO: each module makes its own memory kinds and cells, and its one line
-    // replaces the scan's.
+    // GPU (CUDA) and VFIO: each module makes its own memory kinds and cells, and its line.
+    let mut devices = Vec::new();
     for found in [cuda::probe(opts), vfio::probe(opts)] {
         kinds_out.extend(found.kinds);
         cells.extend(found.cells);
-        if let Some(d) = devices.iter_mut().find(|d| d.device == found.line.device) {
-            *d = found.line;
-        }
+        devices.push(found.line);
     }
+    devices.push(devices::hmm_line(&opts.dev_dir));
     // HMM: the emulated device (test_hmm) is there in the lab guest; run the life cycle on it.
     if let Some(path) = hmm::find_device(&opts.dev_dir) {
         let rows = hmm::lifecycle(&path);
