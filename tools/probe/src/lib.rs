@@ -20,6 +20,7 @@ pub mod pagemap;
 pub mod predict;
 pub mod render;
 pub mod report;
+pub mod thp;
 pub mod uffd;
 pub mod vfio;
 
@@ -39,6 +40,16 @@ pub enum ProbeError {
     },
     #[error("serialising the report: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: report version {found:?}, this probe reads version {}",
+        report::REPORT_VERSION
+    )]
+    Version { path: PathBuf, found: Option<u64> },
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -133,7 +144,12 @@ pub fn run(opts: &ProbeOpts) -> Result<Report, ProbeError> {
         } else {
             None
         };
-        let status = check_kind(kind, opts, _reservation.as_ref());
+        // Likewise the THP policy, where it is `never`.
+        let thp_policy = (kind == Kind::AnonThp).then(thp::ThpPolicy::ensure_madvise);
+        let mut status = check_kind(kind, opts, _reservation.as_ref());
+        if let Some(p) = &thp_policy {
+            status.note = format!("{}; {}", status.note, p.describe());
+        }
         let available = status.available;
         kinds_out.push(status);
         for mech in Mechanism::ALL {
@@ -229,7 +245,8 @@ fn check_kind(kind: Kind, opts: &ProbeOpts, res: Option<&HugepageReservation>) -
                 }
                 Ok(kb) => format!(
                     "{mib} MiB, MADV_HUGEPAGE, but AnonHugePages is only {kb} of {kib} kB: \
-                     NOT (all) huge, results below are for what the kernel gave"
+                     NOT (all) huge, results below are for what the kernel gave; {}",
+                    thp::pse()
                 ),
                 Err(e) => format!("{mib} MiB, MADV_HUGEPAGE; could not check hugeness: {e}"),
             }

@@ -3,12 +3,13 @@
 //! booted with `vmm run`; the guest's report is printed here.
 //! Exit 0 whatever the mechanisms did (that is the data); 1 only if the probe could not run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use vmm_probe::in_guest::{self, InGuestOpts};
+use vmm_probe::report::{Report, REPORT_VERSION};
 use vmm_probe::{lab_init, render, run, ProbeError, ProbeOpts};
 
 #[derive(Parser)]
@@ -61,6 +62,10 @@ struct Args {
     /// PVM hosts, depending on load).
     #[arg(long, default_value_t = 1200, requires = "in_guest")]
     timeout_s: u64,
+    /// Render a saved JSON report (as --json wrote it) instead of probing: as a table, or with
+    /// --markdown / --json.
+    #[arg(long, value_name = "PATH", conflicts_with = "in_guest")]
+    from_json: Option<PathBuf>,
     /// Internal: run as PID 1 of the lab guest (guest-images/lab/init).
     #[arg(long, hide = true)]
     lab_init: bool,
@@ -109,7 +114,10 @@ fn main_inner(args: Args) -> Result<(), ProbeError> {
         quick: args.quick,
         ..ProbeOpts::default()
     };
-    let report = run(&opts)?;
+    let report = match &args.from_json {
+        Some(path) => saved(path)?,
+        None => run(&opts)?,
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -120,6 +128,23 @@ fn main_inner(args: Args) -> Result<(), ProbeError> {
             .map_err(|source| ProbeError::Write { path, source })?;
     }
     Ok(())
+}
+
+/// A report read back from its JSON; only this version's reports are accepted, since the
+/// meaning of fields changes with the version.
+fn saved(path: &Path) -> Result<Report, ProbeError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ProbeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let version = serde_json::from_str::<serde_json::Value>(&text)?["version"].as_u64();
+    if version != Some(u64::from(REPORT_VERSION)) {
+        return Err(ProbeError::Version {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    Ok(serde_json::from_str(&text)?)
 }
 
 fn main() -> ExitCode {

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::report::{Cell, Outcome, Report};
+use crate::report::{Cell, Mechanism, Outcome, Report};
 
 fn matches(c: &Cell) -> &'static str {
     match c.matches_prediction {
@@ -61,6 +61,23 @@ pub fn text(r: &Report) -> String {
             c.predicted
         );
     }
+    let against: Vec<String> = r
+        .cells
+        .iter()
+        .filter(|c| c.matches_prediction == Some(false))
+        .map(|c| format!("{} / {}", c.label(), c.mechanism.name()))
+        .collect();
+    let _ = writeln!(
+        s,
+        "\ncontradicting TRACKING.md: {} of {} cells{}",
+        against.len(),
+        r.cells.len(),
+        if against.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", against.join("; "))
+        }
+    );
     let _ = writeln!(s, "\ndevices:");
     for d in &r.devices {
         let _ = writeln!(s, "  {:<5} {}", d.device, d.line);
@@ -77,6 +94,83 @@ fn md(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
 }
 
+/// An outcome as a matrix entry: findings in bold, a contradicted prediction marked.
+fn entry(c: &Cell) -> String {
+    let o = c.outcome.short();
+    let o = if matches!(
+        c.outcome,
+        Outcome::SilentMiss | Outcome::FalsePositive | Outcome::DeviceFault { .. }
+    ) {
+        format!("**{o}**")
+    } else {
+        o
+    };
+    if c.matches_prediction == Some(false) {
+        format!("{o} (≠)")
+    } else {
+        o
+    }
+}
+
+/// The cells as one matrix (a row per memory kind or life-cycle step, a column per mechanism),
+/// then every cell that contradicts TRACKING.md: what a reader looks for first.
+fn glance(s: &mut String, r: &Report) {
+    let mut mechs: Vec<Mechanism> = Vec::new();
+    let mut rows: Vec<String> = Vec::new();
+    for c in &r.cells {
+        if !mechs.contains(&c.mechanism) {
+            mechs.push(c.mechanism);
+        }
+        if !rows.contains(&c.label()) {
+            rows.push(c.label());
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n## At a glance\n\n(≠: contradicts TRACKING.md's prediction; -: not tried)\n"
+    );
+    let head: Vec<&str> = mechs.iter().map(|m| m.name()).collect();
+    let _ = writeln!(s, "| memory | {} |", head.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(mechs.len()));
+    for row in &rows {
+        let line: Vec<String> = mechs
+            .iter()
+            .map(|m| {
+                r.cells
+                    .iter()
+                    .find(|c| &c.label() == row && c.mechanism == *m)
+                    .map_or_else(|| "-".to_string(), |c| md(&entry(c)))
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", md(row), line.join(" | "));
+    }
+    let against: Vec<&Cell> = r
+        .cells
+        .iter()
+        .filter(|c| c.matches_prediction == Some(false))
+        .collect();
+    let _ = writeln!(
+        s,
+        "\n### Contradicting TRACKING.md ({} of {} cells)\n",
+        against.len(),
+        r.cells.len()
+    );
+    for c in against {
+        let _ = writeln!(
+            s,
+            "- {} / {}: {}, predicted {}: {}",
+            md(&c.label()),
+            c.mechanism.name(),
+            c.outcome.short(),
+            md(&c.predicted),
+            md(&c.evidence)
+        );
+    }
+}
+
 pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# vmm-probe report (v{})\n", r.version);
@@ -88,6 +182,7 @@ pub fn markdown(r: &Report) -> String {
             r.host.uffd_feature_names.join(", ")
         );
     }
+    glance(&mut s, r);
     let _ = writeln!(
         s,
         "\n## Memory kinds\n\n| memory | created | note |\n|---|---|---|"

@@ -102,3 +102,52 @@ fn vmm_probe_subcommand_passes_arguments_and_exit_status_through() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     assert_eq!(r["version"], 4);
 }
+
+#[test]
+fn a_saved_report_renders_again_and_a_wrong_one_is_refused() {
+    let dir = std::env::temp_dir().join(format!("vmm-probe-cli-saved-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(probe_bin())
+        .args(["--quick", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let json = dir.join("r.json");
+    std::fs::write(&json, &out.stdout).unwrap();
+    let md = dir.join("r.md");
+    let again = Command::new(probe_bin())
+        .arg("--from-json")
+        .arg(&json)
+        .arg("--markdown")
+        .arg(&md)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    let markdown = std::fs::read_to_string(&md).unwrap();
+    assert!(markdown.contains("## At a glance"), "{markdown}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("devices:"));
+
+    let mut old: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    old["version"] = 3.into();
+    let v3 = dir.join("v3.json");
+    std::fs::write(&v3, old.to_string()).unwrap();
+    let garbage = dir.join("garbage.json");
+    std::fs::write(&garbage, b"{not json").unwrap();
+    for (path, says) in [
+        (&v3, "report version Some(3)"),
+        (&garbage, "key must be a string"),
+    ] {
+        let o = Command::new(probe_bin())
+            .arg("--from-json")
+            .arg(path)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(says),
+            "{}",
+            text(&o)
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
