@@ -304,6 +304,23 @@ fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Findin
     if let Err(why) = tracker.arm() {
         return (Outcome::Unavailable { why: why.clone() }, why);
     }
+    // Nothing written since arming: anything reported now is reported for nothing (clear_refs
+    // skips DMA-pinned pages, for one), and would hide a miss among the written pages.
+    match tracker.harvest() {
+        Ok(stuck) if !stuck.is_empty() => {
+            return (
+                Outcome::FalsePositive,
+                format!(
+                    "armed, and with nothing written {} reported pages {stuck:?} (of {}): it \
+                     cannot be cleared here, so writes cannot be told apart",
+                    mech.name(),
+                    ext.len / SMALL
+                ),
+            )
+        }
+        Ok(_) => {}
+        Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
+    }
     let (pages, wrote) = match source {
         Source::Cpu => {
             for &p in &CPU_PAGES {
@@ -331,24 +348,49 @@ fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Findin
     };
     drop(tracker);
     let (outcome, evidence) = judge(pages, &seen);
-    let landed = landed(ext, pages, source);
-    (outcome, format!("{wrote}: {evidence}{landed}"))
+    let (landed, note) = landed(ext, pages, source);
+    not_landed_or(
+        landed,
+        pages.len(),
+        outcome,
+        format!("{wrote}: {evidence}{note}"),
+    )
+}
+
+/// A device write the CPU cannot read back may never have happened where the mechanism looks
+/// (a page moved or copied away): then neither a miss nor a hit can be claimed.
+fn not_landed_or(landed: Option<usize>, written: usize, outcome: Outcome, ev: String) -> Finding {
+    match landed {
+        Some(n) if n < written => (
+            Outcome::Unavailable {
+                why: format!(
+                    "the write is visible to the CPU in only {n} of {written} pages, so the \
+                     mechanism's report cannot be judged"
+                ),
+            },
+            ev,
+        ),
+        _ => (outcome, ev),
+    }
 }
 
 /// The CPU's read-back of the written pages: proof that the writes happened, so a miss is
 /// really a miss. Read after harvesting (a read may migrate managed memory back to the CPU).
-fn landed(ext: &External, pages: &[usize], source: Source) -> String {
+fn landed(ext: &External, pages: &[usize], source: Source) -> (Option<usize>, String) {
     if !ext.cpu_access {
-        return String::new();
+        return (None, String::new());
     }
     let want = match source {
         Source::Cpu => CPU_VALUE,
         Source::Device => DEVICE_VALUE,
     };
     let ok = pages.iter().filter(|&&p| load(ext.addr, p) == want).count();
-    format!(
-        "; CPU reads the value back in {ok} of {} written pages",
-        pages.len()
+    (
+        Some(ok),
+        format!(
+            "; CPU reads the value back in {ok} of {} written pages",
+            pages.len()
+        ),
     )
 }
 
@@ -369,12 +411,23 @@ fn device_cell(ext: &mut External, mech: Mechanism) -> Finding {
     match mech {
         Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyBitmapManual | Mechanism::KvmDirtyRing => {
             let log = kvm::Log::of(mech);
+            if !ext.cpu_access {
+                return (
+                    Outcome::NotApplicable,
+                    "no CPU mapping: no memslot can be made over it".into(),
+                );
+            }
             let (addr, len) = (ext.addr, ext.len);
             let Some(dev) = ext.device.as_mut() else {
                 return unreachable_finding(mech);
             };
             let mut write = |a: usize| dev.write_pages(a, &DEVICE_PAGES, DEVICE_VALUE);
-            kvm::dirty_log_external(addr, len, log, false, Some(&mut write))
+            let (outcome, ev) = kvm::dirty_log_external(addr, len, log, false, Some(&mut write));
+            if !matches!(outcome, Outcome::Works | Outcome::SilentMiss) {
+                return (outcome, ev);
+            }
+            let (landed, note) = landed(ext, &DEVICE_PAGES, Source::Device);
+            not_landed_or(landed, DEVICE_PAGES.len(), outcome, format!("{ev}{note}"))
         }
         _ => {
             if ext.cpu_access {

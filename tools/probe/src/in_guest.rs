@@ -4,6 +4,7 @@
 //! guest's framed report on the console (frame.rs) and returns it. The guest needs no /dev/kvm
 //! of its own: every KVM cell there says so; the HMM and soft-dirty rows are the point.
 
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -43,9 +44,14 @@ pub struct GuestReport {
 
 fn build(script: &Path) -> Result<(), String> {
     eprintln!("vmm-probe: {} --lab", script.display());
+    // The build's progress goes to stderr: stdout carries the report (--json).
+    let to_stderr = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("duplicating stderr: {e}"))?;
     let status = Command::new(script)
         .arg("--lab")
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::from(to_stderr))
         .stderr(Stdio::inherit())
         .status()
         .map_err(|e| format!("running {}: {e}", script.display()))?;

@@ -531,10 +531,10 @@ pub fn dirty_log_external(
         Some(write) => {
             if let Err(e) = write(addr) {
                 let why = format!("{slot_note}; the device's write failed: {}", e.why);
-                return if e.faulted {
-                    (Outcome::DeviceFault { why: e.why }, why)
-                } else {
-                    (Outcome::Unavailable { why: e.why }, why)
+                return match (e.faulted, e.errno) {
+                    (true, _) => (Outcome::DeviceFault { why: e.why }, why),
+                    (false, Some(code)) => (Outcome::errno(code), why),
+                    (false, None) => (Outcome::Unavailable { why: e.why }, why),
                 };
             }
             (

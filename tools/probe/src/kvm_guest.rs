@@ -120,9 +120,26 @@ pub fn load(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd, gpas: &[u64]) -> Result<Control
         memory_size: CONTROL_LEN as u64,
         userspace_addr: ctl.map.ptr as u64,
     };
-    // SAFETY: the control mapping is returned to the caller, who keeps it until the VM is gone.
+    // SAFETY: the control mapping is returned to the caller, who keeps it until the VM is gone;
+    // on the error path below the slot is deleted before the mapping is dropped.
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("control memslot: {e}"))?;
+    if let Err(e) = enter_cpl3(kvm, vcpu) {
+        let gone = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..region
+        };
+        // SAFETY: deleting the slot (size 0) makes KVM drop its reference to the mapping, which
+        // is unmapped only after this, when `ctl` goes out of scope.
+        if let Err(d) = unsafe { vm.set_user_memory_region(gone) } {
+            return Err(format!("{e}; deleting the control memslot: {d}"));
+        }
+        return Err(e);
+    }
+    Ok(ctl)
+}
 
+/// The vCPU's CPUID, segments, paging and registers for the CPL3 stores of `code`.
+fn enter_cpl3(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), String> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID: {e}"))?;
@@ -155,8 +172,7 @@ pub fn load(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd, gpas: &[u64]) -> Result<Control
     regs.rsp = STACK;
     regs.rflags = 0x3002; // IOPL=3: the port write is allowed at CPL3
     vcpu.set_regs(&regs)
-        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-    Ok(ctl)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))
 }
 
 /// Runs the loaded guest until it writes the done port; anything else is an error, described.

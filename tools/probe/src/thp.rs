@@ -46,8 +46,8 @@ impl ThpPolicy {
 
     pub fn describe(&self) -> String {
         if self.changed {
-            "THP policy was never (the default below 512 MiB of RAM): madvise while probed, \
-             never restored afterwards"
+            "THP policy was `never` (the default below 512 MiB of RAM): set to `madvise` while \
+             probed, then back to `never`"
                 .into()
         } else {
             format!("THP policy {}", self.found)

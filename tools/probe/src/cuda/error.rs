@@ -10,6 +10,8 @@ pub const CUDA_SUCCESS: CuResult = 0;
 pub const CUDA_ERROR_NOT_READY: CuResult = 600;
 pub const CUDA_ERROR_ILLEGAL_ADDRESS: CuResult = 700;
 pub const CUDA_ERROR_LAUNCH_TIMEOUT: CuResult = 702;
+pub const CUDA_ERROR_ECC_UNCORRECTABLE: CuResult = 214;
+pub const CUDA_ERROR_ASSERT: CuResult = 710;
 pub const CUDA_ERROR_HARDWARE_STACK_ERROR: CuResult = 714;
 pub const CUDA_ERROR_ILLEGAL_INSTRUCTION: CuResult = 715;
 pub const CUDA_ERROR_MISALIGNED_ADDRESS: CuResult = 716;
@@ -66,8 +68,6 @@ pub fn is_memory_fault(code: CuResult) -> bool {
             | CUDA_ERROR_MISALIGNED_ADDRESS
             | CUDA_ERROR_INVALID_ADDRESS_SPACE
             | CUDA_ERROR_LAUNCH_FAILED
-            // A watchdog's verdict on a kernel that could not finish its stores.
-            | CUDA_ERROR_LAUNCH_TIMEOUT
     )
 }
 
@@ -80,6 +80,10 @@ pub fn is_sticky(code: CuResult) -> bool {
             CUDA_ERROR_HARDWARE_STACK_ERROR
                 | CUDA_ERROR_ILLEGAL_INSTRUCTION
                 | CUDA_ERROR_INVALID_PC
+                // A display watchdog ended the kernel: sticky, but not the memory's doing.
+                | CUDA_ERROR_LAUNCH_TIMEOUT
+                | CUDA_ERROR_ECC_UNCORRECTABLE
+                | CUDA_ERROR_ASSERT
         )
 }
 
@@ -137,10 +141,10 @@ mod tests {
 
     #[test]
     fn faults_are_sticky_and_not_ready_is_neither() {
-        for code in [700, 716, 717, 719, 702] {
+        for code in [700, 716, 717, 719] {
             assert!(is_memory_fault(code) && is_sticky(code), "{code}");
         }
-        for code in [714, 715, 718] {
+        for code in [714, 715, 718, 702, 214, 710] {
             assert!(is_sticky(code) && !is_memory_fault(code), "{code}");
         }
         for code in [0, 1, 2, 600, 801] {

@@ -206,7 +206,9 @@ fn map_and_probe(
         None => "the whole region".into(),
     };
     let writes = if cpu_writes {
-        "CPU and guest writes allowed (--bar-writes, prefetchable)".to_string()
+        "CPU and guest writes allowed (--bar-writes, prefetchable): the mapped area's pages \
+         are overwritten (a word at the start of each) before the write checks"
+            .to_string()
     } else if !prefetch {
         match &pref {
             Err(why) => format!("never read or written: prefetchable unknown ({why})"),
