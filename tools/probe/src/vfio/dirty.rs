@@ -1,7 +1,7 @@
 //! The DMA dirty-tracking mechanisms on an opened device, one cell each, over a fresh 2 MiB
-//! anonymous buffer DMA-mapped at [`IOVA`]: iommufd hardware dirty tracking (cdev path), VFIO
-//! type1 `VFIO_IOMMU_DIRTY_PAGES` (group path) and VFIO device DMA logging (both). Each is
-//! enabled, the CPU stores to two pages, the bitmap is read, and everything is undone in
+//! anonymous buffer DMA-mapped at [`IOVA`] (2 MiB further per mechanism): iommufd hardware
+//! dirty tracking (cdev path), VFIO type1 `VFIO_IOMMU_DIRTY_PAGES` (group path) and VFIO
+//! device DMA logging (both). Each is enabled, the CPU stores to two pages, the bitmap is read, and everything is undone in
 //! reverse order, on every path. The probe cannot make the device DMA (that needs its driver),
 //! so a cell says whether tracking could be enabled and what the bitmap held, never that device
 //! writes were seen. The buffer is mapped and unmapped, the HWPT allocated, attached and
@@ -59,7 +59,9 @@ pub fn probe(opened: &Opened, bdf: &str) -> DmaFindings {
             available: true,
             note: format!(
                 "{} KiB private anonymous, MADV_NOHUGEPAGE, a fresh one per mechanism, \
-                 DMA-mapped read/write at IOVA {IOVA:#x}",
+                 DMA-mapped read/write at IOVA {IOVA:#x} + {} KiB per mechanism (a failed \
+                 unmap cannot collide with the next mapping)",
+                BUF_LEN >> 10,
                 BUF_LEN >> 10
             ),
         },
@@ -82,30 +84,33 @@ fn buffer(steps: &Steps) -> Result<DmaBuffer, Finding> {
 /// length was unmapped).
 fn map_dma<'a>(
     ops: &'a dyn VfioOps,
+    iova: u64,
     buf: &'a DmaBuffer,
     (what, done): (&str, &str),
     steps: &mut Steps,
 ) -> Result<Undo<'a>, Finding> {
     // SAFETY: `buf` is only touched through raw pointers and outlives the guard, which unmaps
     // before `buf` is dropped (every caller declares the guard after the buffer).
-    unsafe { ops.vfio_dma_map(IOVA, BUF_LEN, buf.ptr()) }.map_err(|e| steps.fail(what, &e))?;
-    steps.ok(format!("{} KiB {done} at IOVA {IOVA:#x}", BUF_LEN >> 10));
+    unsafe { ops.vfio_dma_map(iova, BUF_LEN, buf.ptr()) }.map_err(|e| steps.fail(what, &e))?;
+    steps.ok(format!("{} KiB {done} at IOVA {iova:#x}", BUF_LEN >> 10));
     Ok(Undo::new("unmapping the buffer", move || {
-        ops.vfio_dma_unmap(IOVA, BUF_LEN).map_err(|e| chain(&e))
+        ops.vfio_dma_unmap(iova, BUF_LEN).map_err(|e| chain(&e))
     }))
 }
 
 fn map_ioas<'a>(
     c: &'a CdevOpen,
+    iova: u64,
     buf: &'a DmaBuffer,
     steps: &mut Steps,
 ) -> Result<Undo<'a>, Finding> {
     let what = ("mapping the buffer", "IOAS-mapped");
-    map_dma(&*c.iommufd, buf, what, steps)
+    map_dma(&*c.iommufd, iova, buf, what, steps)
 }
 
 fn map_type1<'a>(
     container: &'a VfioContainer,
+    iova: u64,
     buf: &'a DmaBuffer,
     steps: &mut Steps,
 ) -> Result<Undo<'a>, Finding> {
@@ -113,7 +118,14 @@ fn map_type1<'a>(
         "mapping the buffer (VFIO_IOMMU_MAP_DMA)",
         "VFIO_IOMMU_MAP_DMA'd",
     );
-    map_dma(container, buf, what, steps)
+    map_dma(container, iova, buf, what, steps)
+}
+
+/// Each mechanism's own IOVA window, so a mapping a failed unmap left behind cannot make the
+/// next mechanism's map fail (EEXIST) and be blamed on it.
+fn iova_of(mech: Mechanism) -> u64 {
+    let i = Mechanism::DMA.iter().position(|&m| m == mech).unwrap_or(0);
+    IOVA + (i * BUF_LEN) as u64
 }
 
 fn iommufd_cell(opened: &Opened) -> Finding {
@@ -164,7 +176,8 @@ fn iommufd_run(c: &CdevOpen, steps: &mut Steps) -> Result<Finding, Finding> {
     });
     steps.ok("device attached to it");
     let buf = buffer(steps)?;
-    let unmap = map_ioas(c, &buf, steps)?;
+    let iova = iova_of(Mechanism::IommufdHwDirty);
+    let unmap = map_ioas(c, iova, &buf, steps)?;
     iommufd::set_dirty_tracking(fd, hwpt, true).map_err(|e| steps.fail("enabling tracking", &e))?;
     let disable = Undo::new("disabling tracking", move || {
         iommufd::set_dirty_tracking(fd, hwpt, false).map_err(|e| chain(&e))
@@ -172,7 +185,7 @@ fn iommufd_run(c: &CdevOpen, steps: &mut Steps) -> Result<Finding, Finding> {
     steps.ok("tracking enabled");
     buf.cpu_writes();
     let mut bitmap = [0u64; PAGES / 64];
-    iommufd::get_dirty_bitmap(fd, hwpt, IOVA, BUF_LEN as u64, SMALL as u64, &mut bitmap)
+    iommufd::get_dirty_bitmap(fd, hwpt, iova, BUF_LEN as u64, SMALL as u64, &mut bitmap)
         .map_err(|e| steps.fail("reading the bitmap", &e))?;
     let torn: Vec<String> = [disable.run(), unmap.run(), reattach.run(), destroy.run()]
         .into_iter()
@@ -232,7 +245,8 @@ fn type1_run(
     steps: &mut Steps,
 ) -> Result<Finding, Finding> {
     let buf = buffer(steps)?;
-    let unmap = map_type1(container, &buf, steps)?;
+    let iova = iova_of(Mechanism::VfioType1Dirty);
+    let unmap = map_type1(container, iova, &buf, steps)?;
     type1::start(container).map_err(|e| steps.fail("starting tracking", &e))?;
     let stop = Undo::new("stopping tracking", move || {
         type1::stop(container).map_err(|e| chain(&e))
@@ -241,7 +255,7 @@ fn type1_run(
     buf.cpu_writes();
     let bits = (BUF_LEN as u64).div_ceil(pgsize) as usize;
     let mut bitmap = vec![0u64; bits.div_ceil(64)];
-    type1::bitmap(container, IOVA, BUF_LEN as u64, pgsize, &mut bitmap)
+    type1::bitmap(container, iova, BUF_LEN as u64, pgsize, &mut bitmap)
         .map_err(|e| steps.fail(&format!("reading the bitmap in {pgsize}-byte pages"), &e))?;
     let torn: Vec<String> = [stop.run(), unmap.run()].into_iter().flatten().collect();
     Ok(judge(
@@ -265,14 +279,15 @@ fn logging_cell(opened: &Opened) -> Finding {
 /// opened either way.
 fn logging_run(opened: &Opened, steps: &mut Steps) -> Result<Finding, Finding> {
     let buf = buffer(steps)?;
+    let iova = iova_of(Mechanism::VfioDmaLogging);
     let unmap = match opened {
-        Opened::Cdev(c) => map_ioas(c, &buf, steps)?,
-        Opened::Legacy { container, .. } => map_type1(container, &buf, steps)?,
+        Opened::Cdev(c) => map_ioas(c, iova, &buf, steps)?,
+        Opened::Legacy { container, .. } => map_type1(container, iova, &buf, steps)?,
     };
     let device = opened.device();
     let page = SMALL as u64;
     let range = DmaLoggingRange {
-        iova: IOVA,
+        iova,
         length: BUF_LEN as u64,
     };
     let started = device.start_dma_logging(page, &[range]).map_err(|e| {
@@ -301,4 +316,18 @@ fn logging_run(opened: &Opened, steps: &mut Steps) -> Result<Finding, Finding> {
         false,
         &torn,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mechanism_maps_its_own_iova_window() {
+        let w: Vec<u64> = Mechanism::DMA.iter().map(|&m| iova_of(m)).collect();
+        assert_eq!(w[0], IOVA);
+        for pair in w.windows(2) {
+            assert_eq!(pair[1] - pair[0], BUF_LEN as u64);
+        }
+    }
 }
