@@ -16,7 +16,7 @@ use crate::hmm::trackers::{self, Range};
 use crate::kinds::SMALL;
 use crate::kvm;
 use crate::predict::{predict, predict_device_write, Row};
-use crate::report::{Cell, Mechanism, Outcome};
+use crate::report::{judge, Cell, Mechanism, Outcome};
 use crate::uffd::Finding;
 
 /// Pages the CPU writes in the CPU check, and the device in the device check: apart, so a
@@ -224,28 +224,6 @@ fn load(addr: usize, page: usize) -> u64 {
     unsafe { std::ptr::read_volatile((addr + page * SMALL) as *const u64) }
 }
 
-/// What a tracker reported against what was written.
-fn judge(written: &[usize], seen: &BTreeSet<usize>) -> (Outcome, String) {
-    let written: BTreeSet<usize> = written.iter().copied().collect();
-    let misses: Vec<_> = written.difference(seen).collect();
-    let extra: Vec<_> = seen.difference(&written).collect();
-    let outcome = if !misses.is_empty() {
-        Outcome::SilentMiss
-    } else if !extra.is_empty() {
-        Outcome::FalsePositive
-    } else {
-        Outcome::Works
-    };
-    (
-        outcome,
-        format!(
-            "wrote pages {written:?}, reported {seen:?}: {} misses, {} false positives",
-            misses.len(),
-            extra.len()
-        ),
-    )
-}
-
 fn cpu_cell(ext: &mut External, mech: Mechanism) -> Finding {
     if !ext.cpu_access {
         // Also KVM's: a memslot needs a host mapping of the memory.
@@ -347,7 +325,8 @@ fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Findin
         Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
     };
     drop(tracker);
-    let (outcome, evidence) = judge(pages, &seen);
+    let written: BTreeSet<usize> = pages.iter().copied().collect();
+    let (outcome, evidence) = judge(&written, &seen);
     let (landed, note) = landed(ext, pages, source);
     not_landed_or(
         landed,
@@ -485,9 +464,10 @@ mod tests {
     #[test]
     fn judge_names_misses_before_false_positives() {
         let seen: BTreeSet<usize> = [1, 3].into_iter().collect();
-        assert_eq!(judge(&[1, 5], &seen).0, Outcome::SilentMiss);
-        assert_eq!(judge(&[1], &seen).0, Outcome::FalsePositive);
-        assert_eq!(judge(&[1, 3], &seen).0, Outcome::Works);
+        let set = |p: &[usize]| p.iter().copied().collect::<BTreeSet<usize>>();
+        assert_eq!(judge(&set(&[1, 5]), &seen).0, Outcome::SilentMiss);
+        assert_eq!(judge(&set(&[1]), &seen).0, Outcome::FalsePositive);
+        assert_eq!(judge(&set(&[1, 3]), &seen).0, Outcome::Works);
     }
 
     #[test]

@@ -585,12 +585,5 @@ pub fn dirty_log_external(
          {extra} false positives",
         log.name()
     );
-    let outcome = if misses > 0 {
-        Outcome::SilentMiss
-    } else if extra > 0 {
-        Outcome::FalsePositive
-    } else {
-        Outcome::Works
-    };
-    (outcome, evidence)
+    (Outcome::of_write_check(misses, extra), evidence)
 }

@@ -2,6 +2,8 @@
 //! what was seen, and TRACKING.md's prediction for it. Serialised as JSON (schema in
 //! `report.schema.json`), rendered as text and Markdown by `render`.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a field is added, removed or changes meaning; the schema pins it.
@@ -154,6 +156,34 @@ impl Outcome {
             Outcome::Unavailable { .. } => "unavailable".into(),
         }
     }
+}
+
+impl Outcome {
+    /// A write check's verdict: a missed write outranks a reported one that never happened.
+    pub fn of_write_check(missed: usize, false_positives: usize) -> Outcome {
+        if missed > 0 {
+            Outcome::SilentMiss
+        } else if false_positives > 0 {
+            Outcome::FalsePositive
+        } else {
+            Outcome::Works
+        }
+    }
+}
+
+/// Pages written against pages a mechanism reported: the verdict and the evidence line.
+pub fn judge<T: Ord + std::fmt::Debug>(
+    written: &BTreeSet<T>,
+    seen: &BTreeSet<T>,
+) -> (Outcome, String) {
+    let missed = written.difference(seen).count();
+    let extra = seen.difference(written).count();
+    (
+        Outcome::of_write_check(missed, extra),
+        format!(
+            "wrote pages {written:?}, reported {seen:?}: {missed} missed, {extra} false positives"
+        ),
+    )
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -24,7 +24,7 @@ use vmm::sys::pagemap::{Pagemap, PM_PRESENT, PM_SWAP};
 
 use crate::kinds::{Mapping, SMALL};
 use crate::predict::{predict_hmm, HmmStep};
-use crate::report::{errno_name, Cell, Mechanism, Outcome};
+use crate::report::{errno_name, judge, Cell, Mechanism, Outcome};
 use dmirror::Dmirror;
 use trackers::{Range, Tracker};
 
@@ -175,24 +175,6 @@ impl Region {
 }
 
 /// What the mechanism reported against what happened.
-fn judge(written: &BTreeSet<usize>, seen: &BTreeSet<usize>) -> (Outcome, String) {
-    let missed: Vec<_> = written.difference(seen).collect();
-    let extra: Vec<_> = seen.difference(written).collect();
-    let text = format!(
-        "wrote pages {written:?}, reported {seen:?}: {} missed, {} false positives",
-        missed.len(),
-        extra.len()
-    );
-    let outcome = if !missed.is_empty() {
-        Outcome::SilentMiss
-    } else if !extra.is_empty() {
-        Outcome::FalsePositive
-    } else {
-        Outcome::Works
-    };
-    (outcome, text)
-}
-
 fn errno_text(code: i32) -> String {
     format!("{} ({code})", errno_name(code))
 }
