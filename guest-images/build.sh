@@ -152,25 +152,29 @@ kernel_hash() {
 # Busybox applets linked in the initramfs (the guest agent does the real work).
 BUSYBOX_APPLETS=(sh ash cat echo ls mkdir mount umount sleep dmesg uname poweroff reboot)
 
-initramfs_build() {
-    local dest=$1 log=$2 work=$3
-    local root=$work/root agent=$AGENT_TARGET_DIR/$AGENT_TRIPLE/release/vmm-agent a
+# Packs one static Rust binary (cargo package PKG, binary BIN, built in TARGET_DIR) with
+# busybox and its applets, INIT as /init and the fstab, as $dest/$INITRAMFS_NAME. Shared by the
+# default initramfs (vmm-agent) and the lab one (vmm-probe, lab.sh).
+static_initramfs_build() {
+    local dest=$1 log=$2 work=$3 pkg=$4 bin=$5 target_dir=$6 init=$7
+    shift 7
+    local root=$work/root exe=$target_dir/$AGENT_TRIPLE/release/$bin a
     rm -rf "$work"
-    mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root}
-    say "  [1/3] cargo build --release -p vmm-agent (static, target dir $AGENT_TARGET_DIR)"
+    mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root,var/tmp}
+    say "  [1/3] cargo build --release -p $pkg (static, target dir $target_dir)"
     (cd "$REPO" && export RUSTFLAGS="-C target-feature=+crt-static" && run_logged "$log" \
-        cargo build --release --locked -p vmm-agent --target "$AGENT_TRIPLE" \
-        --target-dir "$AGENT_TARGET_DIR")
+        cargo build --release --locked -p "$pkg" --bin "$bin" --target "$AGENT_TRIPLE" \
+        --target-dir "$target_dir")
     local headers
-    headers=$(readelf -l "$agent")
+    headers=$(readelf -l "$exe")
     if [[ $headers == *"Requesting program interpreter"* ]]; then
-        die "$agent is dynamically linked (expected a static binary)"
+        die "$exe is dynamically linked (expected a static binary)"
     fi
     say "  [2/3] assembling the tree"
     cp "$BUSYBOX" "$root/bin/busybox"
-    for a in "${BUSYBOX_APPLETS[@]}"; do ln -s busybox "$root/bin/$a"; done
-    strip -o "$root/sbin/vmm-agent" "$agent"
-    install -m 0755 "$INIT_SCRIPT" "$root/init"
+    for a in "$@"; do ln -s busybox "$root/bin/$a"; done
+    strip -o "$root/sbin/$bin" "$exe"
+    install -m 0755 "$init" "$root/init"
     install -m 0644 "$FSTAB" "$root/etc/fstab"
     mknod -m 0600 "$root/dev/console" c 5 1
     mknod -m 0666 "$root/dev/null" c 1 3
@@ -180,11 +184,16 @@ initramfs_build() {
         cpio --null -o -H newc -R 0:0 --reproducible --quiet >"$dest/$INITRAMFS_NAME")
 }
 
+initramfs_build() {
+    static_initramfs_build "$1" "$2" "$3" vmm-agent vmm-agent "$AGENT_TARGET_DIR" \
+        "$INIT_SCRIPT" "${BUSYBOX_APPLETS[@]}"
+}
+
 initramfs_hash() {
     {
         echo "initramfs-recipe-v1 $INITRAMFS_NAME ${BUSYBOX_APPLETS[*]}"
         hash_paths "$INIT_SCRIPT" "$FSTAB" "$HERE/agent" "$HERE/abi" "$REPO/Cargo.lock" "$REPO/Cargo.toml"
-        declare -f initramfs_build
+        declare -f initramfs_build static_initramfs_build
         echo "busybox-static $(pkg_version busybox-static)"
         (cd "$REPO" && rustc -Vv)
     } | short_hash

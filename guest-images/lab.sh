@@ -58,31 +58,8 @@ lab_kernel_hash() {
 }
 
 lab_initramfs_build() {
-    local dest=$1 log=$2 work=$3
-    local root=$work/root probe=$LAB_PROBE_TARGET_DIR/$AGENT_TRIPLE/release/vmm-probe a
-    rm -rf "$work"
-    mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc,root,var/tmp}
-    say "  [1/3] cargo build --release -p vmm-probe (static, target dir $LAB_PROBE_TARGET_DIR)"
-    (cd "$REPO" && export RUSTFLAGS="-C target-feature=+crt-static" && run_logged "$log" \
-        cargo build --release --locked -p vmm-probe --bin vmm-probe --target "$AGENT_TRIPLE" \
-        --target-dir "$LAB_PROBE_TARGET_DIR")
-    local headers
-    headers=$(readelf -l "$probe")
-    if [[ $headers == *"Requesting program interpreter"* ]]; then
-        die "$probe is dynamically linked (expected a static binary)"
-    fi
-    say "  [2/3] assembling the tree"
-    cp "$BUSYBOX" "$root/bin/busybox"
-    for a in "${LAB_BUSYBOX_APPLETS[@]}"; do ln -s busybox "$root/bin/$a"; done
-    strip -o "$root/sbin/vmm-probe" "$probe"
-    install -m 0755 "$LAB_INIT_SCRIPT" "$root/init"
-    install -m 0644 "$FSTAB" "$root/etc/fstab"
-    mknod -m 0600 "$root/dev/console" c 5 1
-    mknod -m 0666 "$root/dev/null" c 1 3
-    say "  [3/3] packing $INITRAMFS_NAME (newc)"
-    find "$root" -exec touch -h -d @0 {} +
-    (cd "$root" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-        cpio --null -o -H newc -R 0:0 --reproducible --quiet >"$dest/$INITRAMFS_NAME")
+    static_initramfs_build "$1" "$2" "$3" vmm-probe vmm-probe "$LAB_PROBE_TARGET_DIR" \
+        "$LAB_INIT_SCRIPT" "${LAB_BUSYBOX_APPLETS[@]}"
 }
 
 lab_initramfs_hash() {
@@ -91,7 +68,7 @@ lab_initramfs_hash() {
         # vmm-probe and every workspace crate it builds on.
         hash_paths "$LAB_INIT_SCRIPT" "$FSTAB" "$REPO/tools/probe" "$REPO/vmm" "$REPO/devices" \
             "$HERE/abi" "$HERE/micro" "$REPO/Cargo.lock" "$REPO/Cargo.toml"
-        declare -f lab_initramfs_build
+        declare -f lab_initramfs_build static_initramfs_build
         echo "busybox-static $(pkg_version busybox-static)"
         (cd "$REPO" && rustc -Vv)
     } | short_hash
