@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::process::{remote, wait_api, Bg};
+use crate::micro::{micro_source, wait_some_passes};
 use crate::vmm_bin;
 
 /// Passes of the snapshotted micro guest: still running when the snapshot is taken, finished
@@ -16,28 +16,8 @@ pub const PASSES: u64 = 20000;
 
 /// Runs the micro guest, lets it do some passes, snapshots it with --exit into DIR/snap.
 pub fn snapshot_micro(dir: &Path, extra: &[&str]) -> PathBuf {
-    let sock = dir.join("src.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args(["run", "--micro", "--pattern", "random", "--region-mib", "4"])
-        .args([
-            "--param",
-            "256",
-            "--passes",
-            &PASSES.to_string(),
-            "--verify",
-        ])
-        .args(["--console", "none", "--json", "--api-socket"])
-        .arg(&sock)
-        .args(extra);
-    let src = Bg::spawn("source", cmd);
-    wait_api(&sock, Duration::from_secs(20));
-    for _ in 0..500 {
-        let (_, v, _) = remote(&sock, &["status", "--json"]);
-        if v["micro_passes"].as_u64().unwrap_or(0) >= 20 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let (src, sock) = micro_source(dir, PASSES, extra);
+    wait_some_passes(&sock, 500);
     let snap = dir.join("snap");
     let out = Command::new(vmm_bin())
         .args(["snapshot", "--api-socket"])

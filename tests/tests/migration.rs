@@ -7,12 +7,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vmm_tests::process::{free_port, remote, wait_api, Bg};
+use vmm_tests::micro::{micro_source, wait_some_passes};
+use vmm_tests::process::{free_port, remote, Bg};
 use vmm_tests::vmm_bin;
 
 /// Passes long enough that the guest is still running when the migration starts, short enough
 /// that it finishes soon after on the destination.
-const PASSES: &str = "20000";
+const PASSES: u64 = 20000;
 
 fn destination(dir: &Path, port: u16, extra: &[&str]) -> Bg {
     let mut cmd = Command::new(vmm_bin());
@@ -25,27 +26,6 @@ fn destination(dir: &Path, port: u16, extra: &[&str]) -> Bg {
     bg
 }
 
-fn micro_source(dir: &Path, extra: &[&str]) -> (Bg, std::path::PathBuf) {
-    let sock = dir.join("src.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args(["run", "--micro", "--pattern", "random", "--region-mib", "4"])
-        .args(["--param", "256", "--passes", PASSES, "--verify"])
-        .args(["--console", "none", "--json", "--api-socket"])
-        .arg(&sock)
-        .args(extra);
-    let bg = Bg::spawn("source", cmd);
-    wait_api(&sock, Duration::from_secs(20));
-    // Let it run some passes first, so memory is not as booted.
-    for _ in 0..200 {
-        let (_, v, _) = remote(&sock, &["status", "--json"]);
-        if v["micro_passes"].as_u64().unwrap_or(0) >= 20 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    (bg, sock)
-}
-
 fn migrate_micro(mode: &str, tracker: &str, source_extra: &[&str]) {
     migrate_micro_to(mode, tracker, source_extra, &[]);
 }
@@ -54,7 +34,9 @@ fn migrate_micro_to(mode: &str, tracker: &str, source_extra: &[&str], dest_extra
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let dst = destination(dir.path(), port, dest_extra);
-    let (src, sock) = micro_source(dir.path(), source_extra);
+    let (src, sock) = micro_source(dir.path(), PASSES, source_extra);
+    // Let it run some passes first, so memory is not as booted.
+    wait_some_passes(&sock, 200);
     let src_dump = dir.path().join("src.bin");
     let (code, reply, err) = remote(
         &sock,
@@ -96,7 +78,7 @@ fn migrate_micro_to(mode: &str, tracker: &str, source_extra: &[&str], dest_extra
         "{mode}/{tracker}: destination:\n{derr}\n{drep}"
     );
     assert_eq!(drep["outcome"]["kind"], "micro-exit", "{drep}");
-    assert_eq!(drep["micro_passes"].as_u64(), Some(PASSES.parse().unwrap()));
+    assert_eq!(drep["micro_passes"].as_u64(), Some(PASSES));
     assert_eq!(drep["micro_check"]["mismatches"], 0, "{drep}");
     assert_eq!(drep["migration"]["ok"], true, "{drep}");
     let a = std::fs::read(&src_dump).unwrap();

@@ -13,7 +13,8 @@ use std::time::Duration;
 use vmm::migration::description::{GuestDesc, Hello, VmDescription};
 use vmm::migration::protocol::{FrameReader, FrameWriter, Message};
 use vmm::migration::Mode;
-use vmm_tests::process::{free_port, remote, wait_api, Bg};
+use vmm_tests::micro::micro_source;
+use vmm_tests::process::{free_port, remote, Bg};
 use vmm_tests::proxy::CutProxy;
 use vmm_tests::vmm_bin;
 
@@ -25,24 +26,6 @@ fn destination(port: u16, extra: &[&str]) -> Bg {
     let mut bg = Bg::spawn("destination", cmd);
     bg.wait_for("waiting for an incoming migration", Duration::from_secs(20));
     bg
-}
-
-fn micro_source(dir: &Path, passes: u64) -> (Bg, std::path::PathBuf) {
-    let sock = dir.join("src.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args(["run", "--micro", "--pattern", "random", "--region-mib", "4"])
-        .args([
-            "--param",
-            "256",
-            "--passes",
-            &passes.to_string(),
-            "--verify",
-        ])
-        .args(["--console", "none", "--json", "--api-socket"])
-        .arg(&sock);
-    let bg = Bg::spawn("source", cmd);
-    wait_api(&sock, Duration::from_secs(20));
-    (bg, sock)
 }
 
 fn migrate(sock: &Path, to: SocketAddr, mode: &str) -> (Option<i32>, serde_json::Value, String) {
@@ -78,7 +61,7 @@ fn a_link_cut_during_precopy_leaves_the_source_running_intact() {
     let dir = tempfile::tempdir().unwrap();
     // ~85 us a pass here: long enough to outlive every attempt.
     let passes = 300_000;
-    let (src, sock) = micro_source(dir.path(), passes);
+    let (src, sock) = micro_source(dir.path(), passes, &[]);
     // Cut points: inside the first header, inside Hello, and four random ones up to 3 MiB
     // (round 1 of this guest is ~4-7 MiB). The seed is printed so a failure can be replayed.
     let seed = std::env::var("VMM_CUT_SEED")
@@ -136,7 +119,7 @@ fn a_link_cut_during_precopy_leaves_the_source_running_intact() {
 fn an_incompatible_destination_is_refused_before_any_memory_moves() {
     let dir = tempfile::tempdir().unwrap();
     let passes = 60_000;
-    let (src, sock) = micro_source(dir.path(), passes);
+    let (src, sock) = micro_source(dir.path(), passes, &[]);
     for (flags, why) in [
         (&["--mem", "64M"][..], "memory size differs"),
         (&["--vcpus", "2"][..], "vCPU count differs"),
@@ -254,7 +237,7 @@ fn corrupted_out_of_range_and_wrong_version_streams_are_refused_precisely() {
 fn a_link_lost_during_postcopy_keeps_every_page_on_the_paused_source() {
     let dir = tempfile::tempdir().unwrap();
     let passes = 80_000;
-    let (src, sock) = micro_source(dir.path(), passes);
+    let (src, sock) = micro_source(dir.path(), passes, &[]);
     let port = free_port();
     let dst = destination(port, &[]);
     // Past Hello, State and PostcopyStart (tens of KiB), inside the background push.
@@ -277,7 +260,7 @@ fn a_link_lost_during_postcopy_keeps_every_page_on_the_paused_source() {
 fn a_destination_that_fails_before_running_the_guest_hands_it_back_even_in_postcopy() {
     let dir = tempfile::tempdir().unwrap();
     let passes = 80_000;
-    let (src, sock) = micro_source(dir.path(), passes);
+    let (src, sock) = micro_source(dir.path(), passes, &[]);
     // The destination's API socket path is a directory: its run fails after it accepted the
     // VM and took the state, before any vCPU ran.
     let blocked = dir.path().join("dst.sock");
