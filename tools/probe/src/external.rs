@@ -191,24 +191,10 @@ fn registration(ext: &External, mech: Mechanism) -> Option<Finding> {
                 ),
             ))
         }
-        Err(e) => {
-            let code = match e {
-                userfaultfd::Error::SystemError(n) => Some(n as i32),
-                _ => None,
-            };
-            Some(match code {
-                Some(code) => (
-                    Outcome::errno(code),
-                    format!("UFFDIO_REGISTER {mode:?} (features {features:#x}): {e}"),
-                ),
-                None => (
-                    Outcome::Unavailable {
-                        why: format!("UFFDIO_REGISTER {mode:?}: {e}"),
-                    },
-                    format!("UFFDIO_REGISTER {mode:?}: {e}"),
-                ),
-            })
-        }
+        Err(e) => Some(crate::uffd::refused(
+            &format!("UFFDIO_REGISTER {mode:?} (features {features:#x})"),
+            &e,
+        )),
     }
 }
 

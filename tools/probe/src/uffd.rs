@@ -30,7 +30,7 @@ fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
 }
 
 /// An error from a uffd call as a finding: an errno outcome when the kernel gave one.
-fn refused(op: &str, e: &userfaultfd::Error) -> Finding {
+pub(crate) fn refused(op: &str, e: &userfaultfd::Error) -> Finding {
     match errno_of(e) {
         Some(code) => (Outcome::errno(code), format!("{op}: {e} (errno {code})")),
         None => (
