@@ -178,18 +178,21 @@ fn scratch_vm(log: Log) -> Result<Vm, Finding> {
     })
 }
 
-/// Registers an ordinary kind as the logged slot.
-fn add_region_slot(vm: &VmFd, r: &Region) -> Result<(), Finding> {
+/// Registers `addr..addr+len` as the logged slot.
+///
+/// # Safety
+/// The caller keeps `addr..addr+len` mapped until the VM is closed (for a kind: Vm's field
+/// order; for external memory: its owner, across `dirty_log_external`); the guest stores only
+/// single bytes at the chosen offsets, which Rust code never references while KVM_RUN runs.
+unsafe fn add_logged_slot(vm: &VmFd, addr: u64, len: usize) -> Result<(), Finding> {
     let region = kvm_userspace_memory_region {
         slot: SLOT,
         flags: KVM_MEM_LOG_DIRTY_PAGES,
         guest_phys_addr: GPA,
-        memory_size: r.len as u64,
-        userspace_addr: r.addr() as u64,
+        memory_size: len as u64,
+        userspace_addr: addr,
     };
-    // SAFETY: the region is a live mapping of `r.len` bytes that the caller keeps until after
-    // the VM is closed (Vm's field order); the guest stores only single bytes at the chosen
-    // offsets, and the host reads them only after KVM_RUN has returned.
+    // SAFETY: the caller's contract above.
     unsafe { vm.set_user_memory_region(region) }
         .map_err(|e| kvm_err("KVM_SET_USER_MEMORY_REGION(LOG_DIRTY_PAGES)", &e))
 }
@@ -377,7 +380,8 @@ pub fn dirty_log(kind: Kind, log: Log, file_dir: &Path) -> Finding {
                 // stores are not KVM's and must not show up in the log.
                 r.populate();
             }
-            if let Err(f) = add_region_slot(&v.vm, &r) {
+            // SAFETY: `r` is moved into `v.memory`, which Vm's field order drops after the VM.
+            if let Err(f) = unsafe { add_logged_slot(&v.vm, r.addr() as u64, r.len) } {
                 return f;
             }
             Memory::Region(r)
@@ -499,18 +503,10 @@ pub fn dirty_log_external(
         Ok(v) => v,
         Err(f) => return f,
     };
-    let region = kvm_userspace_memory_region {
-        slot: SLOT,
-        flags: KVM_MEM_LOG_DIRTY_PAGES,
-        guest_phys_addr: GPA,
-        memory_size: len as u64,
-        userspace_addr: addr as u64,
-    };
     // SAFETY: the caller (external.rs's owner of the memory) keeps `addr..addr+len` mapped
-    // until after this function returns, and `v` (the VM) is dropped before that; the guest
-    // stores single bytes that Rust code never references.
-    if let Err(e) = unsafe { v.vm.set_user_memory_region(region) } {
-        return kvm_err("KVM_SET_USER_MEMORY_REGION(LOG_DIRTY_PAGES)", &e);
+    // until after this function returns, and `v` (the VM) is dropped before that.
+    if let Err(f) = unsafe { add_logged_slot(&v.vm, addr as u64, len) } {
+        return f;
     }
     let mut other_slots = 0;
     let baseline = match harvest(&v, log, len, &mut other_slots) {
