@@ -8,12 +8,15 @@
 //!   the pager is disarmed.
 //!
 //! Every install goes through the pager, which never overwrites a present page, so the
-//! handler, a vCPU and the prefetcher can race for a page safely.
+//! handler, a vCPU and the prefetcher can race for a page safely. The one race the pager
+//! cannot absorb is with the prefetch's disarm: an install that read "still missing" just
+//! before the prefetcher brought the last page in would reach userfaultfd after the ranges
+//! were unregistered (UFFDIO_COPY/CONTINUE then fail with ENOENT). `gate` orders the two.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +66,9 @@ pub struct Lazy {
     zero_faults: AtomicU64,
     installed: AtomicU64,
     done: AtomicBool,
+    /// Held shared by every install, exclusively by the prefetch's disarm; true once the
+    /// pager is disarmed (every page present, nothing left to install).
+    gate: RwLock<bool>,
     error: Mutex<Option<String>>,
     filled_ms: Mutex<Option<f64>>,
     last_install: Mutex<Option<Instant>>,
@@ -136,6 +142,7 @@ impl Lazy {
             zero_faults: AtomicU64::new(0),
             installed: AtomicU64::new(0),
             done: AtomicBool::new(false),
+            gate: RwLock::new(false),
             error: Mutex::new(None),
             filled_ms: Mutex::new(None),
             last_install: Mutex::new(None),
@@ -155,6 +162,10 @@ impl Lazy {
     /// Installs the snapshot's data pages in [gpa, gpa+pages) that are not installed yet.
     /// Returns whether `gpa` itself was installed now.
     pub fn bring(&self, gpa: u64, pages: u64) -> Result<bool, UserfaultError> {
+        let disarmed = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        if *disarmed {
+            return Ok(false);
+        }
         let mut first_now = false;
         let mut at = gpa;
         let end = gpa + pages * PAGE;
@@ -217,7 +228,9 @@ impl Lazy {
             self.pager.wake(gpa, 1)?;
         } else {
             self.zero_faults.fetch_add(1, Ordering::AcqRel);
-            if self.pager.install_zero(gpa, 1)? == Installed::AlreadyPresent {
+            let disarmed = self.gate.read().unwrap_or_else(|p| p.into_inner());
+            // Once disarmed, the unregister woke every waiter and a zero page needs no install.
+            if !*disarmed && self.pager.install_zero(gpa, 1)? == Installed::AlreadyPresent {
                 self.pager.wake(gpa, 1)?;
             }
         }
@@ -257,15 +270,21 @@ impl Lazy {
             }
             next = i + n;
         }
-        if self.data.count() == 0 {
+        let mut disarmed = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        if self.data.count() == 0 && !*disarmed {
             *lock(&self.filled_ms) = Some(lock(&self.begun).elapsed().as_secs_f64() * 1000.0);
             match self.pager.disarm() {
                 Ok(()) => {
+                    *disarmed = true;
+                    drop(disarmed);
                     if let Some(hook) = lock(&self.filled_hook).take() {
                         hook();
                     }
                 }
-                Err(e) => self.fail(&format!("disarming the pager after the prefetch: {e}")),
+                Err(e) => {
+                    drop(disarmed);
+                    self.fail(&format!("disarming the pager after the prefetch: {e}"));
+                }
             }
         }
     }
@@ -331,5 +350,101 @@ impl Fetch for Lazy {
         self.bring(gpa, pages)?;
         lock(&self.latencies_us).push(seen.elapsed().as_secs_f64() * 1e6);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+    use crate::userfault::UffdMissing;
+    use std::sync::mpsc;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const BASE: u64 = 0x10_0000;
+
+    /// Pages read back as their own GPA; the one-page read of `hold` (a vCPU's fetch, not the
+    /// prefetcher's run) parks until released, to put it in the middle of the prefetch.
+    struct Parked {
+        hold: u64,
+        parked: Mutex<Option<mpsc::Sender<()>>>,
+        release: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl PageSource for Parked {
+        fn read(&self, gpa: u64, _off: u64, buf: &mut [u8]) -> Result<(), UserfaultError> {
+            for (i, page) in buf.chunks_mut(PAGE as usize).enumerate() {
+                page[..8].copy_from_slice(&(gpa + i as u64 * PAGE).to_le_bytes());
+            }
+            if gpa == self.hold && buf.len() == PAGE as usize {
+                if let Some(tx) = lock(&self.parked).take() {
+                    let _ = tx.send(());
+                    let _ = lock(&self.release).recv();
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// A fetch that found its page missing, and installs it only after the prefetcher brought
+    /// every page in, must still succeed: the prefetcher may not unregister the ranges under
+    /// it (it did, and the late UFFDIO_COPY failed with ENOENT and stopped the guest).
+    #[test]
+    fn a_fetch_in_flight_holds_off_the_prefetchs_disarm() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let pager: Arc<dyn DemandPager> =
+            Arc::new(UffdMissing::arm(ram.ranges(), &ram.host_addrs()).unwrap());
+        let hold = BASE + 2 * PAGE;
+        let (parked_tx, parked_rx) = mpsc::channel();
+        let (release_tx, release_rx) = mpsc::channel();
+        let source = Arc::new(Parked {
+            hold,
+            parked: Mutex::new(Some(parked_tx)),
+            release: Mutex::new(release_rx),
+        });
+        let lazy =
+            Arc::new(Lazy::new(pager, source, ram.ranges(), &[(BASE, 4)], PAGE, None).unwrap());
+        let fetcher = {
+            let lazy = lazy.clone();
+            std::thread::spawn(move || lazy.fetch(hold, 1))
+        };
+        parked_rx.recv().unwrap();
+        let prefetcher = {
+            let lazy = lazy.clone();
+            std::thread::spawn(move || lazy.prefetch())
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lazy.data.count() != 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the prefetch never brought the pages in"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The pass does not depend on this pause; it gives a prefetcher that wrongly disarms
+        // now the time to do it, so that the regression shows.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            lock(&lazy.filled_ms).is_none(),
+            "disarmed with a fetch in flight"
+        );
+        release_tx.send(()).unwrap();
+        fetcher.join().unwrap().unwrap();
+        prefetcher.join().unwrap();
+        assert_eq!(lazy.error(), None);
+        assert!(
+            lock(&lazy.filled_ms).is_some(),
+            "the prefetch never disarmed"
+        );
+        let mem = ram.memory();
+        for p in 0..4 {
+            let gpa = BASE + p * PAGE;
+            assert_eq!(mem.read_obj::<u64>(GuestAddress(gpa)).unwrap(), gpa);
+        }
+        // Disarmed: a page that never had data reads as zero without any handler.
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(BASE + 64 * PAGE)).unwrap(),
+            0
+        );
     }
 }

@@ -142,3 +142,23 @@ pub fn arm(name: &str, a: ArmArgs<'_>) -> Result<Arc<dyn DemandPager>, Userfault
 pub fn kvm_userfault_support() -> Result<(), String> {
     kvm_userfault::support()
 }
+
+/// The errno a userfaultfd crate error carries, if any.
+pub(crate) fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
+    match e {
+        userfaultfd::Error::SystemError(n)
+        | userfaultfd::Error::CopyFailed(n)
+        | userfaultfd::Error::ZeropageFailed(n) => Some(*n as i32),
+        _ => None,
+    }
+}
+
+/// A userfaultfd ioctl's failure, naming the errno (the crate's own text, "Copy failed", does
+/// not).
+pub(crate) fn uffd_err(what: &'static str, e: userfaultfd::Error) -> UserfaultError {
+    let errno = match errno_of(&e) {
+        Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
+        None => e.to_string(),
+    };
+    UserfaultError::Uffd { what, errno }
+}

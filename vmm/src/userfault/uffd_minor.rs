@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use userfaultfd::{Event, ReadWrite, RegisterMode, Uffd};
 
-use super::{DemandPager, Fault, Installed, UserfaultError};
+use super::{errno_of, uffd_err, DemandPager, Fault, Installed, UserfaultError};
 use crate::memory::RamRange;
 use crate::sys::uffd as sys_uffd;
 use crate::sys::SysError;
@@ -89,23 +89,6 @@ pub struct UffdMinor {
     armed: AtomicBool,
     /// Faults `next_fault` resolved itself (stale, or on pages not pending).
     spurious: AtomicU64,
-}
-
-fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
-    match e {
-        userfaultfd::Error::SystemError(n)
-        | userfaultfd::Error::CopyFailed(n)
-        | userfaultfd::Error::ZeropageFailed(n) => Some(*n as i32),
-        _ => None,
-    }
-}
-
-fn uffd_err(what: &'static str, e: userfaultfd::Error) -> UserfaultError {
-    let errno = match errno_of(&e) {
-        Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
-        None => e.to_string(),
-    };
-    UserfaultError::Uffd { what, errno }
 }
 
 fn invalid(msg: String) -> UserfaultError {

@@ -22,10 +22,7 @@ pub struct UffdMissing {
 }
 
 fn uffd_err(what: &'static str) -> impl Fn(userfaultfd::Error) -> UserfaultError {
-    move |e| UserfaultError::Uffd {
-        what,
-        errno: e.to_string(),
-    }
+    move |e| super::uffd_err(what, e)
 }
 
 impl UffdMissing {
@@ -151,9 +148,9 @@ impl DemandPager for UffdMissing {
             Err(e) => return Err(uffd_err("UFFDIO_COPY")(e)),
         };
         let page = PAGE as usize;
-        // The count comes from the kernel (negative errnos included, cast): never trust it
-        // past the buffer.
-        let done = done.min(data.len());
+        // The count comes from the kernel, negative errnos included (cast): one past the
+        // buffer says nothing was copied, so every page is tried again below.
+        let done = if done > data.len() { 0 } else { done };
         let start = done - done % page;
         for (i, chunk) in data[start..].chunks(page).enumerate() {
             let at = gpa + (start + i * page) as u64;
