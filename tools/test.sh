@@ -16,6 +16,6 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 echo "test: building binaries"
 cargo build --workspace --bins -q
 echo "test: cargo test"
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 echo "test: fuzzing the migration frame decoder for 60 s"
 bash tools/fuzz.sh 60
