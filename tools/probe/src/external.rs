@@ -503,6 +503,22 @@ mod tests {
         ] {
             assert_eq!(get(mech, false).outcome, Outcome::Works, "{mech:?}");
         }
+        // A guest stores into the range, from CPL3 and then from CPL0; KVM logs both passes.
+        if std::path::Path::new("/dev/kvm").exists() {
+            for mech in [
+                Mechanism::KvmDirtyBitmap,
+                Mechanism::KvmDirtyBitmapManual,
+                Mechanism::KvmDirtyRing,
+            ] {
+                let c = get(mech, false);
+                assert_eq!(c.outcome, Outcome::Works, "{mech:?}: {}", c.evidence);
+                assert!(
+                    c.evidence.contains("at CPL3") && c.evidence.contains("at CPL0"),
+                    "{mech:?}: {}",
+                    c.evidence
+                );
+            }
+        }
         assert!(matches!(
             get(Mechanism::UffdMinor, false).outcome,
             Outcome::Errno {

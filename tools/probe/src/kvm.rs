@@ -3,10 +3,11 @@
 //! (KVM_GET_DIRTY_LOG) or the vCPU's dirty ring harvested and compared with what was written.
 //!
 //! The write source is a real guest: `kvm_guest` runs one store per chosen unit at CPL3
-//! (natively on this host) into the logged slot. Only where that guest cannot run does KVM write
-//! instead (KVM_SET_MSRS of MSR_KVM_WALL_CLOCK_NEW on the vCPU writes the wall clock at a guest
-//! address with the vCPU loaded, logged like a guest store); the evidence names the source and,
-//! for the fallback, why the guest did not run. guest_memfd kinds get their own
+//! (natively on this host) into the logged slot, and then the same stores again from CPL0
+//! (KVM's emulator on PVM hosts: a guest kernel's path), each pass harvested and judged. Only
+//! where that guest cannot run does KVM write instead (KVM_SET_MSRS of MSR_KVM_WALL_CLOCK_NEW on
+//! the vCPU writes the wall clock at a guest address with the vCPU loaded, logged like a guest
+//! store); the evidence names the source and, for the fallback, why the guest did not run. guest_memfd kinds get their own
 //! guest_memfd on the scratch VM (a guest_memfd is bound to the VM that created it) and are
 //! registered with KVM_SET_USER_MEMORY_REGION2. Everything is dropped on return: ring mapping,
 //! vCPU, VM, guest_memfd, mappings.
@@ -430,35 +431,22 @@ pub fn dirty_log(kind: Kind, log: Log, file_dir: &Path) -> Finding {
         Err(f) => return f,
     };
     let written: BTreeSet<u64> = offsets.iter().map(|o| o / SMALL as u64).collect();
-    let landed = match &v.memory {
-        Some(Memory::Region(r)) if r.cpu_access => {
-            let values: Vec<u32> = offsets
-                .iter()
-                .map(|&o| {
-                    // SAFETY: `o` + 4 lies inside the region's mapping (a unit is at least a
-                    // page and WRITE_OFF is small); the writes are complete (KVM_RUN or the
-                    // ioctl returned).
-                    unsafe { std::ptr::read_volatile(r.addr().add(o as usize).cast::<u32>()) }
-                })
-                .collect();
-            if guest_stored {
-                let bytes: Vec<String> = values
-                    .iter()
-                    .map(|v| format!("{:#04x}", *v as u8))
-                    .collect();
-                format!("; host view of the written bytes: [{}]", bytes.join(", "))
-            } else {
-                format!("; host view of the written offsets: wall-clock versions {values:?}")
-            }
-        }
-        _ => String::new(),
-    };
+    let landed = host_view(&v, &offsets, guest_stored);
     let misses: Vec<_> = written.difference(&seen).collect();
     let extra: Vec<_> = seen.difference(&written).collect();
+    // The same stores from CPL0: a guest kernel's path, through KVM's emulator on PVM hosts.
+    let (cpl0, cpl0_misses) = if guest_stored {
+        match cpl0_pass(&mut v, log, len, &written, &offsets, &mut other_slots) {
+            Ok((text, missed)) => (text, missed),
+            Err(f) => return f,
+        }
+    } else {
+        (String::new(), 0)
+    };
     let evidence = format!(
         "{source}; slot {SLOT} at GPA {GPA:#x}, {} 4K pages{}; baseline {} pages dirty; \
          wrote 4K pages {written:?} (units {units:?}); {} reported pages {seen:?}{}: {} misses, \
-         {} false positives{landed}",
+         {} false positives{landed}{cpl0}",
         len / SMALL,
         if v.ring_note.is_empty() {
             String::new()
@@ -476,11 +464,74 @@ pub fn dirty_log(kind: Kind, log: Log, file_dir: &Path) -> Finding {
         extra.len()
     );
     drop(v);
-    if misses.is_empty() {
+    if misses.is_empty() && cpl0_misses == 0 {
         (Outcome::Works, evidence)
     } else {
         (Outcome::SilentMiss, evidence)
     }
+}
+
+/// What the host reads at the written offsets, for the evidence: the bytes the guest stored,
+/// or the wall-clock versions KVM wrote.
+fn host_view(v: &Vm, offsets: &[u64], guest_stored: bool) -> String {
+    let Some(Memory::Region(r)) = &v.memory else {
+        return String::new();
+    };
+    if !r.cpu_access {
+        return String::new();
+    }
+    let values: Vec<u32> = offsets
+        .iter()
+        .map(|&o| {
+            // SAFETY: `o` + 4 lies inside the region's mapping (a unit is at least a page and
+            // WRITE_OFF is small); the writes are complete (KVM_RUN or the ioctl returned).
+            unsafe { std::ptr::read_volatile(r.addr().add(o as usize).cast::<u32>()) }
+        })
+        .collect();
+    if guest_stored {
+        let bytes: Vec<String> = values
+            .iter()
+            .map(|v| format!("{:#04x}", *v as u8))
+            .collect();
+        format!("; host view of the written bytes: [{}]", bytes.join(", "))
+    } else {
+        format!("; host view of the written offsets: wall-clock versions {values:?}")
+    }
+}
+
+/// The loaded guest's stores again from CPL0, and the log harvested after them: the evidence
+/// text and the number of written pages the log missed. A guest that cannot run at CPL0 is said
+/// in the text and judged on its CPL3 stores alone.
+fn cpl0_pass(
+    v: &mut Vm,
+    log: Log,
+    len: usize,
+    written: &BTreeSet<u64>,
+    offsets: &[u64],
+    other_slots: &mut usize,
+) -> Result<(String, usize), Finding> {
+    let cpl = match kvm_guest::rerun_at_cpl0(&mut v.vcpu) {
+        Ok(cpl) => cpl,
+        Err(why) => {
+            return Ok((
+                format!("; then the same stores from CPL0 could not run ({why})"),
+                0,
+            ))
+        }
+    };
+    let seen = harvest(v, log, len, other_slots)?;
+    let misses = written.difference(&seen).count();
+    let extra = seen.difference(written).count();
+    let view = host_view(v, offsets, true);
+    Ok((
+        format!(
+            "; then the same stores of {:#x} at CPL{cpl} (KVM's emulator on PVM hosts): {} \
+             reported pages {seen:?}: {misses} misses, {extra} false positives{view}",
+            kvm_guest::STORED_CPL0,
+            log.name()
+        ),
+        misses,
+    ))
 }
 
 /// The most of an external range put in the slot: a BAR can be many GiB, and the bitmap and
@@ -523,6 +574,8 @@ pub fn dirty_log_external(
         },
         baseline.len()
     );
+    // Set when the guest stored (then its CPL0 pass follows).
+    let mut cpu_offsets: Vec<u64> = Vec::new();
     let (written, source): (BTreeSet<u64>, String) = match device {
         Some(write) => {
             if let Err(e) = write(addr) {
@@ -552,10 +605,13 @@ pub fn dirty_log_external(
                 kvm_guest::run(&mut v.vcpu)
             });
             match ran {
-                Ok(cpl) => (
-                    units.iter().map(|&u| u as u64).collect(),
-                    format!("guest stores at CPL{cpl}"),
-                ),
+                Ok(cpl) => {
+                    cpu_offsets = gpas.iter().map(|g| g - GPA).collect();
+                    (
+                        units.iter().map(|&u| u as u64).collect(),
+                        format!("guest stores at CPL{cpl}"),
+                    )
+                }
                 Err(why) => {
                     return unavailable(format!("{slot_note}; the guest could not run: {why}"))
                 }
@@ -573,13 +629,21 @@ pub fn dirty_log_external(
         Ok(p) => p,
         Err(f) => return f,
     };
-    drop(v);
     let misses = written.difference(&seen).count();
     let extra = seen.difference(&written).count();
+    let (cpl0, cpl0_misses) = if cpu_offsets.is_empty() {
+        (String::new(), 0)
+    } else {
+        match cpl0_pass(&mut v, log, len, &written, &cpu_offsets, &mut other_slots) {
+            Ok(r) => r,
+            Err(f) => return f,
+        }
+    };
+    drop(v);
     let evidence = format!(
         "{slot_note}; {source} to pages {written:?}; {} reported {seen:?}: {misses} misses, \
-         {extra} false positives",
+         {extra} false positives{cpl0}",
         log.name()
     );
-    (Outcome::of_write_check(misses, extra), evidence)
+    (Outcome::of_write_check(misses + cpl0_misses, extra), evidence)
 }

@@ -1,8 +1,11 @@
 //! A tiny long-mode guest for the KVM dirty-log cells: it stores one byte at each given guest
 //! address and then writes an I/O port. It starts directly at CPL3 (user segments, U/S page
-//! tables, IOPL=3 for the port write), so its stores run natively on this host, where CPL0 code
-//! would go through KVM's emulator (PLATFORM.md §1). Page tables, GDT, TSS and code live in a
-//! small control slot that is not dirty-logged, so its own writes (A/D bits) never show up.
+//! tables, IOPL=3 for the port write), so its stores run natively on this host. `rerun_at_cpl0`
+//! then stores again from CPL0, where a PVM host runs the code in KVM's emulator (PLATFORM.md
+//! §1): a guest kernel's stores take that path, and they reach memory through the emulator's
+//! writes instead of through a write fault on a shadow page, so they are checked separately.
+//! Page tables, GDT, TSS and code live in a small control slot that is not dirty-logged, so its
+//! own writes (A/D bits) never show up.
 
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -20,16 +23,21 @@ const PDPT: u64 = 0x3000;
 const PD_BASE: u64 = 0x4000;
 const PDS: u64 = 4;
 const CODE: u64 = 0x8000;
+/// The CPL0 pass's code.
+const CODE0: u64 = 0xc000;
 const STACK: u64 = 0xf000;
 /// The port the guest writes when done.
 const DONE_PORT: u16 = 0xf0;
 /// The byte each store writes.
 pub const STORED: u8 = 0xd1;
+/// The byte each CPL0 store writes (another value, so the read-back shows that pass landed).
+pub const STORED_CPL0: u8 = 0xd0;
 
 const KERNEL_CS: u16 = 0x08;
 const TSS_SEL: u16 = 0x10;
 const USER_DS: u16 = 0x18 | 3;
 const USER_CS: u16 = 0x20 | 3;
+const KERNEL_DS: u16 = 0x28;
 
 /// The guest's memory; keep it alive as long as the VM.
 pub struct Control {
@@ -70,14 +78,14 @@ fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {
     }
 }
 
-/// The guest's code: `mov rax, gpa; mov byte [rax], STORED` per address, then `out DONE_PORT,
+/// The guest's code: `mov rax, gpa; mov byte [rax], byte` per address, then `out DONE_PORT,
 /// al` and a `jmp $` that is never reached.
-fn code(gpas: &[u64]) -> Vec<u8> {
+fn code(gpas: &[u64], byte: u8) -> Vec<u8> {
     let mut c = Vec::new();
     for &gpa in gpas {
         c.extend_from_slice(&[0x48, 0xb8]);
         c.extend_from_slice(&gpa.to_le_bytes());
-        c.extend_from_slice(&[0xc6, 0x00, STORED]);
+        c.extend_from_slice(&[0xc6, 0x00, byte]);
     }
     c.extend_from_slice(&[0xe6, DONE_PORT as u8, 0xeb, 0xfe]);
     c
@@ -91,6 +99,10 @@ pub fn load(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd, gpas: &[u64]) -> Result<Control
             "GPA {g:#x} is above the guest's 4 GiB identity map"
         ));
     }
+    let (cpl3, cpl0) = (code(gpas, STORED), code(gpas, STORED_CPL0));
+    if cpl3.len() as u64 > CODE0 - CODE || cpl0.len() as u64 > STACK - 0x100 - CODE0 {
+        return Err(format!("{} stores do not fit the guest's code pages", gpas.len()));
+    }
     let map = Mapping::new(CONTROL_LEN, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
         .map_err(|e| format!("mmap control memory: {e}"))?;
     let ctl = Control { map };
@@ -101,6 +113,7 @@ pub fn load(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd, gpas: &[u64]) -> Result<Control
     ctl.put_u64(GDT + u64::from(TSS_SEL) + 8, TSS >> 32);
     ctl.put_u64(GDT + u64::from(USER_DS & !3), 0x00cf_f300_0000_ffff);
     ctl.put_u64(GDT + u64::from(USER_CS & !3), 0x00af_fb00_0000_ffff);
+    ctl.put_u64(GDT + u64::from(KERNEL_DS), 0x00cf_9300_0000_ffff);
     // Identity map of 4 GiB with 2 MiB pages, present, writable, user on every level.
     const P_RW_U: u64 = 0x7;
     const HUGE: u64 = 0x80;
@@ -112,7 +125,8 @@ pub fn load(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd, gpas: &[u64]) -> Result<Control
             ctl.put_u64(pd_gpa + i * 8, (pd * 512 + i) << 21 | HUGE | P_RW_U);
         }
     }
-    ctl.put(CODE, &code(gpas));
+    ctl.put(CODE, &cpl3);
+    ctl.put(CODE0, &cpl0);
     let region = kvm_userspace_memory_region {
         slot: CONTROL_SLOT,
         flags: 0,
@@ -158,7 +172,7 @@ fn enter_cpl3(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), String> {
         ..Default::default()
     };
     sregs.gdt.base = GDT;
-    sregs.gdt.limit = 0x27;
+    sregs.gdt.limit = 0x2f;
     sregs.idt.base = 0;
     sregs.idt.limit = 0;
     sregs.cr3 = PML4;
@@ -173,6 +187,24 @@ fn enter_cpl3(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), String> {
     regs.rflags = 0x3002; // IOPL=3: the port write is allowed at CPL3
     vcpu.set_regs(&regs)
         .map_err(|e| format!("KVM_SET_REGS: {e}"))
+}
+
+/// After a `run` of the loaded guest: the same stores again (of `STORED_CPL0`), from CPL0.
+/// Returns the CPL they ran at.
+pub fn rerun_at_cpl0(vcpu: &mut VcpuFd) -> Result<u8, String> {
+    let mut sregs = vcpu.get_sregs().map_err(|e| format!("sregs: {e}"))?;
+    sregs.cs = segment(KERNEL_CS, 0xb, 0, true);
+    let ds = segment(KERNEL_DS, 0x3, 0, false);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (ds, ds, ds, ds, ds);
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+    let mut regs = vcpu.get_regs().map_err(|e| format!("regs: {e}"))?;
+    regs.rip = CODE0;
+    regs.rsp = STACK;
+    regs.rflags = 0x2;
+    vcpu.set_regs(&regs)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    run(vcpu)
 }
 
 /// Runs the loaded guest until it writes the done port; anything else is an error, described.
@@ -204,7 +236,7 @@ mod tests {
 
     #[test]
     fn code_stores_at_each_address_then_writes_the_port() {
-        let c = code(&[0x4000_0040, 0x4020_0040]);
+        let c = code(&[0x4000_0040, 0x4020_0040], STORED);
         // mov rax, imm64; mov byte [rax], imm8 (13 bytes) per address; out imm8, al; jmp $.
         assert_eq!(c.len(), 2 * 13 + 4);
         assert_eq!(&c[..2], &[0x48, 0xb8]);

@@ -323,7 +323,6 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
 
 fn not_covered() -> Vec<String> {
     [
-        "guest stores at CPL0 (emulated instruction by instruction on PVM hosts): the KVM cells' guest stores at CPL3",
         "a mapping nvidia.ko makes of a BAR or of VRAM through /dev/nvidia* directly (it needs the driver's private RM allocation ioctls): the nvidia.ko row is probed through cuMemHostAlloc's mapping instead",
         "writes by a passed-through device's own DMA: the probe cannot make a bound device DMA without that device's driver, so the DMA mechanisms are enabled and read, and their detection of device writes is left untried",
         "HMM rows on host kernels without test_hmm: they run only where /dev/hmm_dmirror0 exists (the lab guest)",

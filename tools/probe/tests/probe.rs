@@ -118,6 +118,14 @@ fn platform_facts_on_this_host() {
             );
             assert!(!c.evidence.contains("other slots"), "{}", c.evidence);
             assert!(c.evidence.contains("[0xd1, 0xd1"), "{}", c.evidence);
+            // The same stores from CPL0 (KVM's emulator here) are logged too, and landed.
+            assert!(
+                c.evidence.contains("at CPL0")
+                    && c.evidence.matches(": 0 misses, 0 false positives").count() == 2
+                    && c.evidence.contains("[0xd0, 0xd0"),
+                "{mem} {mech:?}: the CPL0 pass: {}",
+                c.evidence
+            );
             if mem != "file (MAP_SHARED)" {
                 assert_eq!(c.matches_prediction, Some(true), "{mem} {mech:?}");
             }
