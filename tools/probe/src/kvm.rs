@@ -645,5 +645,8 @@ pub fn dirty_log_external(
          {extra} false positives{cpl0}",
         log.name()
     );
-    (Outcome::of_write_check(misses + cpl0_misses, extra), evidence)
+    (
+        Outcome::of_write_check(misses + cpl0_misses, extra),
+        evidence,
+    )
 }

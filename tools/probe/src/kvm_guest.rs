@@ -101,7 +101,10 @@ pub fn load(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd, gpas: &[u64]) -> Result<Control
     }
     let (cpl3, cpl0) = (code(gpas, STORED), code(gpas, STORED_CPL0));
     if cpl3.len() as u64 > CODE0 - CODE || cpl0.len() as u64 > STACK - 0x100 - CODE0 {
-        return Err(format!("{} stores do not fit the guest's code pages", gpas.len()));
+        return Err(format!(
+            "{} stores do not fit the guest's code pages",
+            gpas.len()
+        ));
     }
     let map = Mapping::new(CONTROL_LEN, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None)
         .map_err(|e| format!("mmap control memory: {e}"))?;
