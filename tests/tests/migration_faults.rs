@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -56,12 +56,119 @@ fn source_finishes_intact(src: Bg, passes: u64) {
     assert_eq!(rep["micro_check"]["mismatches"], 0, "{rep}");
 }
 
+/// How a failed migration ended: the source's exit code and reply, the destination's exit code
+/// and stderr.
+struct Attempt {
+    code: Option<i32>,
+    reply: serde_json::Value,
+    dcode: Option<i32>,
+    derr: String,
+}
+
+/// A micro-guest source that failed migrations run against. How long its workload lasts depends
+/// on the host, which a test must not: a source whose workload ended during the attempts has
+/// run on as well, so it is checked as finished intact and a fresh one takes its place.
+struct Source {
+    root: PathBuf,
+    passes: u64,
+    started: u32,
+    bg: Bg,
+    sock: PathBuf,
+}
+
+impl Source {
+    fn start(root: &Path, passes: u64) -> Source {
+        let (bg, sock) = Self::spawn(root, 0, passes);
+        Source {
+            root: root.to_path_buf(),
+            passes,
+            started: 1,
+            bg,
+            sock,
+        }
+    }
+
+    fn spawn(root: &Path, n: u32, passes: u64) -> (Bg, PathBuf) {
+        let dir = root.join(format!("source{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        micro_source(&dir, passes, &[])
+    }
+
+    /// Runs one failed migration (`run` starts the destination and migrates from the socket
+    /// it is given) and checks the rule: the migration fails with an error, the source runs
+    /// on, the destination ends with an error. An attempt during which the source's workload
+    /// ended says nothing about the fault, so it is made again with a fresh source (at most 5
+    /// times).
+    fn attempt(
+        &mut self,
+        what: &str,
+        run: impl Fn(&Path) -> (Bg, (Option<i32>, serde_json::Value, String)),
+    ) -> Attempt {
+        for _ in 0..5 {
+            self.ended(&format!("before the {what}"));
+            let (dst, (code, reply, err)) = run(&self.sock);
+            if self.ended(what) {
+                // The destination may never have been reached: it is killed on drop.
+                continue;
+            }
+            assert_ne!(
+                code,
+                Some(0),
+                "{what}: the migration cannot succeed: {reply}"
+            );
+            assert!(
+                reply["error"].is_string() || err.contains("error"),
+                "{what}: no error reported: {reply} {err}"
+            );
+            let (dcode, _, derr) = dst.finish(Duration::from_secs(30));
+            assert_ne!(dcode, Some(0), "{what}: destination:\n{derr}");
+            assert!(derr.contains("vmm: error:"), "{what}: {derr}");
+            return Attempt {
+                code,
+                reply,
+                dcode,
+                derr,
+            };
+        }
+        panic!(
+            "{what}: the source's workload ({} passes) ended during 5 attempts in a row",
+            self.passes
+        );
+    }
+
+    /// Whether the source's workload ended (`what` names the moment): a source answering
+    /// "running" ran on; one that no longer answers must have finished intact, and a fresh one
+    /// takes its place. Any other state is a failure.
+    fn ended(&mut self, what: &str) -> bool {
+        let st = state(&self.sock);
+        if st == "running" {
+            return false;
+        }
+        assert_eq!(
+            st,
+            "?",
+            "{what}: the source must run on; its log:\n{}",
+            self.bg.stderr()
+        );
+        let (bg, sock) = Self::spawn(&self.root, self.started, self.passes);
+        self.started += 1;
+        let old = std::mem::replace(&mut self.bg, bg);
+        self.sock = sock;
+        eprintln!("{what}: the source's workload had ended; checking it and starting another");
+        source_finishes_intact(old, self.passes);
+        true
+    }
+
+    fn finishes_intact(self) {
+        source_finishes_intact(self.bg, self.passes);
+    }
+}
+
 #[test]
 fn a_link_cut_during_precopy_leaves_the_source_running_intact() {
     let dir = tempfile::tempdir().unwrap();
-    // ~85 us a pass here: long enough to outlive every attempt.
-    let passes = 300_000;
-    let (src, sock) = micro_source(dir.path(), passes, &[]);
+    // ~85 us a pass here, so usually one source outlives every attempt (see `Source`).
+    let mut src = Source::start(dir.path(), 300_000);
     // Cut points: inside the first header, inside Hello, and four random ones up to 3 MiB
     // (round 1 of this guest is ~4-7 MiB). The seed is printed so a failure can be replayed.
     let seed = std::env::var("VMM_CUT_SEED")
@@ -83,52 +190,42 @@ fn a_link_cut_during_precopy_leaves_the_source_running_intact() {
         cuts.push(100 + x % (3 << 20));
     }
     for cut in cuts {
-        let port = free_port();
-        let dst = destination(port, &[]);
-        let proxy = CutProxy::start(format!("127.0.0.1:{port}").parse().unwrap(), cut);
-        let (code, reply, err) = migrate(&sock, proxy.addr, "precopy");
-        assert_ne!(
-            code,
-            Some(0),
-            "cut at {cut}: the migration cannot succeed: {reply}"
-        );
-        assert!(
-            reply["error"].is_string() || err.contains("error"),
-            "cut at {cut}: no error reported: {reply} {err}"
-        );
-        let st = state(&sock);
-        assert_eq!(
-            st,
-            "running",
-            "cut at {cut}: the source must run on; its log:\n{}",
-            src.stderr()
-        );
-        let (dcode, _, derr) = dst.finish(Duration::from_secs(30));
-        assert_ne!(dcode, Some(0), "cut at {cut}: destination:\n{derr}");
-        assert!(derr.contains("vmm: error:"), "cut at {cut}: {derr}");
+        let what = format!("cut at {cut}");
+        let a = src.attempt(&what, |sock| {
+            let port = free_port();
+            let dst = destination(port, &[]);
+            let proxy = CutProxy::start(format!("127.0.0.1:{port}").parse().unwrap(), cut);
+            (dst, migrate(sock, proxy.addr, "precopy"))
+        });
         eprintln!(
             "cut at {cut} B: source: {}; destination: {}",
-            reply["error"],
-            derr.lines().last().unwrap_or("")
+            a.reply["error"],
+            a.derr.lines().last().unwrap_or("")
         );
     }
-    source_finishes_intact(src, passes);
+    src.finishes_intact();
 }
 
 #[test]
 fn an_incompatible_destination_is_refused_before_any_memory_moves() {
     let dir = tempfile::tempdir().unwrap();
-    let passes = 60_000;
-    let (src, sock) = micro_source(dir.path(), passes, &[]);
+    let mut src = Source::start(dir.path(), 60_000);
     for (flags, why) in [
         (&["--mem", "64M"][..], "memory size differs"),
         (&["--vcpus", "2"][..], "vCPU count differs"),
     ] {
-        let port = free_port();
-        let dst = destination(port, flags);
-        let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let (code, reply, _) = migrate(&sock, to, "precopy");
-        assert_eq!(code, Some(1));
+        let Attempt {
+            code,
+            reply,
+            dcode,
+            derr,
+        } = src.attempt(why, |sock| {
+            let port = free_port();
+            let dst = destination(port, flags);
+            let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            (dst, migrate(sock, to, "precopy"))
+        });
+        assert_eq!(code, Some(1), "{reply}");
         let err = reply["error"].as_str().unwrap_or_default();
         assert!(err.contains("refused") && err.contains(why), "{reply}");
         // Only the Hello went out: no page.
@@ -137,12 +234,10 @@ fn an_incompatible_destination_is_refused_before_any_memory_moves() {
             reply["report"]["bytes"].as_u64().unwrap_or(0) < 4096,
             "{reply}"
         );
-        assert_eq!(state(&sock), "running");
-        let (dcode, _, derr) = dst.finish(Duration::from_secs(30));
         assert_eq!(dcode, Some(1), "{derr}");
         assert!(derr.contains(why), "{derr}");
     }
-    source_finishes_intact(src, passes);
+    src.finishes_intact();
 }
 
 /// A hand-made source: sends a valid Hello for a 64 MiB VM and returns the streams once the
