@@ -7,9 +7,9 @@
 //! (KVM's emulator on PVM hosts: a guest kernel's path), each pass harvested and judged. Only
 //! where that guest cannot run does KVM write instead (KVM_SET_MSRS of MSR_KVM_WALL_CLOCK_NEW on
 //! the vCPU writes the wall clock at a guest address with the vCPU loaded, logged like a guest
-//! store); the evidence names the source and, for the fallback, why the guest did not run. guest_memfd kinds get their own
-//! guest_memfd on the scratch VM (a guest_memfd is bound to the VM that created it) and are
-//! registered with KVM_SET_USER_MEMORY_REGION2. Everything is dropped on return: ring mapping,
+//! store); the evidence names the source and, for the fallback, why the guest did not run.
+//! guest_memfd kinds get their own guest_memfd on the scratch VM (a guest_memfd is bound to the
+//! VM that created it) and are registered with KVM_SET_USER_MEMORY_REGION2. Everything is dropped on return: ring mapping,
 //! vCPU, VM, guest_memfd, mappings.
 
 use std::collections::BTreeSet;
@@ -437,7 +437,7 @@ pub fn dirty_log(kind: Kind, log: Log, file_dir: &Path) -> Finding {
     // The same stores from CPL0: a guest kernel's path, through KVM's emulator on PVM hosts.
     let (cpl0, cpl0_misses) = if guest_stored {
         match cpl0_pass(&mut v, log, len, &written, &offsets, &mut other_slots) {
-            Ok((text, missed)) => (text, missed),
+            Ok(r) => r,
             Err(f) => return f,
         }
     } else {
@@ -575,7 +575,7 @@ pub fn dirty_log_external(
         baseline.len()
     );
     // Set when the guest stored (then its CPL0 pass follows).
-    let mut cpu_offsets: Vec<u64> = Vec::new();
+    let mut guest_stored = false;
     let (written, source): (BTreeSet<u64>, String) = match device {
         Some(write) => {
             if let Err(e) = write(addr) {
@@ -606,7 +606,7 @@ pub fn dirty_log_external(
             });
             match ran {
                 Ok(cpl) => {
-                    cpu_offsets = gpas.iter().map(|g| g - GPA).collect();
+                    guest_stored = true;
                     (
                         units.iter().map(|&u| u as u64).collect(),
                         format!("guest stores at CPL{cpl}"),
@@ -631,13 +631,14 @@ pub fn dirty_log_external(
     };
     let misses = written.difference(&seen).count();
     let extra = seen.difference(&written).count();
-    let (cpl0, cpl0_misses) = if cpu_offsets.is_empty() {
-        (String::new(), 0)
-    } else {
-        match cpl0_pass(&mut v, log, len, &written, &cpu_offsets, &mut other_slots) {
+    // No host view of the bytes: the memory is not the scratch VM's (`v.memory` is empty).
+    let (cpl0, cpl0_misses) = if guest_stored {
+        match cpl0_pass(&mut v, log, len, &written, &[], &mut other_slots) {
             Ok(r) => r,
             Err(f) => return f,
         }
+    } else {
+        (String::new(), 0)
     };
     drop(v);
     let evidence = format!(

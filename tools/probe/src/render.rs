@@ -61,10 +61,7 @@ pub fn text(r: &Report) -> String {
             c.predicted
         );
     }
-    let against: Vec<String> = r
-        .cells
-        .iter()
-        .filter(|c| c.matches_prediction == Some(false))
+    let against: Vec<String> = contradicting(r)
         .map(|c| format!("{} / {}", c.label(), c.mechanism.name()))
         .collect();
     let _ = writeln!(
@@ -92,6 +89,13 @@ pub fn text(r: &Report) -> String {
 /// Escapes what would break a Markdown table cell.
 fn md(text: &str) -> String {
     text.replace('|', "\\|").replace('\n', " ")
+}
+
+/// The cells whose outcome contradicts TRACKING.md's prediction.
+fn contradicting(r: &Report) -> impl Iterator<Item = &Cell> {
+    r.cells
+        .iter()
+        .filter(|c| c.matches_prediction == Some(false))
 }
 
 /// An outcome as a matrix entry: findings in bold, a contradicted prediction marked.
@@ -147,11 +151,7 @@ fn glance(s: &mut String, r: &Report) {
             .collect();
         let _ = writeln!(s, "| {} | {} |", md(row), line.join(" | "));
     }
-    let against: Vec<&Cell> = r
-        .cells
-        .iter()
-        .filter(|c| c.matches_prediction == Some(false))
-        .collect();
+    let against: Vec<&Cell> = contradicting(r).collect();
     let _ = writeln!(
         s,
         "\n### Contradicting TRACKING.md ({} of {} cells)\n",

@@ -156,9 +156,7 @@ impl Outcome {
             Outcome::Unavailable { .. } => "unavailable".into(),
         }
     }
-}
 
-impl Outcome {
     /// A write check's verdict: a missed write outranks a reported one that never happened.
     pub fn of_write_check(missed: usize, false_positives: usize) -> Outcome {
         if missed > 0 {

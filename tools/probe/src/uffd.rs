@@ -20,18 +20,9 @@ const TARGET_OFF: usize = 0x123;
 /// An outcome and the evidence behind it.
 pub type Finding = (Outcome, String);
 
-fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
-    match e {
-        userfaultfd::Error::SystemError(n)
-        | userfaultfd::Error::CopyFailed(n)
-        | userfaultfd::Error::ZeropageFailed(n) => Some(*n as i32),
-        _ => None,
-    }
-}
-
 /// An error from a uffd call as a finding: an errno outcome when the kernel gave one.
 pub(crate) fn refused(op: &str, e: &userfaultfd::Error) -> Finding {
-    match errno_of(e) {
+    match vmm::userfault::errno_of(e) {
         Some(code) => (Outcome::errno(code), format!("{op}: {e} (errno {code})")),
         None => (
             Outcome::Unavailable {

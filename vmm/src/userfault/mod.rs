@@ -144,7 +144,7 @@ pub fn kvm_userfault_support() -> Result<(), String> {
 }
 
 /// The errno a userfaultfd crate error carries, if any.
-pub(crate) fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
+pub fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
     match e {
         userfaultfd::Error::SystemError(n)
         | userfaultfd::Error::CopyFailed(n)

@@ -174,7 +174,6 @@ impl Region {
     }
 }
 
-/// What the mechanism reported against what happened.
 fn errno_text(code: i32) -> String {
     format!("{} ({code})", errno_name(code))
 }

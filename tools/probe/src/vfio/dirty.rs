@@ -2,12 +2,12 @@
 //! anonymous buffer DMA-mapped at [`IOVA`] (2 MiB further per mechanism): iommufd hardware
 //! dirty tracking (cdev path), VFIO type1 `VFIO_IOMMU_DIRTY_PAGES` (group path) and VFIO
 //! device DMA logging (both). Each is enabled, the CPU stores to two pages, the bitmap is read,
-//! and everything is undone in reverse order, on every path. The probe cannot make the device DMA (that needs its driver),
-//! so a cell says whether tracking could be enabled and what the bitmap held, never that device
-//! writes were seen. The buffer is mapped and unmapped, the HWPT allocated, attached and
-//! destroyed, and DMA logging driven through the crates (vfio-ioctls, iommufd-ioctls); by hand
-//! are only iommufd.rs's two dirty-tracking ioctls and type1.rs's. Never run with a bound device
-//! here (no VFIO on this machine).
+//! and everything is undone in reverse order, on every path. The probe cannot make the device
+//! DMA (that needs its driver), so a cell says whether tracking could be enabled and what the
+//! bitmap held, never that device writes were seen. The buffer is mapped and unmapped, the HWPT
+//! allocated, attached and destroyed, and DMA logging driven through the crates (vfio-ioctls,
+//! iommufd-ioctls); by hand are only iommufd.rs's two dirty-tracking ioctls and type1.rs's.
+//! Never run with a bound device here (no VFIO on this machine).
 
 use vfio_ioctls::{DmaLoggingRange, VfioContainer, VfioOps};
 
