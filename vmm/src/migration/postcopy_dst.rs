@@ -249,17 +249,7 @@ impl Receiver {
             exits.complete_read(gpa, &mut page).ok()?;
             Some(page)
         };
-        let mut pages = userfault::keep_present::pv_pages(vcpus);
-        for v in vcpus {
-            pages.extend(userfault::keep_present::walk_page_tables(
-                &v.sregs, &mut read,
-            ));
-            pages.extend(userfault::keep_present::cpu_structure_pages(
-                &v.sregs, &mut read,
-            ));
-        }
-        pages.sort_unstable();
-        pages.dedup();
+        let pages = userfault::keep_present::kvm_touched(vcpus, &mut read);
         for &g in &pages {
             if exits.covers(g) {
                 exits.keep_mapped(g)?;

@@ -42,13 +42,7 @@ pub fn split(
             .ok()?;
         Some(page)
     };
-    let mut now = keep_present::pv_pages(vcpus);
-    for v in vcpus {
-        now.extend(keep_present::walk_page_tables(&v.sregs, &mut |g| read(g)));
-        now.extend(keep_present::cpu_structure_pages(&v.sregs, &mut |g| {
-            read(g)
-        }));
-    }
+    let mut now = keep_present::kvm_touched(vcpus, &mut |g| read(g));
     let bits = phys_bits;
     let mut buf = vec![0u8; 1 << 20];
     for &(gpa, n) in pending {

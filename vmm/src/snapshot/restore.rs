@@ -292,7 +292,8 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
             }
             eager_pages = keep_pages.len() as u64;
             tracing::info!(
-                "{backend}: {eager_pages} page-table and paravirtual pages mapped before resuming"
+                "{backend}: {eager_pages} pages KVM touches itself (page tables, descriptor \
+                 tables, event stacks, paravirtual pages) mapped before resuming"
             );
         }
         if opts.prefetch {
@@ -361,13 +362,7 @@ fn must_be_present(
             .ok()?;
         Some(page)
     };
-    let mut pages = keep_present::pv_pages(vcpus);
-    for v in vcpus {
-        pages.extend(keep_present::walk_page_tables(&v.sregs, &mut |g| read(g)));
-        pages.extend(keep_present::cpu_structure_pages(&v.sregs, &mut |g| {
-            read(g)
-        }));
-    }
+    let mut pages = keep_present::kvm_touched(vcpus, &mut |g| read(g));
     if !single_address_space {
         let bits = keep_present::guest_phys_bits(vcpus.first());
         for &(gpa, n) in runs {

@@ -13,7 +13,12 @@
 //!   them in through an ordinary exit.
 //! - **Descriptor tables, the TSS and the stacks events are delivered on**: KVM reads the GDT,
 //!   IDT, LDT and TSS (the I/O permission bitmap on every CPL3 port access) and pushes
-//!   exception frames on the TSS's RSP0 and IST stacks itself.
+//!   exception frames on the TSS's RSP0 and IST stacks itself, and, for an event that arrives
+//!   at CPL0, on the stack the vCPU is on. That last one matters for a vCPU saved in `hlt`:
+//!   after the restore the first thing it does is take an interrupt, before any instruction of
+//!   its own has touched (and so brought in) its stack. A missing frame page there makes the
+//!   guest take a double fault (measured on PVM with a Linux guest saved idle: every lazy
+//!   restore with memslot-exits died of one in the idle task, RIP and RSP as saved).
 //! - **Paravirtual pages KVM writes**: kvmclock (MSR_KVM_SYSTEM_TIME_NEW), steal time, PV EOI
 //!   and async-PF, named by MSRs in the saved vCPU state. A guest that moves them later, to a
 //!   page still missing, would lose KVM's writes; Linux sets them once per CPU at boot.
@@ -25,6 +30,20 @@ const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
 const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
 const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
 const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+
+/// Every page KVM itself touches in this saved state (see the module doc), sorted and
+/// deduplicated. `read` returns a guest-physical page's content (None outside RAM).
+pub fn kvm_touched(vcpus: &[VcpuState], read: &mut dyn FnMut(u64) -> Option<Vec<u8>>) -> Vec<u64> {
+    let mut pages = pv_pages(vcpus);
+    for v in vcpus {
+        pages.extend(walk_page_tables(&v.sregs, read));
+        pages.extend(cpu_structure_pages(&v.sregs, read));
+        pages.extend(current_stack_pages(v, read));
+    }
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
 
 /// The guest's physical-address width (CPUID 0x8000_0008 EAX[7:0]; the guest sees the host's
 /// value on these machines), 52 when unknown (which keeps every candidate: safe, not lazy).
@@ -187,6 +206,31 @@ pub fn cpu_structure_pages(
     pages
 }
 
+/// The pages an event frame pushed on the vCPU's current stack lands in: the one holding the
+/// top of the stack and the one below it (a 64-bit frame is at most 48 bytes, after aligning
+/// RSP down to 16; the page below also covers a handler's first pushes). Harmless when the
+/// vCPU is at CPL3, where events switch to the TSS stacks instead.
+pub fn current_stack_pages(
+    vcpu: &VcpuState,
+    read: &mut dyn FnMut(u64) -> Option<Vec<u8>>,
+) -> Vec<u64> {
+    let sregs = &vcpu.sregs;
+    let long = sregs.efer & (1 << 10) != 0 && sregs.cs.l != 0;
+    let sp = if long {
+        vcpu.regs.rsp
+    } else {
+        // Outside 64-bit code the stack is SS-relative (and ESP 32 bits wide).
+        sregs.ss.base.wrapping_add(vcpu.regs.rsp & 0xffff_ffff)
+    };
+    let mut pages = Vec::new();
+    for lin in [sp.wrapping_sub(1), sp.wrapping_sub(0x1001)] {
+        if let Some(g) = translate(sregs, lin, read) {
+            pages.push(g & !0xfff);
+        }
+    }
+    pages
+}
+
 /// Guest-physical pages named by the paravirtual MSRs of every vCPU (enabled ones only).
 pub fn pv_pages(vcpus: &[VcpuState]) -> Vec<u64> {
     let mut pages = Vec::new();
@@ -245,6 +289,74 @@ mod tests {
         assert_eq!(found, vec![0x1000, 0x2000, 0x3000, 0x4000]);
         let real_mode = kvm_bindings::kvm_sregs::default();
         assert!(walk_page_tables(&real_mode, &mut |g| mem.get(&g).cloned()).is_empty());
+    }
+
+    #[test]
+    fn a_vcpu_keeps_the_stack_it_is_on_present() {
+        // Linux's idle task in miniature: RSP 0xffffffff81a03ed0 in the kernel image (2 MiB
+        // leaf at GPA 0x1a00000), and a vCPU whose RSP sits at the very top of a page.
+        let pml4 = 0x1000u64;
+        let mem = std::collections::HashMap::from([
+            (pml4, page(&[(511, 0x2003)])),
+            (0x2000, page(&[(510, 0x3003)])),
+            (0x3000, page(&[(13, 0x1a0_0083)])),
+        ]);
+        let mut vcpu = VcpuState {
+            cpuid: Vec::new(),
+            mp_state: kvm_bindings::kvm_mp_state { mp_state: 3 },
+            regs: kvm_bindings::kvm_regs {
+                rsp: 0xffff_ffff_81a0_3ed0,
+                ..Default::default()
+            },
+            sregs: kvm_bindings::kvm_sregs {
+                cr0: 1 << 31 | 1,
+                cr3: pml4,
+                cr4: 1 << 5,
+                efer: 1 << 10 | 1 << 8,
+                cs: kvm_bindings::kvm_segment {
+                    l: 1,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            xsave: None,
+            fpu: None,
+            xcrs: None,
+            debugregs: None,
+            lapic: Default::default(),
+            msrs: Vec::new(),
+            vcpu_events: None,
+            tsc_khz: None,
+        };
+        let mut read = |g: u64| mem.get(&g).cloned().or_else(|| Some(vec![0u8; 4096]));
+        assert_eq!(
+            current_stack_pages(&vcpu, &mut read),
+            vec![0x1a0_3000, 0x1a0_2000]
+        );
+        let all = kvm_touched(std::slice::from_ref(&vcpu), &mut read);
+        for p in [pml4, 0x2000, 0x3000, 0x1a0_3000, 0x1a0_2000] {
+            assert!(all.contains(&p), "0x{p:x} missing from {all:x?}");
+        }
+        // At the top of a page the frame goes into the page below: both kept.
+        vcpu.regs.rsp = 0xffff_ffff_81a0_4000;
+        assert_eq!(
+            current_stack_pages(&vcpu, &mut read),
+            vec![0x1a0_3000, 0x1a0_2000]
+        );
+        // Unpaged 32-bit code: SS base + ESP, identity-mapped.
+        vcpu.sregs = kvm_bindings::kvm_sregs {
+            cr0: 1,
+            ss: kvm_bindings::kvm_segment {
+                base: 0x10_0000,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        vcpu.regs.rsp = 0xdead_0000_0000_8000;
+        assert_eq!(
+            current_stack_pages(&vcpu, &mut read),
+            vec![0x10_7000, 0x10_6000]
+        );
     }
 
     #[test]

@@ -6,8 +6,9 @@
 //!
 //! What this cannot see, and how it is covered:
 //! - KVM's own accesses (kvmclock, steal time, PV EOI; guest page-table walks under shadow
-//!   paging) need a memslot: a page-table page or a PV page that is missing makes the guest see
-//!   a fault that never happened, with no exit at all. Such pages must be present before the
+//!   paging; the frames it pushes when it delivers an event) need a memslot: a page-table page,
+//!   a PV page or a stack page that is missing makes the guest see a fault that never happened
+//!   (a double fault for a stack), with no exit at all. Such pages must be present before the
 //!   vCPUs run; `eager_pages` finds them (see `keep_present`).
 //! - The VMM's own accesses go through the host mapping of the memory file, where userfaultfd
 //!   MISSING stays registered (as KVM Userfault intends for non-vCPU accesses).
