@@ -9,8 +9,8 @@
 //! the vCPU writes the wall clock at a guest address with the vCPU loaded, logged like a guest
 //! store); the evidence names the source and, for the fallback, why the guest did not run.
 //! guest_memfd kinds get their own guest_memfd on the scratch VM (a guest_memfd is bound to the
-//! VM that created it) and are registered with KVM_SET_USER_MEMORY_REGION2. Everything is dropped on return: ring mapping,
-//! vCPU, VM, guest_memfd, mappings.
+//! VM that created it) and are registered with KVM_SET_USER_MEMORY_REGION2. Everything is
+//! dropped on return: ring mapping, vCPU, VM, guest_memfd, mappings.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use userfaultfd::{Event, ReadWrite, Uffd};
 
-use super::{DemandPager, Fault, Installed, UserfaultError};
+use super::{uffd_err, DemandPager, Fault, Installed, UserfaultError};
 use crate::memory::RamRange;
 use crate::sys::uffd as sys_uffd;
 
@@ -19,10 +19,6 @@ pub struct UffdMissing {
     uffd: Uffd,
     /// (RAM range, host address of its mapping).
     ranges: Vec<(RamRange, u64)>,
-}
-
-fn uffd_err(what: &'static str) -> impl Fn(userfaultfd::Error) -> UserfaultError {
-    move |e| super::uffd_err(what, e)
 }
 
 impl UffdMissing {
@@ -37,7 +33,7 @@ impl UffdMissing {
             .collect();
         for (r, host) in &ranges {
             uffd.register(*host as *mut libc::c_void, r.size as usize)
-                .map_err(uffd_err("UFFDIO_REGISTER (MISSING) on guest RAM"))?;
+                .map_err(|e| uffd_err("UFFDIO_REGISTER (MISSING) on guest RAM", e))?;
         }
         Ok(UffdMissing { uffd, ranges })
     }
@@ -89,7 +85,7 @@ impl UffdMissing {
         match self
             .uffd
             .read_event()
-            .map_err(uffd_err("reading a userfaultfd event"))?
+            .map_err(|e| uffd_err("reading a userfaultfd event", e))?
         {
             None => Ok(None),
             Some(Event::Pagefault { addr, rw, .. }) => {
@@ -145,7 +141,7 @@ impl DemandPager for UffdMissing {
             // ones before it (reported as a partial copy, EAGAIN).
             Err(userfaultfd::Error::PartiallyCopied(n)) => n,
             Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => 0,
-            Err(e) => return Err(uffd_err("UFFDIO_COPY")(e)),
+            Err(e) => return Err(uffd_err("UFFDIO_COPY", e)),
         };
         let page = PAGE as usize;
         // The count comes from the kernel, negative errnos included (cast): one past the
@@ -167,7 +163,7 @@ impl DemandPager for UffdMissing {
             match r {
                 Ok(_) => {}
                 Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {}
-                Err(e) => return Err(uffd_err("UFFDIO_COPY")(e)),
+                Err(e) => return Err(uffd_err("UFFDIO_COPY", e)),
             }
         }
         Ok(Installed::AlreadyPresent)
@@ -184,7 +180,7 @@ impl DemandPager for UffdMissing {
             Ok(_) => return Ok(Installed::Now),
             Err(userfaultfd::Error::ZeropageFailed(errno))
                 if errno as i32 == libc::EEXIST || errno as i32 == libc::EAGAIN => {}
-            Err(e) => return Err(uffd_err("UFFDIO_ZEROPAGE")(e)),
+            Err(e) => return Err(uffd_err("UFFDIO_ZEROPAGE", e)),
         }
         // Some page of the range is present: do the rest page by page.
         for i in 0..pages {
@@ -193,7 +189,7 @@ impl DemandPager for UffdMissing {
             match unsafe { self.uffd.zeropage(dst, PAGE as usize, true) } {
                 Ok(_) => {}
                 Err(userfaultfd::Error::ZeropageFailed(errno)) if errno as i32 == libc::EEXIST => {}
-                Err(e) => return Err(uffd_err("UFFDIO_ZEROPAGE")(e)),
+                Err(e) => return Err(uffd_err("UFFDIO_ZEROPAGE", e)),
             }
         }
         Ok(Installed::AlreadyPresent)
@@ -204,14 +200,14 @@ impl DemandPager for UffdMissing {
         let dst = self.host(gpa, len)?;
         self.uffd
             .wake(dst, len as usize)
-            .map_err(uffd_err("UFFDIO_WAKE"))
+            .map_err(|e| uffd_err("UFFDIO_WAKE", e))
     }
 
     fn disarm(&self) -> Result<(), UserfaultError> {
         for (r, host) in &self.ranges {
             self.uffd
                 .unregister(*host as *mut libc::c_void, r.size as usize)
-                .map_err(uffd_err("UFFDIO_UNREGISTER"))?;
+                .map_err(|e| uffd_err("UFFDIO_UNREGISTER", e))?;
         }
         Ok(())
     }
