@@ -27,11 +27,16 @@ const TSS_IOPB_OFFSET: u64 = layout::MICRO_IOPB_OFFSET;
 const IOPB_BYTES: u64 = layout::MICRO_IOPB_BYTES;
 
 // The payload shifts by the stack stride and the frame size; its frame (FR_* in micro.S) takes
-// 48 bytes; the per-vCPU mailbox fields fit in the page without overlapping.
+// 48 bytes; the per-vCPU mailbox fields fit in the page without overlapping; the budget
+// (OFF_PASSES), which the VMM may rewrite while the payload runs and which the payload reads
+// after every pass, lies clear of every field the payload writes (its progress fields and
+// frames).
 const _: () = assert!(
     layout::MICRO_USER_STACK_STRIDE.is_power_of_two()
         && micro::VCPU_FRAME_SIZE.is_power_of_two()
         && micro::VCPU_FRAME_SIZE >= 48
+        && micro::OFF_PASSES + 8 <= micro::OFF_CURRENT_PASS
+        && micro::OFF_PASSES + 8 <= micro::OFF_VCPU_PASS
         && micro::OFF_VCPU_PASS + 8 * micro::MAX_VCPUS <= micro::OFF_VCPU_FRAME
         && micro::OFF_VCPU_FRAME + micro::VCPU_FRAME_SIZE * micro::MAX_VCPUS <= 4096
 );

@@ -10,6 +10,7 @@ pub mod host;
 pub mod machine;
 pub mod memory;
 pub mod micro_check;
+pub mod micro_finish;
 pub mod micro_port;
 pub mod migration;
 pub mod snapshot;

@@ -37,6 +37,15 @@ enum RemoteCommand {
     Pause,
     /// Resume a paused VM.
     Resume,
+    /// Micro guest: end every vCPU after N more passes than the furthest one has run (its pass
+    /// now + N), and check the run against the model of that many passes. Prints the budget.
+    Finish {
+        /// Passes to run beyond the furthest vCPU's current pass (at least 1).
+        #[arg(long)]
+        after: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Type a line on the guest console (a newline is added).
     Console { text: String },
     /// Write a snapshot (state + memory) into a directory; `vmm restore DIR` brings it back.
@@ -63,6 +72,7 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         RemoteCommand::Status { json } => (Request::Status, json),
         RemoteCommand::Pause => (Request::Pause, false),
         RemoteCommand::Resume => (Request::Resume, false),
+        RemoteCommand::Finish { after, json } => (Request::Finish { after }, json),
         RemoteCommand::Console { text } => (Request::Console { input: text }, false),
         RemoteCommand::Snapshot { mut params, json } => {
             params.to = absolute(params.to)?;
@@ -88,6 +98,8 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else if let Some(report) = reply.get("report").filter(|r| !r.is_null()) {
         print_migration(report);
+    } else if let Some(t) = reply.get("passes").and_then(Value::as_u64) {
+        eprintln!("vmm: the micro guest ends after pass {t}");
     } else if let Some(s) = reply.get("snapshot") {
         let f = |k: &str| s.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
         eprintln!(
@@ -221,6 +233,7 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
             disks,
         },
         dump_memory: a.dump_memory.clone(),
+        dump_final: a.dump_final.clone(),
         demand: vmm::migration::postcopy_dst::Demand {
             backend: crate::restore_cli::check_backend(&a.demand)?,
             chunk: crate::restore_cli::parse_chunk(&a.demand_chunk)?,

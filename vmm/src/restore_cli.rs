@@ -43,9 +43,13 @@ pub struct RestoreArgs {
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Write guest RAM as restored to PATH (lazily: each page as it comes in).
-    #[arg(long)]
+    /// Write guest RAM as restored, before the guest runs, to PATH (eager restore only).
+    #[arg(long, conflicts_with = "lazy")]
     dump_memory: Option<PathBuf>,
+    /// Write guest RAM when the run ends to PATH, read as the guest sees it (with --lazy, every
+    /// page the run did not touch is brought in first, through the same installs).
+    #[arg(long)]
+    dump_final: Option<PathBuf>,
     /// With --lazy: the fault handler runs in `vmm page-server` listening on this Unix socket
     /// (uffd backends: the userfaultfd is handed over; exit backends: pages are requested).
     #[arg(long, requires = "lazy")]
@@ -149,6 +153,7 @@ pub fn run(a: RestoreArgs, start: Instant) -> Result<i32> {
         api_socket: a.api_socket.clone(),
         disks,
         dump_memory: a.dump_memory.clone(),
+        dump_final: a.dump_final.clone(),
         page_server: a.page_server.clone(),
     };
     let r = restore(&opts, start)?;

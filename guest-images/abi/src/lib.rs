@@ -122,7 +122,8 @@ pub mod ports {
 }
 
 /// The micro guest's mailbox: a page of little-endian u64 fields at `layout::MICRO_MAILBOX_GPA`,
-/// written by vmm before the first KVM_RUN and read by the payload.
+/// written by vmm before the first KVM_RUN and read by the payload. Only `OFF_PASSES` may change
+/// afterwards (the payload reads it after every pass); the other inputs are read once.
 ///
 /// # Several vCPUs
 /// Every vCPU runs the workload. vCPU 0 (the BSP) enters as with one vCPU; the VMM starts each
@@ -139,7 +140,8 @@ pub mod ports {
 /// - uses PRNG seed `vcpu_seed(seed, i)` and stores `store_value_for(i, pass, write)`;
 /// - stores its pass at `vcpu_pass_offset(i)` before each pass (vCPU 0 also at
 ///   `OFF_CURRENT_PASS`), writes `port_value(i, pass)` to `ports::MICRO_PASS` after each pass,
-///   and `port_value(i, status)` to `ports::MICRO_EXIT` when done. The VM is finished once every
+///   then reads the budget at `OFF_PASSES`, and writes `port_value(i, status)` to
+///   `ports::MICRO_EXIT` when done. The VM is finished once every
 ///   vCPU has exited with status 0 (any other status ends it at once).
 ///
 /// With one vCPU and no shared region all of this is what version 1 did.
@@ -160,7 +162,13 @@ pub mod micro {
     pub const OFF_REGION_PAGES: u64 = 24;
     /// One of the `PATTERN_*` values.
     pub const OFF_PATTERN: u64 = 32;
-    /// Number of passes (0 = run forever).
+    /// Number of passes, the budget (0 = run forever). Read by every vCPU after every pass (right
+    /// after its `ports::MICRO_PASS` write), never kept: the VMM may set or change it while the
+    /// guest runs. A vCPU that has completed pass `p` goes on while the budget is 0 or above
+    /// `p`, and exits otherwise. To end an endless run after exactly `T` passes, the VMM pauses
+    /// every vCPU, picks `T` above every vCPU's `vcpu_pass_offset` field, writes it here and
+    /// resumes: each vCPU then runs passes up to `T` and exits, so the final memory depends only
+    /// on the workload and the final budget (`vmm remote ... finish --after N`).
     pub const OFF_PASSES: u64 = 40;
     /// Writes per pass for `random` and `hotset`; page stride for `sparse`; unused for `sweep`.
     pub const OFF_PARAM: u64 = 48;

@@ -24,7 +24,8 @@
 //! (native speed) it checks the pattern, vCPU count and regions, then runs the passes; before
 //! each pass it stores the pass number at `micro::OFF_CURRENT_PASS` (vCPU 0) and its own
 //! `micro::vcpu_pass_offset`, after each it writes `micro::port_value(index, pass)` (for vCPU 0:
-//! the pass number) to port `MICRO_PASS`. When done, or on a bad mailbox, it writes a status
+//! the pass number) to port `MICRO_PASS` and reads the budget `micro::OFF_PASSES` again (the
+//! VMM may change it while the guest runs). When done, or on a bad mailbox, it writes a status
 //! (see `exit_status`; also through `port_value`) to port `MICRO_EXIT` and then writes it again
 //! in a loop (CPL3; so a vCPU resumed after its exit, say from a snapshot, exits at once) or
 //! halts (CPL0): the VMM is expected to stop the vCPU at the exit port.

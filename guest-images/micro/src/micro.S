@@ -97,11 +97,13 @@ cpl0_exit:
  * Registers for the whole run:
  *   r8  this vCPU's private region GPA
  *   r9  logical pages (private + shared)   r10 pattern
- *   r11 passes (0 = forever)                         r13 PRNG state
+ *   r13 PRNG state
  *   r14 pass (from 1)         r15 writes per pass    rsi sparse stride (param, 0 -> 1)
  *   rdi hot-set size          rbp value tag: pass << 32 ^ index << 56
  *   rcx write index i within the pass                r12 this vCPU's frame (below)
  *   rax, rdx, rbx scratch (div uses rdx:rax; rbx holds its divisor 10)
+ * The budget (passes, 0 = forever) is in no register: it is read from the mailbox after each
+ * pass (pass_done).
  * No stack use: nothing here calls or pushes, so no page but the mailbox and the regions is
  * ever written at CPL3. This vCPU's constants live in its frame in the mailbox page (which
  * every pass writes anyway), at MAILBOX + OFF_VCPU_FRAME + index * VCPU_FRAME_SIZE:
@@ -137,7 +139,6 @@ user_entry:
         mov     MAILBOX + OFF_REGION_GPA, %r8
         mov     MAILBOX + OFF_REGION_PAGES, %r9
         mov     MAILBOX + OFF_PATTERN, %r10
-        mov     MAILBOX + OFF_PASSES, %r11
 
         /* Reject what would make the loop fault: an unknown pattern, no pages, or a region
          * outside the identity map. Every store then lands inside the map: at a private
@@ -330,10 +331,14 @@ pass_done:
         and     $(1 << PORT_VALUE_BITS) - 1, %eax
         or      FR_PORT_TAG(%r12), %eax
         out     %eax, %dx
-        test    %r11, %r11
-        jz      pass_loop
-        cmp     %r11, %r14
-        jb      pass_loop
+        /* The budget (0 = forever), read again after every pass: the VMM may set or change it
+         * while the guest runs (`vmm remote finish`), with every vCPU paused and at most at
+         * the new budget, so each vCPU then ends after exactly that many passes and the final
+         * memory depends only on the workload and the final budget. */
+        mov     MAILBOX + OFF_PASSES, %rax
+        dec     %rax                    /* 0 (forever) becomes 2^64 - 1: above every pass */
+        cmp     %rax, %r14
+        jbe     pass_loop               /* pass <= budget - 1: not done */
 
         xor     %eax, %eax              /* EXIT_OK */
 cpl3_exit:

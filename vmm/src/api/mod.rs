@@ -4,8 +4,9 @@
 //!
 //! | request | reply (besides `"ok": true`) |
 //! |---|---|
-//! | `{"cmd":"status"}` | `state` (running, paused, migrating, migrated), `vcpus`, `mem_mib`, `micro_passes`, `uptime_ms`, `migration` (phase, round, bytes, remaining_pages, last report) |
+//! | `{"cmd":"status"}` | `state` (running, paused, migrating, migrated), `vcpus`, `mem_mib`, `micro_passes`, `micro_budget` (the micro guest's budget, 0 = forever; null for Linux), `uptime_ms`, `migration` (phase, round, bytes, remaining_pages, last report) |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | — |
+//! | `{"cmd":"finish","after":N}` | `passes`: T, the micro guest's new budget: every vCPU ends after pass T = (furthest vCPU's current pass) + N, and the run is checked against the model of T passes. Refused for Linux, a raw `--payload`, during a migration or snapshot, N = 0, a budget already reached, or T beyond 64 bits. A guest paused with `pause` stays paused |
 //! | `{"cmd":"console","input":"TEXT"}` | `bytes`: TEXT plus a newline typed on the guest console |
 //! | `{"cmd":"migrate","to":"tcp://HOST:PORT","mode":"precopy"\|"postcopy"\|"hybrid","tracker":"bitmap",`<br>`"downtime_ms":300,"bandwidth_mib_s":null,"max_rounds":30,"max_precopy_ms":60000,"dump_memory":null}` | `report`: the migration's metrics, sent when it ends; the VM exits after a successful one |
 //!
@@ -26,7 +27,14 @@ pub enum Request {
     Status,
     Pause,
     Resume,
-    Console { input: String },
+    /// Micro guest: end every vCPU after `after` more passes than the furthest one has reached
+    /// (`micro_finish`).
+    Finish {
+        after: u64,
+    },
+    Console {
+        input: String,
+    },
     Migrate(MigrateParams),
     Snapshot(SnapshotParams),
 }
@@ -137,5 +145,20 @@ mod tests {
             serde_json::from_str::<Request>(r#"{"cmd":"console","input":"x"}"#).unwrap(),
             Request::Console { input: "x".into() }
         );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"finish","after":50}"#).unwrap(),
+            Request::Finish { after: 50 }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Finish { after: 3 }).unwrap(),
+            r#"{"cmd":"finish","after":3}"#
+        );
+        for bad in [
+            r#"{"cmd":"finish"}"#,
+            r#"{"cmd":"finish","after":-1}"#,
+            r#"{"cmd":"finish","after":18446744073709551616}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
     }
 }

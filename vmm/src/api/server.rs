@@ -169,6 +169,10 @@ pub fn handle(req: Request, shared: &Arc<Shared>) -> Value {
                 Err(e) => error(e.to_string()),
             }
         }
+        Request::Finish { after } => match crate::micro_finish::finish(shared, after) {
+            Ok(passes) => json!({ "ok": true, "passes": passes }),
+            Err(e) => error(e.to_string()),
+        },
         Request::Console { input } => {
             let mut bytes = input.into_bytes();
             bytes.push(b'\n');
@@ -214,6 +218,7 @@ fn status(shared: &Shared) -> Value {
         "vcpus": shared.description.vcpus,
         "mem_mib": shared.description.mem_bytes >> 20,
         "micro_passes": shared.micro_passes(),
+        "micro_budget": shared.micro_budget.passes(),
         "uptime_ms": shared.start.elapsed().as_secs_f64() * 1000.0,
         "migration": p,
     })

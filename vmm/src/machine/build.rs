@@ -50,7 +50,13 @@ pub struct Machine {
     pub demand: DemandExits,
     /// Guest memory is still being paged in (see `Shared::paging_in`).
     pub paging_in: Arc<AtomicBool>,
+    /// Called once every vCPU has stopped, while guest RAM is still mapped (and a demand
+    /// pager still armed): `--dump-final` brings in what the run never touched and reads RAM.
+    pub on_ended: Option<OnEnded>,
 }
+
+/// See `Machine::on_ended`.
+pub type OnEnded = Box<dyn FnOnce(&crate::memory::GuestMemory) + Send>;
 
 impl Machine {
     /// Creates RAM, the VM, devices and vCPUs (CPUID, MSRs, FPU, LINT set up; no boot registers).
@@ -199,6 +205,7 @@ impl Machine {
             events_rx,
             demand,
             paging_in: Arc::new(AtomicBool::new(false)),
+            on_ended: None,
         })
     }
 

@@ -5,6 +5,7 @@
 pub mod build;
 pub mod console;
 pub mod devices_setup;
+pub mod final_dump;
 pub mod report;
 pub mod run;
 pub mod shared;
@@ -82,7 +83,9 @@ pub enum GuestConfig {
         payload: Vec<u8>,
         mailbox: Vec<u8>,
         region: Option<(u64, u64)>,
-        /// Checked against guest RAM when the guest exits with status 0.
+        /// Checked against guest RAM when the guest exits with status 0: the check the run
+        /// starts with (`--verify`, or the source's); a `finish` replaces it in the run's
+        /// `micro_finish::MicroBudget`.
         expected: Option<crate::micro_check::Expected>,
     },
 }

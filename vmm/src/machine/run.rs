@@ -46,6 +46,7 @@ impl Machine {
             events_rx,
             demand,
             paging_in,
+            on_ended,
         } = self;
         let mem = ram.memory();
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
@@ -62,6 +63,7 @@ impl Machine {
                 pause: pause.clone(),
                 micro_passes: micro_passes.clone(),
                 description: crate::migration::description::VmDescription::of(&cfg, ram.ranges()),
+                micro_budget: crate::micro_finish::MicroBudget::of(&cfg.guest),
                 tracking_active: cfg.tracking.is_some(),
                 start,
                 paging_in,
@@ -164,6 +166,9 @@ impl Machine {
         // Parked vCPUs (a pause, or the source of a finished migration) must see the stop.
         pause.release_all();
         stop_vcpus(&stop, threads);
+        if let Some(f) = on_ended {
+            f(mem);
+        }
         let (first_run, why) = ended?;
         let migration = shared.progress().report.clone();
 
@@ -172,15 +177,9 @@ impl Machine {
             .lock()
             .map(|w| (w.agent_ready, w.kernel_panic.clone()));
         let (agent_ready, kernel_panic) = watch.unwrap_or((None, None));
-        let micro_check = match (&cfg.guest, &why) {
-            (
-                GuestConfig::Micro {
-                    expected: Some(expected),
-                    mailbox,
-                    ..
-                },
-                VcpuStop::DeviceExit(0),
-            ) => Some(crate::micro_check::check_run(mem, expected, mailbox)),
+        // Against the check armed now (`--verify`, or the last `finish`), for the final budget.
+        let micro_check = match &why {
+            VcpuStop::DeviceExit(0) => shared.micro_budget.check(mem),
             _ => None,
         };
         let mut outcome = Outcome::from_stop(why, kernel_panic);

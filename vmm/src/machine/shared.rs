@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::devices_setup::Devices;
 use super::stdin::InputSink;
 use crate::memory::{GuestMemory, RamRange};
+use crate::micro_finish::MicroBudget;
 use crate::migration::description::VmDescription;
 use crate::migration::progress::Progress;
 use crate::tracking::{DirtyRings, TrackContext, TrackedSlot};
@@ -34,7 +35,10 @@ pub struct Shared {
     pub serial: Arc<Mutex<devices::legacy::serial::Serial>>,
     pub transports: Vec<Arc<Mutex<devices::virtio::mmio::MmioTransport>>>,
     pub micro_passes: Arc<AtomicU64>,
+    /// The VM as it started; `describe` gives it as it is now.
     pub description: VmDescription,
+    /// The micro guest's current budget and end-of-run check (`finish` changes both).
+    pub micro_budget: MicroBudget,
     /// A `--track` session owns the tracking backends while it runs.
     pub tracking_active: bool,
     pub start: Instant,
@@ -60,6 +64,7 @@ pub struct SharedParts {
     pub pause: Arc<PauseControl>,
     pub micro_passes: Arc<AtomicU64>,
     pub description: VmDescription,
+    pub micro_budget: MicroBudget,
     pub tracking_active: bool,
     pub start: Instant,
     pub paging_in: Arc<std::sync::atomic::AtomicBool>,
@@ -85,6 +90,7 @@ impl Shared {
             transports: devs.transports.clone(),
             micro_passes: p.micro_passes,
             description: p.description,
+            micro_budget: p.micro_budget,
             tracking_active: p.tracking_active,
             start: p.start,
             migration: Mutex::new(Progress::default()),
@@ -92,6 +98,12 @@ impl Shared {
             events: Mutex::new(p.events),
             exit_evt: p.exit_evt,
         }
+    }
+
+    /// The VM as a migration's Hello or a snapshot's vm.json describes it: as it started, with
+    /// the micro guest's budget and check as they are now (waits for a `finish` in progress).
+    pub fn describe(&self) -> VmDescription {
+        self.micro_budget.describe(&self.description)
     }
 
     /// What the dirty trackers need to run on this VM.

@@ -109,6 +109,22 @@ impl VmDescription {
         }
     }
 
+    /// This description with the micro guest's mailbox and check as they are now: the mailbox
+    /// vmm wrote at boot, with the budget (`OFF_PASSES`) a `finish` may have set since, and
+    /// `verify` once a check is armed (`--verify`, or a finish). What a migration's Hello and a
+    /// snapshot's vm.json carry (`Shared::describe`), so the destination's or restored VM's
+    /// model is the one for the budget the guest obeys. Other guests are left as they are.
+    pub fn with_micro(mut self, mailbox: &[u8], verify_now: bool) -> VmDescription {
+        if let GuestDesc::Micro {
+            mailbox: m, verify, ..
+        } = &mut self.guest
+        {
+            *m = mailbox.to_vec();
+            *verify = verify_now;
+        }
+        self
+    }
+
     /// The VM to build from this description, with this side's console, disks and API socket
     /// (a migration's destination, a snapshot's restore).
     pub fn config(
@@ -129,6 +145,8 @@ impl VmDescription {
                 region,
                 verify,
             } => {
+                // The mailbox holds the budget as it was when the source described the VM
+                // (`with_micro`): a finished workload's model is the one for that budget.
                 let expected = if *verify {
                     let mb = <&[u8; micro_guest::MAILBOX_SIZE]>::try_from(mailbox.as_slice())
                         .map_err(|_| "micro guest mailbox size".to_string())?;

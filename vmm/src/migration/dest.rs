@@ -19,12 +19,15 @@ use super::protocol::{
 use super::snapshot::VmSnapshot;
 use super::source::{unexpected, Reader, Writer};
 use super::{postcopy_dst, MigrationError, Mode};
+use crate::machine::final_dump::FinalDump;
 use crate::machine::{ConsoleOutput, Machine, RunReport, VmConfig};
 
 /// How long the destination waits for the source's second (urgent) connection.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The source sends continuously while it migrates; this long a silence means it is gone.
 const SILENCE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `--dump-final` after a postcopy run waits this long for the pages still on the source.
+const FILL_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct IncomingOptions {
@@ -34,8 +37,13 @@ pub struct IncomingOptions {
     pub console_input: bool,
     pub api_socket: Option<PathBuf>,
     pub constraints: Constraints,
-    /// Write guest RAM as received (the source's RAM at its pause) into this file.
+    /// Precopy only: write guest RAM as received (the source's RAM at its pause), before the
+    /// guest runs here, into this file. A postcopy destination never holds it whole before
+    /// running: such a migration is refused (use `dump_final`).
     pub dump_memory: Option<PathBuf>,
+    /// Write guest RAM when the run ends into this file, read as the guest sees it (postcopy:
+    /// once every page has arrived).
+    pub dump_final: Option<PathBuf>,
     /// The demand-paging backend for postcopy.
     pub demand: postcopy_dst::Demand,
 }
@@ -96,7 +104,12 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             ));
         }
     }
-    let machine = match Machine::build(&cfg, start) {
+    if hello.mode != Mode::Precopy && opts.dump_memory.is_some() {
+        let why = "this destination was started with --dump-memory (guest RAM before the guest \
+                   runs), which a postcopy destination never holds whole: use --dump-final";
+        return Err(refuse(&mut w, MigrationError::Refused(why.into())));
+    }
+    let mut machine = match Machine::build(&cfg, start) {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e.to_string()))),
     };
@@ -236,9 +249,17 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                     }
                 })
             };
-            machine
+            let final_dump = opts
+                .dump_final
+                .clone()
+                .map(|p| FinalDump::arm(&mut machine, p, Box::new(|| Ok(()))));
+            let run = machine
                 .run(Some(on_running))
-                .map_err(|e| MigrationError::Machine(e.to_string()))
+                .map_err(|e| MigrationError::Machine(e.to_string()))?;
+            if let Some(d) = final_dump {
+                d.result().map_err(MigrationError::FinalDump)?;
+            }
+            Ok(run)
         }
         Some(pending) => {
             let Some((uw, ur)) = urgent else {
@@ -249,7 +270,6 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                 &opts.demand,
                 &pending,
                 postcopy_dst::Links { w, r, uw, ur },
-                opts.dump_memory.clone(),
                 report,
                 begun,
             ) {
@@ -286,11 +306,20 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                     pager.running(shared.clone(), state_at.elapsed().as_secs_f64() * 1000.0);
                 })
             };
+            let final_dump = opts.dump_final.clone().map(|p| {
+                let pager = pager.clone();
+                let fill = Box::new(move || pager.wait_filled(FILL_TIMEOUT));
+                FinalDump::arm(&mut machine, p, fill)
+            });
             // `run` fails only before any vCPU thread starts (API socket, threads).
-            machine.run(Some(on_running)).map_err(|e| {
+            let run = machine.run(Some(on_running)).map_err(|e| {
                 pager.fail(&format!("{ABORT_NOT_STARTED}{e}"));
                 MigrationError::Machine(e.to_string())
-            })
+            })?;
+            if let Some(d) = final_dump {
+                d.result().map_err(MigrationError::FinalDump)?;
+            }
+            Ok(run)
         }
     }
 }

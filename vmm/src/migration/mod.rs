@@ -89,6 +89,9 @@ pub enum MigrationError {
     Hello(String),
     #[error("timed out {0}")]
     Timeout(String),
+    /// `--dump-final` could not be written (the run itself ended as reported).
+    #[error("{0}")]
+    FinalDump(String),
     #[error("writing the memory dump {path}: {source}")]
     Dump {
         path: std::path::PathBuf,

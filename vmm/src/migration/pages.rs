@@ -216,6 +216,30 @@ pub fn dump_ram(memfd: &File, ranges: &[RamRange], path: &std::path::Path) -> st
     out.sync_all()
 }
 
+/// Copies all of guest RAM into `path` (same layout as the memfd), read through the VMM's own
+/// mapping of it, as the guest sees it: under a userfaultfd pager a missing page is brought in
+/// by the read itself. The byte-for-byte record of `--dump-final`.
+pub fn dump_mapped(
+    mem: &crate::memory::GuestMemory,
+    ranges: &[RamRange],
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    use vm_memory::{Bytes, GuestAddress};
+    let out = File::create(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for r in ranges {
+        let mut done = 0u64;
+        while done < r.size {
+            let n = (r.size - done).min(buf.len() as u64) as usize;
+            mem.read_slice(&mut buf[..n], GuestAddress(r.gpa + done))
+                .map_err(|e| std::io::Error::other(format!("reading 0x{:x}: {e}", r.gpa + done)))?;
+            out.write_all_at(&buf[..n], r.file_offset + done)?;
+            done += n as u64;
+        }
+    }
+    out.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,6 @@
 //! vCPU run on with a missing page (the source still holds every page).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -25,7 +22,6 @@ use super::source::{unexpected, Reader, Writer};
 use super::MigrationError;
 use crate::machine::shared::Shared;
 use crate::machine::Machine;
-use crate::memory::RamRange;
 use crate::userfault::{self, ArmArgs, DemandPager, Installed};
 
 /// The demand-paging backend the destination runs postcopy on (`--demand`).
@@ -60,7 +56,6 @@ struct Inner {
     pager: Arc<dyn DemandPager>,
     index: PageIndex,
     table: Vec<(u64, u64)>,
-    ram: Vec<RamRange>,
     pending: AtomicPages,
     remaining: AtomicU64,
     waiting: Mutex<HashMap<u64, Instant>>,
@@ -72,7 +67,6 @@ struct Inner {
     done: AtomicBool,
     /// The main connection's receiver has ended (the source closed it).
     main_closed: AtomicBool,
-    dump: Option<File>,
     requests_w: Mutex<Writer>,
     main_w: Mutex<Option<Writer>>,
     running: Mutex<Option<(Arc<Shared>, f64, Instant)>>,
@@ -100,7 +94,6 @@ impl Receiver {
         demand: &Demand,
         pending: &[(u64, u64)],
         links: Links,
-        dump: Option<PathBuf>,
         report: MigrationReport,
         begun: Instant,
     ) -> Result<Receiver, Box<(MigrationError, Option<Writer>)>> {
@@ -109,7 +102,7 @@ impl Receiver {
         let memfd = machine.ram.file();
         let index = PageIndex::new(&ram);
         let marks = AtomicPages::new(index.total());
-        let prepared = (|| -> Result<(Option<File>, Arc<dyn DemandPager>), MigrationError> {
+        let prepared = (|| -> Result<Arc<dyn DemandPager>, MigrationError> {
             for &(gpa, n) in pending {
                 for p in 0..n {
                     let page = gpa + p * PAGE_SIZE;
@@ -124,21 +117,6 @@ impl Receiver {
                 }
                 pages::zero_pages(memfd, &ram, gpa, n)?;
             }
-            let dump = match dump {
-                Some(path) => {
-                    pages::dump_ram(memfd, &ram, &path).map_err(|source| MigrationError::Dump {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    Some(
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(|source| MigrationError::Dump { path, source })?,
-                    )
-                }
-                None => None,
-            };
             let pager = userfault::arm(
                 &demand.backend,
                 ArmArgs {
@@ -156,9 +134,9 @@ impl Receiver {
                 // asks the source as for any other fault.
                 let _ = machine.demand.set(exits);
             }
-            Ok((dump, pager))
+            Ok(pager)
         })();
-        let (dump, pager) = match prepared {
+        let pager = match prepared {
             Ok(p) => p,
             Err(e) => return Err(Box::new((e, Some(w)))),
         };
@@ -170,7 +148,6 @@ impl Receiver {
         let inner = Arc::new(Inner {
             pager,
             table: ram.iter().map(|r| (r.gpa, r.size)).collect(),
-            ram,
             index,
             pending: marks,
             remaining: AtomicU64::new(remaining),
@@ -182,7 +159,6 @@ impl Receiver {
             complete: AtomicBool::new(false),
             done: AtomicBool::new(false),
             main_closed: AtomicBool::new(false),
-            dump,
             requests_w: Mutex::new(uw),
             main_w: Mutex::new(Some(w)),
             running: Mutex::new(None),
@@ -270,6 +246,25 @@ impl Receiver {
         }
         *lock(&self.inner.running) = Some((shared, restore_ms, Instant::now()));
         self.inner.maybe_finish();
+    }
+
+    /// Waits until every page is here (`--dump-final` after the run), at most `limit`.
+    pub fn wait_filled(&self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let i = &self.inner;
+            let left = i.remaining.load(Ordering::Acquire);
+            if left == 0 && i.complete.load(Ordering::Acquire) && i.done.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{left} pages still on the source {} s after the run ended",
+                    limit.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// The destination could not start the guest: tell the source (which still holds it).
@@ -382,12 +377,14 @@ impl Inner {
 
     fn on_pages(&self, gpa: u64, data: &[u8], pushed: bool) -> Result<(), MigrationError> {
         check_range(&self.table, gpa, data.len() as u64)?;
-        self.pager.install(gpa, data)?;
-        if let Some(f) = &self.dump {
-            let off = pages::file_offset(&self.ram, gpa, data.len() as u64)?;
-            f.write_all_at(data, off)
-                .map_err(|source| pages::PagesError::Write { gpa, source })?;
+        let mut mangled;
+        let mut data = data;
+        if let Some(f) = userfault::inject::active() {
+            mangled = data.to_vec();
+            userfault::inject::corrupt(Some(f), gpa, &mut mangled);
+            data = &mangled;
         }
+        self.pager.install(gpa, data)?;
         let n = data.len() as u64 / PAGE_SIZE;
         if pushed {
             self.pushed.fetch_add(n, Ordering::AcqRel);

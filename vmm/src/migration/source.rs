@@ -176,7 +176,7 @@ fn run(
     let (mut w, mut r) = connect(&addr)?;
     let session = session_id();
     let hello = Hello {
-        vm: shared.description.clone(),
+        vm: shared.describe(),
         mode: opts.mode,
         session,
         source_host: shared.vm.host_kind().to_string(),

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::memory::RamRange;
 use crate::migration::page_index::{AtomicPages, PageIndex};
 use crate::migration::progress::Percentiles;
-use crate::userfault::{DemandPager, ExitStats, Fetch, Installed, UserfaultError};
+use crate::userfault::{inject, DemandPager, ExitStats, Fetch, Installed, UserfaultError};
 
 const PAGE: u64 = 4096;
 
@@ -60,7 +60,6 @@ pub struct Lazy {
     /// Pages that hold data in the snapshot and have not been installed yet.
     data: AtomicPages,
     chunk: u64,
-    dump: Option<File>,
     latencies_us: Mutex<Vec<f64>>,
     faults: AtomicU64,
     zero_faults: AtomicU64,
@@ -113,7 +112,6 @@ impl Lazy {
         ranges: &[RamRange],
         runs: &[(u64, u64)],
         chunk: u64,
-        dump: Option<File>,
     ) -> Result<Lazy, UserfaultError> {
         let index = PageIndex::new(ranges);
         let data = AtomicPages::new(index.total());
@@ -136,7 +134,6 @@ impl Lazy {
             index,
             data,
             chunk: chunk.max(PAGE),
-            dump,
             latencies_us: Mutex::new(Vec::new()),
             faults: AtomicU64::new(0),
             zero_faults: AtomicU64::new(0),
@@ -182,6 +179,13 @@ impl Lazy {
             let off = self.file_offset(at, len)?;
             let mut buf = vec![0u8; len as usize];
             self.source.read(at, off, &mut buf)?;
+            let fault = inject::active();
+            if let Some(p) = inject::misplaced(fault, at, n) {
+                let rel = p - at;
+                let page = &mut buf[rel as usize..(rel + PAGE) as usize];
+                self.source.read(p + PAGE, off + rel + PAGE, page)?;
+            }
+            inject::corrupt(fault, at, &mut buf);
             let r = self.pager.install(at, &buf)?;
             *lock(&self.last_install) = Some(Instant::now());
             if at == gpa {
@@ -193,14 +197,6 @@ impl Lazy {
                         self.installed.fetch_add(1, Ordering::AcqRel);
                     }
                 }
-            }
-            if let Some(f) = &self.dump {
-                f.write_all_at(&buf, off)
-                    .map_err(|e| UserfaultError::Fetch {
-                        gpa: at,
-                        len,
-                        reason: format!("writing the memory dump: {e}"),
-                    })?;
             }
             at += len;
         }
@@ -402,8 +398,7 @@ mod tests {
             parked: Mutex::new(Some(parked_tx)),
             release: Mutex::new(release_rx),
         });
-        let lazy =
-            Arc::new(Lazy::new(pager, source, ram.ranges(), &[(BASE, 4)], PAGE, None).unwrap());
+        let lazy = Arc::new(Lazy::new(pager, source, ram.ranges(), &[(BASE, 4)], PAGE).unwrap());
         let fetcher = {
             let lazy = lazy.clone();
             std::thread::spawn(move || lazy.fetch(hold, 1))

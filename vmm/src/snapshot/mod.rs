@@ -21,6 +21,9 @@ pub enum SnapshotError {
     Files(files::SnapshotFileError),
     #[error("building the VM: {0}")]
     Machine(String),
+    /// `--dump-final` could not be written (the run itself ended as reported).
+    #[error("{0}")]
+    FinalDump(String),
     #[error("this snapshot cannot be restored here: {0}")]
     Refused(String),
     #[error(transparent)]

@@ -4,7 +4,7 @@
 //! in `page_proto`.
 //!
 //! - uffd backends: the restoring vmm arms the pager as in-process, then hands the userfaultfd
-//!   (and, for MINOR, the guest-RAM memfd; with `--dump-memory` the dump file) to the server with
+//!   (and, for MINOR, the guest-RAM memfd) to the server with
 //!   SCM_RIGHTS beside a JSON description of the memory layout. The server builds its own pager
 //!   on those descriptors (`UffdMissing::from_fd`, `UffdMinor::from_fd`) and runs the ordinary
 //!   `Lazy` fault loop: UFFDIO_COPY / pwrite + UFFDIO_CONTINUE act on the restoring process's
@@ -87,7 +87,7 @@ pub struct Handshake {
     pub pending: Vec<(u64, u64)>,
     pub chunk: u64,
     pub prefetch: bool,
-    /// What the descriptors attached to `Hello` are, in order: "uffd", "memfd", "dump".
+    /// What the descriptors attached to `Hello` are, in order: "uffd", "memfd".
     pub fds: Vec<String>,
 }
 
@@ -209,8 +209,7 @@ fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<(), Strin
         "uffd-minor" => &["uffd", "memfd"],
         _ => &[],
     };
-    let dump = h.fds.last().is_some_and(|f| f == "dump") && !want.is_empty();
-    let expect: Vec<&str> = want.iter().copied().chain(dump.then_some("dump")).collect();
+    let expect = want;
     if h.fds != expect {
         return Err(format!(
             "{}: descriptors {:?} announced, expected {expect:?}",
@@ -246,7 +245,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         .map_err(io("accepting the restoring vmm"))?;
     main.set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(io("the main connection"))?;
-    let (hello, mut fds) = recv_with_fds(&main)?;
+    let (hello, fds) = recv_with_fds(&main)?;
     let refuse = |reason: String| -> PageServerError {
         let mut w = &main;
         let _ = proto::send(&mut w, 0, &Message::Refuse(reason.clone()));
@@ -280,11 +279,6 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
     let mut lazy = None;
     let exits = Arc::new(ExitsServer::new(ranges.clone(), memfile, session)?);
     if uffd_mode {
-        let dump = if hs.fds.last().is_some_and(|f| f == "dump") {
-            fds.pop().map(File::from)
-        } else {
-            None
-        };
         let mut it = fds.into_iter();
         let uffd = it
             .next()
@@ -309,7 +303,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         };
         let source: Arc<dyn PageSource> = exits.clone();
         let l = Arc::new(
-            Lazy::new(pager, source, &ranges, &hs.pending, hs.chunk, dump)
+            Lazy::new(pager, source, &ranges, &hs.pending, hs.chunk)
                 .map_err(|e| refuse(e.to_string()))?,
         );
         {
@@ -388,7 +382,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
             Err(e) => break Err(e.into()),
         }
     };
-    // A prefetch in progress completes (the dump is then whole), unless the peer is gone.
+    // A prefetch in progress completes, unless the peer is gone.
     if let Some(p) = prefetcher {
         if end.is_err() {
             if let Some(l) = &lazy {

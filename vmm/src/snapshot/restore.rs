@@ -14,6 +14,7 @@ use super::files;
 use super::lazy::{DemandReport, Lazy, PageSource};
 use super::page_server::{Handshake, Session, WireRange};
 use super::SnapshotError;
+use crate::machine::final_dump::FinalDump;
 use crate::machine::shared::Shared;
 use crate::machine::{ConsoleOutput, DiskConfig, GuestConfig, Machine, RunReport};
 use crate::migration::description::Constraints;
@@ -36,9 +37,12 @@ pub struct RestoreOptions {
     pub api_socket: Option<PathBuf>,
     /// Replacement disk paths, in order (the snapshot names the originals).
     pub disks: Vec<DiskConfig>,
-    /// Write guest RAM as restored into this file: eagerly all of it; lazily each page as it
-    /// is installed (a prefetch completes it).
+    /// Eager restore only: write guest RAM as restored, before any vCPU runs, into this file
+    /// (lazily, memory is not all there until the guest has run: use `dump_final`).
     pub dump_memory: Option<PathBuf>,
+    /// Write guest RAM when the run ends into this file, read as the guest sees it; lazily,
+    /// every page the run did not touch is brought in first, through the same installs.
+    pub dump_final: Option<PathBuf>,
     /// Lazy only: the fault handler runs in `vmm page-server` listening on this socket.
     pub page_server: Option<PathBuf>,
 }
@@ -108,7 +112,15 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
             opts.api_socket.clone(),
         )
         .map_err(SnapshotError::Refused)?;
-    let machine = Machine::build(&cfg, start).map_err(|e| SnapshotError::Machine(e.to_string()))?;
+    if opts.demand.is_some() && opts.dump_memory.is_some() {
+        return Err(SnapshotError::Refused(
+            "--dump-memory takes guest RAM before the guest runs, which a lazy restore does not \
+             have whole: use --dump-final (guest RAM at the end, every page brought in)"
+                .into(),
+        ));
+    }
+    let mut machine =
+        Machine::build(&cfg, start).map_err(|e| SnapshotError::Machine(e.to_string()))?;
     let ranges = machine.ram.ranges().to_vec();
     let runs = files::data_runs(&memfile, &ranges).map_err(io("finding the snapshot's data"))?;
     let data_pages: u64 = runs.iter().map(|r| r.1).sum();
@@ -123,10 +135,17 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         manifest.state.restore(&machine)?;
         let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
         tracing::info!("restored {data_pages} data pages in {restore_ms:.1} ms");
+        let final_dump = opts
+            .dump_final
+            .clone()
+            .map(|p| FinalDump::arm(&mut machine, p, Box::new(|| Ok(()))));
         let t_run = Instant::now();
         let run = machine
             .run(Some(Box::new(|_| {})))
             .map_err(|e| SnapshotError::Machine(e.to_string()))?;
+        if let Some(d) = final_dump {
+            d.result().map_err(SnapshotError::FinalDump)?;
+        }
         return Ok(Restored {
             run,
             demand: None,
@@ -135,15 +154,6 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         });
     };
 
-    let dump = match &opts.dump_memory {
-        Some(path) => {
-            let f = File::create(path).map_err(io(format!("creating {}", path.display())))?;
-            f.set_len(memfile.metadata().map_err(io("the memory file"))?.len())
-                .map_err(io(format!("sizing {}", path.display())))?;
-            Some(f)
-        }
-        None => None,
-    };
     let host_addrs = machine.ram.host_addrs();
     let stopper = Stopper::default();
     let wire: Vec<WireRange> = ranges
@@ -167,7 +177,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
 
     // uffd backends out of process: arm here, hand the descriptors over, run no fault thread.
     if let (Some(path), true) = (&opts.page_server, backend.starts_with("uffd-")) {
-        let (pager, mut fds, mut names): (Arc<dyn DemandPager>, Vec<RawFd>, Vec<String>) =
+        let (pager, fds, names): (Arc<dyn DemandPager>, Vec<RawFd>, Vec<String>) =
             if backend == "uffd-minor" {
                 let p = UffdMinor::arm(&ranges, &host_addrs, machine.ram.file(), &runs)?;
                 let fds = vec![p.raw_fd(), machine.ram.file().as_raw_fd()];
@@ -177,15 +187,10 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
                 let fds = vec![p.raw_fd()];
                 (Arc::new(p), fds, vec!["uffd".into()])
             };
-        if let Some(d) = &dump {
-            fds.push(d.as_raw_fd());
-            names.push("dump".into());
-        }
         // The server may fill every page, but this side is not told when: it stays marked
         // as paging in (no snapshot or migration of this VM).
         machine.paging_in.store(true, Ordering::Release);
         let mut session = Session::connect(path, &handshake(names), &fds)?;
-        drop(dump);
         {
             let st = stopper.clone();
             session.watch(Box::new(move |reason| st.stop(reason)))?;
@@ -201,6 +206,12 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
             path.display()
         );
         session.resuming()?;
+        // The server serves every fault until Finish: reading a missing page through this
+        // process's registered mapping brings it in like a guest touch.
+        let final_dump = opts
+            .dump_final
+            .clone()
+            .map(|p| FinalDump::arm(&mut machine, p, Box::new(|| Ok(()))));
         let t_run = Instant::now();
         let run = machine.run(Some(stopper.on_running()));
         let run_ms = t_run.elapsed().as_secs_f64() * 1000.0;
@@ -208,6 +219,9 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         // The registration must outlive every access: drop the pager only now.
         drop(pager);
         let run = run.map_err(|e| SnapshotError::Machine(e.to_string()))?;
+        if let Some(d) = final_dump {
+            d.result().map_err(SnapshotError::FinalDump)?;
+        }
         let mut server = server?;
         let mut demand = server
             .demand
@@ -250,7 +264,6 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         &ranges,
         &runs,
         opts.chunk,
-        dump,
     )?);
     {
         let st = stopper.clone();
@@ -326,6 +339,15 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         s.resuming()?;
     }
     lazy.resuming();
+    let final_dump = opts.dump_final.clone().map(|p| {
+        let l = lazy.clone();
+        let fill = Box::new(move || {
+            l.clone().prefetch();
+            l.error()
+                .map_or(Ok(()), |e| Err(format!("bringing in the rest: {e}")))
+        });
+        FinalDump::arm(&mut machine, p, fill)
+    });
     let t_run = Instant::now();
     let run = machine.run(Some(stopper.on_running()));
     let run_ms = t_run.elapsed().as_secs_f64() * 1000.0;
@@ -333,6 +355,9 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
     let _ = serve.join();
     let server = session.map(|s| s.finish());
     let run = run.map_err(|e| SnapshotError::Machine(e.to_string()))?;
+    if let Some(d) = final_dump {
+        d.result().map_err(SnapshotError::FinalDump)?;
+    }
     let mut demand = lazy.report(eager_pages, data_pages);
     if let Some(server) = server {
         demand.page_server = Some(serde_json::to_value(server?).unwrap_or_default());

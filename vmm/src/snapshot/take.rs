@@ -27,25 +27,33 @@ pub struct Taken {
 }
 
 /// Takes a snapshot into `dir`. With `exit`, the VM's run ends afterwards (outcome
-/// `snapshotted`); otherwise the guest resumes. On failure the guest resumes and nothing is
-/// left half-written under `vm.json`.
+/// `snapshotted`); otherwise the guest resumes, or stays paused if it was paused through the
+/// API before (as Firecracker's pause, snapshot, resume). On failure the guest is left as it
+/// was and nothing is left half-written under `vm.json`.
 pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotError> {
-    if let Some(owner) = shared.pause.owner() {
-        return Err(SnapshotError::Busy(format!(
-            "the VM is paused by {owner:?}; a snapshot pauses it itself, so resume it first"
-        )));
-    }
+    let owner = match shared.pause.owner() {
+        None => Owner::Migration,
+        Some(Owner::Api) => Owner::Api,
+        Some(other) => {
+            return Err(SnapshotError::Busy(format!(
+                "the VM is paused by {other}; try again once that is over"
+            )))
+        }
+    };
     shared.memory_complete().map_err(SnapshotError::Busy)?;
     let t0 = Instant::now();
-    let vcpus = shared
-        .pause
-        .pause(&shared.kicker, Owner::Migration, true, PAUSE_TIMEOUT)
-        .map_err(|e| SnapshotError::Busy(e.to_string()))?;
+    let vcpus = match owner {
+        Owner::Api => shared.pause.states_while_paused(Owner::Api, PAUSE_TIMEOUT),
+        _ => shared
+            .pause
+            .pause(&shared.kicker, Owner::Migration, true, PAUSE_TIMEOUT),
+    }
+    .map_err(|e| SnapshotError::Busy(e.to_string()))?;
     let written = (|| -> Result<files::Manifest, SnapshotError> {
         let state = VmSnapshot::capture(shared, vcpus).map_err(SnapshotError::State)?;
         files::write(
             dir,
-            &shared.description,
+            &shared.describe(),
             &state,
             &shared.vm.host_kind().to_string(),
             &shared.memfd,
@@ -57,7 +65,9 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
     let manifest = match written {
         Ok(m) => m,
         Err(e) => {
-            let _ = shared.pause.resume(Owner::Migration);
+            if owner == Owner::Migration {
+                let _ = shared.pause.resume(Owner::Migration);
+            }
             return Err(e);
         }
     };
@@ -74,7 +84,7 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
         taken.data_pages,
         paused_ms
     );
-    if !exit {
+    if !exit && owner == Owner::Migration {
         shared
             .pause
             .resume(Owner::Migration)

@@ -5,6 +5,7 @@
 //! memslot holes on stock kernels (issue 6).
 
 pub mod exits;
+pub mod inject;
 pub mod keep_present;
 pub mod kvm_userfault;
 pub mod memslot_exits;

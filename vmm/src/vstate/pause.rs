@@ -38,6 +38,8 @@ pub enum PauseError {
 pub enum Owner {
     Api,
     Migration,
+    /// The API's `finish` (micro guest), for the moment it sets the budget.
+    Finish,
 }
 
 impl std::fmt::Display for Owner {
@@ -45,6 +47,7 @@ impl std::fmt::Display for Owner {
         f.write_str(match self {
             Owner::Api => "an API pause",
             Owner::Migration => "a migration",
+            Owner::Finish => "a finish request",
         })
     }
 }
@@ -238,7 +241,54 @@ impl PauseControl {
         if !save {
             return Ok(Vec::new());
         }
-        // Every vCPU is out of the guest now: ask for the states.
+        let saved = self.save_parked(deadline);
+        if saved.is_err() {
+            self.lift();
+        }
+        saved
+    }
+
+    /// The states of every vCPU of a VM that `owner` paused earlier (a snapshot of a VM paused
+    /// through the API): the pause stays as it was, also on failure.
+    pub fn states_while_paused(
+        &self,
+        owner: Owner,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, PauseError> {
+        {
+            let g = self.lock();
+            match g.owner {
+                None => return Err(PauseError::NotPaused),
+                Some(o) if o != owner => return Err(PauseError::NotOwner(o)),
+                Some(_) => {}
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        let parked = self.wait_until(None, deadline, |g| {
+            if g.live == 0 {
+                return Err(PauseError::NotRunning);
+            }
+            Ok(g.parked() >= g.live)
+        })?;
+        if !parked {
+            let g = self.lock();
+            return Err(PauseError::Timeout {
+                parked: g.parked(),
+                total: g.live,
+                ms: timeout.as_millis() as u64,
+            });
+        }
+        {
+            let mut g = self.lock();
+            for s in g.states.iter_mut() {
+                *s = None;
+            }
+        }
+        self.save_parked(deadline)
+    }
+
+    /// Every vCPU is parked (out of the guest): asks each for its state (index = vCPU id).
+    fn save_parked(&self, deadline: Instant) -> Result<Vec<VcpuState>, PauseError> {
         {
             let mut g = self.lock();
             g.save_gen += 1;
@@ -253,41 +303,31 @@ impl PauseControl {
         match saved {
             Ok(true) => {}
             Ok(false) => {
-                self.lift();
                 return Err(PauseError::Save {
                     id: 0,
                     reason: "not every vCPU saved its state in time".into(),
                 });
             }
-            Err(e) => {
-                self.lift();
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         }
         let mut g = self.lock();
         let mut out = Vec::new();
-        let mut failed = None;
         for (id, slot) in g.states.iter_mut().enumerate() {
             match slot.take() {
                 Some(Ok(s)) => out.push(s),
                 Some(Err(reason)) => {
-                    failed.get_or_insert(PauseError::Save {
+                    return Err(PauseError::Save {
                         id: id as u8,
                         reason,
-                    });
+                    })
                 }
                 None => {
-                    failed.get_or_insert(PauseError::Save {
+                    return Err(PauseError::Save {
                         id: id as u8,
                         reason: "it stopped before saving".into(),
-                    });
+                    })
                 }
             }
-        }
-        drop(g);
-        if let Some(e) = failed {
-            self.lift();
-            return Err(e);
         }
         Ok(out)
     }
@@ -301,6 +341,24 @@ impl PauseControl {
         }
         self.lift();
         Ok(())
+    }
+
+    /// Runs `f` while every vCPU stays parked in `owner`'s pause: nobody can lift the pause
+    /// (a `resume` from another API connection waits) until `f` returns. `f` must be short and
+    /// must not pause or resume. Refused when the guest is not paused by `owner`.
+    pub fn while_paused<R>(&self, owner: Owner, f: impl FnOnce() -> R) -> Result<R, PauseError> {
+        let g = self.lock();
+        match g.owner {
+            None => return Err(PauseError::NotPaused),
+            Some(o) if o != owner => return Err(PauseError::NotOwner(o)),
+            Some(_) => {}
+        }
+        if g.parked() < g.live {
+            return Err(PauseError::NotPaused);
+        }
+        let r = f();
+        drop(g);
+        Ok(r)
     }
 
     /// Lifts any pause, whoever owns it: the VM is ending (parked vCPUs must see the stop).
@@ -366,8 +424,18 @@ mod tests {
             ctl.resume(Owner::Migration),
             Err(PauseError::NotOwner(Owner::Api))
         ));
+        // While paused: `while_paused` runs for the owner only, with every vCPU parked.
+        assert_eq!(ctl.while_paused(Owner::Api, || 7).unwrap(), 7);
+        assert!(matches!(
+            ctl.while_paused(Owner::Finish, || ()),
+            Err(PauseError::NotOwner(Owner::Api))
+        ));
         ctl.resume(Owner::Api).unwrap();
         assert!(matches!(ctl.resume(Owner::Api), Err(PauseError::NotPaused)));
+        assert!(matches!(
+            ctl.while_paused(Owner::Api, || ()),
+            Err(PauseError::NotPaused)
+        ));
         // A save-pause asks every parked vCPU once, after all parked; a failed save lifts it.
         let err = ctl
             .pause(&kicker, Owner::Migration, true, Duration::from_secs(5))

@@ -26,6 +26,10 @@ struct Log {
     /// Stop (exit code `STOPPED`) after this many MICRO_PASS writes; 0 = never.
     stop_after_passes: u32,
     passes_seen: u32,
+    /// After this many MICRO_PASS writes (0 = never), write `new_budget` to the mailbox's
+    /// budget, as the VMM's `finish` does while the guest runs.
+    budget_after_passes: u32,
+    new_budget: u64,
     count: u32,
     events: [(u16, u32); MAX_EVENTS],
     /// RIP and first byte of an instruction that faulted other than `out`.
@@ -45,7 +49,9 @@ static LOG: AtomicPtr<Log> = AtomicPtr::new(ptr::null_mut());
 
 extern "C" fn on_sigsegv(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid ucontext_t to an SA_SIGINFO handler; LOG points at the
-    // shared log page mapped before fork; RIP points into the payload mapping (readable).
+    // shared log page mapped before fork; RIP points into the payload mapping (readable); the
+    // mailbox page is mapped (read-write) at its fixed GPA before fork, and the payload is
+    // stopped in this handler while its budget field is written.
     unsafe {
         let uc = &mut *(ctx as *mut libc::ucontext_t);
         let gregs = &mut uc.uc_mcontext.gregs;
@@ -79,6 +85,10 @@ extern "C" fn on_sigsegv(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc:
                     log.passes_seen += 1;
                     if log.passes_seen == log.stop_after_passes {
                         libc::_exit(STOPPED);
+                    }
+                    if log.passes_seen == log.budget_after_passes {
+                        let budget = (layout::MICRO_MAILBOX_GPA + micro::OFF_PASSES) as *mut u64;
+                        ptr::write_volatile(budget, log.new_budget);
                     }
                 }
                 gregs[libc::REG_RIP as usize] += 1;
@@ -160,6 +170,19 @@ fn run_vcpus(
     stop_after_passes: u32,
     vcpus: &[u64],
 ) -> Option<Outcome> {
+    run_vcpus_changing_budget(w, mailbox, entry_offset, stop_after_passes, vcpus, None)
+}
+
+/// Like `run_vcpus`; with `change` = (k, budget), the mailbox's budget becomes `budget` right
+/// after the k-th pass report (counted over every vCPU), while the payload runs.
+fn run_vcpus_changing_budget(
+    w: &Workload,
+    mailbox: &[u8; MAILBOX_SIZE],
+    entry_offset: usize,
+    stop_after_passes: u32,
+    vcpus: &[u64],
+    change: Option<(u32, u64)>,
+) -> Option<Outcome> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(mb) = Mapping::new(Some(layout::MICRO_MAILBOX_GPA), MAILBOX_SIZE) else {
         eprintln!(
@@ -201,6 +224,10 @@ fn run_vcpus(
             0
         );
         (*log_map.addr.cast::<Log>()).stop_after_passes = stop_after_passes;
+        if let Some((after, budget)) = change {
+            (*log_map.addr.cast::<Log>()).budget_after_passes = after;
+            (*log_map.addr.cast::<Log>()).new_budget = budget;
+        }
     }
     LOG.store(log_map.addr.cast(), Ordering::Relaxed);
     let entry = code.addr as usize + entry_offset;
@@ -465,5 +492,50 @@ fn a_vcpu_beyond_the_count_exits_with_a_status() {
     mb[micro::OFF_VCPUS as usize..][..8].copy_from_slice(&9u64.to_le_bytes());
     if let Some(out) = run_vcpus(&w, &mb, USER_ENTRY_OFFSET, 0, &[0]) {
         assert_eq!(out.events, [(ports::MICRO_EXIT, EXIT_BAD_VCPU)]);
+    }
+}
+
+/// The budget is read after every pass, not once: an endless run given a budget while it runs
+/// (as `vmm remote finish` does) ends after exactly that many passes on every vCPU, with the
+/// memory of a run started with that budget; a lower budget ends a finite run early; a budget
+/// equal to the pass just reported ends the run right after it.
+#[test]
+fn a_budget_changed_while_running_ends_the_run_there() {
+    let region = 0x1000_0000;
+    let zero =
+        |image: Vec<Option<u64>>| -> Vec<u64> { image.iter().map(|v| v.unwrap_or(0)).collect() };
+    // (initial budget, set after this many pass reports, new budget, vCPUs)
+    for (initial, after, budget, vcpus) in [(0, 3, 7, 1), (0, 3, 3, 1), (10, 2, 5, 1), (0, 4, 9, 2)]
+    {
+        let w = Workload::new(region, 64, Pattern::Random, initial, 100, 5)
+            .and_then(|w| w.with_vcpus(vcpus, region + 0x100_0000, 2))
+            .expect("valid");
+        let finished = Workload::new(region, 64, Pattern::Random, budget, 100, 5)
+            .and_then(|w| w.with_vcpus(vcpus, region + 0x100_0000, 2))
+            .expect("valid");
+        let ids: Vec<u64> = (0..vcpus).collect();
+        let Some(out) = run_vcpus_changing_budget(
+            &w,
+            &w.mailbox(),
+            USER_ENTRY_OFFSET,
+            0,
+            &ids,
+            Some((after, budget)),
+        ) else {
+            return;
+        };
+        assert_eq!(out.code, EXITED, "fault at {:#x}", out.fault.0);
+        let mut events = Vec::new();
+        for vcpu in 0..vcpus {
+            events.extend((1..=budget).map(|p| (ports::MICRO_PASS, micro::port_value(vcpu, p))));
+            events.push((ports::MICRO_EXIT, micro::port_value(vcpu, EXIT_OK.into())));
+        }
+        assert_eq!(out.events, events, "{initial} -> {budget} after {after}");
+        assert_same_image(&out.image, &zero(finished.image_after(budget)), &finished);
+        assert_same_image(
+            &out.shared,
+            &zero(finished.shared_image_after(budget)),
+            &finished,
+        );
     }
 }
