@@ -435,13 +435,13 @@ pub fn dirty_log(kind: Kind, log: Log, file_dir: &Path) -> Finding {
     let misses: Vec<_> = written.difference(&seen).collect();
     let extra: Vec<_> = seen.difference(&written).collect();
     // The same stores from CPL0: a guest kernel's path, through KVM's emulator on PVM hosts.
-    let (cpl0, cpl0_misses) = if guest_stored {
+    let (cpl0, cpl0_misses, cpl0_extra) = if guest_stored {
         match cpl0_pass(&mut v, log, len, &written, &offsets, &mut other_slots) {
             Ok(r) => r,
             Err(f) => return f,
         }
     } else {
-        (String::new(), 0)
+        (String::new(), 0, 0)
     };
     let evidence = format!(
         "{source}; slot {SLOT} at GPA {GPA:#x}, {} 4K pages{}; baseline {} pages dirty; \
@@ -464,11 +464,11 @@ pub fn dirty_log(kind: Kind, log: Log, file_dir: &Path) -> Finding {
         extra.len()
     );
     drop(v);
-    if misses.is_empty() && cpl0_misses == 0 {
-        (Outcome::Works, evidence)
-    } else {
-        (Outcome::SilentMiss, evidence)
-    }
+    // Only an exact log works: a page reported that no pass wrote is a false positive.
+    (
+        Outcome::of_write_check(misses.len() + cpl0_misses, extra.len() + cpl0_extra),
+        evidence,
+    )
 }
 
 /// What the host reads at the written offsets, for the evidence: the bytes the guest stored,
@@ -500,8 +500,8 @@ fn host_view(v: &Vm, offsets: &[u64], guest_stored: bool) -> String {
 }
 
 /// The loaded guest's stores again from CPL0, and the log harvested after them: the evidence
-/// text and the number of written pages the log missed. A guest that cannot run at CPL0 is said
-/// in the text and judged on its CPL3 stores alone.
+/// text, the number of written pages the log missed and the number it reported unwritten. A
+/// guest that cannot run at CPL0 is said in the text and judged on its CPL3 stores alone.
 fn cpl0_pass(
     v: &mut Vm,
     log: Log,
@@ -509,12 +509,13 @@ fn cpl0_pass(
     written: &BTreeSet<u64>,
     offsets: &[u64],
     other_slots: &mut usize,
-) -> Result<(String, usize), Finding> {
+) -> Result<(String, usize, usize), Finding> {
     let cpl = match kvm_guest::rerun_at_cpl0(&mut v.vcpu) {
         Ok(cpl) => cpl,
         Err(why) => {
             return Ok((
                 format!("; then the same stores from CPL0 could not run ({why})"),
+                0,
                 0,
             ))
         }
@@ -531,6 +532,7 @@ fn cpl0_pass(
             log.name()
         ),
         misses,
+        extra,
     ))
 }
 
@@ -632,13 +634,13 @@ pub fn dirty_log_external(
     let misses = written.difference(&seen).count();
     let extra = seen.difference(&written).count();
     // No host view of the bytes: the memory is not the scratch VM's (`v.memory` is empty).
-    let (cpl0, cpl0_misses) = if guest_stored {
+    let (cpl0, cpl0_misses, cpl0_extra) = if guest_stored {
         match cpl0_pass(&mut v, log, len, &written, &[], &mut other_slots) {
             Ok(r) => r,
             Err(f) => return f,
         }
     } else {
-        (String::new(), 0)
+        (String::new(), 0, 0)
     };
     drop(v);
     let evidence = format!(
@@ -647,7 +649,7 @@ pub fn dirty_log_external(
         log.name()
     );
     (
-        Outcome::of_write_check(misses + cpl0_misses, extra),
+        Outcome::of_write_check(misses + cpl0_misses, extra + cpl0_extra),
         evidence,
     )
 }

@@ -1,6 +1,7 @@
 //! Written-page detection through `/proc/self/pagemap`: PAGEMAP_SCAN with a WP_ASYNC uffd, and
 //! soft-dirty (clear_refs 4 + bit 55). Both write chosen units and compare what was written
-//! with what was reported: misses make a silent miss, extra pages are noted as false positives.
+//! with what was reported: misses make a silent miss, extra pages a false positive; only an
+//! exact report works.
 
 use std::collections::BTreeSet;
 
@@ -52,11 +53,7 @@ fn compare(
         misses.len(),
         extra.len()
     );
-    if misses.is_empty() {
-        (Outcome::Works, evidence)
-    } else {
-        (Outcome::SilentMiss, evidence)
-    }
+    (Outcome::of_write_check(misses.len(), extra.len()), evidence)
 }
 
 pub fn scan_written(r: &Region) -> Finding {

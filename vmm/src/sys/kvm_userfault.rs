@@ -334,14 +334,14 @@ pub fn probe_support(vm: &VmFd) -> Support {
                      2025): KVM_SET_USER_MEMORY_REGION2 with flag 0x{KVM_MEM_USERFAULT:x} \
                      returned EINVAL"
                 ),
-                libc::ENOTTY => "this kernel has no KVM_SET_USER_MEMORY_REGION2 (Linux < 6.8), \
-                                 let alone KVM_MEM_USERFAULT"
+                libc::ENOTTY => "KVM_SET_USER_MEMORY_REGION2 returned ENOTTY: this kernel has no \
+                                 such ioctl (Linux < 6.8), let alone KVM_MEM_USERFAULT"
                     .to_string(),
                 libc::EEXIST => format!(
                     "inconclusive: the probe slot {slot} at 0x{PROBE_GPA:x} overlaps a slot of \
                      this VM (probe before registering memory)"
                 ),
-                _ => format!("registering a KVM_MEM_USERFAULT slot failed: {e}"),
+                _ => format!("registering a KVM_MEM_USERFAULT slot returned errno {errno}: {e}"),
             };
             Support::Unsupported { errno, explanation }
         }
