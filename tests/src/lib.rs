@@ -9,6 +9,7 @@ pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
@@ -117,18 +118,61 @@ impl Run {
     }
 }
 
-/// Runs vmm with `args` (stdin from /dev/null).
+/// How long a foreground `vmm` run may take before the test kills it and fails: the longest
+/// run in the suite (a Linux guest boot plus its agent script) takes ~3 minutes on a loaded
+/// 2-core machine. `VMM_TEST_TIMEOUT_S` raises it.
+pub fn run_timeout() -> Duration {
+    std::env::var("VMM_TEST_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(Duration::from_secs(600), Duration::from_secs)
+}
+
+/// Runs vmm with `args` (stdin from /dev/null); kills it and fails the test after
+/// `run_timeout()`, so a hung guest cannot hang the suite.
 pub fn vmm(args: &[&str]) -> Run {
-    let output = Command::new(vmm_bin())
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("spawn vmm");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(args);
+    run_with_timeout(cmd, &format!("vmm {}", args.join(" ")), run_timeout())
+}
+
+/// Runs `cmd` to its end (stdin from /dev/null, output collected); kills it and fails the test
+/// with what it printed if it is still running after `limit`.
+pub fn run_with_timeout(mut cmd: Command, what: &str, limit: Duration) -> Run {
+    let bg = process::Bg::spawn(what, {
+        cmd.stdin(std::process::Stdio::null());
+        cmd
+    });
+    let (status, stdout, stderr) = bg.wait_output(limit);
     Run {
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        output,
+        output: Output {
+            status,
+            stdout: stdout.clone().into_bytes(),
+            stderr: stderr.clone().into_bytes(),
+        },
+        stdout,
+        stderr,
     }
+}
+
+/// `vmm backends --json`: every tracking backend vmm knows, as (name, available on this host,
+/// the reason where not). What a test may expect of a backend is what this says of it.
+pub fn backends() -> Vec<(String, bool, Option<String>)> {
+    let run = vmm(&["backends", "--json"]);
+    run.assert_no_panic();
+    assert_eq!(run.code(), Some(0), "stderr:\n{}", run.stderr);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("backends --json");
+    v.as_array()
+        .expect("a list")
+        .iter()
+        .map(|b| {
+            (
+                b["backend"].as_str().unwrap_or_default().to_string(),
+                b["available"].as_bool().unwrap_or(false),
+                b["reason"].as_str().map(str::to_string),
+            )
+        })
+        .collect()
 }
 
 /// Lines the agent printed (`AGENT: ...`) in a console log.

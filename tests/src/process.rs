@@ -3,8 +3,9 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub struct Bg {
@@ -12,20 +13,25 @@ pub struct Bg {
     child: Child,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
+    /// The threads reading stdout and stderr: joined once the process ended, so nothing it
+    /// printed is lost.
+    readers: Vec<JoinHandle<()>>,
 }
 
-fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+fn lock(m: &Mutex<String>) -> std::sync::MutexGuard<'_, String> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<String>>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = r.read(&mut buf) {
             if n == 0 {
                 break;
             }
-            into.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
+            lock(&into).push_str(&String::from_utf8_lossy(&buf[..n]));
         }
-    });
+    })
 }
 
 impl Bg {
@@ -39,18 +45,21 @@ impl Bg {
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let stderr = Arc::new(Mutex::new(String::new()));
         let stdout = Arc::new(Mutex::new(String::new()));
-        collect(child.stderr.take().unwrap(), stderr.clone());
-        collect(child.stdout.take().unwrap(), stdout.clone());
+        let readers = vec![
+            collect(child.stderr.take().unwrap(), stderr.clone()),
+            collect(child.stdout.take().unwrap(), stdout.clone()),
+        ];
         Bg {
             name: name.to_string(),
             child,
             stderr,
             stdout,
+            readers,
         }
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        lock(&self.stderr).clone()
     }
 
     /// Waits until stderr contains `text`; panics with the log after `timeout` or if the
@@ -79,8 +88,9 @@ impl Bg {
         }
     }
 
-    /// Waits for the exit; returns (exit code, the last stdout line as JSON if any).
-    pub fn finish(mut self, timeout: Duration) -> (Option<i32>, serde_json::Value, String) {
+    /// Waits for the exit (killing the process and failing the test after `timeout`); returns
+    /// (exit status, all of stdout, all of stderr).
+    pub fn wait_output(mut self, timeout: Duration) -> (ExitStatus, String, String) {
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -97,17 +107,25 @@ impl Bg {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(100));
-        let out = self.stdout.lock().unwrap().clone();
+        // The pipes close when the process (and whatever inherited them) is gone.
+        for r in std::mem::take(&mut self.readers) {
+            let _ = r.join();
+        }
+        let out = lock(&self.stdout).clone();
+        (status, out, self.stderr())
+    }
+
+    /// Waits for the exit; returns (exit code, the last stdout line as JSON if any, stderr).
+    pub fn finish(self, timeout: Duration) -> (Option<i32>, serde_json::Value, String) {
+        let name = self.name.clone();
+        let (status, out, err) = self.wait_output(timeout);
         let report = out
             .lines()
             .rev()
             .find(|l| l.trim_start().starts_with('{'))
             .and_then(|l| serde_json::from_str(l).ok())
             .unwrap_or(serde_json::Value::Null);
-        let err = self.stderr();
-        assert!(!err.contains("panicked"), "{} panicked:\n{err}", self.name);
+        assert!(!err.contains("panicked"), "{name} panicked:\n{err}");
         (status.code(), report, err)
     }
 
@@ -154,10 +172,11 @@ pub fn wait_api(sock: &Path, timeout: Duration) -> serde_json::Value {
     }
 }
 
-/// A TCP port free on 127.0.0.1 right now.
+/// A TCP port free on 127.0.0.1 right now (the kernel picks it; no fixed fallback that two
+/// tests could share).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .unwrap_or(47_000)
+        .unwrap_or_else(|e| panic!("no free TCP port on 127.0.0.1: {e}"))
 }

@@ -1,7 +1,9 @@
 //! Lazy restore of the micro guest with the fault handler in a separate `vmm page-server`
 //! process (the userfaultfd handed over with SCM_RIGHTS for the uffd backends; page requests
-//! for the exit backends): the workload must finish and match its model, and with --prefetch
-//! the pages installed must be the snapshot's byte for byte. A page server that dies or speaks
+//! for the exit backends): the workload must finish and match its model, and the guest's RAM
+//! at the end (`--dump-final`, read through the restoring vmm's mapping: a page still missing
+//! is served by the page server like a guest touch) must be that of a run never snapshotted,
+//! byte for byte, with and without --prefetch. A page server that dies or speaks
 //! nonsense must stop the restore with a clear error, never leave it hanging or running on.
 
 use std::io::{Read, Write};
@@ -10,9 +12,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use vmm_tests::micro::{assert_same_memory, reference_final};
 use vmm_tests::process::Bg;
-use vmm_tests::snapshot::{assert_finished, assert_same_memory, snapshot_micro, PASSES};
-use vmm_tests::vmm_bin;
+use vmm_tests::snapshot::{assert_finished, snapshot_micro};
+use vmm_tests::{vmm, vmm_bin};
 
 fn wait_socket(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -52,15 +55,18 @@ fn restore_bg(snap: &Path, sock: &Path, args: &[&str]) -> Bg {
 const LIMIT: Duration = Duration::from_secs(120);
 
 #[test]
-fn out_of_process_lazy_restores_give_back_the_snapshot_and_finish_the_workload() {
+fn out_of_process_lazy_restores_end_with_the_ram_of_a_run_never_snapshotted() {
     let dir = tempfile::tempdir().unwrap();
     let snap = snapshot_micro(dir.path(), &[]);
-    let memory = snap.join("memory");
+    let reference = reference_final(dir.path(), snap.passes, &[]);
     for backend in ["uffd-missing", "uffd-minor", "memslot-exits"] {
         let sock = dir.path().join(format!("{backend}.sock"));
-        let server = page_server(&snap, &sock);
-        let (code, rep, err) = restore_bg(&snap, &sock, &["--demand", backend]).finish(LIMIT);
-        assert_finished(backend, code, &rep, &err);
+        let server = page_server(&snap.dir, &sock);
+        let dump = dir.path().join(format!("{backend}.bin"));
+        let args = ["--demand", backend, "--dump-final", dump.to_str().unwrap()];
+        let (code, rep, err) = restore_bg(&snap.dir, &sock, &args).finish(LIMIT);
+        assert_finished(backend, &snap, code, &rep, &err);
+        assert_same_memory(backend, &reference, &dump);
         let d = &rep["demand"];
         assert_eq!(d["backend"], backend, "{d}");
         assert!(d["faults"].as_u64().unwrap_or(0) > 0, "{backend}: {d}");
@@ -84,28 +90,28 @@ fn out_of_process_lazy_restores_give_back_the_snapshot_and_finish_the_workload()
         );
 
         let sock = dir.path().join(format!("{backend}-pf.sock"));
-        let server = page_server(&snap, &sock);
-        let dump = dir.path().join(format!("{backend}.bin"));
+        let server = page_server(&snap.dir, &sock);
+        let dump = dir.path().join(format!("{backend}-pf.bin"));
         let (code, rep, err) = restore_bg(
-            &snap,
+            &snap.dir,
             &sock,
             &[
                 "--demand",
                 backend,
                 "--prefetch",
-                "--dump-memory",
+                "--dump-final",
                 dump.to_str().unwrap(),
             ],
         )
         .finish(LIMIT);
-        assert_finished(&format!("{backend} --prefetch"), code, &rep, &err);
+        assert_finished(&format!("{backend} --prefetch"), &snap, code, &rep, &err);
         assert_eq!(
             rep["demand"]["pages_installed"], rep["demand"]["data_pages"],
             "{backend}: {rep}"
         );
         let (scode, _, serr) = server.finish(Duration::from_secs(20));
         assert_eq!(scode, Some(0), "{backend} page server: {serr}");
-        assert_same_memory(backend, &memory, &dump);
+        assert_same_memory(&format!("{backend} --prefetch"), &reference, &dump);
     }
 }
 
@@ -146,17 +152,21 @@ fn a_dead_or_garbled_page_server_stops_the_restore_with_the_reason() {
         // Dies right after the handshake: the guest must not run on, the restore must end.
         let sock = dir.path().join(format!("dead-{backend}.sock"));
         let fake = fake_server(&sock, ready.clone());
-        let (code, rep, err) = restore_bg(&snap, &sock, &["--demand", backend]).finish(LIMIT);
+        let (code, rep, err) = restore_bg(&snap.dir, &sock, &["--demand", backend]).finish(LIMIT);
         let hello = fake.join().unwrap();
         assert!(hello.contains(backend), "{hello}");
         assert_ne!(code, Some(0), "{backend}: {err}\n{rep}");
         assert!(err.contains("page server"), "{backend}: {err}");
-        assert_ne!(rep["run"]["micro_passes"].as_u64(), Some(PASSES), "{rep}");
+        assert_ne!(
+            rep["run"]["micro_passes"].as_u64(),
+            Some(snap.passes),
+            "{rep}"
+        );
     }
     // Not a page server, and a future version of one: refused before the guest runs.
     let sock = dir.path().join("garbage.sock");
     let fake = fake_server(&sock, b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
-    let (code, _, err) = restore_bg(&snap, &sock, &["--demand", "uffd-missing"]).finish(LIMIT);
+    let (code, _, err) = restore_bg(&snap.dir, &sock, &["--demand", "uffd-missing"]).finish(LIMIT);
     fake.join().unwrap();
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("bad frame magic"), "{err}");
@@ -164,24 +174,26 @@ fn a_dead_or_garbled_page_server_stops_the_restore_with_the_reason() {
     let mut f = frame(2, b"{}");
     f[4] = 9;
     let fake = fake_server(&sock, f);
-    let (code, _, err) = restore_bg(&snap, &sock, &["--demand", "memslot-exits"]).finish(LIMIT);
+    let (code, _, err) = restore_bg(&snap.dir, &sock, &["--demand", "memslot-exits"]).finish(LIMIT);
     fake.join().unwrap();
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("version 9"), "{err}");
     // No server at all.
-    let (code, _, err) = restore_bg(&snap, &dir.path().join("none.sock"), &[]).finish(LIMIT);
+    let (code, _, err) = restore_bg(&snap.dir, &dir.path().join("none.sock"), &[]).finish(LIMIT);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("connecting to the page server"), "{err}");
     // A page server given a snapshot that is not there refuses at once.
-    let out = Command::new(vmm_bin())
-        .args(["page-server", "--snapshot"])
-        .arg(dir.path().join("missing"))
-        .arg("--socket")
-        .arg(dir.path().join("x.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("vm.json"));
+    let missing = dir.path().join("missing");
+    let x = dir.path().join("x.sock");
+    let run = vmm(&[
+        "page-server",
+        "--snapshot",
+        missing.to_str().unwrap(),
+        "--socket",
+        x.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code(), Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("vm.json"), "{}", run.stderr);
 }
 
 /// Four vCPUs faulting at once: each data connection serves one caller (exit backends), the
@@ -190,27 +202,27 @@ fn a_dead_or_garbled_page_server_stops_the_restore_with_the_reason() {
 fn four_vcpus_restore_out_of_process_with_every_backend() {
     let dir = tempfile::tempdir().unwrap();
     let snap = snapshot_micro(dir.path(), &["--vcpus", "4"]);
-    let memory = snap.join("memory");
+    let reference = reference_final(dir.path(), snap.passes, &["--vcpus", "4"]);
     for backend in ["uffd-missing", "uffd-minor", "memslot-exits"] {
         let sock = dir.path().join(format!("{backend}.sock"));
-        let server = page_server(&snap, &sock);
+        let server = page_server(&snap.dir, &sock);
         let dump = dir.path().join(format!("{backend}.bin"));
         let (code, rep, err) = restore_bg(
-            &snap,
+            &snap.dir,
             &sock,
             &[
                 "--demand",
                 backend,
                 "--prefetch",
-                "--dump-memory",
+                "--dump-final",
                 dump.to_str().unwrap(),
             ],
         )
         .finish(LIMIT);
-        assert_finished(&format!("{backend} 4 vCPUs"), code, &rep, &err);
+        assert_finished(&format!("{backend} 4 vCPUs"), &snap, code, &rep, &err);
         assert_eq!(rep["run"]["vcpus"], 4, "{rep}");
         let (scode, _, serr) = server.finish(Duration::from_secs(20));
         assert_eq!(scode, Some(0), "{backend} page server: {serr}");
-        assert_same_memory(backend, &memory, &dump);
+        assert_same_memory(backend, &reference, &dump);
     }
 }
