@@ -18,9 +18,9 @@ use serde::Serialize;
 #[derive(Parser)]
 #[command(about = "Boot time of the Linux test guest: vmm vs QEMU")]
 struct Args {
-    /// Runs per VMM.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    /// Runs per VMM (at least 1: a median of nothing is no figure).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// vCPUs for both.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
@@ -56,9 +56,9 @@ struct Sample {
 #[derive(Serialize)]
 struct Summary {
     host: &'static str,
-    runs: usize,
+    runs: u32,
     vcpus: u32,
-    vmm_marker_ms_median: f64,
+    vmm_marker_ms_median: Option<f64>,
     vmm_setup_ms_median: Option<f64>,
     vmm_boot_timer_ms_median: Option<f64>,
     vmm_rss_beyond_guest_kib_median: Option<f64>,
@@ -210,7 +210,9 @@ fn main() -> Result<()> {
             eprintln!("    qemu: marker at {ms:.0} ms");
         }
     }
-    let vmm_marker = median(vmm_samples.iter().map(|s| s.marker_ms).collect()).unwrap_or(0.0);
+    // Every run either produced a sample or ended the bench with an error, and `--runs` is at
+    // least 1, so this is a real median; a missing one is still printed as "-", never as 0.
+    let vmm_marker = median(vmm_samples.iter().map(|s| s.marker_ms).collect());
     let qemu_marker = median(qemu_samples.iter().map(|s| s.marker_ms).collect());
     let opt_median =
         |f: fn(&Sample) -> Option<f64>| median(vmm_samples.iter().filter_map(f).collect());
@@ -223,7 +225,7 @@ fn main() -> Result<()> {
         vmm_boot_timer_ms_median: opt_median(|s| s.boot_timer_ms),
         vmm_rss_beyond_guest_kib_median: opt_median(|s| s.rss_beyond_guest_kib.map(|v| v as f64)),
         qemu_marker_ms_median: qemu_marker,
-        ratio_vmm_over_qemu: qemu_marker.map(|q| vmm_marker / q),
+        ratio_vmm_over_qemu: vmm_marker.zip(qemu_marker).map(|(v, q)| v / q),
         vmm: vmm_samples,
         qemu: qemu_samples,
     };
@@ -236,9 +238,13 @@ fn main() -> Result<()> {
         "boot to agent marker, host {host}, {} vCPU(s), medians of {} runs",
         args.vcpus, args.runs
     );
-    println!("  vmm : {:>10.1} ms to marker (setup {} ms, boot-timer {} ms, RSS beyond guest RAM {} KiB)",
-        summary.vmm_marker_ms_median, f(summary.vmm_setup_ms_median),
-        f(summary.vmm_boot_timer_ms_median), f(summary.vmm_rss_beyond_guest_kib_median));
+    println!(
+        "  vmm : {:>10} ms to marker (setup {} ms, boot-timer {} ms, RSS beyond guest RAM {} KiB)",
+        f(summary.vmm_marker_ms_median),
+        f(summary.vmm_setup_ms_median),
+        f(summary.vmm_boot_timer_ms_median),
+        f(summary.vmm_rss_beyond_guest_kib_median)
+    );
     println!(
         "  qemu: {:>10} ms to marker",
         f(summary.qemu_marker_ms_median)
@@ -250,4 +256,32 @@ fn main() -> Result<()> {
             .map_or("-".into(), |r| format!("{r:.3}"))
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_runs_is_a_usage_error() {
+        let e = Args::try_parse_from(["bench-boot", "--runs", "0"])
+            .err()
+            .expect("--runs 0 accepted");
+        assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+        // clap exits with 2 for usage errors, as vmm does.
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(
+            Args::try_parse_from(["bench-boot", "--runs", "1"])
+                .unwrap()
+                .runs,
+            1
+        );
+    }
+
+    #[test]
+    fn median_of_nothing_is_no_figure() {
+        assert_eq!(median(Vec::new()), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(2.5));
+    }
 }

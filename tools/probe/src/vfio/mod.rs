@@ -228,10 +228,20 @@ mod tests {
         assert!(hint(Some(libc::EBUSY)).contains("VM"));
     }
 
+    /// The device line agrees with /dev/vfio: absent, it says so and nothing else is probed;
+    /// present, it never claims it absent, and `found` goes with the devices it lists.
     #[test]
-    fn nothing_here_is_one_absent_line() {
+    fn the_device_line_agrees_with_dev_vfio() {
         let f = probe(&ProbeOpts::default());
         if std::path::Path::new("/dev/vfio").exists() {
+            assert_ne!(f.line.line, "no VFIO: /dev/vfio/ absent");
+            assert_eq!(
+                f.line.found,
+                f.line.line.contains("device(s) behind"),
+                "{}",
+                f.line.line
+            );
+            assert!(f.line.found || (f.kinds.is_empty() && f.cells.is_empty()));
             return;
         }
         assert!(!f.line.found);

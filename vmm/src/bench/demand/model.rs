@@ -17,6 +17,10 @@ pub const UPSTREAM_REFERENCE: &[&str] = &[
     "  64 vCPUs: userfaultfd 1,664 vs KVM Userfault 39,913 pages/s/vCPU (contention on the single userfaultfd's wait-queue lock)",
 ];
 
+/// The vCPU count of upstream's per-page figures: only our case with as many vCPUs (private
+/// regions) is set beside them.
+pub const UPSTREAM_VCPUS: u32 = 2;
+
 /// Upstream us/page at 2 vCPUs for a row's backend, where the upstream test has a figure.
 pub fn upstream_us_per_page(backend: &str) -> Option<f64> {
     match backend {

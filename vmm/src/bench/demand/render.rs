@@ -1,6 +1,8 @@
 //! Text and JSON renderings of a `vmm bench demand` report.
 
-use super::model::{upstream_us_per_page, DemandBenchReport, Row, UPSTREAM_REFERENCE};
+use super::model::{
+    upstream_us_per_page, DemandBenchReport, Row, UPSTREAM_REFERENCE, UPSTREAM_VCPUS,
+};
 use crate::bench::format::{or_dash, ratio, sig3};
 
 const HEADERS: [&str; 10] = [
@@ -151,14 +153,17 @@ pub fn render_table(r: &DemandBenchReport) -> String {
 }
 
 /// Our 2-vCPU ratios beside upstream's, per placement, for the backends upstream measured.
+/// Upstream's figures are for 2 vCPUs on private regions, so only that case is set beside them:
+/// a run without it says so rather than compare another vCPU count with them.
 fn upstream_comparison(r: &DemandBenchReport) -> String {
     let Some(case) = r
         .cases
         .iter()
-        .find(|c| c.vcpus == 2 && c.shared_pages == 0)
-        .or_else(|| r.cases.first())
+        .find(|c| c.vcpus == UPSTREAM_VCPUS && c.shared_pages == 0)
     else {
-        return "  (no case here to set beside them)".to_owned();
+        return format!(
+            "  no {UPSTREAM_VCPUS}-vCPU case on private regions in this run, so none of its figures is set beside upstream's"
+        );
     };
     let upstream_base = upstream_us_per_page(super::model::EAGER).unwrap_or(f64::NAN);
     let mut parts = Vec::new();
@@ -275,6 +280,27 @@ pub(crate) mod tests {
         // The header row lines up with the figures.
         let header = t.lines().find(|l| l.contains("pages/s/vCPU")).unwrap();
         assert_eq!(header.find("backend"), line.find("uffd-missing"));
+    }
+
+    /// A run without the 2-vCPU case (e.g. `--vcpus 1`) is never compared with upstream's
+    /// 2-vCPU figures; it says the case is absent.
+    #[test]
+    fn upstream_figures_are_set_only_beside_the_2_vcpu_case() {
+        let mut r = sample_report();
+        r.cases[0].vcpus = 1;
+        r.cases[0].label = "1 vCPU".into();
+        let t = render_table(&r);
+        assert!(!t.contains("here vs"), "{t}");
+        assert!(
+            t.contains("no 2-vCPU case on private regions in this run"),
+            "{t}"
+        );
+        // The upstream lines themselves stay, labelled as not measured here.
+        assert!(t.contains("NOT measured on this host"));
+        // 2 vCPUs on a shared region is not upstream's case either.
+        let mut r = sample_report();
+        r.cases[0].shared_pages = 64;
+        assert!(!render_table(&r).contains("here vs"));
     }
 
     #[test]
