@@ -488,3 +488,36 @@ fn memslot_exits_serves_sse_loads_from_missing_pages_by_decoding_them() {
         }
     }
 }
+
+/// A VM paused through the API is snapshotted inside that pause (as Firecracker's pause,
+/// snapshot, resume): it stays paused, runs no pass meanwhile, and goes on once resumed.
+#[test]
+fn a_paused_vm_is_snapshotted_inside_its_pause_and_stays_paused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, sock) = vmm_tests::micro::micro_source(dir.path(), &[]);
+    wait_some_passes(&sock, 20);
+    let (code, v, err) = remote(&sock, &["pause"]);
+    assert_eq!(code, Some(0), "pause: {err}\n{v}");
+    let status = |what: &str| {
+        let (code, v, err) = remote(&sock, &["status", "--json"]);
+        assert_eq!(code, Some(0), "{what}: {err}");
+        v
+    };
+    let before = status("paused");
+    let snap = dir.path().join("snap");
+    let (code, reply, err) = remote(
+        &sock,
+        &["snapshot", "--to", snap.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(code, Some(0), "{err}\n{reply}");
+    let after = status("after the snapshot");
+    assert_eq!(after["state"], "paused", "{after}");
+    assert_eq!(after["micro_passes"], before["micro_passes"], "{after}");
+    assert_eq!(
+        reply["snapshot"]["micro_passes"], before["micro_passes"],
+        "{reply}"
+    );
+    let (code, v, err) = remote(&sock, &["resume"]);
+    assert_eq!(code, Some(0), "resume: {err}\n{v}");
+    vmm_tests::micro::finish_intact(src, &sock, 100);
+}

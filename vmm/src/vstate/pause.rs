@@ -430,10 +430,25 @@ mod tests {
             ctl.while_paused(Owner::Finish, || ()),
             Err(PauseError::NotOwner(Owner::Api))
         ));
+        // A snapshot inside the API's pause asks every parked vCPU for its state and leaves
+        // the pause as it was, also when a save fails.
+        assert!(matches!(
+            ctl.states_while_paused(Owner::Migration, Duration::from_secs(1)),
+            Err(PauseError::NotOwner(Owner::Api))
+        ));
+        let err = ctl
+            .states_while_paused(Owner::Api, Duration::from_secs(5))
+            .unwrap_err();
+        assert!(matches!(err, PauseError::Save { .. }), "{err}");
+        assert_eq!(ctl.owner(), Some(Owner::Api));
         ctl.resume(Owner::Api).unwrap();
         assert!(matches!(ctl.resume(Owner::Api), Err(PauseError::NotPaused)));
         assert!(matches!(
             ctl.while_paused(Owner::Api, || ()),
+            Err(PauseError::NotPaused)
+        ));
+        assert!(matches!(
+            ctl.states_while_paused(Owner::Api, Duration::from_secs(1)),
             Err(PauseError::NotPaused)
         ));
         // A save-pause asks every parked vCPU once, after all parked; a failed save lifts it.
@@ -449,8 +464,9 @@ mod tests {
             ctl.resume(Owner::Api).unwrap();
         }
         done.store(true, Ordering::Release);
+        // Each vCPU saved twice: for the snapshot inside the API's pause and the save-pause.
         for t in threads {
-            assert_eq!(t.join().unwrap(), 1);
+            assert_eq!(t.join().unwrap(), 2);
         }
         assert!(matches!(
             ctl.pause(&kicker, Owner::Api, false, Duration::from_secs(1)),
