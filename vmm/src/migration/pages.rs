@@ -202,18 +202,9 @@ pub fn punch_hole(memfd: &File, off: u64, len: u64) -> std::io::Result<()> {
 /// Copies all of guest RAM into `path` (same layout as the memfd): the byte-for-byte record the
 /// migration tests compare between source and destination.
 pub fn dump_ram(memfd: &File, ranges: &[RamRange], path: &std::path::Path) -> std::io::Result<()> {
-    let out = File::create(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    for r in ranges {
-        let mut done = 0u64;
-        while done < r.size {
-            let n = (r.size - done).min(buf.len() as u64) as usize;
-            memfd.read_exact_at(&mut buf[..n], r.file_offset + done)?;
-            out.write_all_at(&buf[..n], r.file_offset + done)?;
-            done += n as u64;
-        }
-    }
-    out.sync_all()
+    dump_with(ranges, path, |r, done, buf| {
+        memfd.read_exact_at(buf, r.file_offset + done)
+    })
 }
 
 /// Copies all of guest RAM into `path` (same layout as the memfd), read through the VMM's own
@@ -225,14 +216,27 @@ pub fn dump_mapped(
     path: &std::path::Path,
 ) -> std::io::Result<()> {
     use vm_memory::{Bytes, GuestAddress};
+    dump_with(ranges, path, |r, done, buf| {
+        let gpa = r.gpa + done;
+        mem.read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| std::io::Error::other(format!("reading 0x{gpa:x}: {e}")))
+    })
+}
+
+/// Writes every RAM range into `path` at its memfd offset, 1 MiB at a time, as `read` fills it
+/// (`read(range, offset in the range, buffer)`).
+fn dump_with(
+    ranges: &[RamRange],
+    path: &std::path::Path,
+    mut read: impl FnMut(&RamRange, u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let out = File::create(path)?;
     let mut buf = vec![0u8; 1 << 20];
     for r in ranges {
         let mut done = 0u64;
         while done < r.size {
             let n = (r.size - done).min(buf.len() as u64) as usize;
-            mem.read_slice(&mut buf[..n], GuestAddress(r.gpa + done))
-                .map_err(|e| std::io::Error::other(format!("reading 0x{:x}: {e}", r.gpa + done)))?;
+            read(r, done, &mut buf[..n])?;
             out.write_all_at(&buf[..n], r.file_offset + done)?;
             done += n as u64;
         }
