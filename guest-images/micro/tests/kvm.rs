@@ -10,7 +10,7 @@ use guest_abi::{gdt, layout, micro, ports};
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use micro_guest::exit_status::*;
-use micro_guest::{Pattern, Workload, MAILBOX_SIZE, PAGE_SIZE, PAYLOAD};
+use micro_guest::{Pattern, Workload, MAILBOX_SIZE, PAYLOAD};
 
 const MEM_SIZE: usize = 64 << 20;
 
