@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::micro::{assert_micro_exit, finish, micro_source, wait_some_passes};
-use crate::process::remote;
+use crate::process::{remote, Bg};
 
 /// Passes a restored guest runs to its end.
 pub const AFTER: u64 = 4000;
@@ -28,8 +28,20 @@ pub fn snapshot_micro(dir: &Path, extra: &[&str]) -> Snap {
     assert_eq!(code, Some(0), "pause: {err}\n{v}");
     let passes = finish(&sock, AFTER);
     let snap = dir.join("snap");
+    let rep = snapshot_and_exit(src, &sock, &snap);
+    let at = rep["micro_passes"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        at < passes,
+        "snapshotted at pass {at}, past its end {passes}"
+    );
+    Snap { dir: snap, passes }
+}
+
+/// `vmm remote snapshot --to SNAP --exit` on the VM in `src`, which must then end as
+/// snapshotted; returns its report.
+pub fn snapshot_and_exit(src: Bg, sock: &Path, snap: &Path) -> Value {
     let (code, reply, err) = remote(
-        &sock,
+        sock,
         &[
             "snapshot",
             "--to",
@@ -41,14 +53,9 @@ pub fn snapshot_micro(dir: &Path, extra: &[&str]) -> Snap {
     assert_eq!(code, Some(0), "snapshot failed: {reply}\n{err}");
     assert_eq!(reply["ok"], true, "{reply}");
     let (code, rep, err) = src.finish(Duration::from_secs(60));
-    assert_eq!(code, Some(0), "source:\n{err}");
+    assert_eq!(code, Some(0), "the snapshotted VM:\n{err}\n{rep}");
     assert_eq!(rep["outcome"]["kind"], "snapshotted", "{rep}");
-    let at = rep["micro_passes"].as_u64().unwrap_or(u64::MAX);
-    assert!(
-        at < passes,
-        "snapshotted at pass {at}, past its end {passes}"
-    );
-    Snap { dir: snap, passes }
+    rep
 }
 
 /// The workload finished after the restore and matched its model.

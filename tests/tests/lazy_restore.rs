@@ -451,20 +451,7 @@ fn memslot_exits_serves_sse_loads_from_missing_pages_by_decoding_them() {
     wait_api(&sock, Duration::from_secs(20));
     wait_some_passes(&sock, 1);
     let snap = dir.path().join("snap");
-    let (c, reply, e) = remote(
-        &sock,
-        &[
-            "snapshot",
-            "--to",
-            snap.to_str().unwrap(),
-            "--exit",
-            "--json",
-        ],
-    );
-    assert_eq!(c, Some(0), "{e}\n{reply}");
-    let (code, rep, err) = src.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(rep["outcome"]["kind"], "snapshotted", "{rep}");
+    vmm_tests::snapshot::snapshot_and_exit(src, &sock, &snap);
     // Let the restored payload go on to its loads (low RAM: file offset = GPA).
     {
         use std::os::unix::fs::FileExt;
