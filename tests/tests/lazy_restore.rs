@@ -162,7 +162,9 @@ fn a_corrupted_or_misplaced_install_fails_the_byte_for_byte_check() {
                 model_failed || !differing.is_empty(),
                 "{what}: a wrong install went unseen\n{rep}"
             );
-            if !differing.is_empty() {
+            // A guest that still ran every pass ends with the reference RAM but for that page
+            // (one that crashed on it, as another host might, fails the checks anyway).
+            if rep["run"]["micro_passes"].as_u64() == Some(snap.passes) {
                 assert_eq!(differing, vec![(at / 4096) as usize], "{what}");
             }
             if fault == "corrupt" {

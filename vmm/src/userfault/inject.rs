@@ -82,8 +82,9 @@ pub fn corrupt(f: Option<Injected>, gpa: u64, data: &mut [u8]) {
     let Some(rel) = at.checked_sub(gpa) else {
         return;
     };
-    if let Some(b) = usize::try_from(rel + PAGE / 2)
-        .ok()
+    if let Some(b) = rel
+        .checked_add(PAGE / 2)
+        .and_then(|i| usize::try_from(i).ok())
         .and_then(|i| data.get_mut(i))
     {
         *b ^= 0x5a;
@@ -120,6 +121,7 @@ mod tests {
         let mut other = vec![0u8; 4096];
         corrupt(f, 0x4000, &mut other);
         corrupt(f, 0x1000, &mut other);
+        corrupt(Some(Injected::Corrupt(u64::MAX - 4095)), 0, &mut other);
         assert!(other.iter().all(|&b| b == 0));
         let m = Some(Injected::Misplace(0x3000));
         assert_eq!(misplaced(m, 0x2000, 2), Some(0x3000));
