@@ -87,6 +87,16 @@ impl Drop for ChildGuard {
     }
 }
 
+/// The lines of `text` that are whole (newline-terminated), without their line ends. The line
+/// being written is left for the next look: a console file grows as the guest prints, and a
+/// serial port (QEMU's) delivers a line a few bytes at a time, so a half-written
+/// `workload-verify checksum=` must not be read as the answer.
+pub fn complete_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(|l| l.trim_end_matches('\n').trim_end_matches('\r'))
+}
+
 /// Polls `log` until a line satisfies `pred` and returns it. Fails early if `proc` exits or the
 /// guest kernel panics.
 pub fn wait_for_line(
@@ -101,8 +111,7 @@ pub fn wait_for_line(
         // Read as bytes: a console log may hold anything the guest printed.
         if let Ok(bytes) = std::fs::read(log) {
             let text = String::from_utf8_lossy(&bytes);
-            for line in text.lines() {
-                let line = line.trim_end_matches('\r');
+            for line in complete_lines(&text) {
                 if pred(line) {
                     return Ok(line.to_string());
                 }
@@ -257,6 +266,18 @@ mod tests {
         assert!(is_verify_result(bad) && !verify_ok(bad));
         // The console's echo of the typed command is not an answer.
         assert!(!is_verify_result("workload-stop;workload-verify"));
+    }
+
+    #[test]
+    fn only_whole_lines_are_read() {
+        let text =
+            "a\r\nAGENT: workload-verify checksum=1 expected=1 ok=true\nAGENT: workload-verify che";
+        let lines: Vec<&str> = complete_lines(text).collect();
+        assert_eq!(
+            lines,
+            ["a", "AGENT: workload-verify checksum=1 expected=1 ok=true"]
+        );
+        assert_eq!(complete_lines("half").count(), 0);
     }
 
     #[test]
