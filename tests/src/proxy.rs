@@ -31,6 +31,7 @@ impl CutProxy {
                     return;
                 };
                 if c.load(Ordering::Acquire) {
+                    // After the cut nothing gets through: refuse the new connection too.
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 }
@@ -94,9 +95,15 @@ fn pump(
             }
             if cut_now {
                 cut.store(true, Ordering::Release);
-                for s in socks.lock().unwrap().iter() {
+                // Shut every connection down and close this side of it: a peer that sends more
+                // is reset, as by a failed link. (Keeping the sockets open, only shut down,
+                // would leave a sender blocked on a zero window instead: a silent peer, which
+                // is another fault than a cut.)
+                let mut all = socks.lock().unwrap_or_else(|p| p.into_inner());
+                for s in all.iter() {
                     let _ = s.shutdown(Shutdown::Both);
                 }
+                all.clear();
                 return;
             }
         }
