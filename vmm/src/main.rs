@@ -409,8 +409,7 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         None => machine::run(&cfg, start)?,
         Some(path) => {
             let mut m = machine::Machine::build(&cfg, start)?.boot()?;
-            let dump =
-                machine::final_dump::FinalDump::arm(&mut m, path.clone(), Box::new(|| Ok(())));
+            let dump = machine::final_dump::FinalDump::arm_whole(&mut m, path.clone());
             let report = m.run(None)?;
             dump.result().map_err(|e| anyhow::anyhow!(e))?;
             report

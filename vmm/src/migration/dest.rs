@@ -252,7 +252,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             let final_dump = opts
                 .dump_final
                 .clone()
-                .map(|p| FinalDump::arm(&mut machine, p, Box::new(|| Ok(()))));
+                .map(|p| FinalDump::arm_whole(&mut machine, p));
             let run = machine
                 .run(Some(on_running))
                 .map_err(|e| MigrationError::Machine(e.to_string()))?;

@@ -138,7 +138,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         let final_dump = opts
             .dump_final
             .clone()
-            .map(|p| FinalDump::arm(&mut machine, p, Box::new(|| Ok(()))));
+            .map(|p| FinalDump::arm_whole(&mut machine, p));
         let t_run = Instant::now();
         let run = machine
             .run(Some(Box::new(|_| {})))
@@ -211,7 +211,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         let final_dump = opts
             .dump_final
             .clone()
-            .map(|p| FinalDump::arm(&mut machine, p, Box::new(|| Ok(()))));
+            .map(|p| FinalDump::arm_whole(&mut machine, p));
         let t_run = Instant::now();
         let run = machine.run(Some(stopper.on_running()));
         let run_ms = t_run.elapsed().as_secs_f64() * 1000.0;
