@@ -2,9 +2,15 @@
 //!
 //! Not rust-vmm's `vm-device` bus: its `write` cannot tell the vCPU what to do next, and a write
 //! here can end in a CPU reset (i8042 0xfe) or a VM exit. The bus is small enough to own.
+//!
+//! The map changes while vCPUs run (PCI BAR reprogramming): readers resolve through an
+//! `arc-swap` snapshot (no lock on the hot path, which every PIO/MMIO exit takes), and each
+//! change publishes a whole new map at once.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 
 /// What the vCPU that made an access should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,24 +54,89 @@ struct Mapping {
     dev: Arc<Mutex<dyn BusDevice>>,
 }
 
+// Keyed by base address; ranges never overlap, so the last range starting at or below an
+// address is the only one that can contain it.
+type Ranges = BTreeMap<u64, Mapping>;
+
+struct Shared {
+    /// The current map. Readers load it without a lock (arc-swap's loads do not block and are
+    /// not blocked by a store); a change builds a new map and swaps it in with one store, so an
+    /// access resolves against the old map or the new one, never a half-changed one.
+    ranges: ArcSwap<Ranges>,
+    /// Serialises changes: each builds on the map it loads, so two at once would lose one.
+    writer: Mutex<()>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            ranges: ArcSwap::from_pointee(Ranges::new()),
+            writer: Mutex::new(()),
+        }
+    }
+}
+
 /// Address ranges mapped to devices.
 ///
-/// Cloning is cheap (one `Arc`), so each vCPU thread holds its own `Bus`. A clone is a snapshot:
-/// a device inserted afterwards is seen only by the `Bus` it was inserted into, so build the bus
-/// completely before handing clones to vCPU threads.
+/// Cloning is cheap (one `Arc`), so each vCPU thread holds its own `Bus`; every clone shares one
+/// map, and a change made through any of them (insert, remove, relocate) is seen by all of them
+/// from the moment it returns. A guest can thus reprogram a BAR while other vCPUs run.
+///
+/// The map is never locked while a device runs: an access resolves its device on a snapshot of
+/// the map and then calls it, so a device's write may itself change the bus (a PCI config write
+/// moving a BAR) without deadlock. An access that resolved just before a change completes on the
+/// device it found, as if it had happened just before the change; after [`Bus::remove`]
+/// returns, such an access may still be running in the removed device.
 #[derive(Clone, Default)]
 pub struct Bus {
-    // Keyed by base address; ranges never overlap, so the last range starting at or below an
-    // address is the only one that can contain it.
-    ranges: Arc<BTreeMap<u64, Mapping>>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges = self.shared.ranges.load();
         f.debug_list()
-            .entries(self.ranges.iter().map(|(base, m)| (*base, m.len)))
+            .entries(ranges.iter().map(|(base, m)| (*base, m.len)))
             .finish()
     }
+}
+
+/// Checks that `[base, base + len)` is a valid range that overlaps nothing in `ranges`.
+fn check_free(ranges: &Ranges, base: u64, len: u64) -> Result<(), BusError> {
+    if len == 0 {
+        return Err(BusError::ZeroLength(base));
+    }
+    // `end` is inclusive so that a range ending exactly at u64::MAX is allowed.
+    let end = base
+        .checked_add(len - 1)
+        .ok_or(BusError::Overflow { base, len })?;
+    // The only range that can overlap is the last one starting at or below `end`.
+    if let Some((&other, m)) = ranges.range(..=end).next_back() {
+        if other.saturating_add(m.len - 1) >= base {
+            return Err(BusError::Overlap { base, len, other });
+        }
+    }
+    Ok(())
+}
+
+/// The device containing the whole access `[addr, addr + len)`, and its base.
+fn resolve(ranges: &Ranges, addr: u64, len: usize) -> Result<(u64, &Mapping), BusError> {
+    let (&base, m) = ranges
+        .range(..=addr)
+        .next_back()
+        .ok_or(BusError::NoDevice(addr))?;
+    let offset = addr - base;
+    if offset >= m.len {
+        return Err(BusError::NoDevice(addr));
+    }
+    let fits = u64::try_from(len)
+        .ok()
+        .and_then(|l| offset.checked_add(l))
+        .is_some_and(|end| end <= m.len);
+    if !fits {
+        return Err(BusError::Straddle { addr, len });
+    }
+    Ok((base, m))
 }
 
 impl Bus {
@@ -73,54 +144,73 @@ impl Bus {
         Self::default()
     }
 
-    /// Maps `dev` at `[base, base + len)`.
+    /// Builds the next map from the current one with `change` and publishes it in one store;
+    /// on an error nothing is published.
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut Ranges) -> Result<T, BusError>,
+    ) -> Result<T, BusError> {
+        // A panic in another change leaves the published map as it was (it only ever edits a
+        // private copy), so a poisoned lock guards nothing broken.
+        let _writer = self
+            .shared
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut next = Ranges::clone(&self.shared.ranges.load());
+        let out = change(&mut next)?;
+        self.shared.ranges.store(Arc::new(next));
+        Ok(out)
+    }
+
+    /// Maps `dev` at `[base, base + len)`, for every clone of this bus.
+    ///
+    /// Takes `&mut self` as it always has (callers build their buses through `&mut`); the
+    /// change is nonetheless shared, like [`Bus::remove`] and [`Bus::relocate`].
     pub fn insert(
         &mut self,
         dev: Arc<Mutex<dyn BusDevice>>,
         base: u64,
         len: u64,
     ) -> Result<(), BusError> {
-        if len == 0 {
-            return Err(BusError::ZeroLength(base));
-        }
-        // `end` is inclusive so that a range ending exactly at u64::MAX is allowed.
-        let end = base
-            .checked_add(len - 1)
-            .ok_or(BusError::Overflow { base, len })?;
-        // The only ranges that can overlap are the last one starting at or below `end`.
-        if let Some((&other, m)) = self.ranges.range(..=end).next_back() {
-            if other.saturating_add(m.len - 1) >= base {
-                return Err(BusError::Overlap { base, len, other });
-            }
-        }
-        Arc::make_mut(&mut self.ranges).insert(base, Mapping { len, dev });
-        Ok(())
+        self.update(|ranges| {
+            check_free(ranges, base, len)?;
+            ranges.insert(base, Mapping { len, dev });
+            Ok(())
+        })
     }
 
-    /// The device containing the whole access `[addr, addr + len)`, and the offset of `addr`.
-    fn resolve(&self, addr: u64, len: usize) -> Result<(u64, &Mapping), BusError> {
-        let (&base, m) = self
-            .ranges
-            .range(..=addr)
-            .next_back()
-            .ok_or(BusError::NoDevice(addr))?;
-        let offset = addr - base;
-        if offset >= m.len {
-            return Err(BusError::NoDevice(addr));
-        }
-        let fits = u64::try_from(len)
-            .ok()
-            .and_then(|l| offset.checked_add(l))
-            .is_some_and(|end| end <= m.len);
-        if !fits {
-            return Err(BusError::Straddle { addr, len });
-        }
-        Ok((base, m))
+    /// Unmaps the range that starts at `base` and returns its device.
+    pub fn remove(&self, base: u64) -> Result<Arc<Mutex<dyn BusDevice>>, BusError> {
+        self.update(|ranges| {
+            ranges
+                .remove(&base)
+                .map(|m| m.dev)
+                .ok_or(BusError::NoDevice(base))
+        })
+    }
+
+    /// Moves the range that starts at `old_base` to start at `new_base`, keeping its length and
+    /// device (a guest reprogramming a BAR). Atomic: every access sees the device at the old
+    /// base or at the new one, never at neither. The new range may overlap the old one.
+    pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
+        self.update(|ranges| {
+            let m = ranges
+                .remove(&old_base)
+                .ok_or(BusError::NoDevice(old_base))?;
+            // Checked without the moved range itself; on an error `ranges` is discarded.
+            check_free(ranges, new_base, m.len)?;
+            ranges.insert(new_base, m);
+            Ok(())
+        })
     }
 
     /// Reads from the device mapped at `addr`.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Result<(), BusError> {
-        let (base, m) = self.resolve(addr, data.len())?;
+        // The guard keeps this snapshot alive but is no lock: a store (even one made by this
+        // device, on this thread) does not wait for it.
+        let ranges = self.shared.ranges.load();
+        let (base, m) = resolve(&ranges, addr, data.len())?;
         // A poisoned lock means a thread panicked inside this device: its state cannot be
         // trusted, so report it rather than panic this vCPU or carry on with it.
         let mut dev = m.dev.lock().map_err(|_| BusError::Poisoned(base))?;
@@ -129,8 +219,10 @@ impl Bus {
     }
 
     /// Writes to the device mapped at `addr`; the result says what the vCPU should do next.
+    /// The device may change this bus from inside its write.
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<VcpuAction, BusError> {
-        let (base, m) = self.resolve(addr, data.len())?;
+        let ranges = self.shared.ranges.load();
+        let (base, m) = resolve(&ranges, addr, data.len())?;
         let mut dev = m.dev.lock().map_err(|_| BusError::Poisoned(base))?;
         Ok(dev.write(addr - base, data))
     }
@@ -229,6 +321,91 @@ mod tests {
         assert_eq!(bus.write(0x0, &[1]), Err(BusError::NoDevice(0)));
         // The last bytes of the range are still reachable.
         bus.read(0x10c, &mut data).unwrap();
+    }
+
+    #[test]
+    fn remove_unmaps_and_returns_the_device() {
+        let dev = probe();
+        let mut bus = Bus::new();
+        bus.insert(dev.clone(), 0x100, 0x10).unwrap();
+        bus.insert(probe(), 0x200, 0x10).unwrap();
+        // Only a range's base names it.
+        assert!(matches!(bus.remove(0x108), Err(BusError::NoDevice(0x108))));
+        let removed = bus.remove(0x100).unwrap();
+        removed.lock().unwrap().write(1, &[9]);
+        assert_eq!(dev.lock().unwrap().last_write, Some((1, vec![9])));
+        assert_eq!(bus.write(0x100, &[1]), Err(BusError::NoDevice(0x100)));
+        assert!(matches!(bus.remove(0x100), Err(BusError::NoDevice(0x100))));
+        // The neighbour is untouched and the freed range can be mapped again.
+        assert_eq!(bus.write(0x200, &[1]), Ok(VcpuAction::Continue));
+        bus.insert(probe(), 0x100, 0x10).unwrap();
+    }
+
+    #[test]
+    fn relocate_moves_the_range_and_keeps_offsets_relative() {
+        let dev = probe();
+        let mut bus = Bus::new();
+        bus.insert(dev.clone(), 0x1000, 0x10).unwrap();
+        bus.relocate(0x1000, 0x8000).unwrap();
+        assert_eq!(bus.write(0x1004, &[1]), Err(BusError::NoDevice(0x1004)));
+        assert_eq!(bus.write(0x8004, &[1]), Ok(VcpuAction::Continue));
+        assert_eq!(dev.lock().unwrap().last_write, Some((4, vec![1])));
+        let mut data = [0u8; 1];
+        bus.read(0x800f, &mut data).unwrap();
+        assert_eq!(data, [0xf]);
+        assert_eq!(bus.read(0x8010, &mut data), Err(BusError::NoDevice(0x8010)));
+        // Onto part of its own old range, and back: it only ever overlaps itself.
+        bus.relocate(0x8000, 0x8008).unwrap();
+        bus.relocate(0x8008, 0x8000).unwrap();
+        bus.read(0x8000, &mut data).unwrap();
+        assert_eq!(data, [0]);
+    }
+
+    #[test]
+    fn relocate_rejects_missing_overlapping_and_overflowing_targets() {
+        let mut bus = Bus::new();
+        bus.insert(probe(), 0x100, 0x10).unwrap();
+        bus.insert(probe(), 0x200, 0x10).unwrap();
+        assert_eq!(bus.relocate(0x300, 0x400), Err(BusError::NoDevice(0x300)));
+        assert_eq!(bus.relocate(0x104, 0x400), Err(BusError::NoDevice(0x104)));
+        for base in [0x1f8, 0x200, 0x20f] {
+            assert_eq!(
+                bus.relocate(0x100, base),
+                Err(BusError::Overlap {
+                    base,
+                    len: 0x10,
+                    other: 0x200
+                })
+            );
+        }
+        assert_eq!(
+            bus.relocate(0x100, u64::MAX - 4),
+            Err(BusError::Overflow {
+                base: u64::MAX - 4,
+                len: 0x10
+            })
+        );
+        // A refused move leaves the device where it was.
+        let mut data = [0u8; 1];
+        bus.read(0x105, &mut data).unwrap();
+        assert_eq!(data, [5]);
+        assert_eq!(bus.read(0x1f8, &mut data), Err(BusError::NoDevice(0x1f8)));
+        // Touching the neighbour's ends is fine.
+        bus.relocate(0x100, 0x1f0).unwrap();
+        bus.relocate(0x1f0, 0x210).unwrap();
+    }
+
+    #[test]
+    fn changes_through_any_clone_reach_every_clone() {
+        let mut bus = Bus::new();
+        let vcpu = bus.clone();
+        bus.insert(probe(), 0x60, 5).unwrap();
+        assert_eq!(vcpu.write(0x60, &[1]), Ok(VcpuAction::Continue));
+        vcpu.relocate(0x60, 0x70).unwrap();
+        assert_eq!(bus.write(0x60, &[1]), Err(BusError::NoDevice(0x60)));
+        assert_eq!(bus.write(0x74, &[1]), Ok(VcpuAction::Continue));
+        bus.remove(0x70).unwrap();
+        assert_eq!(vcpu.write(0x74, &[1]), Err(BusError::NoDevice(0x74)));
     }
 
     #[test]

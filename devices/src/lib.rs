@@ -6,6 +6,8 @@
 //! ignored, answered with zeros, or (virtio) turned into an error status.
 
 pub mod bus;
+#[cfg(test)]
+mod bus_tests;
 pub mod legacy;
 pub mod state;
 pub mod virtio;
