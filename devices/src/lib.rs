@@ -1,5 +1,6 @@
 //! Device models on an address bus: legacy devices on port I/O (16550 UART, i8042) and MMIO
-//! (boot timer), and virtio devices behind a virtio-mmio transport.
+//! (boot timer), virtio devices behind a virtio-mmio transport, and the kernel VFIO layer that
+//! passthrough builds on (`vfio`).
 //!
 //! Every device implements [`BusDevice`] and sits on a [`Bus`] (the VMM keeps one for port I/O
 //! and one for MMIO). Nothing the guest writes may panic the VMM: a bad access is logged and
@@ -10,6 +11,7 @@ pub mod bus;
 mod bus_tests;
 pub mod legacy;
 pub mod state;
+pub mod vfio;
 pub mod virtio;
 pub mod write_bitmap;
 

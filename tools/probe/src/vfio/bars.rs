@@ -3,10 +3,9 @@
 //! read or written unless it is prefetchable (memory, not registers) and `bar_writes` allows
 //! it: a register's read may have side effects. Never run with a bound device here (no VFIO).
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use super::region::{self, Region, RegionError};
+use super::region::{self, Region, RegionMap};
 use super::{human, open::Opened};
 use crate::external::{self, External};
 use crate::kinds::SMALL;
@@ -21,69 +20,6 @@ pub const MAX_MAP: u64 = 64 << 20;
 /// Bits of a sysfs `resource` line's flags (include/linux/ioport.h).
 const IORESOURCE_MEM: u64 = 0x200;
 const IORESOURCE_PREFETCH: u64 = 0x2000;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BarError {
-    #[error(transparent)]
-    Region(#[from] RegionError),
-    #[error("mmap of {len:#x} bytes at device-fd offset {offset:#x}: {source}")]
-    Mmap {
-        len: usize,
-        offset: u64,
-        source: std::io::Error,
-    },
-}
-
-/// A BAR's mapping, unmapped on drop.
-pub struct BarMap {
-    pub addr: usize,
-    pub len: usize,
-}
-
-impl BarMap {
-    pub fn new(
-        fd: &impl AsRawFd,
-        offset: u64,
-        len: usize,
-        writable: bool,
-    ) -> Result<BarMap, BarError> {
-        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-        let err = |source| BarError::Mmap {
-            len,
-            offset,
-            source,
-        };
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
-        // SAFETY: a new shared mapping of the device fd at an address the kernel chooses: it
-        // overlaps nothing Rust owns; the kernel checks offset and length against the region.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        Ok(BarMap {
-            addr: ptr as usize,
-            len,
-        })
-    }
-}
-
-impl Drop for BarMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` made; external.rs has returned and nothing
-        // refers to it any more.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
 
 /// What the sysfs `resource` file says of BAR `n`: Ok(prefetchable) or why it cannot tell.
 pub fn prefetchable(sysfs: &Path, n: u32) -> Result<bool, String> {
@@ -194,7 +130,8 @@ fn map_and_probe(
         ));
     }
     let writable = r.flags & vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_WRITE != 0;
-    let map = BarMap::new(opened, r.offset + area_off, len, writable).map_err(|e| e.to_string())?;
+    let map =
+        RegionMap::new(opened, r.offset + area_off, len, writable).map_err(|e| e.to_string())?;
     let prefetch = *pref.as_ref().unwrap_or(&false);
     let cpu_writes = opts.bar_writes && prefetch && writable;
     let area = match &r.sparse {
@@ -267,13 +204,5 @@ mod tests {
         assert_eq!(io, Ok(false));
         assert!(missing.is_err());
         assert!(prefetchable(Path::new("/nonexistent"), 0).is_err());
-    }
-
-    #[test]
-    fn mmap_of_a_file_that_is_no_device_is_a_clean_error() {
-        // /dev/null cannot be mmap'd shared (ENODEV): the real call, refused.
-        let null = std::fs::File::open("/dev/null").unwrap();
-        let e = BarMap::new(&null, 0, 4096, false).err().unwrap();
-        assert!(matches!(e, BarError::Mmap { .. }), "{e}");
     }
 }

@@ -7,16 +7,14 @@
 //! device (the machines it was written on have no VFIO hardware: no /dev/vfio, no /dev/iommu).
 //! Its ioctl wrappers are tested against real fds that are not VFIO fds (the kernel's ENOTTY).
 //!
-//! What is the crates': opening a device either way (open.rs): through its group into a legacy
-//! type1 container (vfio-ioctls' `VfioContainer`), or through its cdev bound to an iommufd and
-//! attached to an IOAS (iommufd-ioctls' `IommuFd` and `IommufdIoas`, vfio-ioctls' `VfioIommufd`
-//! and `VfioDevice`, which bind, attach, detach); DMA map/unmap on both; the HWPT (alloc, attach,
-//! destroy) and `IOMMU_GET_HW_INFO`; device DMA logging. What is by hand, each because no crate
-//! has it (vfio-ioctls 0.10, iommufd-ioctls 0.4 and the bindings crates checked), over the
-//! bindings crates' structs: `IOMMU_HWPT_SET_DIRTY_TRACKING` and `IOMMU_HWPT_GET_DIRTY_BITMAP`
-//! (iommufd.rs), `VFIO_IOMMU_GET_INFO` and `VFIO_IOMMU_DIRTY_PAGES` (type1.rs); and
-//! `VFIO_DEVICE_GET_REGION_INFO` (region.rs: vfio-ioctls' region accessors lose the index).
-//! Their ioctl numbers are checked against the kernel uAPI (const assertions).
+//! The VFIO layer is shared with the VMM and lives in `devices::vfio`: opening a device either
+//! way (its group into a type1 container, or its cdev bound to an iommufd and attached to an
+//! IOAS, through vfio-ioctls and iommufd-ioctls), mapping a region through the device fd, and
+//! the ioctls no crate has (region info, type1 dirty pages, iommufd HWPT dirty tracking; see
+//! `devices::vfio::sys`). It is re-exported here as `caps`, `iommufd`, `region`, `type1` and
+//! `errno_of`. The probe keeps what is its own: discovery over /dev and sysfs (discover.rs), the
+//! experiments on BARs and DMA (bars.rs, dirty.rs, dma.rs, which map DMA and drive device DMA
+//! logging through vfio-ioctls directly) and the report.
 //!
 //! A device is opened through its cdev and /dev/iommu where both exist (the iommufd path), else
 //! through its group (the legacy path). vfio-ioctls opens /dev/vfio nodes at fixed paths, so a
@@ -25,46 +23,20 @@
 //! so; nothing is ever reported as tried that was not.
 
 pub mod bars;
-pub mod caps;
 pub mod dirty;
 pub mod discover;
 pub mod dma;
-pub mod iommufd;
 pub mod open;
-pub mod region;
-pub mod type1;
+
+// The ioctl layer the VMM shares (devices::vfio), under the names the probe has always used.
+pub use devices::vfio::errno_of;
+pub use devices::vfio::sys::{caps, iommufd, region, type1};
 
 use std::error::Error;
 
 use crate::devices::DeviceFindings;
 use crate::report::{errno_name, Cell, DeviceLine, KindStatus};
 use crate::ProbeOpts;
-
-/// `_IO(VFIO_TYPE, nr)`, for the ioctls by hand: VFIO and iommufd both use type ';' and encode
-/// neither size nor direction, so the number is just type << 8 | nr
-/// (include/uapi/asm-generic/ioctl.h). A const fn, unlike vmm-sys-util's `ioctl_io_nr!`, so
-/// the numbers can be checked at compile time.
-pub(crate) const fn io_nr(nr: u32) -> libc::c_ulong {
-    ((b';' as libc::c_ulong) << 8) | nr as libc::c_ulong
-}
-
-/// The errno at the bottom of an error's chain (an `io::Error` or vmm-sys-util's errno, which
-/// is what vfio-ioctls wraps), if it came from a system call.
-pub fn errno_of(e: &(dyn Error + 'static)) -> Option<i32> {
-    let mut cur: Option<&(dyn Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if let Some(code) = io.raw_os_error() {
-                return Some(code);
-            }
-        }
-        if let Some(sys) = err.downcast_ref::<vmm_sys_util::errno::Error>() {
-            return Some(sys.errno());
-        }
-        cur = err.source();
-    }
-    None
-}
 
 /// The error and its causes in one line, without repeating a cause its parent already quotes.
 pub fn chain(e: &(dyn Error + 'static)) -> String {

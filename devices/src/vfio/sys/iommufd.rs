@@ -166,7 +166,7 @@ mod tests {
     }
 
     fn enotty(e: &(dyn std::error::Error + 'static)) {
-        assert_eq!(super::super::errno_of(e), Some(libc::ENOTTY), "{e}");
+        assert_eq!(crate::vfio::errno_of(e), Some(libc::ENOTTY), "{e}");
     }
 
     #[test]
@@ -180,7 +180,7 @@ mod tests {
 
     #[test]
     fn the_crate_calls_on_a_file_that_is_no_iommufd_say_enotty() {
-        // iommufd-ioctls' own ioctls, as the cells use them: the errno comes up its error chain.
+        // iommufd-ioctls' own ioctls, as the probe uses them: the errno comes up its error chain.
         let fd = null();
         enotty(&hw_info(&fd, 1).unwrap_err());
         enotty(&alloc_dirty_hwpt(&fd, 1, 2).unwrap_err());

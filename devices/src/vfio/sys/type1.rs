@@ -226,7 +226,7 @@ mod tests {
     fn every_ioctl_on_a_file_that_is_no_container_says_enotty() {
         let null = std::fs::File::open("/dev/null").unwrap();
         let enotty = |e: Type1Error| {
-            assert_eq!(super::super::errno_of(&e), Some(libc::ENOTTY), "{e}");
+            assert_eq!(crate::vfio::errno_of(&e), Some(libc::ENOTTY), "{e}");
         };
         enotty(info(&null).unwrap_err());
         enotty(start(&null).unwrap_err());

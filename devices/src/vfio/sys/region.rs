@@ -1,4 +1,5 @@
-//! `VFIO_DEVICE_GET_REGION_INFO` by index, with its capability chain (sparse mmap areas).
+//! `VFIO_DEVICE_GET_REGION_INFO` by index, with its capability chain (sparse mmap areas), and
+//! the mmap of a region's memory through the device fd ([`RegionMap`]).
 //!
 //! The ioctl by hand (vfio-bindings' struct and flags) although vfio-ioctls reads regions too:
 //! its accessors index a list that skips regions whose query failed, so position n is not
@@ -44,6 +45,12 @@ pub enum RegionError {
     CapsTooLarge { index: u32, argsz: u32 },
     #[error("region {index}: {source}")]
     Caps { index: u32, source: CapError },
+    #[error("mmap of {len:#x} bytes at device-fd offset {offset:#x}: {source}")]
+    Mmap {
+        len: usize,
+        offset: u64,
+        source: io::Error,
+    },
 }
 
 /// One region as the kernel describes it.
@@ -129,6 +136,60 @@ pub fn info(fd: &impl AsRawFd, index: u32) -> Result<Region, RegionError> {
     Ok(region)
 }
 
+/// A shared mapping of part of a region through the device fd (a BAR's memory), unmapped on
+/// drop.
+pub struct RegionMap {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl RegionMap {
+    /// Maps `len` bytes at `offset` in the device fd (a region's offset plus an mmap-able area's
+    /// offset within it), read-only unless `writable`.
+    pub fn new(
+        fd: &impl AsRawFd,
+        offset: u64,
+        len: usize,
+        writable: bool,
+    ) -> Result<RegionMap, RegionError> {
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        let err = |source| RegionError::Mmap {
+            len,
+            offset,
+            source,
+        };
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| err(io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+        // SAFETY: a new shared mapping of the device fd at an address the kernel chooses: it
+        // overlaps nothing Rust owns; the kernel checks offset and length against the region.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(RegionMap {
+            addr: ptr as usize,
+            len,
+        })
+    }
+}
+
+impl Drop for RegionMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; whoever borrowed the address has
+        // returned (the owner drops it last).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +219,17 @@ mod tests {
         assert_eq!(r.first_area(), Some((0x4000, 0xc000)));
         r.sparse = Some(Vec::new());
         assert_eq!(r.first_area(), None);
+    }
+
+    #[test]
+    fn mmap_of_a_file_that_is_no_device_is_a_clean_error() {
+        // /dev/null cannot be mmap'd shared (ENODEV): the real call, refused.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let e = RegionMap::new(&null, 0, 4096, false).err().unwrap();
+        assert!(matches!(e, RegionError::Mmap { .. }), "{e}");
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::ENODEV));
+        // An offset mmap cannot take is refused before the kernel is asked.
+        let e = RegionMap::new(&null, u64::MAX, 4096, false).err().unwrap();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::EOVERFLOW));
     }
 }
