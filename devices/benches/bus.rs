@@ -140,9 +140,17 @@ fn main() {
             .expect("the ports do not overlap");
     }
 
+    // The figures are user-space only, but say where they were taken (PLATFORM.md): the PVM
+    // development machines share their cores with everything else on them.
+    let host = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "a PVM host"
+    } else {
+        "not a PVM host"
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "bus hot path: 1-byte read at {ADDR:#x} among {} devices, {iters} reads a run per \
-         thread, median of {runs} runs",
+        "bus hot path on {host} ({cpus} CPUs): 1-byte read at {ADDR:#x} among {} devices, \
+         {iters} reads a run per thread, median of {runs} runs",
         PORTS.len()
     );
     for threads in [1, 2] {
