@@ -307,3 +307,6 @@ pub fn availability() -> Vec<(TrackerKind, Result<(), String>)> {
         .map(|k| (k, k.check_host()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests;
