@@ -20,7 +20,11 @@ fn kvm_writes_page(vcpu: &VcpuFd, gpa: u64) {
         ..Default::default()
     }])
     .unwrap();
-    assert_eq!(vcpu.set_msrs(&msrs).unwrap(), 1, "MSR_KVM_WALL_CLOCK_NEW refused");
+    assert_eq!(
+        vcpu.set_msrs(&msrs).unwrap(),
+        1,
+        "MSR_KVM_WALL_CLOCK_NEW refused"
+    );
 }
 
 fn kvm_write_lands_in_the_dirty_set_by_registry_id(kind: TrackerKind) {
@@ -71,14 +75,21 @@ fn kvm_write_lands_in_the_dirty_set_by_registry_id(kind: TrackerKind) {
     assert!(set.contains_gpa(0x7000), "{kind}: {} pages", set.count());
     assert_eq!(set.count(), 1, "{kind}: only the page KVM wrote");
     if let Some(r) = &rings {
-        assert_eq!(r.stats().bad_entries, 0, "{kind}: every entry named a RAM slot");
+        assert_eq!(
+            r.stats().bad_entries,
+            0,
+            "{kind}: every entry named a RAM slot"
+        );
     }
     assert!(
         !vm.memslots().get(bar_slot.id).unwrap().dirty_logging(),
         "{kind}: the BAR is never dirty-logged"
     );
     t.stop().unwrap();
-    assert!(!vm.memslots().ram()[0].dirty_logging(), "{kind}: logging off");
+    assert!(
+        !vm.memslots().ram()[0].dirty_logging(),
+        "{kind}: logging off"
+    );
 }
 
 #[test]

@@ -130,8 +130,13 @@ fn chunks_live_in_the_registry_and_settling_restores_ram_slots() {
     let vm = Arc::new(Vm::new().unwrap());
     // SAFETY: `bar` is declared before the VM, so its mapping outlives the slot.
     let bar_slot = unsafe {
-        vm.memslots()
-            .add(SlotKind::DeviceBar, 0xd000_0000, MIB, bar.host_addrs()[0], 0)
+        vm.memslots().add(
+            SlotKind::DeviceBar,
+            0xd000_0000,
+            MIB,
+            bar.host_addrs()[0],
+            0,
+        )
     }
     .unwrap();
     vm.register_ram(&ram).unwrap();
@@ -161,7 +166,11 @@ fn chunks_live_in_the_registry_and_settling_restores_ram_slots() {
             (8 * MIB + 2 * PAGE, 16 * MIB)
         ]
     );
-    assert_eq!(slots.get(bar_slot.id), Some(bar_slot), "the BAR is untouched");
+    assert_eq!(
+        slots.get(bar_slot.id),
+        Some(bar_slot),
+        "the BAR is untouched"
+    );
     assert_eq!(slots.at(4 * MIB), None, "a missing page is in no slot");
 
     let ex = pager.exits().unwrap();
