@@ -392,12 +392,7 @@ impl DirtyTracker for KvmRing {
     fn memory_overhead_bytes(&self) -> u64 {
         let rings =
             self.rings.vcpus() as u64 * u64::from(self.rings.entries()) * DIRTY_GFN_SIZE as u64;
-        let set: u64 = lock(&self.rings.collected)
-            .slots
-            .iter()
-            .map(|s| s.pages().div_ceil(64) * 8)
-            .sum();
-        rings + set
+        rings + super::bitmap_bytes(&self.slots)
     }
 
     fn background_cpu_ns(&self) -> u64 {
