@@ -94,12 +94,12 @@ fn read_lands_in_dirty_set(kind: TrackerKind) {
         .needs_dirty_ring()
         .then(|| tracking::enable_dirty_ring(vm.fd()).unwrap());
     vm.register_ram(&ram).unwrap();
-    let slots = tracking::slots_of(&ram);
+    let slots = tracking::slots_of(&vm);
     let mem = ram.memory().clone();
     // The ring lives on a vCPU; one that never runs is enough to hold it.
     let vcpu = vm.create_vcpu(0).unwrap();
     let rings = entries.map(|n| {
-        let r = Arc::new(DirtyRings::new(vm.clone(), n, slots.clone()));
+        let r = Arc::new(DirtyRings::new(vm.clone(), n));
         r.add_vcpu(&vcpu).unwrap();
         r
     });

@@ -16,7 +16,7 @@ use crate::boot::micro;
 use crate::boot::mptable;
 use crate::boot::{paging, EntryPoint};
 use crate::memory::GuestRam;
-use crate::tracking::{self, DirtyRings, TrackedSlot};
+use crate::tracking::{self, DirtyRings};
 use crate::userfault::DemandExits;
 use crate::vstate::cpuid;
 use crate::vstate::kick::{Kicker, RunState};
@@ -31,7 +31,6 @@ pub struct Machine {
     pub start: Instant,
     pub ram: GuestRam,
     pub vm: Arc<Vm>,
-    pub slots: Vec<TrackedSlot>,
     pub rings: Option<Arc<DirtyRings>>,
     pub devs: devices_setup::Devices,
     pub runners: Vec<VcpuRunner>,
@@ -96,9 +95,7 @@ impl Machine {
         };
         vm.register_ram(&ram)?;
         let mem = ram.memory();
-        let slots = tracking::slots_of(&ram);
-        let rings = ring_entries
-            .map(|entries| Arc::new(DirtyRings::new(vm.clone(), entries, slots.clone())));
+        let rings = ring_entries.map(|entries| Arc::new(DirtyRings::new(vm.clone(), entries)));
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
 
         let watch = Arc::new(Mutex::new(console::ConsoleWatch::default()));
@@ -189,7 +186,6 @@ impl Machine {
             start,
             ram,
             vm,
-            slots,
             rings,
             devs,
             runners,

@@ -15,7 +15,7 @@ use crate::memory::{GuestMemory, RamRange};
 use crate::micro_finish::MicroBudget;
 use crate::migration::description::VmDescription;
 use crate::migration::progress::Progress;
-use crate::tracking::{DirtyRings, TrackContext, TrackedSlot};
+use crate::tracking::{self, DirtyRings, TrackContext, TrackedSlot};
 use crate::vstate::kick::Kicker;
 use crate::vstate::pause::PauseControl;
 use crate::vstate::vcpu::{VcpuEvent, VcpuStop};
@@ -28,7 +28,6 @@ pub struct Shared {
     pub ranges: Vec<RamRange>,
     /// The memfd behind guest RAM (holes are punched in it for postcopy).
     pub memfd: File,
-    pub slots: Vec<TrackedSlot>,
     pub rings: Option<Arc<DirtyRings>>,
     pub kicker: Arc<Kicker>,
     pub pause: Arc<PauseControl>,
@@ -58,7 +57,6 @@ pub struct SharedParts {
     pub memory: GuestMemory,
     pub ranges: Vec<RamRange>,
     pub memfd: File,
-    pub slots: Vec<TrackedSlot>,
     pub rings: Option<Arc<DirtyRings>>,
     pub kicker: Arc<Kicker>,
     pub pause: Arc<PauseControl>,
@@ -82,7 +80,6 @@ impl Shared {
             memfd: p.memfd,
             paging_in: p.paging_in,
             demand: p.demand,
-            slots: p.slots,
             rings: p.rings,
             kicker: p.kicker,
             pause: p.pause,
@@ -106,12 +103,18 @@ impl Shared {
         self.micro_budget.describe(&self.description)
     }
 
+    /// The VM's RAM memslots as its registry has them now (after `settle_memslots`, the
+    /// layout dirty tracking needs).
+    pub fn ram_slots(&self) -> Vec<TrackedSlot> {
+        tracking::slots_of(&self.vm)
+    }
+
     /// What the dirty trackers need to run on this VM.
     pub fn track_context(&self) -> TrackContext {
         let k = self.kicker.clone();
         TrackContext {
             vm: self.vm.clone(),
-            slots: self.slots.clone(),
+            slots: self.ram_slots(),
             memory: self.memory.clone(),
             rings: self.rings.clone(),
             kick: Some(Arc::new(move || {

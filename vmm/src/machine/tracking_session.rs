@@ -405,8 +405,8 @@ mod tests {
         let vm = Arc::new(Vm::new().unwrap());
         vm.register_ram(ram).unwrap();
         TrackContext {
+            slots: tracking::slots_of(&vm),
             vm,
-            slots: tracking::slots_of(ram),
             memory: ram.memory().clone(),
             rings: None,
             kick: None,

@@ -225,7 +225,7 @@ fn run(
     let mut rate = RateLimiter::new(opts.bandwidth_mib_s.map(|m| m << 20));
     let mut sender = PageSender::new(&shared.memfd, &shared.ranges);
     let mut tracker: Option<Box<dyn DirtyTracker>> = None;
-    let mut dirty = DirtySet::new(&shared.slots);
+    let mut dirty = DirtySet::new(&shared.ram_slots());
     let result = (|| -> Result<(), MigrationError> {
         if opts.mode != Mode::Postcopy {
             let mut t = tracking::create(opts.tracker, &shared.track_context())?;

@@ -91,6 +91,8 @@ struct Collected {
     /// Where collected pages go while a ring tracker is active; `None`: entries are reset and
     /// dropped (logging is off then, so only stragglers arrive).
     set: Option<DirtySet>,
+    /// The active tracker's slots (from the VM's registry): ring entries name slot ids, which
+    /// are looked up here (the registry hands them out; nothing says they are 0..n).
     slots: Vec<TrackedSlot>,
 }
 
@@ -120,11 +122,14 @@ pub struct RingStats {
 }
 
 impl DirtyRings {
-    pub fn new(vm: Arc<Vm>, entries: u32, slots: Vec<TrackedSlot>) -> DirtyRings {
+    pub fn new(vm: Arc<Vm>, entries: u32) -> DirtyRings {
         DirtyRings {
             vm,
             rings: Mutex::new(Vec::new()),
-            collected: Mutex::new(Collected { set: None, slots }),
+            collected: Mutex::new(Collected {
+                set: None,
+                slots: Vec::new(),
+            }),
             entries,
             bad_entries: AtomicU64::new(0),
             peak: AtomicU64::new(0),
@@ -189,9 +194,14 @@ impl DirtyRings {
         Ok(n)
     }
 
-    fn activate(&self, on: bool) {
+    /// Starts collecting into a set over `slots` (the tracker's, so its harvests can OR the
+    /// set in slot for slot), or with `None` stops.
+    fn activate(&self, slots: Option<&[TrackedSlot]>) {
         let mut c = lock(&self.collected);
-        c.set = on.then(|| DirtySet::new(&c.slots));
+        if let Some(slots) = slots {
+            c.slots = slots.to_vec();
+        }
+        c.set = slots.map(DirtySet::new);
     }
 
     /// Moves the collected pages into `into`.
@@ -237,6 +247,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub struct KvmRing {
     vm: Arc<Vm>,
+    slots: Vec<TrackedSlot>,
     rings: Arc<DirtyRings>,
     kick: Option<KickFn>,
     reaper: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
@@ -258,6 +269,7 @@ impl KvmRing {
             })?;
         Ok(KvmRing {
             vm: ctx.vm.clone(),
+            slots: ctx.slots.clone(),
             rings,
             kick: ctx.kick.clone(),
             reaper: None,
@@ -287,7 +299,7 @@ impl DirtyTracker for KvmRing {
         self.rings
             .collect()
             .map_err(TrackingError::sys(KIND, "collecting the dirty rings"))?;
-        self.rings.activate(true);
+        self.rings.activate(Some(&self.slots));
         logging(KIND, &self.vm, true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (rings, flag, cpu, err) = (
@@ -372,7 +384,7 @@ impl DirtyTracker for KvmRing {
             self.rings
                 .collect()
                 .map_err(TrackingError::sys(KIND, "collecting the dirty rings"))?;
-            self.rings.activate(false);
+            self.rings.activate(None);
         }
         self.check_reaper()
     }
@@ -380,12 +392,7 @@ impl DirtyTracker for KvmRing {
     fn memory_overhead_bytes(&self) -> u64 {
         let rings =
             self.rings.vcpus() as u64 * u64::from(self.rings.entries()) * DIRTY_GFN_SIZE as u64;
-        let set: u64 = lock(&self.rings.collected)
-            .slots
-            .iter()
-            .map(|s| s.pages().div_ceil(64) * 8)
-            .sum();
-        rings + set
+        rings + super::bitmap_bytes(&self.slots)
     }
 
     fn background_cpu_ns(&self) -> u64 {

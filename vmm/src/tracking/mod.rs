@@ -32,7 +32,7 @@ pub use dirty_set::{DirtySet, SlotBits};
 pub use kvm_ring::{DirtyRings, RingStats, RING_ENTRIES};
 pub use thread_cpu::thread_cpu_ns;
 
-use crate::memory::{GuestMemory, GuestRam, PAGE_SIZE};
+use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::sys::SysError;
 use crate::vstate::vm::Vm;
 
@@ -224,17 +224,17 @@ pub fn bitmap_bytes(slots: &[TrackedSlot]) -> u64 {
     slots.iter().map(|s| s.pages().div_ceil(64) * 8).sum()
 }
 
-/// The memslots of `ram`, numbered as `Vm::register_ram` numbers them.
-pub fn slots_of(ram: &GuestRam) -> Vec<TrackedSlot> {
-    ram.ranges()
-        .iter()
-        .zip(ram.host_addrs())
-        .enumerate()
-        .map(|(slot, (r, host))| TrackedSlot {
-            slot: slot as u32,
-            gpa: r.gpa,
-            size: r.size,
-            host,
+/// The VM's RAM memslots as the trackers see them, in GPA order, with the ids the registry
+/// gave them (a `DirtySet` indexes slots by this order, KVM's logs and rings by id).
+pub fn slots_of(vm: &Vm) -> Vec<TrackedSlot> {
+    vm.memslots()
+        .ram()
+        .into_iter()
+        .map(|s| TrackedSlot {
+            slot: s.id,
+            gpa: s.gpa,
+            size: s.size,
+            host: s.host,
         })
         .collect()
 }
@@ -307,3 +307,6 @@ pub fn availability() -> Vec<(TrackerKind, Result<(), String>)> {
         .map(|k| (k, k.check_host()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -60,7 +60,7 @@ pub trait ExitPager: Send + Sync {
         true
     }
     /// With every vCPU paused and every page present: replaces this backend's memslots with
-    /// one per RAM range (ids 0.., as `Vm::register_ram` made them).
+    /// one RAM slot per RAM range (as `Vm::register_ram` made them; ids from the registry).
     fn settle_layout(&self) -> Result<(), UserfaultError> {
         Ok(())
     }

@@ -20,15 +20,21 @@ use super::exits::{ExitBase, ExitPager, ExitStats, Fetch, Waiters};
 use super::{DemandPager, Fault, Installed, UffdMissing, UserfaultError};
 use crate::memory::RamRange;
 use crate::sys::kvm_userfault::{self as sys, Support, UserfaultBitmap};
+use crate::vstate::resources::memslots;
 use crate::vstate::vm::Vm;
 
 const PAGE: u64 = 4096;
 
+/// A RAM memslot of the VM's registry and the bitmap KVM reads for it.
 struct Slot {
-    id: u32,
-    range: RamRange,
-    host: u64,
+    slot: memslots::Slot,
     bitmap: UserfaultBitmap,
+}
+
+impl Slot {
+    fn contains(&self, gpa: u64) -> bool {
+        self.slot.contains(gpa)
+    }
 }
 
 struct Inner {
@@ -57,8 +63,8 @@ pub fn support() -> Result<(), String> {
 }
 
 impl KvmUserfault {
-    /// Re-registers the VM's RAM slots (ids 0.. in range order, as `Vm::register_ram` made
-    /// them) with KVM_MEM_USERFAULT and the pending pages marked. Before any vCPU runs.
+    /// Re-registers the VM's RAM slots (whatever ids its registry gave them) with
+    /// KVM_MEM_USERFAULT and the pending pages marked. Before any vCPU runs.
     pub fn arm(
         vm: Arc<Vm>,
         ranges: &[RamRange],
@@ -69,29 +75,38 @@ impl KvmUserfault {
     ) -> Result<KvmUserfault, UserfaultError> {
         let chunk =
             super::memslot_exits::check_chunk(chunk).map_err(UserfaultError::Unsupported)?;
-        if let Support::Unsupported { explanation, .. } = sys::probe_support(vm.fd()) {
+        // On a throwaway VM: the probe takes a slot id of its own, which on this VM belongs
+        // to the registry.
+        if let Err(explanation) = support() {
             return Err(UserfaultError::Unsupported(format!(
                 "kvm-userfault is not available: {explanation}"
             )));
         }
+        let ram = vm.memslots().ram();
+        let registered = ram
+            .iter()
+            .map(|s| (s.gpa, s.size))
+            .eq(ranges.iter().map(|r| (r.gpa, r.size)));
+        if !registered {
+            return Err(UserfaultError::Unsupported(format!(
+                "kvm-userfault needs guest RAM registered as one memslot per RAM range; the VM \
+                 has RAM slots {:x?}",
+                ram.iter().map(|s| (s.gpa, s.size)).collect::<Vec<_>>()
+            )));
+        }
         let waiters = Arc::new(Waiters::new(ranges, memfd, pending)?);
         let mut slots = Vec::new();
-        for (id, (range, host)) in ranges.iter().zip(host_addrs).enumerate() {
-            let bitmap = UserfaultBitmap::for_size(range.size);
+        for slot in ram {
+            let bitmap = UserfaultBitmap::for_size(slot.size);
             for &(gpa, n) in pending {
                 for p in 0..n {
                     let page = gpa + p * PAGE;
-                    if range.contains(page) {
-                        bitmap.set((page - range.gpa) / PAGE);
+                    if slot.contains(page) {
+                        bitmap.set((page - slot.gpa) / PAGE);
                     }
                 }
             }
-            slots.push(Slot {
-                id: id as u32,
-                range: *range,
-                host: *host,
-                bitmap,
-            });
+            slots.push(Slot { slot, bitmap });
         }
         let uffd = UffdMissing::arm(ranges, host_addrs)?;
         let inner = Inner {
@@ -103,21 +118,14 @@ impl KvmUserfault {
             cleared_only: AtomicU64::new(0),
         };
         for s in &inner.slots {
-            // SAFETY: the host range is the guest-RAM mapping, which outlives the VM; the
-            // bitmap lives in `inner`, which outlives the slot's flag (disarm clears it, and
-            // the VM is dropped before the pager).
-            unsafe {
-                sys::set_userfault_region(
-                    inner.vm.fd(),
-                    s.id,
-                    s.range.gpa,
-                    s.range.size,
-                    s.host,
-                    &s.bitmap,
-                    0,
-                )
-            }
-            .map_err(|e| UserfaultError::Kvm(format!("KVM_MEM_USERFAULT on slot {}: {e}", s.id)))?;
+            // SAFETY: the bitmap lives in `inner`, which outlives the slot's flag (disarm
+            // clears it, and the VM is dropped before the pager).
+            unsafe { inner.vm.memslots().arm_userfault(s.slot.id, &s.bitmap) }.map_err(
+                |source| UserfaultError::Memslot {
+                    what: "arming KVM_MEM_USERFAULT",
+                    source,
+                },
+            )?;
         }
         Ok(KvmUserfault {
             inner: Arc::new(inner),
@@ -127,12 +135,12 @@ impl KvmUserfault {
 
 impl Inner {
     fn slot_of(&self, gpa: u64) -> Option<&Slot> {
-        self.slots.iter().find(|s| s.range.contains(gpa))
+        self.slots.iter().find(|s| s.contains(gpa))
     }
 
     fn bit_set(&self, gpa: u64) -> bool {
         self.slot_of(gpa)
-            .is_some_and(|s| s.bitmap.is_set_acquire((gpa - s.range.gpa) / PAGE))
+            .is_some_and(|s| s.bitmap.is_set_acquire((gpa - s.slot.gpa) / PAGE))
     }
 }
 
@@ -149,7 +157,7 @@ impl ExitPager for Inner {
         let Some(slot) = self.slot_of(gpa) else {
             return Ok(false);
         };
-        let r = slot.range;
+        let r = slot.slot;
         let start = r.gpa + (gpa - r.gpa) / self.chunk * self.chunk;
         let end = (start + self.chunk)
             .max(gpa + len.max(1))
@@ -232,16 +240,14 @@ impl DemandPager for KvmUserfault {
         self.inner.base.uffd.disarm()?;
         for s in &self.inner.slots {
             s.bitmap.clear_range_release(0, s.bitmap.pages());
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: s.id,
-                flags: 0,
-                guest_phys_addr: s.range.gpa,
-                memory_size: s.range.size,
-                userspace_addr: s.host,
-            };
-            // SAFETY: the same mapping the slot already had, which outlives the VM.
-            unsafe { self.inner.vm.fd().set_user_memory_region(region) }
-                .map_err(|e| UserfaultError::Kvm(format!("clearing KVM_MEM_USERFAULT: {e}")))?;
+            self.inner
+                .vm
+                .memslots()
+                .disarm_userfault(s.slot.id)
+                .map_err(|source| UserfaultError::Memslot {
+                    what: "clearing KVM_MEM_USERFAULT",
+                    source,
+                })?;
         }
         Ok(())
     }

@@ -25,11 +25,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region};
+use kvm_bindings::kvm_enable_cap;
 
 use super::exits::{ExitBase, ExitPager, ExitStats, Fetch, Waiters};
 use super::{DemandPager, Fault, Installed, UffdMissing, UserfaultError};
 use crate::memory::RamRange;
+use crate::vstate::resources::memslots::{MemSlotError, SlotKind};
 use crate::vstate::vm::Vm;
 
 const PAGE: u64 = 4096;
@@ -53,6 +54,7 @@ pub fn check_chunk(bytes: u64) -> Result<u64, String> {
 
 #[derive(Clone, Copy)]
 struct Run {
+    /// The run's memslot, a `DemandChunk` in the VM's registry.
     slot: u32,
     size: u64,
     /// Holds pages KVM itself touches (page tables, descriptor tables, PV pages): never
@@ -64,9 +66,6 @@ struct Run {
 struct Slots {
     /// Mapped runs by start GPA.
     runs: BTreeMap<u64, Run>,
-    free: Vec<u32>,
-    next: u32,
-    max: u32,
     disarmed: bool,
     /// The original one-slot-per-range layout is back (`settle_layout`).
     settled: bool,
@@ -110,10 +109,6 @@ impl MemslotExits {
     ) -> Result<MemslotExits, UserfaultError> {
         let chunk = check_chunk(chunk).map_err(UserfaultError::Unsupported)?;
         let waiters = Arc::new(Waiters::new(ranges, memfd, pending)?);
-        let max = vm
-            .fd()
-            .check_extension_int(kvm_ioctls::Cap::NrMemslots)
-            .max(ranges.len() as i32) as u32;
         disable_zap_all(&vm);
         let uffd = UffdMissing::arm(ranges, host_addrs)?;
         let inner = Inner {
@@ -128,9 +123,6 @@ impl MemslotExits {
             soft_limit: soft_limit.max(1),
             slots: Mutex::new(Slots {
                 runs: BTreeMap::new(),
-                free: Vec::new(),
-                next: 0,
-                max,
                 disarmed: false,
                 settled: false,
             }),
@@ -145,8 +137,11 @@ impl MemslotExits {
         // Runs holding pages KVM touches get pinned by `keep_mapped` before the vCPUs run.
         {
             let mut s = lock(&inner.slots);
-            for slot in 0..ranges.len() as u32 {
-                inner.set_slot(slot, 0, 0)?;
+            let memslots = inner.vm.memslots();
+            for ram in memslots.ram() {
+                memslots
+                    .remove(ram.id)
+                    .map_err(memslot_error("taking over the RAM memslots"))?;
             }
             for (r, _) in &inner.ranges {
                 let mut run: Option<(u64, u64)> = None;
@@ -187,6 +182,11 @@ impl MemslotExits {
     }
 }
 
+/// `map_err` adapter for a registry call that failed while doing `what`.
+fn memslot_error(what: &'static str) -> impl FnOnce(MemSlotError) -> UserfaultError {
+    move |source| UserfaultError::Memslot { what, source }
+}
+
 /// Without this quirk disabled, deleting any memslot zaps the shadow pages of the whole guest
 /// (measured: a re-read of 3000 pages went from 61 us to 10 ms, PLATFORM.md §8).
 fn disable_zap_all(vm: &Vm) {
@@ -219,26 +219,22 @@ impl Inner {
             .map(|(r, h)| h + (gpa - r.gpa))
     }
 
-    fn set_slot(&self, slot: u32, gpa: u64, size: u64) -> Result<(), UserfaultError> {
-        let host = if size == 0 {
-            0
-        } else {
-            self.host_of(gpa)
-                .ok_or(UserfaultError::NotRam { gpa, len: size })?
-        };
-        let region = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host,
-        };
+    /// Registers [gpa, gpa+size) of guest RAM as a memslot of `kind`; returns its id.
+    fn map_run(&self, kind: SlotKind, gpa: u64, size: u64) -> Result<u32, UserfaultError> {
+        let host = self
+            .host_of(gpa)
+            .ok_or(UserfaultError::NotRam { gpa, len: size })?;
         // SAFETY: the host range lies inside the guest-RAM mapping (found by `host_of`, and a
-        // run never crosses a RAM range), which outlives the VM; size 0 deletes the slot.
-        unsafe { self.vm.fd().set_user_memory_region(region) }.map_err(|e| {
-            UserfaultError::Kvm(format!(
-                "KVM_SET_USER_MEMORY_REGION slot {slot} at 0x{gpa:x}+0x{size:x}: {e}"
-            ))
+        // run never crosses a RAM range), which outlives the VM.
+        let added = unsafe { self.vm.memslots().add(kind, gpa, size, host, 0) };
+        added.map(|slot| slot.id).map_err(|source| {
+            let what = match source {
+                MemSlotError::Exhausted { .. } => {
+                    "guest RAM is too fragmented for this chunk size (use a larger --demand-chunk)"
+                }
+                _ => "mapping guest RAM for the vCPUs",
+            };
+            UserfaultError::Memslot { what, source }
         })
     }
 
@@ -249,25 +245,7 @@ impl Inner {
         size: u64,
         pinned: bool,
     ) -> Result<(), UserfaultError> {
-        let slot = match s.free.pop() {
-            Some(id) => id,
-            None if s.next < s.max => {
-                s.next += 1;
-                s.next - 1
-            }
-            None => {
-                return Err(UserfaultError::Kvm(format!(
-                    "out of memslots ({} in use, KVM allows {}): guest RAM is too fragmented \
-                     for this chunk size; use a larger --demand-chunk",
-                    s.runs.len(),
-                    s.max
-                )))
-            }
-        };
-        if let Err(e) = self.set_slot(slot, gpa, size) {
-            s.free.push(slot);
-            return Err(e);
-        }
+        let slot = self.map_run(SlotKind::DemandChunk, gpa, size)?;
         s.runs.insert(gpa, Run { slot, size, pinned });
         self.max_slots
             .fetch_max(s.runs.len() as u64, Ordering::AcqRel);
@@ -278,8 +256,10 @@ impl Inner {
         let Some(run) = s.runs.remove(&start) else {
             return Ok(0);
         };
-        self.set_slot(run.slot, start, 0)?;
-        s.free.push(run.slot);
+        self.vm
+            .memslots()
+            .remove(run.slot)
+            .map_err(memslot_error("unmapping a demand chunk"))?;
         Ok(run.size)
     }
 
@@ -482,8 +462,8 @@ impl ExitPager for Inner {
         for start in starts {
             self.remove_run(&mut s, start)?;
         }
-        for (slot, (r, _)) in self.ranges.iter().enumerate() {
-            self.set_slot(slot as u32, r.gpa, r.size)?;
+        for (r, _) in &self.ranges {
+            self.map_run(SlotKind::Ram, r.gpa, r.size)?;
         }
         s.settled = true;
         Ok(())

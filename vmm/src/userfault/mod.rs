@@ -35,6 +35,11 @@ pub enum UserfaultError {
     Event(String),
     #[error("{0}")]
     Kvm(String),
+    #[error("{what}: {source}")]
+    Memslot {
+        what: &'static str,
+        source: crate::vstate::resources::memslots::MemSlotError,
+    },
     #[error("fetching guest pages 0x{gpa:x}+0x{len:x}: {reason}")]
     Fetch { gpa: u64, len: u64, reason: String },
     #[error("{0}")]

@@ -5,6 +5,7 @@ pub mod kick;
 pub mod operands;
 pub mod pause;
 pub mod regs;
+pub mod resources;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -1,14 +1,12 @@
 //! The VM file descriptor: capabilities, memslots, in-kernel irqchip and PIT, irqfds.
 
-use std::sync::Mutex;
+use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::resources::memslots::{MemSlotError, MemSlots, SlotKind};
 use crate::host::HostKind;
 use crate::memory::GuestRam;
 
@@ -25,11 +23,10 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("registering guest RAM slot {slot} at 0x{gpa:x} failed: {source}")]
+    #[error("{what}: {source}")]
     Memslot {
-        slot: u32,
-        gpa: u64,
-        source: kvm_ioctls::Error,
+        what: &'static str,
+        source: MemSlotError,
     },
     #[error("KVM_CREATE_VCPU {id} failed: {source}")]
     CreateVcpu { id: u8, source: kvm_ioctls::Error },
@@ -42,10 +39,10 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 /// A KVM VM with its in-kernel interrupt controllers.
 pub struct Vm {
     kvm: Kvm,
-    fd: VmFd,
+    /// Shared with `memslots`, which issues the memslot ioctls.
+    fd: Arc<VmFd>,
     host: HostKind,
-    /// The RAM memslots as registered, so their flags can change (dirty logging on and off).
-    slots: Mutex<Vec<kvm_userspace_memory_region>>,
+    memslots: MemSlots,
 }
 
 impl Vm {
@@ -64,7 +61,7 @@ impl Vm {
                 return Err(VmError::MissingCap(name));
             }
         }
-        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let fd = Arc::new(kvm.create_vm().map_err(VmError::CreateVm)?);
         let setup = |what| move |source| VmError::Setup { what, source };
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(setup("KVM_SET_TSS_ADDR"))?;
@@ -86,9 +83,9 @@ impl Vm {
         }
         Ok(Vm {
             kvm,
+            memslots: MemSlots::new(fd.clone()),
             fd,
             host: HostKind::detect(),
-            slots: Mutex::new(Vec::new()),
         })
     }
 
@@ -102,51 +99,40 @@ impl Vm {
         self.host
     }
 
-    /// One memslot per RAM range, slot numbers from 0.
+    /// The VM's memory slots: the only place slot ids are handed out.
+    pub fn memslots(&self) -> &MemSlots {
+        &self.memslots
+    }
+
+    /// One RAM memslot per RAM range, ids from the registry.
     pub fn register_ram(&self, ram: &GuestRam) -> Result<(), VmError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for (slot, (range, host)) in ram.ranges().iter().zip(ram.host_addrs()).enumerate() {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: range.gpa,
-                memory_size: range.size,
-                userspace_addr: host,
-            };
-            self.set_region(region)?;
-            slots.push(region);
+        for (range, host) in ram.ranges().iter().zip(ram.host_addrs()) {
+            // SAFETY: the host range is a live mapping owned by the machine's `GuestRam`,
+            // which outlives the VM (the machine drops the VM and its vCPUs before guest RAM).
+            unsafe {
+                self.memslots
+                    .add(SlotKind::Ram, range.gpa, range.size, host, 0)
+            }
+            .map_err(|source| VmError::Memslot {
+                what: "registering guest RAM",
+                source,
+            })?;
         }
         Ok(())
     }
 
-    fn set_region(&self, region: kvm_userspace_memory_region) -> Result<(), VmError> {
-        // SAFETY: the host range is a live mapping owned by the machine's `GuestRam`, which
-        // outlives the VM (the machine drops the VM and its vCPUs before guest RAM).
-        unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Memslot {
-            slot: region.slot,
-            gpa: region.guest_phys_addr,
-            source,
-        })
-    }
-
-    /// Turns KVM dirty logging (KVM_MEM_LOG_DIRTY_PAGES) on or off for every RAM memslot. KVM
-    /// allows changing only the flags of a live slot; turning logging on write-protects the
-    /// slot (or, with manual protect INITIALLY_SET, marks it all dirty).
+    /// Turns KVM dirty logging (KVM_MEM_LOG_DIRTY_PAGES) on or off for every RAM memslot.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for region in slots.iter_mut() {
-            let mut updated = *region;
-            if on {
-                updated.flags |= KVM_MEM_LOG_DIRTY_PAGES;
-            } else {
-                updated.flags &= !KVM_MEM_LOG_DIRTY_PAGES;
-            }
-            if updated.flags != region.flags {
-                self.set_region(updated)?;
-                *region = updated;
-            }
-        }
-        Ok(())
+        self.memslots
+            .set_dirty_logging(on)
+            .map_err(|source| VmError::Memslot {
+                what: if on {
+                    "turning dirty logging on"
+                } else {
+                    "turning dirty logging off"
+                },
+                source,
+            })
     }
 
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {

@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::memory::GuestRam;
 use crate::userfault::exits::Fetch;
+use crate::vstate::resources::memslots::SlotKind;
 
 const MIB: u64 = 1 << 20;
 
@@ -117,4 +118,84 @@ fn queued_vcpu_faults_reach_the_handler_and_wake_on_install() {
     pager.install(2 * MIB, &[7u8; 4096]).unwrap();
     assert!(vcpu.join().unwrap().unwrap());
     assert!(pager.exits().unwrap().mapped(2 * MIB));
+}
+
+/// The pager's slots are the registry's: while armed, RAM is only `DemandChunk` slots around
+/// the missing pages (a device BAR registered before RAM keeps its slot and its id); once
+/// every page is in, `settle_layout` gives back one `Ram` slot per range through the registry.
+#[test]
+fn chunks_live_in_the_registry_and_settling_restores_ram_slots() {
+    let ram = GuestRam::new(16 * MIB).unwrap();
+    let bar = GuestRam::new(8 * MIB).unwrap();
+    let vm = Arc::new(Vm::new().unwrap());
+    // SAFETY: `bar` is declared before the VM, so its mapping outlives the slot.
+    let bar_slot = unsafe {
+        vm.memslots().add(
+            SlotKind::DeviceBar,
+            0xd000_0000,
+            MIB,
+            bar.host_addrs()[0],
+            0,
+        )
+    }
+    .unwrap();
+    vm.register_ram(&ram).unwrap();
+    let pending = [(4 * MIB, 1), (8 * MIB, 2)];
+    let pager = Arc::new(
+        MemslotExits::arm(
+            vm.clone(),
+            ram.ranges(),
+            &ram.host_addrs(),
+            ram.file(),
+            &pending,
+            PAGE,
+            DEFAULT_SOFT_LIMIT,
+        )
+        .unwrap(),
+    );
+    let slots = vm.memslots();
+    assert!(slots.ram().is_empty(), "the pager took the RAM slots over");
+    let chunks = slots.of_kind(SlotKind::DemandChunk);
+    // Around two holes: [0, 4M), [4M+4K, 8M), [8M+8K, 16M).
+    let spans: Vec<(u64, u64)> = chunks.iter().map(|s| (s.gpa, s.end())).collect();
+    assert_eq!(
+        spans,
+        vec![
+            (0, 4 * MIB),
+            (4 * MIB + PAGE, 8 * MIB),
+            (8 * MIB + 2 * PAGE, 16 * MIB)
+        ]
+    );
+    assert_eq!(
+        slots.get(bar_slot.id),
+        Some(bar_slot),
+        "the BAR is untouched"
+    );
+    assert_eq!(slots.at(4 * MIB), None, "a missing page is in no slot");
+
+    let ex = pager.exits().unwrap();
+    ex.set_fetch(Arc::new(Fill {
+        pager: pager.clone(),
+    }));
+    assert!(ex.resolve(0, 4 * MIB, 8).unwrap());
+    assert_eq!(
+        slots.at(4 * MIB).map(|s| s.kind),
+        Some(SlotKind::DemandChunk)
+    );
+    assert!(
+        ex.settle_layout().is_err(),
+        "not while pages are still missing"
+    );
+    assert!(ex.resolve(0, 8 * MIB, 2 * PAGE).unwrap());
+    ex.settle_layout().unwrap();
+    assert!(ex.layout_settled());
+    assert!(slots.of_kind(SlotKind::DemandChunk).is_empty());
+    let ram_slots: Vec<(u64, u64)> = slots.ram().iter().map(|s| (s.gpa, s.size)).collect();
+    assert_eq!(ram_slots, vec![(0, 16 * MIB)]);
+    assert_eq!(slots.len(), 2, "RAM and the BAR");
+    assert!(slots.get(bar_slot.id).is_some());
+    // KVM agrees: dirty logging can be turned on for the restored RAM slot.
+    slots.set_dirty_logging(true).unwrap();
+    let id = slots.ram()[0].id;
+    vm.fd().get_dirty_log(id, (16 * MIB) as usize).unwrap();
 }
