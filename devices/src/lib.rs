@@ -6,13 +6,15 @@
 //! ignored, answered with zeros, or (virtio) turned into an error status.
 
 pub mod bus;
+pub mod device_states;
 pub mod legacy;
 pub mod state;
 pub mod virtio;
 pub mod write_bitmap;
 
 pub use bus::{Bus, BusDevice, BusError, VcpuAction};
-pub use state::DeviceStateError;
+pub use device_states::{DeviceStates, SavedState, StateRegistry, StatesError};
+pub use state::{DeviceStateError, Stateful};
 
 pub use write_bitmap::WriteBitmap;
 
