@@ -9,6 +9,7 @@
 pub mod bus;
 #[cfg(test)]
 mod bus_tests;
+pub mod device_states;
 pub mod legacy;
 pub mod state;
 pub mod vfio;
@@ -16,7 +17,8 @@ pub mod virtio;
 pub mod write_bitmap;
 
 pub use bus::{Bus, BusDevice, BusError, VcpuAction};
-pub use state::DeviceStateError;
+pub use device_states::{DeviceStates, SavedState, StateRegistry, StatesError};
+pub use state::{DeviceStateError, Stateful};
 
 pub use write_bitmap::WriteBitmap;
 

@@ -9,6 +9,11 @@
 //! Host-side plumbing (eventfds, the console writer and its observer, the disk file, guest
 //! memory) is not state: the destination builds its devices with its own, then restores into
 //! them.
+//!
+//! [`Stateful`] is the one interface the VMM sees: a device's kind, the version of its saved
+//! layout, and that state as JSON. The VMM keeps its stateful devices by id in a
+//! [`StateRegistry`](crate::device_states::StateRegistry), so a VM's device state is the set of
+//! those, whatever the device types.
 
 use std::fmt;
 use std::io;
@@ -33,8 +38,42 @@ impl fmt::Display for Ring {
     }
 }
 
+/// A device whose guest-visible state moves with the VM (snapshot, migration).
+///
+/// `save` and `restore` carry the device's own state type as JSON, so the VMM needs no field
+/// per device type. The registry restores only a state of the same `kind` and `state_version`;
+/// a device that changes its layout bumps its version.
+pub trait Stateful: Send {
+    /// The device model ("serial", "virtio-blk"): a state restores only into its own kind.
+    fn kind(&self) -> &'static str;
+    /// The version of the layout `save` writes and `restore` reads.
+    fn state_version(&self) -> u32;
+    /// The state, with the vCPUs paused so that the guest cannot change it underneath.
+    fn save(&self) -> Result<serde_json::Value, DeviceStateError>;
+    /// Loads a state `save` wrote on the source (from the network: checked first, as the
+    /// device's own `restore_state` does; on error nothing has changed).
+    fn restore(&mut self, data: &serde_json::Value) -> Result<(), DeviceStateError>;
+}
+
+/// `state` as a device's saved data.
+pub fn to_data<T: serde::Serialize>(state: &T) -> Result<serde_json::Value, DeviceStateError> {
+    serde_json::to_value(state).map_err(DeviceStateError::Encode)
+}
+
+/// A device's saved data as its state type; a field missing or of the wrong type is refused.
+pub fn from_data<T: serde::de::DeserializeOwned>(
+    data: &serde_json::Value,
+) -> Result<T, DeviceStateError> {
+    T::deserialize(data).map_err(DeviceStateError::Decode)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceStateError {
+    #[error("encoding the state: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("decoding the state: {0}")]
+    Decode(#[source] serde_json::Error),
+
     #[error("UART receive FIFO holds {got} bytes, more than its {max}")]
     SerialFifo { got: usize, max: usize },
     #[error("raising the UART interrupt after restore: {0}")]

@@ -284,14 +284,17 @@ fn kvm_userfault_is_refused_with_the_kernels_answer_and_bad_snapshots_with_the_r
     assert_eq!(code, Some(1));
     assert!(err.contains("the VM has"), "{err}");
     let manifest = std::fs::read_to_string(snap.dir.join("vm.json")).unwrap();
+    let current = format!("\"version\": {}", vmm::snapshot::files::VERSION);
+    assert!(manifest.contains(&current), "{manifest}");
     std::fs::write(
         bad.join("vm.json"),
-        manifest.replacen("\"version\": 1", "\"version\": 99", 1),
+        manifest.replacen(&current, "\"version\": 99", 1),
     )
     .unwrap();
     let (code, _, err) = restore(&bad, &[]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("version 99"), "{err}");
+    let ours = format!("version {}", vmm::snapshot::files::VERSION);
+    assert!(err.contains("version 99") && err.contains(&ours), "{err}");
     let (code, _, err) = restore(&dir.path().join("none"), &[]);
     assert_eq!(code, Some(1));
     assert!(err.contains("vm.json"), "{err}");

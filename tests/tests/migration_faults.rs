@@ -211,7 +211,7 @@ fn fake_source(port: u16) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
                 kernel: "none".into(),
             },
             disks: vec![],
-            devices: vec!["serial".into(), "i8042".into(), "boot-timer".into()],
+            devices: vmm::machine::devices_setup::device_ids(false, 0),
             dirty_ring: false,
         },
         mode: Mode::Precopy,
@@ -267,7 +267,8 @@ fn corrupted_out_of_range_and_wrong_version_streams_are_refused_precisely() {
         assert!(err.contains(&format!("0x{gpa:x}")), "{err}");
     }
 
-    // A frame of another protocol version, right at the start.
+    // A frame of the previous protocol version (device state by type), right at the start:
+    // refused naming both versions.
     let port = free_port();
     let dst = destination(port, &[]);
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -275,10 +276,11 @@ fn corrupted_out_of_range_and_wrong_version_streams_are_refused_precisely() {
     FrameWriter::new(&mut frame)
         .send(&Message::Hello(b"{}".to_vec()))
         .unwrap();
-    frame[4] = 2;
+    frame[4..6].copy_from_slice(&1u16.to_le_bytes());
     s.write_all(&frame).unwrap();
     let err = destination_error(dst, "wrong version");
-    assert!(err.contains("version 2"), "{err}");
+    let ours = format!("version {}", vmm::migration::protocol::VERSION);
+    assert!(err.contains("version 1") && err.contains(&ours), "{err}");
 }
 
 #[test]

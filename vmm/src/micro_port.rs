@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::bus::{BusDevice, VcpuAction};
+use devices::{DeviceStateError, Stateful};
 use guest_abi::{micro, ports};
 
 /// Offsets inside the window starting at `ports::MICRO_PASS`.
@@ -30,6 +31,35 @@ pub struct MicroPort {
     /// Per vCPU: passes completed, once it has reported one.
     vcpu_passes: Vec<Option<u64>>,
     on_pass: Option<PassHook>,
+}
+
+/// What moves with the VM: the pass count every vCPU had reached. Per-vCPU counts are not
+/// saved; each vCPU's first report after a restore unwraps relative to this floor.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MicroPortState {
+    pub passes: u64,
+}
+
+impl Stateful for MicroPort {
+    fn kind(&self) -> &'static str {
+        "micro-port"
+    }
+
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self) -> Result<serde_json::Value, DeviceStateError> {
+        devices::state::to_data(&MicroPortState {
+            passes: self.passes.load(Ordering::Acquire),
+        })
+    }
+
+    fn restore(&mut self, data: &serde_json::Value) -> Result<(), DeviceStateError> {
+        let state: MicroPortState = devices::state::from_data(data)?;
+        self.passes.store(state.passes, Ordering::Release);
+        Ok(())
+    }
 }
 
 impl Default for MicroPort {
@@ -211,5 +241,23 @@ mod tests {
             p.write(EXIT_OFFSET, &7u32.to_le_bytes()),
             VcpuAction::Exit(7)
         );
+    }
+
+    #[test]
+    fn the_pass_count_moves_and_the_next_report_continues_from_it() {
+        let src_passes = Arc::new(AtomicU64::new(0));
+        let mut src = MicroPort::new(src_passes.clone());
+        for pass in 1..=5u32 {
+            src.write(0, &pass.to_le_bytes());
+        }
+        let json = serde_json::to_string(&src.save().unwrap()).unwrap();
+
+        let passes = Arc::new(AtomicU64::new(0));
+        let mut dst = MicroPort::new(passes.clone());
+        dst.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(passes.load(Ordering::Acquire), 5);
+        dst.write(0, &6u32.to_le_bytes());
+        assert_eq!(passes.load(Ordering::Acquire), 6);
+        assert!(dst.restore(&serde_json::json!({"passes": -1})).is_err());
     }
 }

@@ -14,7 +14,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{BusDevice, VcpuAction};
-use crate::state::DeviceStateError;
+use crate::state::{self, DeviceStateError, Stateful};
 
 /// Register offsets the wrapper cares about (see the 16550 data sheet).
 const IER_OFFSET: u8 = 1;
@@ -227,6 +227,25 @@ impl Serial {
         std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
         self.uart = uart;
         Ok(())
+    }
+}
+
+impl Stateful for Serial {
+    fn kind(&self) -> &'static str {
+        "serial"
+    }
+
+    /// The layout of [`SerialState`]: bump it when a field changes.
+    fn state_version(&self) -> u32 {
+        1
+    }
+
+    fn save(&self) -> Result<serde_json::Value, DeviceStateError> {
+        state::to_data(&self.save_state())
+    }
+
+    fn restore(&mut self, data: &serde_json::Value) -> Result<(), DeviceStateError> {
+        self.restore_state(&state::from_data(data)?)
     }
 }
 

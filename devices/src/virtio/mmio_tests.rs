@@ -120,6 +120,9 @@ impl VirtioDevice for Fake {
     fn restore_snapshot(&mut self, _: &DeviceSnapshot) -> Result<(), DeviceStateError> {
         unreachable!("the register tests never migrate")
     }
+    fn kind(&self) -> &'static str {
+        "virtio-test"
+    }
 }
 
 struct Setup {

@@ -106,6 +106,9 @@ pub trait VirtioDevice: Send {
     /// Loads a snapshot taken by `save_snapshot` on the source, before the transport
     /// re-activates the device. Checks it first; on error nothing has changed.
     fn restore_snapshot(&mut self, snapshot: &DeviceSnapshot) -> Result<(), DeviceStateError>;
+
+    /// The device model its transport's state is saved as ("virtio-blk").
+    fn kind(&self) -> &'static str;
 }
 
 /// A virtio device's own state, tagged with its kind so that a state cannot be loaded into a

@@ -487,4 +487,7 @@ impl VirtioDevice for NotABlock {
     fn restore_snapshot(&mut self, _: &DeviceSnapshot) -> Result<(), DeviceStateError> {
         unreachable!("the transport refuses a block state before this")
     }
+    fn kind(&self) -> &'static str {
+        "virtio-test"
+    }
 }

@@ -1,5 +1,6 @@
 //! Creates the guest's devices and places them on the port-I/O and MMIO buses, with their
-//! interrupts wired to KVM irqfds.
+//! interrupts wired to KVM irqfds, and registers each stateful one under its id: the one place
+//! that names the VM's devices.
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusError};
+use devices::device_states::{StateRegistry, StatesError};
 use devices::legacy::boot_timer::BootTimer;
 use devices::legacy::i8042::I8042;
 use devices::legacy::serial::{OutputObserver, Serial};
@@ -41,6 +43,30 @@ pub enum DeviceSetupError {
     Block { path: PathBuf, reason: String },
     #[error("at most {max} disks are supported, got {got}", max = virtio_mmio::MAX_DEVICES)]
     TooManyDisks { got: usize },
+    #[error("registering device state: {0}")]
+    State(#[source] StatesError),
+}
+
+pub const SERIAL_ID: &str = "serial0";
+pub const I8042_ID: &str = "i8042";
+pub const BOOT_TIMER_ID: &str = "boot-timer";
+pub const MICRO_PORT_ID: &str = "micro-port";
+
+/// The id of the virtio-blk device for disk `index`.
+pub fn blk_id(index: usize) -> String {
+    format!("virtio-blk{index}")
+}
+
+/// The ids of the devices `create` builds (stateful or not), in order, for a guest with or
+/// without the micro guest's port and with `disks` disks: what a migration's Hello lists and
+/// what its destination checks that list against.
+pub fn device_ids(micro: bool, disks: usize) -> Vec<String> {
+    let mut ids = vec![SERIAL_ID.to_string(), I8042_ID.into(), BOOT_TIMER_ID.into()];
+    if micro {
+        ids.push(MICRO_PORT_ID.into());
+    }
+    ids.extend((0..disks).map(blk_id));
+    ids
 }
 
 pub struct DeviceOptions<'a> {
@@ -53,13 +79,13 @@ pub struct DeviceOptions<'a> {
     pub boot_timer: Sender<Duration>,
 }
 
-/// The buses every vCPU thread dispatches to, and the UART for console input.
+/// The buses every vCPU thread dispatches to, the UART for console input, and the stateful
+/// devices by id (for snapshots and migration).
 pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
-    /// The virtio-mmio transports, in device order (for saving and restoring their state).
-    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub states: StateRegistry,
 }
 
 impl Devices {
@@ -128,7 +154,10 @@ pub fn create(
 ) -> Result<Devices, DeviceSetupError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let mut transports = Vec::new();
+    let mut states = StateRegistry::new();
+    let mut register = |id: &str, dev: Arc<Mutex<dyn devices::Stateful>>| {
+        states.add(id, dev).map_err(DeviceSetupError::State)
+    };
 
     let mut serial = Serial::new(irq(vm, ports::COM1_IRQ)?, opts.console)
         .map_err(|e| DeviceSetupError::Serial(e.to_string()))?;
@@ -141,13 +170,14 @@ pub fn create(
         ports::COM1 as u64,
         ports::COM1_LEN as u64,
     )?;
+    register(SERIAL_ID, serial.clone())?;
 
     // One device over 0x60..0x65 so that both the data (0x60) and command (0x64) ports reach it.
     let i8042 = Arc::new(Mutex::new(I8042::new()));
     let i8042_len = (ports::I8042_CMD - ports::I8042_DATA + 1) as u64;
     place(
         &mut pio,
-        "i8042",
+        I8042_ID,
         i8042,
         ports::I8042_DATA as u64,
         i8042_len,
@@ -158,16 +188,17 @@ pub fn create(
         place(
             &mut pio,
             "micro guest ports",
-            port,
+            port.clone(),
             ports::MICRO_PASS as u64,
             ports::MICRO_LEN as u64,
         )?;
+        register(MICRO_PORT_ID, port)?;
     }
 
     let timer = BootTimer::new(opts.start).with_sender(opts.boot_timer);
     place(
         &mut mmio,
-        "boot timer",
+        BOOT_TIMER_ID,
         Arc::new(Mutex::new(timer)),
         boot_timer::GPA,
         boot_timer::SIZE,
@@ -210,12 +241,62 @@ pub fn create(
             base,
             virtio_mmio::SIZE,
         )?;
-        transports.push(transport);
+        register(&blk_id(i), transport)?;
     }
     Ok(Devices {
         pio,
         mmio,
         serial,
-        transports,
+        states,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    /// The ids a Hello lists are those the VM registers its state under, so a destination that
+    /// accepted the Hello has a device for every state the source sends.
+    #[test]
+    fn every_stateful_device_is_registered_under_an_id_the_description_lists() {
+        let vm = Vm::new().unwrap();
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let disk = tempfile::NamedTempFile::new().unwrap();
+        disk.as_file().set_len(1 << 20).unwrap();
+        let disks: Vec<DiskConfig> = (0..2)
+            .map(|_| DiskConfig {
+                path: disk.path().to_path_buf(),
+                read_only: true,
+            })
+            .collect();
+        let (boot_timer, _rx) = std::sync::mpsc::channel();
+        let devs = create(
+            &vm,
+            ram.memory(),
+            DeviceOptions {
+                console: Box::new(std::io::sink()),
+                observer: Box::new(|_| {}),
+                disks: &disks,
+                micro: Some(MicroPort::default()),
+                start: Instant::now(),
+                boot_timer,
+            },
+        )
+        .unwrap();
+        let registered = devs.states.devices();
+        assert_eq!(
+            registered,
+            [
+                (SERIAL_ID.to_string(), "serial"),
+                (MICRO_PORT_ID.to_string(), "micro-port"),
+                (blk_id(0), "virtio-blk"),
+                (blk_id(1), "virtio-blk"),
+            ]
+        );
+        let listed = device_ids(true, disks.len());
+        for (id, _) in &registered {
+            assert!(listed.contains(id), "{id} not in {listed:?}");
+        }
+    }
 }

@@ -31,8 +31,8 @@ pub struct Shared {
     pub rings: Option<Arc<DirtyRings>>,
     pub kicker: Arc<Kicker>,
     pub pause: Arc<PauseControl>,
-    pub serial: Arc<Mutex<devices::legacy::serial::Serial>>,
-    pub transports: Vec<Arc<Mutex<devices::virtio::mmio::MmioTransport>>>,
+    /// The stateful devices by id, saved and restored as a set.
+    pub device_states: devices::device_states::StateRegistry,
     pub micro_passes: Arc<AtomicU64>,
     /// The VM as it started; `describe` gives it as it is now.
     pub description: VmDescription,
@@ -83,8 +83,7 @@ impl Shared {
             rings: p.rings,
             kicker: p.kicker,
             pause: p.pause,
-            serial: devs.serial.clone(),
-            transports: devs.transports.clone(),
+            device_states: devs.states.clone(),
             micro_passes: p.micro_passes,
             description: p.description,
             micro_budget: p.micro_budget,

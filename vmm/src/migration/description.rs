@@ -6,11 +6,9 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::Mode;
+use crate::machine::devices_setup::device_ids;
 use crate::machine::{DiskConfig, GuestConfig, VmConfig, MAX_VCPUS};
 use crate::memory::{ram_layout, RamRange};
-
-/// Device models this vmm can restore, by name.
-pub const KNOWN_DEVICES: &[&str] = &["serial", "i8042", "boot-timer", "micro-port", "virtio-blk"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum GuestDesc {
@@ -41,7 +39,7 @@ pub struct VmDescription {
     pub ram: Vec<(u64, u64)>,
     pub guest: GuestDesc,
     pub disks: Vec<DiskDesc>,
-    /// Device models in the VM, by name (see KNOWN_DEVICES).
+    /// The VM's devices by id (`devices_setup::device_ids`), in the order they were built.
     pub devices: Vec<String>,
     /// The VM was created with a dirty ring.
     pub dirty_ring: bool,
@@ -69,7 +67,6 @@ pub struct Constraints {
 
 impl VmDescription {
     pub fn of(cfg: &VmConfig, ranges: &[RamRange]) -> VmDescription {
-        let mut devices = vec!["serial".to_string(), "i8042".into(), "boot-timer".into()];
         let guest = match &cfg.guest {
             GuestConfig::Linux(b) => GuestDesc::Linux {
                 kernel: b.kernel.display().to_string(),
@@ -79,16 +76,16 @@ impl VmDescription {
                 region,
                 expected,
                 ..
-            } => {
-                devices.push("micro-port".into());
-                GuestDesc::Micro {
-                    mailbox: mailbox.clone(),
-                    region: *region,
-                    verify: expected.is_some(),
-                }
-            }
+            } => GuestDesc::Micro {
+                mailbox: mailbox.clone(),
+                region: *region,
+                verify: expected.is_some(),
+            },
         };
-        devices.extend(cfg.disks.iter().map(|_| "virtio-blk".to_string()));
+        let devices = device_ids(
+            matches!(cfg.guest, GuestConfig::Micro { .. }),
+            cfg.disks.len(),
+        );
         VmDescription {
             vcpus: cfg.vcpus,
             mem_bytes: cfg.mem_bytes,
@@ -178,6 +175,31 @@ impl VmDescription {
         })
     }
 
+    /// The source's devices against those this vmm builds for the described guest and disks
+    /// (the device states must then match them one for one).
+    fn check_devices(&self) -> Result<(), String> {
+        let micro = matches!(self.guest, GuestDesc::Micro { .. });
+        let built = device_ids(micro, self.disks.len());
+        if self.devices == built {
+            return Ok(());
+        }
+        let built_list = built.join(", ");
+        if let Some(extra) = self.devices.iter().find(|d| !built.contains(d)) {
+            return Err(format!(
+                "device '{extra}' is not one this vmm builds for this VM ({built_list})"
+            ));
+        }
+        if let Some(missing) = built.iter().find(|d| !self.devices.contains(d)) {
+            return Err(format!(
+                "the source VM has no device '{missing}', which this vmm builds for it ({built_list})"
+            ));
+        }
+        Err(format!(
+            "the source VM's devices ({}) are not those this vmm builds for it ({built_list})",
+            self.devices.join(", ")
+        ))
+    }
+
     /// Refuses a VM this destination cannot host, with the reason; otherwise the disks to open.
     pub fn check(&self, local: &Constraints) -> Result<Vec<DiskConfig>, String> {
         if let Some(mem) = local.mem_bytes {
@@ -213,20 +235,7 @@ impl VmDescription {
                 self.ram, self.mem_bytes
             ));
         }
-        if let Some(unknown) = self
-            .devices
-            .iter()
-            .find(|d| !KNOWN_DEVICES.contains(&d.as_str()))
-        {
-            return Err(format!("device '{unknown}' is not supported by this vmm"));
-        }
-        let blk = self.devices.iter().filter(|d| *d == "virtio-blk").count();
-        if blk != self.disks.len() {
-            return Err(format!(
-                "{blk} virtio-blk devices but {} disks described",
-                self.disks.len()
-            ));
-        }
+        self.check_devices()?;
         if !local.disks.is_empty() && local.disks.len() != self.disks.len() {
             return Err(format!(
                 "the source VM has {} disks, this destination was given {}",
@@ -277,7 +286,7 @@ mod tests {
                 kernel: "vmlinux".into(),
             },
             disks: vec![],
-            devices: vec!["serial".into(), "i8042".into(), "boot-timer".into()],
+            devices: device_ids(false, 0),
             dirty_ring: false,
         }
     }
@@ -314,6 +323,15 @@ mod tests {
             .check(&Constraints::default())
             .unwrap_err()
             .contains("virtio-gpu"));
+        let mut d = desc();
+        d.devices.retain(|id| id != "serial0");
+        let e = d.check(&Constraints::default()).unwrap_err();
+        assert!(e.contains("no device 'serial0'"), "{e}");
+        // A virtio-blk device without its disk.
+        let mut d = desc();
+        d.devices.push("virtio-blk0".into());
+        let e = d.check(&Constraints::default()).unwrap_err();
+        assert!(e.contains("'virtio-blk0' is not one"), "{e}");
         let mut d = desc();
         d.ram = vec![(0, 1 << 40)];
         assert!(d

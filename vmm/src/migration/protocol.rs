@@ -8,7 +8,7 @@
 //! ```text
 //! offset  size  field
 //!      0     4  magic    b"VMMF"
-//!      4     2  version  VERSION (1); any other value is refused
+//!      4     2  version  VERSION (2); any other value is refused, naming both
 //!      6     2  kind     message type (table below)
 //!      8     8  seq      per connection and direction: 0 for the first frame, +1 per frame
 //!     16     4  len      payload bytes, at most MAX_PAYLOAD (8 MiB)
@@ -145,7 +145,9 @@ mod tests;
 use decode::decode;
 
 pub const MAGIC: [u8; 4] = *b"VMMF";
-pub const VERSION: u16 = 1;
+/// 2: the `State` frame carries device state by device id (`devices::DeviceStates`) and the
+/// Hello lists devices by id. A version-1 peer is refused at its first frame.
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE_SIZE: u64 = 4096;
 /// 1 MiB of page data per frame: large enough to amortise the header and CRC setup, small enough

@@ -1,7 +1,8 @@
 //! The complete state of a paused VM other than RAM: every vCPU, the VM-wide interrupt
-//! controllers, PIT and clock, and the devices. Sent as JSON in the `State` frame; validated
-//! again at restore, since it comes from the network.
+//! controllers, PIT and clock, and every stateful device's state under its id. Sent as JSON in
+//! the `State` frame; validated again at restore, since it comes from the network.
 
+use devices::device_states::{DeviceStates, StatesError};
 use serde::{Deserialize, Serialize};
 
 use crate::machine::shared::Shared;
@@ -16,8 +17,8 @@ pub enum SnapshotError {
     RestoreVm(String),
     #[error("restoring vcpu{id}: {reason}")]
     RestoreVcpu { id: usize, reason: String },
-    #[error("restoring {device}: {reason}")]
-    RestoreDevice { device: String, reason: String },
+    #[error(transparent)]
+    Devices(StatesError),
     #[error("the state has {found} {what}, this VM has {expected}")]
     Shape {
         what: &'static str,
@@ -34,9 +35,8 @@ pub enum SnapshotError {
 pub struct VmSnapshot {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
-    pub serial: devices::legacy::serial::SerialState,
-    pub transports: Vec<devices::virtio::mmio::MmioTransportState>,
-    pub micro_passes: u64,
+    /// By device id (`machine::devices_setup` names them).
+    pub devices: DeviceStates,
 }
 
 impl VmSnapshot {
@@ -44,23 +44,11 @@ impl VmSnapshot {
     pub fn capture(shared: &Shared, vcpus: Vec<VcpuState>) -> Result<VmSnapshot, SnapshotError> {
         let vm =
             state::save_vm(shared.vm.fd()).map_err(|e| SnapshotError::SaveVm(e.to_string()))?;
-        let serial = shared
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .save_state();
-        let transports = shared
-            .transports
-            .iter()
-            .map(|t| t.lock().unwrap_or_else(|p| p.into_inner()).save_state())
-            .collect();
-        Ok(VmSnapshot {
-            vcpus,
-            vm,
-            serial,
-            transports,
-            micro_passes: shared.micro_passes(),
-        })
+        let devices = shared
+            .device_states
+            .save()
+            .map_err(SnapshotError::Devices)?;
+        Ok(VmSnapshot { vcpus, vm, devices })
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
@@ -80,13 +68,11 @@ impl VmSnapshot {
                 expected: m.runners.len(),
             });
         }
-        if self.transports.len() != m.devs.transports.len() {
-            return Err(SnapshotError::Shape {
-                what: "virtio devices",
-                found: self.transports.len(),
-                expected: m.devs.transports.len(),
-            });
-        }
+        // Before anything changes: every device of the state is here, of its kind and version.
+        m.devs
+            .states
+            .check(&self.devices)
+            .map_err(SnapshotError::Devices)?;
         state::restore_vm(m.vm.fd(), &self.vm)
             .map_err(|e| SnapshotError::RestoreVm(e.to_string()))?;
         for (id, (runner, s)) in m.runners.iter().zip(&self.vcpus).enumerate() {
@@ -96,25 +82,8 @@ impl VmSnapshot {
             })?;
         }
         m.devs
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .restore_state(&self.serial)
-            .map_err(|e| SnapshotError::RestoreDevice {
-                device: "serial".into(),
-                reason: e.to_string(),
-            })?;
-        for (i, (t, s)) in m.devs.transports.iter().zip(&self.transports).enumerate() {
-            t.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .restore_state(s)
-                .map_err(|e| SnapshotError::RestoreDevice {
-                    device: format!("virtio device {i}"),
-                    reason: e.to_string(),
-                })?;
-        }
-        m.micro_passes
-            .store(self.micro_passes, std::sync::atomic::Ordering::Release);
-        Ok(())
+            .states
+            .restore(&self.devices)
+            .map_err(SnapshotError::Devices)
     }
 }

@@ -15,7 +15,8 @@ use crate::migration::description::VmDescription;
 use crate::migration::snapshot::VmSnapshot;
 
 pub const FORMAT: &str = "vmm-snapshot";
-pub const VERSION: u32 = 1;
+/// 2: device state by device id (`devices::DeviceStates`) instead of a field per device type.
+pub const VERSION: u32 = 2;
 pub const MANIFEST: &str = "vm.json";
 pub const MEMORY: &str = "memory";
 const PAGE: u64 = 4096;
@@ -209,6 +210,44 @@ pub fn data_runs(file: &File, ranges: &[RamRange]) -> std::io::Result<Vec<(u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A directory with `manifest` as its vm.json and no memory file (read never gets there).
+    fn manifest_dir(manifest: &serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MANIFEST), manifest.to_string()).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_snapshot_of_the_previous_format_is_refused_naming_both_versions() {
+        // Version 1 had a field per device type; none of it is read once the version differs.
+        let old = serde_json::json!({
+            "format": FORMAT,
+            "version": 1,
+            "state": {"serial": {}, "transports": [], "micro_passes": 0},
+        });
+        let dir = manifest_dir(&old);
+        let e = read(dir.path()).unwrap_err();
+        assert!(
+            matches!(e, SnapshotFileError::Version { found: 1, .. }),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.ends_with("is snapshot format version 1; this build reads version 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_manifest_without_a_version_is_refused_as_version_0() {
+        let dir = manifest_dir(&serde_json::json!({"format": FORMAT}));
+        let e = read(dir.path()).unwrap_err();
+        assert!(
+            matches!(e, SnapshotFileError::Version { found: 0, .. }),
+            "{e:?}"
+        );
+    }
 
     #[test]
     fn data_runs_follow_the_holes() {

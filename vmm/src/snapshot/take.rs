@@ -76,7 +76,8 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
         data_pages: manifest.data_pages,
         mem_mib: manifest.vm.mem_bytes >> 20,
         paused_ms,
-        micro_passes: manifest.state.micro_passes,
+        // Still inside the pause: the count the micro port saved.
+        micro_passes: shared.micro_passes(),
     };
     tracing::info!(
         "snapshot written to {} ({} data pages, guest paused {:.1} ms)",

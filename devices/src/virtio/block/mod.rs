@@ -278,6 +278,10 @@ impl VirtioDevice for Block {
         let DeviceSnapshot::Block(state) = snapshot;
         self.restore_state(state)
     }
+
+    fn kind(&self) -> &'static str {
+        "virtio-blk"
+    }
 }
 
 #[cfg(test)]

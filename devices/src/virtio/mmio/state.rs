@@ -20,7 +20,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{MmioTransport, QueueRegs};
-use crate::state::{DeviceStateError, Ring};
+use crate::state::{self, DeviceStateError, Ring, Stateful};
 use crate::virtio::{DeviceSnapshot, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::GuestMemory;
 
@@ -233,6 +233,30 @@ impl MmioTransport {
             }
         }
         Ok(state.activated.then_some(queues))
+    }
+}
+
+/// The layout of [`MmioTransportState`] and of every [`DeviceSnapshot`] inside it: bump it when
+/// either changes.
+const MMIO_STATE_VERSION: u32 = 1;
+
+/// Saved under the kind of the device behind the transport, so that a virtio-blk state never
+/// lands on another virtio device (`check_state` refuses that too, by device type).
+impl Stateful for MmioTransport {
+    fn kind(&self) -> &'static str {
+        self.device.kind()
+    }
+
+    fn state_version(&self) -> u32 {
+        MMIO_STATE_VERSION
+    }
+
+    fn save(&self) -> Result<serde_json::Value, DeviceStateError> {
+        state::to_data(&self.save_state())
+    }
+
+    fn restore(&mut self, data: &serde_json::Value) -> Result<(), DeviceStateError> {
+        self.restore_state(&state::from_data(data)?)
     }
 }
 

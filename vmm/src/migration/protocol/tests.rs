@@ -143,7 +143,7 @@ fn header_layout_is_as_documented() {
         pages: 2,
     }]);
     assert_eq!(&f[0..4], b"VMMF");
-    assert_eq!(f[4..6], 1u16.to_le_bytes());
+    assert_eq!(f[4..6], 2u16.to_le_bytes());
     assert_eq!(f[6..8], 6u16.to_le_bytes());
     assert_eq!(f[8..16], 0u64.to_le_bytes());
     assert_eq!(f[16..20], 16u32.to_le_bytes());
@@ -217,8 +217,19 @@ fn wrong_version_names_both_versions() {
     ));
     let text = e.to_string();
     assert!(
-        text.contains("version 7") && text.contains("version 1"),
+        text.contains("version 7") && text.contains(&format!("version {VERSION}")),
         "{text}"
+    );
+}
+
+#[test]
+fn a_stream_from_the_previous_version_is_refused_naming_both_versions() {
+    let mut f = encode(&[Message::Accept]);
+    f[4..6].copy_from_slice(&1u16.to_le_bytes());
+    let text = recv_one(&f).unwrap_err().to_string();
+    assert_eq!(
+        text,
+        "peer speaks migration protocol version 1; this build supports version 2"
     );
 }
 
