@@ -17,7 +17,7 @@ fi
 
 bash guest-images/build.sh
 echo "run-guest: building vmm (release)"
-cargo build --release -q -p vmm
+cargo build --release -q -p vmm-cli
 # shellcheck disable=SC1091
 source guest-images/out/images.env
 echo "run-guest: booting $VMM_KERNEL (guest ring 0 is emulated on PVM hosts: ~30 s to the agent)"

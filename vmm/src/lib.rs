@@ -4,7 +4,6 @@
 //! and payload loading), `machine` (assembling and running a VM), `host` (what KVM this is).
 
 pub mod api;
-pub mod bench;
 pub mod boot;
 pub mod host;
 pub mod machine;

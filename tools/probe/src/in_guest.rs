@@ -84,7 +84,7 @@ pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
     }
     if !o.vmm.is_file() {
         return Err(format!(
-            "{} is missing: build it with `cargo build -p vmm` (same profile as vmm-probe)",
+            "{} is missing: build it with `cargo build -p vmm-cli` (same profile as vmm-probe)",
             o.vmm.display()
         ));
     }

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::bench::median;
+use crate::median;
 
 /// Upstream reference figures (TRACKING.md, "KVM Userfault"): the kernel selftest
 /// `demand_paging_test` on hardware KVM, as posted with the KVM Userfault series. Not measured

@@ -28,8 +28,8 @@ pub fn from_json(s: &str) -> Result<BenchReport, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::median;
-    use crate::bench::sample;
+    use crate::report::median;
+    use crate::sample;
 
     use serde_json::Value;
 

@@ -25,9 +25,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::model::{
     CaseResult, DemandBenchReport, PassLog, Refused, RestoreOutput, Row, Sample, EAGER,
 };
-use crate::api::client::Client;
-use crate::api::{Request, SnapshotParams};
-use crate::host::HostKind;
+use vmm::api::client::Client;
+use vmm::api::{Request, SnapshotParams};
+use vmm::host::HostKind;
 
 /// Where the restoring process's threads may run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

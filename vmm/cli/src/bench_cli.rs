@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use micro_guest::Pattern;
-use vmm::bench::{self, tracking::TrackingBench};
 use vmm::tracking::TrackerKind;
+use vmm_bench::{self as bench, tracking::TrackingBench};
 
 #[derive(Args)]
 pub struct TrackingArgs {

@@ -240,7 +240,7 @@ fn draw_no_data(area: &Area, caption: &str) -> Result<(), ChartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::sample;
+    use crate::sample;
 
     #[test]
     fn renders_svg_with_backends_and_workloads() {

@@ -3,7 +3,7 @@
 use super::model::{
     upstream_us_per_page, DemandBenchReport, Row, UPSTREAM_REFERENCE, UPSTREAM_VCPUS,
 };
-use crate::bench::format::{or_dash, ratio, sig3};
+use crate::format::{or_dash, ratio, sig3};
 
 const HEADERS: [&str; 10] = [
     "placement",

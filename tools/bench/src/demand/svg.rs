@@ -4,9 +4,9 @@
 use plotters::prelude::*;
 
 use super::model::{DemandBenchReport, EAGER};
-use crate::bench::axis::GroupAxis;
-use crate::bench::chart::{ChartError, FONT};
-use crate::bench::format::tick;
+use crate::axis::GroupAxis;
+use crate::chart::{ChartError, FONT};
+use crate::format::tick;
 
 const WIDTH: u32 = 1200;
 const PANEL_HEIGHT: u32 = 460;

@@ -17,9 +17,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use micro_guest::{Pattern, Workload};
 
 use super::report::{median, BackendResult, BenchReport, Cell, Unsupported, WorkloadResult};
-use crate::host::HostKind;
-use crate::machine::{self, ConsoleOutput, GuestConfig, TrackingOptions, TrackingReport, VmConfig};
-use crate::tracking::TrackerKind;
+use vmm::host::HostKind;
+use vmm::machine::{self, ConsoleOutput, GuestConfig, TrackingOptions, TrackingReport, VmConfig};
+use vmm::tracking::TrackerKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -368,14 +368,14 @@ fn linux_boot(
         .collect();
     let cmdline = format!(
         "{} {}{}",
-        crate::boot::linux::BASE_CMDLINE,
+        vmm::boot::linux::BASE_CMDLINE,
         guest_abi::agent::CMDLINE_KEY,
         script.join(";")
     );
     let cfg = VmConfig {
         vcpus: 1,
         mem_bytes: (l.size_mib + 192) << 20,
-        guest: GuestConfig::Linux(crate::boot::linux::LinuxBoot {
+        guest: GuestConfig::Linux(vmm::boot::linux::LinuxBoot {
             kernel: l.kernel.clone(),
             initrd: Some(l.initrd.clone()),
             cmdline,

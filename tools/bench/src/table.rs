@@ -139,7 +139,7 @@ fn align(cells: &[String; 12], widths: &[usize; 12]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::sample;
+    use crate::sample;
 
     /// The table lines of the first workload block: header, rule, then one row per backend.
     fn first_table(text: &str) -> Vec<&str> {
