@@ -9,9 +9,9 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 use vmm::api::client::Client;
 use vmm::api::{MigrateParams, Request, SnapshotParams};
+use vmm::machine::description::Constraints;
 use vmm::machine::ConsoleOutput;
 use vmm::memory::parse_size;
-use vmm::migration::description::Constraints;
 use vmm::migration::dest::{run_incoming, IncomingOptions};
 use vmm::migration::parse_tcp_url;
 

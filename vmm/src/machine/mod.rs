@@ -4,10 +4,12 @@
 
 pub mod build;
 pub mod console;
+pub mod description;
 pub mod devices_setup;
 pub mod final_dump;
 pub mod report;
 pub mod run;
+pub mod saved_state;
 pub mod shared;
 pub mod stdin;
 pub mod tracking_session;

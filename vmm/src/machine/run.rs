@@ -62,7 +62,7 @@ impl Machine {
                 kicker: kicker.clone(),
                 pause: pause.clone(),
                 micro_passes: micro_passes.clone(),
-                description: crate::migration::description::VmDescription::of(&cfg, ram.ranges()),
+                description: crate::machine::description::VmDescription::of(&cfg, ram.ranges()),
                 micro_budget: crate::micro_finish::MicroBudget::of(&cfg.guest),
                 tracking_active: cfg.tracking.is_some(),
                 start,

@@ -11,9 +11,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::devices_setup::Devices;
 use super::stdin::InputSink;
+use crate::machine::description::VmDescription;
 use crate::memory::{GuestMemory, RamRange};
 use crate::micro_finish::MicroBudget;
-use crate::migration::description::VmDescription;
 use crate::migration::progress::Progress;
 use crate::tracking::{DirtyRings, TrackContext, TrackedSlot};
 use crate::vstate::kick::Kicker;

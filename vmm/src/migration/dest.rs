@@ -10,16 +10,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::description::{Constraints, Hello};
+use super::hello::Hello;
 use super::pages;
 use super::progress::{DestinationStats, MigrationReport};
 use super::protocol::{
     check_range, FrameReader, FrameWriter, Message, Role, ABORT_NOT_STARTED, PAGE_SIZE,
 };
-use super::snapshot::VmSnapshot;
 use super::source::{unexpected, Reader, Writer};
 use super::{postcopy_dst, MigrationError, Mode};
+use crate::machine::description::Constraints;
 use crate::machine::final_dump::FinalDump;
+use crate::machine::saved_state::VmSnapshot;
 use crate::machine::{ConsoleOutput, Machine, RunReport, VmConfig};
 
 /// How long the destination waits for the source's second (urgent) connection.
@@ -117,7 +118,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     // guest runs. A guest with one address space (the micro guest) has them all under its
     // CR3, which this side walks itself (`Receiver::keep_present`); Linux has one per process,
     // and only the source can find those (`presend`).
-    let many_address_spaces = matches!(hello.vm.guest, super::description::GuestDesc::Linux { .. });
+    let many_address_spaces = matches!(
+        hello.vm.guest,
+        crate::machine::description::GuestDesc::Linux { .. }
+    );
     if hello.mode != Mode::Precopy && opts.demand.backend == "memslot-exits" && many_address_spaces
     {
         let json = serde_json::to_vec(&super::presend::AcceptOptions {
@@ -204,9 +208,11 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     match pending {
         None => {
             if let Some(path) = &opts.dump_memory {
-                pages::dump_ram(memfd, &ram, path).map_err(|source| MigrationError::Dump {
-                    path: path.clone(),
-                    source,
+                crate::memory::ram_file::dump_ram(memfd, &ram, path).map_err(|source| {
+                    MigrationError::Dump {
+                        path: path.clone(),
+                        source,
+                    }
                 })?;
             }
             if let Err(e) = snapshot.restore(&machine) {

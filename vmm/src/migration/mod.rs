@@ -1,10 +1,10 @@
 //! Live migration between hosts over TCP: precopy, postcopy and hybrid, with any dirty tracker.
 //!
 //! - `protocol`: the framed, checksummed wire format and its message flows (read it first).
-//! - `description`: the Hello (what VM is coming) and the destination's compatibility check.
+//! - `hello`: the Hello (what VM is coming; the description and its check are `machine`'s).
 //! - `source` / `dest`: the two state machines; `postcopy_src` / `postcopy_dst` the postcopy
 //!   halves (background push, urgent page requests, the `DemandPager` on the destination).
-//! - `snapshot`: vCPU, VM and device state; `pages`: moving RAM; `progress`: status and report.
+//! - `pages`: moving RAM; `progress`: status and report (the state is `machine::saved_state`).
 //!
 //! Precopy policy (documented for users in README): round 1 sends all RAM (zero pages as
 //! ranges); each later round harvests the tracker and estimates the downtime as
@@ -12,9 +12,8 @@
 //! `--downtime-ms`, or after `--max-rounds` rounds, or `--max-precopy-ms`, the source pauses the
 //! guest and does the stop-and-copy (precopy) or switches to postcopy (hybrid).
 
-pub mod description;
 pub mod dest;
-pub mod page_index;
+pub mod hello;
 pub mod pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
@@ -22,7 +21,6 @@ pub mod presend;
 pub mod progress;
 pub mod protocol;
 pub mod rate;
-pub mod snapshot;
 pub mod source;
 
 use serde::{Deserialize, Serialize};
@@ -78,7 +76,7 @@ pub enum MigrationError {
     #[error("pausing the guest: {0}")]
     Pause(crate::vstate::pause::PauseError),
     #[error(transparent)]
-    Snapshot(#[from] snapshot::SnapshotError),
+    Snapshot(#[from] crate::machine::saved_state::SnapshotError),
     #[error("demand paging: {0}")]
     Userfault(crate::userfault::UserfaultError),
     #[error("cannot migrate now: {0}")]

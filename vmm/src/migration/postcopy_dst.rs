@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::page_index::{AtomicPages, PageIndex};
 use super::pages;
 use super::progress::{DestinationStats, MigrationReport, Percentiles, Phase, PostcopyStats};
 use super::protocol::{check_range, Message, ProtocolError, ABORT_NOT_STARTED, PAGE_SIZE};
@@ -22,6 +21,8 @@ use super::source::{unexpected, Reader, Writer};
 use super::MigrationError;
 use crate::machine::shared::Shared;
 use crate::machine::Machine;
+use crate::memory::page_index::{AtomicPages, PageIndex};
+use crate::memory::ram_file::NotRam;
 use crate::userfault::{self, ArmArgs, DemandPager, Installed};
 
 /// The demand-paging backend the destination runs postcopy on (`--demand`).
@@ -301,10 +302,13 @@ impl Inner {
 
     fn on_fault(&self, gpa: u64, seen: Instant) -> Result<(), MigrationError> {
         self.faults.fetch_add(1, Ordering::AcqRel);
-        let idx = self.index.index(gpa).ok_or(pages::PagesError::NotRam {
-            gpa,
-            len: PAGE_SIZE,
-        })?;
+        let idx = self
+            .index
+            .index(gpa)
+            .ok_or(pages::PagesError::NotRam(NotRam {
+                gpa,
+                len: PAGE_SIZE,
+            }))?;
         if self.pending.get(idx) {
             let first = match lock(&self.waiting).entry(idx) {
                 std::collections::hash_map::Entry::Occupied(_) => false,

@@ -16,7 +16,7 @@ pub enum SnapshotError {
     #[error("cannot snapshot now: {0}")]
     Busy(String),
     #[error(transparent)]
-    State(#[from] crate::migration::snapshot::SnapshotError),
+    State(#[from] crate::machine::saved_state::SnapshotError),
     #[error(transparent)]
     Files(files::SnapshotFileError),
     #[error("building the VM: {0}")]

@@ -14,10 +14,10 @@ use super::files;
 use super::lazy::{DemandReport, Lazy, PageSource};
 use super::page_server::{Handshake, Session, WireRange};
 use super::SnapshotError;
+use crate::machine::description::Constraints;
 use crate::machine::final_dump::FinalDump;
 use crate::machine::shared::Shared;
 use crate::machine::{ConsoleOutput, DiskConfig, GuestConfig, Machine, RunReport};
-use crate::migration::description::Constraints;
 use crate::userfault::{self, keep_present, ArmArgs, DemandPager, Fetch, UffdMinor, UffdMissing};
 use crate::vstate::vcpu::VcpuStop;
 
@@ -129,7 +129,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
     let Some(backend) = &opts.demand else {
         copy_runs(&memfile, machine.ram.file(), &ranges, &runs)?;
         if let Some(path) = &opts.dump_memory {
-            crate::migration::pages::dump_ram(machine.ram.file(), &ranges, path)
+            crate::memory::ram_file::dump_ram(machine.ram.file(), &ranges, path)
                 .map_err(io(format!("writing {}", path.display())))?;
         }
         manifest.state.restore(&machine)?;
