@@ -16,6 +16,7 @@ use vmm::machine::TrackingOptions;
 use vmm::machine::{self, ConsoleOutput, DiskConfig, GuestConfig, RunReport, VmConfig};
 use vmm::memory::parse_size;
 use vmm::tracking::TrackerKind;
+use vmm::userfault::DemandKind;
 
 #[derive(Parser)]
 #[command(
@@ -195,8 +196,8 @@ pub(crate) struct RunArgs {
     dump_final: Option<PathBuf>,
     /// With --incoming: the demand-paging backend postcopy runs on (uffd-missing, uffd-minor,
     /// memslot-exits, kvm-userfault where the kernel has it).
-    #[arg(long, requires = "incoming", default_value = "uffd-missing")]
-    demand: String,
+    #[arg(long, requires = "incoming", default_value_t = DemandKind::default())]
+    demand: DemandKind,
     /// With --incoming: bytes brought in per vCPU exit (exit backends): 4K to 2M.
     #[arg(long, requires = "incoming", default_value = "4K")]
     demand_chunk: String,

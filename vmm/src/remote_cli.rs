@@ -235,7 +235,7 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
         dump_memory: a.dump_memory.clone(),
         dump_final: a.dump_final.clone(),
         demand: vmm::migration::postcopy_dst::Demand {
-            backend: crate::restore_cli::check_backend(&a.demand)?,
+            backend: a.demand,
             chunk: crate::restore_cli::parse_chunk(&a.demand_chunk)?,
             ..Default::default()
         },

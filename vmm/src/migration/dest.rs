@@ -122,7 +122,9 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         hello.vm.guest,
         crate::machine::description::GuestDesc::Linux { .. }
     );
-    if hello.mode != Mode::Precopy && opts.demand.backend == "memslot-exits" && many_address_spaces
+    if hello.mode != Mode::Precopy
+        && opts.demand.backend.misses_kvm_accesses()
+        && many_address_spaces
     {
         let json = serde_json::to_vec(&super::presend::AcceptOptions {
             presend_page_tables: true,
@@ -333,11 +335,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
 /// Whether this destination's demand-paging backend can work here at all (memslot-exits
 /// gets the pages KVM touches itself from the source, see `presend`).
 fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), String> {
-    match demand.backend.as_str() {
-        "kvm-userfault" => crate::userfault::kvm_userfault_support()
-            .map_err(|why| format!("postcopy with --demand kvm-userfault: {why}")),
-        _ => Ok(()),
-    }
+    demand
+        .backend
+        .check_host()
+        .map_err(|why| format!("postcopy with --demand {}: {why}", demand.backend))
 }
 
 /// Refuses the migration with the reason and returns the error for this side's exit.

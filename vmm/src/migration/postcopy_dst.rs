@@ -23,12 +23,12 @@ use crate::machine::shared::Shared;
 use crate::machine::Machine;
 use crate::memory::page_index::{AtomicPages, PageIndex};
 use crate::memory::ram_file::NotRam;
-use crate::userfault::{self, ArmArgs, DemandPager, Installed};
+use crate::userfault::{self, ArmArgs, DemandKind, DemandPager, Installed};
 
 /// The demand-paging backend the destination runs postcopy on (`--demand`).
 #[derive(Debug, Clone)]
 pub struct Demand {
-    pub backend: String,
+    pub backend: DemandKind,
     pub chunk: u64,
     pub soft_slots: usize,
 }
@@ -36,7 +36,7 @@ pub struct Demand {
 impl Default for Demand {
     fn default() -> Self {
         Demand {
-            backend: "uffd-missing".into(),
+            backend: DemandKind::UffdMissing,
             chunk: 4096,
             soft_slots: userfault::memslot_exits::DEFAULT_SOFT_LIMIT,
         }
@@ -119,7 +119,7 @@ impl Receiver {
                 pages::zero_pages(memfd, &ram, gpa, n)?;
             }
             let pager = userfault::arm(
-                &demand.backend,
+                demand.backend,
                 ArmArgs {
                     vm: machine.vm.clone(),
                     ranges: &ram,

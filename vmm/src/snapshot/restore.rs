@@ -18,14 +18,16 @@ use crate::machine::description::Constraints;
 use crate::machine::final_dump::FinalDump;
 use crate::machine::shared::Shared;
 use crate::machine::{ConsoleOutput, DiskConfig, GuestConfig, Machine, RunReport};
-use crate::userfault::{self, keep_present, ArmArgs, DemandPager, Fetch, UffdMinor, UffdMissing};
+use crate::userfault::{
+    self, keep_present, ArmArgs, DemandKind, DemandPager, Fetch, UffdMinor, UffdMissing,
+};
 use crate::vstate::vcpu::VcpuStop;
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub dir: PathBuf,
-    /// None: eager. Some(name): lazy with this demand-paging backend.
-    pub demand: Option<String>,
+    /// None: eager. Some(kind): lazy with this demand-paging backend.
+    pub demand: Option<DemandKind>,
     /// Bytes brought in per fault (a power of two, 4 KiB to 2 MiB).
     pub chunk: u64,
     /// Bring in untouched pages in the background too.
@@ -126,7 +128,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
     let data_pages: u64 = runs.iter().map(|r| r.1).sum();
     let t0 = Instant::now();
 
-    let Some(backend) = &opts.demand else {
+    let Some(backend) = opts.demand else {
         copy_runs(&memfile, machine.ram.file(), &ranges, &runs)?;
         if let Some(path) = &opts.dump_memory {
             crate::memory::ram_file::dump_ram(machine.ram.file(), &ranges, path)
@@ -167,7 +169,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         })
         .collect();
     let handshake = |fds: Vec<String>| Handshake {
-        backend: backend.clone(),
+        backend: backend.to_string(),
         ranges: wire.clone(),
         pending: runs.clone(),
         chunk: opts.chunk,
@@ -176,9 +178,9 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
     };
 
     // uffd backends out of process: arm here, hand the descriptors over, run no fault thread.
-    if let (Some(path), true) = (&opts.page_server, backend.starts_with("uffd-")) {
+    if let (Some(path), true) = (&opts.page_server, backend.is_uffd()) {
         let (pager, fds, names): (Arc<dyn DemandPager>, Vec<RawFd>, Vec<String>) =
-            if backend == "uffd-minor" {
+            if backend.needs_memfd() {
                 let p = UffdMinor::arm(&ranges, &host_addrs, machine.ram.file(), &runs)?;
                 let fds = vec![p.raw_fd(), machine.ram.file().as_raw_fd()];
                 (Arc::new(p), fds, vec!["uffd".into(), "memfd".into()])
