@@ -406,16 +406,18 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         dirty_ring: a.dirty_ring,
         api_socket: a.api_socket.clone(),
     };
-    let report = match &a.dump_final {
-        None => machine::run(&cfg, start)?,
-        Some(path) => {
-            let mut m = machine::Machine::build(&cfg, start)?.boot()?;
-            let dump = machine::final_dump::FinalDump::arm_whole(&mut m, path.clone());
-            let report = m.run(None)?;
-            dump.result().map_err(|e| anyhow::anyhow!(e))?;
-            report
-        }
-    };
+    let mut m = machine::Machine::build(&cfg, start)?.boot()?;
+    let dump = a
+        .dump_final
+        .as_ref()
+        .map(|path| machine::final_dump::FinalDump::arm_whole(&mut m, path.clone()));
+    let report = m.run(machine::RunHooks {
+        api: Some(vmm::api::server::serve_api),
+        on_running: None,
+    })?;
+    if let Some(dump) = dump {
+        dump.result().map_err(|e| anyhow::anyhow!(e))?;
+    }
     print_report(&report, a.json)?;
     if let Some(t) = &report.tracking {
         if t.error.is_some() {

@@ -19,11 +19,11 @@ use micro_guest::{Workload, WorkloadError, MAILBOX_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::machine::description::VmDescription;
+use crate::machine::progress::Phase;
 use crate::machine::shared::Shared;
 use crate::machine::GuestConfig;
 use crate::memory::GuestMemory;
 use crate::micro_check::{check_run, CheckResult, Expected};
-use crate::migration::progress::Phase;
 use crate::vstate::pause::{Owner, PauseError};
 
 /// How long `finish` waits for every vCPU to pause.

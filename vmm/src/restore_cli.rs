@@ -80,7 +80,7 @@ pub fn page_server(a: PageServerArgs) -> Result<i32> {
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        let p = |l: &Option<vmm::migration::progress::Percentiles>| {
+        let p = |l: &Option<vmm::machine::progress::Percentiles>| {
             l.as_ref().map_or("-".into(), |l| {
                 format!("p50 {:.0} us, p99 {:.0} us", l.p50, l.p99)
             })
@@ -167,7 +167,7 @@ pub fn run(a: RestoreArgs, start: Instant) -> Result<i32> {
             r.restore_ms, r.run_ms
         );
         if let Some(d) = &r.demand {
-            let p = |q: fn(&vmm::migration::progress::Percentiles) -> f64| {
+            let p = |q: fn(&vmm::machine::progress::Percentiles) -> f64| {
                 d.fault_us
                     .as_ref()
                     .map_or("-".into(), |l| format!("{:.0}", q(l)))

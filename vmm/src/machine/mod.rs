@@ -7,6 +7,7 @@ pub mod console;
 pub mod description;
 pub mod devices_setup;
 pub mod final_dump;
+pub mod progress;
 pub mod report;
 pub mod run;
 pub mod saved_state;
@@ -29,6 +30,7 @@ use crate::vstate::vm::VmError;
 pub use build::Machine;
 pub use console::ConsoleOutput;
 pub use report::{Outcome, RunReport};
+pub use run::{RunHooks, ServeApi};
 pub use tracking_session::{Round, TrackingOptions, TrackingReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub enum MachineError {
     Tracking(#[from] TrackingError),
     #[error("control API socket: {0}")]
     Api(std::io::Error),
+    #[error("an API socket was asked for, but this run was given no API server")]
+    NoApiServer,
     #[error("mapping the dirty ring of vCPU {id}: {source}")]
     RingMap {
         id: u8,
@@ -117,7 +121,8 @@ pub struct VmConfig {
 }
 
 /// Builds the VM described by `cfg`, boots it, runs it to its end and reports how it went.
-/// `start` is the process start, the zero of every time in the report.
+/// `start` is the process start, the zero of every time in the report. Serves no API (see
+/// `RunHooks::api`).
 pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
-    Machine::build(cfg, start)?.boot()?.run(None)
+    Machine::build(cfg, start)?.boot()?.run(RunHooks::default())
 }

@@ -1,6 +1,8 @@
-//! Running a built VM: the tracking session, vCPU threads, the control API, and the main
-//! thread's event loop until the guest ends, then the report.
+//! Running a built VM: the tracking session, vCPU threads, the control API (through a hook:
+//! the API sits above the machine), and the main thread's event loop until the guest ends,
+//! then the report.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -22,9 +24,28 @@ use crate::vstate::vcpu::{self, VcpuEvent, VcpuStop};
 /// confirms to the source here).
 pub type OnRunning = Box<dyn FnOnce(&Arc<Shared>) + Send>;
 
+/// A service beside the running VM (the control API): started before any vCPU runs, so that
+/// its failure leaves the guest never started, and stopped once the guest has ended.
+pub trait Attendant: Send {
+    fn stop(self: Box<Self>);
+}
+
+/// Serves the control API on `VmConfig::api_socket` for this VM (`api::server::serve`).
+pub type ServeApi = fn(&Path, Arc<Shared>) -> std::io::Result<Box<dyn Attendant>>;
+
+/// What the caller adds to a run.
+#[derive(Default)]
+pub struct RunHooks {
+    /// Required when the config names an API socket.
+    pub api: Option<ServeApi>,
+    /// Given: the run resumes a VM (restore, incoming migration) rather than boots one.
+    pub on_running: Option<OnRunning>,
+}
+
 impl Machine {
     /// Runs the VM to its end and reports how it went.
-    pub fn run(self, on_running: Option<OnRunning>) -> Result<RunReport, MachineError> {
+    pub fn run(self, hooks: RunHooks) -> Result<RunReport, MachineError> {
+        let RunHooks { api, on_running } = hooks;
         let Machine {
             cfg,
             start,
@@ -113,12 +134,12 @@ impl Machine {
         );
 
         // Before any vCPU runs: a failure here must leave the guest never started.
-        let api = match &cfg.api_socket {
-            Some(path) => Some(
-                crate::api::server::ApiServer::start(path, shared.clone())
-                    .map_err(MachineError::Api)?,
-            ),
-            None => None,
+        let api = match (&cfg.api_socket, api) {
+            (Some(path), Some(serve)) => {
+                Some(serve(path, shared.clone()).map_err(MachineError::Api)?)
+            }
+            (Some(_), None) => return Err(MachineError::NoApiServer),
+            (None, _) => None,
         };
         let mut threads = Vec::new();
         for runner in runners {

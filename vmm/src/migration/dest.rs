@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use super::hello::Hello;
 use super::pages;
-use super::progress::{DestinationStats, MigrationReport};
 use super::protocol::{
     check_range, FrameReader, FrameWriter, Message, Role, ABORT_NOT_STARTED, PAGE_SIZE,
 };
@@ -20,6 +19,7 @@ use super::source::{unexpected, Reader, Writer};
 use super::{postcopy_dst, MigrationError, Mode};
 use crate::machine::description::Constraints;
 use crate::machine::final_dump::FinalDump;
+use crate::machine::progress::{DestinationStats, MigrationReport};
 use crate::machine::saved_state::VmSnapshot;
 use crate::machine::{ConsoleOutput, Machine, RunReport, VmConfig};
 
@@ -262,7 +262,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                 .clone()
                 .map(|p| FinalDump::arm_whole(&mut machine, p));
             let run = machine
-                .run(Some(on_running))
+                .run(crate::machine::RunHooks {
+                    api: Some(crate::api::server::serve_api),
+                    on_running: Some(on_running),
+                })
                 .map_err(|e| MigrationError::Machine(e.to_string()))?;
             if let Some(d) = final_dump {
                 d.result().map_err(MigrationError::FinalDump)?;
@@ -320,10 +323,15 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                 FinalDump::arm(&mut machine, p, fill)
             });
             // `run` fails only before any vCPU thread starts (API socket, threads).
-            let run = machine.run(Some(on_running)).map_err(|e| {
-                pager.fail(&format!("{ABORT_NOT_STARTED}{e}"));
-                MigrationError::Machine(e.to_string())
-            })?;
+            let run = machine
+                .run(crate::machine::RunHooks {
+                    api: Some(crate::api::server::serve_api),
+                    on_running: Some(on_running),
+                })
+                .map_err(|e| {
+                    pager.fail(&format!("{ABORT_NOT_STARTED}{e}"));
+                    MigrationError::Machine(e.to_string())
+                })?;
             if let Some(d) = final_dump {
                 d.result().map_err(MigrationError::FinalDump)?;
             }

@@ -4,7 +4,8 @@
 //! - `hello`: the Hello (what VM is coming; the description and its check are `machine`'s).
 //! - `source` / `dest`: the two state machines; `postcopy_src` / `postcopy_dst` the postcopy
 //!   halves (background push, urgent page requests, the `DemandPager` on the destination).
-//! - `pages`: moving RAM; `progress`: status and report (the state is `machine::saved_state`).
+//! - `pages`: moving RAM. Status and report (`progress`) and the state (`saved_state`) are
+//!   plain data the machine holds, in `machine`.
 //!
 //! Precopy policy (documented for users in README): round 1 sends all RAM (zero pages as
 //! ranges); each later round harvests the tracker and estimates the downtime as
@@ -18,34 +19,13 @@ pub mod pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 pub mod presend;
-pub mod progress;
 pub mod protocol;
 pub mod rate;
 pub mod source;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    Precopy,
-    Postcopy,
-    Hybrid,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "precopy" => Ok(Mode::Precopy),
-            "postcopy" => Ok(Mode::Postcopy),
-            "hybrid" => Ok(Mode::Hybrid),
-            other => Err(format!(
-                "unknown migration mode '{other}' (precopy, postcopy, hybrid)"
-            )),
-        }
-    }
-}
+// The migration's plain data live with the machine, which holds them for the API and the run
+// report; the old paths stay valid.
+pub use crate::machine::progress::{self, Mode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {

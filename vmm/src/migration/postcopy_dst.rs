@@ -15,10 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::pages;
-use super::progress::{DestinationStats, MigrationReport, Percentiles, Phase, PostcopyStats};
 use super::protocol::{check_range, Message, ProtocolError, ABORT_NOT_STARTED, PAGE_SIZE};
 use super::source::{unexpected, Reader, Writer};
 use super::MigrationError;
+use crate::machine::progress::{
+    DestinationStats, MigrationReport, Percentiles, Phase, PostcopyStats,
+};
 use crate::machine::shared::Shared;
 use crate::machine::Machine;
 use crate::memory::page_index::{AtomicPages, PageIndex};

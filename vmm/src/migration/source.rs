@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use super::hello::Hello;
 use super::pages::{PageSender, Sent};
-use super::progress::{MigrationReport, Phase};
 use super::protocol::{FrameReader, FrameWriter, Message, ProtocolError, Role, PAGE_SIZE};
 use super::rate::RateLimiter;
 use super::{parse_tcp_url, postcopy_src, MigrationError, Mode};
+use crate::machine::progress::{MigrationReport, Phase};
 use crate::machine::saved_state::VmSnapshot;
 use crate::machine::shared::Shared;
 use crate::tracking::{self, DirtySet, DirtyTracker, TrackerKind};
@@ -526,7 +526,7 @@ pub(super) fn unexpected(expected: &'static str, found: &Message) -> MigrationEr
 
 /// Folds the destination's own figures (downtime it saw, postcopy faults) into the report.
 pub(super) fn merge_destination_stats(report: &mut MigrationReport, json: &[u8]) {
-    match serde_json::from_slice::<super::progress::DestinationStats>(json) {
+    match serde_json::from_slice::<crate::machine::progress::DestinationStats>(json) {
         Ok(s) => {
             report.destination = Some(s);
         }

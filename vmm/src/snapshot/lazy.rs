@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine::progress::Percentiles;
 use crate::memory::page_index::{AtomicPages, PageIndex};
 use crate::memory::RamRange;
-use crate::migration::progress::Percentiles;
 use crate::userfault::{inject, DemandPager, ExitStats, Fetch, Installed, UserfaultError};
 
 const PAGE: u64 = 4096;

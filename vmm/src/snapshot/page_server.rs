@@ -33,8 +33,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::files;
 use super::lazy::{DemandReport, Lazy, OnFail, PageSource};
 use super::page_proto::{self as proto, Message, ProtoError, HEADER_LEN, MAX_PAGES, PAGE};
+use crate::machine::progress::Percentiles;
 use crate::memory::RamRange;
-use crate::migration::progress::Percentiles;
 use crate::userfault::{
     DemandKind, DemandPager, UffdMinor, UffdMissing, UnknownDemand, UserfaultError,
 };

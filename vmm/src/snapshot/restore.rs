@@ -17,7 +17,7 @@ use super::SnapshotError;
 use crate::machine::description::Constraints;
 use crate::machine::final_dump::FinalDump;
 use crate::machine::shared::Shared;
-use crate::machine::{ConsoleOutput, DiskConfig, GuestConfig, Machine, RunReport};
+use crate::machine::{ConsoleOutput, DiskConfig, GuestConfig, Machine, RunHooks, RunReport};
 use crate::userfault::{
     self, keep_present, ArmArgs, DemandKind, DemandPager, Fetch, UffdMinor, UffdMissing,
 };
@@ -143,7 +143,10 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
             .map(|p| FinalDump::arm_whole(&mut machine, p));
         let t_run = Instant::now();
         let run = machine
-            .run(Some(Box::new(|_| {})))
+            .run(RunHooks {
+                api: Some(crate::api::server::serve_api),
+                on_running: Some(Box::new(|_| {})),
+            })
             .map_err(|e| SnapshotError::Machine(e.to_string()))?;
         if let Some(d) = final_dump {
             d.result().map_err(SnapshotError::FinalDump)?;
@@ -215,7 +218,10 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
             .clone()
             .map(|p| FinalDump::arm_whole(&mut machine, p));
         let t_run = Instant::now();
-        let run = machine.run(Some(stopper.on_running()));
+        let run = machine.run(RunHooks {
+            api: Some(crate::api::server::serve_api),
+            on_running: Some(stopper.on_running()),
+        });
         let run_ms = t_run.elapsed().as_secs_f64() * 1000.0;
         let server = session.finish();
         // The registration must outlive every access: drop the pager only now.
@@ -351,7 +357,10 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         FinalDump::arm(&mut machine, p, fill)
     });
     let t_run = Instant::now();
-    let run = machine.run(Some(stopper.on_running()));
+    let run = machine.run(RunHooks {
+        api: Some(crate::api::server::serve_api),
+        on_running: Some(stopper.on_running()),
+    });
     let run_ms = t_run.elapsed().as_secs_f64() * 1000.0;
     lazy.stop();
     let _ = serve.join();
