@@ -2,6 +2,7 @@
 //! event loop (console input, vCPU stops). `run` builds it from a `VmConfig`, runs it to its end
 //! and says how it ended.
 
+pub mod assemble;
 pub mod build;
 pub mod console;
 pub mod description;

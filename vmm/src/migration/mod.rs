@@ -97,6 +97,20 @@ from_error! {
     crate::userfault::UserfaultError => Userfault,
 }
 
+// The messages stay those the destination gave for each step before it used `assemble`.
+impl From<crate::machine::assemble::AssembleError> for MigrationError {
+    fn from(e: crate::machine::assemble::AssembleError) -> Self {
+        use crate::machine::assemble::AssembleError as A;
+        match e {
+            A::Refused { reason } => MigrationError::Refused(reason),
+            A::Config { reason } => MigrationError::Hello(reason),
+            A::Build(e) | A::Run(e) => MigrationError::Machine(e.to_string()),
+            A::Restore(e) => MigrationError::Snapshot(e),
+            A::FinalDump { reason } => MigrationError::FinalDump(reason),
+        }
+    }
+}
+
 /// `tcp://HOST:PORT` -> `HOST:PORT`.
 pub fn parse_tcp_url(url: &str) -> Result<String, MigrationError> {
     let rest = url

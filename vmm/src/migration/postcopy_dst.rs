@@ -25,25 +25,10 @@ use crate::machine::shared::Shared;
 use crate::machine::Machine;
 use crate::memory::page_index::{AtomicPages, PageIndex};
 use crate::memory::ram_file::NotRam;
-use crate::userfault::{self, ArmArgs, DemandKind, DemandPager, Installed};
+use crate::userfault::{self, DemandPager, Installed};
 
 /// The demand-paging backend the destination runs postcopy on (`--demand`).
-#[derive(Debug, Clone)]
-pub struct Demand {
-    pub backend: DemandKind,
-    pub chunk: u64,
-    pub soft_slots: usize,
-}
-
-impl Default for Demand {
-    fn default() -> Self {
-        Demand {
-            backend: DemandKind::UffdMissing,
-            chunk: 4096,
-            soft_slots: userfault::memslot_exits::DEFAULT_SOFT_LIMIT,
-        }
-    }
-}
+pub use crate::machine::assemble::Demand;
 
 /// Exit status of a destination whose postcopy could not finish.
 pub const EXIT_POSTCOPY_LOST: i32 = 1;
@@ -120,33 +105,15 @@ impl Receiver {
                 }
                 pages::zero_pages(memfd, &ram, gpa, n)?;
             }
-            let pager = userfault::arm(
-                demand.backend,
-                ArmArgs {
-                    vm: machine.vm.clone(),
-                    ranges: &ram,
-                    host_addrs: &machine.ram.host_addrs(),
-                    memfd,
-                    pending,
-                    chunk: demand.chunk,
-                    soft_slots: demand.soft_slots,
-                },
-            )?;
-            if let Some(exits) = pager.exits() {
-                // No inline fetch: vCPU exits queue their pages for the fault thread, which
-                // asks the source as for any other fault.
-                let _ = machine.demand.set(exits);
-            }
-            Ok(pager)
+            // Exit backends get no inline fetch: vCPU exits queue their pages for the fault
+            // thread, which asks the source as for any other fault.
+            Ok(machine.arm_demand(demand, pending)?)
         })();
         let pager = match prepared {
             Ok(p) => p,
             Err(e) => return Err(Box::new((e, Some(w)))),
         };
         let remaining = marks.count();
-        machine
-            .paging_in
-            .store(true, std::sync::atomic::Ordering::Release);
         tracing::info!("postcopy: {remaining} pages still on the source; resuming now");
         let inner = Arc::new(Inner {
             pager,
@@ -229,11 +196,7 @@ impl Receiver {
             Some(page)
         };
         let pages = userfault::keep_present::kvm_touched(vcpus, &mut read);
-        for &g in &pages {
-            if exits.covers(g) {
-                exits.keep_mapped(g)?;
-            }
-        }
+        crate::machine::assemble::keep_mapped(exits.as_ref(), &pages)?;
         if let Some(e) = failed {
             return Err(e.into());
         }

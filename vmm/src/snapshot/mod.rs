@@ -11,6 +11,8 @@ pub mod page_server;
 pub mod restore;
 pub mod take;
 
+use crate::machine::assemble::AssembleError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("cannot snapshot now: {0}")]
@@ -35,4 +37,20 @@ pub enum SnapshotError {
         what: String,
         source: std::io::Error,
     },
+}
+
+// Written out rather than a variant of its own: the messages stay those of restore's steps.
+impl From<AssembleError> for SnapshotError {
+    fn from(e: AssembleError) -> Self {
+        match e {
+            AssembleError::Refused { reason } | AssembleError::Config { reason } => {
+                SnapshotError::Refused(reason)
+            }
+            AssembleError::Build(e) | AssembleError::Run(e) => {
+                SnapshotError::Machine(e.to_string())
+            }
+            AssembleError::Restore(e) => SnapshotError::State(e),
+            AssembleError::FinalDump { reason } => SnapshotError::FinalDump(reason),
+        }
+    }
 }
