@@ -207,7 +207,7 @@ pub fn finish(shared: &Shared, after: u64) -> Result<u64, FinishError> {
         return Err(FinishError::ZeroAfter);
     }
     // Held throughout: a migration or snapshot describing the VM waits for the new budget.
-    let mut slot = shared.micro_budget.lock();
+    let mut slot = shared.micro.budget.lock();
     let Some(slot) = slot.as_mut() else {
         return Err(FinishError::NotMicro);
     };

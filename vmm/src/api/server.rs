@@ -230,7 +230,7 @@ fn status(shared: &Shared) -> Value {
         "vcpus": shared.description.vcpus,
         "mem_mib": shared.description.mem_bytes >> 20,
         "micro_passes": shared.micro_passes(),
-        "micro_budget": shared.micro_budget.passes(),
+        "micro_budget": shared.micro.budget.passes(),
         "uptime_ms": shared.start.elapsed().as_secs_f64() * 1000.0,
         "migration": p,
     })

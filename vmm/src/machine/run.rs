@@ -200,7 +200,7 @@ impl Machine {
         let (agent_ready, kernel_panic) = watch.unwrap_or((None, None));
         // Against the check armed now (`--verify`, or the last `finish`), for the final budget.
         let micro_check = match &why {
-            VcpuStop::DeviceExit(0) => shared.micro_budget.check(mem),
+            VcpuStop::DeviceExit(0) => shared.micro.budget.check(mem),
             _ => None,
         };
         let mut outcome = Outcome::from_stop(why, kernel_panic);

@@ -21,6 +21,14 @@ use crate::vstate::pause::PauseControl;
 use crate::vstate::vcpu::{VcpuEvent, VcpuStop};
 use crate::vstate::vm::Vm;
 
+/// What only the micro guest has: its pass counter and its workload's budget and check.
+pub struct MicroGuest {
+    /// Passes the guest has reported through its port.
+    pub passes: Arc<AtomicU64>,
+    /// The current budget and end-of-run check (`finish` changes both).
+    pub budget: MicroBudget,
+}
+
 /// Handles on a running VM. Field order matters for drop: the VM goes before guest memory.
 pub struct Shared {
     pub vm: Arc<Vm>,
@@ -34,11 +42,9 @@ pub struct Shared {
     pub pause: Arc<PauseControl>,
     pub serial: Arc<Mutex<devices::legacy::serial::Serial>>,
     pub transports: Vec<Arc<Mutex<devices::virtio::mmio::MmioTransport>>>,
-    pub micro_passes: Arc<AtomicU64>,
     /// The VM as it started; `describe` gives it as it is now.
     pub description: VmDescription,
-    /// The micro guest's current budget and end-of-run check (`finish` changes both).
-    pub micro_budget: MicroBudget,
+    pub micro: MicroGuest,
     /// A `--track` session owns the tracking backends while it runs.
     pub tracking_active: bool,
     pub start: Instant,
@@ -88,9 +94,11 @@ impl Shared {
             pause: p.pause,
             serial: devs.serial.clone(),
             transports: devs.transports.clone(),
-            micro_passes: p.micro_passes,
             description: p.description,
-            micro_budget: p.micro_budget,
+            micro: MicroGuest {
+                passes: p.micro_passes,
+                budget: p.micro_budget,
+            },
             tracking_active: p.tracking_active,
             start: p.start,
             migration: Mutex::new(Progress::default()),
@@ -103,7 +111,7 @@ impl Shared {
     /// The VM as a migration's Hello or a snapshot's vm.json describes it: as it started, with
     /// the micro guest's budget and check as they are now (waits for a `finish` in progress).
     pub fn describe(&self) -> VmDescription {
-        self.micro_budget.describe(&self.description)
+        self.micro.budget.describe(&self.description)
     }
 
     /// What the dirty trackers need to run on this VM.
@@ -180,7 +188,7 @@ impl Shared {
     }
 
     pub fn micro_passes(&self) -> u64 {
-        self.micro_passes.load(Ordering::Acquire)
+        self.micro.passes.load(Ordering::Acquire)
     }
 
     /// [(gpa, size)] of every RAM range, as the wire protocol checks them.
