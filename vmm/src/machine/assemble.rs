@@ -197,3 +197,75 @@ pub fn resume<E: From<AssembleError>>(
     }
     Ok(run)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::description::GuestDesc;
+
+    fn desc(guest: GuestDesc) -> VmDescription {
+        VmDescription {
+            vcpus: 2,
+            mem_bytes: 64 << 20,
+            ram: crate::memory::ram_layout(64 << 20)
+                .iter()
+                .map(|r| (r.gpa, r.size))
+                .collect(),
+            guest,
+            disks: vec![],
+            devices: vec!["serial".into(), "i8042".into(), "boot-timer".into()],
+            dirty_ring: false,
+        }
+    }
+
+    fn here(vcpus: Option<u32>) -> Here {
+        Here {
+            constraints: Constraints {
+                vcpus,
+                ..Default::default()
+            },
+            console: ConsoleOutput::Null,
+            console_input: false,
+            api_socket: None,
+        }
+    }
+
+    fn linux() -> GuestDesc {
+        GuestDesc::Linux {
+            kernel: "vmlinux".into(),
+        }
+    }
+
+    #[test]
+    fn a_matching_description_gives_its_config_with_this_sides_console() {
+        let cfg = config(&desc(linux()), &here(Some(2))).unwrap();
+        assert_eq!((cfg.vcpus, cfg.mem_bytes), (2, 64 << 20));
+        assert_eq!(cfg.console, ConsoleOutput::Null);
+        assert!(cfg.tracking.is_none());
+    }
+
+    #[test]
+    fn a_vm_this_side_cannot_host_is_refused_with_the_reason() {
+        match config(&desc(linux()), &here(Some(1))) {
+            Err(AssembleError::Refused { reason }) => {
+                assert!(reason.contains("vCPU count differs"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_malformed_micro_mailbox_is_a_config_error() {
+        let micro = GuestDesc::Micro {
+            mailbox: vec![0; 3],
+            region: Some((1 << 20, 1 << 20)),
+            verify: true,
+        };
+        match config(&desc(micro), &here(None)) {
+            Err(AssembleError::Config { reason }) => {
+                assert!(reason.contains("mailbox"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -147,4 +147,25 @@ mod tests {
         assert_eq!("hybrid".parse::<Mode>().unwrap(), Mode::Hybrid);
         assert!("fast".parse::<Mode>().is_err());
     }
+
+    #[test]
+    fn assembly_errors_read_as_the_destinations_own() {
+        use crate::machine::assemble::AssembleError;
+        let refused = AssembleError::Refused {
+            reason: "memory size differs".into(),
+        };
+        let e = MigrationError::from(refused);
+        assert!(matches!(e, MigrationError::Refused(_)));
+        assert_eq!(
+            e.to_string(),
+            "the destination refused the VM: memory size differs"
+        );
+        let e = MigrationError::from(AssembleError::Config {
+            reason: "micro guest mailbox size".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "bad Hello from the source: micro guest mailbox size"
+        );
+    }
 }

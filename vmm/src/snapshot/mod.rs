@@ -54,3 +54,24 @@ impl From<AssembleError> for SnapshotError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assembly_errors_read_as_the_restores_own() {
+        for e in [
+            AssembleError::Refused { reason: "x".into() },
+            AssembleError::Config { reason: "x".into() },
+        ] {
+            let e = SnapshotError::from(e);
+            assert!(matches!(e, SnapshotError::Refused(_)));
+            assert_eq!(e.to_string(), "this snapshot cannot be restored here: x");
+        }
+        let e = SnapshotError::from(AssembleError::FinalDump {
+            reason: "--dump-final: y".into(),
+        });
+        assert_eq!(e.to_string(), "--dump-final: y");
+    }
+}
