@@ -1,6 +1,8 @@
 //! A whole VM: guest RAM, KVM state, devices on their buses, vCPU threads, and the main thread's
 //! event loop (console input, vCPU stops). `run` builds it from a `VmConfig`, runs it to its end
-//! and says how it ended.
+//! and says how it ended; `assemble` resumes one from a description and its saved state
+//! (restore, incoming migration). Layers above (migration, API, snapshots) reach in through
+//! `RunHooks` and plain data (`description`, `saved_state`, `progress`), never the reverse.
 
 pub mod assemble;
 pub mod build;
