@@ -12,7 +12,8 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use vmm::migration::description::{GuestDesc, Hello, VmDescription};
+use vmm::machine::description::{GuestDesc, VmDescription};
+use vmm::migration::hello::Hello;
 use vmm::migration::protocol::{FrameReader, FrameWriter, Message};
 use vmm::migration::Mode;
 use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};

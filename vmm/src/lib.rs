@@ -6,6 +6,8 @@
 pub mod api;
 pub mod boot;
 pub mod host;
+#[cfg(test)]
+mod layering;
 pub mod machine;
 pub mod memory;
 pub mod micro_check;

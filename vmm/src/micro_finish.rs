@@ -18,12 +18,12 @@ use guest_abi::{layout, micro};
 use micro_guest::{Workload, WorkloadError, MAILBOX_SIZE};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::machine::description::VmDescription;
+use crate::machine::progress::Phase;
 use crate::machine::shared::Shared;
 use crate::machine::GuestConfig;
 use crate::memory::GuestMemory;
 use crate::micro_check::{check_run, CheckResult, Expected};
-use crate::migration::description::VmDescription;
-use crate::migration::progress::Phase;
 use crate::vstate::pause::{Owner, PauseError};
 
 /// How long `finish` waits for every vCPU to pause.
@@ -207,7 +207,7 @@ pub fn finish(shared: &Shared, after: u64) -> Result<u64, FinishError> {
         return Err(FinishError::ZeroAfter);
     }
     // Held throughout: a migration or snapshot describing the VM waits for the new budget.
-    let mut slot = shared.micro_budget.lock();
+    let mut slot = shared.micro.budget.lock();
     let Some(slot) = slot.as_mut() else {
         return Err(FinishError::NotMicro);
     };
@@ -280,7 +280,7 @@ fn read(mem: &GuestMemory, gpa: u64, buf: &mut [u8]) -> Result<(), FinishError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::description::GuestDesc;
+    use crate::machine::description::GuestDesc;
     use micro_guest::Pattern;
 
     fn set(mailbox: &mut [u8; MAILBOX_SIZE], off: u64, value: u64) {

@@ -16,6 +16,7 @@ use vmm::machine::TrackingOptions;
 use vmm::machine::{self, ConsoleOutput, DiskConfig, GuestConfig, RunReport, VmConfig};
 use vmm::memory::parse_size;
 use vmm::tracking::TrackerKind;
+use vmm::userfault::DemandKind;
 
 #[derive(Parser)]
 #[command(
@@ -195,8 +196,8 @@ pub(crate) struct RunArgs {
     dump_final: Option<PathBuf>,
     /// With --incoming: the demand-paging backend postcopy runs on (uffd-missing, uffd-minor,
     /// memslot-exits, kvm-userfault where the kernel has it).
-    #[arg(long, requires = "incoming", default_value = "uffd-missing")]
-    demand: String,
+    #[arg(long, requires = "incoming", default_value_t = DemandKind::default())]
+    demand: DemandKind,
     /// With --incoming: bytes brought in per vCPU exit (exit backends): 4K to 2M.
     #[arg(long, requires = "incoming", default_value = "4K")]
     demand_chunk: String,
@@ -405,16 +406,18 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         dirty_ring: a.dirty_ring,
         api_socket: a.api_socket.clone(),
     };
-    let report = match &a.dump_final {
-        None => machine::run(&cfg, start)?,
-        Some(path) => {
-            let mut m = machine::Machine::build(&cfg, start)?.boot()?;
-            let dump = machine::final_dump::FinalDump::arm_whole(&mut m, path.clone());
-            let report = m.run(None)?;
-            dump.result().map_err(|e| anyhow::anyhow!(e))?;
-            report
-        }
-    };
+    let mut m = machine::Machine::build(&cfg, start)?.boot()?;
+    let dump = a
+        .dump_final
+        .as_ref()
+        .map(|path| machine::final_dump::FinalDump::arm_whole(&mut m, path.clone()));
+    let report = m.run(machine::RunHooks {
+        api: Some(vmm::api::server::serve_api),
+        on_running: None,
+    })?;
+    if let Some(dump) = dump {
+        dump.result().map_err(|e| anyhow::anyhow!(e))?;
+    }
     print_report(&report, a.json)?;
     if let Some(t) = &report.tracking {
         if t.error.is_some() {

@@ -9,9 +9,9 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 use vmm::api::client::Client;
 use vmm::api::{MigrateParams, Request, SnapshotParams};
+use vmm::machine::description::Constraints;
 use vmm::machine::ConsoleOutput;
 use vmm::memory::parse_size;
-use vmm::migration::description::Constraints;
 use vmm::migration::dest::{run_incoming, IncomingOptions};
 use vmm::migration::parse_tcp_url;
 
@@ -235,7 +235,7 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
         dump_memory: a.dump_memory.clone(),
         dump_final: a.dump_final.clone(),
         demand: vmm::migration::postcopy_dst::Demand {
-            backend: crate::restore_cli::check_backend(&a.demand)?,
+            backend: a.demand,
             chunk: crate::restore_cli::parse_chunk(&a.demand_chunk)?,
             ..Default::default()
         },

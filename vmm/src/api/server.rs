@@ -11,8 +11,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::Request;
+use crate::machine::progress::Phase;
+use crate::machine::run::Attendant;
 use crate::machine::shared::Shared;
-use crate::migration::progress::Phase;
 use crate::migration::source::{hand_over, migrate};
 use crate::vstate::pause::Owner;
 
@@ -23,6 +24,17 @@ pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// `machine::ServeApi`: the control API for a run.
+pub fn serve_api(path: &Path, shared: Arc<Shared>) -> std::io::Result<Box<dyn Attendant>> {
+    Ok(Box::new(ApiServer::start(path, shared)?))
+}
+
+impl Attendant for ApiServer {
+    fn stop(self: Box<Self>) {
+        ApiServer::stop(*self);
+    }
 }
 
 impl ApiServer {
@@ -218,7 +230,7 @@ fn status(shared: &Shared) -> Value {
         "vcpus": shared.description.vcpus,
         "mem_mib": shared.description.mem_bytes >> 20,
         "micro_passes": shared.micro_passes(),
-        "micro_budget": shared.micro_budget.passes(),
+        "micro_budget": shared.micro.budget.passes(),
         "uptime_ms": shared.start.elapsed().as_secs_f64() * 1000.0,
         "migration": p,
     })

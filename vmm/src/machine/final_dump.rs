@@ -26,7 +26,7 @@ impl FinalDump {
         let (to, out) = (path.clone(), outcome.clone());
         machine.on_ended = Some(Box::new(move |mem| {
             let r = fill().and_then(|()| {
-                crate::migration::pages::dump_mapped(mem, &ranges, &to)
+                crate::memory::ram_file::dump_mapped(mem, &ranges, &to)
                     .map_err(|e| format!("writing {}: {e}", to.display()))
             });
             *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);

@@ -1,13 +1,19 @@
 //! A whole VM: guest RAM, KVM state, devices on their buses, vCPU threads, and the main thread's
 //! event loop (console input, vCPU stops). `run` builds it from a `VmConfig`, runs it to its end
-//! and says how it ended.
+//! and says how it ended; `assemble` resumes one from a description and its saved state
+//! (restore, incoming migration). Layers above (migration, API, snapshots) reach in through
+//! `RunHooks` and plain data (`description`, `saved_state`, `progress`), never the reverse.
 
+pub mod assemble;
 pub mod build;
 pub mod console;
+pub mod description;
 pub mod devices_setup;
 pub mod final_dump;
+pub mod progress;
 pub mod report;
 pub mod run;
+pub mod saved_state;
 pub mod shared;
 pub mod stdin;
 pub mod tracking_session;
@@ -27,6 +33,7 @@ use crate::vstate::vm::VmError;
 pub use build::Machine;
 pub use console::ConsoleOutput;
 pub use report::{Outcome, RunReport};
+pub use run::{RunHooks, ServeApi};
 pub use tracking_session::{Round, TrackingOptions, TrackingReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +70,8 @@ pub enum MachineError {
     Tracking(#[from] TrackingError),
     #[error("control API socket: {0}")]
     Api(std::io::Error),
+    #[error("an API socket was asked for, but this run was given no API server")]
+    NoApiServer,
     #[error("mapping the dirty ring of vCPU {id}: {source}")]
     RingMap {
         id: u8,
@@ -115,7 +124,8 @@ pub struct VmConfig {
 }
 
 /// Builds the VM described by `cfg`, boots it, runs it to its end and reports how it went.
-/// `start` is the process start, the zero of every time in the report.
+/// `start` is the process start, the zero of every time in the report. Serves no API (see
+/// `RunHooks::api`).
 pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
-    Machine::build(cfg, start)?.boot()?.run(None)
+    Machine::build(cfg, start)?.boot()?.run(RunHooks::default())
 }

@@ -96,7 +96,7 @@ pub struct RunReport {
     /// With --track: the harvest rounds and their cost.
     pub tracking: Option<super::TrackingReport>,
     /// The last migration this VM took part in (as source or destination).
-    pub migration: Option<crate::migration::progress::MigrationReport>,
+    pub migration: Option<crate::machine::progress::MigrationReport>,
 }
 
 /// VmRSS - RssShmem from /proc/self/status: guest RAM is the only shared memory vmm maps.

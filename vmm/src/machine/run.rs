@@ -1,6 +1,8 @@
-//! Running a built VM: the tracking session, vCPU threads, the control API, and the main
-//! thread's event loop until the guest ends, then the report.
+//! Running a built VM: the tracking session, vCPU threads, the control API (through a hook:
+//! the API sits above the machine), and the main thread's event loop until the guest ends,
+//! then the report.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -22,9 +24,28 @@ use crate::vstate::vcpu::{self, VcpuEvent, VcpuStop};
 /// confirms to the source here).
 pub type OnRunning = Box<dyn FnOnce(&Arc<Shared>) + Send>;
 
+/// A service beside the running VM (the control API): started before any vCPU runs, so that
+/// its failure leaves the guest never started, and stopped once the guest has ended.
+pub trait Attendant: Send {
+    fn stop(self: Box<Self>);
+}
+
+/// Serves the control API on `VmConfig::api_socket` for this VM (`api::server::serve`).
+pub type ServeApi = fn(&Path, Arc<Shared>) -> std::io::Result<Box<dyn Attendant>>;
+
+/// What the caller adds to a run.
+#[derive(Default)]
+pub struct RunHooks {
+    /// Required when the config names an API socket.
+    pub api: Option<ServeApi>,
+    /// Given: the run resumes a VM (restore, incoming migration) rather than boots one.
+    pub on_running: Option<OnRunning>,
+}
+
 impl Machine {
     /// Runs the VM to its end and reports how it went.
-    pub fn run(self, on_running: Option<OnRunning>) -> Result<RunReport, MachineError> {
+    pub fn run(self, hooks: RunHooks) -> Result<RunReport, MachineError> {
+        let RunHooks { api, on_running } = hooks;
         let Machine {
             cfg,
             start,
@@ -60,7 +81,7 @@ impl Machine {
                 kicker: kicker.clone(),
                 pause: pause.clone(),
                 micro_passes: micro_passes.clone(),
-                description: crate::migration::description::VmDescription::of(&cfg, ram.ranges()),
+                description: crate::machine::description::VmDescription::of(&cfg, ram.ranges()),
                 micro_budget: crate::micro_finish::MicroBudget::of(&cfg.guest),
                 tracking_active: cfg.tracking.is_some(),
                 start,
@@ -111,12 +132,12 @@ impl Machine {
         );
 
         // Before any vCPU runs: a failure here must leave the guest never started.
-        let api = match &cfg.api_socket {
-            Some(path) => Some(
-                crate::api::server::ApiServer::start(path, shared.clone())
-                    .map_err(MachineError::Api)?,
-            ),
-            None => None,
+        let api = match (&cfg.api_socket, api) {
+            (Some(path), Some(serve)) => {
+                Some(serve(path, shared.clone()).map_err(MachineError::Api)?)
+            }
+            (Some(_), None) => return Err(MachineError::NoApiServer),
+            (None, _) => None,
         };
         let mut threads = Vec::new();
         for runner in runners {
@@ -177,7 +198,7 @@ impl Machine {
         let (agent_ready, kernel_panic) = watch.unwrap_or((None, None));
         // Against the check armed now (`--verify`, or the last `finish`), for the final budget.
         let micro_check = match &why {
-            VcpuStop::DeviceExit(0) => shared.micro_budget.check(mem),
+            VcpuStop::DeviceExit(0) => shared.micro.budget.check(mem),
             _ => None,
         };
         let mut outcome = Outcome::from_stop(why, kernel_panic);

@@ -11,15 +11,23 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::devices_setup::Devices;
 use super::stdin::InputSink;
+use crate::machine::description::VmDescription;
+use crate::machine::progress::Progress;
 use crate::memory::{GuestMemory, RamRange};
 use crate::micro_finish::MicroBudget;
-use crate::migration::description::VmDescription;
-use crate::migration::progress::Progress;
 use crate::tracking::{self, DirtyRings, TrackContext, TrackedSlot};
 use crate::vstate::kick::Kicker;
 use crate::vstate::pause::PauseControl;
 use crate::vstate::vcpu::{VcpuEvent, VcpuStop};
 use crate::vstate::vm::Vm;
+
+/// What only the micro guest has: its pass counter and its workload's budget and check.
+pub struct MicroGuest {
+    /// Passes the guest has reported through its port.
+    pub passes: Arc<AtomicU64>,
+    /// The current budget and end-of-run check (`finish` changes both).
+    pub budget: MicroBudget,
+}
 
 /// Handles on a running VM. Field order matters for drop: the VM goes before guest memory.
 pub struct Shared {
@@ -33,11 +41,9 @@ pub struct Shared {
     pub pause: Arc<PauseControl>,
     /// The stateful devices by id, saved and restored as a set.
     pub device_states: devices::device_states::StateRegistry,
-    pub micro_passes: Arc<AtomicU64>,
     /// The VM as it started; `describe` gives it as it is now.
     pub description: VmDescription,
-    /// The micro guest's current budget and end-of-run check (`finish` changes both).
-    pub micro_budget: MicroBudget,
+    pub micro: MicroGuest,
     /// A `--track` session owns the tracking backends while it runs.
     pub tracking_active: bool,
     pub start: Instant,
@@ -84,9 +90,11 @@ impl Shared {
             kicker: p.kicker,
             pause: p.pause,
             device_states: devs.states.clone(),
-            micro_passes: p.micro_passes,
             description: p.description,
-            micro_budget: p.micro_budget,
+            micro: MicroGuest {
+                passes: p.micro_passes,
+                budget: p.micro_budget,
+            },
             tracking_active: p.tracking_active,
             start: p.start,
             migration: Mutex::new(Progress::default()),
@@ -99,7 +107,7 @@ impl Shared {
     /// The VM as a migration's Hello or a snapshot's vm.json describes it: as it started, with
     /// the micro guest's budget and check as they are now (waits for a `finish` in progress).
     pub fn describe(&self) -> VmDescription {
-        self.micro_budget.describe(&self.description)
+        self.micro.budget.describe(&self.description)
     }
 
     /// The VM's RAM memslots as its registry has them now (after `settle_memslots`, the
@@ -182,7 +190,7 @@ impl Shared {
     }
 
     pub fn micro_passes(&self) -> u64 {
-        self.micro_passes.load(Ordering::Acquire)
+        self.micro.passes.load(Ordering::Acquire)
     }
 
     /// [(gpa, size)] of every RAM range, as the wire protocol checks them.

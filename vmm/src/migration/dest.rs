@@ -10,17 +10,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::description::{Constraints, Hello};
+use super::hello::Hello;
 use super::pages;
-use super::progress::{DestinationStats, MigrationReport};
 use super::protocol::{
     check_range, FrameReader, FrameWriter, Message, Role, ABORT_NOT_STARTED, PAGE_SIZE,
 };
-use super::snapshot::VmSnapshot;
 use super::source::{unexpected, Reader, Writer};
 use super::{postcopy_dst, MigrationError, Mode};
-use crate::machine::final_dump::FinalDump;
-use crate::machine::{ConsoleOutput, Machine, RunReport, VmConfig};
+use crate::api::server::serve_api;
+use crate::machine::assemble::{self, AssembleError, Here, Resume};
+use crate::machine::description::Constraints;
+use crate::machine::final_dump::Fill;
+use crate::machine::progress::{DestinationStats, MigrationReport};
+use crate::machine::saved_state::VmSnapshot;
+use crate::machine::{ConsoleOutput, Machine, RunReport};
 
 /// How long the destination waits for the source's second (urgent) connection.
 const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,13 +85,15 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         Ok(h) => h,
         Err(e) => return Err(refuse(&mut w, e)),
     };
-    let disks = match hello.vm.check(&opts.constraints) {
-        Ok(d) => d,
-        Err(reason) => return Err(refuse(&mut w, MigrationError::Refused(reason))),
+    let here = Here {
+        constraints: opts.constraints.clone(),
+        console: opts.console.clone(),
+        console_input: opts.console_input,
+        api_socket: opts.api_socket.clone(),
     };
-    let cfg = match config_of(&hello, disks, opts) {
+    let cfg = match assemble::config(&hello.vm, &here) {
         Ok(c) => c,
-        Err(e) => return Err(refuse(&mut w, e)),
+        Err(e) => return Err(refuse(&mut w, e.into())),
     };
     if hello.mode != Mode::Precopy {
         if let Err(reason) = demand_fits(&opts.demand) {
@@ -109,7 +114,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                    runs), which a postcopy destination never holds whole: use --dump-final";
         return Err(refuse(&mut w, MigrationError::Refused(why.into())));
     }
-    let mut machine = match Machine::build(&cfg, start) {
+    let machine = match Machine::build(&cfg, start) {
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e.to_string()))),
     };
@@ -117,8 +122,13 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     // guest runs. A guest with one address space (the micro guest) has them all under its
     // CR3, which this side walks itself (`Receiver::keep_present`); Linux has one per process,
     // and only the source can find those (`presend`).
-    let many_address_spaces = matches!(hello.vm.guest, super::description::GuestDesc::Linux { .. });
-    if hello.mode != Mode::Precopy && opts.demand.backend == "memslot-exits" && many_address_spaces
+    let many_address_spaces = matches!(
+        hello.vm.guest,
+        crate::machine::description::GuestDesc::Linux { .. }
+    );
+    if hello.mode != Mode::Precopy
+        && opts.demand.backend.misses_kvm_accesses()
+        && many_address_spaces
     {
         let json = serde_json::to_vec(&super::presend::AcceptOptions {
             presend_page_tables: true,
@@ -204,22 +214,21 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     match pending {
         None => {
             if let Some(path) = &opts.dump_memory {
-                pages::dump_ram(memfd, &ram, path).map_err(|source| MigrationError::Dump {
-                    path: path.clone(),
-                    source,
+                crate::memory::ram_file::dump_ram(memfd, &ram, path).map_err(|source| {
+                    MigrationError::Dump {
+                        path: path.clone(),
+                        source,
+                    }
                 })?;
             }
-            if let Err(e) = snapshot.restore(&machine) {
-                let _ = w.send(&Message::Abort(format!(
-                    "the destination cannot restore: {e}"
-                )));
-                let _ = w.flush();
-                return Err(e.into());
-            }
             let report = Arc::new(Mutex::new(report));
+            // Until the run starts, the writer is the restore's, to tell the source it failed.
+            let w = Arc::new(Mutex::new(w));
             let on_running: crate::machine::run::OnRunning = {
                 let report = report.clone();
+                let w = w.clone();
                 Box::new(move |shared| {
+                    let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
                     let mut rep = report.lock().unwrap_or_else(|p| p.into_inner());
                     rep.downtime_ms = state_at.elapsed().as_secs_f64() * 1000.0;
                     rep.total_ms = begun.elapsed().as_secs_f64() * 1000.0;
@@ -249,17 +258,19 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                     }
                 })
             };
-            let final_dump = opts
-                .dump_final
-                .clone()
-                .map(|p| FinalDump::arm_whole(&mut machine, p));
-            let run = machine
-                .run(Some(on_running))
-                .map_err(|e| MigrationError::Machine(e.to_string()))?;
-            if let Some(d) = final_dump {
-                d.result().map_err(MigrationError::FinalDump)?;
-            }
-            Ok(run)
+            let mut resume: Resume<MigrationError> =
+                Resume::new(&snapshot, Some(serve_api), on_running);
+            resume.final_dump = opts.dump_final.clone().map(|p| (p, None));
+            resume.not_started = Some(Box::new(|e| {
+                if let AssembleError::Restore(e) = e {
+                    let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = w.send(&Message::Abort(format!(
+                        "the destination cannot restore: {e}"
+                    )));
+                    let _ = w.flush();
+                }
+            }));
+            assemble::resume(machine, resume)
         }
         Some(pending) => {
             let Some((uw, ur)) = urgent else {
@@ -296,30 +307,28 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                     return Err(e);
                 }
             }
-            if let Err(e) = snapshot.restore(&machine) {
-                pager.fail(&format!("{ABORT_NOT_STARTED}cannot restore the state: {e}"));
-                return Err(e.into());
-            }
             let on_running: crate::machine::run::OnRunning = {
                 let pager = pager.clone();
                 Box::new(move |shared| {
                     pager.running(shared.clone(), state_at.elapsed().as_secs_f64() * 1000.0);
                 })
             };
-            let final_dump = opts.dump_final.clone().map(|p| {
+            let mut resume: Resume<MigrationError> =
+                Resume::new(&snapshot, Some(serve_api), on_running);
+            resume.final_dump = opts.dump_final.clone().map(|p| {
                 let pager = pager.clone();
-                let fill = Box::new(move || pager.wait_filled(FILL_TIMEOUT));
-                FinalDump::arm(&mut machine, p, fill)
+                let fill: Fill = Box::new(move || pager.wait_filled(FILL_TIMEOUT));
+                (p, Some(fill))
             });
-            // `run` fails only before any vCPU thread starts (API socket, threads).
-            let run = machine.run(Some(on_running)).map_err(|e| {
-                pager.fail(&format!("{ABORT_NOT_STARTED}{e}"));
-                MigrationError::Machine(e.to_string())
-            })?;
-            if let Some(d) = final_dump {
-                d.result().map_err(MigrationError::FinalDump)?;
-            }
-            Ok(run)
+            // The run fails to start only before any vCPU thread runs (API socket, threads).
+            resume.not_started = Some(Box::new(|e| match e {
+                AssembleError::Restore(e) => {
+                    pager.fail(&format!("{ABORT_NOT_STARTED}cannot restore the state: {e}"))
+                }
+                AssembleError::Run(e) => pager.fail(&format!("{ABORT_NOT_STARTED}{e}")),
+                _ => {}
+            }));
+            assemble::resume(machine, resume)
         }
     }
 }
@@ -327,11 +336,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
 /// Whether this destination's demand-paging backend can work here at all (memslot-exits
 /// gets the pages KVM touches itself from the source, see `presend`).
 fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), String> {
-    match demand.backend.as_str() {
-        "kvm-userfault" => crate::userfault::kvm_userfault_support()
-            .map_err(|why| format!("postcopy with --demand kvm-userfault: {why}")),
-        _ => Ok(()),
-    }
+    demand
+        .backend
+        .check_host()
+        .map_err(|why| format!("postcopy with --demand {}: {why}", demand.backend))
 }
 
 /// Refuses the migration with the reason and returns the error for this side's exit.
@@ -380,21 +388,4 @@ fn accept_channel(
         ))),
         other => Err(unexpected("Channel(urgent)", &other)),
     }
-}
-
-/// The VM to build here: the source's description plus this side's console and API socket.
-fn config_of(
-    hello: &Hello,
-    disks: Vec<crate::machine::DiskConfig>,
-    opts: &IncomingOptions,
-) -> Result<VmConfig, MigrationError> {
-    hello
-        .vm
-        .config(
-            disks,
-            opts.console.clone(),
-            opts.console_input,
-            opts.api_socket.clone(),
-        )
-        .map_err(MigrationError::Hello)
 }

@@ -1,10 +1,11 @@
 //! Live migration between hosts over TCP: precopy, postcopy and hybrid, with any dirty tracker.
 //!
 //! - `protocol`: the framed, checksummed wire format and its message flows (read it first).
-//! - `description`: the Hello (what VM is coming) and the destination's compatibility check.
+//! - `hello`: the Hello (what VM is coming; the description and its check are `machine`'s).
 //! - `source` / `dest`: the two state machines; `postcopy_src` / `postcopy_dst` the postcopy
 //!   halves (background push, urgent page requests, the `DemandPager` on the destination).
-//! - `snapshot`: vCPU, VM and device state; `pages`: moving RAM; `progress`: status and report.
+//! - `pages`: moving RAM. Status and report (`progress`) and the state (`saved_state`) are
+//!   plain data the machine holds, in `machine`.
 //!
 //! Precopy policy (documented for users in README): round 1 sends all RAM (zero pages as
 //! ranges); each later round harvests the tracker and estimates the downtime as
@@ -12,42 +13,19 @@
 //! `--downtime-ms`, or after `--max-rounds` rounds, or `--max-precopy-ms`, the source pauses the
 //! guest and does the stop-and-copy (precopy) or switches to postcopy (hybrid).
 
-pub mod description;
 pub mod dest;
-pub mod page_index;
+pub mod hello;
 pub mod pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
 pub mod presend;
-pub mod progress;
 pub mod protocol;
 pub mod rate;
-pub mod snapshot;
 pub mod source;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    Precopy,
-    Postcopy,
-    Hybrid,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "precopy" => Ok(Mode::Precopy),
-            "postcopy" => Ok(Mode::Postcopy),
-            "hybrid" => Ok(Mode::Hybrid),
-            other => Err(format!(
-                "unknown migration mode '{other}' (precopy, postcopy, hybrid)"
-            )),
-        }
-    }
-}
+// The migration's plain data live with the machine, which holds them for the API and the run
+// report; the old paths stay valid.
+pub use crate::machine::progress::{self, Mode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -78,7 +56,7 @@ pub enum MigrationError {
     #[error("pausing the guest: {0}")]
     Pause(crate::vstate::pause::PauseError),
     #[error(transparent)]
-    Snapshot(#[from] snapshot::SnapshotError),
+    Snapshot(#[from] crate::machine::saved_state::SnapshotError),
     #[error("demand paging: {0}")]
     Userfault(crate::userfault::UserfaultError),
     #[error("cannot migrate now: {0}")]
@@ -119,6 +97,20 @@ from_error! {
     crate::userfault::UserfaultError => Userfault,
 }
 
+// The messages stay those the destination gave for each step before it used `assemble`.
+impl From<crate::machine::assemble::AssembleError> for MigrationError {
+    fn from(e: crate::machine::assemble::AssembleError) -> Self {
+        use crate::machine::assemble::AssembleError as A;
+        match e {
+            A::Refused { reason } => MigrationError::Refused(reason),
+            A::Config { reason } => MigrationError::Hello(reason),
+            A::Build(e) | A::Run(e) => MigrationError::Machine(e.to_string()),
+            A::Restore(e) => MigrationError::Snapshot(e),
+            A::FinalDump { reason } => MigrationError::FinalDump(reason),
+        }
+    }
+}
+
 /// `tcp://HOST:PORT` -> `HOST:PORT`.
 pub fn parse_tcp_url(url: &str) -> Result<String, MigrationError> {
     let rest = url
@@ -154,5 +146,26 @@ mod tests {
         }
         assert_eq!("hybrid".parse::<Mode>().unwrap(), Mode::Hybrid);
         assert!("fast".parse::<Mode>().is_err());
+    }
+
+    #[test]
+    fn assembly_errors_read_as_the_destinations_own() {
+        use crate::machine::assemble::AssembleError;
+        let refused = AssembleError::Refused {
+            reason: "memory size differs".into(),
+        };
+        let e = MigrationError::from(refused);
+        assert!(matches!(e, MigrationError::Refused(_)));
+        assert_eq!(
+            e.to_string(),
+            "the destination refused the VM: memory size differs"
+        );
+        let e = MigrationError::from(AssembleError::Config {
+            reason: "micro guest mailbox size".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            "bad Hello from the source: micro guest mailbox size"
+        );
     }
 }

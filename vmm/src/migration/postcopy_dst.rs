@@ -14,33 +14,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::page_index::{AtomicPages, PageIndex};
 use super::pages;
-use super::progress::{DestinationStats, MigrationReport, Percentiles, Phase, PostcopyStats};
 use super::protocol::{check_range, Message, ProtocolError, ABORT_NOT_STARTED, PAGE_SIZE};
 use super::source::{unexpected, Reader, Writer};
 use super::MigrationError;
+use crate::machine::progress::{
+    DestinationStats, MigrationReport, Percentiles, Phase, PostcopyStats,
+};
 use crate::machine::shared::Shared;
 use crate::machine::Machine;
-use crate::userfault::{self, ArmArgs, DemandPager, Installed};
+use crate::memory::page_index::{AtomicPages, PageIndex};
+use crate::memory::ram_file::NotRam;
+use crate::userfault::{self, DemandPager, Installed};
 
 /// The demand-paging backend the destination runs postcopy on (`--demand`).
-#[derive(Debug, Clone)]
-pub struct Demand {
-    pub backend: String,
-    pub chunk: u64,
-    pub soft_slots: usize,
-}
-
-impl Default for Demand {
-    fn default() -> Self {
-        Demand {
-            backend: "uffd-missing".into(),
-            chunk: 4096,
-            soft_slots: userfault::memslot_exits::DEFAULT_SOFT_LIMIT,
-        }
-    }
-}
+pub use crate::machine::assemble::Demand;
 
 /// Exit status of a destination whose postcopy could not finish.
 pub const EXIT_POSTCOPY_LOST: i32 = 1;
@@ -117,33 +105,15 @@ impl Receiver {
                 }
                 pages::zero_pages(memfd, &ram, gpa, n)?;
             }
-            let pager = userfault::arm(
-                &demand.backend,
-                ArmArgs {
-                    vm: machine.vm.clone(),
-                    ranges: &ram,
-                    host_addrs: &machine.ram.host_addrs(),
-                    memfd,
-                    pending,
-                    chunk: demand.chunk,
-                    soft_slots: demand.soft_slots,
-                },
-            )?;
-            if let Some(exits) = pager.exits() {
-                // No inline fetch: vCPU exits queue their pages for the fault thread, which
-                // asks the source as for any other fault.
-                let _ = machine.demand.set(exits);
-            }
-            Ok(pager)
+            // Exit backends get no inline fetch: vCPU exits queue their pages for the fault
+            // thread, which asks the source as for any other fault.
+            Ok(machine.arm_demand(demand, pending)?)
         })();
         let pager = match prepared {
             Ok(p) => p,
             Err(e) => return Err(Box::new((e, Some(w)))),
         };
         let remaining = marks.count();
-        machine
-            .paging_in
-            .store(true, std::sync::atomic::Ordering::Release);
         tracing::info!("postcopy: {remaining} pages still on the source; resuming now");
         let inner = Arc::new(Inner {
             pager,
@@ -226,11 +196,7 @@ impl Receiver {
             Some(page)
         };
         let pages = userfault::keep_present::kvm_touched(vcpus, &mut read);
-        for &g in &pages {
-            if exits.covers(g) {
-                exits.keep_mapped(g)?;
-            }
-        }
+        crate::machine::assemble::keep_mapped(exits.as_ref(), &pages)?;
         if let Some(e) = failed {
             return Err(e.into());
         }
@@ -301,10 +267,13 @@ impl Inner {
 
     fn on_fault(&self, gpa: u64, seen: Instant) -> Result<(), MigrationError> {
         self.faults.fetch_add(1, Ordering::AcqRel);
-        let idx = self.index.index(gpa).ok_or(pages::PagesError::NotRam {
-            gpa,
-            len: PAGE_SIZE,
-        })?;
+        let idx = self
+            .index
+            .index(gpa)
+            .ok_or(pages::PagesError::NotRam(NotRam {
+                gpa,
+                len: PAGE_SIZE,
+            }))?;
         if self.pending.get(idx) {
             let first = match lock(&self.waiting).entry(idx) {
                 std::collections::hash_map::Entry::Occupied(_) => false,

@@ -19,16 +19,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::page_index::{AtomicPages, PageIndex};
 use super::pages::PageSender;
-use super::progress::{MigrationReport, Phase};
 use super::protocol::{
     check_range, Message, ProtocolError, ABORT_NOT_STARTED, MAX_PAGES_PER_FRAME, PAGE_SIZE,
 };
 use super::rate::RateLimiter;
 use super::source::{merge_destination_stats, unexpected, Reader, Writer, STATS_TIMEOUT};
 use super::MigrationError;
+use crate::machine::progress::{MigrationReport, Phase};
 use crate::machine::shared::Shared;
+use crate::memory::page_index::{AtomicPages, PageIndex};
 use crate::vstate::pause::Owner;
 
 /// A request moves the push cursor to the start of its 1 MiB neighbourhood.

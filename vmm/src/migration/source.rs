@@ -9,13 +9,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::description::Hello;
-use super::pages::{self, PageSender, Sent};
-use super::progress::{MigrationReport, Phase};
+use super::hello::Hello;
+use super::pages::{PageSender, Sent};
 use super::protocol::{FrameReader, FrameWriter, Message, ProtocolError, Role, PAGE_SIZE};
 use super::rate::RateLimiter;
-use super::snapshot::VmSnapshot;
 use super::{parse_tcp_url, postcopy_src, MigrationError, Mode};
+use crate::machine::progress::{MigrationReport, Phase};
+use crate::machine::saved_state::VmSnapshot;
 use crate::machine::shared::Shared;
 use crate::tracking::{self, DirtySet, DirtyTracker, TrackerKind};
 use crate::vstate::pause::Owner;
@@ -272,12 +272,12 @@ fn run(
         }
         stop_tracker(tracker.as_deref_mut());
         if let Some(path) = &opts.dump_memory {
-            pages::dump_ram(&shared.memfd, &shared.ranges, path).map_err(|source| {
-                MigrationError::Dump {
+            crate::memory::ram_file::dump_ram(&shared.memfd, &shared.ranges, path).map_err(
+                |source| MigrationError::Dump {
                     path: path.clone(),
                     source,
-                }
-            })?;
+                },
+            )?;
         }
         Ok(VmSnapshot::capture(shared, vcpus)?)
     })();
@@ -526,7 +526,7 @@ pub(super) fn unexpected(expected: &'static str, found: &Message) -> MigrationEr
 
 /// Folds the destination's own figures (downtime it saw, postcopy faults) into the report.
 pub(super) fn merge_destination_stats(report: &mut MigrationReport, json: &[u8]) {
-    match serde_json::from_slice::<super::progress::DestinationStats>(json) {
+    match serde_json::from_slice::<crate::machine::progress::DestinationStats>(json) {
         Ok(s) => {
             report.destination = Some(s);
         }

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine::description::VmDescription;
+use crate::machine::saved_state::VmSnapshot;
 use crate::memory::RamRange;
-use crate::migration::description::VmDescription;
-use crate::migration::snapshot::VmSnapshot;
 
 pub const FORMAT: &str = "vmm-snapshot";
 /// 2: device state by device id (`devices::DeviceStates`) instead of a field per device type.

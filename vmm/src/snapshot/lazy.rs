@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::machine::progress::Percentiles;
+use crate::memory::page_index::{AtomicPages, PageIndex};
 use crate::memory::RamRange;
-use crate::migration::page_index::{AtomicPages, PageIndex};
-use crate::migration::progress::Percentiles;
 use crate::userfault::{inject, DemandPager, ExitStats, Fetch, Installed, UserfaultError};
 
 const PAGE: u64 = 4096;
@@ -152,7 +152,7 @@ impl Lazy {
     }
 
     fn file_offset(&self, gpa: u64, len: u64) -> Result<u64, UserfaultError> {
-        crate::migration::pages::file_offset(&self.ranges, gpa, len)
+        crate::memory::ram_file::file_offset(&self.ranges, gpa, len)
             .map_err(|_| UserfaultError::NotRam { gpa, len })
     }
 

@@ -11,12 +11,14 @@ pub mod page_server;
 pub mod restore;
 pub mod take;
 
+use crate::machine::assemble::AssembleError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("cannot snapshot now: {0}")]
     Busy(String),
     #[error(transparent)]
-    State(#[from] crate::migration::snapshot::SnapshotError),
+    State(#[from] crate::machine::saved_state::SnapshotError),
     #[error(transparent)]
     Files(files::SnapshotFileError),
     #[error("building the VM: {0}")]
@@ -35,4 +37,41 @@ pub enum SnapshotError {
         what: String,
         source: std::io::Error,
     },
+}
+
+// Written out rather than a variant of its own: the messages stay those of restore's steps.
+impl From<AssembleError> for SnapshotError {
+    fn from(e: AssembleError) -> Self {
+        match e {
+            AssembleError::Refused { reason } | AssembleError::Config { reason } => {
+                SnapshotError::Refused(reason)
+            }
+            AssembleError::Build(e) | AssembleError::Run(e) => {
+                SnapshotError::Machine(e.to_string())
+            }
+            AssembleError::Restore(e) => SnapshotError::State(e),
+            AssembleError::FinalDump { reason } => SnapshotError::FinalDump(reason),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assembly_errors_read_as_the_restores_own() {
+        for e in [
+            AssembleError::Refused { reason: "x".into() },
+            AssembleError::Config { reason: "x".into() },
+        ] {
+            let e = SnapshotError::from(e);
+            assert!(matches!(e, SnapshotError::Refused(_)));
+            assert_eq!(e.to_string(), "this snapshot cannot be restored here: x");
+        }
+        let e = SnapshotError::from(AssembleError::FinalDump {
+            reason: "--dump-final: y".into(),
+        });
+        assert_eq!(e.to_string(), "--dump-final: y");
+    }
 }

@@ -33,9 +33,11 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::files;
 use super::lazy::{DemandReport, Lazy, OnFail, PageSource};
 use super::page_proto::{self as proto, Message, ProtoError, HEADER_LEN, MAX_PAGES, PAGE};
+use crate::machine::progress::Percentiles;
 use crate::memory::RamRange;
-use crate::migration::progress::Percentiles;
-use crate::userfault::{DemandPager, UffdMinor, UffdMissing, UserfaultError, BACKENDS};
+use crate::userfault::{
+    DemandKind, DemandPager, UffdMinor, UffdMissing, UnknownDemand, UserfaultError,
+};
 
 /// How long a peer may take to send a frame that is due (handshake, answers).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -169,11 +171,13 @@ fn ranges_of(w: &[WireRange]) -> Vec<RamRange> {
         .collect()
 }
 
-/// Checks a handshake against the snapshot's memory file of `mem_len` bytes.
-fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<(), String> {
-    if !BACKENDS.contains(&h.backend.as_str()) {
-        return Err(format!("unknown backend {:?}", h.backend));
-    }
+/// Checks a handshake against the snapshot's memory file of `mem_len` bytes; the backend it
+/// names.
+fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<DemandKind, String> {
+    let kind: DemandKind = h
+        .backend
+        .parse()
+        .map_err(|e: UnknownDemand| e.to_string())?;
     if h.ranges.is_empty() {
         return Err("no RAM ranges".into());
     }
@@ -204,12 +208,7 @@ fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<(), Strin
     if !h.chunk.is_power_of_two() || !(PAGE..=2 << 20).contains(&h.chunk) {
         return Err(format!("chunk {} is not a power of two in 4K..2M", h.chunk));
     }
-    let want: &[&str] = match h.backend.as_str() {
-        "uffd-missing" => &["uffd"],
-        "uffd-minor" => &["uffd", "memfd"],
-        _ => &[],
-    };
-    let expect = want;
+    let expect = kind.handed_fds();
     if h.fds != expect {
         return Err(format!(
             "{}: descriptors {:?} announced, expected {expect:?}",
@@ -222,7 +221,7 @@ fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<(), Strin
             expect.len()
         ));
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// `vmm page-server`: serves one restore of the snapshot in `dir` on `socket`, then returns.
@@ -261,7 +260,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
             )))
         }
     };
-    check_handshake(&hs, mem_len, fds.len()).map_err(&refuse)?;
+    let kind = check_handshake(&hs, mem_len, fds.len()).map_err(&refuse)?;
     let ranges = ranges_of(&hs.ranges);
     let hosts: Vec<u64> = hs.ranges.iter().map(|r| r.host).collect();
     let pid = std::process::id();
@@ -269,7 +268,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
-    let uffd_mode = hs.backend.starts_with("uffd-");
+    let uffd_mode = kind.is_uffd();
     let writer = Arc::new(Mutex::new(
         main.try_clone().map_err(io("the main connection"))?,
     ));
@@ -286,8 +285,8 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         if !is_userfaultfd(&uffd) {
             return Err(refuse("the first descriptor is not a userfaultfd".into()));
         }
-        let pager: Arc<dyn DemandPager> = match hs.backend.as_str() {
-            "uffd-missing" => Arc::new(
+        let pager: Arc<dyn DemandPager> = match kind {
+            DemandKind::UffdMissing => Arc::new(
                 UffdMissing::from_fd(uffd, &ranges, &hosts).map_err(|e| refuse(e.to_string()))?,
             ),
             _ => {

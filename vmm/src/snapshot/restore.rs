@@ -2,6 +2,7 @@
 //! Eager restore copies every data page in first; lazy restore (`--lazy --demand NAME`)
 //! resumes at once and lets a `DemandPager` bring pages in on first touch (see `lazy`).
 
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
@@ -14,18 +15,20 @@ use super::files;
 use super::lazy::{DemandReport, Lazy, PageSource};
 use super::page_server::{Handshake, Session, WireRange};
 use super::SnapshotError;
-use crate::machine::final_dump::FinalDump;
+use crate::api::server::serve_api;
+use crate::machine::assemble::{self, AssembleError, Demand, Here, Resume};
+use crate::machine::description::Constraints;
+use crate::machine::final_dump::Fill;
 use crate::machine::shared::Shared;
 use crate::machine::{ConsoleOutput, DiskConfig, GuestConfig, Machine, RunReport};
-use crate::migration::description::Constraints;
-use crate::userfault::{self, keep_present, ArmArgs, DemandPager, Fetch, UffdMinor, UffdMissing};
+use crate::userfault::{keep_present, DemandKind, DemandPager, Fetch, UffdMinor, UffdMissing};
 use crate::vstate::vcpu::VcpuStop;
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub dir: PathBuf,
-    /// None: eager. Some(name): lazy with this demand-paging backend.
-    pub demand: Option<String>,
+    /// None: eager. Some(kind): lazy with this demand-paging backend.
+    pub demand: Option<DemandKind>,
     /// Bytes brought in per fault (a power of two, 4 KiB to 2 MiB).
     pub chunk: u64,
     /// Bring in untouched pages in the background too.
@@ -95,23 +98,16 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
 
 pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, SnapshotError> {
     let (manifest, memfile) = files::read(&opts.dir)?;
-    let constraints = Constraints {
-        disks: opts.disks.clone(),
-        ..Default::default()
+    let here = Here {
+        constraints: Constraints {
+            disks: opts.disks.clone(),
+            ..Default::default()
+        },
+        console: opts.console.clone(),
+        console_input: opts.console_input,
+        api_socket: opts.api_socket.clone(),
     };
-    let disks = manifest
-        .vm
-        .check(&constraints)
-        .map_err(SnapshotError::Refused)?;
-    let cfg = manifest
-        .vm
-        .config(
-            disks,
-            opts.console.clone(),
-            opts.console_input,
-            opts.api_socket.clone(),
-        )
-        .map_err(SnapshotError::Refused)?;
+    let cfg = assemble::config(&manifest.vm, &here)?;
     if opts.demand.is_some() && opts.dump_memory.is_some() {
         return Err(SnapshotError::Refused(
             "--dump-memory takes guest RAM before the guest runs, which a lazy restore does not \
@@ -119,39 +115,45 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
                 .into(),
         ));
     }
-    let mut machine =
-        Machine::build(&cfg, start).map_err(|e| SnapshotError::Machine(e.to_string()))?;
+    let machine = Machine::build(&cfg, start).map_err(|e| SnapshotError::Machine(e.to_string()))?;
     let ranges = machine.ram.ranges().to_vec();
     let runs = files::data_runs(&memfile, &ranges).map_err(io("finding the snapshot's data"))?;
     let data_pages: u64 = runs.iter().map(|r| r.1).sum();
     let t0 = Instant::now();
+    let ms_since = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
 
-    let Some(backend) = &opts.demand else {
+    let Some(backend) = opts.demand else {
         copy_runs(&memfile, machine.ram.file(), &ranges, &runs)?;
         if let Some(path) = &opts.dump_memory {
-            crate::migration::pages::dump_ram(machine.ram.file(), &ranges, path)
+            crate::memory::ram_file::dump_ram(machine.ram.file(), &ranges, path)
                 .map_err(io(format!("writing {}", path.display())))?;
         }
-        manifest.state.restore(&machine)?;
-        let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        tracing::info!("restored {data_pages} data pages in {restore_ms:.1} ms");
-        let final_dump = opts
-            .dump_final
-            .clone()
-            .map(|p| FinalDump::arm_whole(&mut machine, p));
-        let t_run = Instant::now();
-        let run = machine
-            .run(Some(Box::new(|_| {})))
-            .map_err(|e| SnapshotError::Machine(e.to_string()))?;
-        if let Some(d) = final_dump {
-            d.result().map_err(SnapshotError::FinalDump)?;
-        }
+        let restore_ms = Cell::new(0.0);
+        let t_run = Cell::new(Instant::now());
+        let mut resume: Resume<SnapshotError> =
+            Resume::new(&manifest.state, Some(serve_api), Box::new(|_| {}));
+        resume.final_dump = opts.dump_final.clone().map(|p| (p, None));
+        resume.restored = Some(Box::new(|| {
+            restore_ms.set(ms_since(t0));
+            tracing::info!(
+                "restored {data_pages} data pages in {:.1} ms",
+                restore_ms.get()
+            );
+            t_run.set(Instant::now());
+            Ok(())
+        }));
+        let run = assemble::resume(machine, resume)?;
         return Ok(Restored {
             run,
             demand: None,
-            restore_ms,
-            run_ms: t_run.elapsed().as_secs_f64() * 1000.0,
+            restore_ms: restore_ms.get(),
+            run_ms: ms_since(t_run.get()),
         });
+    };
+    let demand = Demand {
+        backend,
+        chunk: opts.chunk,
+        soft_slots: opts.soft_slots,
     };
 
     let host_addrs = machine.ram.host_addrs();
@@ -167,7 +169,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         })
         .collect();
     let handshake = |fds: Vec<String>| Handshake {
-        backend: backend.clone(),
+        backend: backend.to_string(),
         ranges: wire.clone(),
         pending: runs.clone(),
         chunk: opts.chunk,
@@ -176,9 +178,9 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
     };
 
     // uffd backends out of process: arm here, hand the descriptors over, run no fault thread.
-    if let (Some(path), true) = (&opts.page_server, backend.starts_with("uffd-")) {
+    if let (Some(path), true) = (&opts.page_server, backend.is_uffd()) {
         let (pager, fds, names): (Arc<dyn DemandPager>, Vec<RawFd>, Vec<String>) =
-            if backend == "uffd-minor" {
+            if backend.needs_memfd() {
                 let p = UffdMinor::arm(&ranges, &host_addrs, machine.ram.file(), &runs)?;
                 let fds = vec![p.raw_fd(), machine.ram.file().as_raw_fd()];
                 (Arc::new(p), fds, vec!["uffd".into(), "memfd".into()])
@@ -190,39 +192,54 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         // The server may fill every page, but this side is not told when: it stays marked
         // as paging in (no snapshot or migration of this VM).
         machine.paging_in.store(true, Ordering::Release);
-        let mut session = Session::connect(path, &handshake(names), &fds)?;
+        let session = Session::connect(path, &handshake(names), &fds)?;
+        let session = RefCell::new(Some(session));
         {
             let st = stopper.clone();
-            session.watch(Box::new(move |reason| st.stop(reason)))?;
+            if let Some(s) = session.borrow_mut().as_mut() {
+                s.watch(Box::new(move |reason| st.stop(reason)))?;
+            }
         }
-        if let Err(e) = manifest.state.restore(&machine) {
-            session.abort(&e.to_string());
-            return Err(e.into());
-        }
-        let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        tracing::info!(
-            "resuming with {data_pages} data pages brought in on demand by {backend} in page \
-             server {} ({restore_ms:.1} ms to resume)",
-            path.display()
-        );
-        session.resuming()?;
+        let restore_ms = Cell::new(0.0);
+        let t_run = Cell::new(Instant::now());
+        let run_ms = Cell::new(0.0);
+        let server = RefCell::new(None);
+        let mut resume: Resume<SnapshotError> =
+            Resume::new(&manifest.state, Some(serve_api), stopper.on_running());
         // The server serves every fault until Finish: reading a missing page through this
         // process's registered mapping brings it in like a guest touch.
-        let final_dump = opts
-            .dump_final
-            .clone()
-            .map(|p| FinalDump::arm_whole(&mut machine, p));
-        let t_run = Instant::now();
-        let run = machine.run(Some(stopper.on_running()));
-        let run_ms = t_run.elapsed().as_secs_f64() * 1000.0;
-        let server = session.finish();
-        // The registration must outlive every access: drop the pager only now.
-        drop(pager);
-        let run = run.map_err(|e| SnapshotError::Machine(e.to_string()))?;
-        if let Some(d) = final_dump {
-            d.result().map_err(SnapshotError::FinalDump)?;
-        }
-        let mut server = server?;
+        resume.final_dump = opts.dump_final.clone().map(|p| (p, None));
+        resume.restored = Some(Box::new(|| {
+            restore_ms.set(ms_since(t0));
+            tracing::info!(
+                "resuming with {data_pages} data pages brought in on demand by {backend} in page \
+                 server {} ({:.1} ms to resume)",
+                path.display(),
+                restore_ms.get()
+            );
+            if let Some(s) = session.borrow().as_ref() {
+                s.resuming()?;
+            }
+            t_run.set(Instant::now());
+            Ok(())
+        }));
+        resume.not_started = Some(Box::new(|e| {
+            if let AssembleError::Restore(e) = e {
+                if let Some(s) = session.borrow_mut().take() {
+                    s.abort(&e.to_string());
+                }
+            }
+        }));
+        resume.ended = Some(Box::new(|| {
+            run_ms.set(ms_since(t_run.get()));
+            *server.borrow_mut() = session.borrow_mut().take().map(|s| s.finish());
+            // The registration must outlive every access: drop the pager only now.
+            drop(pager);
+        }));
+        let run = assemble::resume(machine, resume)?;
+        let mut server = server.into_inner().ok_or_else(|| {
+            SnapshotError::Refused("the page server sent no fault report".into())
+        })??;
         let mut demand = server
             .demand
             .take()
@@ -231,23 +248,12 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         return Ok(Restored {
             run,
             demand: Some(demand),
-            restore_ms,
-            run_ms,
+            restore_ms: restore_ms.get(),
+            run_ms: run_ms.get(),
         });
     }
 
-    let pager = userfault::arm(
-        backend,
-        ArmArgs {
-            vm: machine.vm.clone(),
-            ranges: &ranges,
-            host_addrs: &host_addrs,
-            memfd: machine.ram.file(),
-            pending: &runs,
-            chunk: opts.chunk,
-            soft_slots: opts.soft_slots,
-        },
-    )?;
+    let pager = machine.arm_demand(&demand, &runs)?;
     let keep = memfile.try_clone().map_err(io("the memory file"))?;
     // Exit backends out of process: pages are read from the server, installed here.
     let mut session = match &opts.page_server {
@@ -274,7 +280,6 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         s.watch(Box::new(move |reason| st.stop(reason)))?;
     }
     // Until every page is here, the memory file has holes: no snapshot or migration of it.
-    machine.paging_in.store(true, Ordering::Release);
     {
         let flag = machine.paging_in.clone();
         lazy.on_filled(Box::new(move || flag.store(false, Ordering::Release)));
@@ -289,16 +294,11 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
     let mut eager_pages = 0;
     let prepared = (|| -> Result<(), SnapshotError> {
         if let Some(exits) = pager.exits() {
-            let _ = machine.demand.set(exits.clone());
             exits.set_fetch(lazy.clone() as Arc<dyn Fetch>);
             // Pages KVM touches itself never exit: they must be mapped before any vCPU runs.
             let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
             let keep_pages = must_be_present(&manifest.state.vcpus, &keep, &ranges, &runs, micro);
-            for gpa in &keep_pages {
-                if exits.covers(*gpa) {
-                    exits.keep_mapped(*gpa)?;
-                }
-            }
+            assemble::keep_mapped(exits.as_ref(), &keep_pages)?;
             if !micro {
                 // Zero pages mapped now may be (empty) page tables of some process too.
                 exits.pin_mapped();
@@ -316,57 +316,73 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
                 .spawn(move || l.prefetch())
                 .map_err(io("starting the prefetch thread"))?;
         }
-        manifest.state.restore(&machine)?;
         Ok(())
     })();
-    if let Err(e) = prepared {
+    let session = RefCell::new(session);
+    let abort = |e: &dyn std::fmt::Display| {
         lazy.stop();
-        if let Some(s) = session {
+        if let Some(s) = session.borrow_mut().take() {
             s.abort(&e.to_string());
         }
+    };
+    if let Err(e) = prepared {
+        abort(&e);
         return Err(e);
     }
-    let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    tracing::info!(
-        "resuming with {data_pages} data pages in the snapshot file, brought in on demand by \
-         {backend}{} ({restore_ms:.1} ms to resume)",
-        opts.page_server.as_ref().map_or(String::new(), |p| format!(
-            " from page server {}",
-            p.display()
-        ))
-    );
-    if let Some(s) = &session {
-        s.resuming()?;
-    }
-    lazy.resuming();
-    let final_dump = opts.dump_final.clone().map(|p| {
+    let restore_ms = Cell::new(0.0);
+    let t_run = Cell::new(Instant::now());
+    let run_ms = Cell::new(0.0);
+    let server = RefCell::new(None);
+    let mut resume: Resume<SnapshotError> =
+        Resume::new(&manifest.state, Some(serve_api), stopper.on_running());
+    resume.final_dump = opts.dump_final.clone().map(|p| {
         let l = lazy.clone();
-        let fill = Box::new(move || {
+        let fill: Fill = Box::new(move || {
             l.clone().prefetch();
             l.error()
                 .map_or(Ok(()), |e| Err(format!("bringing in the rest: {e}")))
         });
-        FinalDump::arm(&mut machine, p, fill)
+        (p, Some(fill))
     });
-    let t_run = Instant::now();
-    let run = machine.run(Some(stopper.on_running()));
-    let run_ms = t_run.elapsed().as_secs_f64() * 1000.0;
-    lazy.stop();
-    let _ = serve.join();
-    let server = session.map(|s| s.finish());
-    let run = run.map_err(|e| SnapshotError::Machine(e.to_string()))?;
-    if let Some(d) = final_dump {
-        d.result().map_err(SnapshotError::FinalDump)?;
-    }
+    resume.restored = Some(Box::new(|| {
+        restore_ms.set(ms_since(t0));
+        tracing::info!(
+            "resuming with {data_pages} data pages in the snapshot file, brought in on demand by \
+             {backend}{} ({:.1} ms to resume)",
+            opts.page_server.as_ref().map_or(String::new(), |p| format!(
+                " from page server {}",
+                p.display()
+            )),
+            restore_ms.get()
+        );
+        if let Some(s) = session.borrow().as_ref() {
+            s.resuming()?;
+        }
+        lazy.resuming();
+        t_run.set(Instant::now());
+        Ok(())
+    }));
+    resume.not_started = Some(Box::new(|e| {
+        if let AssembleError::Restore(e) = e {
+            abort(e);
+        }
+    }));
+    resume.ended = Some(Box::new(|| {
+        run_ms.set(ms_since(t_run.get()));
+        lazy.stop();
+        let _ = serve.join();
+        *server.borrow_mut() = session.borrow_mut().take().map(|s| s.finish());
+    }));
+    let run = assemble::resume(machine, resume)?;
     let mut demand = lazy.report(eager_pages, data_pages);
-    if let Some(server) = server {
+    if let Some(server) = server.into_inner() {
         demand.page_server = Some(serde_json::to_value(server?).unwrap_or_default());
     }
     Ok(Restored {
         run,
         demand: Some(demand),
-        restore_ms,
-        run_ms,
+        restore_ms: restore_ms.get(),
+        run_ms: run_ms.get(),
     })
 }
 

@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::files::{self, SnapshotFileError};
 use super::SnapshotError;
+use crate::machine::saved_state::VmSnapshot;
 use crate::machine::shared::Shared;
-use crate::migration::snapshot::VmSnapshot;
 use crate::vstate::pause::Owner;
 use crate::vstate::vcpu::VcpuStop;
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Fault, UserfaultError};
+use crate::memory::page_index::{AtomicPages, PageIndex};
 use crate::memory::RamRange;
-use crate::migration::page_index::{AtomicPages, PageIndex};
 
 const PAGE: u64 = 4096;
 
@@ -264,7 +264,7 @@ impl Waiters {
     }
 
     fn file_offset(&self, gpa: u64, len: u64) -> Result<u64, UserfaultError> {
-        crate::migration::pages::file_offset(&self.ranges, gpa, len)
+        crate::memory::ram_file::file_offset(&self.ranges, gpa, len)
             .map_err(|_| UserfaultError::NotRam { gpa, len })
     }
 

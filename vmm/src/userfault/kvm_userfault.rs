@@ -146,7 +146,7 @@ impl Inner {
 
 impl ExitPager for Inner {
     fn name(&self) -> &'static str {
-        "kvm-userfault"
+        super::DemandKind::KvmUserfault.name()
     }
 
     fn covers(&self, gpa: u64) -> bool {
@@ -212,7 +212,7 @@ impl ExitPager for Inner {
 
 impl DemandPager for KvmUserfault {
     fn name(&self) -> &'static str {
-        "kvm-userfault"
+        super::DemandKind::KvmUserfault.name()
     }
 
     fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {

@@ -423,7 +423,7 @@ impl Inner {
 
 impl ExitPager for Inner {
     fn name(&self) -> &'static str {
-        "memslot-exits"
+        super::DemandKind::MemslotExits.name()
     }
 
     fn covers(&self, gpa: u64) -> bool {
@@ -514,7 +514,7 @@ mod tests;
 
 impl DemandPager for MemslotExits {
     fn name(&self) -> &'static str {
-        "memslot-exits"
+        super::DemandKind::MemslotExits.name()
     }
 
     fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {

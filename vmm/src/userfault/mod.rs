@@ -4,6 +4,7 @@
 //! userfaultfd MISSING: MINOR + CONTINUE, real KVM_MEM_USERFAULT exits, or their emulation with
 //! memslot holes on stock kernels (issue 6).
 
+pub mod demand_kind;
 pub mod exits;
 pub mod inject;
 pub mod keep_present;
@@ -15,6 +16,7 @@ pub mod uffd_missing;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use demand_kind::{DemandKind, UnknownDemand};
 pub use exits::{DemandExits, ExitPager, ExitStats, Fetch};
 pub use memslot_exits::MemslotExits;
 
@@ -88,14 +90,6 @@ pub trait DemandPager: Send + Sync {
     }
 }
 
-/// Names `vmm` accepts for `--demand`.
-pub const BACKENDS: &[&str] = &[
-    "uffd-missing",
-    "uffd-minor",
-    "memslot-exits",
-    "kvm-userfault",
-];
-
 /// What arming a backend needs from the machine.
 pub struct ArmArgs<'a> {
     pub vm: std::sync::Arc<crate::vstate::vm::Vm>,
@@ -110,17 +104,17 @@ pub struct ArmArgs<'a> {
     pub soft_slots: usize,
 }
 
-/// Arms the backend called `name` over guest RAM.
-pub fn arm(name: &str, a: ArmArgs<'_>) -> Result<Arc<dyn DemandPager>, UserfaultError> {
-    match name {
-        "uffd-missing" => Ok(Arc::new(UffdMissing::arm(a.ranges, a.host_addrs)?)),
-        "uffd-minor" => Ok(Arc::new(UffdMinor::arm(
+/// Arms the backend `kind` over guest RAM.
+pub fn arm(kind: DemandKind, a: ArmArgs<'_>) -> Result<Arc<dyn DemandPager>, UserfaultError> {
+    match kind {
+        DemandKind::UffdMissing => Ok(Arc::new(UffdMissing::arm(a.ranges, a.host_addrs)?)),
+        DemandKind::UffdMinor => Ok(Arc::new(UffdMinor::arm(
             a.ranges,
             a.host_addrs,
             a.memfd,
             a.pending,
         )?)),
-        "memslot-exits" => Ok(Arc::new(MemslotExits::arm(
+        DemandKind::MemslotExits => Ok(Arc::new(MemslotExits::arm(
             a.vm,
             a.ranges,
             a.host_addrs,
@@ -129,7 +123,7 @@ pub fn arm(name: &str, a: ArmArgs<'_>) -> Result<Arc<dyn DemandPager>, Userfault
             a.chunk,
             a.soft_slots,
         )?)),
-        "kvm-userfault" => Ok(Arc::new(kvm_userfault::KvmUserfault::arm(
+        DemandKind::KvmUserfault => Ok(Arc::new(kvm_userfault::KvmUserfault::arm(
             a.vm,
             a.ranges,
             a.host_addrs,
@@ -137,10 +131,6 @@ pub fn arm(name: &str, a: ArmArgs<'_>) -> Result<Arc<dyn DemandPager>, Userfault
             a.pending,
             a.chunk,
         )?)),
-        other => Err(UserfaultError::Unsupported(format!(
-            "unknown demand-paging backend {other:?}; known: {}",
-            BACKENDS.join(", ")
-        ))),
     }
 }
 

@@ -447,7 +447,7 @@ impl UffdMinor {
 
 impl DemandPager for UffdMinor {
     fn name(&self) -> &'static str {
-        "uffd-minor"
+        super::DemandKind::UffdMinor.name()
     }
 
     fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {

@@ -115,7 +115,7 @@ impl UffdMissing {
 
 impl DemandPager for UffdMissing {
     fn name(&self) -> &'static str {
-        "uffd-missing"
+        super::DemandKind::UffdMissing.name()
     }
 
     fn next_fault(&self, timeout: Duration) -> Result<Option<Fault>, UserfaultError> {

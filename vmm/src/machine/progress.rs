@@ -1,8 +1,30 @@
-//! Where a migration stands (for `status` while it runs) and what it measured (its report).
+//! Where a migration stands (for `status` while it runs) and what it measured (its report):
+//! plain data the machine holds (`Shared::progress`, `RunReport::migration`) so that the API,
+//! the run report and the micro guest's `finish` can read it; `migration` writes it.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::Mode;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Precopy,
+    Postcopy,
+    Hybrid,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" => Ok(Mode::Precopy),
+            "postcopy" => Ok(Mode::Postcopy),
+            "hybrid" => Ok(Mode::Hybrid),
+            other => Err(format!(
+                "unknown migration mode '{other}' (precopy, postcopy, hybrid)"
+            )),
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -1,11 +1,10 @@
-//! What the source tells the destination about the VM before any memory moves (the Hello
-//! frame's JSON), and the destination's compatibility check against it.
+//! What VM this is, as a migration's Hello and a snapshot's vm.json carry it, and the check a
+//! destination or restore makes against it before building the VM.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::Mode;
 use crate::machine::devices_setup::device_ids;
 use crate::machine::{DiskConfig, GuestConfig, VmConfig, MAX_VCPUS};
 use crate::memory::{ram_layout, RamRange};
@@ -43,17 +42,6 @@ pub struct VmDescription {
     pub devices: Vec<String>,
     /// The VM was created with a dirty ring.
     pub dirty_ring: bool,
-}
-
-/// The Hello frame's payload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Hello {
-    pub vm: VmDescription,
-    pub mode: Mode,
-    /// Names the migration's extra connections.
-    pub session: u64,
-    /// The source's host kind, for the destination's log.
-    pub source_host: String,
 }
 
 /// What the destination insists on (its own command line), checked against the Hello.

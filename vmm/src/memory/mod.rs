@@ -10,6 +10,9 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use guest_abi::layout;
+pub mod page_index;
+pub mod ram_file;
+
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend};
 
 /// The guest memory type every component shares (the devices crate uses the same one).

@@ -3,8 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::protocol::PAGE_SIZE;
-use crate::memory::RamRange;
+use super::{RamRange, PAGE_SIZE};
 
 #[derive(Debug, Clone)]
 pub struct PageIndex {
