@@ -334,7 +334,7 @@ fn four_vcpus_on_private_and_shared_regions_restore_lazily_with_every_backend() 
 /// and exits with status 0 only if both loaded the right values. After a lazy restore under
 /// memslot-exits those pages are in no memslot: KVM's emulator cannot run either instruction,
 /// so the exit is an emulation failure without an address, and vmm must decode the
-/// instruction (`vstate::operands`), map its operands' pages and let it run natively.
+/// instruction (`userfault::operands`), map its operands' pages and let it run natively.
 const FLAG: u64 = 0x80_4000;
 
 fn sse_payload(dir: &Path) -> PathBuf {

@@ -16,9 +16,10 @@ use crate::boot::micro;
 use crate::boot::mptable;
 use crate::boot::{paging, EntryPoint};
 use crate::memory::GuestRam;
-use crate::tracking::{self, DirtyRings};
-use crate::userfault::DemandExits;
+use crate::tracking::{self, DirtyRings, RingFullExits};
+use crate::userfault::{DemandExits, PagerExits};
 use crate::vstate::cpuid;
+use crate::vstate::exits::{ExitHandler, Handlers};
 use crate::vstate::kick::{Kicker, RunState};
 use crate::vstate::pause::PauseControl;
 use crate::vstate::regs::{self, RegsError};
@@ -163,6 +164,13 @@ impl Machine {
             regs::setup_msrs(&fd)?;
             regs::setup_fpu(&fd)?;
             regs::setup_lint(&fd)?;
+            // Each vCPU asks the pager first (an MMIO exit into RAM is a missing page), then
+            // the rings.
+            let mut exits: Vec<Box<dyn ExitHandler>> =
+                vec![Box::new(PagerExits::new(id, demand.clone()))];
+            if let Some(rings) = &rings {
+                exits.push(Box::new(RingFullExits::new(rings.clone())));
+            }
             runners.push(VcpuRunner {
                 id,
                 fd,
@@ -172,12 +180,9 @@ impl Machine {
                 stop: stop.clone(),
                 exit_evt: exit_evt.try_clone().map_err(MachineError::Thread)?,
                 run_state: Arc::new(RunState::default()),
-                rings: rings.clone(),
-                ring_full_streak: 0,
+                exits: Handlers(exits),
                 pause: pause.clone(),
                 vm: vm.clone(),
-                demand: demand.clone(),
-                code_retry: None,
             });
         }
         let (events_tx, events_rx) = channel();

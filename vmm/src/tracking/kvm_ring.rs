@@ -226,7 +226,7 @@ impl DirtyRings {
         }
     }
 
-    /// Counts a KVM_EXIT_DIRTY_RING_FULL (called by the vCPU loop).
+    /// Counts a KVM_EXIT_DIRTY_RING_FULL (called by each vCPU's `RingFullExits`).
     pub fn note_full_exit(&self) {
         self.full_exits.fetch_add(1, Ordering::Relaxed);
     }

@@ -16,6 +16,7 @@ mod dirty_set;
 mod kvm_bitmap;
 mod kvm_bitmap_manual;
 mod kvm_ring;
+mod ring_exits;
 mod soft_dirty;
 mod thread_cpu;
 mod uffd_wp;
@@ -30,6 +31,7 @@ use serde::Serialize;
 
 pub use dirty_set::{DirtySet, SlotBits};
 pub use kvm_ring::{DirtyRings, RingStats, RING_ENTRIES};
+pub use ring_exits::{RingCollect, RingFullExits};
 pub use thread_cpu::thread_cpu_ns;
 
 use crate::memory::{GuestMemory, PAGE_SIZE};

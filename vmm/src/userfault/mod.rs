@@ -10,8 +10,10 @@ pub mod inject;
 pub mod keep_present;
 pub mod kvm_userfault;
 pub mod memslot_exits;
+pub mod operands;
 pub mod uffd_minor;
 pub mod uffd_missing;
+pub mod vcpu_exits;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 pub use demand_kind::{DemandKind, UnknownDemand};
 pub use exits::{DemandExits, ExitPager, ExitStats, Fetch};
 pub use memslot_exits::MemslotExits;
+pub use vcpu_exits::PagerExits;
 
 pub use uffd_minor::UffdMinor;
 pub use uffd_missing::UffdMissing;

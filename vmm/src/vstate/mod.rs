@@ -1,8 +1,8 @@
 //! KVM state: the VM (memslots, irqchip, PIT), vCPUs (boot registers, CPUID, MSRs, the run loop).
 
 pub mod cpuid;
+pub mod exits;
 pub mod kick;
-pub mod operands;
 pub mod pause;
 pub mod regs;
 pub mod resources;

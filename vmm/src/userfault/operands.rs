@@ -3,8 +3,21 @@
 //! touched a page in no memslot. Decoding is iced-x86's; this computes linear addresses from
 //! the vCPU's registers.
 
-use iced_x86::{Decoder, DecoderOptions, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
+
+/// Why an instruction's memory accesses cannot be known.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OperandError {
+    #[error("cannot decode the instruction bytes {bytes:02x?}")]
+    Undecodable { bytes: Vec<u8> },
+    #[error(
+        "{mnemonic:?} (bytes {bytes:02x?}): a gather/scatter, whose addresses depend on vector registers"
+    )]
+    Gather { mnemonic: Mnemonic, bytes: Vec<u8> },
+    #[error("{mnemonic:?} (bytes {bytes:02x?}): cannot compute the address")]
+    Address { mnemonic: Mnemonic, bytes: Vec<u8> },
+}
 
 /// One memory access of the instruction: linear address and size in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +78,13 @@ pub fn memory_accesses(
     bitness: u32,
     regs: &kvm_regs,
     sregs: &kvm_sregs,
-) -> Result<Vec<MemAccess>, String> {
+) -> Result<Vec<MemAccess>, OperandError> {
     let mut decoder = Decoder::with_ip(bitness, bytes, regs.rip, DecoderOptions::NONE);
     let instr = decoder.decode();
     if instr.is_invalid() {
-        return Err(format!("cannot decode the instruction bytes {bytes:02x?}"));
+        return Err(OperandError::Undecodable {
+            bytes: bytes.to_vec(),
+        });
     }
     let mut out = Vec::new();
     for op in 0..instr.op_count() {
@@ -77,17 +92,16 @@ pub fn memory_accesses(
             continue;
         }
         if instr.is_vsib() {
-            return Err(format!(
-                "{:?} (bytes {bytes:02x?}): a gather/scatter, whose addresses depend on vector registers", instr.mnemonic()
-            ));
+            return Err(OperandError::Gather {
+                mnemonic: instr.mnemonic(),
+                bytes: bytes.to_vec(),
+            });
         }
         let linear = instr
             .virtual_address(op, 0, |reg, _, _| value(regs, sregs, reg))
-            .ok_or_else(|| {
-                format!(
-                    "{:?} (bytes {bytes:02x?}): cannot compute the address",
-                    instr.mnemonic()
-                )
+            .ok_or_else(|| OperandError::Address {
+                mnemonic: instr.mnemonic(),
+                bytes: bytes.to_vec(),
             })?;
         let len = (instr.memory_size().size() as u64).max(1);
         out.push(MemAccess { linear, len });
@@ -138,6 +152,17 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        assert!(memory_accesses(&[0x0f, 0xff], 64, &regs, &sregs).is_err());
+        assert_eq!(
+            memory_accesses(&[0x0f, 0xff], 64, &regs, &sregs),
+            Err(OperandError::Undecodable {
+                bytes: vec![0x0f, 0xff]
+            })
+        );
+        // vpgatherdd xmm0, [rax+xmm1*4], xmm2: addresses from a vector register.
+        let gather = memory_accesses(&[0xc4, 0xe2, 0x69, 0x90, 0x04, 0x88], 64, &regs, &sregs);
+        assert!(
+            matches!(gather, Err(OperandError::Gather { .. })),
+            "{gather:?}"
+        );
     }
 }
