@@ -204,6 +204,7 @@ mod tests {
     use crate::machine::description::GuestDesc;
 
     fn desc(guest: GuestDesc) -> VmDescription {
+        let micro = matches!(guest, GuestDesc::Micro { .. });
         VmDescription {
             vcpus: 2,
             mem_bytes: 64 << 20,
@@ -213,7 +214,7 @@ mod tests {
                 .collect(),
             guest,
             disks: vec![],
-            devices: vec!["serial".into(), "i8042".into(), "boot-timer".into()],
+            devices: crate::machine::devices_setup::device_ids(micro, 0),
             dirty_ring: false,
         }
     }
