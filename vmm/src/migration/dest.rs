@@ -77,7 +77,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
 
     let hello = match r.recv()? {
         Message::Hello(json) => {
-            serde_json::from_slice::<Hello>(&json).map_err(|e| MigrationError::Hello(e.to_string()))
+            serde_json::from_slice::<Hello>(&json).map_err(|source| MigrationError::HelloJson {
+                what: "malformed JSON",
+                source,
+            })
         }
         other => Err(unexpected("Hello", &other)),
     };
@@ -96,8 +99,8 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         Err(e) => return Err(refuse(&mut w, e.into())),
     };
     if hello.mode != Mode::Precopy {
-        if let Err(reason) = demand_fits(&opts.demand) {
-            return Err(refuse(&mut w, MigrationError::Refused(reason)));
+        if let Err(e) = demand_fits(&opts.demand) {
+            return Err(refuse(&mut w, e));
         }
         // Postcopy needs userfaultfd here: find out before the source commits to it.
         if let Err(e) = crate::sys::uffd::available_features() {
@@ -116,7 +119,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     }
     let machine = match Machine::build(&cfg, start) {
         Ok(m) => m,
-        Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e.to_string()))),
+        Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e))),
     };
     // memslot-exits cannot see KVM's own accesses: the page tables must all be here before the
     // guest runs. A guest with one address space (the micro guest) has them all under its
@@ -133,7 +136,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         let json = serde_json::to_vec(&super::presend::AcceptOptions {
             presend_page_tables: true,
         })
-        .map_err(|e| MigrationError::Hello(e.to_string()))?;
+        .map_err(|source| MigrationError::HelloJson {
+            what: "encoding the Accept options",
+            source,
+        })?;
         w.send(&Message::AcceptWith(json))?;
     } else {
         w.send(&Message::Accept)?;
@@ -335,11 +341,11 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
 
 /// Whether this destination's demand-paging backend can work here at all (memslot-exits
 /// gets the pages KVM touches itself from the source, see `presend`).
-fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), String> {
-    demand
-        .backend
-        .check_host()
-        .map_err(|why| format!("postcopy with --demand {}: {why}", demand.backend))
+fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), MigrationError> {
+    // `why` is the backend's message; the refusal sends it to the source as text.
+    demand.backend.check_host().map_err(|why| {
+        MigrationError::Refused(format!("postcopy with --demand {}: {why}", demand.backend))
+    })
 }
 
 /// Refuses the migration with the reason and returns the error for this side's exit.

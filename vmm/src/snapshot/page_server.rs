@@ -48,15 +48,32 @@ const MAX_FDS: usize = 3;
 pub enum PageServerError {
     #[error("page server protocol: {0}")]
     Proto(#[from] ProtoError),
+    /// The server's words from `Refuse` or `Error`, or the description of a bad handshake that
+    /// this server sends in its `Refuse`.
     #[error("the page server refused the restore: {0}")]
     Refused(String),
+    /// This server cannot page with the descriptors it was given (its `Refuse` says why).
+    #[error("the page server refused the restore: {0}")]
+    Unusable(#[source] UserfaultError),
+    #[error("the page server refused the restore: {0}")]
+    Backend(#[source] UnknownDemand),
+    /// A protocol violation described, or the peer's words from its `Error`.
     #[error("{0}")]
     Failed(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
+        #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Files(#[from] files::SnapshotFileError),
     #[error(transparent)]
     Demand(#[from] UserfaultError),
 }
@@ -64,6 +81,10 @@ pub enum PageServerError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PageServerError {
     let what = what.into();
     move |source| PageServerError::Io { what, source }
+}
+
+fn json_err(what: &'static str) -> impl FnOnce(serde_json::Error) -> PageServerError {
+    move |source| PageServerError::Json { what, source }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,21 +194,23 @@ fn ranges_of(w: &[WireRange]) -> Vec<RamRange> {
 
 /// Checks a handshake against the snapshot's memory file of `mem_len` bytes; the backend it
 /// names.
-fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<DemandKind, String> {
-    let kind: DemandKind = h
-        .backend
-        .parse()
-        .map_err(|e: UnknownDemand| e.to_string())?;
+fn check_handshake(
+    h: &Handshake,
+    mem_len: u64,
+    nfds: usize,
+) -> Result<DemandKind, PageServerError> {
+    let kind: DemandKind = h.backend.parse().map_err(PageServerError::Backend)?;
+    let refused = |why: String| Err(PageServerError::Refused(why));
     if h.ranges.is_empty() {
-        return Err("no RAM ranges".into());
+        return refused("no RAM ranges".into());
     }
     for r in &h.ranges {
         if r.gpa % PAGE != 0 || r.size % PAGE != 0 || r.file_offset % PAGE != 0 || r.size == 0 {
-            return Err(format!("RAM range {r:?} is not page aligned"));
+            return refused(format!("RAM range {r:?} is not page aligned"));
         }
         let end = r.file_offset.checked_add(r.size);
         if end.is_none_or(|e| e > mem_len) || r.gpa.checked_add(r.size).is_none() {
-            return Err(format!(
+            return refused(format!(
                 "RAM range {r:?} lies outside the snapshot's memory file ({mem_len} bytes): \
                  not the snapshot this vmm restores?"
             ));
@@ -202,21 +225,21 @@ fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<DemandKin
                 .any(|r| gpa >= r.gpa && len <= r.size && gpa - r.gpa <= r.size - len)
         });
         if gpa % PAGE != 0 || !inside {
-            return Err(format!("pending run 0x{gpa:x}+{n} pages is not guest RAM"));
+            return refused(format!("pending run 0x{gpa:x}+{n} pages is not guest RAM"));
         }
     }
     if !h.chunk.is_power_of_two() || !(PAGE..=2 << 20).contains(&h.chunk) {
-        return Err(format!("chunk {} is not a power of two in 4K..2M", h.chunk));
+        return refused(format!("chunk {} is not a power of two in 4K..2M", h.chunk));
     }
     let expect = kind.handed_fds();
     if h.fds != expect {
-        return Err(format!(
+        return refused(format!(
             "{}: descriptors {:?} announced, expected {expect:?}",
             h.backend, h.fds
         ));
     }
     if nfds != expect.len() {
-        return Err(format!(
+        return refused(format!(
             "{} descriptors announced but {nfds} received",
             expect.len()
         ));
@@ -226,7 +249,7 @@ fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<DemandKin
 
 /// `vmm page-server`: serves one restore of the snapshot in `dir` on `socket`, then returns.
 pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError> {
-    let (_, memfile) = files::read(dir).map_err(|e| PageServerError::Failed(e.to_string()))?;
+    let (_, memfile) = files::read(dir)?;
     let mem_len = memfile
         .metadata()
         .map_err(io("the snapshot's memory file"))?
@@ -245,16 +268,27 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
     main.set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(io("the main connection"))?;
     let (hello, fds) = recv_with_fds(&main)?;
-    let refuse = |reason: String| -> PageServerError {
-        let mut w = &main;
-        let _ = proto::send(&mut w, 0, &Message::Refuse(reason.clone()));
-        PageServerError::Refused(reason)
+    // Each refusal's reason goes to the restoring vmm in `Refuse`.
+    let refuse = |e: PageServerError| -> PageServerError {
+        let reason = match &e {
+            PageServerError::Refused(why) => why.clone(),
+            PageServerError::Unusable(source) => source.to_string(),
+            PageServerError::Backend(source) => source.to_string(),
+            other => other.to_string(),
+        };
+        let _ = proto::send(&mut &main, 0, &Message::Refuse(reason));
+        e
     };
+    let refuse_msg = |why: String| refuse(PageServerError::Refused(why));
     let hs: Handshake = match hello {
-        Message::Hello(json) => serde_json::from_slice(&json)
-            .map_err(|e| refuse(format!("malformed handshake: {e}")))?,
+        Message::Hello(json) => serde_json::from_slice(&json).map_err(|source| {
+            refuse(PageServerError::Json {
+                what: "malformed handshake",
+                source,
+            })
+        })?,
         other => {
-            return Err(refuse(format!(
+            return Err(refuse_msg(format!(
                 "expected Hello as the first frame, got {}",
                 other.name()
             )))
@@ -281,29 +315,32 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         let mut it = fds.into_iter();
         let uffd = it
             .next()
-            .ok_or_else(|| refuse("no userfaultfd received".into()))?;
+            .ok_or_else(|| refuse_msg("no userfaultfd received".into()))?;
         if !is_userfaultfd(&uffd) {
-            return Err(refuse("the first descriptor is not a userfaultfd".into()));
+            return Err(refuse_msg(
+                "the first descriptor is not a userfaultfd".into(),
+            ));
         }
         let pager: Arc<dyn DemandPager> = match kind {
             DemandKind::UffdMissing => Arc::new(
-                UffdMissing::from_fd(uffd, &ranges, &hosts).map_err(|e| refuse(e.to_string()))?,
+                UffdMissing::from_fd(uffd, &ranges, &hosts)
+                    .map_err(|e| refuse(PageServerError::Unusable(e)))?,
             ),
             _ => {
                 let memfd = it
                     .next()
                     .map(File::from)
-                    .ok_or_else(|| refuse("no guest-RAM memfd received".into()))?;
+                    .ok_or_else(|| refuse_msg("no guest-RAM memfd received".into()))?;
                 Arc::new(
                     UffdMinor::from_fd(uffd, &ranges, &hosts, memfd, &hs.pending)
-                        .map_err(|e| refuse(e.to_string()))?,
+                        .map_err(|e| refuse(PageServerError::Unusable(e)))?,
                 )
             }
         };
         let source: Arc<dyn PageSource> = exits.clone();
         let l = Arc::new(
             Lazy::new(pager, source, &ranges, &hs.pending, hs.chunk)
-                .map_err(|e| refuse(e.to_string()))?,
+                .map_err(|e| refuse(PageServerError::Unusable(e)))?,
         );
         {
             let writer = writer.clone();
@@ -330,7 +367,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         }
         lazy = Some(l);
     } else if !fds.is_empty() {
-        return Err(refuse(format!(
+        return Err(refuse_msg(format!(
             "{}: no descriptors expected, got {}",
             hs.backend,
             fds.len()
@@ -347,8 +384,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
                 .map_err(io("starting the acceptor"))?,
         )
     };
-    let ready = serde_json::to_vec(&Ready { session, pid })
-        .map_err(|e| PageServerError::Failed(e.to_string()))?;
+    let ready = serde_json::to_vec(&Ready { session, pid }).map_err(json_err("encoding Ready"))?;
     proto::send(&mut *lock(&writer), 0, &Message::Ready(ready))?;
     // From now on the restoring vmm may take as long as its guest runs.
     main.set_read_timeout(None)
@@ -413,7 +449,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         connections: exits.connections.load(Ordering::Acquire),
         serve_us: Percentiles::of(&mut lat),
     };
-    let json = serde_json::to_vec(&report).map_err(|e| PageServerError::Failed(e.to_string()))?;
+    let json = serde_json::to_vec(&report).map_err(json_err("encoding the report"))?;
     proto::send(&mut *lock(&writer), 0, &Message::Stats(json))?;
     if let Some(e) = report.demand.as_ref().and_then(|d| d.error.clone()) {
         return Err(PageServerError::Failed(format!("serving faults: {e}")));
@@ -529,10 +565,13 @@ impl ExitsServer {
                 return Err(PageServerError::Failed(reason));
             };
             let mut data = vec![0u8; len as usize];
-            if let Err(e) = self.file.read_exact_at(&mut data, off) {
-                let reason = format!("reading the snapshot at 0x{gpa:x}: {e}");
-                let _ = proto::send(&mut w, id, &Message::Error(reason.clone()));
-                return Err(PageServerError::Failed(reason));
+            if let Err(source) = self.file.read_exact_at(&mut data, off) {
+                let e = PageServerError::Io {
+                    what: format!("reading the snapshot at 0x{gpa:x}"),
+                    source,
+                };
+                let _ = proto::send(&mut w, id, &Message::Error(e.to_string()));
+                return Err(e);
             }
             proto::send(&mut w, id, &Message::Data(data))?;
             self.requests.fetch_add(1, Ordering::AcqRel);
@@ -561,12 +600,13 @@ impl Session {
         )))?;
         main.set_read_timeout(Some(REPLY_TIMEOUT))
             .map_err(io("the page-server connection"))?;
-        let json = serde_json::to_vec(hs).map_err(|e| PageServerError::Failed(e.to_string()))?;
+        let json = serde_json::to_vec(hs).map_err(json_err("encoding the handshake"))?;
         send_with_fds(&main, &Message::Hello(json), fds)?;
         let mut r = &main;
         let ready = match proto::recv(&mut r) {
-            Ok((_, Message::Ready(json))) => serde_json::from_slice::<Ready>(&json)
-                .map_err(|e| PageServerError::Failed(format!("malformed Ready: {e}")))?,
+            Ok((_, Message::Ready(json))) => {
+                serde_json::from_slice::<Ready>(&json).map_err(json_err("malformed Ready"))?
+            }
             Ok((_, Message::Refuse(reason))) => return Err(PageServerError::Refused(reason)),
             Ok((_, Message::Error(reason))) => return Err(PageServerError::Refused(reason)),
             Ok((_, other)) => {
@@ -683,8 +723,9 @@ impl Session {
             .map_err(io("the page-server connection"))?;
         let mut r = &self.main;
         match proto::recv(&mut r)? {
-            (_, Message::Stats(json)) => serde_json::from_slice(&json)
-                .map_err(|e| PageServerError::Failed(format!("malformed Stats: {e}"))),
+            (_, Message::Stats(json)) => {
+                serde_json::from_slice(&json).map_err(json_err("malformed Stats"))
+            }
             (_, Message::Error(reason)) => Err(PageServerError::Failed(format!(
                 "page server {}: {reason}",
                 self.path.display()
