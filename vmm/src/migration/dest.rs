@@ -103,12 +103,13 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             return Err(refuse(&mut w, e));
         }
         // Postcopy needs userfaultfd here: find out before the source commits to it.
-        if let Err(e) = crate::sys::uffd::available_features() {
+        if let Err(source) = crate::sys::uffd::available_features() {
             return Err(refuse(
                 &mut w,
-                MigrationError::Refused(format!(
-                    "postcopy needs userfaultfd on the destination, which it cannot open: {e}"
-                )),
+                MigrationError::RefusedHere {
+                    reason: "postcopy needs userfaultfd on the destination, which it cannot open",
+                    source,
+                },
             ));
         }
     }
@@ -352,6 +353,7 @@ fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), MigrationError> {
 fn refuse(w: &mut Writer, e: MigrationError) -> MigrationError {
     let reason = match &e {
         MigrationError::Refused(r) => r.clone(),
+        MigrationError::RefusedHere { reason, source } => format!("{reason}: {source}"),
         other => other.to_string(),
     };
     let _ = w.send(&Message::Refuse(reason));

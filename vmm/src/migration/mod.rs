@@ -57,6 +57,13 @@ pub enum MigrationError {
     /// own reason that it sends there.
     #[error("the destination refused the VM: {0}")]
     Refused(String),
+    /// This destination cannot host the VM for a host reason (`refuse` sends `{reason}: {source}`).
+    #[error("the destination refused the VM: {reason}: {source}")]
+    RefusedHere {
+        reason: &'static str,
+        #[source]
+        source: crate::sys::SysError,
+    },
     /// The other side's words, received in `Abort`.
     #[error("the other side aborted: {0}")]
     Aborted(String),
@@ -150,6 +157,32 @@ mod tests {
         }
         assert_eq!("hybrid".parse::<Mode>().unwrap(), Mode::Hybrid);
         assert!("fast".parse::<Mode>().is_err());
+    }
+
+    #[test]
+    fn a_lost_main_connection_reads_as_before_and_keeps_its_cause() {
+        use std::error::Error;
+        let e = MigrationError::MainLost(protocol::ProtocolError::Closed);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the other side aborted: main connection: {}",
+                protocol::ProtocolError::Closed
+            )
+        );
+        let cause = e
+            .source()
+            .and_then(|c| c.downcast_ref::<protocol::ProtocolError>());
+        assert!(matches!(cause, Some(protocol::ProtocolError::Closed)));
+        let bad = serde_json::from_slice::<hello::Hello>(b"{").unwrap_err();
+        let e = MigrationError::HelloJson {
+            what: "malformed JSON",
+            source: bad,
+        };
+        assert!(e
+            .to_string()
+            .starts_with("bad Hello from the source: malformed JSON: "));
+        assert!(e.source().is_some_and(|c| c.is::<serde_json::Error>()));
     }
 
     #[test]

@@ -81,10 +81,9 @@ fn handshakes_that_do_not_fit_the_snapshot_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("descriptors"), "{e}");
-    let e = check_handshake(&hs("nope", &[]), 1 << 20, 0)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("unknown backend"), "{e}");
+    let e = check_handshake(&hs("nope", &[]), 1 << 20, 0).unwrap_err();
+    assert!(matches!(e, PageServerError::Backend(_)), "{e:?}");
+    assert!(e.to_string().contains("unknown backend"), "{e}");
     let mut bad = hs("memslot-exits", &[]);
     bad.pending = vec![(0xff000, 2)];
     assert!(check_handshake(&bad, 1 << 20, 0).is_err());
