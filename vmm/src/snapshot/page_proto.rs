@@ -75,22 +75,17 @@ const KIND_READ: u16 = 8;
 const KIND_DATA: u16 = 9;
 const KIND_ERROR: u16 = 10;
 
+/// `Refuse` and `Error` carry text for the other side's user: messages, not error chains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Hello(Vec<u8>),
     Ready(Vec<u8>),
-    /// Why the server turns the restore away: text for the other side's user (as `Error`).
     Refuse(String),
-    Join {
-        session: u64,
-    },
+    Join { session: u64 },
     Resuming,
     Finish,
     Stats(Vec<u8>),
-    Read {
-        gpa: u64,
-        pages: u32,
-    },
+    Read { gpa: u64, pages: u32 },
     Data(Vec<u8>),
     Error(String),
 }
