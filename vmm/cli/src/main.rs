@@ -476,6 +476,20 @@ fn probe(args: &[String]) -> Result<i32> {
     Ok(status.code().unwrap_or(1))
 }
 
+/// The error and its causes as `{:#}` writes them, less each cause whose text is already there:
+/// the library's errors show their source in their own message and name it as `source()` too.
+fn chain(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg
+}
+
 fn main() {
     let start = Instant::now();
     let cli = Cli::parse();
@@ -503,9 +517,29 @@ fn main() {
     let code = match code {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vmm: error: {e:#}");
+            eprintln!("vmm: error: {}", chain(&e));
             1
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+    use anyhow::Context;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let connect = vmm::migration::MigrationError::Connect {
+            addr: "h:1".into(),
+            source: std::io::Error::other("refused"),
+        };
+        let e = Err::<(), _>(connect).context("migrating").unwrap_err();
+        assert_eq!(chain(&e), "migrating: connecting to h:1: refused");
+        let e = Err::<(), _>(std::io::Error::other("inner"))
+            .context("outer")
+            .unwrap_err();
+        assert_eq!(chain(&e), "outer: inner");
+    }
 }

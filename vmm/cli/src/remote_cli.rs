@@ -80,7 +80,7 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         }
         RemoteCommand::Migrate { mut params, json } => {
             parse_tcp_url(&params.to)?;
-            params.options().map_err(anyhow::Error::msg)?;
+            params.options()?;
             params.dump_memory = params.dump_memory.map(absolute).transpose()?;
             (Request::Migrate(params), json)
         }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use vmm::machine::ConsoleOutput;
 use vmm::snapshot::restore::{restore, RestoreOptions};
@@ -109,7 +109,7 @@ pub fn page_server(a: PageServerArgs) -> Result<i32> {
 
 /// For `vmm bench demand`'s backend list (the other commands parse `--demand` with clap).
 pub(crate) fn check_backend(name: &str) -> Result<DemandKind> {
-    name.parse().map_err(|e| anyhow!("--demand {name}: {e}"))
+    name.parse().with_context(|| format!("--demand {name}"))
 }
 
 pub(crate) fn parse_chunk(s: &str) -> Result<u64> {

@@ -15,14 +15,22 @@ pub enum ClientError {
     )]
     Connect {
         path: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("API connection: {0}")]
     Io(#[from] std::io::Error),
     #[error("the VM closed the API connection without answering")]
     NoReply,
-    #[error("the API answered something that is not JSON: {0}")]
-    BadReply(String),
+    #[error("encoding the request: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// `answer` is the line as received.
+    #[error("the API answered something that is not JSON: {answer}")]
+    BadReply {
+        answer: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 pub struct Client {
@@ -41,14 +49,14 @@ impl Client {
     }
 
     pub fn call(&mut self, req: &Request) -> Result<Value, ClientError> {
-        let mut line =
-            serde_json::to_string(req).map_err(|e| ClientError::BadReply(e.to_string()))?;
+        let mut line = serde_json::to_string(req).map_err(ClientError::Encode)?;
         line.push('\n');
         self.out.write_all(line.as_bytes())?;
         let mut answer = String::new();
         if self.reader.read_line(&mut answer)? == 0 {
             return Err(ClientError::NoReply);
         }
-        serde_json::from_str(answer.trim()).map_err(|_| ClientError::BadReply(answer))
+        serde_json::from_str(answer.trim())
+            .map_err(|source| ClientError::BadReply { answer, source })
     }
 }

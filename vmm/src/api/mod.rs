@@ -21,6 +21,15 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The message `Mode`'s parser gives (its `FromStr` also serves clap).
+    #[error("{0}")]
+    Mode(String),
+    #[error(transparent)]
+    Tracker(#[from] crate::tracking::TrackingError),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
@@ -90,11 +99,11 @@ pub struct MigrateParams {
 
 impl MigrateParams {
     /// Checks the names and builds the migration's options.
-    pub fn options(&self) -> Result<crate::migration::source::MigrateOptions, String> {
+    pub fn options(&self) -> Result<crate::migration::source::MigrateOptions, ApiError> {
         Ok(crate::migration::source::MigrateOptions {
             to: self.to.clone(),
-            mode: self.mode.parse()?,
-            tracker: self.tracker.parse().map_err(|e| format!("{e}"))?,
+            mode: self.mode.parse().map_err(ApiError::Mode)?,
+            tracker: self.tracker.parse()?,
             downtime_ms: self.downtime_ms,
             bandwidth_mib_s: self.bandwidth_mib_s,
             max_rounds: self.max_rounds.max(1),

@@ -195,7 +195,7 @@ pub fn handle(req: Request, shared: &Arc<Shared>) -> Value {
         Request::Migrate(params) => {
             let opts = match params.options() {
                 Ok(o) => o,
-                Err(e) => return error(e),
+                Err(e) => return error(e.to_string()),
             };
             match migrate(shared, &opts) {
                 Ok(report) => json!({ "ok": true, "migrated": true, "report": report }),

@@ -77,7 +77,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
 
     let hello = match r.recv()? {
         Message::Hello(json) => {
-            serde_json::from_slice::<Hello>(&json).map_err(|e| MigrationError::Hello(e.to_string()))
+            serde_json::from_slice::<Hello>(&json).map_err(|source| MigrationError::HelloJson {
+                what: "malformed JSON",
+                source,
+            })
         }
         other => Err(unexpected("Hello", &other)),
     };
@@ -96,16 +99,17 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         Err(e) => return Err(refuse(&mut w, e.into())),
     };
     if hello.mode != Mode::Precopy {
-        if let Err(reason) = demand_fits(&opts.demand) {
-            return Err(refuse(&mut w, MigrationError::Refused(reason)));
+        if let Err(e) = demand_fits(&opts.demand) {
+            return Err(refuse(&mut w, e));
         }
         // Postcopy needs userfaultfd here: find out before the source commits to it.
-        if let Err(e) = crate::sys::uffd::available_features() {
+        if let Err(source) = crate::sys::uffd::available_features() {
             return Err(refuse(
                 &mut w,
-                MigrationError::Refused(format!(
-                    "postcopy needs userfaultfd on the destination, which it cannot open: {e}"
-                )),
+                MigrationError::RefusedHere {
+                    reason: "postcopy needs userfaultfd on the destination, which it cannot open",
+                    source,
+                },
             ));
         }
     }
@@ -116,7 +120,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     }
     let machine = match Machine::build(&cfg, start) {
         Ok(m) => m,
-        Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e.to_string()))),
+        Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e))),
     };
     // memslot-exits cannot see KVM's own accesses: the page tables must all be here before the
     // guest runs. A guest with one address space (the micro guest) has them all under its
@@ -133,7 +137,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         let json = serde_json::to_vec(&super::presend::AcceptOptions {
             presend_page_tables: true,
         })
-        .map_err(|e| MigrationError::Hello(e.to_string()))?;
+        .map_err(|source| MigrationError::HelloJson {
+            what: "encoding the Accept options",
+            source,
+        })?;
         w.send(&Message::AcceptWith(json))?;
     } else {
         w.send(&Message::Accept)?;
@@ -335,17 +342,18 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
 
 /// Whether this destination's demand-paging backend can work here at all (memslot-exits
 /// gets the pages KVM touches itself from the source, see `presend`).
-fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), String> {
-    demand
-        .backend
-        .check_host()
-        .map_err(|why| format!("postcopy with --demand {}: {why}", demand.backend))
+fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), MigrationError> {
+    // `why` is the backend's message; the refusal sends it to the source as text.
+    demand.backend.check_host().map_err(|why| {
+        MigrationError::Refused(format!("postcopy with --demand {}: {why}", demand.backend))
+    })
 }
 
 /// Refuses the migration with the reason and returns the error for this side's exit.
 fn refuse(w: &mut Writer, e: MigrationError) -> MigrationError {
     let reason = match &e {
         MigrationError::Refused(r) => r.clone(),
+        MigrationError::RefusedHere { reason, source } => format!("{reason}: {source}"),
         other => other.to_string(),
     };
     let _ = w.send(&Message::Refuse(reason));

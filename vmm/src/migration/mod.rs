@@ -27,74 +27,85 @@ pub mod source;
 // report; the old paths stay valid.
 pub use crate::machine::progress::{self, Mode};
 
+// Messages include their source's text (the API answers with `to_string()`, and a refused
+// destination sends it to the source) and name it as `source()` too; `vmm`'s error printer skips
+// a cause whose text is already shown.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
+    /// The user's text, not an error.
     #[error("'{0}' is not a tcp://HOST:PORT address")]
     Url(String),
     #[error("connecting to {addr}: {source}")]
     Connect {
         addr: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("network: {0}")]
-    Io(std::io::Error),
+    Io(#[from] std::io::Error),
     #[error("migration stream: {0}")]
-    Protocol(protocol::ProtocolError),
+    Protocol(#[from] protocol::ProtocolError),
     #[error(transparent)]
     Pages(#[from] pages::PagesError),
+    /// Why this VM cannot be hosted: the destination's words (sent in `Refuse`), or this side's
+    /// own reason that it sends there.
     #[error("the destination refused the VM: {0}")]
     Refused(String),
+    /// This destination cannot host the VM for a host reason (`refuse` sends `{reason}: {source}`).
+    #[error("the destination refused the VM: {reason}: {source}")]
+    RefusedHere {
+        reason: &'static str,
+        #[source]
+        source: crate::sys::SysError,
+    },
+    /// The other side's words, received in `Abort`.
     #[error("the other side aborted: {0}")]
     Aborted(String),
+    /// The destination's main connection broke or carried the wrong message during postcopy.
+    #[error("the other side aborted: main connection: {0}")]
+    MainLost(#[source] protocol::ProtocolError),
     #[error("dirty tracking: {0}")]
-    Tracking(crate::tracking::TrackingError),
+    Tracking(#[from] crate::tracking::TrackingError),
     #[error("pausing the guest: {0}")]
-    Pause(crate::vstate::pause::PauseError),
+    Pause(#[from] crate::vstate::pause::PauseError),
     #[error(transparent)]
     Snapshot(#[from] crate::machine::saved_state::SnapshotError),
     #[error("demand paging: {0}")]
-    Userfault(crate::userfault::UserfaultError),
+    Userfault(#[from] crate::userfault::UserfaultError),
+    /// Why the VM cannot migrate now: a message for the user (the machine's own state).
     #[error("cannot migrate now: {0}")]
     Busy(String),
     #[error("building the destination VM: {0}")]
-    Machine(String),
+    Machine(#[source] crate::machine::MachineError),
+    /// A Hello (or a connection of its session) that does not describe a VM this side takes:
+    /// a description of the violation.
     #[error("bad Hello from the source: {0}")]
     Hello(String),
+    #[error("bad Hello from the source: {what}: {source}")]
+    HelloJson {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// What timed out: a message.
     #[error("timed out {0}")]
     Timeout(String),
-    /// `--dump-final` could not be written (the run itself ended as reported).
+    /// `--dump-final` could not be written (the run itself ended as reported); the machine's
+    /// message.
     #[error("{0}")]
     FinalDump(String),
     #[error("writing the memory dump {path}: {source}")]
     Dump {
         path: std::path::PathBuf,
+        #[source]
         source: std::io::Error,
     },
-}
-
-// Conversions written out rather than `#[from]`: that would also make the inner error the
-// `source()`, and `{:#}` chains (anyhow) would print its message twice.
-macro_rules! from_error {
-    ($($ty:ty => $variant:ident),* $(,)?) => {
-        $(impl From<$ty> for MigrationError {
-            fn from(e: $ty) -> Self {
-                MigrationError::$variant(e)
-            }
-        })*
-    };
-}
-
-from_error! {
-    std::io::Error => Io,
-    protocol::ProtocolError => Protocol,
-    crate::tracking::TrackingError => Tracking,
-    crate::vstate::pause::PauseError => Pause,
-    crate::userfault::UserfaultError => Userfault,
 }
 
 // The messages stay those the destination gave for each step before it used `assemble`.
@@ -104,7 +115,7 @@ impl From<crate::machine::assemble::AssembleError> for MigrationError {
         match e {
             A::Refused { reason } => MigrationError::Refused(reason),
             A::Config { reason } => MigrationError::Hello(reason),
-            A::Build(e) | A::Run(e) => MigrationError::Machine(e.to_string()),
+            A::Build(e) | A::Run(e) => MigrationError::Machine(e),
             A::Restore(e) => MigrationError::Snapshot(e),
             A::FinalDump { reason } => MigrationError::FinalDump(reason),
         }
@@ -146,6 +157,32 @@ mod tests {
         }
         assert_eq!("hybrid".parse::<Mode>().unwrap(), Mode::Hybrid);
         assert!("fast".parse::<Mode>().is_err());
+    }
+
+    #[test]
+    fn a_lost_main_connection_reads_as_before_and_keeps_its_cause() {
+        use std::error::Error;
+        let e = MigrationError::MainLost(protocol::ProtocolError::Closed);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the other side aborted: main connection: {}",
+                protocol::ProtocolError::Closed
+            )
+        );
+        let cause = e
+            .source()
+            .and_then(|c| c.downcast_ref::<protocol::ProtocolError>());
+        assert!(matches!(cause, Some(protocol::ProtocolError::Closed)));
+        let bad = serde_json::from_slice::<hello::Hello>(b"{").unwrap_err();
+        let e = MigrationError::HelloJson {
+            what: "malformed JSON",
+            source: bad,
+        };
+        assert!(e
+            .to_string()
+            .starts_with("bad Hello from the source: malformed JSON: "));
+        assert!(e.source().is_some_and(|c| c.is::<serde_json::Error>()));
     }
 
     #[test]

@@ -214,7 +214,8 @@ impl Receiver {
         self.inner.maybe_finish();
     }
 
-    /// Waits until every page is here (`--dump-final` after the run), at most `limit`.
+    /// Waits until every page is here (`--dump-final` after the run), at most `limit`. The
+    /// error is a message for the dump's report (`machine::final_dump::Fill`), not a chain.
     pub fn wait_filled(&self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {

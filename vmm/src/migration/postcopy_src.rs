@@ -41,8 +41,9 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
 enum Word {
     Resumed,
     Stats(Vec<u8>),
+    /// The destination's words, from its `Abort`.
     Aborted(String),
-    Lost(String),
+    Lost(ProtocolError),
 }
 
 /// The postcopy machinery, set up before the point of no return.
@@ -194,7 +195,7 @@ impl Postcopy {
         // A write can fail because the destination gave up and closed: its Abort, saying
         // whether it ever ran the guest, may be just behind. Look before deciding.
         let outcome = match outcome {
-            Err(e) if !matches!(e, MigrationError::Aborted(_)) => {
+            Err(e) if !matches!(e, MigrationError::Aborted(_) | MigrationError::MainLost(_)) => {
                 match self.words.recv_timeout(Duration::from_secs(2)) {
                     Ok(Word::Aborted(reason)) => Err(MigrationError::Aborted(reason)),
                     _ => Err(e),
@@ -241,7 +242,7 @@ impl Postcopy {
 fn word_error(word: Word) -> MigrationError {
     match word {
         Word::Aborted(reason) => MigrationError::Aborted(reason),
-        Word::Lost(why) => MigrationError::Aborted(format!("main connection: {why}")),
+        Word::Lost(e) => MigrationError::MainLost(e),
         Word::Resumed | Word::Stats(_) => MigrationError::Protocol(ProtocolError::Unexpected {
             expected: "nothing before Complete",
             found: "Resumed",
@@ -256,9 +257,12 @@ fn listen(mut r: Reader, tx: std::sync::mpsc::Sender<Word>) {
             Ok(Message::Resumed) => Word::Resumed,
             Ok(Message::Stats(json)) => Word::Stats(json),
             Ok(Message::Abort(reason)) => Word::Aborted(reason),
-            Ok(other) => Word::Lost(unexpected("Resumed", &other).to_string()),
+            Ok(other) => Word::Lost(ProtocolError::Unexpected {
+                expected: "Resumed",
+                found: other.name(),
+            }),
             Err(ProtocolError::Closed) => return,
-            Err(e) => Word::Lost(e.to_string()),
+            Err(e) => Word::Lost(e),
         };
         let last = !matches!(word, Word::Resumed);
         if tx.send(word).is_err() || last {

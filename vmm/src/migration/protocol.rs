@@ -210,7 +210,7 @@ pub enum Message {
     Accept,
     /// `Accept` with options (JSON `presend::AcceptOptions`; same kind, non-empty payload).
     AcceptWith(Vec<u8>),
-    /// Destination → source: it cannot, and why.
+    /// Destination → source: it cannot, and why (text for the source's user, as `Abort`).
     Refuse(String),
     /// Source → destination: first frame on every additional connection.
     Channel { session: u64, role: Role },

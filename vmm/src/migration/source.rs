@@ -181,7 +181,10 @@ fn run(
         session,
         source_host: shared.vm.host_kind().to_string(),
     };
-    let json = serde_json::to_vec(&hello).map_err(|e| MigrationError::Hello(e.to_string()))?;
+    let json = serde_json::to_vec(&hello).map_err(|source| MigrationError::HelloJson {
+        what: "encoding it",
+        source,
+    })?;
     w.send(&Message::Hello(json))?;
     w.flush()?;
     r.get_ref()
@@ -204,8 +207,12 @@ fn run(
     })?;
     let accepted = match answer {
         Message::Accept => super::presend::AcceptOptions::default(),
-        Message::AcceptWith(json) => serde_json::from_slice(&json)
-            .map_err(|e| MigrationError::Hello(format!("the destination's Accept options: {e}")))?,
+        Message::AcceptWith(json) => {
+            serde_json::from_slice(&json).map_err(|source| MigrationError::HelloJson {
+                what: "the destination's Accept options",
+                source,
+            })?
+        }
         Message::Refuse(reason) => return Err(MigrationError::Refused(reason)),
         other => return Err(unexpected("Accept", &other)),
     };

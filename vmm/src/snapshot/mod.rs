@@ -13,19 +13,26 @@ pub mod take;
 
 use crate::machine::assemble::AssembleError;
 
+// Messages include their source's text (the API answers with `to_string()`) and name it as
+// `source()` too; `vmm`'s error printer skips a cause whose text is already shown.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// Why the VM cannot be snapshotted now: a message (the machine's own state).
     #[error("cannot snapshot now: {0}")]
     Busy(String),
+    #[error("cannot snapshot now: {0}")]
+    Pause(#[source] crate::vstate::pause::PauseError),
     #[error(transparent)]
     State(#[from] crate::machine::saved_state::SnapshotError),
     #[error(transparent)]
-    Files(files::SnapshotFileError),
+    Files(#[from] files::SnapshotFileError),
     #[error("building the VM: {0}")]
-    Machine(String),
-    /// `--dump-final` could not be written (the run itself ended as reported).
+    Machine(#[source] crate::machine::MachineError),
+    /// `--dump-final` could not be written (the run itself ended as reported); the machine's
+    /// message.
     #[error("{0}")]
     FinalDump(String),
+    /// Why this snapshot does not fit here: a description, not a chain.
     #[error("this snapshot cannot be restored here: {0}")]
     Refused(String),
     #[error(transparent)]
@@ -35,6 +42,7 @@ pub enum SnapshotError {
     #[error("{what}: {source}")]
     Io {
         what: String,
+        #[source]
         source: std::io::Error,
     },
 }
@@ -46,9 +54,7 @@ impl From<AssembleError> for SnapshotError {
             AssembleError::Refused { reason } | AssembleError::Config { reason } => {
                 SnapshotError::Refused(reason)
             }
-            AssembleError::Build(e) | AssembleError::Run(e) => {
-                SnapshotError::Machine(e.to_string())
-            }
+            AssembleError::Build(e) | AssembleError::Run(e) => SnapshotError::Machine(e),
             AssembleError::Restore(e) => SnapshotError::State(e),
             AssembleError::FinalDump { reason } => SnapshotError::FinalDump(reason),
         }

@@ -75,6 +75,7 @@ const KIND_READ: u16 = 8;
 const KIND_DATA: u16 = 9;
 const KIND_ERROR: u16 = 10;
 
+/// `Refuse` and `Error` carry text for the other side's user: messages, not error chains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
     Hello(Vec<u8>),

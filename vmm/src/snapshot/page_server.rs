@@ -16,6 +16,8 @@
 //! A server that dies or fails ends the restore with its reason: the restoring vmm watches the
 //! main connection and stops the guest rather than let it run on with memory missing.
 
+mod handshake;
+
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -38,6 +40,8 @@ use crate::memory::RamRange;
 use crate::userfault::{
     DemandKind, DemandPager, UffdMinor, UffdMissing, UnknownDemand, UserfaultError,
 };
+use handshake::{check_handshake, ranges_of};
+pub use handshake::{Handshake, Ready, WireRange};
 
 /// How long a peer may take to send a frame that is due (handshake, answers).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,15 +52,32 @@ const MAX_FDS: usize = 3;
 pub enum PageServerError {
     #[error("page server protocol: {0}")]
     Proto(#[from] ProtoError),
+    /// The server's words from `Refuse` or `Error`, or the description of a bad handshake that
+    /// this server sends in its `Refuse`.
     #[error("the page server refused the restore: {0}")]
     Refused(String),
+    /// This server cannot page with the descriptors it was given (its `Refuse` says why).
+    #[error("the page server refused the restore: {0}")]
+    Unusable(#[source] UserfaultError),
+    #[error("the page server refused the restore: {0}")]
+    Backend(#[source] UnknownDemand),
+    /// A protocol violation described, or the peer's words from its `Error`.
     #[error("{0}")]
     Failed(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
+        #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Files(#[from] files::SnapshotFileError),
     #[error(transparent)]
     Demand(#[from] UserfaultError),
 }
@@ -66,37 +87,12 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PageServerError
     move |source| PageServerError::Io { what, source }
 }
 
+fn json_err(what: &'static str) -> impl FnOnce(serde_json::Error) -> PageServerError {
+    move |source| PageServerError::Json { what, source }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// One RAM range as the restoring process maps it.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct WireRange {
-    pub gpa: u64,
-    pub size: u64,
-    pub file_offset: u64,
-    /// Host address of its mapping in the restoring process (uffd backends).
-    pub host: u64,
-}
-
-/// The JSON `Hello`: what the server needs to serve one restore.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Handshake {
-    pub backend: String,
-    pub ranges: Vec<WireRange>,
-    /// Pages (gpa, count) that hold data in the snapshot and are missing.
-    pub pending: Vec<(u64, u64)>,
-    pub chunk: u64,
-    pub prefetch: bool,
-    /// What the descriptors attached to `Hello` are, in order: "uffd", "memfd".
-    pub fds: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ready {
-    pub session: u64,
-    pub pid: u32,
 }
 
 /// What the server measured (its `Stats` frame, and `vmm page-server --json`).
@@ -161,72 +157,9 @@ fn is_userfaultfd(fd: &OwnedFd) -> bool {
         .unwrap_or(false)
 }
 
-fn ranges_of(w: &[WireRange]) -> Vec<RamRange> {
-    w.iter()
-        .map(|r| RamRange {
-            gpa: r.gpa,
-            size: r.size,
-            file_offset: r.file_offset,
-        })
-        .collect()
-}
-
-/// Checks a handshake against the snapshot's memory file of `mem_len` bytes; the backend it
-/// names.
-fn check_handshake(h: &Handshake, mem_len: u64, nfds: usize) -> Result<DemandKind, String> {
-    let kind: DemandKind = h
-        .backend
-        .parse()
-        .map_err(|e: UnknownDemand| e.to_string())?;
-    if h.ranges.is_empty() {
-        return Err("no RAM ranges".into());
-    }
-    for r in &h.ranges {
-        if r.gpa % PAGE != 0 || r.size % PAGE != 0 || r.file_offset % PAGE != 0 || r.size == 0 {
-            return Err(format!("RAM range {r:?} is not page aligned"));
-        }
-        let end = r.file_offset.checked_add(r.size);
-        if end.is_none_or(|e| e > mem_len) || r.gpa.checked_add(r.size).is_none() {
-            return Err(format!(
-                "RAM range {r:?} lies outside the snapshot's memory file ({mem_len} bytes): \
-                 not the snapshot this vmm restores?"
-            ));
-        }
-    }
-    let ranges = ranges_of(&h.ranges);
-    for &(gpa, n) in &h.pending {
-        let len = n.checked_mul(PAGE);
-        let inside = len.is_some_and(|len| {
-            ranges
-                .iter()
-                .any(|r| gpa >= r.gpa && len <= r.size && gpa - r.gpa <= r.size - len)
-        });
-        if gpa % PAGE != 0 || !inside {
-            return Err(format!("pending run 0x{gpa:x}+{n} pages is not guest RAM"));
-        }
-    }
-    if !h.chunk.is_power_of_two() || !(PAGE..=2 << 20).contains(&h.chunk) {
-        return Err(format!("chunk {} is not a power of two in 4K..2M", h.chunk));
-    }
-    let expect = kind.handed_fds();
-    if h.fds != expect {
-        return Err(format!(
-            "{}: descriptors {:?} announced, expected {expect:?}",
-            h.backend, h.fds
-        ));
-    }
-    if nfds != expect.len() {
-        return Err(format!(
-            "{} descriptors announced but {nfds} received",
-            expect.len()
-        ));
-    }
-    Ok(kind)
-}
-
 /// `vmm page-server`: serves one restore of the snapshot in `dir` on `socket`, then returns.
 pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError> {
-    let (_, memfile) = files::read(dir).map_err(|e| PageServerError::Failed(e.to_string()))?;
+    let (_, memfile) = files::read(dir)?;
     let mem_len = memfile
         .metadata()
         .map_err(io("the snapshot's memory file"))?
@@ -245,16 +178,27 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
     main.set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(io("the main connection"))?;
     let (hello, fds) = recv_with_fds(&main)?;
-    let refuse = |reason: String| -> PageServerError {
-        let mut w = &main;
-        let _ = proto::send(&mut w, 0, &Message::Refuse(reason.clone()));
-        PageServerError::Refused(reason)
+    // Each refusal's reason goes to the restoring vmm in `Refuse`.
+    let refuse = |e: PageServerError| -> PageServerError {
+        let reason = match &e {
+            PageServerError::Refused(why) => why.clone(),
+            PageServerError::Unusable(source) => source.to_string(),
+            PageServerError::Backend(source) => source.to_string(),
+            other => other.to_string(),
+        };
+        let _ = proto::send(&mut &main, 0, &Message::Refuse(reason));
+        e
     };
+    let refuse_msg = |why: String| refuse(PageServerError::Refused(why));
     let hs: Handshake = match hello {
-        Message::Hello(json) => serde_json::from_slice(&json)
-            .map_err(|e| refuse(format!("malformed handshake: {e}")))?,
+        Message::Hello(json) => serde_json::from_slice(&json).map_err(|source| {
+            refuse(PageServerError::Json {
+                what: "malformed handshake",
+                source,
+            })
+        })?,
         other => {
-            return Err(refuse(format!(
+            return Err(refuse_msg(format!(
                 "expected Hello as the first frame, got {}",
                 other.name()
             )))
@@ -281,29 +225,32 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         let mut it = fds.into_iter();
         let uffd = it
             .next()
-            .ok_or_else(|| refuse("no userfaultfd received".into()))?;
+            .ok_or_else(|| refuse_msg("no userfaultfd received".into()))?;
         if !is_userfaultfd(&uffd) {
-            return Err(refuse("the first descriptor is not a userfaultfd".into()));
+            return Err(refuse_msg(
+                "the first descriptor is not a userfaultfd".into(),
+            ));
         }
         let pager: Arc<dyn DemandPager> = match kind {
             DemandKind::UffdMissing => Arc::new(
-                UffdMissing::from_fd(uffd, &ranges, &hosts).map_err(|e| refuse(e.to_string()))?,
+                UffdMissing::from_fd(uffd, &ranges, &hosts)
+                    .map_err(|e| refuse(PageServerError::Unusable(e)))?,
             ),
             _ => {
                 let memfd = it
                     .next()
                     .map(File::from)
-                    .ok_or_else(|| refuse("no guest-RAM memfd received".into()))?;
+                    .ok_or_else(|| refuse_msg("no guest-RAM memfd received".into()))?;
                 Arc::new(
                     UffdMinor::from_fd(uffd, &ranges, &hosts, memfd, &hs.pending)
-                        .map_err(|e| refuse(e.to_string()))?,
+                        .map_err(|e| refuse(PageServerError::Unusable(e)))?,
                 )
             }
         };
         let source: Arc<dyn PageSource> = exits.clone();
         let l = Arc::new(
             Lazy::new(pager, source, &ranges, &hs.pending, hs.chunk)
-                .map_err(|e| refuse(e.to_string()))?,
+                .map_err(|e| refuse(PageServerError::Unusable(e)))?,
         );
         {
             let writer = writer.clone();
@@ -330,7 +277,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         }
         lazy = Some(l);
     } else if !fds.is_empty() {
-        return Err(refuse(format!(
+        return Err(refuse_msg(format!(
             "{}: no descriptors expected, got {}",
             hs.backend,
             fds.len()
@@ -347,8 +294,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
                 .map_err(io("starting the acceptor"))?,
         )
     };
-    let ready = serde_json::to_vec(&Ready { session, pid })
-        .map_err(|e| PageServerError::Failed(e.to_string()))?;
+    let ready = serde_json::to_vec(&Ready { session, pid }).map_err(json_err("encoding Ready"))?;
     proto::send(&mut *lock(&writer), 0, &Message::Ready(ready))?;
     // From now on the restoring vmm may take as long as its guest runs.
     main.set_read_timeout(None)
@@ -413,7 +359,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         connections: exits.connections.load(Ordering::Acquire),
         serve_us: Percentiles::of(&mut lat),
     };
-    let json = serde_json::to_vec(&report).map_err(|e| PageServerError::Failed(e.to_string()))?;
+    let json = serde_json::to_vec(&report).map_err(json_err("encoding the report"))?;
     proto::send(&mut *lock(&writer), 0, &Message::Stats(json))?;
     if let Some(e) = report.demand.as_ref().and_then(|d| d.error.clone()) {
         return Err(PageServerError::Failed(format!("serving faults: {e}")));
@@ -529,10 +475,13 @@ impl ExitsServer {
                 return Err(PageServerError::Failed(reason));
             };
             let mut data = vec![0u8; len as usize];
-            if let Err(e) = self.file.read_exact_at(&mut data, off) {
-                let reason = format!("reading the snapshot at 0x{gpa:x}: {e}");
-                let _ = proto::send(&mut w, id, &Message::Error(reason.clone()));
-                return Err(PageServerError::Failed(reason));
+            if let Err(source) = self.file.read_exact_at(&mut data, off) {
+                let e = PageServerError::Io {
+                    what: format!("reading the snapshot at 0x{gpa:x}"),
+                    source,
+                };
+                let _ = proto::send(&mut w, id, &Message::Error(e.to_string()));
+                return Err(e);
             }
             proto::send(&mut w, id, &Message::Data(data))?;
             self.requests.fetch_add(1, Ordering::AcqRel);
@@ -561,12 +510,13 @@ impl Session {
         )))?;
         main.set_read_timeout(Some(REPLY_TIMEOUT))
             .map_err(io("the page-server connection"))?;
-        let json = serde_json::to_vec(hs).map_err(|e| PageServerError::Failed(e.to_string()))?;
+        let json = serde_json::to_vec(hs).map_err(json_err("encoding the handshake"))?;
         send_with_fds(&main, &Message::Hello(json), fds)?;
         let mut r = &main;
         let ready = match proto::recv(&mut r) {
-            Ok((_, Message::Ready(json))) => serde_json::from_slice::<Ready>(&json)
-                .map_err(|e| PageServerError::Failed(format!("malformed Ready: {e}")))?,
+            Ok((_, Message::Ready(json))) => {
+                serde_json::from_slice::<Ready>(&json).map_err(json_err("malformed Ready"))?
+            }
             Ok((_, Message::Refuse(reason))) => return Err(PageServerError::Refused(reason)),
             Ok((_, Message::Error(reason))) => return Err(PageServerError::Refused(reason)),
             Ok((_, other)) => {
@@ -683,8 +633,9 @@ impl Session {
             .map_err(io("the page-server connection"))?;
         let mut r = &self.main;
         match proto::recv(&mut r)? {
-            (_, Message::Stats(json)) => serde_json::from_slice(&json)
-                .map_err(|e| PageServerError::Failed(format!("malformed Stats: {e}"))),
+            (_, Message::Stats(json)) => {
+                serde_json::from_slice(&json).map_err(json_err("malformed Stats"))
+            }
             (_, Message::Error(reason)) => Err(PageServerError::Failed(format!(
                 "page server {}: {reason}",
                 self.path.display()

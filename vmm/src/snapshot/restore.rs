@@ -115,7 +115,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
                 .into(),
         ));
     }
-    let machine = Machine::build(&cfg, start).map_err(|e| SnapshotError::Machine(e.to_string()))?;
+    let machine = Machine::build(&cfg, start).map_err(SnapshotError::Machine)?;
     let ranges = machine.ram.ranges().to_vec();
     let runs = files::data_runs(&memfile, &ranges).map_err(io("finding the snapshot's data"))?;
     let data_pages: u64 = runs.iter().map(|r| r.1).sum();

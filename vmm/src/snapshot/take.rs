@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::files::{self, SnapshotFileError};
+use super::files;
 use super::SnapshotError;
 use crate::machine::saved_state::VmSnapshot;
 use crate::machine::shared::Shared;
@@ -48,7 +48,7 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
             .pause
             .pause(&shared.kicker, Owner::Migration, true, PAUSE_TIMEOUT),
     }
-    .map_err(|e| SnapshotError::Busy(e.to_string()))?;
+    .map_err(SnapshotError::Pause)?;
     let written = (|| -> Result<files::Manifest, SnapshotError> {
         let state = VmSnapshot::capture(shared, vcpus).map_err(SnapshotError::State)?;
         files::write(
@@ -89,7 +89,7 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
         shared
             .pause
             .resume(Owner::Migration)
-            .map_err(|e| SnapshotError::Busy(e.to_string()))?;
+            .map_err(SnapshotError::Pause)?;
     }
     Ok(taken)
 }
@@ -97,10 +97,4 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
 /// Ends the VM's run after a snapshot taken with `exit` (the caller has its answer already).
 pub fn end_after(shared: &Shared) {
     shared.end_run(VcpuStop::Snapshotted);
-}
-
-impl From<SnapshotFileError> for SnapshotError {
-    fn from(e: SnapshotFileError) -> Self {
-        SnapshotError::Files(e)
-    }
 }
