@@ -6,12 +6,14 @@
 //! ignored, answered with zeros, or (virtio) turned into an error status.
 
 pub mod bus;
+pub mod interrupt;
 pub mod legacy;
 pub mod state;
 pub mod virtio;
 pub mod write_bitmap;
 
 pub use bus::{Bus, BusDevice, BusError, VcpuAction};
+pub use interrupt::{Interrupt, IrqLine, MsiVector};
 pub use state::DeviceStateError;
 
 pub use write_bitmap::WriteBitmap;

@@ -1,10 +1,12 @@
-//! KVM state: the VM (memslots, irqchip, PIT), vCPUs (boot registers, CPUID, MSRs, the run loop).
+//! KVM state: the VM (memslots, irqchip, PIT, and the guest's resources), vCPUs (boot registers,
+//! CPUID, MSRs, the run loop).
 
 pub mod cpuid;
 pub mod kick;
 pub mod operands;
 pub mod pause;
 pub mod regs;
+pub mod resources;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

@@ -28,7 +28,7 @@ impl Fetch for Fill {
 
 fn armed(pending: &[(u64, u64)], soft: usize) -> (GuestRam, Arc<Vm>, Arc<MemslotExits>) {
     let ram = GuestRam::new(16 * MIB).unwrap();
-    let vm = Arc::new(Vm::new().unwrap());
+    let vm = Arc::new(Vm::new(ram.size()).unwrap());
     vm.register_ram(&ram).unwrap();
     let pager = Arc::new(
         MemslotExits::arm(
