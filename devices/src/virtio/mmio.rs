@@ -32,7 +32,7 @@ pub const MMIO_VERSION: u32 = 2;
 pub const VENDOR_ID: u32 = 0;
 
 /// The `virtio_mmio.device=` kernel parameter announcing a device (Linux
-/// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), e.g. `virtio_mmio.device=4K@0xd0001000:5`.
+/// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), e.g. `virtio_mmio.device=4K@0xc0000000:5`.
 pub fn mmio_cmdline_arg(base: u64, size: u64, irq: u32) -> String {
     let size = if size != 0 && size % (1 << 20) == 0 {
         format!("{}M", size >> 20)

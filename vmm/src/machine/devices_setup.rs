@@ -50,7 +50,13 @@ pub enum DeviceSetupError {
     },
     #[error("virtio-blk {path}: {reason}")]
     Block { path: PathBuf, reason: String },
+    #[error("at most {MAX_DISKS} disks are supported, got {got}")]
+    TooManyDisks { got: usize },
 }
+
+/// Most virtio-blk disks: their GSIs (5, 6, ...) then stay among the ISA-range IRQs 5-12, the
+/// ones guests have been booted with. The pin allocator alone would allow 19.
+pub const MAX_DISKS: usize = 8;
 
 pub struct DeviceOptions<'a> {
     pub console: Box<dyn std::io::Write + Send>,
@@ -178,6 +184,11 @@ pub fn create(
         boot_timer::SIZE,
     )?;
 
+    if opts.disks.len() > MAX_DISKS {
+        return Err(DeviceSetupError::TooManyDisks {
+            got: opts.disks.len(),
+        });
+    }
     for (i, disk) in opts.disks.iter().enumerate() {
         let what = format!("virtio-blk {}", disk.path.display());
         let file = OpenOptions::new()
