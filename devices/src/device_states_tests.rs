@@ -1,7 +1,5 @@
 use std::sync::{Arc, Mutex};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
 use super::*;
 use crate::bus::BusDevice;
 use crate::legacy::serial::Serial;
@@ -201,7 +199,7 @@ fn an_id_is_registered_once() {
 fn a_uart_moves_through_the_registry_and_its_checks_still_refuse() {
     const SCR: u64 = 7;
     let uart = || {
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(crate::interrupt::IrqLine::new(4).unwrap());
         Arc::new(Mutex::new(
             Serial::new(irq, Box::new(std::io::sink())).unwrap(),
         ))

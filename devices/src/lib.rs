@@ -10,6 +10,7 @@ pub mod bus;
 #[cfg(test)]
 mod bus_tests;
 pub mod device_states;
+pub mod interrupt;
 pub mod legacy;
 pub mod state;
 pub mod vfio;
@@ -18,6 +19,7 @@ pub mod write_bitmap;
 
 pub use bus::{Bus, BusDevice, BusError, VcpuAction};
 pub use device_states::{DeviceStates, SavedState, StateRegistry, StatesError};
+pub use interrupt::{Interrupt, IrqLine, MsiVector};
 pub use state::{DeviceStateError, Stateful};
 
 pub use write_bitmap::WriteBitmap;

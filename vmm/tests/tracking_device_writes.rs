@@ -7,6 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use devices::bus::BusDevice;
+use devices::interrupt::IrqLine;
 use devices::virtio::block::{Block, SECTOR_SIZE};
 use devices::virtio::test_utils::{reg_read, reg_write, Buf, DriverQueue};
 use devices::virtio::{MmioTransport, VIRTIO_F_VERSION_1};
@@ -20,7 +21,6 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::memory::GuestRam;
 use vmm::tracking::{self, DirtyRings, DirtySet, TrackContext, TrackerKind};
 use vmm::vstate::vm::Vm;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const QUEUE_BASE: u64 = 0x10_0000;
 const HEADER: u64 = 0x11_0000;
@@ -44,7 +44,7 @@ fn tempfile_in_tmp() -> std::fs::File {
 /// only; the device has not run yet).
 fn queue_read(mem: &vmm::memory::GuestMemory) -> MmioTransport {
     let block = Block::new(disk(), false, "trk").unwrap();
-    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(IrqLine::new(5).unwrap());
     let mut t = MmioTransport::new(Box::new(block), mem.clone(), irq).unwrap();
     let mut q = DriverQueue::new(mem, QUEUE_BASE, 16);
     let mut status = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
@@ -89,7 +89,7 @@ fn queue_read(mem: &vmm::memory::GuestMemory) -> MmioTransport {
 
 fn read_lands_in_dirty_set(kind: TrackerKind) {
     let ram = GuestRam::new(16 << 20).unwrap();
-    let vm = Arc::new(Vm::new().unwrap());
+    let vm = Arc::new(Vm::new(ram.size()).unwrap());
     let entries = kind
         .needs_dirty_ring()
         .then(|| tracking::enable_dirty_ring(vm.fd()).unwrap());

@@ -1,5 +1,5 @@
-//! COM1: a 16550A UART (vm-superio's model) whose interrupt is an eventfd the VMM registers as a
-//! KVM irqfd on GSI 4, and whose output goes to any writer (stdout, a file).
+//! COM1: a 16550A UART (vm-superio's model) whose interrupt is an [`Interrupt`] the VMM wires to
+//! GSI 4, and whose output goes to any writer (stdout, a file).
 //!
 //! vm-superio 0.8.2 raises THRE whenever the guest enables it in IER (the transmitter is always
 //! empty in its model) and after every byte written to THR, which Linux's 8250 driver needs or
@@ -14,6 +14,7 @@ use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::{BusDevice, VcpuAction};
+use crate::interrupt::Interrupt;
 use crate::state::{self, DeviceStateError, Stateful};
 
 /// Register offsets the wrapper cares about (see the 16550 data sheet).
@@ -44,15 +45,15 @@ pub enum SerialError {
     Trigger(#[source] io::Error),
 }
 
-/// The UART's interrupt line: an eventfd KVM turns into an edge on GSI 4. Shared so that a
-/// restore can rebuild the vm-superio model around the very eventfd the VMM registered.
-struct IrqTrigger(Arc<EventFd>);
+/// The UART's interrupt line, as vm-superio wants it. Shared so that a restore can rebuild the
+/// vm-superio model around the very line the VMM wired.
+struct IrqTrigger(Arc<dyn Interrupt>);
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        self.0.trigger()
     }
 }
 
@@ -132,9 +133,9 @@ pub struct Serial {
 }
 
 impl Serial {
-    /// `irq` is signalled whenever the UART raises its interrupt: register it (or a clone) as a
-    /// KVM irqfd on GSI `guest_abi::ports::COM1_IRQ`. Output goes to `out`.
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Result<Self, SerialError> {
+    /// `irq` is triggered whenever the UART raises its interrupt (COM1's is ISA IRQ 4). Output
+    /// goes to `out`.
+    pub fn new(irq: Arc<dyn Interrupt>, out: Box<dyn Write + Send>) -> Result<Self, SerialError> {
         let drained = EventFd::new(EFD_NONBLOCK).map_err(SerialError::EventFd)?;
         let out = ConsoleOut {
             out,
@@ -145,7 +146,7 @@ impl Serial {
             drained: Arc::new(drained),
         };
         Ok(Self {
-            uart: vm_superio::Serial::with_events(IrqTrigger(Arc::new(irq)), events, out),
+            uart: vm_superio::Serial::with_events(IrqTrigger(irq), events, out),
         })
     }
 
@@ -154,8 +155,8 @@ impl Serial {
         self.uart.writer_mut().observer = Some(observer);
     }
 
-    /// The interrupt eventfd (for irqfd registration).
-    pub fn irq_evt(&self) -> &EventFd {
+    /// The interrupt the UART raises.
+    pub fn interrupt(&self) -> &Arc<dyn Interrupt> {
         &self.uart.interrupt_evt().0
     }
 
@@ -336,6 +337,7 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::interrupt::IrqLine;
     use std::sync::{Arc, Mutex};
 
     const THR: u64 = 0;
@@ -368,7 +370,7 @@ mod tests {
 
     fn serial() -> (Serial, Shared) {
         let out = Shared::default();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(IrqLine::new(4).unwrap());
         (Serial::new(irq, Box::new(out.clone())).unwrap(), out)
     }
 
@@ -380,7 +382,7 @@ mod tests {
 
     /// Interrupts raised since the last call (0 when none).
     fn irqs(s: &Serial) -> u64 {
-        s.irq_evt().read().unwrap_or(0)
+        s.interrupt().eventfd().unwrap().read().unwrap_or(0)
     }
 
     #[test]
@@ -508,8 +510,8 @@ mod tests {
 
         let json = serde_json::to_string(&src.save_state()).unwrap();
         let state: SerialState = serde_json::from_str(&json).unwrap();
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let registered = irq.try_clone().unwrap();
+        let irq = Arc::new(IrqLine::new(4).unwrap());
+        let registered = irq.clone();
         let out = Shared::default();
         let mut dst = Serial::new(irq, Box::new(out.clone())).unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -521,7 +523,7 @@ mod tests {
 
         assert_eq!(dst.save_state(), state);
         assert_eq!(
-            registered.read().unwrap(),
+            registered.eventfd().unwrap().read().unwrap(),
             1,
             "the pending receive interrupt is raised again, on the registered eventfd"
         );
@@ -577,7 +579,7 @@ mod tests {
                 Ok(())
             }
         }
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(IrqLine::new(4).unwrap());
         let mut s = Serial::new(irq, Box::new(Broken)).unwrap();
         s.write(IER, &[IER_THRE]);
         assert_eq!(irqs(&s), 1);

@@ -1,21 +1,23 @@
-//! The virtio-mmio interrupt: the InterruptStatus bits plus an eventfd the VMM registers as a
-//! KVM irqfd (an edge on the device's GSI). Shared between the transport (which reads and acks
+//! The virtio-mmio interrupt: the InterruptStatus bits plus the [`Interrupt`] the VMM gave the
+//! transport (an edge on the device's GSI). Shared between the transport (which reads and acks
 //! the status) and the device (which raises it).
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::interrupt::Interrupt;
 
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
-    irq: EventFd,
+    irq: Arc<dyn Interrupt>,
 }
 
 impl VirtioInterrupt {
-    pub fn new(irq: EventFd) -> Self {
+    pub fn new(irq: Arc<dyn Interrupt>) -> Self {
         Self {
             status: AtomicU32::new(0),
             irq,
@@ -35,7 +37,7 @@ impl VirtioInterrupt {
     fn signal(&self, bit: u32) -> io::Result<()> {
         // Set the status before the edge so the driver's handler finds the reason.
         self.status.fetch_or(bit, Ordering::SeqCst);
-        self.irq.write(1)
+        self.irq.trigger()
     }
 
     /// The InterruptStatus register.
@@ -54,7 +56,7 @@ impl VirtioInterrupt {
     pub fn restore(&self, status: u32) -> io::Result<()> {
         self.status.store(status, Ordering::SeqCst);
         if status != 0 {
-            self.irq.write(1)?;
+            self.irq.trigger()?;
         }
         Ok(())
     }
@@ -64,8 +66,8 @@ impl VirtioInterrupt {
         self.status.store(0, Ordering::SeqCst);
     }
 
-    /// The eventfd to register as a KVM irqfd.
-    pub fn irq_evt(&self) -> &EventFd {
+    /// The interrupt it raises.
+    pub fn line(&self) -> &Arc<dyn Interrupt> {
         &self.irq
     }
 }

@@ -14,10 +14,10 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::{BusDevice, VcpuAction};
+use crate::interrupt::Interrupt;
 use crate::GuestMemory;
 
 mod state;
@@ -32,7 +32,7 @@ pub const MMIO_VERSION: u32 = 2;
 pub const VENDOR_ID: u32 = 0;
 
 /// The `virtio_mmio.device=` kernel parameter announcing a device (Linux
-/// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), e.g. `virtio_mmio.device=4K@0xd0001000:5`.
+/// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), e.g. `virtio_mmio.device=4K@0xc0000000:5`.
 pub fn mmio_cmdline_arg(base: u64, size: u64, irq: u32) -> String {
     let size = if size != 0 && size % (1 << 20) == 0 {
         format!("{}M", size >> 20)
@@ -91,9 +91,9 @@ impl QueueRegs {
     }
 }
 
-/// A virtio device on the MMIO bus. The VMM maps it at `guest_abi::virtio_mmio::BASE + i *
-/// SIZE`, registers [`Self::irq_evt`] as an irqfd on GSI `FIRST_IRQ + i`, and adds
-/// [`mmio_cmdline_arg`] to the kernel command line.
+/// A virtio device on the MMIO bus. The VMM maps it at an MMIO slot it allocated, gives it an
+/// [`Interrupt`] on a GSI it allocated, and adds [`mmio_cmdline_arg`] to the kernel command
+/// line.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
@@ -108,11 +108,11 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// `irq` is signalled for every interrupt the device raises (register it as a KVM irqfd).
+    /// `irq` is triggered for every interrupt the device raises.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
-        irq: EventFd,
+        irq: Arc<dyn Interrupt>,
     ) -> Result<Self, MmioError> {
         let sizes = device.queue_max_sizes();
         if u16::try_from(sizes.len()).is_err() {
@@ -140,9 +140,9 @@ impl MmioTransport {
         })
     }
 
-    /// The interrupt eventfd (for irqfd registration).
-    pub fn irq_evt(&self) -> &EventFd {
-        self.interrupt.irq_evt()
+    /// The interrupt the device raises.
+    pub fn interrupt(&self) -> &Arc<dyn Interrupt> {
+        self.interrupt.line()
     }
 
     /// The device status register (virtio 1.2 §2.1).

@@ -9,12 +9,12 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::mmio::{mmio_cmdline_arg, MmioTransport, MMIO_MAGIC};
 use super::test_utils::{guest_memory, reg_read, reg_write, DriverQueue};
 use super::{DeviceSnapshot, VirtioDevice, VirtioError, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::{BusDevice, VcpuAction};
+use crate::interrupt::IrqLine;
 use crate::state::DeviceStateError;
 use crate::GuestMemory;
 
@@ -140,7 +140,7 @@ fn setup_with(sizes: Vec<u16>, fail_processing: bool) -> Setup {
         interrupt: None,
         fail_processing,
     };
-    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(IrqLine::new(5).unwrap());
     let t = MmioTransport::new(Box::new(fake), mem.clone(), irq).unwrap();
     Setup { t, seen, mem }
 }
@@ -184,7 +184,7 @@ pub fn setup_queue(t: &mut MmioTransport, sel: u32, q: &DriverQueue) -> u32 {
 }
 
 fn irq_count(t: &MmioTransport) -> u64 {
-    t.irq_evt().read().unwrap_or(0)
+    t.interrupt().eventfd().unwrap().read().unwrap_or(0)
 }
 
 #[test]
@@ -482,12 +482,8 @@ fn cmdline_arg_names_size_base_and_irq() {
         "virtio_mmio.device=4K@0xd0001000:5"
     );
     assert_eq!(
-        mmio_cmdline_arg(
-            guest_abi::virtio_mmio::BASE + guest_abi::virtio_mmio::SIZE,
-            guest_abi::virtio_mmio::SIZE,
-            guest_abi::virtio_mmio::FIRST_IRQ + 1
-        ),
-        "virtio_mmio.device=4K@0xd0002000:6"
+        mmio_cmdline_arg(0xc000_1000, 0x1000, 6),
+        "virtio_mmio.device=4K@0xc0001000:6"
     );
     assert_eq!(
         mmio_cmdline_arg(0x1000, 0x200000, 9),
@@ -509,7 +505,7 @@ fn devices_with_bad_queue_sizes_are_refused() {
             interrupt: None,
             fail_processing: false,
         };
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(IrqLine::new(5).unwrap());
         assert!(MmioTransport::new(Box::new(fake), mem, irq).is_err());
     }
 }

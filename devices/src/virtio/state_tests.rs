@@ -16,7 +16,6 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueState};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::block::{Block, SECTOR_SIZE};
@@ -25,6 +24,7 @@ use super::{
     DeviceSnapshot, MmioTransport, MmioTransportState, VirtioDevice, VirtioError, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::interrupt::IrqLine;
 use crate::state::{DeviceStateError, Ring};
 use crate::GuestMemory;
 
@@ -46,7 +46,7 @@ fn disk(sectors: u64) -> TempFile {
 
 fn transport(mem: &GuestMemory, file: &File, serial: &str) -> MmioTransport {
     let block = Block::new(file.try_clone().unwrap(), false, serial).unwrap();
-    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(IrqLine::new(5).unwrap());
     MmioTransport::new(Box::new(block), mem.clone(), irq).unwrap()
 }
 
@@ -98,7 +98,7 @@ fn status_byte(mem: &GuestMemory) -> u32 {
 }
 
 fn irqs(t: &MmioTransport) -> u64 {
-    t.irq_evt().read().unwrap_or(0)
+    t.interrupt().eventfd().unwrap().read().unwrap_or(0)
 }
 
 fn round_trip(state: &MmioTransportState) -> MmioTransportState {
@@ -406,7 +406,7 @@ fn state_of_another_device_or_disk_is_refused() {
     let image = disk(DISK_SECTORS);
     let good = running_state(&mem, &image);
 
-    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(IrqLine::new(5).unwrap());
     let mut net = MmioTransport::new(Box::new(NotABlock), mem.clone(), irq).unwrap();
     let err = net.restore_state(&good).unwrap_err();
     assert!(
@@ -434,7 +434,7 @@ fn state_of_another_device_or_disk_is_refused() {
     );
 
     let block = Block::new(image.as_file().try_clone().unwrap(), true, "disk").unwrap();
-    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(IrqLine::new(5).unwrap());
     let mut read_only = MmioTransport::new(Box::new(block), mem.clone(), irq).unwrap();
     let err = read_only.restore_state(&good).unwrap_err();
     assert!(

@@ -1,5 +1,7 @@
-//! The contract between vmm and the guests it runs: guest-physical layout, device addresses,
-//! port numbers and the micro guest's mailbox. Guests (the agent, the micro guest) and the host
+//! The contract between vmm and the guests it runs: what a guest itself must know (boot
+//! structures, the ports and addresses built into its drivers and agent, the micro guest's
+//! mailbox). Where the host places everything else (the MMIO hole, device slots, interrupts) is
+//! the host's business: `vmm::vstate::resources`. Guests (the agent, the micro guest) and the host
 //! both read these constants, so a change here changes both sides at once.
 //!
 //! `no_std` so that anything, including guest-side code, can depend on it.
@@ -60,14 +62,10 @@ pub mod layout {
     pub const MICRO_IOPB_BYTES: u64 = 168;
     /// Default start of the micro guest's workload region (above its code and stack).
     pub const MICRO_REGION_GPA: u64 = 0x40_0000;
-    /// 32-bit MMIO hole: RAM above this is relocated to 4 GiB.
-    pub const MMIO_HOLE_START: u64 = 0xc000_0000;
-    pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
-    /// First MMIO device page (the boot timer), then virtio-mmio devices, one page each.
-    pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
-    /// In-kernel IOAPIC and local APIC (fixed by the architecture).
-    pub const IOAPIC_GPA: u64 = 0xfec0_0000;
-    pub const LAPIC_GPA: u64 = 0xfee0_0000;
+    /// The micro guest's workload region ends at or below this: the host keeps guest RAM
+    /// contiguous from 0 up to here (its 32-bit MMIO hole starts no lower), and the payload's
+    /// identity map covers it. The Linux guest learns its RAM from the e820 map instead.
+    pub const MICRO_REGION_END: u64 = 0xc000_0000;
 }
 
 /// Boot GDT selectors. Linux's 64-bit boot protocol wants code at 0x10 and data at 0x18.
@@ -84,28 +82,18 @@ pub mod gdt {
 }
 
 /// The boot-timer pseudo device: the guest writes `MAGIC` to `GPA`; vmm logs the time since its
-/// own start. Same idea as Firecracker's boot timer.
+/// own start. Same idea as Firecracker's boot timer. The guest agent has the address built in,
+/// so the host reserves this page in its MMIO hole.
 pub mod boot_timer {
-    pub const GPA: u64 = super::layout::MMIO_DEVICES_START;
+    pub const GPA: u64 = 0xd000_0000;
     pub const SIZE: u64 = 0x1000;
     pub const MAGIC: u8 = 123;
 }
 
-/// virtio-mmio device slots.
-pub mod virtio_mmio {
-    /// Base of the first device.
-    pub const BASE: u64 = super::layout::MMIO_DEVICES_START + 0x1000;
-    /// Window per device.
-    pub const SIZE: u64 = 0x1000;
-    /// Legacy IRQ (IOAPIC pin / GSI) of the first device; device i uses FIRST_IRQ + i.
-    pub const FIRST_IRQ: u32 = 5;
-    /// At most this many devices.
-    pub const MAX_DEVICES: u32 = 8;
-}
-
 /// Legacy port-I/O devices.
 pub mod ports {
-    /// COM1 16550 UART, IRQ 4.
+    /// COM1 16550 UART, on ISA IRQ 4: Linux's 8250 driver has both built in (no probing, no
+    /// table from the host), so the host must wire exactly these.
     pub const COM1: u16 = 0x3f8;
     pub const COM1_LEN: u16 = 8;
     pub const COM1_IRQ: u32 = 4;

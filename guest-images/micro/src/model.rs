@@ -161,9 +161,8 @@ pub struct Workload {
 impl Workload {
     /// Lowest region start: below it lie the boot structures, the payload and its CPL3 stack.
     pub const MIN_REGION_GPA: u64 = layout::MICRO_USER_STACK_TOP;
-    /// Highest region end: RAM above this is relocated past the MMIO hole, out of the payload's
-    /// identity map.
-    pub const MAX_REGION_END: u64 = layout::MMIO_HOLE_START;
+    /// Highest region end: the end of the RAM the host keeps contiguous from 0.
+    pub const MAX_REGION_END: u64 = layout::MICRO_REGION_END;
 
     /// A workload of `passes` passes (0 = forever) over `pages` pages at `region_gpa`. `param`
     /// is the writes per pass for random and hot set, the page stride for sparse (0 means 1),

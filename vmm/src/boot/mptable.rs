@@ -6,6 +6,7 @@ use guest_abi::layout;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMemory;
+use crate::vstate::resources::addresses::{IOAPIC_GPA, LAPIC_GPA};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {
@@ -20,7 +21,7 @@ pub enum MpTableError {
 const APIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 /// Number of IOAPIC pins KVM's in-kernel IOAPIC has.
-const IOAPIC_PINS: u8 = 24;
+const IOAPIC_PINS: u8 = crate::vstate::resources::interrupts::IOAPIC_PINS as u8;
 const CPU_ENABLED: u8 = 1;
 const CPU_BOOTPROCESSOR: u8 = 2;
 /// Family 6 stepping values; the kernel only prints these.
@@ -64,10 +65,10 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
     io[1] = ioapic_id;
     io[2] = IOAPIC_VERSION;
     io[3] = 1; // enabled
-    io[4..8].copy_from_slice(&(layout::IOAPIC_GPA as u32).to_le_bytes());
+    io[4..8].copy_from_slice(&(IOAPIC_GPA as u32).to_le_bytes());
     entries.extend_from_slice(&io);
     count += 1;
-    // ISA IRQ n -> IOAPIC pin n, as KVM's default GSI routing has it.
+    // ISA IRQ n -> IOAPIC pin n, as the routing table (`resources::interrupts`) has it.
     for irq in 0..IOAPIC_PINS {
         entries.extend_from_slice(&[3, MP_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
@@ -86,7 +87,7 @@ pub fn build(vcpus: u8) -> Result<Vec<u8>, MpTableError> {
     table[8..16].copy_from_slice(b"VMM     ");
     table[16..28].copy_from_slice(b"000000000000");
     table[34..36].copy_from_slice(&count.to_le_bytes());
-    table[36..40].copy_from_slice(&(layout::LAPIC_GPA as u32).to_le_bytes());
+    table[36..40].copy_from_slice(&(LAPIC_GPA as u32).to_le_bytes());
     table.extend_from_slice(&entries);
     table[7] = checksum(&table);
 

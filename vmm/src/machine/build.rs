@@ -71,7 +71,7 @@ impl Machine {
         vcpu::install_kick_handler().map_err(MachineError::Signal)?;
 
         let ram = GuestRam::new(cfg.mem_bytes)?;
-        let vm = Arc::new(Vm::new()?);
+        let vm = Arc::new(Vm::new(ram.size())?);
         let tracked_ring = cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring());
         let ring_from_boot = cfg
             .tracking
@@ -221,10 +221,9 @@ impl Machine {
         let entry: EntryPoint = match &cfg.guest {
             GuestConfig::Linux(boot) => {
                 let mut boot = boot.clone();
-                for (i, _) in cfg.disks.iter().enumerate() {
+                for arg in &self.devs.virtio_cmdline {
                     boot.cmdline.push(' ');
-                    boot.cmdline
-                        .push_str(&devices_setup::virtio_cmdline(i as u32));
+                    boot.cmdline.push_str(arg);
                 }
                 linux::load(&self.ram, &boot)?
             }

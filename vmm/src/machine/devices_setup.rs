@@ -1,6 +1,7 @@
-//! Creates the guest's devices and places them on the port-I/O and MMIO buses, with their
-//! interrupts wired to KVM irqfds, and registers each stateful one under its id: the one place
-//! that names the VM's devices.
+//! Creates the guest's devices and places them on the port-I/O and MMIO buses, and registers
+//! each stateful one under its id: the one place that names the VM's devices. Their MMIO slots
+//! and interrupts come from the VM's resources (`vstate::resources`); fixed ISA ports and the
+//! boot timer's page are where the guest expects them (`guest_abi`).
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -10,26 +11,36 @@ use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusError};
 use devices::device_states::{StateRegistry, StatesError};
+use devices::interrupt::Interrupt;
 use devices::legacy::boot_timer::BootTimer;
 use devices::legacy::i8042::I8042;
 use devices::legacy::serial::{OutputObserver, Serial};
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{mmio_cmdline_arg, MmioTransport};
-use guest_abi::{boot_timer, ports, virtio_mmio};
-use vmm_sys_util::eventfd::EventFd;
+use guest_abi::{boot_timer, ports};
 
 use super::stdin::InputSink;
 use super::DiskConfig;
 use crate::memory::GuestMemory;
 use crate::micro_port::MicroPort;
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::resources::{AddressError, InterruptError};
+use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceSetupError {
-    #[error("cannot create an interrupt eventfd: {0}")]
-    EventFd(std::io::Error),
-    #[error(transparent)]
-    Vm(#[from] VmError),
+    #[error("wiring the interrupt of {what}: {source}")]
+    Interrupt {
+        what: String,
+        #[source]
+        source: InterruptError,
+    },
+    /// Boxed: address errors are large, and this one rides inside every machine error.
+    #[error("placing {what}: {source}")]
+    Address {
+        what: String,
+        #[source]
+        source: Box<AddressError>,
+    },
     #[error("placing {what} on the bus failed: {source}")]
     Bus { what: String, source: BusError },
     #[error("UART: {0}")]
@@ -41,7 +52,7 @@ pub enum DeviceSetupError {
     },
     #[error("virtio-blk {path}: {reason}")]
     Block { path: PathBuf, reason: String },
-    #[error("at most {max} disks are supported, got {got}", max = virtio_mmio::MAX_DEVICES)]
+    #[error("at most {MAX_DISKS} disks are supported, got {got}")]
     TooManyDisks { got: usize },
     #[error("registering device state: {0}")]
     State(#[source] StatesError),
@@ -69,6 +80,10 @@ pub fn device_ids(micro: bool, disks: usize) -> Vec<String> {
     ids
 }
 
+/// Most virtio-blk disks: their GSIs (5, 6, ...) then stay among the ISA-range IRQs 5-12, the
+/// ones guests have been booted with. The pin allocator alone would allow 19.
+pub const MAX_DISKS: usize = 8;
+
 pub struct DeviceOptions<'a> {
     pub console: Box<dyn std::io::Write + Send>,
     pub observer: OutputObserver,
@@ -86,6 +101,8 @@ pub struct Devices {
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
     pub states: StateRegistry,
+    /// The kernel command-line argument announcing each virtio-mmio transport, in disk order.
+    pub virtio_cmdline: Vec<String>,
 }
 
 impl Devices {
@@ -118,21 +135,6 @@ impl Devices {
     }
 }
 
-/// The kernel command-line argument announcing virtio-mmio device `index`.
-pub fn virtio_cmdline(index: u32) -> String {
-    mmio_cmdline_arg(
-        virtio_mmio::BASE + index as u64 * virtio_mmio::SIZE,
-        virtio_mmio::SIZE,
-        virtio_mmio::FIRST_IRQ + index,
-    )
-}
-
-fn irq(vm: &Vm, gsi: u32) -> Result<EventFd, DeviceSetupError> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceSetupError::EventFd)?;
-    vm.register_irqfd(&evt, gsi)?;
-    Ok(evt)
-}
-
 fn place(
     bus: &mut Bus,
     what: &str,
@@ -158,9 +160,18 @@ pub fn create(
     let mut register = |id: &str, dev: Arc<Mutex<dyn devices::Stateful>>| {
         states.add(id, dev).map_err(DeviceSetupError::State)
     };
+    let mut virtio_cmdline = Vec::new();
+    let resources = vm.resources();
 
-    let mut serial = Serial::new(irq(vm, ports::COM1_IRQ)?, opts.console)
-        .map_err(|e| DeviceSetupError::Serial(e.to_string()))?;
+    let com1_irq = resources
+        .interrupts()
+        .isa_line(vm.fd(), ports::COM1_IRQ)
+        .map_err(|source| DeviceSetupError::Interrupt {
+            what: "COM1".to_string(),
+            source,
+        })?;
+    let mut serial =
+        Serial::new(com1_irq, opts.console).map_err(|e| DeviceSetupError::Serial(e.to_string()))?;
     serial.set_observer(opts.observer);
     let serial = Arc::new(Mutex::new(serial));
     place(
@@ -204,12 +215,13 @@ pub fn create(
         boot_timer::SIZE,
     )?;
 
-    if opts.disks.len() > virtio_mmio::MAX_DEVICES as usize {
+    if opts.disks.len() > MAX_DISKS {
         return Err(DeviceSetupError::TooManyDisks {
             got: opts.disks.len(),
         });
     }
     for (i, disk) in opts.disks.iter().enumerate() {
+        let what = format!("virtio-blk {}", disk.path.display());
         let file = OpenOptions::new()
             .read(true)
             .write(!disk.read_only)
@@ -224,30 +236,38 @@ pub fn create(
                 path: disk.path.clone(),
                 reason: e.to_string(),
             })?;
-        let gsi = virtio_mmio::FIRST_IRQ + i as u32;
-        let transport =
-            MmioTransport::new(Box::new(block), mem.clone(), irq(vm, gsi)?).map_err(|e| {
-                DeviceSetupError::Block {
-                    path: disk.path.clone(),
-                    reason: e.to_string(),
-                }
+        let slot = resources
+            .addresses()
+            .allocate_virtio_mmio()
+            .map_err(|source| DeviceSetupError::Address {
+                what: what.clone(),
+                source: Box::new(source),
             })?;
-        let base = virtio_mmio::BASE + i as u64 * virtio_mmio::SIZE;
+        let irq = resources.interrupts().irq_line(vm.fd()).map_err(|source| {
+            DeviceSetupError::Interrupt {
+                what: what.clone(),
+                source,
+            }
+        })?;
+        let gsi = irq.gsi();
+        let transport = MmioTransport::new(Box::new(block), mem.clone(), irq).map_err(|e| {
+            DeviceSetupError::Block {
+                path: disk.path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
         let transport = Arc::new(Mutex::new(transport));
-        place(
-            &mut mmio,
-            &format!("virtio-blk {}", disk.path.display()),
-            transport.clone(),
-            base,
-            virtio_mmio::SIZE,
-        )?;
+        place(&mut mmio, &what, transport.clone(), slot.base, slot.size)?;
+        tracing::debug!("{what}: registers at {:#x}, GSI {gsi}", slot.base);
         register(&blk_id(i), transport)?;
+        virtio_cmdline.push(mmio_cmdline_arg(slot.base, slot.size, gsi));
     }
     Ok(Devices {
         pio,
         mmio,
         serial,
         states,
+        virtio_cmdline,
     })
 }
 
@@ -260,7 +280,7 @@ mod tests {
     /// accepted the Hello has a device for every state the source sends.
     #[test]
     fn every_stateful_device_is_registered_under_an_id_the_description_lists() {
-        let vm = Vm::new().unwrap();
+        let vm = Vm::new(16 << 20).unwrap();
         let ram = GuestRam::new(16 << 20).unwrap();
         let disk = tempfile::NamedTempFile::new().unwrap();
         disk.as_file().set_len(1 << 20).unwrap();

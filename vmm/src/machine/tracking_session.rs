@@ -402,7 +402,7 @@ mod tests {
     use crate::vstate::vm::Vm;
 
     fn ctx(ram: &GuestRam) -> TrackContext {
-        let vm = Arc::new(Vm::new().unwrap());
+        let vm = Arc::new(Vm::new(ram.size()).unwrap());
         vm.register_ram(ram).unwrap();
         TrackContext {
             slots: tracking::slots_of(&vm),

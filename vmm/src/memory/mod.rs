@@ -9,11 +9,12 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use guest_abi::layout;
 pub mod page_index;
 pub mod ram_file;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend};
+
+use crate::vstate::resources::addresses::{MMIO32_END, MMIO32_START};
 
 /// The guest memory type every component shares (the devices crate uses the same one).
 pub type GuestMemory = devices::GuestMemory;
@@ -55,9 +56,9 @@ impl RamRange {
     }
 }
 
-/// Splits `size` bytes of RAM around the MMIO hole below 4 GiB.
+/// Splits `size` bytes of RAM around the 32-bit MMIO hole of the address map.
 pub fn ram_layout(size: u64) -> Vec<RamRange> {
-    let low = size.min(layout::MMIO_HOLE_START);
+    let low = size.min(MMIO32_START);
     let mut ranges = vec![RamRange {
         gpa: 0,
         size: low,
@@ -65,7 +66,7 @@ pub fn ram_layout(size: u64) -> Vec<RamRange> {
     }];
     if size > low {
         ranges.push(RamRange {
-            gpa: layout::MMIO_HOLE_END,
+            gpa: MMIO32_END,
             size: size - low,
             file_offset: low,
         });
@@ -200,8 +201,8 @@ mod tests {
         assert_eq!(ram_layout(128 << 20).len(), 1);
         let big = ram_layout(4 << 30);
         assert_eq!(big.len(), 2);
-        assert_eq!(big[0].end(), layout::MMIO_HOLE_START);
-        assert_eq!(big[1].gpa, layout::MMIO_HOLE_END);
+        assert_eq!(big[0].end(), MMIO32_START);
+        assert_eq!(big[1].gpa, MMIO32_END);
         assert_eq!(big[0].size + big[1].size, 4 << 30);
         assert_eq!(big[1].file_offset, big[0].size);
     }

@@ -34,7 +34,7 @@ fn kvm_write_lands_in_the_dirty_set_by_registry_id(kind: TrackerKind) {
     }
     let ram = GuestRam::new(16 * MIB).unwrap();
     let bar = GuestRam::new(8 * MIB).unwrap();
-    let vm = Arc::new(Vm::new().unwrap());
+    let vm = Arc::new(Vm::new(16 * MIB).unwrap());
     let entries = kind
         .needs_dirty_ring()
         .then(|| enable_dirty_ring(vm.fd()).unwrap());

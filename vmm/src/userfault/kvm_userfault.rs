@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn arming_is_refused_with_the_kernels_answer_where_the_kernel_lacks_it() {
         let ram = GuestRam::new(8 << 20).unwrap();
-        let vm = Arc::new(Vm::new().unwrap());
+        let vm = Arc::new(Vm::new(ram.size()).unwrap());
         vm.register_ram(&ram).unwrap();
         let supported = support();
         let armed = KvmUserfault::arm(

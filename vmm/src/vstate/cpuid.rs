@@ -1,9 +1,12 @@
-//! CPUID for each vCPU: what KVM supports, minus what the guest must not use.
+//! CPUID for each vCPU: what KVM supports, minus what the guest must not use, with the physical
+//! address bits the guest's address map was sized for.
 //! PVM honours only leaves 0, 0x8000_0001 and 0x8000_0008 (PLATFORM.md §2); the rest is still
 //! set as on hardware so the same code is right there.
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
+
+use super::resources::addresses::guest_phys_bits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
@@ -21,6 +24,9 @@ pub fn for_vcpu(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, CpuidError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuidError::Supported)?;
+    // The same function, on the same supported CPUID, sized the VM's 64-bit MMIO window: the
+    // guest must not believe it can address more (nor less) than the map uses.
+    let phys_bits = guest_phys_bits(&cpuid);
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -38,7 +44,13 @@ pub fn for_vcpu(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, CpuidError> {
                 // Extended topology: the x2APIC id of this CPU.
                 e.edx = id as u32;
             }
-            0x8000_0008 => e.ebx |= LEAF80000008_EBX_XSAVEERPTR,
+            0x8000_0008 => {
+                e.ebx |= LEAF80000008_EBX_XSAVEERPTR;
+                // EAX[7:0] physical address bits, EAX[15:8] linear (kept), EAX[23:16] guest
+                // physical bits (0: the same as EAX[7:0]). A guest smaller than the host is
+                // what QEMU's host-phys-bits-limit gives too.
+                e.eax = (e.eax & 0x0000_ff00) | u32::from(phys_bits);
+            }
             _ => {}
         }
     }
@@ -56,5 +68,30 @@ mod tests {
         let leaf1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
         assert_eq!(leaf1.ecx & LEAF1_ECX_CX16, 0);
         assert_eq!(leaf1.ebx >> 24, 3);
+    }
+
+    #[test]
+    fn guest_phys_bits_match_the_address_map() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let c = for_vcpu(&kvm, 0, 1).unwrap();
+        let leaf = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .expect("KVM reports leaf 0x8000_0008");
+        let host = supported
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .unwrap();
+        assert_eq!(leaf.eax & 0xff, u32::from(guest_phys_bits(&supported)));
+        assert_eq!(leaf.eax & 0xff_0000, 0, "no separate guest-physical limit");
+        assert_eq!(leaf.eax & 0xff00, host.eax & 0xff00, "linear bits kept");
+        assert!(
+            leaf.eax & 0xff <= host.eax & 0xff,
+            "never more than the host"
+        );
+        assert_ne!(leaf.ebx & LEAF80000008_EBX_XSAVEERPTR, 0);
     }
 }

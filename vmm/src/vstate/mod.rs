@@ -1,4 +1,5 @@
-//! KVM state: the VM (memslots, irqchip, PIT), vCPUs (boot registers, CPUID, MSRs, the run loop).
+//! KVM state: the VM (memslots, irqchip, PIT, and the guest's resources), vCPUs (boot registers,
+//! CPUID, MSRs, the run loop).
 
 pub mod cpuid;
 pub mod exits;

@@ -1,14 +1,15 @@
-//! The VM file descriptor: capabilities, memslots, in-kernel irqchip and PIT, irqfds.
+//! The VM file descriptor: capabilities, memslots, in-kernel irqchip and PIT, and the guest's
+//! resources (device addresses, GSIs and interrupt routing: `vstate::resources`).
 
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::resources::memslots::{MemSlotError, MemSlots, SlotKind};
+use super::resources::{Resources, ResourcesError};
 use crate::host::HostKind;
-use crate::memory::GuestRam;
+use crate::memory::{ram_layout, GuestRam};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -30,10 +31,14 @@ pub enum VmError {
     },
     #[error("KVM_CREATE_VCPU {id} failed: {source}")]
     CreateVcpu { id: u8, source: kvm_ioctls::Error },
+    /// Boxed: it is rare (VM creation only) and much larger than the rest.
+    #[error("setting up the guest's resources: {0}")]
+    Resources(#[source] Box<ResourcesError>),
 }
 
 /// Where KVM may put the three pages of its real-mode TSS (unused on hardware with unrestricted
-/// guests, required by the ioctl): just below the BIOS area, inside the MMIO hole.
+/// guests, required by the ioctl): just below the BIOS area, inside the platform area the
+/// address map reserves (`resources::addresses::PLATFORM_START`).
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// A KVM VM with its in-kernel interrupt controllers.
@@ -43,10 +48,13 @@ pub struct Vm {
     fd: Arc<VmFd>,
     host: HostKind,
     memslots: MemSlots,
+    resources: Resources,
 }
 
 impl Vm {
-    pub fn new() -> Result<Self, VmError> {
+    /// A VM for `ram_bytes` of guest RAM (laid out by `memory::ram_layout`; the 64-bit MMIO
+    /// window starts after it).
+    pub fn new(ram_bytes: u64) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for (cap, name) in [
             (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -81,11 +89,15 @@ impl Vm {
         if let Err(e) = fd.enable_cap(&cap) {
             tracing::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
         }
+        let ram_end = ram_layout(ram_bytes).last().map_or(0, |r| r.end());
+        let resources =
+            Resources::new(&kvm, &fd, ram_end).map_err(|e| VmError::Resources(Box::new(e)))?;
         Ok(Vm {
             kvm,
             memslots: MemSlots::new(fd.clone()),
             fd,
             host: HostKind::detect(),
+            resources,
         })
     }
 
@@ -97,6 +109,9 @@ impl Vm {
     }
     pub fn host_kind(&self) -> HostKind {
         self.host
+    }
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// The VM's memory slots: the only place slot ids are handed out.
@@ -131,15 +146,6 @@ impl Vm {
                 } else {
                     "turning dirty logging off"
                 },
-                source,
-            })
-    }
-
-    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd
-            .register_irqfd(evt, gsi)
-            .map_err(|source| VmError::Setup {
-                what: "KVM_IRQFD",
                 source,
             })
     }

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
@@ -16,11 +17,11 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_mmio::*;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::{Block, QUEUE_SIZE, SECTOR_SIZE};
 use crate::bus::BusDevice;
+use crate::interrupt::IrqLine;
 use crate::virtio::test_utils::{guest_memory, reg_read, reg_write, Buf, DriverQueue};
 use crate::virtio::{MmioTransport, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::GuestMemory;
@@ -59,7 +60,7 @@ impl Harness {
         let (file, disk) = disk_image();
         let block = Block::new(file, read_only, SERIAL).unwrap();
         let mem = guest_memory(MEM_SIZE);
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(IrqLine::new(5).unwrap());
         let mut t = MmioTransport::new(Box::new(block), mem.clone(), irq).unwrap();
         let q = DriverQueue::new(&mem, QUEUE_BASE, queue_size);
 
@@ -117,7 +118,7 @@ impl Harness {
     }
 
     fn irqs(&self) -> u64 {
-        self.t.irq_evt().read().unwrap_or(0)
+        self.t.interrupt().eventfd().unwrap().read().unwrap_or(0)
     }
 
     fn clear_dirty(&self) {

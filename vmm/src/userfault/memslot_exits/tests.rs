@@ -29,7 +29,7 @@ impl Fetch for Fill {
 
 fn armed(pending: &[(u64, u64)], soft: usize) -> (GuestRam, Arc<Vm>, Arc<MemslotExits>) {
     let ram = GuestRam::new(16 * MIB).unwrap();
-    let vm = Arc::new(Vm::new().unwrap());
+    let vm = Arc::new(Vm::new(ram.size()).unwrap());
     vm.register_ram(&ram).unwrap();
     let pager = Arc::new(
         MemslotExits::arm(
@@ -127,7 +127,7 @@ fn queued_vcpu_faults_reach_the_handler_and_wake_on_install() {
 fn chunks_live_in_the_registry_and_settling_restores_ram_slots() {
     let ram = GuestRam::new(16 * MIB).unwrap();
     let bar = GuestRam::new(8 * MIB).unwrap();
-    let vm = Arc::new(Vm::new().unwrap());
+    let vm = Arc::new(Vm::new(16 * MIB).unwrap());
     // SAFETY: `bar` is declared before the VM, so its mapping outlives the slot.
     let bar_slot = unsafe {
         vm.memslots().add(

@@ -34,7 +34,7 @@ impl Guest {
     /// A VM as the destination of a migration creates it: nothing set up in the vCPU.
     fn fresh() -> Guest {
         let ram = GuestRam::new(RAM).unwrap();
-        let vm = Vm::new().unwrap();
+        let vm = Vm::new(ram.size()).unwrap();
         vm.register_ram(&ram).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         Guest { vcpu, vm, ram }
