@@ -44,7 +44,9 @@ pub enum LinuxBootError {
     #[error("reading initramfs {path} into guest memory failed: {reason}")]
     ReadInitrd { path: PathBuf, reason: String },
     #[error("kernel command line rejected: {0}")]
-    Cmdline(String),
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("kernel command line rejected: {0}")]
+    LoadCmdline(#[source] linux_loader::loader::Error),
     #[error("writing boot structures into guest memory failed: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
 }
@@ -140,13 +142,12 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
         }
     };
 
-    let mut cmdline =
-        Cmdline::new(layout::CMDLINE_MAX).map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(LinuxBootError::Cmdline)?;
     cmdline
         .insert_str(&boot.cmdline)
-        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+        .map_err(LinuxBootError::Cmdline)?;
     load_cmdline(mem, GuestAddress(layout::CMDLINE_GPA), &cmdline)
-        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+        .map_err(LinuxBootError::LoadCmdline)?;
 
     let mut params = boot_params::default();
     if let Some(hdr) = result.setup_header {
