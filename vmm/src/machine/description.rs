@@ -255,7 +255,12 @@ impl VmDescription {
         if self.dirty_ring {
             crate::tracking::TrackerKind::Ring
                 .check_host()
-                .map_err(|e| format!("the VM uses a dirty ring, which this host lacks: {e}"))?;
+                .map_err(|e| {
+                    format!(
+                        "the VM uses a dirty ring, which this host lacks: {}",
+                        e.reason()
+                    )
+                })?;
         }
         Ok(disks)
     }
