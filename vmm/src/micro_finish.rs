@@ -40,6 +40,8 @@ pub enum FinishError {
          budget from the mailbox"
     )]
     RawPayload,
+    /// `Shared::memory_complete`'s refusal: a message about the machine's state, no error
+    /// underneath.
     #[error("cannot finish now: {0}")]
     Busy(String),
     #[error(

@@ -189,6 +189,8 @@ impl VmDescription {
     }
 
     /// Refuses a VM this destination cannot host, with the reason; otherwise the disks to open.
+    /// The reason is the text sent to the source in `Refuse` (`AssembleError::Refused`), so it
+    /// stays a message.
     pub fn check(&self, local: &Constraints) -> Result<Vec<DiskConfig>, String> {
         if let Some(mem) = local.mem_bytes {
             if mem != self.mem_bytes {

@@ -140,7 +140,8 @@ impl Shared {
     }
 
     /// Refuses, with the reason, to read guest RAM from the memory file while pages are still
-    /// missing from it (snapshot, migration).
+    /// missing from it (snapshot, migration). The `String` is that message (the callers' `Busy`
+    /// variants show it), with no error underneath.
     pub fn memory_complete(&self) -> Result<(), String> {
         if self.paging_in.load(Ordering::Acquire) {
             return Err(
