@@ -55,7 +55,7 @@ pub fn logging(kind: TrackerKind, vm: &Vm, on: bool) -> Result<(), TrackingError
             } else {
                 "turning dirty logging off"
             },
-            source,
+            source: Box::new(source),
         })
 }
 

@@ -180,7 +180,8 @@ pub enum TrackingError {
     Vm {
         backend: TrackerKind,
         op: &'static str,
-        source: crate::vstate::vm::VmError,
+        // Boxed: VmError is large, and MachineError carries this enum.
+        source: Box<crate::vstate::vm::VmError>,
     },
     #[error("{backend}: the fault handler failed: un-protecting {page:#x}: {source}")]
     Unprotect {
