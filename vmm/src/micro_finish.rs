@@ -40,6 +40,8 @@ pub enum FinishError {
          budget from the mailbox"
     )]
     RawPayload,
+    /// `Shared::memory_complete`'s refusal: a message about the machine's state, no error
+    /// underneath.
     #[error("cannot finish now: {0}")]
     Busy(String),
     #[error(
@@ -51,11 +53,11 @@ pub enum FinishError {
     Overflow { current: u64, after: u64 },
     #[error("the micro guest's mailbox in guest memory: {0}")]
     Mailbox(WorkloadError),
-    #[error("{what} guest memory at {gpa:#x}: {reason}")]
+    #[error("{what} guest memory at {gpa:#x}: {source}")]
     Memory {
         what: &'static str,
         gpa: u64,
-        reason: String,
+        source: vm_memory::GuestMemoryError,
     },
     #[error("pausing the guest: {0}")]
     Pause(PauseError),
@@ -254,10 +256,10 @@ fn set_budget(mem: &GuestMemory, slot: &mut Slot, after: u64) -> Result<u64, Fin
     let expected = Expected::in_background(workload.region_gpa(), workload);
     let gpa = layout::MICRO_MAILBOX_GPA + micro::OFF_PASSES;
     mem.write_obj(t, GuestAddress(gpa))
-        .map_err(|e| FinishError::Memory {
+        .map_err(|source| FinishError::Memory {
             what: "writing",
             gpa,
-            reason: e.to_string(),
+            source,
         })?;
     // The copy that describes the VM: the boot mailbox with the new budget.
     let off = micro::OFF_PASSES as usize;
@@ -270,10 +272,10 @@ fn set_budget(mem: &GuestMemory, slot: &mut Slot, after: u64) -> Result<u64, Fin
 
 fn read(mem: &GuestMemory, gpa: u64, buf: &mut [u8]) -> Result<(), FinishError> {
     mem.read_slice(buf, GuestAddress(gpa))
-        .map_err(|e| FinishError::Memory {
+        .map_err(|source| FinishError::Memory {
             what: "reading",
             gpa,
-            reason: e.to_string(),
+            source,
         })
 }
 

@@ -231,9 +231,9 @@ pub fn run(b: &TrackingBench) -> Result<BenchReport, BenchError> {
     for &k in &b.backends {
         match k.check_host() {
             Ok(()) => backends.push(k),
-            Err(reason) => unsupported.push(Unsupported {
+            Err(e) => unsupported.push(Unsupported {
                 backend: k.name().to_string(),
-                reason,
+                reason: e.reason(),
             }),
         }
     }

@@ -28,8 +28,11 @@ pub enum LinuxBootError {
     },
     #[error("{0} is not a kernel image: neither an ELF vmlinux nor a bzImage (no ELF magic, no 'HdrS' setup header)")]
     NotAKernel(PathBuf),
-    #[error("loading kernel {path} failed: {reason}")]
-    Load { path: PathBuf, reason: String },
+    #[error("loading kernel {path} failed: {source}")]
+    Load {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
     #[error("cannot open initramfs {path}: {source}")]
     OpenInitrd {
         path: PathBuf,
@@ -41,10 +44,15 @@ pub enum LinuxBootError {
         size: u64,
         limit: u64,
     },
-    #[error("reading initramfs {path} into guest memory failed: {reason}")]
-    ReadInitrd { path: PathBuf, reason: String },
+    #[error("reading initramfs {path} into guest memory failed: {source}")]
+    ReadInitrd {
+        path: PathBuf,
+        source: vm_memory::GuestMemoryError,
+    },
     #[error("kernel command line rejected: {0}")]
-    Cmdline(String),
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("kernel command line rejected: {0}")]
+    LoadCmdline(#[source] linux_loader::loader::Error),
     #[error("writing boot structures into guest memory failed: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
 }
@@ -121,9 +129,9 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
         path: boot.kernel.clone(),
         source,
     })?;
-    let load_err = |e: linux_loader::loader::Error| LinuxBootError::Load {
+    let load_err = |source: linux_loader::loader::Error| LinuxBootError::Load {
         path: boot.kernel.clone(),
-        reason: e.to_string(),
+        source,
     };
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let (result, entry) = match format {
@@ -140,13 +148,12 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
         }
     };
 
-    let mut cmdline =
-        Cmdline::new(layout::CMDLINE_MAX).map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(LinuxBootError::Cmdline)?;
     cmdline
         .insert_str(&boot.cmdline)
-        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+        .map_err(LinuxBootError::Cmdline)?;
     load_cmdline(mem, GuestAddress(layout::CMDLINE_GPA), &cmdline)
-        .map_err(|e| LinuxBootError::Cmdline(e.to_string()))?;
+        .map_err(LinuxBootError::LoadCmdline)?;
 
     let mut params = boot_params::default();
     if let Some(hdr) = result.setup_header {
@@ -232,9 +239,9 @@ fn load_initrd(
         return Err(too_big());
     }
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| LinuxBootError::ReadInitrd {
+        .map_err(|source| LinuxBootError::ReadInitrd {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source,
         })?;
     Ok((addr, size))
 }

@@ -15,6 +15,8 @@ pub enum ConsoleOutput {
     Null,
 }
 
+// `Err = String`: a message about the user's `--console` text (no error underneath), which the
+// CLI's callers take as a `String`.
 impl std::str::FromStr for ConsoleOutput {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -189,6 +189,8 @@ impl VmDescription {
     }
 
     /// Refuses a VM this destination cannot host, with the reason; otherwise the disks to open.
+    /// The reason is the text sent to the source in `Refuse` (`AssembleError::Refused`), so it
+    /// stays a message.
     pub fn check(&self, local: &Constraints) -> Result<Vec<DiskConfig>, String> {
         if let Some(mem) = local.mem_bytes {
             if mem != self.mem_bytes {
@@ -255,7 +257,12 @@ impl VmDescription {
         if self.dirty_ring {
             crate::tracking::TrackerKind::Ring
                 .check_host()
-                .map_err(|e| format!("the VM uses a dirty ring, which this host lacks: {e}"))?;
+                .map_err(|e| {
+                    format!(
+                        "the VM uses a dirty ring, which this host lacks: {}",
+                        e.reason()
+                    )
+                })?;
         }
         Ok(disks)
     }

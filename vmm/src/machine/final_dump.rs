@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use super::build::Machine;
 
-/// Brings in every page still missing before the dump; Err says why it could not.
+/// Brings in every page still missing before the dump; Err says why it could not. The dump's
+/// outcome is a message for the run's report (`AssembleError::FinalDump`, vmm's exit), which the
+/// migration and snapshot sides take as text: a typed error here would change their enums too.
 pub type Fill = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 /// How the dump went, read after the run.

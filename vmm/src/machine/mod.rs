@@ -61,7 +61,7 @@ pub enum MachineError {
     #[error("cannot open the console output: {0}")]
     Console(std::io::Error),
     #[error("event loop: {0}")]
-    EventLoop(String),
+    EventLoop(#[source] event_manager::Error),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]

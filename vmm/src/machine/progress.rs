@@ -12,6 +12,8 @@ pub enum Mode {
     Hybrid,
 }
 
+// `Err = String`: a message about the user's `--mode` text (no error underneath); it also serves
+// clap and the API's `ApiError::Mode`.
 impl std::str::FromStr for Mode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

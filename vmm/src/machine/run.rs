@@ -264,7 +264,7 @@ fn event_loop(
     exits_needed: usize,
 ) -> Result<Ended, MachineError> {
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
+        EventManager::new().map_err(MachineError::EventLoop)?;
     let watch_evt = exit_evt.try_clone().map_err(MachineError::Thread)?;
     em.add_subscriber(Arc::new(Mutex::new(ExitWatch(watch_evt))));
     if cfg.console_input {
@@ -296,8 +296,7 @@ fn event_loop(
         if quit.load(Ordering::Acquire) {
             return Ok((first_run, VcpuStop::Stopped));
         }
-        em.run_with_timeout(100)
-            .map_err(|e| MachineError::EventLoop(format!("{e:?}")))?;
+        em.run_with_timeout(100).map_err(MachineError::EventLoop)?;
     }
 }
 

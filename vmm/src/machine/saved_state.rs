@@ -12,11 +12,15 @@ use crate::vstate::state::{self, VcpuState, VmState};
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("saving the VM state: {0}")]
-    SaveVm(String),
+    SaveVm(#[source] state::StateError),
     #[error("restoring the VM state: {0}")]
-    RestoreVm(String),
-    #[error("restoring vcpu{id}: {reason}")]
-    RestoreVcpu { id: usize, reason: String },
+    RestoreVm(#[source] state::StateError),
+    #[error("restoring vcpu{id}: {source}")]
+    RestoreVcpu {
+        id: usize,
+        #[source]
+        source: state::StateError,
+    },
     #[error(transparent)]
     Devices(StatesError),
     #[error("the state has {found} {what}, this VM has {expected}")]
@@ -26,9 +30,9 @@ pub enum SnapshotError {
         expected: usize,
     },
     #[error("decoding the state: {0}")]
-    Decode(serde_json::Error),
+    Decode(#[source] serde_json::Error),
     #[error("encoding the state: {0}")]
-    Encode(serde_json::Error),
+    Encode(#[source] serde_json::Error),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,8 +46,7 @@ pub struct VmSnapshot {
 impl VmSnapshot {
     /// Everything but the vCPUs (saved by their own threads when they parked).
     pub fn capture(shared: &Shared, vcpus: Vec<VcpuState>) -> Result<VmSnapshot, SnapshotError> {
-        let vm =
-            state::save_vm(shared.vm.fd()).map_err(|e| SnapshotError::SaveVm(e.to_string()))?;
+        let vm = state::save_vm(shared.vm.fd()).map_err(SnapshotError::SaveVm)?;
         let devices = shared
             .device_states
             .save()
@@ -73,13 +76,10 @@ impl VmSnapshot {
             .states
             .check(&self.devices)
             .map_err(SnapshotError::Devices)?;
-        state::restore_vm(m.vm.fd(), &self.vm)
-            .map_err(|e| SnapshotError::RestoreVm(e.to_string()))?;
+        state::restore_vm(m.vm.fd(), &self.vm).map_err(SnapshotError::RestoreVm)?;
         for (id, (runner, s)) in m.runners.iter().zip(&self.vcpus).enumerate() {
-            state::restore_vcpu(&runner.fd, s).map_err(|e| SnapshotError::RestoreVcpu {
-                id,
-                reason: e.to_string(),
-            })?;
+            state::restore_vcpu(&runner.fd, s)
+                .map_err(|source| SnapshotError::RestoreVcpu { id, source })?;
         }
         m.devs
             .states

@@ -140,7 +140,8 @@ impl Shared {
     }
 
     /// Refuses, with the reason, to read guest RAM from the memory file while pages are still
-    /// missing from it (snapshot, migration).
+    /// missing from it (snapshot, migration). The `String` is that message (the callers' `Busy`
+    /// variants show it), with no error underneath.
     pub fn memory_complete(&self) -> Result<(), String> {
         if self.paging_in.load(Ordering::Acquire) {
             return Err(
@@ -156,27 +157,28 @@ impl Shared {
     /// After demand paging with an exit backend, gives the VM back its one-memslot-per-RAM-range
     /// layout, which dirty tracking and later migrations rely on. Replacing slots while vCPUs
     /// run would make KVM's own accesses fail in the gap, so every vCPU is paused for it.
-    pub fn settle_memslots(&self) -> Result<(), String> {
+    /// Fails with the pause's or the backend's own error, in the caller's error type (as
+    /// `assemble::resume` does); a failed settle still resumes, and reports the settle's error.
+    pub fn settle_memslots<E>(&self) -> Result<(), E>
+    where
+        E: From<crate::vstate::pause::PauseError> + From<crate::userfault::UserfaultError>,
+    {
         let Some(exits) = self.demand.get() else {
             return Ok(());
         };
         if exits.layout_settled() {
             return Ok(());
         }
-        self.pause
-            .pause(
-                &self.kicker,
-                crate::vstate::pause::Owner::Migration,
-                false,
-                std::time::Duration::from_secs(5),
-            )
-            .map_err(|e| format!("pausing to settle the memslots: {e}"))?;
-        let settled = exits.settle_layout().map_err(|e| e.to_string());
-        let resumed = self
-            .pause
-            .resume(crate::vstate::pause::Owner::Migration)
-            .map_err(|e| format!("resuming after settling the memslots: {e}"));
-        settled.and(resumed)
+        self.pause.pause(
+            &self.kicker,
+            crate::vstate::pause::Owner::Migration,
+            false,
+            std::time::Duration::from_secs(5),
+        )?;
+        let settled = exits.settle_layout();
+        let resumed = self.pause.resume(crate::vstate::pause::Owner::Migration);
+        settled?;
+        Ok(resumed?)
     }
 
     /// Types `bytes` on the guest's console.

@@ -137,7 +137,7 @@ impl Session {
         ctx: &TrackContext,
         model: Option<Workload>,
         start: Instant,
-        host: impl Fn(TrackerKind) -> Result<(), String>,
+        host: impl Fn(TrackerKind) -> Result<(), TrackingError>,
     ) -> Result<Session, TrackingError> {
         let tracker = match opts.backend {
             Some(kind) => Some(start_tracker(kind, ctx)?),
@@ -145,10 +145,7 @@ impl Session {
         };
         // Fail now, not in the middle of a guest's run, for a backend this host cannot offer.
         for &kind in opts.schedule.iter().flatten() {
-            host(kind).map_err(|reason| TrackingError::Unsupported {
-                backend: kind,
-                reason,
-            })?;
+            host(kind)?;
         }
         Ok(Session {
             tracker,
@@ -464,9 +461,12 @@ mod tests {
     }
 
     /// A host that lacks uffd-wp and soft-dirty, whatever this machine has.
-    fn lacking(kind: TrackerKind) -> Result<(), String> {
+    fn lacking(kind: TrackerKind) -> Result<(), TrackingError> {
         match kind {
-            TrackerKind::UffdWp | TrackerKind::SoftDirty => Err(format!("no {kind} in this test")),
+            TrackerKind::UffdWp | TrackerKind::SoftDirty => Err(TrackingError::Unsupported {
+                backend: kind,
+                reason: format!("no {kind} in this test"),
+            }),
             _ => Ok(()),
         }
     }
@@ -509,9 +509,17 @@ mod tests {
             let host = kind.check_host();
             let opts = schedule(&[Some(kind)]);
             match (Session::start(&opts, &ctx, None, Instant::now()), host) {
-                (Err(TrackingError::Unsupported { backend, reason }), Err(why)) => {
-                    assert_eq!(backend, kind);
-                    assert_eq!(reason, why, "{kind}");
+                (Err(refused), Err(why)) => {
+                    assert!(
+                        matches!(
+                            refused,
+                            TrackingError::Unsupported { backend, .. }
+                            | TrackingError::HostSys { backend, .. }
+                            | TrackingError::HostKvm { backend, .. } if backend == kind
+                        ),
+                        "{kind}: {refused:?}"
+                    );
+                    assert_eq!(refused.to_string(), why.to_string(), "{kind}");
                 }
                 // The ring is chosen when a VM is created (this one has none): only the check
                 // applies to it here.

@@ -35,7 +35,14 @@ pub enum MemoryError {
     #[error("sizing the guest memory file to {size} bytes failed: {source}")]
     Truncate { size: u64, source: std::io::Error },
     #[error("mapping guest memory failed: {0}")]
-    Map(String),
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    // The size errors carry the user's text, not a flattened error.
+    #[error("'{text}' is not a size (examples: 128M, 1G, 512)")]
+    NotASize { text: String },
+    #[error("unknown size unit '{unit}' in '{text}'")]
+    SizeUnit { unit: String, text: String },
+    #[error("size '{text}' overflows")]
+    SizeOverflow { text: String },
 }
 
 /// One contiguous piece of guest RAM.
@@ -124,8 +131,7 @@ impl GuestRam {
             ))
         });
         let regions: Result<Vec<_>, MemoryError> = regions.collect();
-        let memory = GuestMemory::from_ranges_with_files(regions?)
-            .map_err(|e| MemoryError::Map(e.to_string()))?;
+        let memory = GuestMemory::from_ranges_with_files(regions?).map_err(MemoryError::Map)?;
         Ok(GuestRam {
             memory,
             file,
@@ -173,22 +179,29 @@ pub fn host_mem_bytes() -> Option<u64> {
 }
 
 /// Parses a memory size: `512M`, `1G`, `256MiB`, `4096K`, or a plain number of MiB (as QEMU).
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, MemoryError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{text}' is not a size (examples: 128M, 1G, 512)"))?;
+    let n: u64 = num.parse().map_err(|_| MemoryError::NotASize {
+        text: text.to_owned(),
+    })?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "m" | "mb" | "mib" => 1 << 20,
         "k" | "kb" | "kib" => 1 << 10,
         "g" | "gb" | "gib" => 1 << 30,
         "b" => 1,
-        other => return Err(format!("unknown size unit '{other}' in '{text}'")),
+        other => {
+            return Err(MemoryError::SizeUnit {
+                unit: other.to_owned(),
+                text: text.to_owned(),
+            })
+        }
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{text}' overflows"))
+        .ok_or_else(|| MemoryError::SizeOverflow {
+            text: text.to_owned(),
+        })
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ fn run(
 ) -> Result<(), MigrationError> {
     let addr = parse_tcp_url(&opts.to)?;
     shared.memory_complete().map_err(MigrationError::Busy)?;
-    shared.settle_memslots().map_err(MigrationError::Busy)?;
+    shared.settle_memslots::<MigrationError>()?;
     let (mut w, mut r) = connect(&addr)?;
     let session = session_id();
     let hello = Hello {

@@ -19,6 +19,8 @@ pub enum SysError {
         op: &'static str,
         source: std::io::Error,
     },
+    /// What is wrong with the arguments or the kernel's answer, described: a message, not a
+    /// flattened error.
     #[error("{0}")]
     Invalid(String),
 }

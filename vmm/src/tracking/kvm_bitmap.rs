@@ -47,13 +47,16 @@ pub fn get_log(kind: TrackerKind, vm: &Vm, s: &TrackedSlot) -> Result<Vec<u64>, 
 }
 
 pub fn logging(kind: TrackerKind, vm: &Vm, on: bool) -> Result<(), TrackingError> {
-    vm.set_dirty_logging(on).map_err(|e| TrackingError::Other {
-        backend: kind,
-        message: format!(
-            "turning dirty logging {}: {e}",
-            if on { "on" } else { "off" }
-        ),
-    })
+    vm.set_dirty_logging(on)
+        .map_err(|source| TrackingError::Vm {
+            backend: kind,
+            op: if on {
+                "turning dirty logging on"
+            } else {
+                "turning dirty logging off"
+            },
+            source: Box::new(source),
+        })
 }
 
 impl DirtyTracker for KvmBitmap {

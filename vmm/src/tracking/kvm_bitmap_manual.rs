@@ -17,17 +17,20 @@ const WANTED: u64 = MANUAL_PROTECT_ENABLE | MANUAL_PROTECT_INITIALLY_SET;
 /// be. Bounded so one call never holds KVM's MMU lock for a whole large slot.
 const CLEAR_CHUNK_PAGES: u64 = 64 * 1024;
 
-pub fn check_host() -> Result<(), String> {
-    check_mask(&super::scratch_vm()?)
+pub fn check_host() -> Result<(), TrackingError> {
+    check_mask(&super::scratch_vm(KIND)?)
 }
 
 /// Whether this KVM offers manual protect with INITIALLY_SET.
-fn check_mask(vm: &kvm_ioctls::VmFd) -> Result<(), String> {
+fn check_mask(vm: &kvm_ioctls::VmFd) -> Result<(), TrackingError> {
     let mask = kvm_dirty::manual_protect_supported(vm);
     if mask & WANTED != WANTED {
-        return Err(format!(
-            "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (168) offers flags {mask:#x}, need ENABLE|INITIALLY_SET (0x3)"
-        ));
+        return Err(TrackingError::Unsupported {
+            backend: KIND,
+            reason: format!(
+                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (168) offers flags {mask:#x}, need ENABLE|INITIALLY_SET (0x3)"
+            ),
+        });
     }
     Ok(())
 }
@@ -41,7 +44,7 @@ pub struct KvmBitmapManual {
 impl KvmBitmapManual {
     pub fn new(ctx: &TrackContext) -> Result<Self, TrackingError> {
         refuse_on_ring_vm(KIND, ctx)?;
-        check_mask(ctx.vm.fd()).map_err(TrackingError::unsupported(KIND))?;
+        check_mask(ctx.vm.fd())?;
         Ok(KvmBitmapManual {
             vm: ctx.vm.clone(),
             slots: ctx.slots.clone(),

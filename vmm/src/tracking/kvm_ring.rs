@@ -37,7 +37,11 @@ const REAP_IDLE_MIN: Duration = Duration::from_millis(1);
 const REAP_BURST_DIVISOR: u64 = 4;
 
 /// What the host offers: `Ok((bytes, acq_rel))` for the ring size vmm will use.
-pub fn host_ring(vm: &kvm_ioctls::VmFd) -> Result<(u32, bool), String> {
+pub fn host_ring(vm: &kvm_ioctls::VmFd) -> Result<(u32, bool), TrackingError> {
+    let unsupported = |reason: String| TrackingError::Unsupported {
+        backend: KIND,
+        reason,
+    };
     let caps = kvm_dirty::dirty_ring_caps(vm);
     let want = RING_ENTRIES * DIRTY_GFN_SIZE as u32;
     let (max, acq_rel) = if caps.acq_rel_max_bytes > 0 {
@@ -46,29 +50,28 @@ pub fn host_ring(vm: &kvm_ioctls::VmFd) -> Result<(u32, bool), String> {
         (caps.plain_max_bytes, false)
     };
     if max == 0 {
-        return Err(
+        return Err(unsupported(
             "neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL (223) nor KVM_CAP_DIRTY_LOG_RING (192) is offered"
                 .into(),
-        );
+        ));
     }
     // The largest power of two both allow.
     let bytes = want.min(1 << (31 - max.leading_zeros()));
     if bytes < 4096 {
-        return Err(format!("the host's dirty ring is at most {max} bytes"));
+        return Err(unsupported(format!(
+            "the host's dirty ring is at most {max} bytes"
+        )));
     }
     Ok((bytes, acq_rel))
 }
 
-pub fn check_host() -> Result<(), String> {
-    host_ring(&super::scratch_vm()?).map(|_| ())
+pub fn check_host() -> Result<(), TrackingError> {
+    host_ring(&super::scratch_vm(KIND)?).map(|_| ())
 }
 
 /// Enables the ring on a fresh VM (before any vCPU exists); returns entries per ring.
 pub fn enable(vm: &kvm_ioctls::VmFd) -> Result<u32, TrackingError> {
-    let (bytes, acq_rel) = host_ring(vm).map_err(|reason| TrackingError::Unsupported {
-        backend: KIND,
-        reason,
-    })?;
+    let (bytes, acq_rel) = host_ring(vm)?;
     kvm_dirty::enable_dirty_ring(vm, bytes, acq_rel).map_err(|source| TrackingError::Sys {
         backend: KIND,
         op: if acq_rel {
@@ -252,7 +255,7 @@ pub struct KvmRing {
     kick: Option<KickFn>,
     reaper: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     reaper_cpu_ns: Arc<AtomicU64>,
-    reaper_error: Arc<Mutex<Option<String>>>,
+    reaper_error: Arc<Mutex<Option<SysError>>>,
 }
 
 impl KvmRing {
@@ -280,9 +283,10 @@ impl KvmRing {
 
     fn check_reaper(&self) -> Result<(), TrackingError> {
         match lock(&self.reaper_error).take() {
-            Some(message) => Err(TrackingError::Other {
+            Some(source) => Err(TrackingError::Sys {
                 backend: KIND,
-                message: format!("the reaper thread failed: {message}"),
+                op: "the reaper thread collecting the dirty rings",
+                source,
             }),
             None => Ok(()),
         }
@@ -317,7 +321,7 @@ impl DirtyTracker for KvmRing {
                     let n = match rings.collect() {
                         Ok(n) => n,
                         Err(e) => {
-                            *lock(&err) = Some(e.to_string());
+                            *lock(&err) = Some(e);
                             break;
                         }
                     };
@@ -340,9 +344,10 @@ impl DirtyTracker for KvmRing {
                     std::thread::sleep(idle);
                 }
             })
-            .map_err(|e| TrackingError::Other {
+            .map_err(|source| TrackingError::Io {
                 backend: KIND,
-                message: format!("cannot start the reaper thread: {e}"),
+                op: "starting the reaper thread",
+                source,
             })?;
         self.reaper = Some((stop, handle));
         Ok(())

@@ -84,8 +84,9 @@ impl TrackerKind {
     }
 
     /// What this host offers for the backend, checked without a VM where possible: `Err` has
-    /// the missing capability, feature or errno.
-    pub fn check_host(self) -> Result<(), String> {
+    /// the missing capability or feature (`Unsupported`), or the failure that stopped the check
+    /// (`HostSys`, `HostKvm`); [`TrackingError::reason`] gives it without the backend's name.
+    pub fn check_host(self) -> Result<(), TrackingError> {
         match self {
             TrackerKind::Bitmap => Ok(()),
             TrackerKind::BitmapManual => kvm_bitmap_manual::check_host(),
@@ -125,12 +126,31 @@ pub fn backend_names() -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
+    /// The name the user gave (CLI, API), not a flattened error.
     #[error("unknown tracking backend '{0}' (expected one of: {names})", names = backend_names())]
     UnknownBackend(String),
+    /// `reason` describes the missing capability or feature (or VM setup); it is a message,
+    /// not a flattened error: a failed call is `HostSys`/`HostKvm`.
     #[error("{backend} is not available here: {reason}")]
     Unsupported {
         backend: TrackerKind,
         reason: String,
+    },
+    /// A host check could not ask the kernel.
+    #[error("{backend} is not available here: {what}: {source}")]
+    HostSys {
+        backend: TrackerKind,
+        what: &'static str,
+        #[source]
+        source: SysError,
+    },
+    /// A host check could not get a scratch VM from KVM.
+    #[error("{backend} is not available here: {what}: {source}")]
+    HostKvm {
+        backend: TrackerKind,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
     },
     #[error("{backend}: {op} failed: {source}")]
     Sys {
@@ -150,8 +170,28 @@ pub enum TrackingError {
         op: &'static str,
         source: userfaultfd::Error,
     },
+    #[error("{backend}: {op} failed: {source}")]
+    Io {
+        backend: TrackerKind,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{backend}: {op} failed: {source}")]
+    Vm {
+        backend: TrackerKind,
+        op: &'static str,
+        // Boxed: VmError is large, and MachineError carries this enum.
+        source: Box<crate::vstate::vm::VmError>,
+    },
+    #[error("{backend}: the fault handler failed: un-protecting {page:#x}: {source}")]
+    Unprotect {
+        backend: TrackerKind,
+        page: u64,
+        source: userfaultfd::Error,
+    },
     #[error("{0}: harvest or stop before start")]
     NotStarted(TrackerKind),
+    /// A description of what went wrong (a protocol surprise), not a flattened error.
     #[error("{backend}: {message}")]
     Other {
         backend: TrackerKind,
@@ -169,9 +209,27 @@ impl TrackingError {
         }
     }
 
-    /// `map_err` adapter for a host check of `backend` that failed with `reason`.
-    pub fn unsupported(backend: TrackerKind) -> impl FnOnce(String) -> TrackingError {
-        move |reason| TrackingError::Unsupported { backend, reason }
+    /// Why a backend is unavailable, without its name (what `vmm backends` lists); any other
+    /// error as displayed.
+    pub fn reason(&self) -> String {
+        match self {
+            TrackingError::Unsupported { reason, .. } => reason.clone(),
+            TrackingError::HostSys { what, source, .. } => format!("{what}: {source}"),
+            TrackingError::HostKvm { what, source, .. } => format!("{what}: {source}"),
+            other => other.to_string(),
+        }
+    }
+
+    /// `map_err` adapter for a host check of `backend` that could not ask the kernel.
+    pub fn host_sys(
+        backend: TrackerKind,
+        what: &'static str,
+    ) -> impl FnOnce(SysError) -> TrackingError {
+        move |source| TrackingError::HostSys {
+            backend,
+            what,
+            source,
+        }
     }
 
     /// `map_err` adapter for a userfaultfd crate call of `backend`.
@@ -215,10 +273,18 @@ impl TrackedSlot {
     }
 }
 
-/// A throwaway VM for host checks that only a VM fd can answer (capability values).
-fn scratch_vm() -> Result<kvm_ioctls::VmFd, String> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))
+/// A throwaway VM for the host check of `backend` that only a VM fd can answer (capability
+/// values).
+fn scratch_vm(backend: TrackerKind) -> Result<kvm_ioctls::VmFd, TrackingError> {
+    let host_kvm = |what| {
+        move |source| TrackingError::HostKvm {
+            backend,
+            what,
+            source,
+        }
+    };
+    let kvm = kvm_ioctls::Kvm::new().map_err(host_kvm("cannot open /dev/kvm"))?;
+    kvm.create_vm().map_err(host_kvm("KVM_CREATE_VM"))
 }
 
 /// Bytes of one dirty bitmap (a bit per page) over all of `slots`.
@@ -301,12 +367,14 @@ pub fn create(
 }
 
 /// Every backend with what stops it on this host (`Err`: the missing capability, feature or
-/// errno) or `Ok` when it should work. Which of ring and bitmap a given VM allows is decided at
-/// its creation (`kvm_bitmap::refuse_on_ring_vm`, `KvmRing::new`).
+/// errno, as [`TrackingError::reason`] words it) or `Ok` when it should work. Which of ring and
+/// bitmap a given VM allows is decided at its creation (`kvm_bitmap::refuse_on_ring_vm`,
+/// `KvmRing::new`). The `String` is the message `vmm backends` shows (its JSON `reason`), not an
+/// error that travels on: [`TrackerKind::check_host`] has the typed error.
 pub fn availability() -> Vec<(TrackerKind, Result<(), String>)> {
     TrackerKind::ALL
         .into_iter()
-        .map(|k| (k, k.check_host()))
+        .map(|k| (k, k.check_host().map_err(|e| e.reason())))
         .collect()
 }
 

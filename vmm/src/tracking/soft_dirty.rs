@@ -15,15 +15,22 @@ use crate::sys::pagemap::{self, Pagemap, PM_SOFT_DIRTY};
 
 const KIND: TrackerKind = TrackerKind::SoftDirty;
 
-pub fn check_host() -> Result<(), String> {
+pub fn check_host() -> Result<(), TrackingError> {
     match pagemap::soft_dirty_self_test() {
         Ok(true) => Ok(()),
-        Ok(false) => Err(format!(
-            "self-test: after clear_refs and a write to a scratch page, pagemap bit 55 (soft-dirty) \
-             stayed clear, so this kernel silently tracks nothing{}",
-            kernel_config_hint()
-        )),
-        Err(e) => Err(format!("self-test failed: {e}")),
+        Ok(false) => Err(TrackingError::Unsupported {
+            backend: KIND,
+            reason: format!(
+                "self-test: after clear_refs and a write to a scratch page, pagemap bit 55 \
+                 (soft-dirty) stayed clear, so this kernel silently tracks nothing{}",
+                kernel_config_hint()
+            ),
+        }),
+        Err(source) => Err(TrackingError::HostSys {
+            backend: KIND,
+            what: "self-test failed",
+            source,
+        }),
     }
 }
 
@@ -86,7 +93,7 @@ impl DirtyTracker for SoftDirty {
     }
 
     fn start(&mut self) -> Result<(), TrackingError> {
-        check_host().map_err(TrackingError::unsupported(KIND))?;
+        check_host()?;
         self.pagemap = Some(
             Pagemap::open_self().map_err(TrackingError::sys(KIND, "opening /proc/self/pagemap"))?,
         );

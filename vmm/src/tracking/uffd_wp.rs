@@ -20,12 +20,16 @@ const KIND: TrackerKind = TrackerKind::UffdWp;
 /// How long the handler sleeps in poll before re-checking its stop flag.
 const POLL_MS: i32 = 50;
 
-pub fn check_host() -> Result<(), String> {
-    let features = sys_uffd::available_features().map_err(|e| format!("userfaultfd: {e}"))?;
+pub fn check_host() -> Result<(), TrackingError> {
+    let features =
+        sys_uffd::available_features().map_err(TrackingError::host_sys(KIND, "userfaultfd"))?;
     if features & sys_uffd::FEATURE_WP_HUGETLBFS_SHMEM == 0 {
-        return Err(format!(
-            "userfaultfd write-protect on shmem (guest RAM is a memfd) is missing: features {features:#x} lack WP_HUGETLBFS_SHMEM"
-        ));
+        return Err(TrackingError::Unsupported {
+            backend: KIND,
+            reason: format!(
+                "userfaultfd write-protect on shmem (guest RAM is a memfd) is missing: features {features:#x} lack WP_HUGETLBFS_SHMEM"
+            ),
+        });
     }
     Ok(())
 }
@@ -83,7 +87,7 @@ struct Running {
     bits: Arc<Bits>,
     stop: Arc<AtomicBool>,
     handler: JoinHandle<()>,
-    error: Arc<Mutex<Option<String>>>,
+    error: Arc<Mutex<Option<TrackingError>>>,
 }
 
 impl UffdWp {
@@ -108,11 +112,8 @@ impl UffdWp {
         let Some(state) = &self.state else {
             return Err(TrackingError::NotStarted(KIND));
         };
-        if let Some(message) = state.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            return Err(TrackingError::Other {
-                backend: KIND,
-                message: format!("the fault handler failed: {message}"),
-            });
+        if let Some(e) = state.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
         }
         let mut total = 0;
         let _gate = state.bits.gate.lock().unwrap_or_else(|p| p.into_inner());
@@ -166,7 +167,7 @@ fn handler_loop(
     bits: &Bits,
     stop: &AtomicBool,
     cpu: &AtomicU64,
-) -> Result<(), String> {
+) -> Result<(), TrackingError> {
     let base = thread_cpu_ns();
     let mut pfd = libc::pollfd {
         fd: uffd.as_fd().as_raw_fd(),
@@ -181,12 +182,17 @@ fn handler_loop(
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(format!("poll on the userfaultfd: {e}"));
+            return Err(TrackingError::Io {
+                backend: KIND,
+                op: "the fault handler's poll on the userfaultfd",
+                source: e,
+            });
         }
         loop {
-            let event = uffd
-                .read_event()
-                .map_err(|e| format!("reading a userfaultfd event: {e}"))?;
+            let event = uffd.read_event().map_err(TrackingError::uffd(
+                KIND,
+                "the fault handler reading a userfaultfd event",
+            ))?;
             match event {
                 None => break,
                 Some(Event::Pagefault {
@@ -197,16 +203,32 @@ fn handler_loop(
                     let page = addr as u64 & !(PAGE_SIZE - 1);
                     let _gate = bits.gate.lock().unwrap_or_else(|p| p.into_inner());
                     if !bits.record(page) {
-                        return Err(format!("write fault at {page:#x}, outside guest RAM"));
+                        return Err(TrackingError::Other {
+                            backend: KIND,
+                            message: format!(
+                                "the fault handler failed: write fault at {page:#x}, outside guest RAM"
+                            ),
+                        });
                     }
                     uffd.remove_write_protection(
                         page as *mut libc::c_void,
                         PAGE_SIZE as usize,
                         true,
                     )
-                    .map_err(|e| format!("un-protecting {page:#x}: {e}"))?;
+                    .map_err(|source| TrackingError::Unprotect {
+                        backend: KIND,
+                        page,
+                        source,
+                    })?;
                 }
-                Some(other) => return Err(format!("unexpected userfaultfd event {other:?}")),
+                Some(other) => {
+                    return Err(TrackingError::Other {
+                        backend: KIND,
+                        message: format!(
+                            "the fault handler failed: unexpected userfaultfd event {other:?}"
+                        ),
+                    })
+                }
             }
         }
         cpu.store(thread_cpu_ns() - base, Ordering::Relaxed);
@@ -220,7 +242,7 @@ impl DirtyTracker for UffdWp {
     }
 
     fn start(&mut self) -> Result<(), TrackingError> {
-        check_host().map_err(TrackingError::unsupported(KIND))?;
+        check_host()?;
         let uffd = sys_uffd::uffd_with_features(sys_uffd::FEATURE_PAGEFAULT_FLAG_WP)
             .map_err(TrackingError::sys(KIND, "opening a userfaultfd"))?;
         for s in &self.slots {
@@ -259,9 +281,10 @@ impl DirtyTracker for UffdWp {
                     }
                 }
             })
-            .map_err(|e| TrackingError::Other {
+            .map_err(|source| TrackingError::Io {
                 backend: KIND,
-                message: format!("cannot start the fault handler thread: {e}"),
+                op: "starting the fault handler thread",
+                source,
             })?;
         self.state = Some(Running {
             uffd,

@@ -13,13 +13,17 @@ use crate::sys::uffd as sys_uffd;
 const KIND: TrackerKind = TrackerKind::UffdWpAsync;
 const FEATURES: u64 = sys_uffd::FEATURE_WP_ASYNC | sys_uffd::FEATURE_WP_UNPOPULATED;
 
-pub fn check_host() -> Result<(), String> {
-    let features = sys_uffd::available_features().map_err(|e| format!("userfaultfd: {e}"))?;
+pub fn check_host() -> Result<(), TrackingError> {
+    let features =
+        sys_uffd::available_features().map_err(TrackingError::host_sys(KIND, "userfaultfd"))?;
     if features & FEATURES != FEATURES {
-        return Err(format!(
-            "userfaultfd features {features:#x} lack {} (WP_ASYNC needs Linux 6.7)",
-            sys_uffd::feature_names(FEATURES & !features).join(", ")
-        ));
+        return Err(TrackingError::Unsupported {
+            backend: KIND,
+            reason: format!(
+                "userfaultfd features {features:#x} lack {} (WP_ASYNC needs Linux 6.7)",
+                sys_uffd::feature_names(FEATURES & !features).join(", ")
+            ),
+        });
     }
     Ok(())
 }
@@ -57,7 +61,7 @@ impl DirtyTracker for UffdWpAsync {
     }
 
     fn start(&mut self) -> Result<(), TrackingError> {
-        check_host().map_err(TrackingError::unsupported(KIND))?;
+        check_host()?;
         let pagemap =
             Pagemap::open_self().map_err(TrackingError::sys(KIND, "opening /proc/self/pagemap"))?;
         let uffd = sys_uffd::uffd_with_features(FEATURES)

@@ -74,7 +74,7 @@ impl DemandKind {
 
     /// What this host offers for the backend: `Err` says what is missing. Only KVM Userfault
     /// depends on the kernel (checked by trying the memslot flag on a throwaway VM).
-    pub fn check_host(self) -> Result<(), String> {
+    pub fn check_host(self) -> Result<(), super::UserfaultError> {
         match self {
             DemandKind::KvmUserfault => super::kvm_userfault_support(),
             _ => Ok(()),

@@ -272,10 +272,11 @@ impl Waiters {
         let off = self.file_offset(gpa, data.len() as u64)?;
         self.memfd
             .read_exact_at(data, off)
-            .map_err(|e| UserfaultError::Fetch {
+            .map_err(|source| UserfaultError::RamFile {
                 gpa,
                 len: data.len() as u64,
-                reason: format!("reading guest RAM: {e}"),
+                what: "reading guest RAM",
+                source,
             })
     }
 
@@ -283,10 +284,11 @@ impl Waiters {
         let off = self.file_offset(gpa, data.len() as u64)?;
         self.memfd
             .write_all_at(data, off)
-            .map_err(|e| UserfaultError::Fetch {
+            .map_err(|source| UserfaultError::RamFile {
                 gpa,
                 len: data.len() as u64,
-                reason: format!("writing guest RAM: {e}"),
+                what: "writing guest RAM",
+                source,
             })
     }
 }

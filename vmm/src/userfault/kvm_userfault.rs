@@ -51,14 +51,18 @@ pub struct KvmUserfault {
 }
 
 /// Whether this kernel has KVM Userfault, found by trying the memslot flag on a throwaway VM.
-pub fn support() -> Result<(), String> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
+pub fn support() -> Result<(), UserfaultError> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|source| UserfaultError::Kvm {
+        what: "cannot open /dev/kvm",
+        source,
+    })?;
+    let vm = kvm.create_vm().map_err(|source| UserfaultError::Kvm {
+        what: "KVM_CREATE_VM failed",
+        source,
+    })?;
     match sys::probe_support(&vm) {
         Support::Supported => Ok(()),
-        Support::Unsupported { explanation, .. } => Err(explanation),
+        Support::Unsupported { explanation, .. } => Err(UserfaultError::Unsupported(explanation)),
     }
 }
 
@@ -73,15 +77,10 @@ impl KvmUserfault {
         pending: &[(u64, u64)],
         chunk: u64,
     ) -> Result<KvmUserfault, UserfaultError> {
-        let chunk =
-            super::memslot_exits::check_chunk(chunk).map_err(UserfaultError::Unsupported)?;
+        let chunk = super::memslot_exits::check_chunk(chunk)?;
         // On a throwaway VM: the probe takes a slot id of its own, which on this VM belongs
         // to the registry.
-        if let Err(explanation) = support() {
-            return Err(UserfaultError::Unsupported(format!(
-                "kvm-userfault is not available: {explanation}"
-            )));
-        }
+        support().map_err(|e| UserfaultError::KvmUserfaultMissing(Box::new(e)))?;
         let ram = vm.memslots().ram();
         let registered = ram
             .iter()
@@ -281,7 +280,7 @@ mod tests {
         );
         match (supported, armed) {
             (Err(why), Err(e)) => {
-                let e = e.to_string();
+                let (e, why) = (e.to_string(), why.to_string());
                 assert!(e.contains("kvm-userfault is not available"), "{e}");
                 assert!(e.contains(&why), "{e} / {why}");
                 // The reason is the kernel's answer, named: what a throwaway VM's probe got.

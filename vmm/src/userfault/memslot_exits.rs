@@ -42,13 +42,11 @@ pub const DEFAULT_SOFT_LIMIT: usize = 1024;
 const MAX_WIDEN: u64 = 2 << 20;
 
 /// Chunk sizes accepted (bytes): powers of two from 4 KiB to 2 MiB.
-pub fn check_chunk(bytes: u64) -> Result<u64, String> {
+pub fn check_chunk(bytes: u64) -> Result<u64, UserfaultError> {
     if bytes.is_power_of_two() && (PAGE..=2 << 20).contains(&bytes) {
         Ok(bytes)
     } else {
-        Err(format!(
-            "demand chunk must be a power of two from 4 KiB to 2 MiB, got {bytes} bytes"
-        ))
+        Err(UserfaultError::BadChunk { bytes })
     }
 }
 
@@ -107,7 +105,7 @@ impl MemslotExits {
         chunk: u64,
         soft_limit: usize,
     ) -> Result<MemslotExits, UserfaultError> {
-        let chunk = check_chunk(chunk).map_err(UserfaultError::Unsupported)?;
+        let chunk = check_chunk(chunk)?;
         let waiters = Arc::new(Waiters::new(ranges, memfd, pending)?);
         disable_zap_all(&vm);
         let uffd = UffdMissing::arm(ranges, host_addrs)?;

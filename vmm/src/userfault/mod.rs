@@ -30,25 +30,61 @@ pub use uffd_missing::UffdMissing;
 pub enum UserfaultError {
     #[error(transparent)]
     Sys(#[from] crate::sys::SysError),
-    #[error("{what} failed: {errno}")]
-    Uffd { what: &'static str, errno: String },
+    /// A userfaultfd ioctl refused with an errno.
+    #[error("{what} failed: {source}")]
+    Uffd {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A userfaultfd crate error that carries no errno.
+    #[error("{what} failed: {source}")]
+    UffdCrate {
+        what: &'static str,
+        #[source]
+        source: userfaultfd::Error,
+    },
+    #[error("install failed: the pager is disarmed (writing now could overwrite guest data)")]
+    Disarmed,
     #[error("GPA range 0x{gpa:x}+0x{len:x} is not guest RAM")]
     NotRam { gpa: u64, len: u64 },
     #[error("poll on the userfaultfd: {0}")]
-    Poll(std::io::Error),
+    Poll(#[source] std::io::Error),
+    /// A description of the event the kernel sent against the protocol (the crate's `Event`,
+    /// or a fault outside guest RAM), not a flattened error.
     #[error("unexpected userfaultfd event: {0}")]
     Event(String),
-    #[error("{0}")]
-    Kvm(String),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("{what}: {source}")]
     Memslot {
         what: &'static str,
         source: crate::vstate::resources::memslots::MemSlotError,
     },
+    /// `reason` is the page source's account of a failed fetch as the pager was told it (the
+    /// fail reason every waiter shares, a peer's message); a local I/O failure is `RamFile`.
     #[error("fetching guest pages 0x{gpa:x}+0x{len:x}: {reason}")]
     Fetch { gpa: u64, len: u64, reason: String },
+    #[error("fetching guest pages 0x{gpa:x}+0x{len:x}: {what}: {source}")]
+    RamFile {
+        gpa: u64,
+        len: u64,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// What this host or this VM lacks for a backend, or a precondition a caller broke: a
+    /// message, not a flattened error.
     #[error("{0}")]
     Unsupported(String),
+    #[error("demand chunk must be a power of two from 4 KiB to 2 MiB, got {bytes} bytes")]
+    BadChunk { bytes: u64 },
+    #[error("kvm-userfault is not available: {0}")]
+    KvmUserfaultMissing(#[source] Box<UserfaultError>),
 }
 
 /// A touch of a missing page.
@@ -138,7 +174,7 @@ pub fn arm(kind: DemandKind, a: ArmArgs<'_>) -> Result<Arc<dyn DemandPager>, Use
 }
 
 /// Whether this kernel has KVM Userfault (tries the memslot flag on a throwaway VM).
-pub fn kvm_userfault_support() -> Result<(), String> {
+pub fn kvm_userfault_support() -> Result<(), UserfaultError> {
     kvm_userfault::support()
 }
 
@@ -155,9 +191,11 @@ pub fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
 /// A userfaultfd ioctl's failure, naming the errno (the crate's own text, "Copy failed", does
 /// not).
 pub(crate) fn uffd_err(what: &'static str, e: userfaultfd::Error) -> UserfaultError {
-    let errno = match errno_of(&e) {
-        Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
-        None => e.to_string(),
-    };
-    UserfaultError::Uffd { what, errno }
+    match errno_of(&e) {
+        Some(n) => UserfaultError::Uffd {
+            what,
+            source: std::io::Error::from_raw_os_error(n),
+        },
+        None => UserfaultError::UffdCrate { what, source: e },
+    }
 }

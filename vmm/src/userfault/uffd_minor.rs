@@ -362,10 +362,7 @@ impl UffdMinor {
             .ok_or(UserfaultError::NotRam { gpa, len: u64::MAX })?;
         let (ri, off) = self.locate(gpa, len)?;
         if !self.armed.load(Ordering::Acquire) {
-            return Err(UserfaultError::Uffd {
-                what: "install",
-                errno: "the pager is disarmed (writing now could overwrite guest data)".into(),
-            });
+            return Err(UserfaultError::Disarmed);
         }
         let r = &self.ranges[ri];
         let first = r.first_bit + off / PAGE;

@@ -11,7 +11,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::kick::Kicker;
-use super::state::VcpuState;
+use super::state::{StateError, VcpuState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PauseError {
@@ -23,8 +23,16 @@ pub enum PauseError {
         total: usize,
         ms: u64,
     },
+    /// `reason` says what happened instead of a save (none in time, the vCPU stopped): a
+    /// message; a failed save is `SaveState`.
     #[error("vcpu{id} could not save its state: {reason}")]
     Save { id: u8, reason: String },
+    #[error("vcpu{id} could not save its state: {source}")]
+    SaveState {
+        id: u8,
+        #[source]
+        source: StateError,
+    },
     #[error("already paused (by {0})")]
     AlreadyPaused(Owner),
     #[error("not paused")]
@@ -53,7 +61,7 @@ impl std::fmt::Display for Owner {
 }
 
 /// A vCPU's answer to a save request.
-pub type Saved = Result<VcpuState, String>;
+pub type Saved = Result<VcpuState, StateError>;
 
 #[derive(Default)]
 struct Inner {
@@ -95,7 +103,7 @@ impl PauseControl {
             inner: Mutex::new(Inner {
                 live: vcpus,
                 parked_in: vec![None; vcpus],
-                states: vec![None; vcpus],
+                states: std::iter::repeat_with(|| None).take(vcpus).collect(),
                 ..Default::default()
             }),
             cv: Condvar::new(),
@@ -315,10 +323,10 @@ impl PauseControl {
         for (id, slot) in g.states.iter_mut().enumerate() {
             match slot.take() {
                 Some(Ok(s)) => out.push(s),
-                Some(Err(reason)) => {
-                    return Err(PauseError::Save {
+                Some(Err(source)) => {
+                    return Err(PauseError::SaveState {
                         id: id as u8,
-                        reason,
+                        source,
                     })
                 }
                 None => {
@@ -395,7 +403,9 @@ mod tests {
                         if ctl.pause_requested() {
                             ctl.park(id, &mut || {
                                 saves += 1;
-                                Err(format!("vcpu{id} has no KVM state in this test"))
+                                Err(StateError::Invalid(format!(
+                                    "vcpu{id} has no KVM state in this test"
+                                )))
                             });
                         }
                         std::thread::sleep(Duration::from_micros(100));
@@ -439,7 +449,7 @@ mod tests {
         let err = ctl
             .states_while_paused(Owner::Api, Duration::from_secs(5))
             .unwrap_err();
-        assert!(matches!(err, PauseError::Save { .. }), "{err}");
+        assert!(matches!(err, PauseError::SaveState { .. }), "{err}");
         assert_eq!(ctl.owner(), Some(Owner::Api));
         ctl.resume(Owner::Api).unwrap();
         assert!(matches!(ctl.resume(Owner::Api), Err(PauseError::NotPaused)));
@@ -455,7 +465,7 @@ mod tests {
         let err = ctl
             .pause(&kicker, Owner::Migration, true, Duration::from_secs(5))
             .unwrap_err();
-        assert!(matches!(err, PauseError::Save { .. }), "{err}");
+        assert!(matches!(err, PauseError::SaveState { .. }), "{err}");
         assert!(!ctl.is_paused());
         // Back-to-back pauses right after a resume do not see stale parked vCPUs.
         for _ in 0..20 {

@@ -312,6 +312,7 @@ enum End {
     /// The guest wrote the byte it loaded to the done port.
     Loaded(u8),
     MemoryFault(MemoryFault),
+    /// Any other end, described for the test's assertion message.
     Other(String),
 }
 

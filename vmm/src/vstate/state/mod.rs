@@ -59,9 +59,18 @@ pub enum StateError {
         "KVM_RUN with immediate_exit returned exit {exit} instead of EINTR; handle it and retry"
     )]
     PendingExit { exit: String },
-    /// Saved data that cannot be right: checked before any ioctl touches the vCPU or VM.
+    /// Saved data that cannot be right: checked before any ioctl touches the vCPU or VM. A
+    /// description of what is wrong with the data, not a flattened error.
     #[error("invalid saved state: {0}")]
     Invalid(String),
+    /// A KVM buffer (CPUID, XSAVE, MSRs) could not be built for `count` items.
+    #[error("invalid saved state: {count} {what}: {source}")]
+    Fam {
+        what: &'static str,
+        count: usize,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
 }
 
 impl StateError {

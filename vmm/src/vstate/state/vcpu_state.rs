@@ -268,6 +268,15 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Maps a FAM buffer error to [`StateError::Fam`] for `count` `what`.
+fn fam(what: &'static str, count: usize) -> impl Fn(vmm_sys_util::fam::Error) -> StateError {
+    move |source| StateError::Fam {
+        what,
+        count,
+        source,
+    }
+}
+
 fn cpuid_wrapper(entries: &[kvm_cpuid_entry2]) -> Result<CpuId, StateError> {
     if entries.is_empty() || entries.len() > KVM_MAX_CPUID_ENTRIES {
         return Err(StateError::Invalid(format!(
@@ -275,7 +284,7 @@ fn cpuid_wrapper(entries: &[kvm_cpuid_entry2]) -> Result<CpuId, StateError> {
             entries.len()
         )));
     }
-    CpuId::from_entries(entries).map_err(|e| StateError::Invalid(format!("CPUID entries: {e:?}")))
+    CpuId::from_entries(entries).map_err(fam("CPUID entries", entries.len()))
 }
 
 /// The XSAVE area size this KVM reads and writes, in words. KVM_SET_XSAVE copies exactly that
@@ -300,8 +309,7 @@ fn save_xsave(kvm: &Kvm, fd: &VcpuFd) -> Result<Option<Vec<u32>>, StateError> {
     // No KVM_CAP_XSAVE check: current kernels serve KVM_GET_XSAVE even on CPUs without XSAVE
     // (the legacy area, converted from FXSAVE), and it is the only way to carry MXCSR.
     let words = xsave_words(kvm);
-    let mut xsave = Xsave::new(words - XSAVE_LEGACY_WORDS)
-        .map_err(|e| StateError::Invalid(format!("XSAVE buffer of {words} words: {e:?}")))?;
+    let mut xsave = Xsave::new(words - XSAVE_LEGACY_WORDS).map_err(fam("XSAVE words", words))?;
     let got = if words > XSAVE_LEGACY_WORDS {
         // SAFETY: the buffer holds the KVM_CAP_XSAVE2 size, all that KVM_GET_XSAVE2 writes.
         unsafe { fd.get_xsave2(&mut xsave) }.map_err(ioctl("KVM_GET_XSAVE2"))
@@ -345,8 +353,7 @@ fn xsave_for_host(saved: &[u32]) -> Result<Xsave, StateError> {
             saved.len()
         )));
     }
-    let mut xsave = Xsave::new(words - XSAVE_LEGACY_WORDS)
-        .map_err(|e| StateError::Invalid(format!("XSAVE buffer of {words} words: {e:?}")))?;
+    let mut xsave = Xsave::new(words - XSAVE_LEGACY_WORDS).map_err(fam("XSAVE words", words))?;
     let (legacy, extra) = saved.split_at(XSAVE_LEGACY_WORDS);
     // SAFETY: only the area is written, never the FAM length.
     unsafe { xsave.as_mut_fam_struct() }
@@ -397,8 +404,8 @@ pub(super) fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<(Vec<Msr>, Vec<u
                 ..Default::default()
             })
             .collect();
-        let mut batch = Msrs::from_entries(&entries)
-            .map_err(|e| StateError::Invalid(format!("MSR batch: {e:?}")))?;
+        let mut batch =
+            Msrs::from_entries(&entries).map_err(fam("MSRs in a batch", entries.len()))?;
         let read = fd.get_msrs(&mut batch).map_err(ioctl("KVM_GET_MSRS"))?;
         let got = batch.as_slice();
         saved.extend(got.iter().take(read).map(|e| Msr {
@@ -438,9 +445,7 @@ fn msr_batches(msrs: &[Msr]) -> Result<Vec<Msrs>, StateError> {
     normal
         .chunks(MSR_BATCH)
         .chain(late.chunks(MSR_BATCH))
-        .map(|chunk| {
-            Msrs::from_entries(chunk).map_err(|e| StateError::Invalid(format!("MSRs: {e:?}")))
-        })
+        .map(|chunk| Msrs::from_entries(chunk).map_err(fam("MSRs", chunk.len())))
         .collect()
 }
 

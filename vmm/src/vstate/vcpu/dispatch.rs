@@ -37,7 +37,8 @@ pub enum Exit<'a> {
     Nothing,
     /// A raw exit reason kvm-ioctls does not decode.
     Unsupported(u32),
-    /// An exit this VMM never asks for, described.
+    /// An exit this VMM never asks for, described (its `Debug`): part of a stop reason shown to
+    /// users, not an error.
     Unexpected(String),
 }
 
@@ -55,7 +56,8 @@ pub enum Next {
     /// KVM_RUN returned EINTR (a kick, or immediate_exit): no exit to handle.
     Interrupted,
     Stop(VcpuStop),
-    /// The guest stops with this reason, the vCPU's id and its registers.
+    /// The guest stops with this reason, the vCPU's id and its registers: a stop reason shown
+    /// to users (`VcpuStop::Fault`), not an error.
     Fault(String),
     /// KVM_EXIT_INTERNAL_ERROR no handler resolved: reported from kvm_run's details.
     InternalError,

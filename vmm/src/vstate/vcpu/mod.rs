@@ -212,9 +212,8 @@ impl VcpuRunner {
             return finished;
         }
         let (kvm, fd) = (self.vm.kvm(), &self.fd);
-        self.pause.park(self.id, &mut || {
-            crate::vstate::state::save_vcpu(kvm, fd).map_err(|e| e.to_string())
-        });
+        self.pause
+            .park(self.id, &mut || crate::vstate::state::save_vcpu(kvm, fd));
         None
     }
 
