@@ -42,16 +42,30 @@ pub enum DeviceSetupError {
         source: Box<AddressError>,
     },
     #[error("placing {what} on the bus failed: {source}")]
-    Bus { what: String, source: BusError },
+    Bus {
+        what: String,
+        #[source]
+        source: BusError,
+    },
     #[error("UART: {0}")]
-    Serial(String),
+    Serial(#[source] devices::legacy::serial::SerialError),
     #[error("cannot open disk image {path}: {source}")]
     Disk {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("virtio-blk {path}: {reason}")]
-    Block { path: PathBuf, reason: String },
+    #[error("virtio-blk {path}: {source}")]
+    Block {
+        path: PathBuf,
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    #[error("virtio-blk {path}: {source}")]
+    Transport {
+        path: PathBuf,
+        #[source]
+        source: devices::virtio::mmio::MmioError,
+    },
     #[error("at most {MAX_DISKS} disks are supported, got {got}")]
     TooManyDisks { got: usize },
     #[error("registering device state: {0}")]
@@ -170,8 +184,7 @@ pub fn create(
             what: "COM1".to_string(),
             source,
         })?;
-    let mut serial =
-        Serial::new(com1_irq, opts.console).map_err(|e| DeviceSetupError::Serial(e.to_string()))?;
+    let mut serial = Serial::new(com1_irq, opts.console).map_err(DeviceSetupError::Serial)?;
     serial.set_observer(opts.observer);
     let serial = Arc::new(Mutex::new(serial));
     place(
@@ -231,11 +244,12 @@ pub fn create(
                 source,
             })?;
         let serial = format!("vmm-disk{i}");
-        let block =
-            Block::new(file, disk.read_only, &serial).map_err(|e| DeviceSetupError::Block {
+        let block = Block::new(file, disk.read_only, &serial).map_err(|source| {
+            DeviceSetupError::Block {
                 path: disk.path.clone(),
-                reason: e.to_string(),
-            })?;
+                source,
+            }
+        })?;
         let slot = resources
             .addresses()
             .allocate_virtio_mmio()
@@ -250,12 +264,13 @@ pub fn create(
             }
         })?;
         let gsi = irq.gsi();
-        let transport = MmioTransport::new(Box::new(block), mem.clone(), irq).map_err(|e| {
-            DeviceSetupError::Block {
-                path: disk.path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        let transport =
+            MmioTransport::new(Box::new(block), mem.clone(), irq).map_err(|source| {
+                DeviceSetupError::Transport {
+                    path: disk.path.clone(),
+                    source,
+                }
+            })?;
         let transport = Arc::new(Mutex::new(transport));
         place(&mut mmio, &what, transport.clone(), slot.base, slot.size)?;
         tracing::debug!("{what}: registers at {:#x}, GSI {gsi}", slot.base);
