@@ -1,6 +1,7 @@
 //! Device models on an address bus: legacy devices on port I/O (16550 UART, i8042) and MMIO
-//! (boot timer), virtio devices behind a virtio-mmio transport, and the kernel VFIO layer that
-//! passthrough builds on (`vfio`).
+//! (boot timer), virtio devices behind a virtio-mmio transport, PCI (`pci`: host bridge, config
+//! mechanism #1, config spaces, MSI-X/MSI), and the kernel VFIO layer that passthrough builds on
+//! (`vfio`).
 //!
 //! Every device implements [`BusDevice`] and sits on a [`Bus`] (the VMM keeps one for port I/O
 //! and one for MMIO). Nothing the guest writes may panic the VMM: a bad access is logged and
@@ -12,6 +13,7 @@ mod bus_tests;
 pub mod device_states;
 pub mod interrupt;
 pub mod legacy;
+pub mod pci;
 pub mod state;
 pub mod vfio;
 pub mod virtio;

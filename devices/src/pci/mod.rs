@@ -1,0 +1,37 @@
+//! PCI as the guest sees it: a host bridge at 00:00.0 behind configuration mechanism #1
+//! (`conf1`, `root`), type-0 config spaces with capabilities and BARs (`config`, `bar`), MSI-X
+//! and MSI (`msix`, `msi`) whose vectors the owner routes through KVM (`vectors`), and the
+//! [`PciDevice`] trait an emulated or passed-through function implements (`device`).
+//!
+//! Hand-written, not a crate: rust-vmm's `vm-device` has a bus and interrupt traits but no PCI;
+//! Cloud Hypervisor's and Firecracker's `pci` crates are not published as libraries (and bring
+//! their own bus, interrupt manager and snapshot types); nothing on crates.io models a config
+//! space with masks, BAR sizing and MSI-X emulation without a VMM attached. The PCI rules here
+//! are small and specified (PCI Local Bus 3.0, 6.x), so owning them costs less than adapting.
+//!
+//! Not yet wired into the VM: the VMM inserts [`ConfigIo`] on its port I/O bus, places each
+//! function's [`BarLayout::placement_requests`] in its address map, inserts a [`BarRange`] per
+//! BAR, and acts on [`ConfigEvent`]s through [`PciEvents`].
+
+pub mod bar;
+pub mod conf1;
+pub mod config;
+pub mod device;
+pub mod host_bridge;
+pub mod msi;
+pub mod msix;
+pub mod root;
+pub mod vectors;
+
+#[cfg(test)]
+mod test_device;
+
+pub use bar::{Bar, BarError, BarKind, BarLayout, BarSlot, PlacementRequest};
+pub use conf1::{ConfigIo, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN};
+pub use config::{Capability, ConfigError, ConfigEvent, ConfigHeader, ConfigSpace};
+pub use device::{BarRange, PciDevice};
+pub use host_bridge::HostBridge;
+pub use msi::{Msi, MsiError};
+pub use msix::{Msix, MsixError, MsixLayout};
+pub use root::{PciAddress, PciEvents, PciRoot, RootError};
+pub use vectors::{Delivery, MsiMessage, RouteError, VectorRoutes};
