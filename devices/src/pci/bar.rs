@@ -17,7 +17,7 @@ pub const MIN_ROM: u64 = 2048;
 /// Memory BARs are placed at least page aligned, so each can be a memslot or trapped alone.
 pub const MIN_MEM_ALIGN: u64 = 4096;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BarError {
     #[error("BAR{index}: there are only {BAR_COUNT} BAR registers")]
     Index { index: u8 },

@@ -35,3 +35,8 @@ pub use msi::{Msi, MsiError};
 pub use msix::{Msix, MsixError, MsixLayout};
 pub use root::{PciAddress, PciEvents, PciRoot, RootError};
 pub use vectors::{Delivery, MsiMessage, RouteError, VectorRoutes};
+
+#[cfg(test)]
+mod bar_tests;
+#[cfg(test)]
+mod config_tests;
