@@ -40,3 +40,5 @@ pub use vectors::{Delivery, MsiMessage, RouteError, VectorRoutes};
 mod bar_tests;
 #[cfg(test)]
 mod config_tests;
+#[cfg(test)]
+mod msix_tests;
