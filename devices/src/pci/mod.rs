@@ -42,3 +42,5 @@ mod bar_tests;
 mod config_tests;
 #[cfg(test)]
 mod msix_tests;
+#[cfg(test)]
+mod msi_tests;
