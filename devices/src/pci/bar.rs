@@ -183,7 +183,11 @@ impl BarLayout {
                 PlacementRequest {
                     slot: BarSlot::Bar(b.index),
                     size: b.size,
-                    align: if io { b.size } else { b.size.max(MIN_MEM_ALIGN) },
+                    align: if io {
+                        b.size
+                    } else {
+                        b.size.max(MIN_MEM_ALIGN)
+                    },
                     prefetchable: b.kind.is_prefetchable(),
                     is_64bit: b.kind.is_64bit(),
                     io,

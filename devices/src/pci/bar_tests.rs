@@ -15,8 +15,16 @@ const MEM32: BarKind = BarKind::Mem32 {
 #[test]
 fn bad_layouts_are_refused_with_the_reason() {
     let cases = [
-        (vec![bar(6, MEM32, 4096)], None, BarError::Index { index: 6 }),
-        (vec![bar(5, MEM64, 4096)], None, BarError::NoUpperHalf { index: 5 }),
+        (
+            vec![bar(6, MEM32, 4096)],
+            None,
+            BarError::Index { index: 6 },
+        ),
+        (
+            vec![bar(5, MEM64, 4096)],
+            None,
+            BarError::NoUpperHalf { index: 5 },
+        ),
         (
             vec![bar(0, MEM64, 4096), bar(1, MEM32, 4096)],
             None,

@@ -111,7 +111,8 @@ fn h100_bars_size_as_the_nvidia_driver_expects() {
 fn probing_restores_the_address_and_reports_nothing() {
     let mut cfg = h100();
     cfg.set_bar_address(BarSlot::Bar(0), 0xc000_0000).unwrap();
-    cfg.set_bar_address(BarSlot::Bar(1), 0x40_0000_0000).unwrap();
+    cfg.set_bar_address(BarSlot::Bar(1), 0x40_0000_0000)
+        .unwrap();
     for i in 0..6 {
         let (_, events) = probe(&mut cfg, bar_reg(i));
         assert!(events.is_empty(), "BAR{i}: {events:?}");
@@ -162,7 +163,8 @@ fn a_32bit_bar_move_is_reported_once() {
 #[test]
 fn a_64bit_bar_move_is_reported_when_its_upper_half_is_written() {
     let mut cfg = h100();
-    cfg.set_bar_address(BarSlot::Bar(3), 0x40_0000_0000).unwrap();
+    cfg.set_bar_address(BarSlot::Bar(3), 0x40_0000_0000)
+        .unwrap();
     assert!(write32(&mut cfg, bar_reg(3), 0x0200_0000).is_empty());
     let events = write32(&mut cfg, bar_reg(4), 0x60);
     assert_eq!(
@@ -219,10 +221,16 @@ fn decode_changes_are_reported_from_the_command_register() {
         cfg.write(COMMAND, &[(mem | COMMAND_IO) as u8]),
         [ConfigEvent::IoDecode(true)]
     );
-    assert!(cfg.write(COMMAND + 1, &[0x04]).is_empty(), "INTx disable only");
+    assert!(
+        cfg.write(COMMAND + 1, &[0x04]).is_empty(),
+        "INTx disable only"
+    );
     assert_eq!(
         cfg.write(COMMAND, &[0]),
-        [ConfigEvent::MemoryDecode(false), ConfigEvent::IoDecode(false)]
+        [
+            ConfigEvent::MemoryDecode(false),
+            ConfigEvent::IoDecode(false)
+        ]
     );
     assert!(!cfg.memory_enabled() && !cfg.io_enabled());
 }
@@ -255,8 +263,12 @@ fn capabilities_are_linked_and_walked_in_order() {
     assert_eq!((a, b, c), (0x40, 0x48, 0x50), "dword aligned, packed");
     assert_ne!(cfg.read_u16(STATUS) & STATUS_CAPABILITIES, 0);
     assert_eq!(cfg.read_u8(CAPABILITIES_POINTER), 0x40);
-    let x = cfg.add_extended_capability(0x0001, 2, &[0; 8], &[0; 8]).unwrap();
-    let y = cfg.add_extended_capability(0x000b, 1, &[0; 4], &[0; 4]).unwrap();
+    let x = cfg
+        .add_extended_capability(0x0001, 2, &[0; 8], &[0; 8])
+        .unwrap();
+    let y = cfg
+        .add_extended_capability(0x000b, 1, &[0; 4], &[0; 4])
+        .unwrap();
     assert_eq!((x, y), (0x100, 0x10c));
     let walked: Vec<(u16, usize, bool)> = cfg
         .capabilities()
@@ -293,7 +305,10 @@ fn a_capability_loop_ends_the_walk() {
     cfg.set(b + 1, &[a as u8]).unwrap();
     let walked = cfg.capabilities();
     assert!(walked.len() <= (CONFIG_SIZE - FIRST_CAPABILITY) / 4);
-    assert_eq!((walked[0].offset, walked[1].offset, walked[2].offset), (a, b, a));
+    assert_eq!(
+        (walked[0].offset, walked[1].offset, walked[2].offset),
+        (a, b, a)
+    );
 }
 
 #[test]
@@ -315,7 +330,10 @@ fn capability_bytes_follow_their_write_mask_and_report_the_write() {
             offset: off
         }]
     );
-    assert!(cfg.write(off + 6, &[0xff]).is_empty(), "past the capability");
+    assert!(
+        cfg.write(off + 6, &[0xff]).is_empty(),
+        "past the capability"
+    );
 }
 
 #[test]

@@ -41,6 +41,8 @@ mod bar_tests;
 #[cfg(test)]
 mod config_tests;
 #[cfg(test)]
+mod msi_tests;
+#[cfg(test)]
 mod msix_tests;
 #[cfg(test)]
-mod msi_tests;
+mod root_tests;

@@ -160,9 +160,8 @@ impl Msi {
     }
 
     fn live(&self, cfg: &ConfigSpace, vector: u8) -> Option<MsiMessage> {
-        let on = self.enabled(cfg)
-            && vector < self.allotted(cfg)
-            && !self.vector_masked(cfg, vector);
+        let on =
+            self.enabled(cfg) && vector < self.allotted(cfg) && !self.vector_masked(cfg, vector);
         on.then(|| self.message(cfg, vector))
     }
 

@@ -71,7 +71,10 @@ fn enabling_msi_routes_vector_0_with_its_message() {
         address: 0x1_fee0_1000,
         data: 0x4021,
     };
-    assert_eq!(written(&mut msi, &mut cfg, &mut routes), [Call::Unmask(0, want)]);
+    assert_eq!(
+        written(&mut msi, &mut cfg, &mut routes),
+        [Call::Unmask(0, want)]
+    );
     cfg.write(msi.cap_offset() + 2, &[0, 0]);
     assert_eq!(written(&mut msi, &mut cfg, &mut routes), [Call::Mask(0)]);
 }
@@ -86,7 +89,10 @@ fn a_32bit_capability_has_no_upper_address() {
         address: 0xfee0_0000,
         data: 0x30,
     };
-    assert_eq!(written(&mut msi, &mut cfg, &mut routes), [Call::Unmask(0, want)]);
+    assert_eq!(
+        written(&mut msi, &mut cfg, &mut routes),
+        [Call::Unmask(0, want)]
+    );
 }
 
 #[test]
@@ -134,7 +140,10 @@ fn a_live_msis_new_message_reprograms_the_route() {
         address: 0xfee0_2000,
         data: 0x30,
     };
-    assert_eq!(written(&mut msi, &mut cfg, &mut routes), [Call::Unmask(0, want)]);
+    assert_eq!(
+        written(&mut msi, &mut cfg, &mut routes),
+        [Call::Unmask(0, want)]
+    );
 }
 
 #[test]
@@ -151,7 +160,10 @@ fn per_vector_masking_pends_and_releases() {
     let fired = msi.trigger(&mut cfg, 1, &mut routes).unwrap();
     assert_eq!(fired, Delivery::Pending);
     assert_eq!(cfg.read_u32(pending_at), 2);
-    assert_eq!(msi.trigger(&mut cfg, 0, &mut routes).unwrap(), Delivery::Sent);
+    assert_eq!(
+        msi.trigger(&mut cfg, 0, &mut routes).unwrap(),
+        Delivery::Sent
+    );
     assert_eq!(routes.take(), [Call::Trigger(0)]);
     cfg.write(mask_at, &0u32.to_le_bytes());
     let msg1 = MsiMessage {
@@ -180,7 +192,10 @@ fn a_disabled_msi_drops_triggers() {
     let mut cfg = space();
     let mut msi = Msi::new(&mut cfg, 4, true, true).unwrap();
     let mut routes = MockRoutes::default();
-    assert_eq!(msi.trigger(&mut cfg, 0, &mut routes).unwrap(), Delivery::Dropped);
+    assert_eq!(
+        msi.trigger(&mut cfg, 0, &mut routes).unwrap(),
+        Delivery::Dropped
+    );
     program(&mut cfg, &msi, 0xfee0_0000, 0x50, MSI_ENABLE, true);
     assert_eq!(
         msi.trigger(&mut cfg, 3, &mut routes).unwrap(),

@@ -95,7 +95,12 @@ impl Msix {
             return Err(MsixError::Vectors(layout.vectors));
         }
         let regions = [
-            ("table", layout.table_bar, layout.table_offset, layout.table_len()),
+            (
+                "table",
+                layout.table_bar,
+                layout.table_offset,
+                layout.table_len(),
+            ),
             ("PBA", layout.pba_bar, layout.pba_offset, layout.pba_len()),
         ];
         for (what, bar, offset, len) in regions {

@@ -50,7 +50,11 @@ fn the_capability_describes_table_and_pba_and_only_enable_and_mask_are_writable(
     let off = dev.msix.cap_offset();
     assert_eq!(dev.cfg.read_u16(off + 2), MSIX_VECTORS - 1);
     assert_eq!(dev.cfg.read_u32(off + 4), 0, "table: BAR0 offset 0");
-    assert_eq!(dev.cfg.read_u32(off + 8), PBA_OFFSET, "PBA: BAR0 offset 64 KiB");
+    assert_eq!(
+        dev.cfg.read_u32(off + 8),
+        PBA_OFFSET,
+        "PBA: BAR0 offset 64 KiB"
+    );
     control(&mut dev, 0xffff);
     assert_eq!(
         dev.cfg.read_u16(off + 2),
@@ -92,7 +96,11 @@ fn a_live_vectors_new_message_reprograms_its_route() {
     write_entry(&mut dev, 5, msg(5));
     set_mask(&mut dev, 5, false);
     routes.take();
-    dev.bar_write(BarSlot::Bar(0), 5 * MSIX_ENTRY_SIZE + 8, &0x99u32.to_le_bytes());
+    dev.bar_write(
+        BarSlot::Bar(0),
+        5 * MSIX_ENTRY_SIZE + 8,
+        &0x99u32.to_le_bytes(),
+    );
     let want = MsiMessage {
         data: 0x99,
         ..msg(5)
@@ -132,7 +140,10 @@ fn a_masked_vector_that_fires_is_pending_and_sent_on_unmask() {
     assert_eq!(read_bar0_u32(&mut dev, u64::from(PBA_OFFSET) + 8), 1 << 2);
     assert_eq!(read_bar0_u32(&mut dev, u64::from(PBA_OFFSET)), 0);
     set_mask(&mut dev, 66, false);
-    assert_eq!(routes.take(), [Call::Unmask(66, msg(66)), Call::Trigger(66)]);
+    assert_eq!(
+        routes.take(),
+        [Call::Unmask(66, msg(66)), Call::Trigger(66)]
+    );
     assert!(!dev.msix.pending(66));
     assert_eq!(read_bar0_u32(&mut dev, u64::from(PBA_OFFSET) + 8), 0);
 }
@@ -143,7 +154,10 @@ fn function_mask_pends_too() {
     control(&mut dev, MSIX_ENABLE | MSIX_FUNCTION_MASK);
     write_entry(&mut dev, 0, msg(0));
     set_mask(&mut dev, 0, false);
-    assert_eq!(dev.msix.trigger(0, &mut dev.routes).unwrap(), Delivery::Pending);
+    assert_eq!(
+        dev.msix.trigger(0, &mut dev.routes).unwrap(),
+        Delivery::Pending
+    );
     control(&mut dev, MSIX_ENABLE);
     assert_eq!(routes.take(), [Call::Unmask(0, msg(0)), Call::Trigger(0)]);
 }
@@ -151,13 +165,19 @@ fn function_mask_pends_too() {
 #[test]
 fn a_live_vector_fires_at_once_and_a_disabled_one_not_at_all() {
     let (mut dev, routes) = device();
-    assert_eq!(dev.msix.trigger(2, &mut dev.routes).unwrap(), Delivery::Dropped);
+    assert_eq!(
+        dev.msix.trigger(2, &mut dev.routes).unwrap(),
+        Delivery::Dropped
+    );
     assert!(!dev.msix.pending(2));
     control(&mut dev, MSIX_ENABLE);
     write_entry(&mut dev, 2, msg(2));
     set_mask(&mut dev, 2, false);
     routes.take();
-    assert_eq!(dev.msix.trigger(2, &mut dev.routes).unwrap(), Delivery::Sent);
+    assert_eq!(
+        dev.msix.trigger(2, &mut dev.routes).unwrap(),
+        Delivery::Sent
+    );
     assert_eq!(routes.take(), [Call::Trigger(2)]);
     assert!(matches!(
         dev.msix.trigger(MSIX_VECTORS, &mut dev.routes),
@@ -169,11 +189,23 @@ fn a_live_vector_fires_at_once_and_a_disabled_one_not_at_all() {
 fn the_table_reads_back_with_reserved_bits_clear() {
     let (mut dev, _) = device();
     dev.bar_write(BarSlot::Bar(0), 16, &[0xff; 16]);
-    assert_eq!(read_bar0_u32(&mut dev, 16), 0xffff_fffc, "address is dword aligned");
+    assert_eq!(
+        read_bar0_u32(&mut dev, 16),
+        0xffff_fffc,
+        "address is dword aligned"
+    );
     assert_eq!(read_bar0_u32(&mut dev, 20), u32::MAX);
     assert_eq!(read_bar0_u32(&mut dev, 24), u32::MAX);
-    assert_eq!(read_bar0_u32(&mut dev, 28), MSIX_VECTOR_MASKED, "one control bit");
-    assert_eq!(read_bar0_u32(&mut dev, 12), MSIX_VECTOR_MASKED, "reset state: masked");
+    assert_eq!(
+        read_bar0_u32(&mut dev, 28),
+        MSIX_VECTOR_MASKED,
+        "one control bit"
+    );
+    assert_eq!(
+        read_bar0_u32(&mut dev, 12),
+        MSIX_VECTOR_MASKED,
+        "reset state: masked"
+    );
 }
 
 #[test]
@@ -191,7 +223,10 @@ fn bar_accesses_outside_msix_are_left_to_the_device() {
     let mut b = [0; 4];
     assert!(!dev.msix.bar_read(0, past_table, &mut b));
     assert!(!dev.msix.bar_read(1, 0, &mut b), "another BAR");
-    assert!(!dev.msix.bar_read(0, past_table - 2, &mut b), "straddles the end");
+    assert!(
+        !dev.msix.bar_read(0, past_table - 2, &mut b),
+        "straddles the end"
+    );
     let mut routes = MockRoutes::default();
     assert!(!dev.msix.bar_write(0, 0x2_0000, &b, &mut routes).unwrap());
     dev.bar_write(BarSlot::Bar(0), 0x2_0000, &[1, 2, 3, 4]);
@@ -212,7 +247,9 @@ fn table_and_pba_accesses_of_any_size_and_offset_never_panic() {
             let mut buf = vec![0; size];
             dev.msix.table_read(offset, &mut buf);
             dev.msix.pba_read(offset, &mut buf);
-            dev.msix.table_write(offset, &vec![0x5a; size], &mut routes).unwrap();
+            dev.msix
+                .table_write(offset, &vec![0x5a; size], &mut routes)
+                .unwrap();
             dev.msix.bar_read(0, offset, &mut buf);
             dev.msix.bar_write(0, offset, &buf, &mut routes).unwrap();
         }
@@ -255,12 +292,48 @@ fn layouts_that_do_not_fit_their_bars_are_refused() {
         pba_offset: 0x1000,
     };
     let cases = [
-        (MsixLayout { vectors: 0, ..layout }, "vectors"),
-        (MsixLayout { vectors: 2049, ..layout }, "vectors"),
-        (MsixLayout { table_bar: 2, ..layout }, "no bar"),
-        (MsixLayout { table_offset: 4, ..layout }, "unaligned"),
-        (MsixLayout { pba_offset: 16 * (1 << 20), ..layout }, "outside"),
-        (MsixLayout { pba_offset: 0x30, ..layout }, "overlap"),
+        (
+            MsixLayout {
+                vectors: 0,
+                ..layout
+            },
+            "vectors",
+        ),
+        (
+            MsixLayout {
+                vectors: 2049,
+                ..layout
+            },
+            "vectors",
+        ),
+        (
+            MsixLayout {
+                table_bar: 2,
+                ..layout
+            },
+            "no bar",
+        ),
+        (
+            MsixLayout {
+                table_offset: 4,
+                ..layout
+            },
+            "unaligned",
+        ),
+        (
+            MsixLayout {
+                pba_offset: 16 * (1 << 20),
+                ..layout
+            },
+            "outside",
+        ),
+        (
+            MsixLayout {
+                pba_offset: 0x30,
+                ..layout
+            },
+            "overlap",
+        ),
     ];
     for (bad, why) in cases {
         let (mut dev, _) = device();

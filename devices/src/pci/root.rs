@@ -91,7 +91,10 @@ impl PciRoot {
     }
 
     /// Adds `device` as function 0 of the lowest free device number.
-    pub fn add_device(&mut self, device: Arc<Mutex<dyn PciDevice>>) -> Result<PciAddress, RootError> {
+    pub fn add_device(
+        &mut self,
+        device: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<PciAddress, RootError> {
         let address = (0..MAX_DEVICES)
             .map(|d| PciAddress::new(0, d, 0))
             .find(|a| !self.functions.keys().any(|k| k.device == a.device))

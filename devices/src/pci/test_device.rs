@@ -127,7 +127,9 @@ impl PciDevice for TestDevice {
         for e in &events {
             if let ConfigEvent::Capability { id, .. } = e {
                 if *id == u16::from(MSIX_CAP_ID) {
-                    self.msix.config_written(&self.cfg, &mut self.routes).unwrap();
+                    self.msix
+                        .config_written(&self.cfg, &mut self.routes)
+                        .unwrap();
                 }
             }
         }
@@ -145,7 +147,12 @@ impl PciDevice for TestDevice {
         }
     }
     fn bar_write(&mut self, slot: BarSlot, offset: u64, data: &[u8]) {
-        if slot == BarSlot::Bar(0) && self.msix.bar_write(0, offset, data, &mut self.routes).unwrap() {
+        if slot == BarSlot::Bar(0)
+            && self
+                .msix
+                .bar_write(0, offset, data, &mut self.routes)
+                .unwrap()
+        {
             return;
         }
         if let (BarSlot::Bar(0), Ok(o)) = (slot, usize::try_from(offset)) {
