@@ -57,6 +57,10 @@ impl fmt::Display for PciAddress {
 }
 
 /// The owner's side of guest config writes (the VMM relocates BAR ranges on its buses).
+///
+/// Called on the vCPU thread that made the write, with the root locked (through
+/// [`super::conf1::ConfigIo`]) and the function unlocked: it may change the buses and lock the
+/// function, but must not lock the root.
 pub trait PciEvents: Send {
     fn config_event(&mut self, function: PciAddress, event: ConfigEvent);
 }
