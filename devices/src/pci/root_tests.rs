@@ -53,6 +53,12 @@ fn the_host_bridge_answers_at_00_00_0() {
         "class: host bridge"
     );
     assert_eq!(read_config(&bus, 0, 0x0c) >> 16 & 0x7f, 0, "header type 0");
+    // No BARs: every BAR register sizes to 0.
+    for bar in 0..6u8 {
+        select(&bus, 0, 0, BAR0 as u8 + 4 * bar);
+        bus.write(0xcfc, &u32::MAX.to_le_bytes()).unwrap();
+        assert_eq!(read(&bus, 0xcfc, 4), 0, "BAR{bar}");
+    }
 }
 
 #[test]
