@@ -8,7 +8,7 @@ use libc::{c_void, iovec, EINVAL};
 use libc::{sysconf, _SC_PAGESIZE};
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{IoSlice, Read, Write};
+use std::io::{Read, Write};
 use std::mem::size_of;
 use std::num::Wrapping;
 use std::os::fd::OwnedFd;
@@ -89,6 +89,12 @@ struct Version {
 struct MigrationCapabilities {
     pgsize: u32,
 }
+
+/// The longest capability list a client accepts after a region's info.
+const MAX_REGION_INFO_SIZE: usize = 64 * 1024;
+
+/// The longest capabilities string a client accepts in a version reply.
+const MAX_VERSION_DATA: usize = 64 * 1024;
 
 const fn default_max_msg_fds() -> u32 {
     1
@@ -311,6 +317,13 @@ pub enum Error {
     InvalidInput,
     #[error("No_reply bit unexpectedly set for command: {0:?}")]
     UnexpectedNoReply(Command),
+    #[error("Server answered {command:?} with an error: errno {errno}")]
+    ErrorReply { command: Command, errno: u32 },
+    #[error("Reply to {command:?} does not match it: {reason}")]
+    UnexpectedReply {
+        command: Command,
+        reason: &'static str,
+    },
 }
 
 /// The header every capability of a region begins with.
@@ -376,14 +389,114 @@ impl Client {
         Ok(client)
     }
 
+    /// Takes the id of the next command.
+    fn next_id(&mut self) -> u16 {
+        let id = self.next_message_id.0;
+        self.next_message_id += Wrapping(1);
+        id
+    }
+
+    /// Checks that `header` answers `command` sent as `message_id`, and
+    /// turns an error reply into `Error::ErrorReply`.
+    fn check_reply(header: &Header, command: Command, message_id: u16) -> Result<(), Error> {
+        let unexpected = |reason| Error::UnexpectedReply { command, reason };
+        if header.message_id != message_id {
+            return Err(unexpected("message id differs"));
+        }
+        if header.command != command as u16 {
+            return Err(unexpected("command differs"));
+        }
+        if header.flags & HeaderFlags::Reply as u32 == 0 {
+            return Err(unexpected("reply flag not set"));
+        }
+        if header.flags & HeaderFlags::Error as u32 != 0 {
+            return Err(Error::ErrorReply {
+                command,
+                errno: header.error,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads a reply's header: nothing after it is read.
+    fn read_reply_header(&mut self, command: Command, message_id: u16) -> Result<Header, Error> {
+        let mut header = Header::default();
+        self.stream
+            .read_exact(header.as_mut_slice())
+            .map_err(Error::StreamRead)?;
+        debug!("Reply: {header:?}");
+        Self::check_reply(&header, command, message_id)?;
+        Ok(header)
+    }
+
+    /// Reads a reply that is `T` (header included) and at least `T` long.
+    fn read_reply<T: ByteValued + Default>(
+        &mut self,
+        command: Command,
+        message_id: u16,
+    ) -> Result<T, Error> {
+        let header = self.read_reply_header(command, message_id)?;
+        Self::finish_reply(&mut self.stream, header, command)
+    }
+
+    /// Reads the part of a `T` reply that follows its (checked) header.
+    fn finish_reply<T: ByteValued + Default>(
+        stream: &mut UnixStream,
+        header: Header,
+        command: Command,
+    ) -> Result<T, Error> {
+        if (header.message_size as usize) < size_of::<T>() {
+            return Err(Error::UnexpectedReply {
+                command,
+                reason: "shorter than its fixed part",
+            });
+        }
+        let mut reply = T::default();
+        let bytes = reply.as_mut_slice();
+        bytes[..size_of::<Header>()].copy_from_slice(header.as_slice());
+        stream
+            .read_exact(&mut bytes[size_of::<Header>()..])
+            .map_err(Error::StreamRead)?;
+        Ok(reply)
+    }
+
+    /// Reads a reply that may carry a file descriptor with its first byte.
+    fn recv_reply_with_fd(
+        &mut self,
+        command: Command,
+        message_id: u16,
+    ) -> Result<(Header, Option<File>), Error> {
+        let mut header = Header::default();
+        let (bytes, fd) = self
+            .stream
+            .recv_with_fd(header.as_mut_slice())
+            .map_err(Error::ReceiveWithFd)?;
+        if bytes == 0 {
+            return Err(Error::StreamRead(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        self.stream
+            .read_exact(&mut header.as_mut_slice()[bytes..])
+            .map_err(Error::StreamRead)?;
+        debug!("Reply: {header:?}");
+        Self::check_reply(&header, command, message_id)?;
+        Ok((header, fd))
+    }
+
+    /// Writes every byte of `bufs`, in order.
+    fn write_all_of(&mut self, bufs: &[&[u8]]) -> Result<(), Error> {
+        let message = bufs.concat();
+        self.stream.write_all(&message).map_err(Error::StreamWrite)
+    }
+
     fn negotiate_version(&mut self) -> Result<(), Error> {
         let caps = CapabilitiesData::default();
 
         let version_data = serde_json::to_string(&caps).map_err(Error::SerializeCapabilites)?;
 
+        let message_id = self.next_id();
         let version = Version {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::Version as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: (size_of::<Version>() + version_data.len() + 1) as u32,
@@ -394,34 +507,27 @@ impl Client {
         };
         debug!("Command: {version:?}");
 
-        let version_data = CString::new(version_data.as_bytes()).unwrap();
-        let bufs = vec![
-            IoSlice::new(version.as_slice()),
-            IoSlice::new(version_data.as_bytes_with_nul()),
-        ];
-
-        // TODO: Use write_all_vectored() when ready
-        let _ = self
-            .stream
-            .write_vectored(&bufs)
-            .map_err(Error::StreamWrite)?;
+        // serde_json escapes control characters: no NUL inside.
+        let version_data =
+            CString::new(version_data.as_bytes()).map_err(|_| Error::InvalidInput)?;
+        self.write_all_of(&[version.as_slice(), version_data.as_bytes_with_nul()])?;
 
         debug!(
             "Sent client version information: major = {} minor = {} capabilities = {:?}",
             version.major, version.minor, caps.capabilities
         );
 
-        self.next_message_id += Wrapping(1);
+        let server_version: Version = self.read_reply(Command::Version, message_id)?;
 
-        let mut server_version: Version = Version::default();
-        self.stream
-            .read_exact(server_version.as_mut_slice())
-            .map_err(Error::StreamRead)?;
-
-        debug!("Reply: {server_version:?}");
-
-        let mut server_version_data =
-            vec![0; server_version.header.message_size as usize - size_of::<Version>()];
+        // The capabilities: a NUL-terminated JSON object, bounded.
+        let data_size = (server_version.header.message_size as usize)
+            .checked_sub(size_of::<Version>())
+            .filter(|size| (1..=MAX_VERSION_DATA).contains(size))
+            .ok_or(Error::UnexpectedReply {
+                command: Command::Version,
+                reason: "capabilities missing or too long",
+            })?;
+        let mut server_version_data = vec![0; data_size];
         self.stream
             .read_exact(server_version_data.as_mut_slice())
             .map_err(Error::StreamRead)?;
@@ -445,9 +551,10 @@ impl Client {
         size: u64,
         fd: RawFd,
     ) -> Result<(), Error> {
+        let message_id = self.next_id();
         let dma_map = DmaMap {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::DmaMap as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: size_of::<DmaMap>() as u32,
@@ -460,24 +567,19 @@ impl Client {
             size,
         };
         debug!("Command: {dma_map:?}");
-        self.next_message_id += Wrapping(1);
         self.stream
             .send_with_fd(dma_map.as_slice(), fd)
             .map_err(Error::SendWithFd)?;
 
-        let mut reply = Header::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
-        debug!("Reply: {reply:?}");
-
+        self.read_reply_header(Command::DmaMap, message_id)?;
         Ok(())
     }
 
     pub fn dma_unmap(&mut self, address: u64, size: u64) -> Result<(), Error> {
+        let message_id = self.next_id();
         let dma_unmap = DmaUnmap {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::DmaUnmap as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: size_of::<DmaUnmap>() as u32,
@@ -489,24 +591,19 @@ impl Client {
             size,
         };
         debug!("Command: {dma_unmap:?}");
-        self.next_message_id += Wrapping(1);
         self.stream
             .write_all(dma_unmap.as_slice())
             .map_err(Error::StreamWrite)?;
 
-        let mut reply = DmaUnmap::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
-        debug!("Reply: {reply:?}");
-
+        let _: DmaUnmap = self.read_reply(Command::DmaUnmap, message_id)?;
         Ok(())
     }
 
     pub fn reset(&mut self) -> Result<(), Error> {
+        let message_id = self.next_id();
         let reset = DeviceReset {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::DeviceReset as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: size_of::<DeviceReset>() as u32,
@@ -514,24 +611,19 @@ impl Client {
             },
         };
         debug!("Command: {reset:?}");
-        self.next_message_id += Wrapping(1);
         self.stream
             .write_all(reset.as_slice())
             .map_err(Error::StreamWrite)?;
 
-        let mut reply = Header::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
-        debug!("Reply: {reply:?}");
-
+        self.read_reply_header(Command::DeviceReset, message_id)?;
         Ok(())
     }
 
     fn get_regions(&mut self) -> Result<Vec<Region>, Error> {
+        let message_id = self.next_id();
         let get_info = DeviceGetInfo {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::DeviceGetInfo as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: size_of::<DeviceGetInfo>() as u32,
@@ -541,16 +633,12 @@ impl Client {
             ..Default::default()
         };
         debug!("Command: {get_info:?}");
-        self.next_message_id += Wrapping(1);
 
         self.stream
             .write_all(get_info.as_slice())
             .map_err(Error::StreamWrite)?;
 
-        let mut reply = DeviceGetInfo::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
+        let reply: DeviceGetInfo = self.read_reply(Command::DeviceGetInfo, message_id)?;
         debug!("Reply: {reply:?}");
         self.num_irqs = reply.num_irqs;
 
@@ -558,7 +646,7 @@ impl Client {
             return Err(Error::NotPciDevice);
         }
 
-        self.resettable = reply.flags & VFIO_DEVICE_FLAGS_RESET != VFIO_DEVICE_FLAGS_RESET;
+        self.resettable = reply.flags & VFIO_DEVICE_FLAGS_RESET == VFIO_DEVICE_FLAGS_RESET;
 
         let num_regions = reply.num_regions;
         let mut regions = Vec::new();
@@ -576,6 +664,40 @@ impl Client {
         Ok(regions)
     }
 
+    /// Sends DEVICE_GET_REGION_INFO with room for `argsz` bytes of reply
+    /// and reads the fixed part of the reply, with its file descriptor.
+    fn query_region_info(
+        &mut self,
+        index: u32,
+        argsz: u32,
+    ) -> Result<(DeviceGetRegionInfo, Option<File>), Error> {
+        let message_id = self.next_id();
+        let get_region_info = DeviceGetRegionInfo {
+            header: Header {
+                message_id,
+                command: Command::DeviceGetRegionInfo as u16,
+                flags: HeaderFlags::Command as u32,
+                message_size: size_of::<DeviceGetRegionInfo>() as u32,
+                ..Default::default()
+            },
+            region_info: vfio_region_info {
+                argsz,
+                index,
+                ..Default::default()
+            },
+        };
+        debug!("Command: {get_region_info:?}");
+        self.stream
+            .write_all(get_region_info.as_slice())
+            .map_err(Error::StreamWrite)?;
+
+        let (header, fd) = self.recv_reply_with_fd(Command::DeviceGetRegionInfo, message_id)?;
+        let reply: DeviceGetRegionInfo =
+            Self::finish_reply(&mut self.stream, header, Command::DeviceGetRegionInfo)?;
+        debug!("Reply: {reply:?}");
+        Ok((reply, fd))
+    }
+
     fn get_region_info(
         &mut self,
         index: u32,
@@ -587,70 +709,41 @@ impl Client {
         ),
         Error,
     > {
-        // Retrieve the region info without capability
-        let mut get_region_info = DeviceGetRegionInfo {
-            header: Header {
-                message_id: self.next_message_id.0,
-                command: Command::DeviceGetRegionInfo as u16,
-                flags: HeaderFlags::Command as u32,
-                message_size: std::mem::size_of::<DeviceGetRegionInfo>() as u32,
-                ..Default::default()
-            },
-            region_info: vfio_region_info {
-                argsz: size_of::<vfio_region_info>() as u32,
-                index,
-                ..Default::default()
-            },
+        let malformed = |reason| Error::UnexpectedReply {
+            command: Command::DeviceGetRegionInfo,
+            reason,
         };
-        debug!("Command: {get_region_info:?}");
-        self.next_message_id += Wrapping(1);
 
-        self.stream
-            .write_all(get_region_info.as_slice())
-            .map_err(Error::StreamWrite)?;
-
-        let mut reply = DeviceGetRegionInfo::default();
-        let (_, fd) = self
-            .stream
-            .recv_with_fd(reply.as_mut_slice())
-            .map_err(Error::ReceiveWithFd)?;
-        debug!("Reply: {reply:?}");
-
-        // Retrieve the region info again with capabilities if needed
-        if reply.region_info.argsz > std::mem::size_of::<vfio_region_info>() as u32 {
-            get_region_info.region_info.argsz = reply.region_info.argsz;
-            debug!("Command: {get_region_info:?}");
-            self.next_message_id += Wrapping(1);
-
-            self.stream
-                .write_all(get_region_info.as_slice())
-                .map_err(Error::StreamWrite)?;
-
-            let mut reply = DeviceGetRegionInfo::default();
-            let (_, fd) = self
-                .stream
-                .recv_with_fd(reply.as_mut_slice())
-                .map_err(Error::ReceiveWithFd)?;
-            debug!("Reply: {reply:?}");
-
-            let cap_size = reply.region_info.argsz - std::mem::size_of::<vfio_region_info>() as u32;
-            assert_eq!(
-                cap_size,
-                reply.header.message_size - size_of::<DeviceGetRegionInfo>() as u32
-            );
-            let mut cap_data = vec![0; cap_size as usize];
-            self.stream
-                .read_exact(cap_data.as_mut_slice())
-                .map_err(Error::StreamRead)?;
-
-            let sparse_areas = Self::parse_region_caps(&cap_data, &reply.region_info)
-                .inspect_err(|error| warn!("Region {index}: {error}"))
-                .map_err(|_| Error::InvalidInput)?;
-
-            Ok((reply.region_info, fd, sparse_areas))
-        } else {
-            Ok((reply.region_info, fd, Vec::new()))
+        // Retrieve the region info without capability
+        let (reply, fd) = self.query_region_info(index, size_of::<vfio_region_info>() as u32)?;
+        if reply.header.message_size as usize != size_of::<DeviceGetRegionInfo>() {
+            return Err(malformed("capabilities sent unasked"));
         }
+        if reply.region_info.argsz as usize <= size_of::<vfio_region_info>() {
+            return Ok((reply.region_info, fd, Vec::new()));
+        }
+        if reply.region_info.argsz as usize > MAX_REGION_INFO_SIZE {
+            return Err(malformed("capabilities too long"));
+        }
+
+        // Retrieve the region info again with capabilities
+        let (reply, fd) = self.query_region_info(index, reply.region_info.argsz)?;
+        let cap_size = (reply.region_info.argsz as usize)
+            .checked_sub(size_of::<vfio_region_info>())
+            .ok_or(malformed("argsz shorter than the region info"))?;
+        if cap_size + size_of::<DeviceGetRegionInfo>() != reply.header.message_size as usize {
+            return Err(malformed("argsz and message size disagree"));
+        }
+        let mut cap_data = vec![0; cap_size];
+        self.stream
+            .read_exact(cap_data.as_mut_slice())
+            .map_err(Error::StreamRead)?;
+
+        let sparse_areas = Self::parse_region_caps(&cap_data, &reply.region_info)
+            .inspect_err(|error| warn!("Region {index}: {error}"))
+            .map_err(|_| Error::InvalidInput)?;
+
+        Ok((reply.region_info, fd, sparse_areas))
     }
 
     /// Collects the mmap-able areas of every sparse mmap capability in the
@@ -722,69 +815,67 @@ impl Client {
     }
 
     pub fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), Error> {
+        let count = u32::try_from(data.len()).map_err(|_| Error::InvalidInput)?;
+        let message_id = self.next_id();
         let region_read = RegionAccess {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::RegionRead as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: size_of::<RegionAccess>() as u32,
                 ..Default::default()
             },
             offset,
-            count: data.len() as u32,
+            count,
             region,
         };
         debug!("Command: {region_read:?}");
-        self.next_message_id += Wrapping(1);
         self.stream
             .write_all(region_read.as_slice())
             .map_err(Error::StreamWrite)?;
 
-        let mut reply = RegionAccess::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
+        let reply: RegionAccess = self.read_reply(Command::RegionRead, message_id)?;
         debug!("Reply: {reply:?}");
+        if reply.count != count
+            || reply.header.message_size as usize != size_of::<RegionAccess>() + data.len()
+        {
+            return Err(Error::UnexpectedReply {
+                command: Command::RegionRead,
+                reason: "count differs from the one asked",
+            });
+        }
         self.stream.read_exact(data).map_err(Error::StreamRead)?;
         Ok(())
     }
 
     pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
+        let count = u32::try_from(data.len()).map_err(|_| Error::InvalidInput)?;
+        let message_id = self.next_id();
         let region_write = RegionAccess {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::RegionWrite as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: (size_of::<RegionAccess>() + data.len()) as u32,
                 ..Default::default()
             },
             offset,
-            count: data.len() as u32,
+            count,
             region,
         };
         debug!("Command: {region_write:?}");
-        self.next_message_id += Wrapping(1);
+        self.write_all_of(&[region_write.as_slice(), data])?;
 
-        let bufs = vec![IoSlice::new(region_write.as_slice()), IoSlice::new(data)];
-
-        // TODO: Use write_all_vectored() when ready
-        let _ = self
-            .stream
-            .write_vectored(&bufs)
-            .map_err(Error::StreamWrite)?;
-
-        let mut reply = RegionAccess::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
+        let reply: RegionAccess = self.read_reply(Command::RegionWrite, message_id)?;
         debug!("Reply: {reply:?}");
         Ok(())
     }
 
     pub fn get_irq_info(&mut self, index: u32) -> Result<IrqInfo, Error> {
+        let message_id = self.next_id();
         let get_irq_info = GetIrqInfo {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::GetIrqInfo as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: size_of::<GetIrqInfo>() as u32,
@@ -796,16 +887,12 @@ impl Client {
             count: 0,
         };
         debug!("Command: {get_irq_info:?}");
-        self.next_message_id += Wrapping(1);
 
         self.stream
             .write_all(get_irq_info.as_slice())
             .map_err(Error::StreamWrite)?;
 
-        let mut reply = GetIrqInfo::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
+        let reply: GetIrqInfo = self.read_reply(Command::GetIrqInfo, message_id)?;
         debug!("Reply: {reply:?}");
 
         Ok(IrqInfo {
@@ -823,9 +910,10 @@ impl Client {
         count: u32,
         fds: &[RawFd],
     ) -> Result<(), Error> {
+        let message_id = self.next_id();
         let set_irqs = SetIrqs {
             header: Header {
-                message_id: self.next_message_id.0,
+                message_id,
                 command: Command::SetIrqs as u16,
                 flags: HeaderFlags::Command as u32,
                 message_size: size_of::<SetIrqs>() as u32,
@@ -838,18 +926,12 @@ impl Client {
             count,
         };
         debug!("Command: {set_irqs:?}");
-        self.next_message_id += Wrapping(1);
 
         self.stream
             .send_with_fds(&[set_irqs.as_slice()], fds)
             .map_err(Error::SendWithFd)?;
 
-        let mut reply = Header::default();
-        self.stream
-            .read_exact(reply.as_mut_slice())
-            .map_err(Error::StreamRead)?;
-        debug!("Reply: {reply:?}");
-
+        self.read_reply_header(Command::SetIrqs, message_id)?;
         Ok(())
     }
 
@@ -970,6 +1052,7 @@ impl Server {
     fn handle_command(
         &self,
         backend: &mut dyn ServerBackend,
+        body: &mut &[u8],
         stream: &mut UnixStream,
         header: Header,
         fds: Vec<File>,
@@ -993,17 +1076,17 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut client_version.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut client_version.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
-                let mut raw_version_data =
-                    vec![0; header.message_size as usize - size_of::<Version>()];
-                stream
-                    .read_exact(&mut raw_version_data)
+                let data_size = (header.message_size as usize)
+                    .checked_sub(size_of::<Version>())
+                    .ok_or(Error::InvalidInput)?;
+                let mut raw_version_data = vec![0; data_size];
+                body.read_exact(&mut raw_version_data)
                     .map_err(Error::StreamRead)?;
                 let client_version_data = CString::from_vec_with_nul(raw_version_data)
-                    .unwrap()
+                    .map_err(|_| Error::InvalidInput)?
                     .to_string_lossy()
                     .into_owned();
                 let client_capabilities: CapabilitiesData =
@@ -1030,15 +1113,15 @@ impl Server {
                     minor: 0,
                 };
 
-                let server_version_data = CString::new(server_version_data.as_bytes()).unwrap();
+                let server_version_data = CString::new(server_version_data.as_bytes())
+                    .map_err(|_| Error::InvalidInput)?;
 
-                let bufs = vec![
-                    IoSlice::new(server_version.as_slice()),
-                    IoSlice::new(server_version_data.as_bytes_with_nul()),
-                ];
-
-                // TODO: Use write_all_vectored() when ready
-                let _ = stream.write_vectored(&bufs).map_err(Error::StreamWrite)?;
+                let message = [
+                    server_version.as_slice(),
+                    server_version_data.as_bytes_with_nul(),
+                ]
+                .concat();
+                stream.write_all(&message).map_err(Error::StreamWrite)?;
 
                 info!(
                     "Sent server version: major = {} minor = {} capabilities = {:?}",
@@ -1050,8 +1133,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 let mut fds = fds;
@@ -1092,8 +1174,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 backend
@@ -1134,8 +1215,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 let reply = DeviceGetInfo {
@@ -1170,8 +1250,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 if cmd.region_info.index as usize >= self.regions.len() {
@@ -1260,8 +1339,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 if cmd.index as usize >= self.irqs.len() {
@@ -1292,8 +1370,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 if cmd.index as usize >= self.irqs.len() {
@@ -1332,8 +1409,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 let (region, offset, count) = (cmd.region, cmd.offset, cmd.count);
@@ -1342,6 +1418,9 @@ impl Server {
                     return Err(Error::InvalidInput);
                 }
 
+                if count > default_max_data_xfer_size() {
+                    return Err(Error::InvalidInput);
+                }
                 let mut data = vec![0u8; count as usize];
                 backend
                     .region_read(region, offset, &mut data)
@@ -1369,8 +1448,7 @@ impl Server {
                     header,
                     ..Default::default()
                 };
-                stream
-                    .read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
+                body.read_exact(&mut cmd.as_mut_slice()[size_of::<Header>()..])
                     .map_err(Error::StreamRead)?;
 
                 let (region, offset, count) = (cmd.region, cmd.offset, cmd.count);
@@ -1379,10 +1457,9 @@ impl Server {
                     return Err(Error::InvalidInput);
                 }
 
-                let mut data = vec![0u8; count as usize];
-                stream.read_exact(&mut data).map_err(Error::StreamRead)?;
+                let data = body.get(..count as usize).ok_or(Error::InvalidInput)?;
                 backend
-                    .region_write(region, offset, &data)
+                    .region_write(region, offset, data)
                     .map_err(Error::Backend)?;
 
                 if header.no_reply() {
@@ -1428,6 +1505,12 @@ impl Server {
         Ok(())
     }
 
+    /// Serves one connection until the client closes it.
+    ///
+    /// Every message is read whole (its header's `message_size`, bounded)
+    /// before it is handled, so a command that fails, or carries more bytes
+    /// than it needs, never leaves the stream out of step. A message whose
+    /// size cannot be trusted gets an error reply and ends the connection.
     pub fn run(&self, backend: &mut dyn ServerBackend) -> Result<(), Error> {
         let (mut stream, _) = self.listener.accept().map_err(Error::SocketAccept)?;
 
@@ -1462,27 +1545,63 @@ impl Server {
                 .map(|fd| unsafe { File::from_raw_fd(*fd) })
                 .collect();
 
-            if let Err(e) = self.handle_command(backend, &mut stream, header, fds) {
-                error!("Error handling command: {:?}: {e}", header.command);
-                let reply = Header {
-                    message_id: header.message_id,
-                    command: header.command,
-                    flags: HeaderFlags::Error as u32 | HeaderFlags::Reply as u32,
-                    message_size: size_of::<Header>() as u32,
-                    error: if matches!(e, Error::InvalidInput) {
-                        EINVAL as u32
-                    } else {
-                        0
-                    },
-                };
+            // A stream socket may hand over the header in pieces.
+            if bytes < size_of::<Header>() {
                 stream
-                    .write_all(reply.as_slice())
-                    .map_err(Error::StreamWrite)?;
+                    .read_exact(&mut header.as_mut_slice()[bytes..])
+                    .map_err(Error::StreamRead)?;
+            }
+
+            let size = header.message_size as usize;
+            if size < size_of::<Header>() || size > MAX_MESSAGE_SIZE {
+                error!("Message size {size} out of bounds: closing the connection");
+                Self::send_error(&mut stream, &header, EINVAL as u32)?;
+                break;
+            }
+            let mut body = vec![0u8; size - size_of::<Header>()];
+            stream.read_exact(&mut body).map_err(Error::StreamRead)?;
+
+            if let Err(e) =
+                self.handle_command(backend, &mut body.as_slice(), &mut stream, header, fds)
+            {
+                error!("Error handling command: {:?}: {e}", header.command);
+                Self::send_error(&mut stream, &header, errno_of(&e))?;
             }
         }
 
         Ok(())
     }
+
+    /// An error reply: a bare header with the error flag and an errno.
+    fn send_error(stream: &mut UnixStream, header: &Header, errno: u32) -> Result<(), Error> {
+        let reply = Header {
+            message_id: header.message_id,
+            command: header.command,
+            flags: HeaderFlags::Error as u32 | HeaderFlags::Reply as u32,
+            message_size: size_of::<Header>() as u32,
+            error: errno,
+        };
+        stream
+            .write_all(reply.as_slice())
+            .map_err(Error::StreamWrite)
+    }
+}
+
+/// The largest message the server reads: a region write of the largest
+/// transfer the capabilities offer, with room for its header.
+const MAX_MESSAGE_SIZE: usize = default_max_data_xfer_size() as usize + 4096;
+
+/// The errno an error reply carries: the backend's own where it has one.
+fn errno_of(error: &Error) -> u32 {
+    let errno = match error {
+        Error::Backend(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        Error::UnknownCommand(_) | Error::UnsupportedCommand(_) | Error::UnsupportedFeature => {
+            libc::ENOTSUP
+        }
+        Error::InvalidInput | Error::UnexpectedNoReply(_) | Error::StreamRead(_) => EINVAL,
+        _ => libc::EIO,
+    };
+    errno as u32
 }
 
 impl Drop for Server {
