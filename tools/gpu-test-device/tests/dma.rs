@@ -361,3 +361,38 @@ fn error_replies_are_surfaced_and_the_session_goes_on() {
         "reset clears registers"
     );
 }
+
+#[test]
+fn a_transfer_spans_contiguous_dma_regions() {
+    let device = DeviceProcess::start(&["--vram-size", "16M"]);
+    let mut client = device.connect();
+    // Two separate files, back to back in IOVA: as two guest RAM slots.
+    let base = 0x2_0000_0000;
+    let (first, second) = (memfd(1 << 20), memfd(1 << 20));
+    client
+        .dma_map(0, base, 1 << 20, first.as_raw_fd())
+        .expect("DMA_MAP first");
+    client
+        .dma_map(0, base + (1 << 20), 1 << 20, second.as_raw_fd())
+        .expect("DMA_MAP second");
+    let pattern: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+    client
+        .region_write(VFIO_PCI_BAR1_REGION_INDEX, 0, &pattern)
+        .expect("VRAM write");
+
+    let at = base + (1 << 20) - 4096;
+    let status = dma(&mut client, 0, at, 8192, regs::DIR_VRAM_TO_RAM);
+    assert_eq!(status, regs::STATUS_DONE);
+    let mut tail = vec![0; 4096];
+    map(&first, 0, 1 << 20)
+        .get_slice((1 << 20) - 4096, 4096)
+        .expect("slice")
+        .copy_to(&mut tail[..]);
+    let mut head = vec![0; 4096];
+    map(&second, 0, 1 << 20)
+        .get_slice(0, 4096)
+        .expect("slice")
+        .copy_to(&mut head[..]);
+    assert_eq!(tail, pattern[..4096]);
+    assert_eq!(head, pattern[4096..]);
+}
