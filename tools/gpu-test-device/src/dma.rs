@@ -23,6 +23,19 @@ pub enum DmaMapError {
     Overlap { iova: u64, size: u64 },
     #[error("DMA_UNMAP {iova:#x}+{size:#x} cuts the region at {region:#x}")]
     PartialUnmap { iova: u64, size: u64, region: u64 },
+    #[error("DMA_MAP at IOVA {iova:#x}: file offset {offset:#x}+{size:#x} is not within a regular file of {len} bytes")]
+    PastEnd {
+        iova: u64,
+        offset: u64,
+        size: u64,
+        len: u64,
+    },
+    #[error("DMA_MAP at IOVA {iova:#x}: cannot inspect the file")]
+    Inspect {
+        iova: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("mapping the DMA region at IOVA {iova:#x}")]
     Map {
         iova: u64,
@@ -102,6 +115,21 @@ impl DmaSpace {
         if overlaps {
             return Err(DmaMapError::Overlap { iova, size });
         }
+        // Touching a mapping past the end of its file is SIGBUS: check before mapping.
+        let meta = fd
+            .metadata()
+            .map_err(|source| DmaMapError::Inspect { iova, source })?;
+        let within = offset
+            .checked_add(size)
+            .is_some_and(|end| end <= meta.len());
+        if !meta.is_file() || !within {
+            return Err(DmaMapError::PastEnd {
+                iova,
+                offset,
+                size,
+                len: meta.len(),
+            });
+        }
         let mapping = Mapping::new(fd, offset, size, writable)
             .map_err(|source| DmaMapError::Map { iova, source })?;
         self.regions.insert(
@@ -173,5 +201,79 @@ impl DmaSpace {
             at += piece;
         }
         Ok(segments)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::memfd;
+
+    fn file(size: u64) -> Option<File> {
+        let file = memfd(c"dma-test").unwrap();
+        file.set_len(size).unwrap();
+        Some(file)
+    }
+
+    fn space() -> DmaSpace {
+        let mut space = DmaSpace::default();
+        space.map(0x10000, 0x2000, 0, file(0x2000), true).unwrap();
+        space.map(0x12000, 0x1000, 0, file(0x1000), false).unwrap();
+        space
+    }
+
+    #[test]
+    fn overlapping_and_empty_maps_are_refused() {
+        let mut space = space();
+        let overlap = space.map(0x11000, 0x2000, 0, file(0x2000), true);
+        assert!(matches!(overlap, Err(DmaMapError::Overlap { .. })));
+        let below = space.map(0xf000, 0x2000, 0, file(0x2000), true);
+        assert!(matches!(below, Err(DmaMapError::Overlap { .. })));
+        let empty = space.map(0x20000, 0, 0, file(0x1000), true);
+        assert!(matches!(empty, Err(DmaMapError::BadRange { .. })));
+        let past_eof = space.map(0x20000, 0x2000, 0, file(0x1000), true);
+        assert!(matches!(past_eof, Err(DmaMapError::PastEnd { .. })));
+        let not_a_file = space.map(0x20000, 0x1000, 0, File::open("/dev/zero").ok(), true);
+        assert!(matches!(not_a_file, Err(DmaMapError::PastEnd { .. })));
+        assert!(matches!(
+            space.map(0x20000, 0x1000, 0, None, true),
+            Err(DmaMapError::NoFd)
+        ));
+    }
+
+    #[test]
+    fn segments_split_at_regions_and_check_permissions() {
+        let space = space();
+        let pieces = space.segments(0x11800, 0x1000, false).unwrap();
+        let lens: Vec<u64> = pieces.iter().map(|s| s.len).collect();
+        assert_eq!(lens, vec![0x800, 0x800]);
+        assert_eq!(
+            space.segments(0x11800, 0x1000, true).err(),
+            Some(DmaFault::ReadOnly(0x12000))
+        );
+        assert_eq!(
+            space.segments(0x12800, 0x1000, false).err(),
+            Some(DmaFault::Unmapped(0x13000))
+        );
+        assert_eq!(
+            space.segments(u64::MAX, 2, false).err(),
+            Some(DmaFault::Unmapped(u64::MAX))
+        );
+    }
+
+    #[test]
+    fn unmap_takes_whole_regions_only() {
+        let mut space = space();
+        let cut = space.unmap(0x10000, 0x1000);
+        assert!(matches!(
+            cut,
+            Err(DmaMapError::PartialUnmap {
+                region: 0x10000,
+                ..
+            })
+        ));
+        space.unmap(0x10000, 0x2000).unwrap();
+        assert!(space.segments(0x10000, 1, false).is_err());
+        assert!(space.segments(0x12000, 1, false).is_ok());
     }
 }

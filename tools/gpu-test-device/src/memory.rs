@@ -112,7 +112,7 @@ impl DeviceMemory {
 }
 
 /// A new memfd, close-on-exec.
-fn memfd(name: &'static CStr) -> Result<File, MemoryError> {
+pub(crate) fn memfd(name: &'static CStr) -> Result<File, MemoryError> {
     // SAFETY: `name` is NUL-terminated; memfd_create returns a new fd or -1 and touches no
     // memory of ours.
     let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };

@@ -339,6 +339,15 @@ fn error_replies_are_surfaced_and_the_session_goes_on() {
         matches!(error, Error::ErrorReply { errno, .. } if errno == libc::EEXIST as u32),
         "{error:?}"
     );
+    // A region larger than its file: touching the rest would be SIGBUS in the device.
+    let small = memfd(4096);
+    let error = client
+        .dma_map(0, 0x3_0000_0000, 1 << 30, small.as_raw_fd())
+        .expect_err("DMA_MAP past the end of its file");
+    assert!(
+        matches!(error, Error::ErrorReply { errno, .. } if errno == libc::EINVAL as u32),
+        "{error:?}"
+    );
     // SET_IRQS for more vectors than the table has.
     let error = client
         .set_irqs(
