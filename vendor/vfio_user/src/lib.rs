@@ -1618,6 +1618,69 @@ impl Drop for Server {
 mod tests {
     use super::*;
 
+    mod reply {
+        use super::*;
+
+        fn reply(message_id: u16, command: Command, flags: u32, error: u32) -> Header {
+            Header {
+                message_id,
+                command: command as u16,
+                message_size: size_of::<Header>() as u32,
+                flags,
+                error,
+            }
+        }
+
+        const REPLY: u32 = HeaderFlags::Reply as u32;
+        const ERROR: u32 = HeaderFlags::Error as u32;
+
+        #[test]
+        fn matching_reply_passes() {
+            let header = reply(7, Command::RegionRead, REPLY, 0);
+            assert!(Client::check_reply(&header, Command::RegionRead, 7).is_ok());
+        }
+
+        #[test]
+        fn error_reply_becomes_an_error_with_its_errno() {
+            let header = reply(7, Command::DmaMap, REPLY | ERROR, EINVAL as u32);
+            assert!(matches!(
+                Client::check_reply(&header, Command::DmaMap, 7),
+                Err(Error::ErrorReply { errno, .. }) if errno == EINVAL as u32
+            ));
+        }
+
+        #[test]
+        fn reply_to_another_message_is_refused() {
+            let header = reply(6, Command::SetIrqs, REPLY, 0);
+            assert!(matches!(
+                Client::check_reply(&header, Command::SetIrqs, 7),
+                Err(Error::UnexpectedReply { .. })
+            ));
+            let header = reply(7, Command::DmaUnmap, REPLY, 0);
+            assert!(matches!(
+                Client::check_reply(&header, Command::DmaMap, 7),
+                Err(Error::UnexpectedReply { .. })
+            ));
+        }
+
+        #[test]
+        fn command_is_not_a_reply() {
+            let header = reply(7, Command::DeviceReset, HeaderFlags::Command as u32, 0);
+            assert!(matches!(
+                Client::check_reply(&header, Command::DeviceReset, 7),
+                Err(Error::UnexpectedReply { .. })
+            ));
+        }
+
+        #[test]
+        fn server_errno_comes_from_the_backend() {
+            let backend = Error::Backend(std::io::Error::from_raw_os_error(libc::EEXIST));
+            assert_eq!(errno_of(&backend), libc::EEXIST as u32);
+            assert_eq!(errno_of(&Error::UnknownCommand(99)), libc::ENOTSUP as u32);
+            assert_eq!(errno_of(&Error::InvalidInput), EINVAL as u32);
+        }
+    }
+
     mod capability {
         use super::*;
 
