@@ -543,6 +543,24 @@ impl ConfigSpace {
         Ok(offset)
     }
 
+    /// Registers a capability already in the bytes (a passed-through device's, at the device's
+    /// offset) as one the owner emulates: guest writes to its `len` bytes report
+    /// [`ConfigEvent::Capability`]. Its write mask is set apart ([`Self::set_write_mask`]).
+    pub fn adopt_capability(&mut self, cap: Capability, len: usize) -> Result<(), ConfigError> {
+        match cap.offset.checked_add(len) {
+            Some(end) if end <= self.len() => {}
+            _ => {
+                return Err(ConfigError::NoRoom {
+                    id: cap.id,
+                    len,
+                    offset: cap.offset,
+                })
+            }
+        }
+        self.added.push(Added { cap, len });
+        Ok(())
+    }
+
     fn last_added(&self, extended: bool) -> Option<usize> {
         self.added
             .iter()

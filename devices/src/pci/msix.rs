@@ -9,7 +9,7 @@
 //! pending bit of a masked vector; unmasking a pending vector sends it and clears the bit.
 
 use super::bar::{BarKind, BAR_COUNT};
-use super::config::{ConfigError, ConfigSpace};
+use super::config::{Capability, ConfigError, ConfigSpace};
 use super::vectors::{reconcile, Delivery, MsiMessage, RouteError, VectorRoutes};
 
 pub const MSIX_CAP_ID: u8 = 0x11;
@@ -22,6 +22,8 @@ pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 pub const MSIX_VECTOR_MASKED: u32 = 1;
 /// Offset of message control in the capability.
 const CONTROL: usize = 2;
+/// Bytes of the capability: id, link, message control, table, PBA.
+pub const MSIX_CAP_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MsixError {
@@ -91,61 +93,42 @@ impl Msix {
     /// Checks `layout` against `cfg`'s BARs and adds the capability to `cfg`. Every vector
     /// starts masked, MSI-X disabled.
     pub fn new(layout: MsixLayout, cfg: &mut ConfigSpace) -> Result<Self, MsixError> {
-        if layout.vectors == 0 || layout.vectors > MSIX_MAX_VECTORS {
-            return Err(MsixError::Vectors(layout.vectors));
-        }
-        let regions = [
-            (
-                "table",
-                layout.table_bar,
-                layout.table_offset,
-                layout.table_len(),
-            ),
-            ("PBA", layout.pba_bar, layout.pba_offset, layout.pba_len()),
-        ];
-        for (what, bar, offset, len) in regions {
-            let size = match cfg.bar_layout().bar(bar) {
-                Some(b) if b.kind != BarKind::Io && usize::from(bar) < BAR_COUNT => b.size,
-                _ => return Err(MsixError::NoBar { what, bar }),
-            };
-            if offset % 8 != 0 {
-                return Err(MsixError::Unaligned { what, offset });
-            }
-            if u64::from(offset) + len > size {
-                return Err(MsixError::Outside {
-                    what,
-                    bar,
-                    offset,
-                    len,
-                    size,
-                });
-            }
-        }
-        let (t, p) = (u64::from(layout.table_offset), u64::from(layout.pba_offset));
-        if layout.table_bar == layout.pba_bar
-            && t < p + layout.pba_len()
-            && p < t + layout.table_len()
-        {
-            return Err(MsixError::Overlap(layout.table_bar));
-        }
-        let control = (layout.vectors - 1).to_le_bytes();
-        let table = layout.table_offset | u32::from(layout.table_bar);
-        let pba = layout.pba_offset | u32::from(layout.pba_bar);
-        let mut body = Vec::with_capacity(10);
-        body.extend_from_slice(&control);
-        body.extend_from_slice(&table.to_le_bytes());
-        body.extend_from_slice(&pba.to_le_bytes());
-        let mut mask = [0u8; 10];
-        mask[..2].copy_from_slice(&(MSIX_ENABLE | MSIX_FUNCTION_MASK).to_le_bytes());
+        check(&layout, cfg)?;
+        let (body, mask) = capability_body(&layout);
         let cap_offset = cfg
             .add_capability(MSIX_CAP_ID, &body, &mask)
             .map_err(MsixError::Capability)?;
+        Ok(Self::fresh(layout, cap_offset))
+    }
+
+    /// For a passed-through function: the capability stays where the device has it, at
+    /// `offset` (its id and link bytes kept), with its body rewritten from `layout` and
+    /// emulated here. Every vector starts masked, MSI-X disabled.
+    pub fn at(layout: MsixLayout, cfg: &mut ConfigSpace, offset: usize) -> Result<Self, MsixError> {
+        check(&layout, cfg)?;
+        let (body, mask) = capability_body(&layout);
+        let body_offset = offset + CONTROL;
+        cfg.set(body_offset, &body)
+            .and_then(|()| cfg.set_write_mask(body_offset, &mask))
+            .and_then(|()| {
+                let cap = Capability {
+                    id: u16::from(MSIX_CAP_ID),
+                    offset,
+                    extended: false,
+                };
+                cfg.adopt_capability(cap, MSIX_CAP_LEN)
+            })
+            .map_err(MsixError::Capability)?;
+        Ok(Self::fresh(layout, offset))
+    }
+
+    fn fresh(layout: MsixLayout, cap_offset: usize) -> Self {
         let n = usize::from(layout.vectors);
         let mut table = vec![0; n * 4];
         for entry in table.chunks_exact_mut(4) {
             entry[3] = MSIX_VECTOR_MASKED;
         }
-        Ok(Self {
+        Self {
             layout,
             cap_offset,
             table,
@@ -153,7 +136,25 @@ impl Msix {
             enabled: false,
             function_masked: false,
             programmed: vec![None; n],
-        })
+        }
+    }
+
+    /// Back to power-on (a function reset): disabled, every vector masked and zeroed, nothing
+    /// pending, message control cleared in `cfg`; `routes` is told of vectors that were live.
+    pub fn reset(
+        &mut self,
+        cfg: &mut ConfigSpace,
+        routes: &mut dyn VectorRoutes,
+    ) -> Result<(), MsixError> {
+        let control = self.cap_offset + CONTROL;
+        let value = cfg.read_u16(control) & !(MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        cfg.set_u16(control, value).map_err(MsixError::Capability)?;
+        let fresh = Self::fresh(self.layout, self.cap_offset);
+        self.table = fresh.table;
+        self.pba = fresh.pba;
+        self.enabled = false;
+        self.function_masked = false;
+        self.sync(0..self.layout.vectors, routes)
     }
 
     pub fn layout(&self) -> &MsixLayout {
@@ -369,6 +370,58 @@ impl Msix {
             .map_err(|source| MsixError::Route { vector, source })?;
         Ok(Delivery::Sent)
     }
+}
+
+/// Checks `layout` against `cfg`'s BARs: table and PBA in memory BARs, aligned, inside, apart.
+fn check(layout: &MsixLayout, cfg: &ConfigSpace) -> Result<(), MsixError> {
+    if layout.vectors == 0 || layout.vectors > MSIX_MAX_VECTORS {
+        return Err(MsixError::Vectors(layout.vectors));
+    }
+    let regions = [
+        (
+            "table",
+            layout.table_bar,
+            layout.table_offset,
+            layout.table_len(),
+        ),
+        ("PBA", layout.pba_bar, layout.pba_offset, layout.pba_len()),
+    ];
+    for (what, bar, offset, len) in regions {
+        let size = match cfg.bar_layout().bar(bar) {
+            Some(b) if b.kind != BarKind::Io && usize::from(bar) < BAR_COUNT => b.size,
+            _ => return Err(MsixError::NoBar { what, bar }),
+        };
+        if offset % 8 != 0 {
+            return Err(MsixError::Unaligned { what, offset });
+        }
+        if u64::from(offset) + len > size {
+            return Err(MsixError::Outside {
+                what,
+                bar,
+                offset,
+                len,
+                size,
+            });
+        }
+    }
+    let (t, p) = (u64::from(layout.table_offset), u64::from(layout.pba_offset));
+    if layout.table_bar == layout.pba_bar && t < p + layout.pba_len() && p < t + layout.table_len()
+    {
+        return Err(MsixError::Overlap(layout.table_bar));
+    }
+    Ok(())
+}
+
+/// The capability's body after id and link (message control, table, PBA) and its write mask
+/// (enable and function mask only).
+fn capability_body(layout: &MsixLayout) -> ([u8; 10], [u8; 10]) {
+    let mut body = [0u8; 10];
+    body[..2].copy_from_slice(&(layout.vectors - 1).to_le_bytes());
+    body[2..6].copy_from_slice(&(layout.table_offset | u32::from(layout.table_bar)).to_le_bytes());
+    body[6..].copy_from_slice(&(layout.pba_offset | u32::from(layout.pba_bar)).to_le_bytes());
+    let mut mask = [0u8; 10];
+    mask[..2].copy_from_slice(&(MSIX_ENABLE | MSIX_FUNCTION_MASK).to_le_bytes());
+    (body, mask)
 }
 
 /// `offset - start` if `[offset, offset + len)` lies in `[start, start + region)` of `bar`.

@@ -348,3 +348,63 @@ fn layouts_that_do_not_fit_their_bars_are_refused() {
         assert!(ok, "{why}: {err}");
     }
 }
+
+#[test]
+fn reset_takes_live_vectors_down_and_clears_table_pba_and_control() {
+    let (mut dev, routes) = device();
+    control(&mut dev, MSIX_ENABLE);
+    write_entry(&mut dev, 1, msg(1));
+    set_mask(&mut dev, 1, false);
+    set_mask(&mut dev, 2, true);
+    dev.msix.trigger(2, &mut dev.routes).unwrap();
+    routes.take();
+    dev.msix.reset(&mut dev.cfg, &mut dev.routes).unwrap();
+    assert_eq!(routes.take(), vec![Call::Mask(1)]);
+    assert!(!dev.msix.enabled() && !dev.msix.pending(2) && dev.msix.vector_masked(1));
+    assert_eq!(dev.msix.message(1), Some(MsiMessage::default()));
+    let off = dev.msix.cap_offset() + 2;
+    assert_eq!(dev.cfg.read_u16(off) & MSIX_ENABLE, 0);
+}
+
+#[test]
+fn a_capability_at_a_given_offset_keeps_its_link_and_reports_writes() {
+    use super::bar::{Bar, BarKind, BarLayout};
+    use super::config::{ConfigEvent, ConfigHeader, ConfigSpace};
+    let bar = Bar {
+        index: 0,
+        kind: BarKind::Mem32 {
+            prefetchable: false,
+        },
+        size: 1 << 20,
+    };
+    let layout = BarLayout::new(&[bar], None).unwrap();
+    let mut cfg = ConfigSpace::new(&ConfigHeader::default(), layout, false);
+    cfg.set(0x90, &[MSIX_CAP_ID, 0xa0]).unwrap();
+    let l = MsixLayout {
+        vectors: 4,
+        table_bar: 0,
+        table_offset: 0x800,
+        pba_bar: 0,
+        pba_offset: 0x2000,
+    };
+    let msix = Msix::at(l, &mut cfg, 0x90).unwrap();
+    assert_eq!(cfg.read_u8(0x91), 0xa0, "link kept");
+    assert_eq!(cfg.read_u16(0x92), 3);
+    assert_eq!(cfg.read_u32(0x94), 0x800);
+    assert_eq!(cfg.read_u32(0x98), 0x2000);
+    let events = cfg.write(0x92, &MSIX_ENABLE.to_le_bytes());
+    assert_eq!(
+        events,
+        [ConfigEvent::Capability {
+            id: u16::from(MSIX_CAP_ID),
+            extended: false,
+            offset: 0x90
+        }]
+    );
+    assert_eq!(msix.cap_offset(), 0x90);
+    // Past the end of the space: refused, not a panic.
+    assert!(matches!(
+        Msix::at(l, &mut cfg, 0xf8),
+        Err(MsixError::Capability(_))
+    ));
+}
