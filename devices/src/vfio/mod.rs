@@ -5,10 +5,11 @@
 //! map/unmap and device DMA logging are vfio-ioctls' (`VfioOps`, `VfioDevice`), reached through
 //! [`open::Opened`].
 //!
-//! Next here (ARCHITECTURE.md, PASSTHROUGH.md): one passthrough device over a transport trait
-//! (kernel VFIO, vfio-user, a mock), which this layer will implement for kernel VFIO.
+//! `passthrough`: one passed-through PCI function over a transport trait (kernel VFIO on this
+//! layer, vfio-user, a mock for unit tests), as ARCHITECTURE.md and PASSTHROUGH.md describe.
 
 pub mod open;
+pub mod passthrough;
 pub mod sys;
 
 pub use open::{Access, CdevOpen, OpenError, Opened};
