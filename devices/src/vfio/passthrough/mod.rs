@@ -1,11 +1,13 @@
 //! One passed-through PCI function over a transport trait (PASSTHROUGH.md, Cloud Hypervisor's
-//! split): [`VfioTransport`] is the host side (a mock for unit tests in `mock`);
+//! split): [`VfioTransport`] is the host side (vfio-user in `user`, a mock for unit tests in
+//! `mock`);
 //! [`PassthroughDevice`] is everything the guest sees, built once over it: the config shadow
 //! (`shadow`), BARs, MSI-X, DMA, reset and teardown (`device`).
 
 pub mod device;
 pub mod shadow;
 pub mod transport;
+pub mod user;
 
 #[cfg(test)]
 mod device_tests;
@@ -17,6 +19,7 @@ pub use shadow::ShadowError;
 pub use transport::{
     DeviceInfo, DmaRegion, IrqInfo, MmapArea, RegionFile, RegionInfo, TransportError, VfioTransport,
 };
+pub use user::{UserError, UserTransport};
 
 /// An error and its sources on one line, for logs.
 pub fn chain(e: &dyn std::error::Error) -> String {

@@ -1,0 +1,185 @@
+//! [`VfioTransport`] over vfio-user (the `vfio_user` crate's client, patched to check error
+//! replies): a device served by another process on a Unix socket. Regions come with the
+//! server's memfd for their mmappable areas; guest RAM is shared by fd (DMA_MAP sends the
+//! region's file and offset, which the server mmaps), so RAM must be file-backed.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_NUM_IRQS, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::Client;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::transport::{
+    DeviceInfo, DmaRegion, IrqInfo, MmapArea, RegionFile, RegionInfo, TransportError, VfioTransport,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("connecting to the vfio-user server at {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: vfio_user::Error,
+    },
+}
+
+/// A vfio-user client connection to one device.
+pub struct UserTransport {
+    client: Client,
+    /// Highest region index the server described, plus one.
+    regions: u32,
+}
+
+impl UserTransport {
+    /// Connects to the server at `path` and negotiates (version, regions, sparse areas).
+    pub fn connect(path: &Path) -> Result<Self, UserError> {
+        let client = Client::new(path).map_err(|source| UserError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let regions = (0..64)
+            .filter(|&i| client.region(i).is_some())
+            .max()
+            .map_or(0, |i| i + 1);
+        Ok(Self { client, regions })
+    }
+}
+
+impl Drop for UserTransport {
+    fn drop(&mut self) {
+        // The server resets the device and drops our DMA regions when we leave.
+        let _ = self.client.shutdown();
+    }
+}
+
+impl VfioTransport for UserTransport {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            regions: self.regions,
+            // The crate keeps the server's count to itself; vfio-pci's indexes are all asked.
+            irqs: VFIO_PCI_NUM_IRQS,
+            resettable: self.client.resettable(),
+        }
+    }
+
+    fn region_info(&mut self, index: u32) -> Result<RegionInfo, TransportError> {
+        let Some(r) = self.client.region(index) else {
+            return Ok(RegionInfo::absent(index));
+        };
+        let file = r.file_offset.as_ref().map(|f| RegionFile {
+            file: Arc::clone(f.arc()),
+            offset: f.start(),
+        });
+        let mmap_areas = if r.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || file.is_none() {
+            Vec::new()
+        } else if r.sparse_areas.is_empty() {
+            vec![MmapArea {
+                offset: 0,
+                size: r.size,
+            }]
+        } else {
+            r.sparse_areas
+                .iter()
+                .filter(|a| a.size != 0)
+                .map(|a| MmapArea {
+                    offset: a.offset,
+                    size: a.size,
+                })
+                .collect()
+        };
+        Ok(RegionInfo {
+            index,
+            size: r.size,
+            readable: r.flags & VFIO_REGION_INFO_FLAG_READ != 0,
+            writable: r.flags & VFIO_REGION_INFO_FLAG_WRITE != 0,
+            file: if mmap_areas.is_empty() { None } else { file },
+            mmap_areas,
+        })
+    }
+
+    fn region_read(
+        &mut self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), TransportError> {
+        self.client
+            .region_read(index, offset, data)
+            .map_err(|e| TransportError::region("read", index, e))
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), TransportError> {
+        self.client
+            .region_write(index, offset, data)
+            .map_err(|e| TransportError::region("write", index, e))
+    }
+
+    fn irq_info(&mut self, index: u32) -> Result<IrqInfo, TransportError> {
+        let i = self
+            .client
+            .get_irq_info(index)
+            .map_err(|e| TransportError::device("GET_IRQ_INFO", e))?;
+        Ok(IrqInfo {
+            index: i.index,
+            count: i.count,
+            flags: i.flags,
+        })
+    }
+
+    fn enable_irqs(&mut self, index: u32, fds: &[&EventFd]) -> Result<(), TransportError> {
+        let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let count = u32::try_from(raw.len())
+            .map_err(|e| TransportError::device("SET_IRQS (eventfds)", e))?;
+        self.client
+            .set_irqs(
+                index,
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                0,
+                count,
+                &raw,
+            )
+            .map_err(|e| TransportError::device("SET_IRQS (eventfds)", e))
+    }
+
+    fn disable_irqs(&mut self, index: u32) -> Result<(), TransportError> {
+        self.client
+            .set_irqs(
+                index,
+                VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+                0,
+                0,
+                &[],
+            )
+            .map_err(|e| TransportError::device("SET_IRQS (none)", e))
+    }
+
+    unsafe fn dma_map(&mut self, region: &DmaRegion<'_>) -> Result<(), TransportError> {
+        let Some((file, offset)) = region.file else {
+            return Err(TransportError::Unsupported {
+                op: "DMA_MAP",
+                why: "vfio-user shares guest RAM by fd: this RAM has no file",
+            });
+        };
+        self.client
+            .dma_map(offset, region.iova, region.size, file.as_raw_fd())
+            .map_err(|e| TransportError::device("DMA_MAP", e))
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), TransportError> {
+        self.client
+            .dma_unmap(iova, size)
+            .map_err(|e| TransportError::device("DMA_UNMAP", e))
+    }
+
+    fn reset(&mut self) -> Result<(), TransportError> {
+        self.client
+            .reset()
+            .map_err(|e| TransportError::device("DEVICE_RESET", e))
+    }
+}
