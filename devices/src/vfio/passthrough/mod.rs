@@ -1,10 +1,11 @@
 //! One passed-through PCI function over a transport trait (PASSTHROUGH.md, Cloud Hypervisor's
-//! split): [`VfioTransport`] is the host side (vfio-user in `user`, a mock for unit tests in
-//! `mock`);
-//! [`PassthroughDevice`] is everything the guest sees, built once over it: the config shadow
-//! (`shadow`), BARs, MSI-X, DMA, reset and teardown (`device`).
+//! split): [`VfioTransport`] is the host side (kernel VFIO in `kernel`, vfio-user in `user`, a
+//! mock for unit tests in `mock`); [`PassthroughDevice`] is everything the guest sees, built
+//! once over it: the config shadow (`shadow`), BARs, MSI-X, DMA, reset and teardown
+//! (`device`).
 
 pub mod device;
+pub mod kernel;
 pub mod shadow;
 pub mod transport;
 pub mod user;
@@ -15,6 +16,7 @@ mod device_tests;
 pub mod mock;
 
 pub use device::{BarPiece, MappedPiece, PassthroughDevice, PassthroughError, PassthroughRoutes};
+pub use kernel::{KernelError, KernelTransport};
 pub use shadow::ShadowError;
 pub use transport::{
     DeviceInfo, DmaRegion, IrqInfo, MmapArea, RegionFile, RegionInfo, TransportError, VfioTransport,
