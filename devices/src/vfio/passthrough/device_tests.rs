@@ -660,3 +660,37 @@ fn mapping_a_piece_the_file_cannot_back_names_the_bar() {
     );
     assert_eq!(crate::vfio::errno_of(&e), Some(libc::EACCES));
 }
+
+#[test]
+fn no_access_of_any_size_anywhere_shows_a_host_bar_or_panics() {
+    let (mut dev, _, _) = open();
+    // The host's words that cannot occur by chance (BAR1's low half is 0 plus flags).
+    let host = [
+        HOST_BAR0.to_le_bytes(),
+        ((HOST_BAR1 >> 32) as u32).to_le_bytes(),
+        (HOST_BAR3 as u32 | 0xc).to_le_bytes(),
+        (HOST_ROM | 1).to_le_bytes(),
+    ];
+    for len in [1, 2, 4, 8] {
+        let mut whole = Vec::new();
+        for offset in (0..4096 + 16).step_by(len) {
+            let mut b = vec![0; len];
+            dev.config_read(offset, &mut b);
+            whole.extend(b);
+        }
+        for h in &host {
+            assert!(
+                !whole.windows(4).any(|w| w == h),
+                "{len}-byte reads show {h:x?}"
+            );
+        }
+    }
+    for offset in [0usize, 3, 0x11, 0xff, 0xffe, 0xfff, 0x1000, usize::MAX - 1] {
+        dev.config_write(offset, &[0xff; 8]);
+        let mut b = [0; 8];
+        dev.config_read(offset, &mut b);
+        dev.bar_read(BarSlot::Bar(0), u64::MAX - 2, &mut b);
+        dev.bar_write(BarSlot::Bar(0), u64::MAX - 2, &b);
+        dev.bar_read(BarSlot::Bar(5), 0, &mut b);
+    }
+}

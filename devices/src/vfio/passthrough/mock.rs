@@ -24,8 +24,8 @@ pub const VENDOR: u16 = 0x10de;
 pub const DEVICE: u16 = 0x2330;
 /// Where the host placed the BARs: what the guest must never see.
 pub const HOST_BAR0: u32 = 0xfa00_0000;
-pub const HOST_BAR1: u64 = 0x38_0000_0000;
-pub const HOST_BAR3: u64 = 0x3a_0000_0000;
+pub const HOST_BAR1: u64 = 0x3a0_0000_0000;
+pub const HOST_BAR3: u64 = 0x3b_f200_0000;
 pub const HOST_ROM: u32 = 0xfb00_0000;
 pub const BAR0_SIZE: u64 = 16 * MIB;
 pub const BAR1_SIZE: u64 = 128 * GIB;
