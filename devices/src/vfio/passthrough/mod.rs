@@ -3,6 +3,20 @@
 //! mock for unit tests in `mock`); [`PassthroughDevice`] is everything the guest sees, built
 //! once over it: the config shadow (`shadow`), BARs, MSI-X, DMA, reset and teardown
 //! (`device`).
+//!
+//! Wiring into the VMM (not done here):
+//! 1. Open a transport ([`UserTransport::connect`], or [`KernelTransport::new`] over
+//!    [`crate::vfio::open::open`]) and [`PassthroughDevice::new`] it with the owner's
+//!    [`PassthroughRoutes`] (one eventfd per MSI-X vector, the same the owner's irqfd uses).
+//! 2. [`PassthroughDevice::map_guest_memory`] with all guest RAM (IOVA = GPA; vfio-user needs
+//!    file-backed RAM).
+//! 3. Place `bar_layout().placement_requests()` (64-bit BARs in the 64-bit window, naturally
+//!    aligned), `set_bar_address` each, put the function on the `PciRoot`, a `BarRange` per BAR
+//!    on the MMIO (or port I/O) bus, and each [`MappedPiece`] of [`PassthroughDevice::map_bars`]
+//!    as a `DeviceBar` memory slot at the BAR's address + `bar_offset`.
+//! 4. On `ConfigEvent::BarMoved`, move the BAR's range and its pieces' slots.
+//! 5. On guest reset, [`PassthroughDevice::reset`]. Before dropping the device, remove its
+//!    slots (the mappings die with it); Drop disables MSI-X and unmaps DMA.
 
 pub mod device;
 pub mod kernel;
