@@ -8,7 +8,7 @@
 //! live MSI when it moves the interrupt to another CPU, so a live vector's message change is
 //! handed to the owner like an unmask.
 
-use super::config::{ConfigError, ConfigSpace};
+use super::config::{Capability, ConfigError, ConfigSpace};
 use super::vectors::{reconcile, Delivery, MsiMessage, RouteError, VectorRoutes};
 
 pub const MSI_CAP_ID: u8 = 0x05;
@@ -60,44 +60,80 @@ impl Msi {
         is_64bit: bool,
         per_vector_mask: bool,
     ) -> Result<Self, MsiError> {
-        if !vectors.is_power_of_two() || vectors > MSI_MAX_VECTORS {
-            return Err(MsiError::Vectors(vectors));
-        }
-        let mut control = (vectors.trailing_zeros() as u16) << 1;
-        if is_64bit {
-            control |= MSI_64BIT;
-        }
-        if per_vector_mask {
-            control |= MSI_PER_VECTOR_MASK;
-        }
-        // Body from message control: control (2), address (4 or 8), data (2) + 2 reserved,
-        // then mask (4) and pending (4).
-        let mut body = control.to_le_bytes().to_vec();
-        let mut mask = vec![0x71, 0]; // enable, multiple message enable
-        body.extend_from_slice(&[0; 4]);
-        mask.extend_from_slice(&0xffff_fffcu32.to_le_bytes());
-        if is_64bit {
-            body.extend_from_slice(&[0; 4]);
-            mask.extend_from_slice(&[0xff; 4]);
-        }
-        body.extend_from_slice(&[0; 4]);
-        mask.extend_from_slice(&[0xff, 0xff, 0, 0]);
-        if per_vector_mask {
-            let bits = (u64::from(u32::MAX) >> (32 - u32::from(vectors))) as u32;
-            body.extend_from_slice(&[0; 8]);
-            mask.extend_from_slice(&bits.to_le_bytes());
-            mask.extend_from_slice(&[0; 4]);
-        }
+        let (body, mask) = capability_body(vectors, is_64bit, per_vector_mask)?;
         let offset = cfg
             .add_capability(MSI_CAP_ID, &body, &mask)
             .map_err(MsiError::Capability)?;
-        Ok(Self {
+        Ok(Self::fresh(offset, vectors, is_64bit, per_vector_mask))
+    }
+
+    /// For a passed-through function: the capability stays where the device has it, at
+    /// `offset` (its id and link bytes kept), with its body rewritten and emulated here.
+    /// Starts disabled.
+    pub fn at(
+        cfg: &mut ConfigSpace,
+        offset: usize,
+        vectors: u8,
+        is_64bit: bool,
+        per_vector_mask: bool,
+    ) -> Result<Self, MsiError> {
+        let (body, mask) = capability_body(vectors, is_64bit, per_vector_mask)?;
+        let body_offset = offset + CONTROL;
+        cfg.set(body_offset, &body)
+            .and_then(|()| cfg.set_write_mask(body_offset, &mask))
+            .and_then(|()| {
+                let cap = Capability {
+                    id: u16::from(MSI_CAP_ID),
+                    offset,
+                    extended: false,
+                };
+                cfg.adopt_capability(cap, CONTROL + body.len())
+            })
+            .map_err(MsiError::Capability)?;
+        Ok(Self::fresh(offset, vectors, is_64bit, per_vector_mask))
+    }
+
+    fn fresh(offset: usize, vectors: u8, is_64bit: bool, per_vector_mask: bool) -> Self {
+        Self {
             offset,
             vectors,
             is_64bit,
             per_vector_mask,
             programmed: vec![None; usize::from(vectors)],
-        })
+        }
+    }
+
+    /// Vectors the function is capable of.
+    pub fn vectors(&self) -> u8 {
+        self.vectors
+    }
+
+    /// Bytes of the capability, id and link included.
+    pub fn cap_len(&self) -> usize {
+        CONTROL
+            + 2
+            + if self.is_64bit { 8 } else { 4 }
+            + 4
+            + if self.per_vector_mask { 8 } else { 0 }
+    }
+
+    /// Back to power-on (a function reset): disabled, one vector enabled, message, mask and
+    /// pending bits zero; `routes` is told of vectors that were live.
+    pub fn reset(
+        &mut self,
+        cfg: &mut ConfigSpace,
+        routes: &mut dyn VectorRoutes,
+    ) -> Result<(), MsiError> {
+        let control = cfg.read_u16(self.offset + CONTROL) & !(MSI_ENABLE | 0x70);
+        cfg.set_u16(self.offset + CONTROL, control)
+            .and_then(|()| {
+                cfg.set(
+                    self.offset + ADDRESS_LO,
+                    &vec![0; self.cap_len() - ADDRESS_LO],
+                )
+            })
+            .map_err(MsiError::Capability)?;
+        self.config_written(cfg, routes)
     }
 
     /// Where the capability sits in config space.
@@ -213,6 +249,44 @@ impl Msi {
         route(vector, routes.trigger(u16::from(vector)))?;
         Ok(Delivery::Sent)
     }
+}
+
+/// The capability's body after id and link and its write mask: enable and multiple message
+/// enable, the address, the data, the mask bits of capable vectors.
+fn capability_body(
+    vectors: u8,
+    is_64bit: bool,
+    per_vector_mask: bool,
+) -> Result<(Vec<u8>, Vec<u8>), MsiError> {
+    if !vectors.is_power_of_two() || vectors > MSI_MAX_VECTORS {
+        return Err(MsiError::Vectors(vectors));
+    }
+    let mut control = (vectors.trailing_zeros() as u16) << 1;
+    if is_64bit {
+        control |= MSI_64BIT;
+    }
+    if per_vector_mask {
+        control |= MSI_PER_VECTOR_MASK;
+    }
+    // Body from message control: control (2), address (4 or 8), data (2) + 2 reserved,
+    // then mask (4) and pending (4).
+    let mut body = control.to_le_bytes().to_vec();
+    let mut mask = vec![0x71, 0]; // enable, multiple message enable
+    body.extend_from_slice(&[0; 4]);
+    mask.extend_from_slice(&0xffff_fffcu32.to_le_bytes());
+    if is_64bit {
+        body.extend_from_slice(&[0; 4]);
+        mask.extend_from_slice(&[0xff; 4]);
+    }
+    body.extend_from_slice(&[0; 4]);
+    mask.extend_from_slice(&[0xff, 0xff, 0, 0]);
+    if per_vector_mask {
+        let bits = (u64::from(u32::MAX) >> (32 - u32::from(vectors))) as u32;
+        body.extend_from_slice(&[0; 8]);
+        mask.extend_from_slice(&bits.to_le_bytes());
+        mask.extend_from_slice(&[0; 4]);
+    }
+    Ok((body, mask))
 }
 
 fn route(vector: u8, r: Result<(), RouteError>) -> Result<(), MsiError> {
