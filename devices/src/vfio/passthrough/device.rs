@@ -1,7 +1,7 @@
 //! One passed-through PCI function over a [`VfioTransport`]: the config shadow
 //! ([`super::shadow`]), trapped BAR accesses sent to the transport, the mmappable pieces of each
 //! BAR (everything but the MSI-X table and PBA pages) for the VMM to map as memory slots, MSI-X
-//! vectors as eventfds handed to the transport and routed by the owner, guest RAM DMA-mapped
+//! and MSI vectors as eventfds handed to the transport and routed by the owner, guest RAM DMA-mapped
 //! at IOVA = GPA, reset, and teardown on drop.
 //!
 //! Interrupts never pass through the VMM: the device signals a vector's eventfd, which the
@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::pci::bar::{BarKind, BarLayout, BarSlot};
 use crate::pci::config::{ConfigError, ConfigEvent};
 use crate::pci::device::PciDevice;
+use crate::pci::msi::{MsiError, MSI_CAP_ID};
 use crate::pci::msix::{MsixError, MSIX_CAP_ID, MSIX_ENABLE};
 use crate::pci::vectors::{MsiMessage, RouteError, VectorRoutes};
 use crate::vfio::sys::region::{RegionError, RegionMap};
@@ -23,7 +24,7 @@ use crate::GuestMemory;
 
 use super::shadow::{Shadow, ShadowError};
 use super::transport::{
-    DmaRegion, RegionFile, TransportError, VfioTransport, MSIX_IRQ, ROM_REGION,
+    DmaRegion, RegionFile, TransportError, VfioTransport, MSIX_IRQ, MSI_IRQ, ROM_REGION,
 };
 
 /// Memory slots and the MSI-X pages are cut at host pages.
@@ -56,6 +57,8 @@ pub enum PassthroughError {
     },
     #[error("MSI-X")]
     Msix(#[source] MsixError),
+    #[error("MSI")]
+    Msi(#[source] MsiError),
     #[error("{slot}: mapping {size:#x} bytes at BAR offset {bar_offset:#x}")]
     Map {
         slot: BarSlot,
@@ -125,6 +128,8 @@ pub struct PassthroughDevice {
     eventfds: Vec<EventFd>,
     /// Whether the transport has the MSI-X eventfds now.
     msix_irqs: bool,
+    /// How many MSI eventfds the transport has now.
+    msi_irqs: u8,
     maps: Vec<(MappedPiece, RegionMap)>,
     dma: Vec<(u64, u64)>,
     /// Kept so the DMA-mapped RAM stays mapped until it is unmapped.
@@ -134,13 +139,18 @@ pub struct PassthroughDevice {
 
 impl PassthroughDevice {
     /// Reads the function through `transport`, builds its shadow, and takes one eventfd per
-    /// MSI-X vector from `routes`.
+    /// vector from `routes` (as many as MSI-X or MSI has, whichever has more: a guest enables
+    /// one at a time, so vector n of either uses the same eventfd and route).
     pub fn new(
         mut transport: Box<dyn VfioTransport>,
         mut routes: Box<dyn PassthroughRoutes>,
     ) -> Result<Self, PassthroughError> {
         let shadow = Shadow::build(transport.as_mut()).map_err(PassthroughError::Shadow)?;
-        let vectors = shadow.msix.as_ref().map_or(0, |m| m.layout().vectors);
+        let vectors = shadow
+            .msix
+            .as_ref()
+            .map_or(0, |m| m.layout().vectors)
+            .max(shadow.msi.as_ref().map_or(0, |m| u16::from(m.vectors())));
         let eventfds = (0..vectors)
             .map(|vector| {
                 routes
@@ -154,6 +164,7 @@ impl PassthroughDevice {
             routes,
             eventfds,
             msix_irqs: false,
+            msi_irqs: 0,
             maps: Vec::new(),
             dma: Vec::new(),
             memory: None,
@@ -310,9 +321,17 @@ impl PassthroughDevice {
             let r = msix.reset(&mut self.shadow.cfg, &mut Routes(self.routes.as_mut()));
             first = first.and(r.map_err(PassthroughError::Msix));
         }
+        if let Some(msi) = self.shadow.msi.as_mut() {
+            let r = msi.reset(&mut self.shadow.cfg, &mut Routes(self.routes.as_mut()));
+            first = first.and(r.map_err(PassthroughError::Msi));
+        }
         if std::mem::take(&mut self.msix_irqs) {
             let r = self.transport.disable_irqs(MSIX_IRQ);
             first = first.and(r.map_err(transport("disabling MSI-X")));
+        }
+        if std::mem::take(&mut self.msi_irqs) != 0 {
+            let r = self.transport.disable_irqs(MSI_IRQ);
+            first = first.and(r.map_err(transport("disabling MSI")));
         }
         let r = self.transport.reset();
         first = first.and(r.map_err(transport("device reset")));
@@ -350,11 +369,53 @@ impl PassthroughDevice {
         }
     }
 
-    /// Turns MSI-X off and unmaps DMA; what Drop does, callable earlier to see the errors.
+    /// After a guest write touched the MSI capability: the transport gets as many eventfds as
+    /// vectors are enabled (re-given when that changes), then routes are brought in line.
+    fn msi_written(&mut self) {
+        let Some(msi) = self.shadow.msi.as_mut() else {
+            return;
+        };
+        let cfg = &mut self.shadow.cfg;
+        let want = if msi.enabled(cfg) {
+            msi.allotted(cfg)
+        } else {
+            0
+        };
+        let mut errors = Vec::new();
+        if want != self.msi_irqs {
+            if self.msi_irqs != 0 {
+                match self.transport.disable_irqs(MSI_IRQ) {
+                    Ok(()) => self.msi_irqs = 0,
+                    Err(e) => errors.push(transport("disabling MSI")(e)),
+                }
+            }
+            if want != 0 {
+                let fds: Vec<&EventFd> = self.eventfds.iter().take(usize::from(want)).collect();
+                match self.transport.enable_irqs(MSI_IRQ, &fds) {
+                    Ok(()) => self.msi_irqs = want,
+                    Err(e) => errors.push(transport("enabling MSI")(e)),
+                }
+            }
+        }
+        if let Err(e) = msi.config_written(cfg, &mut Routes(self.routes.as_mut())) {
+            errors.push(PassthroughError::Msi(e));
+        }
+        for e in errors {
+            self.record(e);
+        }
+    }
+
+    /// Turns MSI-X and MSI off and unmaps DMA; what Drop does, callable earlier to see the
+    /// errors.
     pub fn teardown(&mut self) -> Vec<PassthroughError> {
         if std::mem::take(&mut self.msix_irqs) {
             if let Err(e) = self.transport.disable_irqs(MSIX_IRQ) {
                 self.record(transport("disabling MSI-X")(e));
+            }
+        }
+        if std::mem::take(&mut self.msi_irqs) != 0 {
+            if let Err(e) = self.transport.disable_irqs(MSI_IRQ) {
+                self.record(transport("disabling MSI")(e));
             }
         }
         self.unmap_dma();
@@ -387,6 +448,12 @@ impl PciDevice for PassthroughDevice {
         });
         if msix {
             self.msix_written();
+        }
+        let msi = events.iter().any(|e| {
+            matches!(e, ConfigEvent::Capability { id, extended: false, .. } if *id == u16::from(MSI_CAP_ID))
+        });
+        if msi {
+            self.msi_written();
         }
         events
     }

@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::{PassthroughDevice, PassthroughError, PassthroughRoutes};
 use super::mock::*;
 use super::shadow::ShadowError;
-use super::transport::{MSIX_IRQ, ROM_REGION};
+use super::transport::{MSIX_IRQ, MSI_IRQ, ROM_REGION};
 use crate::pci::bar::{BarError, BarKind, BarSlot};
 use crate::pci::config::{ConfigEvent, COMMAND};
 use crate::pci::device::PciDevice;
@@ -206,12 +206,17 @@ fn placed_and_moved_bars_stay_in_the_shadow() {
 }
 
 #[test]
-fn hidden_capabilities_are_absent_from_the_guest_walk() {
+fn hidden_capabilities_are_absent_from_the_guest_walk_and_the_others_keep_their_offsets() {
     let (mut dev, _, _) = open();
     let (standard, extended) = guest_walk(&mut dev);
     assert_eq!(
         standard,
-        [(0x01, CAP_PM), (0x10, CAP_PCIE), (0x11, CAP_MSIX)]
+        [
+            (0x01, CAP_PM),
+            (0x05, CAP_MSI),
+            (0x10, CAP_PCIE),
+            (0x11, CAP_MSIX)
+        ]
     );
     // 0x100 (SR-IOV) becomes an empty header linking on.
     assert_eq!(
@@ -226,7 +231,7 @@ fn hidden_capabilities_are_absent_from_the_guest_walk() {
     );
     // The shadow's own walk agrees.
     let ids: Vec<_> = dev.config().capabilities().iter().map(|c| c.id).collect();
-    assert_eq!(ids, [0x01, 0x10, 0x11, 0, 0x01, 0x0b]);
+    assert_eq!(ids, [0x01, 0x05, 0x10, 0x11, 0, 0x01, 0x0b]);
 }
 
 #[test]
@@ -265,7 +270,7 @@ fn other_registers_pass_through_to_the_device() {
     );
     assert_eq!(
         cfg32(&mut dev, CAP_PM) & 0xffff,
-        u32::from(CAP_PCIE as u8) << 8 | 1
+        u32::from(CAP_MSI as u8) << 8 | 1
     );
 }
 
@@ -693,4 +698,63 @@ fn no_access_of_any_size_anywhere_shows_a_host_bar_or_panics() {
         dev.bar_write(BarSlot::Bar(0), u64::MAX - 2, &b);
         dev.bar_read(BarSlot::Bar(5), 0, &mut b);
     }
+}
+
+#[test]
+fn msi_enable_hands_the_enabled_vectors_eventfds_to_the_transport_and_routes_them() {
+    let (mut dev, h, routes) = open();
+    let control = CAP_MSI + 2;
+    assert_eq!(
+        dev.config().read_u16(control) & 0x18e,
+        0x184,
+        "4 capable, 64-bit, masks"
+    );
+    // Address, data, vector 1 masked; then enable with 2 vectors (MME = 1).
+    wcfg32(&mut dev, CAP_MSI + 4, 0xfee0_2000);
+    wcfg32(&mut dev, CAP_MSI + 8, 0);
+    wcfg32(&mut dev, CAP_MSI + 12, 0x60);
+    wcfg32(&mut dev, CAP_MSI + 16, 0b10);
+    assert!(
+        routes.take().is_empty() && h.take_calls().is_empty(),
+        "emulated, off"
+    );
+    dev.config_write(control, &0x0011u16.to_le_bytes());
+    assert_eq!(
+        h.take_calls(),
+        [Call::EnableIrqs {
+            index: MSI_IRQ,
+            count: 2
+        }]
+    );
+    let msg = MsiMessage {
+        address: 0xfee0_2000,
+        data: 0x60,
+    };
+    assert_eq!(routes.take(), [Route::Unmask(0, msg)]);
+    // Unmasking vector 1 routes it with its number in the data.
+    wcfg32(&mut dev, CAP_MSI + 16, 0);
+    let msg1 = MsiMessage { data: 0x61, ..msg };
+    assert_eq!(routes.take(), [Route::Unmask(1, msg1)]);
+    // One vector only: the transport's eventfds are given again.
+    dev.config_write(control, &0x0001u16.to_le_bytes());
+    assert_eq!(
+        h.take_calls(),
+        [
+            Call::DisableIrqs { index: MSI_IRQ },
+            Call::EnableIrqs {
+                index: MSI_IRQ,
+                count: 1
+            }
+        ]
+    );
+    assert_eq!(routes.take(), [Route::Mask(1)]);
+    // Reset takes it down.
+    dev.reset().unwrap();
+    assert_eq!(routes.take(), [Route::Mask(0)]);
+    assert_eq!(
+        h.take_calls(),
+        [Call::DisableIrqs { index: MSI_IRQ }, Call::Reset]
+    );
+    assert_eq!(dev.config().read_u16(control) & 0x71, 0);
+    assert!(dev.take_errors().is_empty());
 }

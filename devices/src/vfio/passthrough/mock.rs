@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{
     DeviceInfo, DmaRegion, IrqInfo, MmapArea, RegionFile, RegionInfo, TransportError,
-    VfioTransport, CONFIG_REGION, MSIX_IRQ, ROM_REGION,
+    VfioTransport, CONFIG_REGION, MSIX_IRQ, MSI_IRQ, ROM_REGION,
 };
 
 pub const MIB: u64 = 1 << 20;
@@ -36,10 +36,11 @@ pub const MSIX_VECTORS: u16 = 16;
 pub const MSIX_TABLE: u32 = 0xb9_0800;
 pub const MSIX_PBA: u32 = 0xba_0000;
 
-// Standard capabilities: PM -> MSI (hidden: not emulated) -> PCIe -> MSI-X.
+// Standard capabilities: PM -> MSI (64-bit, per-vector mask, 4 vectors) -> PCIe -> MSI-X.
 pub const CAP_PM: usize = 0x60;
 pub const CAP_MSI: usize = 0x68;
-pub const CAP_PCIE: usize = 0x78;
+pub const CAP_PCIE: usize = 0x80;
+pub const MSI_VECTORS: u8 = 4;
 pub const CAP_MSIX: usize = 0xc8;
 // Extended: SR-IOV (hidden) -> ARI (hidden) -> AER -> Resizable BAR (hidden) -> VSEC.
 pub const EXT_SRIOV: usize = 0x100;
@@ -183,7 +184,7 @@ pub fn h100_config() -> Vec<u8> {
     c[0x3c] = 0x0b;
     c[0x3d] = 1;
     put(&mut c, CAP_PM, &[0x01, CAP_MSI as u8, 0x03, 0x00]);
-    put(&mut c, CAP_MSI, &[0x05, CAP_PCIE as u8, 0x80, 0x00]);
+    put(&mut c, CAP_MSI, &[0x05, CAP_PCIE as u8, 0x84, 0x01]); // 4 capable, 64-bit, masks
     put(&mut c, CAP_PCIE, &[0x10, CAP_MSIX as u8, 0x02, 0x00]);
     put(&mut c, CAP_PCIE + 4, &0x1234_5678u32.to_le_bytes()); // device capabilities
     put(&mut c, CAP_MSIX, &[0x11, 0x00]);
@@ -321,7 +322,11 @@ impl VfioTransport for MockTransport {
 
     fn irq_info(&mut self, index: u32) -> Result<IrqInfo, TransportError> {
         let s = self.check("irq_info")?;
-        let count = if index == MSIX_IRQ { s.msix_count } else { 0 };
+        let count = match index {
+            MSIX_IRQ => s.msix_count,
+            MSI_IRQ => u32::from(MSI_VECTORS),
+            _ => 0,
+        };
         Ok(IrqInfo {
             index,
             count,

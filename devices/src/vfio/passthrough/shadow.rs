@@ -3,15 +3,14 @@
 //! sent to the device) and the rest pass through (read from the device, written to it).
 //!
 //! Virtualized: the header's identity, BARs and ROM (the guest never sees host addresses;
-//! sizing answers from the shadow's masks), capability links rewritten around hidden
-//! capabilities, the MSI-X capability (emulated with [`Msix`]), and the hidden capabilities'
-//! bytes. The command/status dword passes through and also goes to the shadow, whose events
+//! sizing answers from the shadow's masks), capability headers and links rewritten around
+//! hidden capabilities, the MSI-X and MSI capabilities (emulated with [`Msix`] and [`Msi`]),
+//! and the hidden capabilities' bytes. The command/status dword passes through and also goes to the shadow, whose events
 //! (memory decode on/off) the owner acts on. Everything else (PCIe, power management, AER,
 //! vendor capabilities) is the device's.
 //!
-//! Hidden: MSI (not emulated yet: a guest finding it would wait for interrupts that never
-//! come), SR-IOV, ARI and Resizable BAR (a guest must not create VFs or resize BARs behind the
-//! VMM's back). The first extended capability sits at 0x100 by definition; when it is hidden,
+//! Hidden: SR-IOV, ARI and Resizable BAR (a guest must not create VFs or resize BARs behind
+//! the VMM's back). The first extended capability sits at 0x100 by definition; when it is hidden,
 //! 0x100 holds a header with id 0 linking to the first visible one (as QEMU does).
 
 use std::collections::HashSet;
@@ -22,16 +21,14 @@ use crate::pci::config::{
     EXTENDED_CONFIG_SIZE, FIRST_CAPABILITY, HEADER_TYPE, INTERRUPT_PIN, ROM_BAR, STATUS,
     STATUS_CAPABILITIES,
 };
+use crate::pci::msi::{Msi, MsiError, MSI_64BIT, MSI_CAP_ID, MSI_PER_VECTOR_MASK};
 use crate::pci::msix::{Msix, MsixError, MsixLayout, MSIX_CAP_ID, MSIX_CAP_LEN};
 
 use super::transport::{RegionInfo, TransportError, VfioTransport, CONFIG_REGION, ROM_REGION};
 
-pub const MSI_CAP_ID: u8 = 0x05;
 pub const SRIOV_EXT_ID: u16 = 0x10;
 pub const ARI_EXT_ID: u16 = 0x0e;
 pub const REBAR_EXT_ID: u16 = 0x15;
-/// Standard capabilities hidden from the guest.
-pub const HIDDEN_STANDARD: [u8; 1] = [MSI_CAP_ID];
 /// Extended capabilities hidden from the guest, with the bytes each spans at most.
 pub const HIDDEN_EXTENDED: [(u16, usize); 3] = [
     (SRIOV_EXT_ID, 0x40),
@@ -80,8 +77,20 @@ pub enum ShadowError {
         "MSI-X capability at {offset:#x} claims {cap} vectors, the device's MSI-X IRQ has {irq}"
     )]
     MsixCount { offset: usize, cap: u16, irq: u32 },
-    #[error("irq info of MSI-X")]
-    IrqInfo(#[source] TransportError),
+    #[error("MSI capability at {offset:#x} claims {cap} vectors, the device's MSI IRQ has {irq}")]
+    MsiCount { offset: usize, cap: u8, irq: u32 },
+    #[error("irq info of IRQ index {index}")]
+    IrqInfo {
+        index: u32,
+        #[source]
+        source: TransportError,
+    },
+    #[error("MSI capability at {offset:#x}")]
+    Msi {
+        offset: usize,
+        #[source]
+        source: MsiError,
+    },
     #[error("MSI-X capability at {offset:#x}")]
     Msix {
         offset: usize,
@@ -111,6 +120,7 @@ pub struct Shadow {
     /// Regions 0..=6 (BARs and ROM) as the transport describes them.
     pub regions: Vec<RegionInfo>,
     pub msix: Option<Msix>,
+    pub msi: Option<Msi>,
 }
 
 fn u16_at(raw: &[u8], o: usize) -> u16 {
@@ -198,14 +208,9 @@ impl Shadow {
         virtualized[..4].fill(true);
         virtualized[8..FIRST_CAPABILITY].fill(true);
 
-        // Standard list: relink around hidden ones.
+        // Standard list: none hidden; the headers are the shadow's.
         let mut link = CAPABILITIES_POINTER;
         for cap in &standard {
-            if HIDDEN_STANDARD.contains(&(cap.id as u8)) {
-                set(&mut cfg, cap.offset, &[0; 4])?;
-                virtualized[cap.offset..cap.offset + 4].fill(true);
-                continue;
-            }
             set(&mut cfg, link, &[cap.offset as u8])?;
             virtualized[link] = true;
             virtualized[cap.offset] = true; // the id: read-only anyway
@@ -262,11 +267,20 @@ impl Shadow {
             }
             None => None,
         };
+        let msi = match standard.iter().find(|c| c.id == u16::from(MSI_CAP_ID)) {
+            Some(cap) => {
+                let msi = emulate_msi(t, &raw, cap.offset, &mut cfg)?;
+                virtualized[cap.offset..cap.offset + msi.cap_len()].fill(true);
+                Some(msi)
+            }
+            None => None,
+        };
         Ok(Self {
             cfg,
             virtualized,
             regions,
             msix,
+            msi,
         })
     }
 
@@ -455,9 +469,10 @@ fn emulate_msix(
         pba_bar: (pba & 7) as u8,
         pba_offset: pba & !7,
     };
+    let index = super::transport::MSIX_IRQ;
     let irq = t
-        .irq_info(super::transport::MSIX_IRQ)
-        .map_err(ShadowError::IrqInfo)?;
+        .irq_info(index)
+        .map_err(|source| ShadowError::IrqInfo { index, source })?;
     if irq.count < u32::from(vectors) {
         return Err(ShadowError::MsixCount {
             offset,
@@ -466,4 +481,39 @@ fn emulate_msix(
         });
     }
     Msix::at(layout, cfg, offset).map_err(err)
+}
+
+fn emulate_msi(
+    t: &mut dyn VfioTransport,
+    raw: &[u8],
+    offset: usize,
+    cfg: &mut ConfigSpace,
+) -> Result<Msi, ShadowError> {
+    let control = u16_at(raw, offset + 2);
+    let vectors = 1u8 << ((control >> 1) & 0x7).min(5);
+    let is_64bit = control & MSI_64BIT != 0;
+    let per_vector_mask = control & MSI_PER_VECTOR_MASK != 0;
+    let index = super::transport::MSI_IRQ;
+    let irq = t
+        .irq_info(index)
+        .map_err(|source| ShadowError::IrqInfo { index, source })?;
+    if irq.count < u32::from(vectors) {
+        return Err(ShadowError::MsiCount {
+            offset,
+            cap: vectors,
+            irq: irq.count,
+        });
+    }
+    let msi = Msi::at(cfg, offset, vectors, is_64bit, per_vector_mask)
+        .map_err(|source| ShadowError::Msi { offset, source })?;
+    if offset + msi.cap_len() > CONFIG_SIZE {
+        return Err(ShadowError::Msi {
+            offset,
+            source: MsiError::Capability(crate::pci::ConfigError::OutOfRange {
+                offset,
+                len: msi.cap_len(),
+            }),
+        });
+    }
+    Ok(msi)
 }
