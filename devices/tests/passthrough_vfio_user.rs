@@ -211,6 +211,7 @@ fn the_gpu_test_device_passes_through_over_vfio_user() {
         .find(|p| p.slot == BarSlot::Bar(1))
         .expect("a VRAM piece");
     assert_eq!((vram.bar_offset, vram.size), (0, VRAM));
+    assert_eq!(vram.host_addr as u64 % VRAM, 0, "VRAM mapped size-aligned");
     // SAFETY: `vram` is a live shared mapping of VRAM_SIZE bytes that `dev` keeps until it is
     // dropped, after this slice's last use; the device writes it concurrently, which volatile
     // accesses allow.

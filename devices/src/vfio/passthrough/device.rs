@@ -19,9 +19,9 @@ use crate::pci::device::PciDevice;
 use crate::pci::msi::{MsiError, MSI_CAP_ID};
 use crate::pci::msix::{MsixError, MSIX_CAP_ID, MSIX_ENABLE};
 use crate::pci::vectors::{MsiMessage, RouteError, VectorRoutes};
-use crate::vfio::sys::region::{RegionError, RegionMap};
 use crate::GuestMemory;
 
+use super::map::{BarMap, MapError};
 use super::shadow::{Shadow, ShadowError};
 use super::transport::{
     DmaRegion, RegionFile, TransportError, VfioTransport, MSIX_IRQ, MSI_IRQ, ROM_REGION,
@@ -65,7 +65,7 @@ pub enum PassthroughError {
         bar_offset: u64,
         size: u64,
         #[source]
-        source: RegionError,
+        source: MapError,
     },
     #[error("guest RAM region at {gpa:#x}: DMA map of {size:#x} bytes")]
     DmaMap {
@@ -130,7 +130,7 @@ pub struct PassthroughDevice {
     msix_irqs: bool,
     /// How many MSI eventfds the transport has now.
     msi_irqs: u8,
-    maps: Vec<(MappedPiece, RegionMap)>,
+    maps: Vec<(MappedPiece, BarMap)>,
     dma: Vec<(u64, u64)>,
     /// Kept so the DMA-mapped RAM stays mapped until it is unmapped.
     memory: Option<GuestMemory>,
@@ -240,31 +240,36 @@ impl PassthroughDevice {
     }
 
     /// Maps every mmappable piece into this process (once; later calls return the same), for
-    /// the VMM to register as memory slots. The mappings live as long as the device: remove
-    /// the slots before dropping it.
+    /// the VMM to register as memory slots; each at an address congruent to its BAR offset
+    /// modulo the BAR's size (up to 1 GiB), so huge pages can back it. The mappings live as
+    /// long as the device: remove the slots before dropping it.
     pub fn map_bars(&mut self) -> Result<Vec<MappedPiece>, PassthroughError> {
         if self.maps.is_empty() {
+            let layout = self.shadow.cfg.bar_layout().clone();
             for p in self.mmappable_pieces() {
-                let err = |source| PassthroughError::Map {
+                let align = match p.slot {
+                    BarSlot::Bar(i) => layout.bar(i).map_or(PAGE, |b| b.size),
+                    BarSlot::Rom => PAGE,
+                };
+                let map = BarMap::new(
+                    &*p.file.file,
+                    p.file.offset,
+                    p.size,
+                    p.writable,
+                    p.bar_offset,
+                    align,
+                )
+                .map_err(|source| PassthroughError::Map {
                     slot: p.slot,
                     bar_offset: p.bar_offset,
                     size: p.size,
                     source,
-                };
-                let len = usize::try_from(p.size).map_err(|_| {
-                    err(RegionError::Mmap {
-                        len: usize::MAX,
-                        offset: p.file.offset,
-                        source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
-                    })
                 })?;
-                let map =
-                    RegionMap::new(&*p.file.file, p.file.offset, len, p.writable).map_err(err)?;
                 let piece = MappedPiece {
                     slot: p.slot,
                     bar_offset: p.bar_offset,
                     size: p.size,
-                    host_addr: map.addr,
+                    host_addr: map.addr(),
                 };
                 self.maps.push((piece, map));
             }

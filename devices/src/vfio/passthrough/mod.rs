@@ -20,6 +20,7 @@
 
 pub mod device;
 pub mod kernel;
+pub mod map;
 pub mod shadow;
 pub mod transport;
 pub mod user;
@@ -31,6 +32,7 @@ pub mod mock;
 
 pub use device::{BarPiece, MappedPiece, PassthroughDevice, PassthroughError, PassthroughRoutes};
 pub use kernel::{KernelError, KernelTransport};
+pub use map::{BarMap, MapError};
 pub use shadow::ShadowError;
 pub use transport::{
     DeviceInfo, DmaRegion, IrqInfo, MmapArea, RegionFile, RegionInfo, TransportError, VfioTransport,
