@@ -1,7 +1,7 @@
 //! Device models on an address bus: legacy devices on port I/O (16550 UART, i8042) and MMIO
 //! (boot timer), virtio devices behind a virtio-mmio transport, PCI (`pci`: host bridge, config
-//! mechanism #1, config spaces, MSI-X/MSI), and the kernel VFIO layer that passthrough builds on
-//! (`vfio`).
+//! mechanism #1, config spaces, MSI-X/MSI), and VFIO (`vfio`): the kernel layer, and one
+//! passed-through PCI function over kernel VFIO or vfio-user (`vfio::passthrough`).
 //!
 //! Every device implements [`BusDevice`] and sits on a [`Bus`] (the VMM keeps one for port I/O
 //! and one for MMIO). Nothing the guest writes may panic the VMM: a bad access is logged and

@@ -580,6 +580,27 @@ fn regions_smaller_than_claimed_are_refused_precisely() {
         ),
         "{e:?}"
     );
+    // Fewer MSI interrupts than the capability claims.
+    let e = open_err(|s| s.msi_count = 2);
+    assert!(
+        matches!(
+            e,
+            PassthroughError::Shadow(ShadowError::MsiCount { cap: 4, irq: 2, .. })
+        ),
+        "{e:?}"
+    );
+    // An IRQ index the transport cannot describe.
+    let e = open_err(|s| s.failing.push("irq_info"));
+    assert!(
+        matches!(
+            e,
+            PassthroughError::Shadow(ShadowError::IrqInfo {
+                index: MSIX_IRQ,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
     // Fewer MSI-X interrupts than the capability claims.
     let e = open_err(|s| s.msix_count = 4);
     assert!(

@@ -90,6 +90,7 @@ pub struct MockState {
     pub config: Vec<u8>,
     pub regions: Vec<RegionInfo>,
     pub msix_count: u32,
+    pub msi_count: u32,
     pub resettable: bool,
     /// Bytes written to regions other than config (reads of others give 0).
     pub memory: HashMap<(u32, u64), u8>,
@@ -135,6 +136,7 @@ impl MockTransport {
             config: h100_config(),
             regions: h100_regions(),
             msix_count: u32::from(MSIX_VECTORS),
+            msi_count: u32::from(MSI_VECTORS),
             resettable: true,
             memory: HashMap::new(),
             calls: Vec::new(),
@@ -324,7 +326,7 @@ impl VfioTransport for MockTransport {
         let s = self.check("irq_info")?;
         let count = match index {
             MSIX_IRQ => s.msix_count,
-            MSI_IRQ => u32::from(MSI_VECTORS),
+            MSI_IRQ => s.msi_count,
             _ => 0,
         };
         Ok(IrqInfo {
