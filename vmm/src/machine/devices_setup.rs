@@ -72,8 +72,9 @@ pub enum DeviceSetupError {
     TooManyDisks { got: usize },
     #[error("registering device state: {0}")]
     State(#[source] StatesError),
+    /// Boxed: PCI errors are large (BAR and memslot details).
     #[error("PCI: {0}")]
-    Pci(#[source] PciError),
+    Pci(#[source] Box<PciError>),
 }
 
 pub const SERIAL_ID: &str = "serial0";
@@ -225,7 +226,8 @@ pub fn create(
         register(MICRO_PORT_ID, port)?;
     }
 
-    let pci = Pci::new(vm.clone(), &mut pio, &mmio).map_err(DeviceSetupError::Pci)?;
+    let pci =
+        Pci::new(vm.clone(), &mut pio, &mmio).map_err(|e| DeviceSetupError::Pci(Box::new(e)))?;
 
     let timer = BootTimer::new(opts.start).with_sender(opts.boot_timer);
     place(
