@@ -9,9 +9,10 @@
 //! space with masks, BAR sizing and MSI-X emulation without a VMM attached. The PCI rules here
 //! are small and specified (PCI Local Bus 3.0, 6.x), so owning them costs less than adapting.
 //!
-//! Not yet wired into the VM: the VMM inserts [`ConfigIo`] on its port I/O bus, places each
-//! function's [`BarLayout::placement_requests`] in its address map, inserts a [`BarRange`] per
-//! BAR, and acts on [`ConfigEvent`]s through [`PciEvents`].
+//! The VMM wires it into every VM (`vmm::machine::pci`): [`ConfigIo`] on its port I/O bus,
+//! each function's [`BarLayout::placement_requests`] placed in its address map, a
+//! [`BarRange`] per BAR on its buses, [`ConfigEvent`]s acted on through [`PciEvents`], and
+//! vectors routed through its [`VectorRoutes`].
 
 pub mod bar;
 pub mod conf1;
@@ -23,8 +24,10 @@ pub mod msix;
 pub mod root;
 pub mod vectors;
 
-#[cfg(test)]
-mod test_device;
+/// A test function with the H100's BARs and MSI-X, and a recording mock of the owner's routes,
+/// for this crate's tests and (feature `test-utils`) the VMM's wiring tests.
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_device;
 
 pub use bar::{Bar, BarError, BarKind, BarLayout, BarSlot, PlacementRequest};
 pub use conf1::{ConfigIo, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN};

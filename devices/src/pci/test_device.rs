@@ -1,5 +1,7 @@
 //! A test function: the H100's BAR shape with MSI-X in BAR0, and a mock of the owner's routes
-//! that records every call, for the tests of the PCI layer.
+//! that records every call, for the tests of the PCI layer. The function takes any
+//! [`VectorRoutes`], so the VMM's tests can drive its real routes through the MSI-X emulation.
+//! Test code: a route failure panics (the test sees it at once).
 
 use std::sync::{Arc, Mutex};
 
@@ -84,15 +86,15 @@ pub const MSIX_VECTORS: u16 = 70;
 pub const PBA_OFFSET: u32 = 0x1_0000;
 
 /// A function with the H100's BARs and MSI-X; BAR accesses outside MSI-X land in `bar0`.
-pub struct TestDevice {
+pub struct TestDevice<R = MockRoutes> {
     pub cfg: ConfigSpace,
     pub msix: Msix,
-    pub routes: MockRoutes,
+    pub routes: R,
     pub bar0: Vec<u8>,
 }
 
-impl TestDevice {
-    pub fn new(routes: MockRoutes) -> Self {
+impl<R: VectorRoutes> TestDevice<R> {
+    pub fn new(routes: R) -> Self {
         let header = ConfigHeader {
             vendor_id: 0x10de,
             device_id: 0x2330,
@@ -118,7 +120,7 @@ impl TestDevice {
     }
 }
 
-impl PciDevice for TestDevice {
+impl<R: VectorRoutes + Send> PciDevice for TestDevice<R> {
     fn config_read(&mut self, offset: usize, data: &mut [u8]) {
         self.cfg.read(offset, data);
     }

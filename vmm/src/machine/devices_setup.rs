@@ -1,7 +1,8 @@
 //! Creates the guest's devices and places them on the port-I/O and MMIO buses, and registers
 //! each stateful one under its id: the one place that names the VM's devices. Their MMIO slots
 //! and interrupts come from the VM's resources (`vstate::resources`); fixed ISA ports and the
-//! boot timer's page are where the guest expects them (`guest_abi`).
+//! boot timer's page are where the guest expects them (`guest_abi`). Every VM has PCI bus 0
+//! (host bridge, mechanism #1 at 0xCF8: `machine::pci`); PCI functions are added to it.
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::{mmio_cmdline_arg, MmioTransport};
 use guest_abi::{boot_timer, ports};
 
+use super::pci::{Pci, PciError};
 use super::stdin::InputSink;
 use super::DiskConfig;
 use crate::memory::GuestMemory;
@@ -70,6 +72,9 @@ pub enum DeviceSetupError {
     TooManyDisks { got: usize },
     #[error("registering device state: {0}")]
     State(#[source] StatesError),
+    /// Boxed: PCI errors are large (BAR and memslot details).
+    #[error("PCI: {0}")]
+    Pci(#[source] Box<PciError>),
 }
 
 pub const SERIAL_ID: &str = "serial0";
@@ -114,6 +119,8 @@ pub struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
+    /// PCI bus 0: where PCI functions (passthrough) are added.
+    pub pci: Pci,
     pub states: StateRegistry,
     /// The kernel command-line argument announcing each virtio-mmio transport, in disk order.
     pub virtio_cmdline: Vec<String>,
@@ -164,7 +171,7 @@ fn place(
 }
 
 pub fn create(
-    vm: &Vm,
+    vm: &Arc<Vm>,
     mem: &GuestMemory,
     opts: DeviceOptions<'_>,
 ) -> Result<Devices, DeviceSetupError> {
@@ -218,6 +225,9 @@ pub fn create(
         )?;
         register(MICRO_PORT_ID, port)?;
     }
+
+    let pci =
+        Pci::new(vm.clone(), &mut pio, &mmio).map_err(|e| DeviceSetupError::Pci(Box::new(e)))?;
 
     let timer = BootTimer::new(opts.start).with_sender(opts.boot_timer);
     place(
@@ -281,6 +291,7 @@ pub fn create(
         pio,
         mmio,
         serial,
+        pci,
         states,
         virtio_cmdline,
     })
@@ -295,7 +306,7 @@ mod tests {
     /// accepted the Hello has a device for every state the source sends.
     #[test]
     fn every_stateful_device_is_registered_under_an_id_the_description_lists() {
-        let vm = Vm::new(16 << 20).unwrap();
+        let vm = Arc::new(Vm::new(16 << 20).unwrap());
         let ram = GuestRam::new(16 << 20).unwrap();
         let disk = tempfile::NamedTempFile::new().unwrap();
         disk.as_file().set_len(1 << 20).unwrap();

@@ -10,6 +10,7 @@ pub mod console;
 pub mod description;
 pub mod devices_setup;
 pub mod final_dump;
+pub mod pci;
 pub mod progress;
 pub mod report;
 pub mod run;
