@@ -57,8 +57,12 @@ mod blk;
 mod children;
 mod commands;
 mod devmem;
+mod gpu;
+mod pagemap;
+mod pci;
 mod script;
 mod sysinfo;
+mod vfio;
 mod workload;
 
 use guest_abi::agent::READY_MARKER;
