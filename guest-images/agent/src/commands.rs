@@ -176,11 +176,11 @@ fn reclaim_terminal() {
     }
 }
 
-/// One `AGENT: pci ...` line per function, then the count (or an error) on the result line.
+/// One `AGENT: pci-list BDF ...` line per function, then the count (or an error) on the result line.
 fn pci_list() -> Result<String, String> {
     let functions = pci::list(std::path::Path::new(pci::SYSFS_PCI_DEVICES))?;
     for f in &functions {
-        say!("pci {f}");
+        say!("pci-list {f}");
     }
     Ok(format!("pci-list count={}", functions.len()))
 }

@@ -64,6 +64,7 @@ fn transfer(s: &Session, buf: &DmaBuffer, dir: u32, vram: u64) -> Result<(u64, u
 
 /// `vfio-dma`: a pattern from one buffer into VRAM at 0 and back into a second buffer.
 pub fn dma_round_trip(s: &mut Session, bytes: u64) -> Result<String, String> {
+    s.require_test_device()?;
     let len = check_len(bytes)?;
     let vram_size = s.vram_size()?;
     if bytes > vram_size {
@@ -108,6 +109,7 @@ pub fn dma_round_trip(s: &mut Session, bytes: u64) -> Result<String, String> {
 /// `vfio-vram`: a pattern written through an mmap of the VRAM BAR, read back through it, then
 /// read by the device (DMA VRAM -> RAM).
 pub fn vram_check(s: &mut Session, offset: u64, bytes: u64) -> Result<String, String> {
+    s.require_test_device()?;
     let len = check_len(bytes)?;
     if offset % 8 != 0 || bytes % 8 != 0 {
         return Err("OFFSET and BYTES must be multiples of 8".into());
@@ -146,12 +148,19 @@ pub fn vram_check(s: &mut Session, offset: u64, bytes: u64) -> Result<String, St
     ))
 }
 
-/// `vfio-msix`: COUNT small DMAs (64 bytes of VRAM into a scratch page), each completing on
-/// the next vector in turn and each awaited before the next (two MSIs of one vector pending
-/// at once would merge in the local APIC). Exactly COUNT must arrive.
+/// `vfio-msix`: COUNT interrupts, each on the next vector in turn and each awaited before the
+/// next (two MSIs of one vector pending at once would merge in the local APIC). Exactly COUNT
+/// must arrive. On the gpu-test-device each is the completion of a small DMA (64 bytes of
+/// VRAM into a scratch page): `source=device`, the whole path from the device through the host
+/// VMM and the guest's vfio-pci. On any other device the guest's vfio-pci signals the eventfd
+/// itself (`VFIO_IRQ_SET_DATA_NONE`): `source=loopback`, which shows only that the guest could
+/// enable the vectors.
 pub fn msix(s: &mut Session, count: u64) -> Result<String, String> {
     if count == 0 || count > MAX_IRQS {
         return Err(format!("COUNT must be 1..={MAX_IRQS}, got {count}"));
+    }
+    if !s.test_device {
+        return msix_loopback(s, count);
     }
     let scratch = DmaBuffer::new(64)?;
     let phys = scratch
@@ -174,8 +183,30 @@ pub fn msix(s: &mut Session, count: u64) -> Result<String, String> {
         return Err(format!("raised {count} interrupts, {received} arrived"));
     }
     Ok(format!(
-        "vfio-msix {} count={count} received={received} vectors={vectors} \
-         device_irqs={device_irqs} elapsed_ns={ns}",
+        "vfio-msix {} count={count} received={received} vectors={vectors} source=device \
+         device_irqs={device_irqs} elapsed_ns={ns} ok=true",
+        s.bdf()
+    ))
+}
+
+fn msix_loopback(s: &mut Session, count: u64) -> Result<String, String> {
+    s.drain()?;
+    let vectors = s.vectors();
+    let start = Instant::now();
+    let mut received = 0;
+    for i in 0..count {
+        let vector = (i % vectors as u64) as usize;
+        s.trigger(vector)?;
+        received += s.wait_irq(vector)?;
+    }
+    let ns = start.elapsed().as_nanos();
+    received += s.drain()?;
+    if received != count {
+        return Err(format!("triggered {count} interrupts, {received} arrived"));
+    }
+    Ok(format!(
+        "vfio-msix {} count={count} received={received} vectors={vectors} source=loopback \
+         elapsed_ns={ns} ok=true",
         s.bdf()
     ))
 }

@@ -1,5 +1,7 @@
-//! An open gpu-test-device: the VFIO device, its register and VRAM BARs, one eventfd per
-//! MSI-X vector, and the DMA engine driven one transfer at a time.
+//! An open device: the VFIO device, its register and VRAM BARs, one eventfd per MSI-X vector,
+//! and, when it is the gpu-test-device, the DMA engine driven one transfer at a time. Other
+//! devices (a real GPU under `tools/host-check.sh --boot`) are opened too, but their registers
+//! are never written.
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,6 +24,9 @@ pub struct Session {
     irqs: Vec<EventFd>,
     pub workload: Option<Workload>,
     seed: u64,
+    /// Whether BAR0 is the gpu-test-device's register file (its ID register said so).
+    pub test_device: bool,
+    id: Result<u32, String>,
 }
 
 impl Session {
@@ -46,12 +51,9 @@ impl Session {
         let dev = Device::open(bdf, Path::new(&group))?;
         let regs = dev.region(BAR_REGS)?;
         let vram = dev.region(BAR_VRAM)?;
-        let id = dev.read32(&regs, ID)?;
-        if id != ID_VALUE {
-            return Err(format!(
-                "{bdf} is not a gpu-test-device (ID register {id:#x})"
-            ));
-        }
+        // Any other device is opened too (for `vfio-msix` by loopback) but never written.
+        let id = dev.read32(&regs, ID);
+        let test_device = id == Ok(ID_VALUE);
         let vectors = dev.irq_count(VFIO_PCI_MSIX_IRQ_INDEX)?;
         if vectors == 0 {
             return Err(format!("{bdf} has no MSI-X vectors"));
@@ -61,7 +63,6 @@ impl Session {
             .collect::<Result<Vec<_>, _>>()?;
         let fds: Vec<_> = irqs.iter().map(EventFd::raw).collect();
         dev.set_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, &fds)?;
-        dev.enable_bus_master()?;
         let session = Session {
             dev,
             regs,
@@ -69,10 +70,28 @@ impl Session {
             irqs,
             workload: None,
             seed: 0,
+            test_device,
+            id,
         };
-        session.write(IRQ_VECTOR, 0)?;
-        session.write(IRQ_ENABLE, IRQ_DMA)?;
+        if test_device {
+            session.dev.enable_bus_master()?;
+            session.write(IRQ_VECTOR, 0)?;
+            session.write(IRQ_ENABLE, IRQ_DMA)?;
+        }
         Ok(session)
+    }
+
+    /// Refuses to go on unless this is the gpu-test-device (whose registers the command
+    /// writes).
+    pub fn require_test_device(&self) -> Result<(), String> {
+        match &self.id {
+            _ if self.test_device => Ok(()),
+            Ok(id) => Err(format!(
+                "{} is not a gpu-test-device (ID register {id:#x})",
+                self.bdf()
+            )),
+            Err(e) => Err(format!("{} is not a gpu-test-device ({e})", self.bdf())),
+        }
     }
 
     pub fn bdf(&self) -> &Bdf {
@@ -146,6 +165,11 @@ impl Session {
         }
     }
 
+    /// Has the guest's vfio-pci signal `vector`'s eventfd itself (no device involved).
+    pub fn trigger(&self, vector: usize) -> Result<(), String> {
+        self.dev.trigger_irq(VFIO_PCI_MSIX_IRQ_INDEX, vector as u32)
+    }
+
     /// One DMA transfer, completion interrupt on `vector`; returns the interrupts counted.
     pub fn dma(
         &self,
@@ -184,11 +208,14 @@ fn dir_name(dir: u32) -> &'static str {
 impl Drop for Session {
     /// Engines off before the workload's buffer goes: the device must never write freed pages.
     fn drop(&mut self) {
+        let _ = self.dev.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX);
+        if !self.test_device {
+            return;
+        }
         if self.write(PW_CTRL, CTRL_STOP).is_err() {
             // It may still be writing: its pages must never be reused.
             std::mem::forget(self.workload.take());
         }
         let _ = self.write(K_CTRL, CTRL_STOP);
-        let _ = self.dev.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX);
     }
 }

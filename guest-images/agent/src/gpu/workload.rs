@@ -46,6 +46,7 @@ pub fn expected_stamp(k: u64, pages: u64, written: u64) -> (u64, u64) {
 }
 
 pub fn start(s: &mut Session, kind: Kind, rate: u32) -> Result<String, String> {
+    s.require_test_device()?;
     if s.workload.is_some() {
         return Err(format!("a workload runs on {}: stop it first", s.bdf()));
     }

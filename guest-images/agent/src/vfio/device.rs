@@ -171,6 +171,18 @@ impl Device {
         .map_err(|e| format!("VFIO_DEVICE_SET_IRQS {index} ({} eventfds): {e}", fds.len()))
     }
 
+    /// Signals vector `vector` of IRQ `index` from the kernel side (a loopback test).
+    pub fn trigger_irq(&self, index: u32, vector: u32) -> Result<(), String> {
+        let mut set = irq_set_trigger(index, vector);
+        ioctl_ptr(
+            self.fd.as_raw_fd(),
+            VFIO_DEVICE_SET_IRQS,
+            set.as_mut_slice(),
+        )
+        .map(drop)
+        .map_err(|e| format!("VFIO_DEVICE_SET_IRQS {index} trigger {vector}: {e}"))
+    }
+
     pub fn disable_irqs(&self, index: u32) -> Result<(), String> {
         let mut set = irq_set_disable(index);
         ioctl_ptr(

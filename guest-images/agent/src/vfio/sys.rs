@@ -96,6 +96,17 @@ pub fn irq_set_disable(index: u32) -> Vec<u32> {
     ]
 }
 
+/// `vfio_irq_set` with no data, count 1: the kernel signals vector `start`'s eventfd itself.
+pub fn irq_set_trigger(index: u32, start: u32) -> Vec<u32> {
+    vec![
+        20,
+        VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+        index,
+        start,
+        1,
+    ]
+}
+
 /// An ioctl whose argument is a plain integer.
 pub fn ioctl_value(fd: RawFd, request: libc::Ioctl, arg: libc::c_ulong) -> io::Result<i32> {
     // SAFETY: the VFIO ioctls called this way take their argument by value and touch no
@@ -145,5 +156,6 @@ mod tests {
             [28, 0x24, 2, 0, 2, 5, 6]
         );
         assert_eq!(irq_set_disable(2), [20, 0x21, 2, 0, 0]);
+        assert_eq!(irq_set_trigger(2, 3), [20, 0x21, 2, 3, 1]);
     }
 }
