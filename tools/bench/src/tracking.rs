@@ -148,6 +148,7 @@ fn micro_config(w: &Workload, region_mib: u64) -> VmConfig {
             expected: None,
         },
         disks: Vec::new(),
+        devices: Vec::new(),
         console: ConsoleOutput::Null,
         console_input: false,
         dirty_ring: false,
@@ -381,6 +382,7 @@ fn linux_boot(
             cmdline,
         }),
         disks: Vec::new(),
+        devices: Vec::new(),
         console,
         console_input: false,
         tracking: Some(TrackingOptions {

@@ -143,6 +143,11 @@ pub(crate) struct RunArgs {
     /// A virtio-blk disk image: PATH or PATH,ro. Repeatable; the first is /dev/vda.
     #[arg(long)]
     disk: Vec<String>,
+    /// Pass a PCI function through: vfio-user:SOCKET (a device served over vfio-user, e.g.
+    /// vmm-gpu-test-device) or vfio:/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=group|iommufd]
+    /// (a host device bound to vfio-pci). Repeatable. Guest RAM is DMA-mapped at IOVA = GPA.
+    #[arg(long, conflicts_with = "incoming")]
+    device: Vec<vmm::machine::pci::DeviceSpec>,
     /// Guest console: stdout, none, or file:PATH.
     #[arg(long, default_value = "stdout")]
     console: String,
@@ -401,6 +406,7 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         mem_bytes,
         guest,
         disks,
+        devices: a.device.clone(),
         console_input: !a.no_console_input && console == ConsoleOutput::Stdout,
         console,
         dirty_ring: a.dirty_ring,

@@ -133,6 +133,7 @@ impl Machine {
                 console: out,
                 observer: console::observer(watch.clone(), start, line_hook),
                 disks: &cfg.disks,
+                passthrough: &cfg.devices,
                 micro: micro.then(|| {
                     crate::micro_port::MicroPort::new(micro_passes.clone())
                         .with_vcpus(nr_vcpus)

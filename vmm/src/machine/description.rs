@@ -155,6 +155,8 @@ impl VmDescription {
             mem_bytes: self.mem_bytes,
             guest,
             disks,
+            // A VM with a passed-through device is never described (migration refuses it).
+            devices: Vec::new(),
             console,
             console_input,
             tracking: None,

@@ -113,6 +113,8 @@ pub struct VmConfig {
     pub mem_bytes: u64,
     pub guest: GuestConfig,
     pub disks: Vec<DiskConfig>,
+    /// PCI functions passed through (`--device`), in bus order.
+    pub devices: Vec<pci::DeviceSpec>,
     pub console: ConsoleOutput,
     /// Feed vmm's stdin to the guest console.
     pub console_input: bool,
