@@ -242,10 +242,9 @@ pub fn access_of(sysfs: &Path, prefer: Prefer) -> Result<(PathBuf, Access), Open
         .filter(|(_, n)| n.exists());
     let show = |p: Option<&PathBuf>| p.map_or("none".to_string(), |p| p.display().to_string());
     let access = match (prefer, cdev, group_node) {
-        (Prefer::Any | Prefer::Iommufd, Some(node), _) if iommu.exists() => Access::Cdev {
-            node,
-            iommu,
-        },
+        (Prefer::Any | Prefer::Iommufd, Some(node), _) if iommu.exists() => {
+            Access::Cdev { node, iommu }
+        }
         (Prefer::Any | Prefer::Group, _, Some((id, node))) => Access::Group { node, id },
         (_, cdev, group_node) => {
             return Err(OpenError::NoNode {
@@ -489,7 +488,10 @@ mod tests {
     fn a_vfio_pci_device_without_nodes_names_what_it_looked_for() {
         let dev = fake_pci("access-nonodes", Some("vfio-pci"));
         for (prefer, says) in [
-            (Prefer::Any, "neither a VFIO cdev (none) nor an IOMMU group node (none)"),
+            (
+                Prefer::Any,
+                "neither a VFIO cdev (none) nor an IOMMU group node (none)",
+            ),
             (Prefer::Group, "(asked for the group)"),
             (Prefer::Iommufd, "(asked for iommufd)"),
         ] {

@@ -149,6 +149,7 @@ fn micro_config(w: &Workload, region_mib: u64) -> VmConfig {
         },
         disks: Vec::new(),
         devices: Vec::new(),
+        phys_bits: None,
         console: ConsoleOutput::Null,
         console_input: false,
         dirty_ring: false,
@@ -383,6 +384,7 @@ fn linux_boot(
         }),
         disks: Vec::new(),
         devices: Vec::new(),
+        phys_bits: None,
         console,
         console_input: false,
         tracking: Some(TrackingOptions {

@@ -101,7 +101,11 @@ impl Shared {
             tracking_active: p.tracking_active,
             start: p.start,
             migration: Mutex::new(Progress::default()),
-            passthrough: devs.passthrough.iter().map(|a| a.spec.to_string()).collect(),
+            passthrough: devs
+                .passthrough
+                .iter()
+                .map(|a| a.spec.to_string())
+                .collect(),
             console_input: Mutex::new(devs.console_input()),
             events: Mutex::new(p.events),
             exit_evt: p.exit_evt,

@@ -128,7 +128,8 @@ pub enum AttachError {
         what: &'static str,
         source: PassthroughError,
     },
-    #[error("{spec}: {source}")]
+    /// Its messages name the device already.
+    #[error("{source}")]
     Pci {
         spec: String,
         #[source]
@@ -200,9 +201,8 @@ pub fn attach(
     device
         .map_guest_memory(mem)
         .map_err(device_err("DMA-mapping guest RAM"))?;
-    let pieces = device
-        .map_bars()
-        .map_err(device_err("mapping the BARs"))?;
+    // Placed before anything is mapped: a BAR too large for this guest's address space is
+    // refused naming the sizes and the physical address bits, not as a failed mmap.
     let device = Arc::new(Mutex::new(device));
     let as_pci: Arc<Mutex<dyn PciDevice>> = device.clone();
     let function = pci
@@ -214,6 +214,14 @@ pub fn attach(
     let pci_err = |source: PciError| AttachError::Pci {
         spec: name.clone(),
         source: Box::new(source),
+    };
+    let pieces = device.lock().unwrap_or_else(|p| p.into_inner()).map_bars();
+    let pieces = match pieces {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = pci.remove_device(function);
+            return Err(device_err("mapping the BARs")(e));
+        }
     };
     for piece in &pieces {
         // SAFETY: the piece is mapped by the device, which lives (in `Attached`) until
@@ -272,7 +280,12 @@ fn summary(device: &Arc<Mutex<PassthroughDevice>>, function: PciAddress, pci: &P
 }
 
 fn human(bytes: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
     for (unit, name) in UNITS {
         if bytes >= unit && bytes % unit == 0 {
             return format!("{}{name}", bytes / unit);
