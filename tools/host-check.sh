@@ -91,6 +91,10 @@ fi
 SYS="$ROOT/sys"
 PROC="$ROOT/proc"
 DEV="$ROOT/dev"
+pci_dev() { echo "$SYS/bus/pci/devices/$1"; }
+for b in "${DEVICES[@]}" "${BINDS[@]}" "${BOOTS[@]}"; do
+    [[ -e $(pci_dev "$b") ]] || die "no PCI device $b: $(pci_dev "$b") does not exist"
+done
 
 # Guest RAM in bytes: N, NK, NM, NG (as vmm run --mem takes it).
 mem_bytes() {
@@ -246,7 +250,9 @@ HP_JOINED=$(printf '%s; ' "${HP_POOLS[@]}")
 say "  $SYS/kernel/mm/hugepages: $([[ ${#HP_POOLS[@]} -gt 0 ]] && echo "${HP_JOINED%; }" || echo "no pools")"
 say "    (vmm backs guest RAM with a 4 KiB-page memfd today; VFIO pins it page by page)"
 MEMLOCK=""
+MEMLOCK_FROM="ulimit -l"
 if [[ -n $ROOT && -r $PROC/self/limits ]]; then
+    MEMLOCK_FROM="$PROC/self/limits, Max locked memory"
     MEMLOCK=$(awk '/^Max locked memory/ {print $4}' "$PROC/self/limits")
     [[ $MEMLOCK =~ ^[0-9]+$ ]] && MEMLOCK=$((MEMLOCK / 1024))
 else
@@ -255,15 +261,15 @@ fi
 MEMLOCK_OK=0
 if [[ $MEMLOCK == unlimited ]]; then
     MEMLOCK_OK=1
-    say "  ulimit -l: unlimited (VFIO pins all $MEM of guest RAM for device DMA: fine)"
+    say "  $MEMLOCK_FROM: unlimited (VFIO pins all $MEM of guest RAM for device DMA: fine)"
 elif [[ $MEMLOCK =~ ^[0-9]+$ ]] && ((MEMLOCK * 1024 >= MEM_BYTES)); then
     MEMLOCK_OK=1
-    say "  ulimit -l: $MEMLOCK KiB >= the $MEM a guest pins for device DMA"
+    say "  $MEMLOCK_FROM: $MEMLOCK KiB >= the $MEM a guest pins for device DMA"
 elif [[ $(id -u) == 0 ]]; then
     MEMLOCK_OK=1
-    say "  ulimit -l: ${MEMLOCK:-?} KiB < $MEM of guest RAM, but root (CAP_IPC_LOCK) is not held to it"
+    say "  $MEMLOCK_FROM: ${MEMLOCK:-?} KiB < $MEM of guest RAM, but root (CAP_IPC_LOCK) is not held to it"
 else
-    say "  ulimit -l: ${MEMLOCK:-?} KiB < the $MEM a guest pins for device DMA: raise it (limits.conf, ulimit -l) or run as root"
+    say "  $MEMLOCK_FROM: ${MEMLOCK:-?} KiB < the $MEM a guest pins for device DMA: raise it (limits.conf, ulimit -l) or run as root"
 fi
 
 # ---- devices --------------------------------------------------------------------------------------
@@ -317,8 +323,6 @@ msix_vectors() {
     echo none
 }
 
-pci_dev() { echo "$SYS/bus/pci/devices/$1"; }
-
 # The devices to look at: every NVIDIA function, and every BDF named.
 CANDIDATES=()
 for d in "$SYS"/bus/pci/devices/*; do
@@ -326,7 +330,6 @@ for d in "$SYS"/bus/pci/devices/*; do
     [[ $(hex_id "$d/vendor" || true) == 10de ]] && CANDIDATES+=("${d##*/}")
 done
 for b in "${DEVICES[@]}" "${BINDS[@]}" "${BOOTS[@]}"; do
-    [[ -e $(pci_dev "$b") ]] || die "no PCI device $b: $(pci_dev "$b") does not exist"
     [[ " ${CANDIDATES[*]} " == *" $b "* ]] || CANDIDATES+=("$b")
 done
 
