@@ -489,14 +489,26 @@ bind_vfio() {
 for b in "${BINDS[@]}"; do bind_vfio "$b"; done
 
 # ---- --boot ---------------------------------------------------------------------------------------
-# The size the guest reports for BAR i, from the agent's pci-list line: a `barI=SIZE` or
-# `barI:SIZE` token (SIZE in 0x hex or decimal bytes; anything after the size is ignored).
+# The size the guest reports for BAR i, from the agent's pci-list line (guest-images/agent,
+# pci.rs): `barI=0xADDR+0xSIZE:KIND[:pf]`; a plain `barI=SIZE` is read as the size.
 guest_bar_size() {
     local line=$1 i=$2 tok v
-    tok=$(grep -oiE "bar${i}[=:][^ ,;]+" <<<"$line" | head -n1) || return 1
-    v=${tok#*[=:]}
+    tok=$(grep -oiE "bar${i}=[^ ,;]+" <<<"$line" | head -n1) || return 1
+    v=${tok#*=}
+    [[ $v == *+* ]] && v=${v#*+}
     v=$(grep -oE '^(0x[0-9a-fA-F]+|[0-9]+)' <<<"$v") || return 1
     echo $((v))
+}
+# The ids in a pci-list line: `vendor=0x10de device=0x2330` (or `10de:2330`).
+guest_ids() {
+    local line=$1 v d
+    if ! v=$(grep -oiE 'vendor=(0x)?[0-9a-f]{4}' <<<"$line" | head -n1) ||
+        ! d=$(grep -oiE 'device=(0x)?[0-9a-f]{4}' <<<"$line" | head -n1); then
+        grep -oiE '\b[0-9a-f]{4}:[0-9a-f]{4}\b' <<<"$line" | head -n1 | tr 'A-F' 'a-f'
+        return
+    fi
+    v=${v#*=}; d=${d#*=}; v=${v#0x}; d=${d#0x}
+    echo "${v,,}:${d,,}"
 }
 boot_guest() {
     local bdf=$1 d drv group images kernel initrd log count agent line fails=0
@@ -538,10 +550,22 @@ boot_guest() {
     if [[ -z $line ]]; then
         act "  FAIL pci-list: no line for $GUEST_BDF"; fails=$((fails + 1))
     else
-        if grep -qi "${D_VENDOR[$bdf]}:${D_DEVICE[$bdf]}" <<<"$line"; then
-            act "  ok   pci-list: ids ${D_VENDOR[$bdf]}:${D_DEVICE[$bdf]}"
+        local ids
+        ids=$(guest_ids "$line" || true)
+        if [[ $ids == "${D_VENDOR[$bdf]}:${D_DEVICE[$bdf]}" ]]; then
+            act "  ok   pci-list: ids $ids"
         else
-            act "  FAIL pci-list: expected ids ${D_VENDOR[$bdf]}:${D_DEVICE[$bdf]} in: $line"; fails=$((fails + 1))
+            act "  FAIL pci-list: expected ids ${D_VENDOR[$bdf]}:${D_DEVICE[$bdf]}, guest says ${ids:-none} in: $line"; fails=$((fails + 1))
+        fi
+        local gm
+        gm=$(grep -oE 'msix=[0-9a-z]+' <<<"$line" | head -n1 || true)
+        gm=${gm#msix=}
+        if [[ ${D_MSIX[$bdf]} =~ ^[0-9]+$ && -n $gm ]]; then
+            if [[ $gm == "${D_MSIX[$bdf]}" ]]; then
+                act "  ok   pci-list: MSI-X $gm vectors"
+            else
+                act "  FAIL pci-list: MSI-X expected ${D_MSIX[$bdf]} vectors, guest says $gm"; fails=$((fails + 1))
+            fi
         fi
         local bs i size got
         for bs in ${D_BARS[$bdf]}; do

@@ -475,8 +475,10 @@ fn boot_checks_the_guests_ids_bar_sizes_and_msix() {
     std::fs::write(&initrd, b"").unwrap();
     let images: [(&str, &Path); 2] = [("VMM_KERNEL", &kernel), ("VMM_INITRAMFS", &initrd)];
     let good = "VMM-AGENT-READY\n\
-        AGENT: pci 0000:00:00.0 8086:0d57 class=060000\n\
-        AGENT: pci 0000:00:01.0 10de:2330 class=030200 bar0=0x1000000 bar1=0x2000000000 bar3=0x2000000\n\
+        AGENT: pci-list 0000:00:00.0 vendor=0x8086 device=0x0d57 class=0x060000 driver=none msix=none msi=none\n\
+        AGENT: pci-list 0000:00:01.0 vendor=0x10de device=0x2330 class=0x030200 driver=none \
+        bar0=0xc0000000+0x1000000:mem32 bar1=0x2000000000+0x2000000000:mem64:pf \
+        bar3=0x4000000000+0x2000000:mem64:pf msix=38 msix_table=bar0+0xb90000 msi=none\n\
         AGENT: vfio-bind 0000:00:01.0 ok\n\
         AGENT: vfio-msix 0000:00:01.0 vectors=4 fired=4 ok=true\n\
         AGENT: poweroff\n";
@@ -507,6 +509,7 @@ fn boot_checks_the_guests_ids_bar_sizes_and_msix() {
         "  ok   pci-list: BAR0 16 MiB",
         "  ok   pci-list: BAR1 128 GiB",
         "  ok   pci-list: BAR3 32 MiB",
+        "  ok   pci-list: MSI-X 38 vectors",
         "  ok   vfio-bind",
         "  ok   vfio-msix",
     ] {
@@ -527,7 +530,7 @@ fn boot_checks_the_guests_ids_bar_sizes_and_msix() {
 
     // A guest that sees a 64 GiB BAR1 and no interrupts fails, naming both.
     let bad = good
-        .replace("bar1=0x2000000000", "bar1=0x1000000000")
+        .replace("+0x2000000000:", "+0x1000000000:")
         .replace("fired=4 ok=true", "fired=0 ok=false");
     let vmm = fake_vmm(bin.path(), &bad);
     let out = host_check(
