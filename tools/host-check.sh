@@ -584,6 +584,8 @@ boot_guest() {
     else
         act "  ok   vfio-bind"
     fi
+    # vfio-msix's result line is assumed to carry ok=true when every vector fired: the command
+    # is being written beside this script (issue 14, branch i14-agentdev); adjust if it differs.
     line=$(grep -a "^AGENT: .*vfio-msix" "$log" | head -n1 || true)
     if [[ -n $line && $line != *error* && $line =~ ok=true ]]; then
         act "  ok   vfio-msix: $line"
