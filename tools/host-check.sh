@@ -537,7 +537,7 @@ boot_guest() {
     [[ $count =~ ^[0-9]+$ ]] || count=1
     [[ -n $MSIX_COUNT ]] || ((count <= 4)) || count=4
     agent="pci-list;vfio-bind,$GUEST_BDF;vfio-msix,$GUEST_BDF,$count;poweroff"
-    log=$(mktemp /tmp/host-check-console.XXXXXX)
+    log=$(mktemp "${TMPDIR:-/tmp}/host-check-console.XXXXXX")
     act "  $VMM run --kernel $kernel --initrd $initrd --vcpus 2 --mem $MEM --device vfio:$d --agent \"$agent\" --console file:$log"
     local rc=0
     timeout "$TIMEOUT_S" "$VMM" run --kernel "$kernel" --initrd "$initrd" --vcpus 2 --mem "$MEM" \

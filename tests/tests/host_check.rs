@@ -473,7 +473,12 @@ fn boot_checks_the_guests_ids_bar_sizes_and_msix() {
     let (kernel, initrd) = (bin.path().join("vmlinux"), bin.path().join("initramfs"));
     std::fs::write(&kernel, b"").unwrap();
     std::fs::write(&initrd, b"").unwrap();
-    let images: [(&str, &Path); 2] = [("VMM_KERNEL", &kernel), ("VMM_INITRAMFS", &initrd)];
+    // The console logs go into the temp dir too.
+    let images: [(&str, &Path); 3] = [
+        ("VMM_KERNEL", &kernel),
+        ("VMM_INITRAMFS", &initrd),
+        ("TMPDIR", bin.path()),
+    ];
     let good = "VMM-AGENT-READY\n\
         AGENT: pci-list 0000:00:00.0 vendor=0x8086 device=0x0d57 class=0x060000 driver=none msix=none msi=none\n\
         AGENT: pci-list 0000:00:01.0 vendor=0x10de device=0x2330 class=0x030200 driver=none \
