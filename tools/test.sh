@@ -11,6 +11,12 @@ bash guest-images/build.sh --lab
 export VMM_REQUIRE_LAB=1
 echo "test: cargo fmt --check"
 cargo fmt --all -- --check
+echo "test: shellcheck tools/host-check.sh"
+if ! command -v shellcheck >/dev/null; then
+    sudo=(); [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends shellcheck
+fi
+shellcheck tools/host-check.sh
 echo "test: cargo clippy"
 cargo clippy --workspace --all-targets -q -- -D warnings
 echo "test: building binaries"

@@ -68,6 +68,13 @@ impl MsiVector {
             evt: EventFd::new(EFD_NONBLOCK)?,
         })
     }
+
+    /// A vector on `gsi` raised through `evt`, an eventfd made before the vector had a GSI
+    /// (a passed-through device's: VFIO is given it when the guest enables MSI-X, before
+    /// the guest unmasks the vector).
+    pub fn with_eventfd(gsi: u32, evt: EventFd) -> Self {
+        Self { gsi, evt }
+    }
 }
 
 impl Interrupt for MsiVector {

@@ -129,6 +129,12 @@ impl Bg {
         (status.code(), report, err)
     }
 
+    /// Kills the process with SIGKILL (a device server dying without a word) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
     }

@@ -214,6 +214,7 @@ fn fake_source(port: u16) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
             disks: vec![],
             devices: vmm::machine::devices_setup::device_ids(false, 0),
             dirty_ring: false,
+            phys_bits: None,
         },
         mode: Mode::Precopy,
         session: 7,

@@ -396,6 +396,7 @@ mod tests {
             disks: vec![],
             devices: vec![],
             dirty_ring: false,
+            phys_bits: None,
         };
         let now = budget.describe(&base);
         let GuestDesc::Micro {

@@ -72,6 +72,19 @@ pub enum OpenError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path} is not a PCI device's sysfs directory (no `config` and `vendor` in it)")]
+    NotPciDevice { path: PathBuf },
+    #[error(
+        "{path} is bound to {driver}, not vfio-pci: bind it first (tools/host-check.sh --bind)"
+    )]
+    NotVfioPci { path: PathBuf, driver: String },
+    #[error("{path} has neither a VFIO cdev ({cdev}) nor an IOMMU group node ({group}){why}")]
+    NoNode {
+        path: PathBuf,
+        cdev: String,
+        group: String,
+        why: &'static str,
+    },
     #[error("{step}: {source}")]
     Vfio {
         step: &'static str,
@@ -185,6 +198,68 @@ pub fn derived_cdev(sysfs: &Path) -> Result<PathBuf, OpenError> {
             entries: entries.len(),
         }),
     }
+}
+
+/// Which way to open a device, when the user chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefer {
+    /// The cdev with iommufd where the host has both, else the group.
+    Any,
+    Group,
+    Iommufd,
+}
+
+/// How to open the PCI device whose sysfs directory is `sysfs` (any link to it), found under
+/// /dev: its cdev + /dev/iommu, or its group node. Refuses a directory that is not a PCI
+/// device's and a device bound to another driver than vfio-pci, naming it.
+pub fn access_of(sysfs: &Path, prefer: Prefer) -> Result<(PathBuf, Access), OpenError> {
+    let real = std::fs::canonicalize(sysfs).map_err(|source| OpenError::Stat {
+        path: sysfs.to_path_buf(),
+        source,
+    })?;
+    if !real.join("config").is_file() || !real.join("vendor").is_file() {
+        return Err(OpenError::NotPciDevice { path: real });
+    }
+    let driver = std::fs::read_link(real.join("driver"))
+        .ok()
+        .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()));
+    match driver.as_deref() {
+        Some("vfio-pci") => {}
+        other => {
+            return Err(OpenError::NotVfioPci {
+                path: real,
+                driver: other.unwrap_or("no driver").to_string(),
+            })
+        }
+    }
+    let iommu = PathBuf::from("/dev/iommu");
+    let cdev = derived_cdev(&real).ok().filter(|n| n.exists());
+    let group = std::fs::read_link(real.join("iommu_group"))
+        .ok()
+        .and_then(|l| l.file_name()?.to_str()?.parse::<u32>().ok());
+    let group_node = group
+        .map(|id| (id, PathBuf::from(format!("/dev/vfio/{id}"))))
+        .filter(|(_, n)| n.exists());
+    let show = |p: Option<&PathBuf>| p.map_or("none".to_string(), |p| p.display().to_string());
+    let access = match (prefer, cdev, group_node) {
+        (Prefer::Any | Prefer::Iommufd, Some(node), _) if iommu.exists() => {
+            Access::Cdev { node, iommu }
+        }
+        (Prefer::Any | Prefer::Group, _, Some((id, node))) => Access::Group { node, id },
+        (_, cdev, group_node) => {
+            return Err(OpenError::NoNode {
+                path: real,
+                cdev: show(cdev.as_ref()),
+                group: show(group_node.as_ref().map(|(_, n)| n)),
+                why: match prefer {
+                    Prefer::Iommufd => " usable with /dev/iommu (asked for iommufd)",
+                    Prefer::Group => " (asked for the group)",
+                    Prefer::Any => "",
+                },
+            })
+        }
+    };
+    Ok((real, access))
 }
 
 /// Opens the device whose sysfs directory is `sysfs` the `access` way; `dev_dir` is where its
@@ -377,5 +452,51 @@ mod tests {
             two,
             Err(OpenError::CdevDirEntries { entries: 2, .. })
         ));
+    }
+
+    fn fake_pci(name: &str, driver: Option<&str>) -> PathBuf {
+        let root = temp(name);
+        let dev = root.join("0000:01:00.0");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("config"), [0u8; 64]).unwrap();
+        std::fs::write(dev.join("vendor"), "0x10de\n").unwrap();
+        if let Some(d) = driver {
+            let drv = root.join("drivers").join(d);
+            std::fs::create_dir_all(&drv).unwrap();
+            std::os::unix::fs::symlink(&drv, dev.join("driver")).unwrap();
+        }
+        dev
+    }
+
+    #[test]
+    fn access_refuses_what_is_not_a_pci_device_or_not_bound_to_vfio_pci() {
+        let root = temp("access-notpci");
+        let err = access_of(&root, Prefer::Any).unwrap_err();
+        assert!(matches!(err, OpenError::NotPciDevice { .. }), "{err}");
+        let missing = access_of(&root.join("nope"), Prefer::Any).unwrap_err();
+        assert!(matches!(missing, OpenError::Stat { .. }), "{missing}");
+
+        let nvidia = fake_pci("access-nvidia", Some("nvidia"));
+        let err = access_of(&nvidia, Prefer::Any).unwrap_err().to_string();
+        assert!(err.contains("bound to nvidia, not vfio-pci"), "{err}");
+        let none = fake_pci("access-nodriver", None);
+        let err = access_of(&none, Prefer::Any).unwrap_err().to_string();
+        assert!(err.contains("bound to no driver"), "{err}");
+    }
+
+    #[test]
+    fn a_vfio_pci_device_without_nodes_names_what_it_looked_for() {
+        let dev = fake_pci("access-nonodes", Some("vfio-pci"));
+        for (prefer, says) in [
+            (
+                Prefer::Any,
+                "neither a VFIO cdev (none) nor an IOMMU group node (none)",
+            ),
+            (Prefer::Group, "(asked for the group)"),
+            (Prefer::Iommufd, "(asked for iommufd)"),
+        ] {
+            let err = access_of(&dev, prefer).unwrap_err().to_string();
+            assert!(err.contains(says), "{prefer:?}: {err}");
+        }
     }
 }

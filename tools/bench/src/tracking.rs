@@ -148,6 +148,8 @@ fn micro_config(w: &Workload, region_mib: u64) -> VmConfig {
             expected: None,
         },
         disks: Vec::new(),
+        devices: Vec::new(),
+        phys_bits: None,
         console: ConsoleOutput::Null,
         console_input: false,
         dirty_ring: false,
@@ -381,6 +383,8 @@ fn linux_boot(
             cmdline,
         }),
         disks: Vec::new(),
+        devices: Vec::new(),
+        phys_bits: None,
         console,
         console_input: false,
         tracking: Some(TrackingOptions {

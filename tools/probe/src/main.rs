@@ -1,6 +1,8 @@
 //! `vmm-probe [--json] [--markdown PATH]`: runs every mechanism on every memory kind here.
 //! `vmm-probe --in-guest`: the same inside the lab guest (HMM rows on test_hmm, soft-dirty on),
 //! booted with `vmm run`; the guest's report is printed here.
+//! `vmm-probe --discover-vfio [--json]`: only the VFIO devices there are and how each would be
+//! opened, nothing opened (tools/host-check.sh).
 //! Exit 0 whatever the mechanisms did (that is the data); 1 only if the probe could not run.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use vmm_probe::in_guest::{self, InGuestOpts};
 use vmm_probe::report::{Report, REPORT_VERSION};
+use vmm_probe::vfio::discover::{discover, Access};
 use vmm_probe::{lab_init, render, run, ProbeError, ProbeOpts};
 
 #[derive(Parser)]
@@ -66,6 +69,17 @@ struct Args {
     /// --markdown / --json.
     #[arg(long, value_name = "PATH", conflicts_with = "in_guest")]
     from_json: Option<PathBuf>,
+    /// Only list the devices bound to a VFIO driver and how each would be opened (cdev +
+    /// iommufd, or group), from /dev and sysfs, opening nothing; with --json as JSON.
+    /// tools/host-check.sh uses this.
+    #[arg(long, conflicts_with_all = ["in_guest", "from_json", "markdown"])]
+    discover_vfio: bool,
+    /// With --discover-vfio: the /dev to look in (a fake tree in tests).
+    #[arg(long, default_value = "/dev", requires = "discover_vfio")]
+    dev_dir: PathBuf,
+    /// With --discover-vfio: the /sys to look in.
+    #[arg(long, default_value = "/sys", requires = "discover_vfio")]
+    sys_dir: PathBuf,
     /// Internal: run as PID 1 of the lab guest (guest-images/lab/init).
     #[arg(long, hide = true)]
     lab_init: bool,
@@ -130,6 +144,56 @@ fn main_inner(args: Args) -> Result<(), ProbeError> {
     Ok(())
 }
 
+/// `--discover-vfio`: discover.rs's findings, nothing opened.
+fn discover_vfio(args: &Args) {
+    let d = discover(&args.dev_dir, &args.sys_dir);
+    if args.json {
+        let devices: Vec<serde_json::Value> = d
+            .devices
+            .iter()
+            .map(|v| {
+                let (access, node) = match &v.access {
+                    Access::Cdev { node, .. } => ("cdev", Some(node.display().to_string())),
+                    Access::Group { node, .. } => ("group", Some(node.display().to_string())),
+                    Access::Neither { .. } => ("none", None),
+                };
+                serde_json::json!({
+                    "bdf": v.bdf,
+                    "sysfs": v.sysfs.display().to_string(),
+                    "vendor": v.vendor,
+                    "device": v.device,
+                    "driver": v.driver,
+                    "group": v.group,
+                    "access": access,
+                    "node": node,
+                    "how": v.access.describe(),
+                })
+            })
+            .collect();
+        let nodes: Vec<String> = d.nodes.iter().map(|n| n.display().to_string()).collect();
+        let out = serde_json::json!({
+            "vfio_dir": d.vfio_dir,
+            "nodes": nodes,
+            "devices": devices,
+            "notes": d.notes,
+        });
+        println!("{out}");
+        return;
+    }
+    let vfio = args.dev_dir.join("vfio");
+    if !d.vfio_dir {
+        println!("{}: absent (vfio not loaded)", vfio.display());
+    } else if d.nodes.is_empty() {
+        println!("{}: no groups and no cdevs", vfio.display());
+    }
+    for v in &d.devices {
+        println!("{}: {}", v.describe(), v.access.describe());
+    }
+    for n in &d.notes {
+        println!("note: {n}");
+    }
+}
+
 /// A report read back from its JSON; only this version's reports are accepted, since the
 /// meaning of fields changes with the version.
 fn saved(path: &Path) -> Result<Report, ProbeError> {
@@ -152,7 +216,10 @@ fn main() -> ExitCode {
     if args.lab_init {
         lab_init::run_as_init();
     }
-    let result = if args.in_guest {
+    let result = if args.discover_vfio {
+        discover_vfio(&args);
+        Ok(())
+    } else if args.in_guest {
         in_guest_main(args)
     } else {
         main_inner(args).map_err(|e| e.to_string())

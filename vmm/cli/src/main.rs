@@ -143,6 +143,16 @@ pub(crate) struct RunArgs {
     /// A virtio-blk disk image: PATH or PATH,ro. Repeatable; the first is /dev/vda.
     #[arg(long)]
     disk: Vec<String>,
+    /// Pass a PCI function through: vfio-user:SOCKET (a device served over vfio-user, e.g.
+    /// vmm-gpu-test-device) or vfio:/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=group|iommufd]
+    /// (a host device bound to vfio-pci). Repeatable. Guest RAM is DMA-mapped at IOVA = GPA.
+    #[arg(long, conflicts_with = "incoming")]
+    device: Vec<vmm::machine::pci::DeviceSpec>,
+    /// The guest's physical address bits (36 up to what the host gives a guest; default: all
+    /// of those, capped at 46). Sizes the 64-bit MMIO window where large BARs go, and the
+    /// guest's CPUID says the same, as QEMU's phys-bits: try a GPU on a smaller host's map.
+    #[arg(long, conflicts_with = "incoming")]
+    phys_bits: Option<u8>,
     /// Guest console: stdout, none, or file:PATH.
     #[arg(long, default_value = "stdout")]
     console: String,
@@ -401,6 +411,8 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         mem_bytes,
         guest,
         disks,
+        devices: a.device.clone(),
+        phys_bits: a.phys_bits,
         console_input: !a.no_console_input && console == ConsoleOutput::Stdout,
         console,
         dirty_ring: a.dirty_ring,

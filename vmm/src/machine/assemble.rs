@@ -216,6 +216,7 @@ mod tests {
             disks: vec![],
             devices: crate::machine::devices_setup::device_ids(micro, 0),
             dirty_ring: false,
+            phys_bits: None,
         }
     }
 

@@ -71,7 +71,7 @@ impl Machine {
         vcpu::install_kick_handler().map_err(MachineError::Signal)?;
 
         let ram = GuestRam::new(cfg.mem_bytes)?;
-        let vm = Arc::new(Vm::new(ram.size())?);
+        let vm = Arc::new(Vm::with_phys_bits(ram.size(), cfg.phys_bits)?);
         let tracked_ring = cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring());
         let ring_from_boot = cfg
             .tracking
@@ -133,6 +133,7 @@ impl Machine {
                 console: out,
                 observer: console::observer(watch.clone(), start, line_hook),
                 disks: &cfg.disks,
+                passthrough: &cfg.devices,
                 micro: micro.then(|| {
                     crate::micro_port::MicroPort::new(micro_passes.clone())
                         .with_vcpus(nr_vcpus)
@@ -156,7 +157,7 @@ impl Machine {
                     .add_vcpu(&fd)
                     .map_err(|source| MachineError::RingMap { id, source })?;
             }
-            let cpuid = cpuid::for_vcpu(vm.kvm(), id, nr_vcpus)?;
+            let cpuid = cpuid::for_vcpu(vm.kvm(), id, nr_vcpus, vm.phys_bits())?;
             fd.set_cpuid2(&cpuid).map_err(|source| RegsError::Ioctl {
                 what: "KVM_SET_CPUID2",
                 source,

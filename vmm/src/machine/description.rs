@@ -42,6 +42,10 @@ pub struct VmDescription {
     pub devices: Vec<String>,
     /// The VM was created with a dirty ring.
     pub dirty_ring: bool,
+    /// Its guest's physical address bits, when limited (`--phys-bits`): the destination's
+    /// guest must see the same CPUID and address map.
+    #[serde(default)]
+    pub phys_bits: Option<u8>,
 }
 
 /// What the destination insists on (its own command line), checked against the Hello.
@@ -91,6 +95,7 @@ impl VmDescription {
             devices,
             dirty_ring: cfg.dirty_ring
                 || cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring()),
+            phys_bits: cfg.phys_bits,
         }
     }
 
@@ -155,10 +160,13 @@ impl VmDescription {
             mem_bytes: self.mem_bytes,
             guest,
             disks,
+            // A VM with a passed-through device is never described (migration refuses it).
+            devices: Vec::new(),
             console,
             console_input,
             tracking: None,
             dirty_ring: self.dirty_ring,
+            phys_bits: self.phys_bits,
             api_socket,
         })
     }
@@ -283,6 +291,7 @@ mod tests {
             disks: vec![],
             devices: device_ids(false, 0),
             dirty_ring: false,
+            phys_bits: None,
         }
     }
 

@@ -20,7 +20,7 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::{mmio_cmdline_arg, MmioTransport};
 use guest_abi::{boot_timer, ports};
 
-use super::pci::{Pci, PciError};
+use super::pci::{self, AttachError, Attached, DeviceSpec, Pci, PciError};
 use super::stdin::InputSink;
 use super::DiskConfig;
 use crate::memory::GuestMemory;
@@ -75,6 +75,9 @@ pub enum DeviceSetupError {
     /// Boxed: PCI errors are large (BAR and memslot details).
     #[error("PCI: {0}")]
     Pci(#[source] Box<PciError>),
+    /// Boxed: kept small (clippy result_large_err).
+    #[error("passing a device through")]
+    Passthrough(#[source] Box<AttachError>),
 }
 
 pub const SERIAL_ID: &str = "serial0";
@@ -107,6 +110,8 @@ pub struct DeviceOptions<'a> {
     pub console: Box<dyn std::io::Write + Send>,
     pub observer: OutputObserver,
     pub disks: &'a [DiskConfig],
+    /// PCI functions to pass through.
+    pub passthrough: &'a [DeviceSpec],
     /// For the micro guest: its port device (pass counter, hook at each pass, vCPU count).
     pub micro: Option<MicroPort>,
     pub start: Instant,
@@ -121,6 +126,8 @@ pub struct Devices {
     pub serial: Arc<Mutex<Serial>>,
     /// PCI bus 0: where PCI functions (passthrough) are added.
     pub pci: Pci,
+    /// The passed-through functions on it (dropping one takes it off the bus).
+    pub passthrough: Vec<Attached>,
     pub states: StateRegistry,
     /// The kernel command-line argument announcing each virtio-mmio transport, in disk order.
     pub virtio_cmdline: Vec<String>,
@@ -287,11 +294,19 @@ pub fn create(
         register(&blk_id(i), transport)?;
         virtio_cmdline.push(mmio_cmdline_arg(slot.base, slot.size, gsi));
     }
+    let mut passthrough = Vec::new();
+    for spec in opts.passthrough {
+        passthrough.push(
+            pci::passthrough::attach(vm, &pci, mem, spec)
+                .map_err(|e| DeviceSetupError::Passthrough(Box::new(e)))?,
+        );
+    }
     Ok(Devices {
         pio,
         mmio,
         serial,
         pci,
+        passthrough,
         states,
         virtio_cmdline,
     })
@@ -324,6 +339,7 @@ mod tests {
                 console: Box::new(std::io::sink()),
                 observer: Box::new(|_| {}),
                 disks: &disks,
+                passthrough: &[],
                 micro: Some(MicroPort::default()),
                 start: Instant::now(),
                 boot_timer,

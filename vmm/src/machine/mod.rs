@@ -113,6 +113,10 @@ pub struct VmConfig {
     pub mem_bytes: u64,
     pub guest: GuestConfig,
     pub disks: Vec<DiskConfig>,
+    /// The guest's physical address bits, when fewer than the host gives (`--phys-bits`).
+    pub phys_bits: Option<u8>,
+    /// PCI functions passed through (`--device`), in bus order.
+    pub devices: Vec<pci::DeviceSpec>,
     pub console: ConsoleOutput,
     /// Feed vmm's stdin to the guest console.
     pub console_input: bool,

@@ -53,6 +53,9 @@ pub struct Shared {
     /// The exit-based demand pager, if one was armed (its memslot layout may need settling).
     pub demand: crate::userfault::DemandExits,
     pub migration: Mutex<Progress>,
+    /// The passed-through devices (`--device` specs): what a migration or snapshot cannot
+    /// move yet, so both refuse before anything moves.
+    pub passthrough: Vec<String>,
     console_input: Mutex<InputSink>,
     events: Mutex<Sender<VcpuEvent>>,
     exit_evt: EventFd,
@@ -98,10 +101,26 @@ impl Shared {
             tracking_active: p.tracking_active,
             start: p.start,
             migration: Mutex::new(Progress::default()),
+            passthrough: devs
+                .passthrough
+                .iter()
+                .map(|a| a.spec.to_string())
+                .collect(),
             console_input: Mutex::new(devs.console_input()),
             events: Mutex::new(p.events),
             exit_evt: p.exit_evt,
         }
+    }
+
+    /// Why this VM's state cannot leave it (a migration or snapshot refuses with this), if so.
+    pub fn unmovable(&self) -> Option<String> {
+        (!self.passthrough.is_empty()).then(|| {
+            format!(
+                "the VM has passed-through devices ({}) whose state and DMA vmm cannot move yet \
+                 (no VFIO migration or DMA logging support); refused before anything moved",
+                self.passthrough.join(", ")
+            )
+        })
     }
 
     /// The VM as a migration's Hello or a snapshot's vm.json describes it: as it started, with

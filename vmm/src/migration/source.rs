@@ -89,6 +89,9 @@ pub fn migrate(
     shared: &Arc<Shared>,
     opts: &MigrateOptions,
 ) -> Result<MigrationReport, MigrationError> {
+    if let Some(why) = shared.unmovable() {
+        return Err(MigrationError::Busy(why));
+    }
     if shared.tracking_active {
         return Err(MigrationError::Busy(
             "a --track session owns dirty tracking on this VM".into(),

@@ -31,6 +31,9 @@ pub struct Taken {
 /// API before (as Firecracker's pause, snapshot, resume). On failure the guest is left as it
 /// was and nothing is left half-written under `vm.json`.
 pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotError> {
+    if let Some(why) = shared.unmovable() {
+        return Err(SnapshotError::Busy(why));
+    }
     let owner = match shared.pause.owner() {
         None => Owner::Migration,
         Some(Owner::Api) => Owner::Api,

@@ -6,8 +6,6 @@
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;
 
-use super::resources::addresses::guest_phys_bits;
-
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
@@ -20,13 +18,11 @@ const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// 0x8000_0008 EBX bit 2 (XSaveErPtr): without it the kernel takes an AMD path that runs `fnclex`.
 const LEAF80000008_EBX_XSAVEERPTR: u32 = 1 << 2;
 
-pub fn for_vcpu(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, CpuidError> {
+/// `phys_bits`: the VM's (its address map's: `Vm::phys_bits`), which the guest must see.
+pub fn for_vcpu(kvm: &Kvm, id: u8, count: u8, phys_bits: u8) -> Result<CpuId, CpuidError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuidError::Supported)?;
-    // The same function, on the same supported CPUID, sized the VM's 64-bit MMIO window: the
-    // guest must not believe it can address more (nor less) than the map uses.
-    let phys_bits = guest_phys_bits(&cpuid);
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
@@ -60,11 +56,13 @@ pub fn for_vcpu(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId, CpuidError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vstate::resources::addresses::guest_phys_bits;
+    use crate::vstate::vm::Vm;
 
     #[test]
     fn cx16_is_hidden_and_apic_id_set() {
         let kvm = Kvm::new().expect("/dev/kvm");
-        let c = for_vcpu(&kvm, 3, 4).unwrap();
+        let c = for_vcpu(&kvm, 3, 4, 40).unwrap();
         let leaf1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
         assert_eq!(leaf1.ecx & LEAF1_ECX_CX16, 0);
         assert_eq!(leaf1.ebx >> 24, 3);
@@ -74,7 +72,9 @@ mod tests {
     fn guest_phys_bits_match_the_address_map() {
         let kvm = Kvm::new().expect("/dev/kvm");
         let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
-        let c = for_vcpu(&kvm, 0, 1).unwrap();
+        let vm = Vm::new(128 << 20).unwrap();
+        assert_eq!(vm.phys_bits(), guest_phys_bits(&supported));
+        let c = for_vcpu(&kvm, 0, 1, vm.phys_bits()).unwrap();
         let leaf = c
             .as_slice()
             .iter()
@@ -93,5 +93,32 @@ mod tests {
             "never more than the host"
         );
         assert_ne!(leaf.ebx & LEAF80000008_EBX_XSAVEERPTR, 0);
+    }
+
+    /// `--phys-bits`: the address map and the guest's CPUID agree on the limit; a limit the
+    /// host cannot give, or too small for RAM above the 32-bit hole, is refused naming both.
+    #[test]
+    fn a_phys_bits_limit_reaches_the_map_and_cpuid_or_is_refused() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let vm = Vm::with_phys_bits(128 << 20, Some(39)).unwrap();
+        assert_eq!(vm.phys_bits(), 39);
+        let c = for_vcpu(&kvm, 0, 1, vm.phys_bits()).unwrap();
+        let leaf = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x8000_0008)
+            .unwrap();
+        assert_eq!(leaf.eax & 0xff, 39);
+        let supported = vm.phys_bits().max(Vm::new(1 << 20).unwrap().phys_bits());
+        for asked in [35, supported + 1] {
+            let err = Vm::with_phys_bits(128 << 20, Some(asked))
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                err.contains(&format!("--phys-bits {asked}")) && err.contains("36 to"),
+                "{err}"
+            );
+        }
     }
 }

@@ -55,6 +55,12 @@ impl Vm {
     /// A VM for `ram_bytes` of guest RAM (laid out by `memory::ram_layout`; the 64-bit MMIO
     /// window starts after it).
     pub fn new(ram_bytes: u64) -> Result<Self, VmError> {
+        Self::with_phys_bits(ram_bytes, None)
+    }
+
+    /// [`Vm::new`] with the guest's physical address bits limited to `phys_limit` (checked
+    /// against what the host gives a guest; see `Resources::new`).
+    pub fn with_phys_bits(ram_bytes: u64, phys_limit: Option<u8>) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for (cap, name) in [
             (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -90,8 +96,8 @@ impl Vm {
             tracing::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE not enabled: {e}");
         }
         let ram_end = ram_layout(ram_bytes).last().map_or(0, |r| r.end());
-        let resources =
-            Resources::new(&kvm, &fd, ram_end).map_err(|e| VmError::Resources(Box::new(e)))?;
+        let resources = Resources::new(&kvm, &fd, ram_end, phys_limit)
+            .map_err(|e| VmError::Resources(Box::new(e)))?;
         Ok(Vm {
             kvm,
             memslots: MemSlots::new(fd.clone()),
@@ -110,6 +116,11 @@ impl Vm {
     pub fn host_kind(&self) -> HostKind {
         self.host
     }
+    /// The guest's physical address bits (its CPUID says the same: `cpuid::for_vcpu`).
+    pub fn phys_bits(&self) -> u8 {
+        self.resources.addresses().phys_bits()
+    }
+
     pub fn resources(&self) -> &Resources {
         &self.resources
     }

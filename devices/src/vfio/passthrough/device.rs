@@ -135,6 +135,8 @@ pub struct PassthroughDevice {
     /// Kept so the DMA-mapped RAM stays mapped until it is unmapped.
     memory: Option<GuestMemory>,
     errors: Vec<PassthroughError>,
+    /// Every guest-driven failure so far (a guest polling a dead server fails on every access).
+    failures: u64,
 }
 
 impl PassthroughDevice {
@@ -169,6 +171,7 @@ impl PassthroughDevice {
             dma: Vec::new(),
             memory: None,
             errors: Vec::new(),
+            failures: 0,
         })
     }
 
@@ -182,6 +185,11 @@ impl PassthroughDevice {
         self.shadow.msix.as_ref().map_or(0, |m| m.layout().vectors)
     }
 
+    /// Every guest-driven failure since the device was made (kept or not).
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+
     /// Failures of guest-driven work (config and BAR accesses cannot return errors), oldest
     /// first, at most 16 kept; the owner logs or counts them.
     pub fn take_errors(&mut self) -> Vec<PassthroughError> {
@@ -189,7 +197,16 @@ impl PassthroughDevice {
     }
 
     fn record(&mut self, e: PassthroughError) {
-        tracing::warn!("passthrough: {}", crate::vfio::passthrough::chain(&e));
+        self.failures += 1;
+        // The first few, then one line per 10000: a guest polling a dead device must not
+        // flood the log.
+        if self.failures <= KEPT_ERRORS as u64 || self.failures % 10_000 == 0 {
+            tracing::warn!(
+                "passthrough: {} ({} failures so far)",
+                crate::vfio::passthrough::chain(&e),
+                self.failures
+            );
+        }
         if self.errors.len() < KEPT_ERRORS {
             self.errors.push(e);
         }

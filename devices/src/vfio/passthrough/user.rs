@@ -27,6 +27,30 @@ pub enum UserError {
         #[source]
         source: vfio_user::Error,
     },
+    #[error(
+        "the vfio-user server at {path} did not answer within {}s (busy with another client, \
+         stopped, or not a vfio-user server)",
+        vfio_user::REPLY_TIMEOUT.as_secs()
+    )]
+    NoAnswer {
+        path: PathBuf,
+        #[source]
+        source: vfio_user::Error,
+    },
+}
+
+/// Whether `e` is the socket timing out (see `vfio_user::REPLY_TIMEOUT`).
+fn timed_out(e: &vfio_user::Error) -> bool {
+    use std::io::ErrorKind::{TimedOut, WouldBlock};
+    match e {
+        vfio_user::Error::StreamRead(io) | vfio_user::Error::StreamWrite(io) => {
+            matches!(io.kind(), WouldBlock | TimedOut)
+        }
+        vfio_user::Error::ReceiveWithFd(errno) | vfio_user::Error::SendWithFd(errno) => {
+            matches!(errno.errno(), libc::EAGAIN | libc::ETIMEDOUT)
+        }
+        _ => false,
+    }
 }
 
 /// A vfio-user client connection to one device.
@@ -39,9 +63,13 @@ pub struct UserTransport {
 impl UserTransport {
     /// Connects to the server at `path` and negotiates (version, regions, sparse areas).
     pub fn connect(path: &Path) -> Result<Self, UserError> {
-        let client = Client::new(path).map_err(|source| UserError::Connect {
-            path: path.to_path_buf(),
-            source,
+        let client = Client::new(path).map_err(|source| {
+            let path = path.to_path_buf();
+            if timed_out(&source) {
+                UserError::NoAnswer { path, source }
+            } else {
+                UserError::Connect { path, source }
+            }
         })?;
         let regions = (0..64)
             .filter(|&i| client.region(i).is_some())

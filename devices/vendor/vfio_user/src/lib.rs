@@ -370,9 +370,18 @@ enum CapabilityError {
     },
 }
 
+/// How long the client waits for a server to take or answer any message (patched: a server
+/// that never answers, such as one busy with another client, blocked every call forever).
+/// A late reply after a timeout is refused by the reply check (its message id is stale).
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Client {
     pub fn new(path: &Path) -> Result<Client, Error> {
         let stream = UnixStream::connect(path).map_err(Error::Connect)?;
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)))
+            .map_err(Error::Connect)?;
 
         let mut client = Client {
             next_message_id: Wrapping(0),

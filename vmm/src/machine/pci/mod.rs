@@ -9,6 +9,7 @@
 //! A guest that never touches the ports (the micro guest) never sees any of it.
 
 pub mod mappings;
+pub mod passthrough;
 pub mod routes;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +20,7 @@ use devices::pci::{
 };
 
 pub use mappings::{BarError, BarEvents, BarMappings, MappedPiece};
+pub use passthrough::{AttachError, Attached, DeviceSpec, SpecError};
 pub use routes::{MsiRoutes, RoutesError};
 
 use crate::vstate::vm::Vm;
@@ -41,7 +43,8 @@ pub enum PciError {
     },
 }
 
-/// The VM's PCI bus 0 and the owner of its functions' BARs.
+/// The VM's PCI bus 0 and the owner of its functions' BARs (a clone is a handle to the same).
+#[derive(Clone)]
 pub struct Pci {
     root: Arc<Mutex<PciRoot>>,
     bars: Arc<Mutex<BarMappings>>,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use devices::interrupt::{Interrupt, MsiVector};
 use devices::pci::{MsiMessage, RouteError, VectorRoutes};
+use devices::vfio::passthrough::PassthroughRoutes;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::resources::interrupts::{self, InterruptError};
@@ -56,6 +57,9 @@ struct Routed {
 pub struct MsiRoutes {
     vm: Arc<Vm>,
     vectors: BTreeMap<u16, Routed>,
+    /// Eventfds handed out before their vector was routed (to a passed-through device, which
+    /// gives them to VFIO at MSI-X enable): a vector's first unmask routes it through its own.
+    prepared: BTreeMap<u16, EventFd>,
 }
 
 impl std::fmt::Debug for MsiRoutes {
@@ -76,6 +80,7 @@ impl MsiRoutes {
         Self {
             vm,
             vectors: BTreeMap::new(),
+            prepared: BTreeMap::new(),
         }
     }
 
@@ -84,9 +89,13 @@ impl MsiRoutes {
         self.vectors.get(&vector).map(|r| r.vector.gsi())
     }
 
-    /// The eventfd that raises `vector` (to hand to VFIO), once the guest has unmasked it.
-    pub fn eventfd(&self, vector: u16) -> Option<&EventFd> {
-        self.vectors.get(&vector).and_then(|r| r.vector.eventfd())
+    /// The eventfd that raises `vector`: its route's once the guest has unmasked it, else the
+    /// one handed out for it before (see [`PassthroughRoutes::eventfd`]).
+    pub fn eventfd_of(&self, vector: u16) -> Option<&EventFd> {
+        self.vectors
+            .get(&vector)
+            .and_then(|r| r.vector.eventfd())
+            .or_else(|| self.prepared.get(&vector))
     }
 
     /// Whether `vector`'s irqfd is registered (it may deliver).
@@ -100,7 +109,13 @@ impl MsiRoutes {
         let err = |source| RoutesError::Interrupt { vector, source };
         match self.vectors.get_mut(&vector) {
             None => {
-                let v = interrupts.msi_vector(fd, kvm_message(msg)).map_err(err)?;
+                let evt = match self.prepared.get(&vector) {
+                    Some(e) => Some(e.try_clone().map_err(|e| err(InterruptError::EventFd(e)))?),
+                    None => None,
+                };
+                let v = interrupts
+                    .msi_vector_on(fd, kvm_message(msg), evt)
+                    .map_err(err)?;
                 self.vectors.insert(
                     vector,
                     Routed {
@@ -182,6 +197,31 @@ impl Drop for MsiRoutes {
         if let Err(e) = self.release() {
             tracing::warn!("releasing MSI routes: {e}");
         }
+    }
+}
+
+impl PassthroughRoutes for MsiRoutes {
+    fn eventfd(&mut self, vector: u16) -> Result<EventFd, RouteError> {
+        let clone = |e: &EventFd| {
+            e.try_clone().map_err(|source| {
+                RouteError::from(RoutesError::Interrupt {
+                    vector,
+                    source: InterruptError::EventFd(source),
+                })
+            })
+        };
+        if let Some(evt) = self.eventfd_of(vector) {
+            return clone(evt);
+        }
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| {
+            RouteError::from(RoutesError::Interrupt {
+                vector,
+                source: InterruptError::EventFd(source),
+            })
+        })?;
+        let out = clone(&evt)?;
+        self.prepared.insert(vector, evt);
+        Ok(out)
     }
 }
 

@@ -291,7 +291,7 @@ fn msix_vectors_become_kvm_msi_routes_with_irqfds() {
     // Live: KVM's irqfd takes the count off the eventfd (no vCPU receives it).
     dev.routes.trigger(3).unwrap();
     assert!(
-        dev.routes.eventfd(3).unwrap().read().is_err(),
+        dev.routes.eventfd_of(3).unwrap().read().is_err(),
         "consumed by KVM"
     );
 
@@ -301,7 +301,7 @@ fn msix_vectors_become_kvm_msi_routes_with_irqfds() {
     assert_eq!(dev.routes.gsi(3), Some(gsi));
     assert_eq!(vm.resources().interrupts().routes(gsi), [kvm_msg(0x41)]);
     dev.routes.trigger(3).unwrap();
-    assert_eq!(dev.routes.eventfd(3).unwrap().read().unwrap(), 1);
+    assert_eq!(dev.routes.eventfd_of(3).unwrap().read().unwrap(), 1);
 
     // A new message while masked, then unmasked: same GSI, route updated, irqfd back.
     write_entry(&mut dev, 3, msg(0x42), false);

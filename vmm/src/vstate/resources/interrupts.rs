@@ -21,6 +21,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use vm_allocator::IdAllocator;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Pins of the in-kernel IOAPIC (KVM's is 24 pins).
 pub const IOAPIC_PINS: u32 = 24;
@@ -238,6 +239,17 @@ impl InterruptRouting {
         fd: &VmFd,
         msg: MsiMessage,
     ) -> Result<Arc<MsiVector>, InterruptError> {
+        self.msi_vector_on(fd, msg, None)
+    }
+
+    /// [`Self::msi_vector`] raised through `evt` when given (an eventfd the owner already
+    /// handed to a device), a fresh one otherwise.
+    pub fn msi_vector_on(
+        &mut self,
+        fd: &VmFd,
+        msg: MsiMessage,
+        evt: Option<EventFd>,
+    ) -> Result<Arc<MsiVector>, InterruptError> {
         let gsi = self
             .msi
             .allocate_id()
@@ -247,7 +259,10 @@ impl InterruptRouting {
             })?;
         self.routes.insert(gsi, vec![Route::Msi(msg)]);
         let vector = self.send(fd).and_then(|()| {
-            let v = MsiVector::new(gsi).map_err(InterruptError::EventFd)?;
+            let v = match evt {
+                Some(evt) => MsiVector::with_eventfd(gsi, evt),
+                None => MsiVector::new(gsi).map_err(InterruptError::EventFd)?,
+            };
             self.register_irqfd(fd, &v)?;
             Ok(v)
         });

@@ -23,11 +23,20 @@ pub use interrupts::{InterruptError, InterruptRouting};
 pub enum ResourcesError {
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    #[error(
+        "--phys-bits {asked}: the guest can have {min} to {supported} physical address bits on \
+         this host"
+    )]
+    PhysBits { asked: u8, min: u8, supported: u8 },
     #[error(transparent)]
     Addresses(#[from] AddressError),
     #[error(transparent)]
     Interrupts(#[from] InterruptError),
 }
+
+/// The fewest physical address bits a guest may be given: the 32-bit MMIO hole and RAM above
+/// it need more than 32.
+pub const MIN_PHYS_BITS: u8 = 36;
 
 /// The owner of a VM's device addresses and interrupts.
 #[derive(Debug)]
@@ -40,11 +49,28 @@ impl Resources {
     /// For a VM whose in-kernel irqchip exists already and whose RAM ends (exclusive) at
     /// `ram_end`. Sends the routing table once, so that from here on the table KVM has is the
     /// one kept here (it equals KVM's default until a route is added).
-    pub fn new(kvm: &Kvm, fd: &VmFd, ram_end: u64) -> Result<Self, ResourcesError> {
+    /// `phys_limit`, when given, is the guest's physical address bits (at most what the host
+    /// gives a guest): a smaller host's address space, as QEMU's `phys-bits`.
+    pub fn new(
+        kvm: &Kvm,
+        fd: &VmFd,
+        ram_end: u64,
+        phys_limit: Option<u8>,
+    ) -> Result<Self, ResourcesError> {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ResourcesError::SupportedCpuid)?;
-        let phys_bits = addresses::guest_phys_bits(&supported);
+        let mut phys_bits = addresses::guest_phys_bits(&supported);
+        if let Some(asked) = phys_limit {
+            if !(MIN_PHYS_BITS..=phys_bits).contains(&asked) {
+                return Err(ResourcesError::PhysBits {
+                    asked,
+                    min: MIN_PHYS_BITS,
+                    supported: phys_bits,
+                });
+            }
+            phys_bits = asked;
+        }
         let addresses = AddressMap::new(ram_end, phys_bits)?;
         let interrupts = InterruptRouting::new()?;
         interrupts.send(fd)?;

@@ -48,7 +48,7 @@ impl Guest {
         paging::write_identity_map(mem, false).unwrap();
         mem.write_slice(payload, GuestAddress(layout::MICRO_LOAD_GPA))
             .unwrap();
-        let cpuid = cpuid::for_vcpu(g.vm.kvm(), 0, 1).unwrap();
+        let cpuid = cpuid::for_vcpu(g.vm.kvm(), 0, 1, g.vm.phys_bits()).unwrap();
         g.vcpu.set_cpuid2(&cpuid).unwrap();
         regs::setup_msrs(&g.vcpu).unwrap();
         regs::setup_fpu(&g.vcpu).unwrap();

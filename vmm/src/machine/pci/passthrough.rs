@@ -1,0 +1,350 @@
+//! Passing a PCI function through to the guest (`vmm run --device`): a vfio-user server's
+//! device (`vfio-user:SOCKET`) or a host device bound to vfio-pci (`vfio:SYSFS_DIR`), opened
+//! over its transport, wrapped in a [`PassthroughDevice`], with all guest RAM DMA-mapped at
+//! IOVA = GPA, its BARs placed on bus 0 and its mmappable BAR pieces mapped as `DeviceBar`
+//! memslots. Its MSI/MSI-X vectors are KVM routes whose irqfds listen on the eventfds VFIO
+//! signals ([`MsiRoutes`]), so interrupts never pass through the VMM.
+//!
+//! A server that dies while the guest runs: every trapped access then fails in the transport,
+//! so the guest reads all-ones (the "device gone" answer of PCI) and its writes are dropped;
+//! the failures are logged (the first ones kept) and the VM keeps running. The mapped BAR
+//! pieces stay valid memory (our mapping holds the server's file), so nothing faults.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{PciAddress, PciDevice};
+use devices::vfio::open::{self, OpenError, Prefer};
+use devices::vfio::passthrough::{
+    chain, KernelError, KernelTransport, PassthroughDevice, PassthroughError, UserError,
+    UserTransport, VfioTransport,
+};
+
+use super::{MsiRoutes, Pci, PciError};
+use crate::memory::GuestMemory;
+use crate::vstate::vm::Vm;
+
+/// What `--device` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// A device served over vfio-user on this Unix socket.
+    VfioUser(PathBuf),
+    /// A host PCI device bound to vfio-pci: its sysfs directory, and how to open it.
+    Vfio { sysfs: PathBuf, prefer: Prefer },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error(
+        "'{0}': expected vfio-user:SOCKET or vfio:/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=group|iommufd]"
+    )]
+    Kind(String),
+    #[error("'{0}': the path is empty")]
+    EmptyPath(String),
+    #[error("'{spec}': unknown option '{option}' (expected iommu=group or iommu=iommufd)")]
+    Option { spec: String, option: String },
+}
+
+impl FromStr for DeviceSpec {
+    type Err = SpecError;
+
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let (kind, rest) = spec
+            .split_once(':')
+            .ok_or_else(|| SpecError::Kind(spec.to_string()))?;
+        match kind {
+            "vfio-user" if !rest.is_empty() => Ok(DeviceSpec::VfioUser(rest.into())),
+            "vfio" => {
+                let mut parts = rest.split(',');
+                let path = parts.next().unwrap_or_default();
+                if path.is_empty() {
+                    return Err(SpecError::EmptyPath(spec.to_string()));
+                }
+                let mut prefer = Prefer::Any;
+                for option in parts {
+                    prefer = match option {
+                        "iommu=group" => Prefer::Group,
+                        "iommu=iommufd" => Prefer::Iommufd,
+                        _ => {
+                            return Err(SpecError::Option {
+                                spec: spec.to_string(),
+                                option: option.to_string(),
+                            })
+                        }
+                    };
+                }
+                Ok(DeviceSpec::Vfio {
+                    sysfs: path.into(),
+                    prefer,
+                })
+            }
+            "vfio-user" => Err(SpecError::EmptyPath(spec.to_string())),
+            _ => Err(SpecError::Kind(spec.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::VfioUser(p) => write!(f, "vfio-user:{}", p.display()),
+            DeviceSpec::Vfio { sysfs, prefer } => {
+                write!(f, "vfio:{}", sysfs.display())?;
+                match prefer {
+                    Prefer::Any => Ok(()),
+                    Prefer::Group => write!(f, ",iommu=group"),
+                    Prefer::Iommufd => write!(f, ",iommu=iommufd"),
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{spec}: {source}")]
+    Connect {
+        spec: String,
+        #[source]
+        source: UserError,
+    },
+    #[error("{spec}: {source}")]
+    Open {
+        spec: String,
+        #[source]
+        source: OpenError,
+    },
+    #[error("{spec}: {source}")]
+    Kernel {
+        spec: String,
+        #[source]
+        source: KernelError,
+    },
+    #[error("{spec}: {what}: {}", chain(source))]
+    Device {
+        spec: String,
+        what: &'static str,
+        source: PassthroughError,
+    },
+    /// Its messages name the device already.
+    #[error("{source}")]
+    Pci {
+        spec: String,
+        #[source]
+        source: Box<PciError>,
+    },
+}
+
+/// A passed-through function on bus 0. Dropping it takes the function off the bus, its
+/// memslots first; the device (DMA unmapped, MSI-X off, transport closed, BAR mappings gone)
+/// drops with the last reference.
+pub struct Attached {
+    pci: Pci,
+    pub spec: DeviceSpec,
+    pub function: PciAddress,
+    pub device: Arc<Mutex<PassthroughDevice>>,
+    /// What the guest sees (for the run's log and report).
+    pub summary: String,
+}
+
+impl fmt::Debug for Attached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attached")
+            .field("spec", &self.spec)
+            .field("function", &self.function)
+            .field("summary", &self.summary)
+            .finish()
+    }
+}
+
+fn transport(spec: &DeviceSpec) -> Result<Box<dyn VfioTransport>, AttachError> {
+    let name = spec.to_string();
+    match spec {
+        DeviceSpec::VfioUser(socket) => UserTransport::connect(socket)
+            .map(|t| Box::new(t) as Box<dyn VfioTransport>)
+            .map_err(|source| AttachError::Connect { spec: name, source }),
+        DeviceSpec::Vfio { sysfs, prefer } => {
+            let open_err = |source| AttachError::Open {
+                spec: name.clone(),
+                source,
+            };
+            let (real, access) = open::access_of(sysfs, *prefer).map_err(open_err)?;
+            let opened = open::open(&real, &access, Path::new("/dev")).map_err(open_err)?;
+            tracing::info!("{name}: opened {}", opened.describe());
+            KernelTransport::new(opened)
+                .map(|t| Box::new(t) as Box<dyn VfioTransport>)
+                .map_err(|source| AttachError::Kernel { spec: name, source })
+        }
+    }
+}
+
+/// Opens `spec`, puts the function on `pci` with guest RAM `mem` DMA-mapped and its BAR pieces
+/// mapped into the guest. All of it or nothing: on an error nothing stays on the buses, in
+/// memslots or mapped.
+pub fn attach(
+    vm: &Arc<Vm>,
+    pci: &Pci,
+    mem: &GuestMemory,
+    spec: &DeviceSpec,
+) -> Result<Attached, AttachError> {
+    let name = spec.to_string();
+    let device_err = |what| {
+        let spec = name.clone();
+        move |source| AttachError::Device { spec, what, source }
+    };
+    let transport = transport(spec)?;
+    let routes = Box::new(MsiRoutes::new(vm.clone()));
+    let mut device =
+        PassthroughDevice::new(transport, routes).map_err(device_err("reading the device"))?;
+    device
+        .map_guest_memory(mem)
+        .map_err(device_err("DMA-mapping guest RAM"))?;
+    // Placed before anything is mapped: a BAR too large for this guest's address space is
+    // refused naming the sizes and the physical address bits, not as a failed mmap.
+    let device = Arc::new(Mutex::new(device));
+    let as_pci: Arc<Mutex<dyn PciDevice>> = device.clone();
+    let function = pci
+        .add_device(&name, as_pci)
+        .map_err(|source| AttachError::Pci {
+            spec: name.clone(),
+            source: Box::new(source),
+        })?;
+    let pci_err = |source: PciError| AttachError::Pci {
+        spec: name.clone(),
+        source: Box::new(source),
+    };
+    let pieces = device.lock().unwrap_or_else(|p| p.into_inner()).map_bars();
+    let pieces = match pieces {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = pci.remove_device(function);
+            return Err(device_err("mapping the BARs")(e));
+        }
+    };
+    for piece in &pieces {
+        // SAFETY: the piece is mapped by the device, which lives (in `Attached`) until
+        // `detach` has removed the function's memslots.
+        let mapped = unsafe {
+            pci.bars().map(
+                function,
+                piece.slot,
+                piece.bar_offset,
+                piece.size,
+                piece.host_addr as u64,
+            )
+        };
+        if let Err(source) = mapped {
+            let _ = pci.remove_device(function);
+            return Err(pci_err(PciError::Bars {
+                device: name.clone(),
+                source,
+            }));
+        }
+    }
+    let summary = summary(&device, function, pci);
+    tracing::info!("{name}: {summary}");
+    Ok(Attached {
+        pci: pci.clone(),
+        spec: spec.clone(),
+        function,
+        device,
+        summary,
+    })
+}
+
+/// "00:01.0 1234:7e57, BAR0 16M at 0xc1000000 (1 piece mapped), ..." from the device's view.
+fn summary(device: &Arc<Mutex<PassthroughDevice>>, function: PciAddress, pci: &Pci) -> String {
+    let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ids = [0u8; 4];
+    dev.config_read(0, &mut ids);
+    let mut out = format!(
+        "{function} {:04x}:{:04x}",
+        u16::from_le_bytes([ids[0], ids[1]]),
+        u16::from_le_bytes([ids[2], ids[3]])
+    );
+    let layout = dev.bar_layout();
+    drop(dev);
+    let bars = pci.bars();
+    for req in layout.placement_requests() {
+        let slot = req.slot;
+        let base = bars.base(function, slot).unwrap_or_default();
+        let pieces = bars.pieces(function, slot).len();
+        out.push_str(&format!(
+            ", {slot} {} at {base:#x} ({pieces} mapped)",
+            human(req.size)
+        ));
+    }
+    out
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    format!("{bytes}B")
+}
+
+impl Attached {
+    /// Failures the guest caused since the last call (a dead server, refused accesses).
+    pub fn take_errors(&self) -> Vec<PassthroughError> {
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_errors()
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if let Err(e) = self.pci.remove_device(self.function) {
+            tracing::warn!("{}: removing {}: {e}", self.spec, self.function);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_and_print_back() {
+        for s in [
+            "vfio-user:/tmp/gpu.sock",
+            "vfio:/sys/bus/pci/devices/0000:01:00.0",
+            "vfio:/sys/bus/pci/devices/0000:01:00.0,iommu=group",
+            "vfio:/sys/bus/pci/devices/0000:01:00.0,iommu=iommufd",
+        ] {
+            let spec: DeviceSpec = s.parse().unwrap();
+            assert_eq!(spec.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn bad_device_specs_are_refused_precisely() {
+        let err = |s: &str| s.parse::<DeviceSpec>().unwrap_err().to_string();
+        assert!(err("gpu0").contains("expected vfio-user:SOCKET or vfio:"));
+        assert!(err("pci:/x").contains("expected vfio-user:SOCKET"));
+        assert!(err("vfio-user:").contains("the path is empty"));
+        assert!(err("vfio:").contains("the path is empty"));
+        assert!(err("vfio:/sys/x,iommu=magic").contains("unknown option 'iommu=magic'"));
+    }
+
+    #[test]
+    fn sizes_print_in_their_largest_whole_unit() {
+        assert_eq!(human(16 << 20), "16M");
+        assert_eq!(human(128 << 30), "128G");
+        assert_eq!(human(1 << 40), "1T");
+        assert_eq!(human(4096), "4K");
+        assert_eq!(human(1000), "1000B");
+    }
+}
