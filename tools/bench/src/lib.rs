@@ -11,6 +11,7 @@
 mod axis;
 pub mod chart;
 pub mod demand;
+pub mod device_tracking;
 mod format;
 pub mod json;
 mod legend;

@@ -169,6 +169,7 @@ fn run_once(
         interval: Duration::from_millis(100),
         raw_every_other: backend.is_some(),
         schedule: Vec::new(),
+        content_truth: false,
     });
     tracked_run(&cfg, what)
 }
@@ -349,7 +350,7 @@ fn backend_result(k: TrackerKind, base: &Cell, runs: &[RunFigures]) -> BackendRe
     }
 }
 
-fn host_detail() -> String {
+pub(crate) fn host_detail() -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("Linux {}, {cpus} CPUs", release.trim())
@@ -392,6 +393,7 @@ fn linux_boot(
             interval: Duration::from_millis(100),
             raw_every_other: true,
             schedule: schedule.to_vec(),
+            content_truth: false,
         }),
         dirty_ring: false,
         api_socket: None,

@@ -64,6 +64,28 @@ pub struct TrackingArgs {
     /// Keep each Linux boot's console log in this directory.
     #[arg(long)]
     linux_console_dir: Option<PathBuf>,
+    /// Instead of the workloads above: the in-situ scenario with the GPU-shaped test device
+    /// passed through to a Linux guest (vmm-gpu-test-device, next to this binary): the guest
+    /// CPU writing VRAM, the device writing guest RAM, the device writing its VRAM, each under
+    /// each backend, against the content of RAM and VRAM (about two minutes per boot on PVM).
+    #[arg(long)]
+    device_scenario: bool,
+    /// The test device's VRAM in MiB (a power of two).
+    #[arg(long, default_value_t = 64)]
+    device_vram_mib: u64,
+    /// Guest memory in MiB for the device scenario.
+    #[arg(long, default_value_t = 256)]
+    device_mem_mib: u64,
+    /// Steps per source in the device scenario (VRAM writes, kernel restarts, page-writer
+    /// stretches of two rounds each).
+    #[arg(long, default_value_t = 5)]
+    device_steps: u32,
+    /// Round interval of the device scenario, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    device_interval_ms: u64,
+    /// The test device's binary (default: vmm-gpu-test-device next to this binary).
+    #[arg(long)]
+    device_bin: Option<PathBuf>,
 }
 
 /// A path from guest-images/out/images.env (written by guest-images/build.sh).
@@ -94,6 +116,9 @@ pub fn tracking(a: TrackingArgs) -> Result<i32> {
         .collect::<Result<_, _>>()?;
     if a.sizes.iter().any(|&s| s == 0 || s > 2048) {
         anyhow::bail!("--sizes: each size must be between 1 and 2048 MiB");
+    }
+    if a.device_scenario {
+        return device_scenario(a, backends);
     }
     let linux = if a.linux {
         let kernel = a.kernel.or_else(|| image_from_env("VMM_KERNEL")).context(
@@ -152,6 +177,56 @@ pub fn tracking(a: TrackingArgs) -> Result<i32> {
         println!("{json}");
     } else {
         print!("{}", bench::render_table(&report));
+    }
+    Ok(0)
+}
+
+fn device_scenario(a: TrackingArgs, backends: Vec<TrackerKind>) -> Result<i32> {
+    let kernel = a
+        .kernel
+        .or_else(|| image_from_env("VMM_KERNEL"))
+        .context("--device-scenario needs --kernel (or run guest-images/build.sh)")?;
+    let initrd = a
+        .initrd
+        .or_else(|| image_from_env("VMM_INITRAMFS"))
+        .context("--device-scenario needs --initrd (or run guest-images/build.sh)")?;
+    let device_bin = match a.device_bin {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("cannot find this vmm binary")?
+            .with_file_name("vmm-gpu-test-device"),
+    };
+    for p in [&kernel, &initrd, &device_bin] {
+        if !p.is_file() {
+            anyhow::bail!("{}: no such file", p.display());
+        }
+    }
+    if a.device_mem_mib < 128 || a.device_mem_mib > 4096 {
+        anyhow::bail!("--device-mem-mib must be 128..=4096");
+    }
+    if a.device_interval_ms < 10 || a.device_interval_ms > 10_000 {
+        anyhow::bail!("--device-interval-ms must be 10..=10000");
+    }
+    let b = bench::device_tracking::DeviceBench {
+        kernel,
+        initrd,
+        device_bin,
+        backends,
+        vram_mib: a.device_vram_mib,
+        mem_mib: a.device_mem_mib,
+        interval: std::time::Duration::from_millis(a.device_interval_ms),
+        steps: a.device_steps,
+        console_dir: a.linux_console_dir,
+    };
+    let report = bench::device_tracking::run(&b)?;
+    let json = bench::device_tracking::to_json(&report);
+    if let Some(path) = &a.json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
+        println!("{json}");
+    } else {
+        print!("{}", bench::device_tracking::render_table(&report));
     }
     Ok(0)
 }

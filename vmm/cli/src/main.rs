@@ -401,6 +401,7 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
                 interval,
                 raw_every_other: false,
                 schedule,
+                content_truth: false,
             })
         }
         None => None,

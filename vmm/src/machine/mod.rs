@@ -7,7 +7,9 @@
 pub mod assemble;
 pub mod build;
 pub mod console;
+pub mod content_truth;
 pub mod description;
+pub mod device_truth;
 pub mod devices_setup;
 pub mod final_dump;
 pub mod pci;

@@ -107,8 +107,14 @@ impl Machine {
                     GuestConfig::Linux(_) => None,
                 };
                 let ctx = shared.track_context();
-                let s: SharedSession =
-                    Arc::new(Mutex::new(Session::start(opts, &ctx, model, start)?));
+                let mut session = Session::start(opts, &ctx, model, start)?;
+                if opts.content_truth {
+                    let device = devs.passthrough.iter().find_map(|a| a.device_memory());
+                    // SAFETY: guest RAM lives until this function returns, the passed-through
+                    // devices (and their BAR mappings) with `devs`, past the session's finish.
+                    unsafe { session.with_content_truth(device) };
+                }
+                let s: SharedSession = Arc::new(Mutex::new(session));
                 let _ = session_slot.set(s.clone());
                 Some(s)
             }
@@ -154,7 +160,25 @@ impl Machine {
         // Guests without a sync point of their own are harvested periodically.
         let harvester = match (&session, &cfg.tracking, micro) {
             (Some(s), Some(opts), false) => {
-                Some(Harvester::spawn(s.clone(), opts.interval).map_err(MachineError::Thread)?)
+                let pause = opts.content_truth.then(|| {
+                    let (pause, kicker) = (pause.clone(), kicker.clone());
+                    Arc::new(move |f: &mut dyn FnMut()| {
+                        let owner = crate::vstate::pause::Owner::Tracking;
+                        if pause
+                            .pause(&kicker, owner, false, Duration::from_secs(5))
+                            .is_err()
+                        {
+                            return false;
+                        }
+                        f();
+                        let _ = pause.resume(owner);
+                        true
+                    }) as tracking_session::RoundPause
+                });
+                Some(
+                    Harvester::spawn(s.clone(), opts.interval, pause)
+                        .map_err(MachineError::Thread)?,
+                )
             }
             _ => None,
         };

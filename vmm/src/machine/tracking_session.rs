@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use micro_guest::{PageBitmap, Workload};
 use serde::Serialize;
 
+use super::content_truth::TruthCounts;
+use super::device_truth::{Coverage, DeviceMemory, DeviceTruth, Marker};
 use crate::tracking::{
     self, thread_cpu_ns, DirtySet, DirtyTracker, TrackContext, TrackerKind, TrackingError,
 };
@@ -29,6 +31,11 @@ pub struct TrackingOptions {
     /// switches to the next entry (`None`: untracked) on the same running guest. Empty: the
     /// one `backend` for the whole run.
     pub schedule: Vec<Option<TrackerKind>>,
+    /// The in-situ scenario with a passed-through device (`device_truth`): each schedule entry
+    /// is a phase the agent marks with `echo,devtrack:start:LABEL` .. `echo,devtrack:done`,
+    /// every round (vCPUs parked) compares guest RAM and device memory with their content at
+    /// the previous round and counts what the backend missed or reported in excess.
+    pub content_truth: bool,
 }
 
 impl TrackingOptions {
@@ -38,6 +45,7 @@ impl TrackingOptions {
             interval: Duration::from_millis(100),
             raw_every_other: false,
             schedule: Vec::new(),
+            content_truth: false,
         }
     }
 
@@ -75,6 +83,10 @@ pub struct Round {
     pub false_positives: Option<u64>,
     /// The first missed page's GPA, to start debugging from.
     pub first_miss_gpa: Option<u64>,
+    /// With content truth: this round's pages by memory and writer (whether in a phase or not).
+    pub truth: Option<TruthCounts>,
+    /// With content truth: whether every vCPU was parked for the round.
+    pub paused: Option<bool>,
 }
 
 /// One stretch of the run under one backend (a scheduled workload, or the whole run).
@@ -86,6 +98,14 @@ pub struct Phase {
     pub memory_overhead_bytes: u64,
     pub background_cpu_ms: f64,
     pub error: Option<String>,
+    /// With content truth: the label the agent gave the phase.
+    pub label: Option<String>,
+    /// With content truth: the phase's rounds summed.
+    pub truth: Option<TruthCounts>,
+    /// With content truth: whether the backend was watching the device memory.
+    pub device_memory: Option<Coverage>,
+    /// Rounds in the phase.
+    pub rounds: u64,
 }
 
 /// What the tracking did during the run.
@@ -102,6 +122,8 @@ pub struct TrackingReport {
     pub error: Option<String>,
     /// On a VM with dirty rings: how full they got.
     pub ring: Option<crate::tracking::RingStats>,
+    /// With content truth: the device memory watched, and its size in pages.
+    pub device_memory: Option<(String, u64)>,
 }
 
 pub struct Session {
@@ -117,6 +139,16 @@ pub struct Session {
     start: Instant,
     last_end: Instant,
     error: Option<String>,
+    truth: Option<DeviceTruth>,
+    /// With content truth: the open phase (label, sums so far, device memory coverage).
+    open: Option<OpenPhase>,
+}
+
+struct OpenPhase {
+    label: String,
+    truth: TruthCounts,
+    coverage: Coverage,
+    rounds: u64,
 }
 
 impl Session {
@@ -160,7 +192,21 @@ impl Session {
             start,
             last_end: Instant::now(),
             error: None,
+            truth: None,
+            open: None,
         })
+    }
+
+    /// Turns on content truth (`TrackingOptions::content_truth`): copies guest RAM and
+    /// `device` memory now.
+    ///
+    /// # Safety
+    /// The RAM slots' and the device pieces' host mappings must outlive the session.
+    pub unsafe fn with_content_truth(&mut self, device: Option<DeviceMemory>) {
+        if let Some(ctx) = &self.ctx {
+            // SAFETY: vouched for by our caller.
+            self.truth = Some(unsafe { DeviceTruth::new(ctx.vm.clone(), &ctx.slots, device) });
+        }
     }
 
     /// A session that tracks nothing (what is left behind once a session is finished).
@@ -179,6 +225,8 @@ impl Session {
             start: now,
             last_end: now,
             error: None,
+            truth: None,
+            open: None,
         }
     }
 
@@ -220,12 +268,90 @@ impl Session {
             misses: None,
             false_positives: None,
             first_miss_gpa: None,
+            truth: None,
+            paused: None,
         };
         if let (Some(model), Some(pass), Some(_), false) = (&self.model, pass, &self.tracker, raw) {
             check_round(model, pass, &self.set, &mut round);
         }
+        if let Some(truth) = self.truth.as_mut() {
+            let reported = self.tracker.is_some().then_some(&self.set);
+            match truth.round(reported) {
+                Ok(counts) => {
+                    if let Some(open) = self.open.as_mut() {
+                        open.truth.add(&counts);
+                        open.rounds += 1;
+                    }
+                    round.truth = Some(counts);
+                }
+                Err(e) => {
+                    self.error.get_or_insert(e.to_string());
+                }
+            }
+        }
         self.rounds.push(round);
+        self.apply_markers();
         self.last_end = Instant::now();
+    }
+
+    /// A round with every vCPU parked or not (content truth), as the harvester took it.
+    pub fn round_paused(&mut self, paused: bool) {
+        self.round(None);
+        if let Some(r) = self.rounds.last_mut() {
+            r.paused = Some(paused);
+        }
+    }
+
+    /// Applies the phase markers seen since the last round (content truth).
+    fn apply_markers(&mut self) {
+        let Some(truth) = self.truth.as_mut() else {
+            return;
+        };
+        let markers = std::mem::take(&mut truth.pending);
+        for m in markers {
+            // A phase opened without an end closes here.
+            if self.open.is_some() {
+                self.close_phase(None);
+                self.backend = None;
+            }
+            let Marker::Start(label) = m else { continue };
+            let next = self.phases.len();
+            let Some(&kind) = self.schedule.get(next) else {
+                self.error.get_or_insert(format!(
+                    "the agent started phase {} ({label}) but the schedule has {}",
+                    next + 1,
+                    self.schedule.len()
+                ));
+                continue;
+            };
+            self.backend = kind;
+            if let (Some(kind), Some(ctx)) = (kind, &self.ctx) {
+                match start_tracker(kind, ctx) {
+                    Ok(t) => self.tracker = Some(t),
+                    Err(e) => {
+                        self.error.get_or_insert(e.to_string());
+                    }
+                }
+            }
+            let coverage = match self.truth.as_mut().map(|t| t.start_phase(kind)) {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    let how = e.to_string();
+                    self.error.get_or_insert(how.clone());
+                    Coverage {
+                        covered: false,
+                        how,
+                    }
+                }
+                None => continue,
+            };
+            self.open = Some(OpenPhase {
+                label,
+                truth: TruthCounts::default(),
+                coverage,
+                rounds: 0,
+            });
+        }
     }
 
     /// Stops the current backend, closing its phase.
@@ -236,12 +362,26 @@ impl Session {
             memory_overhead_bytes: 0,
             background_cpu_ms: 0.0,
             error: None,
+            label: None,
+            truth: None,
+            device_memory: None,
+            rounds: 0,
         };
+        if let Some(open) = self.open.take() {
+            phase.label = Some(open.label);
+            phase.truth = Some(open.truth);
+            phase.device_memory = Some(open.coverage);
+            phase.rounds = open.rounds;
+            // The device memory's log goes before the backend (see `bar_log`).
+            if let Some(Err(e)) = self.truth.as_mut().map(|t| t.stop_phase()) {
+                phase.error = Some(e.to_string());
+            }
+        }
         if let Some(mut t) = self.tracker.take() {
             phase.memory_overhead_bytes = t.memory_overhead_bytes() + self.set.bitmap_bytes();
             phase.background_cpu_ms = t.background_cpu_ns() as f64 / 1e6;
             if let Err(e) = t.stop() {
-                phase.error = Some(e.to_string());
+                phase.error.get_or_insert(e.to_string());
             }
         }
         if let Some(e) = &phase.error {
@@ -253,6 +393,11 @@ impl Session {
     /// Reacts to an agent line: a workload start switches to the next scheduled backend, its
     /// end closes the phase with the time the agent measured.
     pub fn on_agent_line(&mut self, line: &str) {
+        if let Some(truth) = self.truth.as_mut() {
+            // Applied at the next round, with the vCPUs parked (`device_truth`).
+            truth.pending.extend(Marker::parse(line));
+            return;
+        }
         if self.schedule.is_empty() {
             return;
         }
@@ -290,9 +435,14 @@ impl Session {
 
     /// Stops the backend and returns the report.
     pub fn finish(mut self) -> TrackingReport {
-        if self.schedule.is_empty() || self.tracker.is_some() {
+        if self.truth.is_some() {
+            if self.open.is_some() {
+                self.close_phase(None);
+            }
+        } else if self.schedule.is_empty() || self.tracker.is_some() {
             self.close_phase(None);
         }
+        let device_memory = self.truth.as_ref().and_then(|t| t.device_memory());
         let (overhead, background) = self.phases.iter().fold((0, 0.0), |(o, b), p| {
             (o.max(p.memory_overhead_bytes), b + p.background_cpu_ms)
         });
@@ -310,6 +460,7 @@ impl Session {
                 .as_ref()
                 .and_then(|c| c.rings.as_ref())
                 .map(|r| r.stats()),
+            device_memory,
         }
     }
 }
@@ -365,8 +516,16 @@ pub struct Harvester {
     thread: JoinHandle<()>,
 }
 
+/// Runs the closure with every vCPU parked if it can; returns whether they were.
+pub type RoundPause = Arc<dyn Fn(&mut dyn FnMut()) -> bool + Send + Sync>;
+
 impl Harvester {
-    pub fn spawn(session: SharedSession, interval: Duration) -> std::io::Result<Harvester> {
+    /// With `pause`, every round is taken with the vCPUs parked (content truth).
+    pub fn spawn(
+        session: SharedSession,
+        interval: Duration,
+        pause: Option<RoundPause>,
+    ) -> std::io::Result<Harvester> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -379,7 +538,21 @@ impl Harvester {
                         std::thread::sleep((next - now).min(Duration::from_millis(20)));
                         continue;
                     }
-                    lock(&session).round(None);
+                    match &pause {
+                        // Parked outside the session's lock: a vCPU thread may be waiting
+                        // for it (agent lines) and must get it to reach its park point.
+                        Some(p) => {
+                            let mut taken = false;
+                            let paused = p(&mut || {
+                                lock(&session).round_paused(true);
+                                taken = true;
+                            });
+                            if !taken {
+                                lock(&session).round_paused(paused);
+                            }
+                        }
+                        None => lock(&session).round(None),
+                    }
                     next += interval;
                 }
             })?;
@@ -417,6 +590,7 @@ mod tests {
             backend: None,
             interval: Duration::from_millis(100),
             raw_every_other: false,
+            content_truth: false,
             schedule: vec![
                 None,
                 Some(TrackerKind::Bitmap),
@@ -457,6 +631,7 @@ mod tests {
             interval: Duration::from_millis(100),
             raw_every_other: false,
             schedule: kinds.to_vec(),
+            content_truth: false,
         }
     }
 

@@ -12,6 +12,7 @@
 //! cannot work on this host fails `start` with `TrackingError::Unsupported` and the reason;
 //! none returns an empty set silently.
 
+pub mod bar_log;
 mod dirty_set;
 mod kvm_bitmap;
 mod kvm_bitmap_manual;

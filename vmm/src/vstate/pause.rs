@@ -48,6 +48,8 @@ pub enum Owner {
     Migration,
     /// The API's `finish` (micro guest), for the moment it sets the budget.
     Finish,
+    /// A tracking round measured against content (the device scenario).
+    Tracking,
 }
 
 impl std::fmt::Display for Owner {
@@ -56,6 +58,7 @@ impl std::fmt::Display for Owner {
             Owner::Api => "an API pause",
             Owner::Migration => "a migration",
             Owner::Finish => "a finish request",
+            Owner::Tracking => "a tracking round",
         })
     }
 }

@@ -295,6 +295,29 @@ fn human(bytes: u64) -> String {
 }
 
 impl Attached {
+    /// The device's memory the VMM maps into the guest: the largest memory BAR with mapped
+    /// pieces (a GPU's VRAM BAR; on the test device BAR1), as the content truth of the device
+    /// tracking scenario watches it.
+    pub fn device_memory(&self) -> Option<crate::machine::device_truth::DeviceMemory> {
+        let layout = self
+            .device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .bar_layout();
+        let function = self.function;
+        let slot = layout
+            .placement_requests()
+            .into_iter()
+            .filter(|r| !self.pci.bars().pieces(function, r.slot).is_empty())
+            .max_by_key(|r| r.size)?
+            .slot;
+        let pci = self.pci.clone();
+        Some(crate::machine::device_truth::DeviceMemory {
+            name: format!("{function} {slot}"),
+            pieces: Arc::new(move || pci.bars().pieces(function, slot)),
+        })
+    }
+
     /// Failures the guest caused since the last call (a dead server, refused accesses).
     pub fn take_errors(&self) -> Vec<PassthroughError> {
         self.device

@@ -1,0 +1,492 @@
+//! `vmm bench tracking --device-scenario`: in-situ tracking with a passed-through device. One
+//! Linux guest with the GPU-shaped test device (tools/gpu-test-device) runs three write
+//! sources one at a time, each under each backend, on the same running guest:
+//! - `cpu-vram`: the guest CPU writes VRAM through its BAR mapping (agent `vfio-vram`);
+//! - `dma`: the device's page writer stamps guest RAM pages through its own mapping of the
+//!   memory file (agent `vfio-workload,..,start,dma`), as a GPU's DMA would;
+//! - `device-vram`: the device's kernel fills its own VRAM (`vfio-workload,..,start,vram`).
+//!
+//! The truth is content (vmm `content_truth`): each round, with the vCPUs parked, the VMM
+//! compares guest RAM and VRAM with their bytes at the previous round. Nothing here expects a
+//! figure: the table shows what each mechanism saw. The ring needs a VM of its own (chosen at
+//! creation), so it gets a second boot.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::tracking::BenchError;
+use vmm::host::HostKind;
+use vmm::machine::content_truth::Counts;
+use vmm::machine::device_truth::{DONE_MARKER, START_MARKER};
+use vmm::machine::pci::DeviceSpec;
+use vmm::machine::{self, ConsoleOutput, GuestConfig, TrackingOptions, TrackingReport, VmConfig};
+use vmm::tracking::TrackerKind;
+
+/// Where vmm puts the first passed-through function (the host bridge is 00:00.0).
+const BDF: &str = "0000:00:01.0";
+/// The write sources, in the order each backend sees them.
+pub const SOURCES: [(&str, &str); 3] = [
+    (
+        "cpu-vram",
+        "the guest CPU writes VRAM through the BAR mapping (agent vfio-vram)",
+    ),
+    (
+        "dma",
+        "the device's page writer writes guest RAM through its own mapping (agent vfio-workload dma)",
+    ),
+    (
+        "device-vram",
+        "the device's kernel fills its own VRAM (agent vfio-workload vram)",
+    ),
+];
+/// Bytes each `vfio-vram` step writes (64 pages).
+const CPU_VRAM_BYTES: u64 = 256 << 10;
+/// The page writer's pace in pages per second (its window is 256 pages).
+const DMA_RATE: u32 = 2000;
+
+#[derive(Debug, Clone)]
+pub struct DeviceBench {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// vmm-gpu-test-device.
+    pub device_bin: PathBuf,
+    pub backends: Vec<TrackerKind>,
+    pub vram_mib: u64,
+    pub mem_mib: u64,
+    pub interval: Duration,
+    /// Steps per phase: `vfio-vram` writes, kernel restarts, page-writer intervals.
+    pub steps: u32,
+    pub console_dir: Option<PathBuf>,
+}
+
+/// One (source, backend, memory) cell.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRow {
+    pub source: String,
+    pub backend: String,
+    /// "ram (other)", "ram (page writer)" or "vram".
+    pub memory: String,
+    /// Whether this memory is what the source writes (the others are the guest's background).
+    pub source_memory: bool,
+    pub written: u64,
+    pub reported: u64,
+    pub detected: u64,
+    pub missed: u64,
+    pub false_positives: u64,
+    pub rounds: u64,
+    /// For vram: whether the backend watched it, and how (or why not).
+    pub covered: bool,
+    pub coverage: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceReport {
+    pub tool: String,
+    pub host: String,
+    pub host_detail: String,
+    pub boots: u32,
+    pub device_memory: String,
+    pub vram_mib: u64,
+    pub rows: Vec<DeviceRow>,
+    pub unsupported: Vec<super::Unsupported>,
+    pub notes: Vec<String>,
+}
+
+/// The test device serving one VM (`--once`), killed if still there when dropped.
+struct Device {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Device {
+    fn start(bin: &Path, socket: PathBuf, vram_mib: u64) -> Result<Device, BenchError> {
+        let fail = |e: String| BenchError::Usage(format!("{}: {e}", bin.display()));
+        let _ = std::fs::remove_file(&socket);
+        let mut child = Command::new(bin)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--vram-size", &format!("{vram_mib}M"), "--json", "--once"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| fail(format!("cannot start it: {e}")))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            // Its first line says it listens (or it exits, closing stdout).
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        if !line.contains("\"ready\":true") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(fail(format!("did not say it was ready: {line:?}")));
+        }
+        Ok(Device { child, socket })
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// The agent script of one phase of `source`.
+fn phase_script(b: &DeviceBench, source: &str) -> Vec<String> {
+    // Markers apply at the next round: leave two rounds around each.
+    let gap = 2 * b.interval.as_millis() as u64 + 50;
+    let step = 2 * b.interval.as_millis() as u64;
+    let vram_bytes = b.vram_mib << 20;
+    let mut work = Vec::new();
+    match source {
+        "cpu-vram" => {
+            for k in 0..u64::from(b.steps) {
+                let offset = (k * CPU_VRAM_BYTES) % vram_bytes.max(CPU_VRAM_BYTES);
+                work.push(format!("vfio-vram,{BDF},{offset},{CPU_VRAM_BYTES}"));
+                work.push(format!("sleep,{step}"));
+            }
+        }
+        "dma" => {
+            work.push(format!("vfio-workload,{BDF},start,dma,{DMA_RATE}"));
+            work.push(format!("sleep,{}", step * u64::from(b.steps)));
+            work.push(format!("vfio-workload,{BDF},stop"));
+        }
+        _ => {
+            // Each start fills with a new pattern; a kernel pass rewriting the same pattern
+            // changes nothing, so restarts are what makes VRAM change.
+            for _ in 0..b.steps {
+                work.push(format!("vfio-workload,{BDF},start,vram"));
+                work.push(format!("sleep,{step}"));
+                work.push(format!("vfio-workload,{BDF},stop"));
+            }
+        }
+    }
+    let start = START_MARKER.trim_start_matches("echo ");
+    let done = DONE_MARKER.trim_start_matches("echo ");
+    [
+        vec![format!("echo,{start}{source}"), format!("sleep,{gap}")],
+        work,
+        vec![
+            format!("sleep,{gap}"),
+            format!("echo,{done}"),
+            format!("sleep,{gap}"),
+        ],
+    ]
+    .concat()
+}
+
+fn boot(b: &DeviceBench, schedule: &[TrackerKind], n: u32) -> Result<TrackingReport, BenchError> {
+    let what = format!("device scenario, boot {n}");
+    let dir = std::env::temp_dir();
+    let socket = dir.join(format!("vmm-devtrack-{}-{n}.sock", std::process::id()));
+    let device = Device::start(&b.device_bin, socket, b.vram_mib)?;
+    let mut script = vec![format!("vfio-bind,{BDF}")];
+    let mut phases = Vec::new();
+    for &k in schedule {
+        for (source, _) in SOURCES {
+            script.extend(phase_script(b, source));
+            phases.push(Some(k));
+        }
+    }
+    script.push("poweroff".into());
+    let cmdline = format!(
+        "{} {}{}",
+        vmm::boot::linux::BASE_CMDLINE,
+        guest_abi::agent::CMDLINE_KEY,
+        script.join(";")
+    );
+    let console = match &b.console_dir {
+        Some(d) => ConsoleOutput::File(d.join(format!("device-{n}.log"))),
+        None => ConsoleOutput::Null,
+    };
+    let cfg = VmConfig {
+        vcpus: 1,
+        mem_bytes: b.mem_mib << 20,
+        guest: GuestConfig::Linux(vmm::boot::linux::LinuxBoot {
+            kernel: b.kernel.clone(),
+            initrd: Some(b.initrd.clone()),
+            cmdline,
+        }),
+        disks: Vec::new(),
+        devices: vec![DeviceSpec::VfioUser(device.socket.clone())],
+        phys_bits: None,
+        console,
+        console_input: false,
+        tracking: Some(TrackingOptions {
+            backend: None,
+            interval: b.interval,
+            raw_every_other: false,
+            schedule: phases.clone(),
+            content_truth: true,
+        }),
+        dirty_ring: false,
+        api_socket: None,
+    };
+    let report = machine::run(&cfg, Instant::now()).map_err(|source| BenchError::Machine {
+        what: what.clone(),
+        source,
+    })?;
+    drop(device);
+    if report.exit_code != 0 {
+        return Err(BenchError::Guest {
+            what,
+            outcome: report.outcome.describe(),
+        });
+    }
+    let t = report.tracking.ok_or_else(|| BenchError::Tracking {
+        what: what.clone(),
+        error: "no tracking report".into(),
+    })?;
+    if let Some(error) = &t.error {
+        return Err(BenchError::Tracking {
+            what,
+            error: error.clone(),
+        });
+    }
+    if t.phases.len() != phases.len() {
+        return Err(BenchError::Tracking {
+            what,
+            error: format!(
+                "{} of {} phases completed (keep the console with --linux-console-dir)",
+                t.phases.len(),
+                phases.len()
+            ),
+        });
+    }
+    Ok(t)
+}
+
+fn row(source: &str, backend: &str, memory: &str, own: bool, c: &Counts, rounds: u64) -> DeviceRow {
+    DeviceRow {
+        source: source.into(),
+        backend: backend.into(),
+        memory: memory.into(),
+        source_memory: own,
+        written: c.written,
+        reported: c.detected + c.false_positives,
+        detected: c.detected,
+        missed: c.missed,
+        false_positives: c.false_positives,
+        rounds,
+        covered: true,
+        coverage: "guest RAM".into(),
+    }
+}
+
+fn rows_of(t: &TrackingReport) -> Vec<DeviceRow> {
+    let mut rows = Vec::new();
+    for p in &t.phases {
+        let (Some(label), Some(truth)) = (&p.label, &p.truth) else {
+            continue;
+        };
+        let backend = p.backend.map_or("none", |k| k.name());
+        rows.push(row(
+            label,
+            backend,
+            "ram (other)",
+            false,
+            &truth.ram_cpu,
+            p.rounds,
+        ));
+        rows.push(row(
+            label,
+            backend,
+            "ram (page writer)",
+            label == "dma",
+            &truth.ram_device,
+            p.rounds,
+        ));
+        let mut vram = row(
+            label,
+            backend,
+            "vram",
+            label != "dma",
+            &truth.device_memory,
+            p.rounds,
+        );
+        let cov = p.device_memory.clone();
+        vram.covered = cov.as_ref().is_some_and(|c| c.covered);
+        vram.coverage = cov.map_or_else(|| "-".into(), |c| c.how);
+        rows.push(vram);
+    }
+    rows
+}
+
+pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
+    if b.steps == 0 || b.vram_mib == 0 || !b.vram_mib.is_power_of_two() {
+        return Err(BenchError::Usage(
+            "the device scenario needs at least 1 step and a power-of-two VRAM size in MiB".into(),
+        ));
+    }
+    let mut unsupported = Vec::new();
+    let mut plain = Vec::new();
+    let mut ring = false;
+    for &k in &b.backends {
+        match k.check_host() {
+            Err(e) => unsupported.push(super::Unsupported {
+                backend: k.name().to_string(),
+                reason: e.reason(),
+            }),
+            Ok(()) if k.needs_dirty_ring() => ring = true,
+            Ok(()) => plain.push(k),
+        }
+    }
+    // Synchronous uffd-wp last: the slowest under an emulated guest kernel.
+    plain.sort_by_key(|k| *k == TrackerKind::UffdWp);
+    let mut rows = Vec::new();
+    let mut device_memory = String::new();
+    let mut boots = 0;
+    for schedule in [plain, if ring { vec![TrackerKind::Ring] } else { vec![] }] {
+        if schedule.is_empty() {
+            continue;
+        }
+        boots += 1;
+        let t = boot(b, &schedule, boots)?;
+        if let Some((name, pages)) = &t.device_memory {
+            device_memory = format!("{name}, {pages} pages mapped");
+        }
+        rows.extend(rows_of(&t));
+    }
+    Ok(DeviceReport {
+        tool: "vmm bench tracking --device-scenario".into(),
+        host: match HostKind::detect() {
+            HostKind::Pvm => "PVM".into(),
+            HostKind::Hardware => "hardware".into(),
+        },
+        host_detail: super::tracking::host_detail(),
+        boots,
+        device_memory,
+        vram_mib: b.vram_mib,
+        rows,
+        unsupported,
+        notes: vec![
+            format!(
+                "one Linux guest per boot (1 vCPU, {} MiB) with vmm-gpu-test-device passed through (vfio-user, VRAM {} MiB); each backend runs each source once, in turn, on the same running guest; the ring gets a boot of its own",
+                b.mem_mib, b.vram_mib
+            ),
+            format!(
+                "truth by content: every {} ms, with the vCPUs parked, guest RAM and VRAM are compared with their bytes at the previous round; written = pages whose bytes changed; a write of the bytes a page already held counts as a false positive if reported",
+                b.interval.as_millis()
+            ),
+            "ram (page writer): RAM pages that now carry the device page writer's stamp (magic 0x5047575249544552 at byte 8); ram (other): every other RAM page: the guest kernel and agent in every phase, plus, in cpu-vram, the device's DMA of the written VRAM back into RAM (vfio-vram checks its writes so); vram: the device's largest mapped BAR, whoever wrote it".into(),
+            "source memory (*): the memory the phase's source writes; the other rows of a phase are the guest's background".into(),
+            "vram coverage: only the KVM bitmap backends are asked to log VRAM (KVM_MEM_LOG_DIRTY_PAGES on its DeviceBar memslots); the others watch guest RAM only".into(),
+            "figures are from one run; nothing is expected of them".into(),
+        ],
+    })
+}
+
+/// The report as pretty-printed JSON.
+pub fn to_json(r: &DeviceReport) -> String {
+    serde_json::to_string_pretty(r)
+        .unwrap_or_else(|e| format!("{{\"error\": \"cannot serialise the report: {e}\"}}"))
+}
+
+const HEADERS: [&str; 9] = [
+    "source",
+    "backend",
+    "memory",
+    "written",
+    "reported",
+    "missed",
+    "false pos",
+    "rounds",
+    "vram coverage",
+];
+
+/// The report as aligned text, ending in a newline.
+pub fn render_table(r: &DeviceReport) -> String {
+    let mut lines = vec![format!(
+        "{}: host {} ({}); {} boot(s); device memory: {}",
+        r.tool, r.host, r.host_detail, r.boots, r.device_memory
+    )];
+    let cells: Vec<[String; 9]> = r
+        .rows
+        .iter()
+        .map(|w| {
+            [
+                w.source.clone(),
+                w.backend.clone(),
+                format!("{}{}", w.memory, if w.source_memory { " *" } else { "" }),
+                w.written.to_string(),
+                w.reported.to_string(),
+                w.missed.to_string(),
+                w.false_positives.to_string(),
+                w.rounds.to_string(),
+                if w.memory == "vram" {
+                    if w.covered {
+                        "covered".into()
+                    } else {
+                        format!("not covered: {}", w.coverage)
+                    }
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    let mut widths = HEADERS.map(|h| h.chars().count());
+    for c in &cells {
+        for (w, cell) in widths.iter_mut().zip(c).take(8) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |c: &[String]| {
+        c.iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                let w = widths[i];
+                match i {
+                    0..=2 => format!("{cell:<w$}"),
+                    8 => cell.clone(),
+                    _ => format!("{cell:>w$}"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    lines.push(String::new());
+    for (source, what) in SOURCES {
+        lines.push(format!("{source}: {what}"));
+    }
+    lines.push(String::new());
+    lines.push(format!("  {}", line(&HEADERS.map(str::to_owned))));
+    let mut last = String::new();
+    for (row, c) in r.rows.iter().zip(&cells) {
+        let key = format!("{}/{}", row.source, row.backend);
+        if !last.is_empty() && key != last {
+            lines.push(String::new());
+        }
+        last = key;
+        lines.push(format!("  {}", line(c)));
+    }
+    if !r.unsupported.is_empty() {
+        lines.push(String::new());
+        for u in &r.unsupported {
+            lines.push(format!("{}: unsupported: {}", u.backend, u.reason));
+        }
+    }
+    lines.push(String::new());
+    lines.push("notes:".into());
+    for n in &r.notes {
+        lines.push(format!("  - {n}"));
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
+}
