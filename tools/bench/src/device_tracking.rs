@@ -349,7 +349,14 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
     let mut rows = Vec::new();
     let mut device_memory = String::new();
     let mut boots = 0;
-    for schedule in [plain, if ring { vec![TrackerKind::Ring] } else { vec![] }] {
+    for schedule in [
+        plain,
+        if ring {
+            vec![TrackerKind::Ring]
+        } else {
+            vec![]
+        },
+    ] {
         if schedule.is_empty() {
             continue;
         }
@@ -381,7 +388,7 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
                 "truth by content: every {} ms, with the vCPUs parked, guest RAM and VRAM are compared with their bytes at the previous round; written = pages whose bytes changed; a write of the bytes a page already held counts as a false positive if reported",
                 b.interval.as_millis()
             ),
-            "ram (page writer): RAM pages that now carry the device page writer's stamp (magic 0x5047575249544552 at byte 8); ram (other): every other RAM page: the guest kernel and agent in every phase, plus, in cpu-vram, the device's DMA of the written VRAM back into RAM (vfio-vram checks its writes so); vram: the device's largest mapped BAR, whoever wrote it".into(),
+            "ram (page writer): RAM pages that now carry the device page writer's stamp (magic 0x5047575249544552 at byte 8); ram (other): every other RAM page: the guest kernel and agent in every phase, plus, in cpu-vram, the device's DMA of the written VRAM back into RAM (vfio-vram checks its writes so); vram: every mapped BAR piece of the device (the test device's VRAM is BAR1; BAR0's memory pages and BAR3 are watched too), whoever wrote it".into(),
             "source memory (*): the memory the phase's source writes; the other rows of a phase are the guest's background".into(),
             "vram coverage: only the KVM bitmap backends are asked to log VRAM (KVM_MEM_LOG_DIRTY_PAGES on its DeviceBar memslots); the others watch guest RAM only".into(),
             "figures are from one run; nothing is expected of them".into(),

@@ -111,16 +111,18 @@ impl Watched {
     /// Sets in `bits` (one per page, KVM's dirty-log layout) every page whose content differs
     /// from the copy, and takes the new content as the copy.
     pub fn changed(&mut self, bits: &mut [u64]) {
-        let mut page = [0u8; PAGE];
         for i in 0..self.pages as usize {
-            let src = (self.host as usize + i * PAGE) as *const u8;
-            // SAFETY: the range is mapped for our life (`new`'s contract) and `page` is a
-            // separate buffer. Others (vCPUs, the device) may write it meanwhile; a torn copy
-            // only moves part of a change into the next round's comparison.
-            unsafe { std::ptr::copy_nonoverlapping(src, page.as_mut_ptr(), PAGE) };
+            // SAFETY: the range is mapped for our life (`new`'s contract). Others (vCPUs, the
+            // device) may write it meanwhile, as they may any guest memory the VMM reads; a
+            // torn read only moves part of a change into the next round's comparison.
+            let live = unsafe {
+                std::slice::from_raw_parts((self.host as usize + i * PAGE) as *const u8, PAGE)
+            };
             let old = &mut self.copy[i * PAGE..(i + 1) * PAGE];
-            if old != page.as_slice() {
-                old.copy_from_slice(&page);
+            // Compared in place and copied only when different: most pages do not change, and
+            // the round runs with the vCPUs parked.
+            if old != live {
+                old.copy_from_slice(live);
                 if let Some(w) = bits.get_mut(i / 64) {
                     *w |= 1 << (i % 64);
                 }

@@ -158,7 +158,10 @@ impl DeviceTruth {
         self.log = Some(BarLog::start(kind, self.vm.clone(), slots)?);
         Ok(Coverage {
             covered: true,
-            how: format!("KVM_MEM_LOG_DIRTY_PAGES on {n} DeviceBar memslot(s) of {}", mem.name),
+            how: format!(
+                "KVM_MEM_LOG_DIRTY_PAGES on {n} DeviceBar memslot(s) of {}",
+                mem.name
+            ),
         })
     }
 
@@ -176,7 +179,9 @@ impl DeviceTruth {
         for (i, w) in self.ram.iter_mut().enumerate() {
             let mut changed = vec![0u64; w.pages().div_ceil(64) as usize];
             w.changed(&mut changed);
-            let rep = reported.and_then(|r| r.slots().get(i)).map(|s| &s.words[..]);
+            let rep = reported
+                .and_then(|r| r.slots().get(i))
+                .map(|s| &s.words[..]);
             let w = &*w;
             count_region(
                 w.pages(),

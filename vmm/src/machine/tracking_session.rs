@@ -625,6 +625,60 @@ mod tests {
         assert!(r.phases[1].memory_overhead_bytes > 0);
     }
 
+    /// Content truth: markers open and close phases at the next round (never at once), and a
+    /// write the backend cannot see (one straight through the VMM's mapping, as the device's
+    /// DMA is) is a miss, while one it sees (through vm-memory, which the VMM-writes bitmap
+    /// records) is detected; written = detected + missed in every cell.
+    #[test]
+    fn content_truth_counts_what_the_backend_missed_by_phase() {
+        use vm_memory::{Bytes, GuestAddress};
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let ctx = ctx(&ram);
+        let host = ctx.slots[0].host;
+        let opts = TrackingOptions {
+            content_truth: true,
+            ..schedule(&[Some(TrackerKind::Bitmap)])
+        };
+        let mut s = Session::start(&opts, &ctx, None, Instant::now()).unwrap();
+        // SAFETY: `ram` outlives the session.
+        unsafe { s.with_content_truth(None) };
+        s.on_agent_line("echo devtrack:start:dma");
+        assert!(s.tracker.is_none(), "a marker applies at the next round");
+        s.round(None);
+        assert!(s.tracker.is_some() && s.open.is_some());
+        // Three pages written behind every backend's back, two through vm-memory, one page
+        // rewritten with the bytes it held (through vm-memory: reported, unchanged).
+        for page in [10u64, 11, 12] {
+            // SAFETY: inside the 16 MiB guest RAM mapping, which `ram` keeps alive.
+            unsafe { *((host + page * 4096) as *mut u8) = 0xa5 };
+        }
+        for page in [20u64, 21] {
+            ram.memory()
+                .write_obj(0x5au8, GuestAddress(page * 4096))
+                .unwrap();
+        }
+        ram.memory()
+            .write_obj(0u8, GuestAddress(30 * 4096))
+            .unwrap();
+        s.on_agent_line("echo devtrack:done");
+        s.round(None);
+        let r = s.finish();
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.phases.len(), 1);
+        let p = &r.phases[0];
+        assert_eq!(p.label.as_deref(), Some("dma"));
+        assert_eq!(p.rounds, 1);
+        let c = p.truth.unwrap().ram_cpu;
+        assert_eq!(
+            (c.written, c.detected, c.missed, c.false_positives),
+            (5, 2, 3, 1),
+            "{c:?}"
+        );
+        assert_eq!(p.truth.unwrap().ram_device, Default::default());
+        let cov = p.device_memory.as_ref().unwrap();
+        assert!(!cov.covered, "{cov:?}");
+    }
+
     fn schedule(kinds: &[Option<TrackerKind>]) -> TrackingOptions {
         TrackingOptions {
             backend: None,

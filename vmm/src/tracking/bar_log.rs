@@ -111,7 +111,10 @@ impl BarLog {
                 .vm
                 .fd()
                 .get_dirty_log(s.slot, s.size as usize)
-                .map_err(TrackingError::kvm(self.kind, "KVM_GET_DIRTY_LOG (BAR slot)"))?;
+                .map_err(TrackingError::kvm(
+                    self.kind,
+                    "KVM_GET_DIRTY_LOG (BAR slot)",
+                ))?;
             if self.kind == TrackerKind::BitmapManual && scratch.iter().any(|&w| w != 0) {
                 let pages = s.size / crate::memory::PAGE_SIZE;
                 let n = u32::try_from(pages).map_err(|_| TrackingError::Other {

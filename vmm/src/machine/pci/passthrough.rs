@@ -295,9 +295,11 @@ fn human(bytes: u64) -> String {
 }
 
 impl Attached {
-    /// The device's memory the VMM maps into the guest: the largest memory BAR with mapped
-    /// pieces (a GPU's VRAM BAR; on the test device BAR1), as the content truth of the device
-    /// tracking scenario watches it.
+    /// The device's memory the VMM maps into the guest: the mapped pieces of all its memory
+    /// BARs (on a GPU, VRAM and whatever else its BARs expose; on the test device BAR0's memory
+    /// pages, BAR1 VRAM and BAR3), as the content truth of the device tracking scenario
+    /// watches it. All of them rather than a guess at which BAR is VRAM: the size does not
+    /// tell (the test device's BAR3 may be larger than its VRAM).
     pub fn device_memory(&self) -> Option<crate::machine::device_truth::DeviceMemory> {
         let layout = self
             .device
@@ -305,16 +307,33 @@ impl Attached {
             .unwrap_or_else(|p| p.into_inner())
             .bar_layout();
         let function = self.function;
-        let slot = layout
+        let slots: Vec<_> = layout
             .placement_requests()
             .into_iter()
-            .filter(|r| !self.pci.bars().pieces(function, r.slot).is_empty())
-            .max_by_key(|r| r.size)?
-            .slot;
+            .map(|r| r.slot)
+            .filter(|&slot| !self.pci.bars().pieces(function, slot).is_empty())
+            .collect();
+        if slots.is_empty() {
+            return None;
+        }
+        let name = format!(
+            "{function} {}",
+            slots
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join("+")
+        );
         let pci = self.pci.clone();
         Some(crate::machine::device_truth::DeviceMemory {
-            name: format!("{function} {slot}"),
-            pieces: Arc::new(move || pci.bars().pieces(function, slot)),
+            name,
+            pieces: Arc::new(move || {
+                let bars = pci.bars();
+                slots
+                    .iter()
+                    .flat_map(|&slot| bars.pieces(function, slot))
+                    .collect()
+            }),
         })
     }
 
