@@ -26,7 +26,7 @@ fn the_device_scenario_measures_every_backend_on_every_source_and_its_cells_add_
         "--device-mem-mib",
         "192",
         "--device-steps",
-        "2",
+        "1",
         "--kernel",
         img.kernel.to_str().unwrap(),
         "--initrd",

@@ -26,8 +26,13 @@ use vmm::machine::pci::DeviceSpec;
 use vmm::machine::{self, ConsoleOutput, GuestConfig, TrackingOptions, TrackingReport, VmConfig};
 use vmm::tracking::TrackerKind;
 
-/// Where vmm puts the first passed-through function (the host bridge is 00:00.0).
-const BDF: &str = "0000:00:01.0";
+/// Where vmm puts the first passed-through function (the host bridge is 00:00.0); short, as
+/// the agent accepts it: the whole script must fit in the kernel command line.
+const BDF: &str = "00:01.0";
+/// The x86 kernel keeps the first 2047 bytes of its command line (COMMAND_LINE_SIZE 2048) and
+/// drops the rest silently: a longer agent script would just stop. Phases that do not fit go
+/// to another boot.
+const CMDLINE_MAX: usize = 2047;
 /// The write sources, in the order each backend sees them.
 pub const SOURCES: [(&str, &str); 3] = [
     (
@@ -174,18 +179,59 @@ fn phase_script(b: &DeviceBench, source: &str) -> Vec<String> {
             }
         }
     }
+    // The start marker must be applied (the backend started) before the work begins, hence
+    // the gap; the work's writes are all in before the done marker, and a done and the next
+    // start applied at the same round still close and open in order.
     let start = START_MARKER.trim_start_matches("echo ");
     let done = DONE_MARKER.trim_start_matches("echo ");
     [
         vec![format!("echo,{start}{source}"), format!("sleep,{gap}")],
         work,
-        vec![
-            format!("sleep,{gap}"),
-            format!("echo,{done}"),
-            format!("sleep,{gap}"),
-        ],
+        vec![format!("echo,{done}")],
     ]
     .concat()
+}
+
+/// The kernel command line of a boot running every source under each of `schedule`.
+fn cmdline(b: &DeviceBench, schedule: &[TrackerKind]) -> String {
+    let mut script = vec![format!("vfio-bind,{BDF}")];
+    for _ in schedule {
+        for (source, _) in SOURCES {
+            script.extend(phase_script(b, source));
+        }
+    }
+    script.push("poweroff".into());
+    format!(
+        "{} {}{}",
+        vmm::boot::linux::BASE_CMDLINE,
+        guest_abi::agent::CMDLINE_KEY,
+        script.join(";")
+    )
+}
+
+/// `backends` in groups whose command line fits, in order; the ring alone (its own VM).
+fn boots(b: &DeviceBench, backends: &[TrackerKind]) -> Result<Vec<Vec<TrackerKind>>, BenchError> {
+    let mut out: Vec<Vec<TrackerKind>> = Vec::new();
+    for &k in backends {
+        match out.last_mut() {
+            Some(last)
+                if !k.needs_dirty_ring()
+                    && !last.iter().any(|x| x.needs_dirty_ring())
+                    && cmdline(b, &[last.as_slice(), &[k]].concat()).len() <= CMDLINE_MAX =>
+            {
+                last.push(k)
+            }
+            _ => out.push(vec![k]),
+        }
+    }
+    if let Some(g) = out.iter().find(|g| cmdline(b, g).len() > CMDLINE_MAX) {
+        return Err(BenchError::Usage(format!(
+            "one backend's phases need a {}-byte kernel command line (the kernel keeps \
+             {CMDLINE_MAX}): use fewer --device-steps",
+            cmdline(b, g).len()
+        )));
+    }
+    Ok(out)
 }
 
 fn boot(b: &DeviceBench, schedule: &[TrackerKind], n: u32) -> Result<TrackingReport, BenchError> {
@@ -193,21 +239,11 @@ fn boot(b: &DeviceBench, schedule: &[TrackerKind], n: u32) -> Result<TrackingRep
     let dir = std::env::temp_dir();
     let socket = dir.join(format!("vmm-devtrack-{}-{n}.sock", std::process::id()));
     let device = Device::start(&b.device_bin, socket, b.vram_mib)?;
-    let mut script = vec![format!("vfio-bind,{BDF}")];
-    let mut phases = Vec::new();
-    for &k in schedule {
-        for (source, _) in SOURCES {
-            script.extend(phase_script(b, source));
-            phases.push(Some(k));
-        }
-    }
-    script.push("poweroff".into());
-    let cmdline = format!(
-        "{} {}{}",
-        vmm::boot::linux::BASE_CMDLINE,
-        guest_abi::agent::CMDLINE_KEY,
-        script.join(";")
-    );
+    let phases: Vec<Option<TrackerKind>> = schedule
+        .iter()
+        .flat_map(|&k| SOURCES.map(|_| Some(k)))
+        .collect();
+    let cmdline = cmdline(b, schedule);
     let console = match &b.console_dir {
         Some(d) => ConsoleOutput::File(d.join(format!("device-{n}.log"))),
         None => ConsoleOutput::Null,
@@ -332,34 +368,23 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
         ));
     }
     let mut unsupported = Vec::new();
-    let mut plain = Vec::new();
-    let mut ring = false;
+    let mut offered = Vec::new();
     for &k in &b.backends {
         match k.check_host() {
             Err(e) => unsupported.push(super::Unsupported {
                 backend: k.name().to_string(),
                 reason: e.reason(),
             }),
-            Ok(()) if k.needs_dirty_ring() => ring = true,
-            Ok(()) => plain.push(k),
+            Ok(()) => offered.push(k),
         }
     }
-    // Synchronous uffd-wp last: the slowest under an emulated guest kernel.
-    plain.sort_by_key(|k| *k == TrackerKind::UffdWp);
+    // Synchronous uffd-wp late (the slowest under an emulated guest kernel), the ring last.
+    offered.sort_by_key(|k| (k.needs_dirty_ring(), *k == TrackerKind::UffdWp));
+    let groups = boots(b, &offered)?;
     let mut rows = Vec::new();
     let mut device_memory = String::new();
     let mut boots = 0;
-    for schedule in [
-        plain,
-        if ring {
-            vec![TrackerKind::Ring]
-        } else {
-            vec![]
-        },
-    ] {
-        if schedule.is_empty() {
-            continue;
-        }
+    for schedule in groups {
         boots += 1;
         let t = boot(b, &schedule, boots)?;
         if let Some((name, pages)) = &t.device_memory {
@@ -381,7 +406,7 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
         unsupported,
         notes: vec![
             format!(
-                "one Linux guest per boot (1 vCPU, {} MiB) with vmm-gpu-test-device passed through (vfio-user, VRAM {} MiB); each backend runs each source once, in turn, on the same running guest; the ring gets a boot of its own",
+                "one Linux guest per boot (1 vCPU, {} MiB) with vmm-gpu-test-device passed through (vfio-user, VRAM {} MiB); each backend runs each source once, in turn, on the same running guest; the ring gets a boot of its own, and backends whose agent script would not fit in the kernel command line (2047 bytes) another",
                 b.mem_mib, b.vram_mib
             ),
             format!(
@@ -496,4 +521,54 @@ pub fn render_table(r: &DeviceReport) -> String {
     let mut out = lines.join("\n");
     out.push('\n');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench(steps: u32) -> DeviceBench {
+        DeviceBench {
+            kernel: "k".into(),
+            initrd: "i".into(),
+            device_bin: "d".into(),
+            backends: Vec::new(),
+            vram_mib: 16,
+            mem_mib: 192,
+            interval: Duration::from_millis(100),
+            steps,
+            console_dir: None,
+        }
+    }
+
+    #[test]
+    fn boots_keep_order_fit_the_command_line_and_give_the_ring_its_own() {
+        use TrackerKind::*;
+        let all = [Bitmap, BitmapManual, UffdWpAsync, UffdWp, Ring];
+        for steps in [1, 3, 8] {
+            let b = bench(steps);
+            let groups = boots(&b, &all).unwrap();
+            assert_eq!(groups.concat(), all, "steps {steps}");
+            assert_eq!(groups.last().unwrap(), &vec![Ring], "steps {steps}");
+            for g in &groups {
+                assert!(cmdline(&b, g).len() <= CMDLINE_MAX, "steps {steps}: {g:?}");
+            }
+        }
+        // Each phase is in the script, marked, in order.
+        let line = cmdline(&bench(1), &[Bitmap]);
+        let marks: Vec<&str> = line.matches("devtrack:start:").collect();
+        assert_eq!(marks.len(), SOURCES.len());
+        assert_eq!(line.matches("devtrack:done").count(), SOURCES.len());
+        let script = line.split_once(guest_abi::agent::CMDLINE_KEY).unwrap().1;
+        assert!(!script.contains(' '), "{script}");
+    }
+
+    #[test]
+    fn a_phase_too_long_for_the_command_line_is_refused() {
+        let err = boots(&bench(200), &[TrackerKind::Bitmap]).unwrap_err();
+        assert!(
+            err.to_string().contains("use fewer --device-steps"),
+            "{err}"
+        );
+    }
 }

@@ -87,6 +87,8 @@ pub struct Round {
     pub truth: Option<TruthCounts>,
     /// With content truth: whether every vCPU was parked for the round.
     pub paused: Option<bool>,
+    /// With content truth: how long comparing the content took (the vCPUs stay parked).
+    pub truth_us: Option<f64>,
 }
 
 /// One stretch of the run under one backend (a scheduled workload, or the whole run).
@@ -270,13 +272,17 @@ impl Session {
             first_miss_gpa: None,
             truth: None,
             paused: None,
+            truth_us: None,
         };
         if let (Some(model), Some(pass), Some(_), false) = (&self.model, pass, &self.tracker, raw) {
             check_round(model, pass, &self.set, &mut round);
         }
         if let Some(truth) = self.truth.as_mut() {
             let reported = self.tracker.is_some().then_some(&self.set);
-            match truth.round(reported) {
+            let t0 = Instant::now();
+            let counted = truth.round(reported);
+            round.truth_us = Some(t0.elapsed().as_secs_f64() * 1e6);
+            match counted {
                 Ok(counts) => {
                     if let Some(open) = self.open.as_mut() {
                         open.truth.add(&counts);
