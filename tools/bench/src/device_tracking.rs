@@ -32,7 +32,7 @@ const BDF: &str = "00:01.0";
 /// The x86 kernel keeps the first 2047 bytes of its command line (COMMAND_LINE_SIZE 2048) and
 /// drops the rest silently: a longer agent script would just stop. Phases that do not fit go
 /// to another boot.
-const CMDLINE_MAX: usize = 2047;
+const CMDLINE_MAX: usize = vmm::boot::linux::KERNEL_KEEPS_CMDLINE;
 /// The write sources, in the order each backend sees them.
 pub const SOURCES: [(&str, &str); 3] = [
     (
@@ -96,6 +96,10 @@ pub struct DeviceReport {
     pub boots: u32,
     pub device_memory: String,
     pub vram_mib: u64,
+    /// Median time a round spent comparing content, with the vCPUs parked (ms).
+    pub round_compare_ms: f64,
+    /// Rounds for which the vCPUs could not be parked (counted all the same).
+    pub unparked_rounds: u64,
     pub rows: Vec<DeviceRow>,
     pub unsupported: Vec<super::Unsupported>,
     pub notes: Vec<String>,
@@ -384,9 +388,18 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
     let mut rows = Vec::new();
     let mut device_memory = String::new();
     let mut boots = 0;
+    let mut compare_ms = Vec::new();
+    let mut unparked_rounds = 0;
     for schedule in groups {
         boots += 1;
         let t = boot(b, &schedule, boots)?;
+        compare_ms.extend(
+            t.rounds
+                .iter()
+                .filter_map(|r| r.truth_us)
+                .map(|us| us / 1000.0),
+        );
+        unparked_rounds += t.rounds.iter().filter(|r| r.paused == Some(false)).count() as u64;
         if let Some((name, pages)) = &t.device_memory {
             device_memory = format!("{name}, {pages} pages mapped");
         }
@@ -402,6 +415,8 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
         boots,
         device_memory,
         vram_mib: b.vram_mib,
+        round_compare_ms: super::median(&compare_ms),
+        unparked_rounds,
         rows,
         unsupported,
         notes: vec![
@@ -417,6 +432,10 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
             "source memory (*): the memory the phase's source writes; the other rows of a phase are the guest's background".into(),
             "vram coverage: only the KVM bitmap backends are asked to log VRAM (KVM_MEM_LOG_DIRTY_PAGES on its DeviceBar memslots); the others watch guest RAM only".into(),
             "figures are from one run; nothing is expected of them".into(),
+            format!(
+                "each round's comparison took {:.1} ms (median) with the vCPUs parked; {unparked_rounds} round(s) could not park them (a race then can move a vCPU write between rounds)",
+                super::median(&compare_ms)
+            ),
         ],
     })
 }
