@@ -29,7 +29,7 @@ use devices::pci::{
     BarRange, BarSlot, ConfigError, ConfigEvent, PciAddress, PciDevice, PciEvents, PlacementRequest,
 };
 
-use crate::vstate::resources::addresses::{self, AddressError, BarKind, BarPlacement, BarRequest};
+use crate::vstate::resources::addresses::{AddressError, BarKind, BarPlacement, BarRequest};
 use crate::vstate::resources::memslots::{MemSlotError, SlotKind};
 use crate::vstate::vm::Vm;
 
@@ -156,10 +156,6 @@ impl std::fmt::Debug for BarMappings {
 
 /// The address map's request for a BAR the function describes.
 fn request_of(r: &PlacementRequest) -> BarRequest {
-    let slot = match r.slot {
-        BarSlot::Bar(i) => addresses::BarSlot::Bar(i),
-        BarSlot::Rom => addresses::BarSlot::Rom,
-    };
     let kind = if r.io {
         BarKind::Io
     } else if r.is_64bit {
@@ -170,16 +166,9 @@ fn request_of(r: &PlacementRequest) -> BarRequest {
         BarKind::Mem32
     };
     BarRequest {
-        slot,
+        slot: r.slot,
         kind,
         size: r.size,
-    }
-}
-
-fn slot_of(s: addresses::BarSlot) -> BarSlot {
-    match s {
-        addresses::BarSlot::Bar(i) => BarSlot::Bar(i),
-        addresses::BarSlot::Rom => BarSlot::Rom,
     }
 }
 
@@ -259,7 +248,7 @@ impl BarMappings {
         {
             let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
             for p in placed {
-                let slot = slot_of(p.request.slot);
+                let slot = p.request.slot;
                 dev.set_bar_address(slot, p.range.base)
                     .map_err(|source| BarError::SetAddress {
                         device: name.to_string(),
@@ -271,7 +260,7 @@ impl BarMappings {
         }
         let mut inserted: Vec<(bool, u64)> = Vec::new();
         for p in placed {
-            let slot = slot_of(p.request.slot);
+            let slot = p.request.slot;
             let io = p.request.kind == BarKind::Io && matches!(slot, BarSlot::Bar(_));
             let range = Arc::new(Mutex::new(BarRange::new(device.clone(), slot)));
             let (bus, bus_name) = self.bus(io);
@@ -292,7 +281,7 @@ impl BarMappings {
             inserted.push((io, p.range.base));
         }
         for p in placed {
-            let slot = slot_of(p.request.slot);
+            let slot = p.request.slot;
             let io = p.request.kind == BarKind::Io && matches!(slot, BarSlot::Bar(_));
             self.bars.insert(
                 (function, slot),
