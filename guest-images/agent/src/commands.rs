@@ -7,9 +7,10 @@ use std::thread;
 use std::time::Duration;
 
 use crate::children::{describe_status, Reaper};
+use crate::gpu::Gpus;
 use crate::script::{parse_command, split_script, Command};
 use crate::workload::{Started, Workloads};
-use crate::{blk, say, sysinfo};
+use crate::{blk, pci, say, sysinfo};
 
 /// What the caller should do after a command.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,6 +25,7 @@ pub struct Agent {
     pid1: bool,
     reaper: Option<Arc<Reaper>>,
     workloads: Workloads,
+    gpus: Gpus,
 }
 
 impl Agent {
@@ -32,6 +34,7 @@ impl Agent {
             pid1,
             reaper,
             workloads: Workloads::new(),
+            gpus: Gpus::default(),
         }
     }
 
@@ -107,6 +110,8 @@ impl Agent {
                 Ok(format!("sleep ms={ms}"))
             }
             Command::Sh => self.shell(),
+            Command::PciList => pci_list(),
+            Command::Vfio(cmd) => self.gpus.run(cmd),
             Command::Poweroff | Command::Reboot => return self.power_off(name),
         };
         match result {
@@ -171,6 +176,15 @@ fn reclaim_terminal() {
     }
 }
 
+/// One `AGENT: pci-list BDF ...` line per function, then the count (or an error) on the result line.
+fn pci_list() -> Result<String, String> {
+    let functions = pci::list(std::path::Path::new(pci::SYSFS_PCI_DEVICES))?;
+    for f in &functions {
+        say!("pci-list {f}");
+    }
+    Ok(format!("pci-list count={}", functions.len()))
+}
+
 fn command_name(cmd: &Command) -> &'static str {
     match cmd {
         Command::Cpus => "cpus",
@@ -185,5 +199,7 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::Sh => "sh",
         Command::Poweroff => "poweroff",
         Command::Reboot => "reboot",
+        Command::PciList => "pci-list",
+        Command::Vfio(cmd) => cmd.name(),
     }
 }

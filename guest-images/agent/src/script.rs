@@ -5,6 +5,7 @@ use std::fmt;
 
 use guest_abi::agent::CMDLINE_KEY;
 
+use crate::gpu::{self, GpuCommand};
 use crate::workload::{Pattern, Spec};
 
 /// One agent command (see the crate docs for what each prints).
@@ -33,6 +34,8 @@ pub enum Command {
     Sh,
     Poweroff,
     Reboot,
+    PciList,
+    Vfio(GpuCommand),
 }
 
 /// A command that could not be parsed: printed as `AGENT: error <cmd>: <reason>`.
@@ -169,6 +172,8 @@ pub fn parse_command(text: &str) -> Result<Command, ParseError> {
         "sh" => want(0).map(|()| Command::Sh)?,
         "poweroff" => want(0).map(|()| Command::Poweroff)?,
         "reboot" => want(0).map(|()| Command::Reboot)?,
+        "pci-list" => want(0).map(|()| Command::PciList)?,
+        n if n.starts_with("vfio-") => Command::Vfio(gpu::parse(n, &args).map_err(err)?),
         _ => return Err(err("unknown command".into())),
     };
     Ok(cmd)
@@ -269,12 +274,23 @@ mod tests {
         assert_eq!(ok("sh"), Command::Sh);
         assert_eq!(ok("poweroff"), Command::Poweroff);
         assert_eq!(ok("reboot"), Command::Reboot);
+        assert_eq!(ok("pci-list"), Command::PciList);
+        assert!(matches!(ok("vfio-msix, 00:01.0 ,8"), Command::Vfio(_)));
     }
 
     #[test]
     fn reports_bad_commands() {
         let err = |s| parse_command(s).expect_err(s).to_string();
         assert_eq!(err("frobnicate,1"), "error frobnicate: unknown command");
+        assert_eq!(err("vfio-frob,1"), "error vfio-frob: unknown command");
+        assert_eq!(
+            err("vfio-dma,00:01.0"),
+            "error vfio-dma: takes BDF,BYTES, got 1 argument(s)"
+        );
+        assert_eq!(
+            err("pci-list,x"),
+            "error pci-list: takes 0 argument(s), got 1"
+        );
         assert_eq!(err("cpus,1"), "error cpus: takes 0 argument(s), got 1");
         assert_eq!(
             err("blkread,/dev/vda,x,1"),

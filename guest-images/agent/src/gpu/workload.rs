@@ -1,0 +1,221 @@
+//! `vfio-workload`: the device's own engines left running: the page writer stamping guest
+//! pages (device DMA into RAM that the guest CPU never writes), or the VRAM kernel filling a
+//! VRAM range pass after pass. Stop checks what they left.
+
+use std::time::Instant;
+
+use super::regs::*;
+use super::session::{Session, WAIT};
+use crate::pagemap::{longest_run, DmaBuffer};
+
+/// Pages the page writer's window may span: the longest physically contiguous run found in a
+/// buffer of `WINDOW_SEARCH` times as many pages (the device writes a contiguous IOVA range).
+pub const WINDOW_PAGES: usize = 256;
+const WINDOW_SEARCH: usize = 4;
+/// The VRAM range the kernel fills: the first MiB (or all of a smaller VRAM).
+pub const KERNEL_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dma,
+    Vram,
+}
+
+pub enum Workload {
+    Pages {
+        buf: DmaBuffer,
+        /// The buffer pages the window covers, in IOVA order.
+        window: Vec<usize>,
+        started: Instant,
+    },
+    Kernel {
+        len: u64,
+        pattern: u32,
+        started: Instant,
+    },
+}
+
+/// What the page writer leaves in window page `k` of `pages` after `written` writes: the
+/// sequence number of the last write to it (writes go round the window from 1) and the magic;
+/// zeros if it was never written.
+pub fn expected_stamp(k: u64, pages: u64, written: u64) -> (u64, u64) {
+    if pages == 0 || written <= k {
+        return (0, 0);
+    }
+    (k + 1 + pages * ((written - 1 - k) / pages), PW_MAGIC)
+}
+
+pub fn start(s: &mut Session, kind: Kind, rate: u32) -> Result<String, String> {
+    s.require_test_device()?;
+    if s.workload.is_some() {
+        return Err(format!("a workload runs on {}: stop it first", s.bdf()));
+    }
+    let seed = s.next_seed();
+    let (workload, line) = match kind {
+        Kind::Dma => {
+            let page = crate::pagemap::page_size();
+            let buf = DmaBuffer::new(WINDOW_PAGES * WINDOW_SEARCH * page)?;
+            let (first, window) =
+                longest_run(buf.pfns(), WINDOW_PAGES).ok_or("no pages in the buffer")?;
+            let base = first * page as u64;
+            s.write64(PW_BASE_LO, base)?;
+            s.write(PW_PAGES, window.len() as u32)?;
+            s.write(PW_STRIDE, 1)?;
+            s.write(PW_RATE, rate)?;
+            s.write(PW_LIMIT, 0)?;
+            if let Err(e) = s.write(PW_CTRL, CTRL_START) {
+                // Maybe started anyway: the pages must never be reused while it may write.
+                std::mem::forget(buf);
+                return Err(e);
+            }
+            let line = format!(
+                "vfio-workload {} started=dma pages={} base={base:#x} rate={rate}",
+                s.bdf(),
+                window.len()
+            );
+            let started = Instant::now();
+            (
+                Workload::Pages {
+                    buf,
+                    window,
+                    started,
+                },
+                line,
+            )
+        }
+        Kind::Vram => {
+            if rate != 0 {
+                return Err("the VRAM kernel takes no rate".into());
+            }
+            let len = KERNEL_BYTES.min(s.vram_size()?);
+            // Odd, and different at each start, so a stale fill never passes.
+            let pattern = (seed as u32).wrapping_mul(0x9e37_79b1) | 1;
+            s.write64(K_OFFSET_LO, 0)?;
+            s.write64(K_LEN_LO, len)?;
+            s.write(K_PATTERN, pattern)?;
+            s.write(K_CTRL, CTRL_START)?;
+            let line = format!(
+                "vfio-workload {} started=vram offset=0x0 bytes={len} pattern={pattern:#010x}",
+                s.bdf()
+            );
+            let started = Instant::now();
+            (
+                Workload::Kernel {
+                    len,
+                    pattern,
+                    started,
+                },
+                line,
+            )
+        }
+    };
+    s.workload = Some(workload);
+    Ok(line)
+}
+
+pub fn stop(s: &mut Session) -> Result<String, String> {
+    let workload = s
+        .workload
+        .take()
+        .ok_or_else(|| format!("no workload runs on {}", s.bdf()))?;
+    match workload {
+        Workload::Pages {
+            buf,
+            window,
+            started,
+        } => {
+            if let Err(e) = s.write(PW_CTRL, CTRL_STOP) {
+                // It may still be writing: the pages must never be reused.
+                std::mem::forget(buf);
+                return Err(e);
+            }
+            let ms = started.elapsed().as_millis();
+            let status = s.read(PW_STATUS)?;
+            let written = s.read64(PW_WRITTEN_LO)?;
+            if status != STATUS_DONE {
+                return Err(format!(
+                    "page writer status {status:#x} ({}) after {written} writes",
+                    status_name(status)
+                ));
+            }
+            buf.check_frames()?;
+            let pages = window.len() as u64;
+            let page = buf.page_bytes();
+            let mut bad = Vec::new();
+            for (k, &p) in window.iter().enumerate() {
+                let got = (buf.read_u64(p * page), buf.read_u64(p * page + 8));
+                let (seq, magic) = expected_stamp(k as u64, pages, written);
+                if got != (Some(seq), Some(magic)) {
+                    bad.push((k, got));
+                }
+            }
+            if let Some((k, (seq, magic))) = bad.first() {
+                return Err(format!(
+                    "after {written} writes {} of {pages} pages are wrong; first: page {k} \
+                     seq={seq:?} magic={magic:x?}",
+                    bad.len()
+                ));
+            }
+            Ok(format!(
+                "vfio-workload {} stopped=dma written={written} pages={pages} ok=true ms={ms}",
+                s.bdf()
+            ))
+        }
+        Workload::Kernel {
+            len,
+            pattern,
+            started,
+        } => {
+            // A stop mid-way through the first pass would leave old VRAM behind it.
+            let deadline = Instant::now() + WAIT;
+            while s.read(K_PASSES)? == 0 && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            s.write(K_CTRL, CTRL_STOP)?;
+            let ms = started.elapsed().as_millis();
+            let status = s.read(K_STATUS)?;
+            let passes = s.read(K_PASSES)?;
+            if status != STATUS_DONE || passes == 0 {
+                return Err(format!(
+                    "VRAM kernel status {status:#x} ({}) after {passes} passes",
+                    status_name(status)
+                ));
+            }
+            let bytes = usize::try_from(len).map_err(|_| "bad length")?;
+            let map = s.dev.map(&s.vram, 0, bytes)?;
+            let word = u64::from(pattern) << 32 | u64::from(pattern);
+            let bad = (0..bytes / 8)
+                .filter(|&i| map.read_u64(8 * i) != word)
+                .count();
+            if bad != 0 {
+                return Err(format!(
+                    "after {passes} passes {bad} of {} words differ from {pattern:#010x}",
+                    bytes / 8
+                ));
+            }
+            Ok(format!(
+                "vfio-workload {} stopped=vram passes={passes} bytes={len} \
+                 pattern={pattern:#010x} ok=true ms={ms}",
+                s.bdf()
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predicts_the_page_writers_stamps() {
+        // 3 pages, 7 writes: page 0 got writes 1, 4, 7; page 1 got 2, 5; page 2 got 3, 6.
+        assert_eq!(expected_stamp(0, 3, 7), (7, PW_MAGIC));
+        assert_eq!(expected_stamp(1, 3, 7), (5, PW_MAGIC));
+        assert_eq!(expected_stamp(2, 3, 7), (6, PW_MAGIC));
+        // Fewer writes than pages: the rest were never touched.
+        assert_eq!(expected_stamp(1, 3, 1), (0, 0));
+        assert_eq!(expected_stamp(0, 3, 1), (1, PW_MAGIC));
+        assert_eq!(expected_stamp(0, 3, 0), (0, 0));
+        assert_eq!(expected_stamp(0, 0, 5), (0, 0));
+    }
+}
