@@ -49,6 +49,8 @@
 //!   transfers=T irqs=T fnv64=<16 hex>`.
 //! - `vfio-msix,BDF,COUNT` -> `AGENT: vfio-msix BDF count=C received=C vectors=V
 //!   source=device|loopback [device_irqs=C] elapsed_ns=NS ok=true`.
+//! - `vfio-bench,BDF[,ITERATIONS]` -> `AGENT: vfio-bench BDF iterations=N ... ok=true`: mapped
+//!   vs trapped BAR access, MSI-X latency, DMA throughput against memcpy (`gpu::bench`).
 //! - `vfio-workload,BDF,start,dma[,RATE]` | `vfio-workload,BDF,start,vram` |
 //!   `vfio-workload,BDF,stop`: the device's page writer or VRAM kernel (see `gpu`).
 //!

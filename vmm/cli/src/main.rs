@@ -83,6 +83,10 @@ enum BenchCommand {
     /// fault latency against an eager restore, 1 to 4 vCPUs, pinned or free, in-process or
     /// page-server handler. Prints a table; --json and --svg for the rest.
     Demand(bench_cli::DemandArgs),
+    /// What a passed-through device costs the guest (the gpu-test-device over vfio-user, the
+    /// Linux test guest's agent): mapped vs trapped BAR access, MSI-X latency, DMA throughput
+    /// against memcpy, DMA-map time per GiB. Prints a table; --json for the rest.
+    Passthrough(bench_cli::PassthroughArgs),
 }
 
 #[derive(Args)]
@@ -516,6 +520,7 @@ fn main() {
         Command::Backends { json } => backends(json),
         Command::Bench(BenchCommand::Tracking(a)) => bench_cli::tracking(a),
         Command::Bench(BenchCommand::Demand(a)) => bench_cli::demand(a),
+        Command::Bench(BenchCommand::Passthrough(a)) => bench_cli::passthrough(a),
         Command::Remote(a) => remote_cli::remote(a),
         Command::Probe { args } => probe(&args),
         Command::Snapshot {

@@ -4,6 +4,7 @@
 
 pub const ID: u64 = 0x000;
 pub const ID_VALUE: u32 = 0x4750_5554;
+pub const SCRATCH: u64 = 0x008;
 pub const VRAM_SIZE_LO: u64 = 0x010;
 
 pub const IRQ_ENABLE: u64 = 0x020;
@@ -40,6 +41,7 @@ pub const K_PASSES: u64 = 0x31c;
 pub const CTRL_STOP: u32 = 0;
 pub const CTRL_START: u32 = 1;
 
+pub const STATUS_BUSY: u32 = 1;
 pub const STATUS_DONE: u32 = 2;
 
 /// The `_HI` half of a `_LO` register.
@@ -51,7 +53,7 @@ pub const fn hi(lo: u64) -> u64 {
 pub fn status_name(status: u32) -> &'static str {
     match status {
         0 => "idle",
-        1 => "busy",
+        STATUS_BUSY => "busy",
         STATUS_DONE => "done",
         0x10 => "unmapped IOVA",
         0x11 => "VRAM range",
@@ -73,6 +75,7 @@ mod tests {
     fn matches_the_device_crate() {
         let pairs: &[(u64, u64)] = &[
             (super::ID, dev::ID),
+            (super::SCRATCH, dev::SCRATCH),
             (super::VRAM_SIZE_LO, dev::VRAM_SIZE_LO),
             (super::hi(super::VRAM_SIZE_LO), dev::VRAM_SIZE_HI),
             (super::IRQ_ENABLE, dev::IRQ_ENABLE),
@@ -117,6 +120,7 @@ mod tests {
             (super::DIR_VRAM_TO_RAM, dev::DIR_VRAM_TO_RAM),
             (super::CTRL_STOP, dev::CTRL_STOP),
             (super::CTRL_START, dev::CTRL_START),
+            (super::STATUS_BUSY, dev::STATUS_BUSY),
             (super::STATUS_DONE, dev::STATUS_DONE),
             (super::BAR_VRAM, pci::VRAM_BAR),
         ];
