@@ -128,12 +128,15 @@ pub struct DmaJob {
 
 /// Runs one transfer, then records its outcome and raises the completion interrupt.
 pub fn run_dma(shared: &Shared, job: DmaJob) {
+    let start = Instant::now();
     let status = copy(shared, job).err().unwrap_or(STATUS_DONE);
+    let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     {
         let mut regs = lock(&shared.regs);
         regs.dma_status = status;
         if status == STATUS_DONE {
             regs.dma_completions += 1;
+            regs.dma_last_ns = ns;
         } else {
             regs.dma_errors += 1;
         }

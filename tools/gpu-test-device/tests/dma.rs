@@ -100,6 +100,10 @@ fn dma_round_trip_is_byte_exact() {
     assert_eq!(ram_bytes(&ram, (2 << 20) + 3 + len as u64, 1), [0]);
     assert_eq!(read32(&mut client, regs::DMA_COMPLETIONS), 2);
     assert_eq!(read32(&mut client, regs::DMA_ERRORS), 0);
+    // The engine timed the copy on its own clock.
+    let ns = u64::from(read32(&mut client, regs::DMA_LAST_NS_LO))
+        | u64::from(read32(&mut client, regs::DMA_LAST_NS_HI)) << 32;
+    assert!(ns > 0, "DMA_LAST_NS is 0 after a transfer");
 }
 
 #[test]

@@ -20,6 +20,7 @@ pub const DIR_RAM_TO_VRAM: u32 = 0;
 pub const DIR_VRAM_TO_RAM: u32 = 1;
 pub const DMA_DOORBELL: u64 = 0x11c;
 pub const DMA_STATUS: u64 = 0x120;
+pub const DMA_LAST_NS_LO: u64 = 0x130;
 
 pub const PW_BASE_LO: u64 = 0x200;
 pub const PW_PAGES: u64 = 0x208;
@@ -90,6 +91,8 @@ mod tests {
             (super::DMA_DIR, dev::DMA_DIR),
             (super::DMA_DOORBELL, dev::DMA_DOORBELL),
             (super::DMA_STATUS, dev::DMA_STATUS),
+            (super::DMA_LAST_NS_LO, dev::DMA_LAST_NS_LO),
+            (super::hi(super::DMA_LAST_NS_LO), dev::DMA_LAST_NS_HI),
             (super::PW_BASE_LO, dev::PW_BASE_LO),
             (super::hi(super::PW_BASE_LO), dev::PW_BASE_HI),
             (super::PW_PAGES, dev::PW_PAGES),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// The figures every run must yield: (key, what it is, unit). Keys are the agent's, but
 /// `dma_map_ms_per_gib`, which vmm's run report gives.
-pub const FIGURES: [(&str, &str, &str); 11] = [
+pub const FIGURES: [(&str, &str, &str); 13] = [
     ("mapped_read_ns", "mapped BAR read (VRAM mmap)", "ns"),
     ("trapped_read_ns", "trapped BAR read (BAR0 SCRATCH)", "ns"),
     ("mapped_write_ns", "mapped BAR write", "ns"),
@@ -21,6 +21,16 @@ pub const FIGURES: [(&str, &str, &str); 11] = [
     ),
     ("dma_to_ram_mib_s", "DMA VRAM -> guest RAM", "MiB/s"),
     ("dma_to_vram_mib_s", "DMA guest RAM -> VRAM", "MiB/s"),
+    (
+        "dma_to_ram_device_mib_s",
+        "DMA VRAM -> guest RAM, the device's own clock",
+        "MiB/s",
+    ),
+    (
+        "dma_to_vram_device_mib_s",
+        "DMA guest RAM -> VRAM, the device's own clock",
+        "MiB/s",
+    ),
     ("memcpy_mib_s", "memcpy in guest RAM, same size", "MiB/s"),
     (
         "dma_map_ms_per_gib",
@@ -30,7 +40,7 @@ pub const FIGURES: [(&str, &str, &str); 11] = [
 ];
 
 /// The ratios of the table: (label, numerator key, denominator key).
-pub const RATIOS: [(&str, &str, &str); 4] = [
+pub const RATIOS: [(&str, &str, &str); 6] = [
     ("trapped / mapped read", "trapped_read_ns", "mapped_read_ns"),
     (
         "trapped / mapped write",
@@ -39,6 +49,16 @@ pub const RATIOS: [(&str, &str, &str); 4] = [
     ),
     ("DMA -> RAM / memcpy", "dma_to_ram_mib_s", "memcpy_mib_s"),
     ("DMA -> VRAM / memcpy", "dma_to_vram_mib_s", "memcpy_mib_s"),
+    (
+        "DMA -> RAM (device clock) / memcpy",
+        "dma_to_ram_device_mib_s",
+        "memcpy_mib_s",
+    ),
+    (
+        "DMA -> VRAM (device clock) / memcpy",
+        "dma_to_vram_device_mib_s",
+        "memcpy_mib_s",
+    ),
 ];
 
 /// Printed where no kernel VFIO device was given.
@@ -241,7 +261,7 @@ mod tests {
         write_ratio=426539.00 access_ms=478 msix_samples=200 msix_p50_ns=4516686.00 \
         msix_p90_ns=7122678.00 doorbell_p50_ns=225066.00 msix_ms=2080 dma_contig=pagemap-run \
         dma_bytes=4100096 dma_completion=poll dma_to_ram_mib_s=6340.67 \
-        dma_to_vram_mib_s=5636.24 memcpy_mib_s=46898.99 to_ram_vs_memcpy=0.14 \
+        dma_to_vram_mib_s=5636.24 dma_to_ram_device_mib_s=9000.5 dma_to_vram_device_mib_s=8000.25 memcpy_mib_s=46898.99 to_ram_vs_memcpy=0.14 \
         to_vram_vs_memcpy=0.12 dma_ms=19782 elapsed_ms=22365 ok=true";
 
     #[test]

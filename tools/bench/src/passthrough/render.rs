@@ -103,7 +103,7 @@ mod tests {
         let line = "vfio-bench x ok=true trapped_via=mmap mapped_read_ns=0.5 \
             trapped_read_ns=100000 mapped_write_ns=0.25 trapped_write_ns=90000 \
             msix_p50_ns=4e6 msix_p90_ns=7e6 doorbell_p50_ns=2e5 dma_to_ram_mib_s=6000 \
-            dma_to_vram_mib_s=5000 memcpy_mib_s=40000 dma_contig=pagemap-run dma_bytes=4096";
+            dma_to_vram_mib_s=5000 dma_to_ram_device_mib_s=9000 dma_to_vram_device_mib_s=8000 memcpy_mib_s=40000 dma_contig=pagemap-run dma_bytes=4096";
         let s = RunSample::parse(line, 0.4).expect("line");
         let (figures, ratios) = reduce(&[s]);
         PassthroughBenchReport {
