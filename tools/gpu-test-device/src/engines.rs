@@ -222,7 +222,11 @@ fn write_pages(shared: &Shared, job: PageWriterJob, stop: &AtomicBool) -> Result
         if stop.load(Ordering::Relaxed) {
             return Ok(true);
         }
-        let iova = job.base + (written % chosen) * stride * PAGE_SIZE;
+        // Guest-chosen base, pages and stride: a window past 2^64 is invalid, not a panic.
+        let iova = ((written % chosen) * stride)
+            .checked_mul(PAGE_SIZE)
+            .and_then(|off| job.base.checked_add(off))
+            .ok_or(STATUS_ERR_INVALID)?;
         let mut stamp = [0u8; 16];
         stamp[..8].copy_from_slice(&(written + 1).to_le_bytes());
         stamp[8..].copy_from_slice(&PW_MAGIC.to_le_bytes());

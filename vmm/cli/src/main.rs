@@ -515,6 +515,9 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = vmm::host::raise_fd_limit() {
+        eprintln!("vmm: warning: raising the open-file limit: {e}");
+    }
     let code = match cli.command {
         Command::Run(a) => run(*a, start),
         Command::Backends { json } => backends(json),

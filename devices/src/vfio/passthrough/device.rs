@@ -103,6 +103,9 @@ pub struct MappedPiece {
     pub bar_offset: u64,
     pub size: u64,
     pub host_addr: usize,
+    /// Mapped read-only when false: the owner must not give it to the guest as a writable
+    /// memslot (a guest write would fault the vCPU), so it leaves such a piece trapped.
+    pub writable: bool,
 }
 
 /// Lets the `Box<dyn PassthroughRoutes>` be passed where `&mut dyn VectorRoutes` is asked.
@@ -287,6 +290,7 @@ impl PassthroughDevice {
                     bar_offset: p.bar_offset,
                     size: p.size,
                     host_addr: map.addr(),
+                    writable: p.writable,
                 };
                 self.maps.push((piece, map));
             }
@@ -371,7 +375,10 @@ impl PassthroughDevice {
         let enable = control & MSIX_ENABLE != 0;
         let mut errors = Vec::new();
         if enable && !self.msix_irqs {
-            let fds: Vec<&EventFd> = self.eventfds.iter().collect();
+            // As many as the table has: `eventfds` is sized for MSI too, which may have more,
+            // and VFIO refuses more eventfds than the index's count.
+            let vectors = usize::from(msix.layout().vectors);
+            let fds: Vec<&EventFd> = self.eventfds.iter().take(vectors).collect();
             match self.transport.enable_irqs(MSIX_IRQ, &fds) {
                 Ok(()) => self.msix_irqs = true,
                 Err(e) => errors.push(transport("enabling MSI-X")(e)),
@@ -428,7 +435,8 @@ impl PassthroughDevice {
     }
 
     /// Turns MSI-X and MSI off and unmaps DMA; what Drop does, callable earlier to see the
-    /// errors.
+    /// errors. The BAR pieces stay mapped until Drop: the owner's memslots may still point at
+    /// them (it removes those before dropping the device).
     pub fn teardown(&mut self) -> Vec<PassthroughError> {
         if std::mem::take(&mut self.msix_irqs) {
             if let Err(e) = self.transport.disable_irqs(MSIX_IRQ) {
@@ -442,7 +450,6 @@ impl PassthroughDevice {
         }
         self.unmap_dma();
         self.memory = None;
-        self.maps.clear();
         self.take_errors()
     }
 }
@@ -450,6 +457,7 @@ impl PassthroughDevice {
 impl Drop for PassthroughDevice {
     fn drop(&mut self) {
         self.teardown();
+        self.maps.clear();
     }
 }
 

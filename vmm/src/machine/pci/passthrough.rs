@@ -244,8 +244,18 @@ pub fn attach(
         }
     };
     for piece in &pieces {
-        // SAFETY: the piece is mapped by the device, which lives (in `Attached`) until
-        // `detach` has removed the function's memslots.
+        if !piece.writable {
+            // A writable memslot over a read-only mapping faults the vCPU on a guest write;
+            // trapped, the write goes to the transport, which refuses it as the device would.
+            tracing::debug!(
+                "{name}: {} +{:#x} is read-only: left trapped",
+                piece.slot,
+                piece.bar_offset
+            );
+            continue;
+        }
+        // SAFETY: the piece is mapped by the device and stays mapped until the device drops;
+        // `Attached` holds the device and its Drop removes the function's memslots first.
         let mapped = unsafe {
             pci.bars().map(
                 function,
