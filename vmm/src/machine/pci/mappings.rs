@@ -37,8 +37,8 @@ const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BarError {
-    /// Boxed: address errors are large.
-    #[error("placing the BARs of {device}: {source}")]
+    /// Boxed: address errors are large. The address map's message names the device.
+    #[error("placing the BARs: {source}")]
     Place {
         device: String,
         #[source]
