@@ -361,8 +361,29 @@ impl PassthroughDevice {
         }
         let r = self.transport.reset();
         first = first.and(r.map_err(transport("device reset")));
+        self.drain_eventfds();
         let _ = self.shadow.cfg.write(crate::pci::config::COMMAND, &[0, 0]);
         first
+    }
+
+    /// Clears every vector's eventfd count once the transport has them no more: a signal left
+    /// from before an MSI-X/MSI disable or a reset must not be delivered as a spurious
+    /// interrupt when the guest enables and unmasks the vector again. Polled first, so an
+    /// owner's blocking eventfd never blocks here.
+    fn drain_eventfds(&self) {
+        use std::os::fd::AsRawFd;
+        for evt in &self.eventfds {
+            let mut pfd = libc::pollfd {
+                fd: evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one valid fd (the eventfd lives in `self`) with no timeout.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if ready == 1 && pfd.revents & libc::POLLIN != 0 {
+                let _ = evt.read();
+            }
+        }
     }
 
     /// After a guest write touched the MSI-X capability: eventfds to the transport first when
@@ -389,7 +410,10 @@ impl PassthroughDevice {
         }
         if !enable && self.msix_irqs {
             match self.transport.disable_irqs(MSIX_IRQ) {
-                Ok(()) => self.msix_irqs = false,
+                Ok(()) => {
+                    self.msix_irqs = false;
+                    self.drain_eventfds();
+                }
                 Err(e) => errors.push(transport("disabling MSI-X")(e)),
             }
         }
