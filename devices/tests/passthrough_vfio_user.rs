@@ -298,3 +298,46 @@ fn the_gpu_test_device_passes_through_over_vfio_user() {
     drop(dev);
     drop::<File>(file);
 }
+
+/// A server that stops answering (SIGSTOP) makes the call in flight fail within the reply
+/// timeout; when it resumes, its late reply is never taken for the next call's: the
+/// connection is lost, and every later call says so at once.
+#[test]
+fn a_server_that_stops_answering_loses_the_connection_for_good() {
+    let Some(bin) = binary() else {
+        eprintln!("skip: vmm-gpu-test-device not built (cargo build -p gpu-test-device)");
+        return;
+    };
+    let server = Server::start(&bin);
+    let t = UserTransport::connect(&server.socket).expect("connect");
+    let mut dev = PassthroughDevice::new(Box::new(t), Box::new(Routes::default())).expect("device");
+    assert_eq!(reg(&mut dev, regs::ID), regs::ID_VALUE);
+
+    let pid = server.child.id() as libc::pid_t;
+    // SAFETY: signals the child this test spawned and still owns.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let start = Instant::now();
+    assert_eq!(reg(&mut dev, regs::ID), u32::MAX, "no answer: all-ones");
+    let waited = start.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert!(waited < Duration::from_secs(30), "waited {waited:?}");
+
+    // The server answers the stale read now; the next access must not take that reply.
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    assert_eq!(reg(&mut dev, regs::SCRATCH), u32::MAX);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "a lost connection waited again"
+    );
+    let errors: Vec<String> = dev
+        .take_errors()
+        .iter()
+        .map(|e| devices::vfio::passthrough::chain(e))
+        .collect();
+    assert!(
+        errors.iter().any(|e| e.contains("lost earlier")),
+        "{errors:#?}"
+    );
+}

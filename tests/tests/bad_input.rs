@@ -106,3 +106,23 @@ fn usage_errors_exit_2() {
     run.assert_no_panic();
     assert_eq!(run.code(), Some(2));
 }
+
+/// A command line longer than the kernel takes (x86: 2047 bytes) would be cut by the kernel
+/// without a word, dropping the end of an agent script: refused, naming both lengths.
+#[test]
+fn a_command_line_the_kernel_would_truncate() {
+    let img = vmm_tests::images();
+    let script = vec!["echo,padding-padding-padding-padding"; 80].join(";");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            img.kernel.to_str().unwrap(),
+            "--initrd",
+            img.initramfs.to_str().unwrap(),
+            "--agent",
+            &script,
+        ],
+        "but this kernel takes at most 2047",
+    );
+}

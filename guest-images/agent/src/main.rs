@@ -38,6 +38,23 @@
 //! - `echo,TEXT` -> `AGENT: echo TEXT` (TEXT may contain commas).
 //! - `sleep,MS` -> sleeps, then `AGENT: sleep ms=MS`.
 //! - `sh` -> runs `/bin/sh` on the console and waits for it: `AGENT: sh exit=N`.
+//! - `pci-list` -> `AGENT: pci-list BDF vendor=0x.... device=0x.... class=0x...... driver=NAME|none
+//!   [barN=0xADDR+0xSIZE:mem32|mem64|io[:pf][:unset]]... msix=N|none [msix_table=barB+0xOFF]
+//!   msi=N|none` per function, then `AGENT: pci-list count=N`.
+//! - `vfio-bind,BDF` -> `AGENT: vfio-bind BDF driver=vfio-pci group=/dev/vfio/noiommu-N
+//!   previous=DRIVER|none`.
+//! - `vfio-dma,BDF,BYTES` -> `AGENT: vfio-dma BDF bytes=N ok=true transfers=T irqs=T
+//!   device_irqs=T elapsed_ns=NS fnv64=<16 hex>`.
+//! - `vfio-vram,BDF,OFFSET,BYTES` -> `AGENT: vfio-vram BDF offset=0x.. bytes=N mmap=ok dma=ok
+//!   transfers=T irqs=T fnv64=<16 hex>`.
+//! - `vfio-msix,BDF,COUNT` -> `AGENT: vfio-msix BDF count=C received=C vectors=V
+//!   source=device|loopback [device_irqs=C] elapsed_ns=NS ok=true`.
+//! - `vfio-bench,BDF[,ITERATIONS]` -> `AGENT: vfio-bench BDF iterations=N ... ok=true`: mapped
+//!   vs trapped BAR access, MSI-X latency, DMA throughput against memcpy (`gpu::bench`).
+//! - `vfio-workload,BDF,start,dma[,RATE]` | `vfio-workload,BDF,start,vram` |
+//!   `vfio-workload,BDF,stop`: the device's page writer or VRAM kernel (see `gpu`).
+//!
+//!   README.md says what each `vfio-*` command does; any failure is `AGENT: error vfio-...`.
 //! - `poweroff`, `reboot` -> `sync()`, `AGENT: poweroff` (or `reboot`), then
 //!   `reboot(RB_AUTOBOOT)`: with `reboot=k` on the kernel command line that is a keyboard
 //!   controller reset, which the VMM treats as a clean exit (the guest has no ACPI to power

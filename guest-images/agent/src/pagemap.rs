@@ -13,6 +13,8 @@ const PAGEMAP: &str = "/proc/self/pagemap";
 const PRESENT: u64 = 1 << 63;
 const SWAPPED: u64 = 1 << 62;
 const PFN_MASK: u64 = (1 << 55) - 1;
+/// The x86 huge page a hugetlb buffer is made of.
+pub const HUGE_PAGE: usize = 2 << 20;
 
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -101,6 +103,21 @@ pub struct DmaBuffer {
 
 impl DmaBuffer {
     pub fn new(len: usize) -> Result<DmaBuffer, String> {
+        Self::with_flags(len, 0)
+    }
+
+    /// A buffer of 2 MiB hugetlb pages (each physically contiguous), if the guest kernel has
+    /// HugeTLB and a free page in its pool; `len` a multiple of [`HUGE_PAGE`].
+    pub fn new_huge(len: usize) -> Result<DmaBuffer, String> {
+        if len == 0 || len % HUGE_PAGE != 0 {
+            return Err(format!(
+                "hugetlb buffer size {len} is not a multiple of 2 MiB"
+            ));
+        }
+        Self::with_flags(len, libc::MAP_HUGETLB | libc::MAP_HUGE_2MB)
+    }
+
+    fn with_flags(len: usize, flags: libc::c_int) -> Result<DmaBuffer, String> {
         let page = page_size();
         let map_len = len
             .checked_next_multiple_of(page)
@@ -112,7 +129,7 @@ impl DmaBuffer {
                 ptr::null_mut(),
                 map_len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
                 -1,
                 0,
             )
@@ -191,6 +208,43 @@ impl DmaBuffer {
         let n = src.len().min(self.len);
         // SAFETY: `n` bytes fit in both; the buffers are distinct.
         unsafe { ptr::copy_nonoverlapping(src.as_ptr(), self.ptr, n) };
+    }
+
+    /// Copies `src` in at byte `at`; false (nothing copied) if it does not fit.
+    pub fn write_at(&mut self, at: usize, src: &[u8]) -> bool {
+        if at.checked_add(src.len()).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: `at + src.len()` bytes fit in our mapping (checked); the buffers are distinct.
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
+        true
+    }
+
+    /// A plain memcpy of `len` bytes from `src` to `dst` within the buffer (the two ranges
+    /// apart); false (nothing copied) if they overlap or do not fit.
+    pub fn copy_within(&mut self, src: usize, dst: usize, len: usize) -> bool {
+        let fits = |at: usize| at.checked_add(len).is_some_and(|end| end <= self.len);
+        let apart = src.checked_add(len).is_some_and(|e| e <= dst)
+            || dst.checked_add(len).is_some_and(|e| e <= src);
+        if !fits(src) || !fits(dst) || !apart {
+            return false;
+        }
+        // SAFETY: both ranges lie inside our mapping (checked) and do not overlap (checked).
+        unsafe { ptr::copy_nonoverlapping(self.ptr.add(src), self.ptr.add(dst), len) };
+        true
+    }
+
+    /// `len` bytes at `at`, read with volatile loads (a device wrote them); None beyond the end.
+    pub fn read_at(&self, at: usize, len: usize) -> Option<Vec<u8>> {
+        if at.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: every index is below `at + len <= self.len`, inside our mapping.
+        Some(
+            (at..at + len)
+                .map(|i| unsafe { ptr::read_volatile(self.ptr.add(i)) })
+                .collect(),
+        )
     }
 
     /// The contents, read with volatile loads: a device may have written them behind the
@@ -281,6 +335,12 @@ mod tests {
     }
 
     #[test]
+    fn hugetlb_buffers_need_whole_huge_pages() {
+        assert!(DmaBuffer::new_huge(4096).is_err());
+        assert!(DmaBuffer::new_huge(0).is_err());
+    }
+
+    #[test]
     fn a_buffer_knows_its_frames_when_allowed_to() {
         // Frames are hidden without CAP_SYS_ADMIN: then making the buffer must fail cleanly.
         match DmaBuffer::new(3 * 4096 + 5) {
@@ -292,6 +352,14 @@ mod tests {
                 assert_eq!(buf.read_u64(3 * 4096), None); // 5 bytes left
                 assert_eq!(buf.read_u64(4), None);
                 assert_eq!(buf.read().len(), 3 * 4096 + 5);
+                assert!(buf.write_at(4096, &[9, 9]));
+                assert!(!buf.write_at(3 * 4096 + 4, &[9, 9]));
+                assert_eq!(buf.read_at(4095, 3), Some(vec![0, 9, 9]));
+                assert_eq!(buf.read_at(3 * 4096, 6), None);
+                assert!(buf.copy_within(4095, 8192, 3));
+                assert_eq!(buf.read_at(8192, 3), Some(vec![0, 9, 9]));
+                assert!(!buf.copy_within(0, 100, 200)); // overlapping
+                assert!(!buf.copy_within(0, 3 * 4096, 8)); // past the end
                 buf.check_frames().expect("frames stay");
                 let total: usize = buf.segments().iter().map(|s| s.len).sum();
                 assert_eq!(total, 3 * 4096 + 5);

@@ -29,10 +29,10 @@ use vmm::tracking::TrackerKind;
 /// Where vmm puts the first passed-through function (the host bridge is 00:00.0); short, as
 /// the agent accepts it: the whole script must fit in the kernel command line.
 const BDF: &str = "00:01.0";
-/// The x86 kernel keeps the first 2047 bytes of its command line (COMMAND_LINE_SIZE 2048) and
-/// drops the rest silently: a longer agent script would just stop. Phases that do not fit go
-/// to another boot.
-const CMDLINE_MAX: usize = vmm::boot::linux::KERNEL_KEEPS_CMDLINE;
+/// The x86 kernel keeps the first 2047 bytes of its command line and would drop the rest
+/// silently (vmm refuses a longer one for an ELF kernel): phases that do not fit go to
+/// another boot.
+const CMDLINE_MAX: usize = vmm::boot::linux::X86_COMMAND_LINE_SIZE - 1;
 /// The write sources, in the order each backend sees them.
 pub const SOURCES: [(&str, &str); 3] = [
     (

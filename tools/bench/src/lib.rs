@@ -16,6 +16,7 @@ mod format;
 pub mod json;
 mod legend;
 mod palette;
+pub mod passthrough;
 pub mod report;
 #[cfg(test)]
 mod sample;

@@ -128,12 +128,15 @@ pub struct DmaJob {
 
 /// Runs one transfer, then records its outcome and raises the completion interrupt.
 pub fn run_dma(shared: &Shared, job: DmaJob) {
+    let start = Instant::now();
     let status = copy(shared, job).err().unwrap_or(STATUS_DONE);
+    let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     {
         let mut regs = lock(&shared.regs);
         regs.dma_status = status;
         if status == STATUS_DONE {
             regs.dma_completions += 1;
+            regs.dma_last_ns = ns;
         } else {
             regs.dma_errors += 1;
         }
@@ -219,7 +222,11 @@ fn write_pages(shared: &Shared, job: PageWriterJob, stop: &AtomicBool) -> Result
         if stop.load(Ordering::Relaxed) {
             return Ok(true);
         }
-        let iova = job.base + (written % chosen) * stride * PAGE_SIZE;
+        // Guest-chosen base, pages and stride: a window past 2^64 is invalid, not a panic.
+        let iova = ((written % chosen) * stride)
+            .checked_mul(PAGE_SIZE)
+            .and_then(|off| job.base.checked_add(off))
+            .ok_or(STATUS_ERR_INVALID)?;
         let mut stamp = [0u8; 16];
         stamp[..8].copy_from_slice(&(written + 1).to_le_bytes());
         stamp[8..].copy_from_slice(&PW_MAGIC.to_le_bytes());

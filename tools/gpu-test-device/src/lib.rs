@@ -109,6 +109,11 @@ pub mod regs {
     pub const DMA_COMPLETIONS: u64 = 0x124;
     /// RO: transfers failed (or refused) since reset.
     pub const DMA_ERRORS: u64 = 0x128;
+    /// RO: nanoseconds the engine spent copying the last successful transfer (its own clock,
+    /// from the first byte to the last: no doorbell or status access in it).
+    pub const DMA_LAST_NS_LO: u64 = 0x130;
+    /// RO: upper half.
+    pub const DMA_LAST_NS_HI: u64 = 0x134;
 
     /// RW: page writer range start, a page-aligned guest IOVA.
     pub const PW_BASE_LO: u64 = 0x200;

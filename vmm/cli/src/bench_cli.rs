@@ -362,3 +362,90 @@ pub fn demand(a: DemandArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+#[derive(Args)]
+pub struct PassthroughArgs {
+    /// Guest boots (a fresh device each); figures are medians.
+    #[arg(long, default_value_t = 3)]
+    runs: u32,
+    /// Accesses per trapped batch and MSI-X samples of the agent's vfio-bench.
+    #[arg(long, default_value_t = 200)]
+    iterations: u64,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// The test device's VRAM (its --vram-size).
+    #[arg(long, default_value = "256M")]
+    vram: String,
+    /// Linux kernel (default: from guest-images/out/images.env).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Linux initramfs (default: from guest-images/out/images.env).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The vmm-gpu-test-device binary (default: $VMM_GPU_TEST_DEVICE, else next to this vmm).
+    #[arg(long)]
+    device_bin: Option<PathBuf>,
+    /// A host PCI device bound to vfio-pci (/sys/bus/pci/devices/DDDD:BB:DD.F) whose kernel
+    /// VFIO DMA map of guest RAM is timed too; without it that row says it was skipped.
+    #[arg(long)]
+    kernel_vfio: Option<PathBuf>,
+    /// Keep every run's console, logs and report in this directory.
+    #[arg(long)]
+    keep: Option<PathBuf>,
+    /// Print the report as JSON on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn passthrough(a: PassthroughArgs) -> Result<i32> {
+    let exe = std::env::current_exe().context("cannot find this vmm binary")?;
+    let kernel = a
+        .kernel
+        .or_else(|| image_from_env("VMM_KERNEL"))
+        .context("needs --kernel (or run guest-images/build.sh from the repository root)")?;
+    let initrd = a
+        .initrd
+        .or_else(|| image_from_env("VMM_INITRAMFS"))
+        .context("needs --initrd (or run guest-images/build.sh from the repository root)")?;
+    let device_bin = a
+        .device_bin
+        .or_else(|| std::env::var_os("VMM_GPU_TEST_DEVICE").map(PathBuf::from))
+        .unwrap_or_else(|| exe.with_file_name("vmm-gpu-test-device"));
+    if a.mem_mib < 128 || a.mem_mib > 65536 {
+        anyhow::bail!("--mem-mib must be 128..=65536");
+    }
+    if a.iterations == 0 || a.iterations > 100_000 {
+        anyhow::bail!("--iterations must be 1..=100000");
+    }
+    let b = bench::passthrough::PassthroughBench {
+        exe,
+        device_bin,
+        kernel,
+        initrd,
+        runs: a.runs,
+        mem_mib: a.mem_mib,
+        vram: a.vram,
+        iterations: a.iterations,
+        kernel_vfio: a.kernel_vfio,
+        keep_dir: a.keep,
+        progress: !a.quiet && !a.json,
+    };
+    let report = bench::passthrough::run(&b)?;
+    let json = bench::passthrough::to_json(&report);
+    if let Some(path) = &a.json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.json {
+        println!("{json}");
+    } else {
+        print!("{}", bench::passthrough::render_table(&report));
+    }
+    Ok(0)
+}

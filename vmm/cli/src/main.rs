@@ -83,6 +83,10 @@ enum BenchCommand {
     /// fault latency against an eager restore, 1 to 4 vCPUs, pinned or free, in-process or
     /// page-server handler. Prints a table; --json and --svg for the rest.
     Demand(bench_cli::DemandArgs),
+    /// What a passed-through device costs the guest (the gpu-test-device over vfio-user, the
+    /// Linux test guest's agent): mapped vs trapped BAR access, MSI-X latency, DMA throughput
+    /// against memcpy, DMA-map time per GiB. Prints a table; --json for the rest.
+    Passthrough(bench_cli::PassthroughArgs),
 }
 
 #[derive(Args)]
@@ -512,11 +516,15 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = vmm::host::raise_fd_limit() {
+        eprintln!("vmm: warning: raising the open-file limit: {e}");
+    }
     let code = match cli.command {
         Command::Run(a) => run(*a, start),
         Command::Backends { json } => backends(json),
         Command::Bench(BenchCommand::Tracking(a)) => bench_cli::tracking(a),
         Command::Bench(BenchCommand::Demand(a)) => bench_cli::demand(a),
+        Command::Bench(BenchCommand::Passthrough(a)) => bench_cli::passthrough(a),
         Command::Remote(a) => remote_cli::remote(a),
         Command::Probe { args } => probe(&args),
         Command::Snapshot {

@@ -14,6 +14,9 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use super::EntryPoint;
 use crate::memory::{GuestMemory, GuestRam};
 
+/// x86's COMMAND_LINE_SIZE (arch/x86/include/asm/setup.h), NUL included.
+pub const X86_COMMAND_LINE_SIZE: usize = 2048;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxBootError {
     #[error("cannot open kernel image {path}: {source}")]
@@ -33,6 +36,11 @@ pub enum LinuxBootError {
         path: PathBuf,
         source: linux_loader::loader::Error,
     },
+    #[error(
+        "the kernel command line is {len} bytes, but this kernel takes at most {limit} (the \
+         rest would be dropped without a word: shorten the --agent script or the cmdline)"
+    )]
+    CmdlineTooLong { len: usize, limit: usize },
     #[error("cannot open initramfs {path}: {source}")]
     OpenInitrd {
         path: PathBuf,
@@ -102,9 +110,6 @@ pub struct LinuxBoot {
     pub cmdline: String,
 }
 
-/// What an x86 Linux kernel keeps of its command line (COMMAND_LINE_SIZE 2048 with its NUL).
-pub const KERNEL_KEEPS_CMDLINE: usize = 2047;
-
 /// The kernel command line every guest needs on PVM hosts (PLATFORM.md §2-§3): a serial console,
 /// reset through the keyboard controller, and CPU features the emulator cannot run hidden.
 /// `clocksource=kvm-clock`: kvmclock is what a migratable guest should keep, and it avoids the
@@ -151,15 +156,18 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
         }
     };
 
-    if boot.cmdline.len() > KERNEL_KEEPS_CMDLINE {
-        // Not refused: another kernel may keep more. Measured: a 6.1 guest ran an agent
-        // script cut at this length and then waited for input forever.
-        tracing::warn!(
-            "the kernel command line is {} bytes; an x86 Linux kernel keeps the first \
-             {KERNEL_KEEPS_CMDLINE} (COMMAND_LINE_SIZE 2048) and drops the rest silently, agent \
-             script included",
-            boot.cmdline.len()
-        );
+    // The kernel copies at most this many bytes (its COMMAND_LINE_SIZE less the NUL): the
+    // bzImage header says so; an ELF vmlinux has no header, and x86's size is 2048.
+    let limit = result
+        .setup_header
+        .map(|h| h.cmdline_size as usize)
+        .filter(|&n| n > 0)
+        .unwrap_or(X86_COMMAND_LINE_SIZE - 1);
+    if boot.cmdline.len() > limit {
+        return Err(LinuxBootError::CmdlineTooLong {
+            len: boot.cmdline.len(),
+            limit,
+        });
     }
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX).map_err(LinuxBootError::Cmdline)?;
     cmdline

@@ -97,6 +97,36 @@ pub struct RunReport {
     pub tracking: Option<super::TrackingReport>,
     /// The last migration this VM took part in (as source or destination).
     pub migration: Option<crate::machine::progress::MigrationReport>,
+    /// Each `--device`: what attaching it cost (absent without one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub passthrough: Vec<PassthroughReport>,
+}
+
+/// One passed-through device's DMA-mapping of guest RAM (vfio-user DMA_MAP messages, or the
+/// kernel's VFIO_IOMMU_MAP_DMA / IOMMU_IOAS_MAP, which pin the pages).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PassthroughReport {
+    /// The `--device` spec.
+    pub device: String,
+    /// `vfio-user` or `vfio` (kernel).
+    pub transport: &'static str,
+    pub dma_mapped_bytes: u64,
+    pub dma_map_ms: f64,
+    /// `dma_map_ms` scaled to one GiB of guest RAM.
+    pub dma_map_ms_per_gib: f64,
+}
+
+impl PassthroughReport {
+    pub fn new(device: String, transport: &'static str, bytes: u64, elapsed_ms: f64) -> Self {
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        PassthroughReport {
+            device,
+            transport,
+            dma_mapped_bytes: bytes,
+            dma_map_ms: elapsed_ms,
+            dma_map_ms_per_gib: if gib > 0.0 { elapsed_ms / gib } else { 0.0 },
+        }
+    }
 }
 
 /// VmRSS - RssShmem from /proc/self/status: guest RAM is the only shared memory vmm maps.
@@ -112,6 +142,19 @@ pub fn rss_beyond_shmem_kib() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dma_map_time_scales_to_a_gib() {
+        let r = PassthroughReport::new("vfio-user:/s".into(), "vfio-user", 256 << 20, 0.5);
+        assert_eq!(r.dma_map_ms_per_gib, 2.0);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["dma_mapped_bytes"], 256u64 << 20);
+        assert_eq!(json["transport"], "vfio-user");
+        assert_eq!(
+            PassthroughReport::new(String::new(), "vfio", 0, 1.0).dma_map_ms_per_gib,
+            0.0
+        );
+    }
 
     #[test]
     fn exit_codes() {

@@ -249,6 +249,7 @@ impl Machine {
             wall_ms: ms(start.elapsed()),
             tracking,
             migration,
+            passthrough: devs.passthrough.iter().map(|a| a.dma_map.clone()).collect(),
         })
     }
 }

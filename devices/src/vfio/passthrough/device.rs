@@ -103,6 +103,9 @@ pub struct MappedPiece {
     pub bar_offset: u64,
     pub size: u64,
     pub host_addr: usize,
+    /// Mapped read-only when false: the owner must not give it to the guest as a writable
+    /// memslot (a guest write would fault the vCPU), so it leaves such a piece trapped.
+    pub writable: bool,
 }
 
 /// Lets the `Box<dyn PassthroughRoutes>` be passed where `&mut dyn VectorRoutes` is asked.
@@ -287,6 +290,7 @@ impl PassthroughDevice {
                     bar_offset: p.bar_offset,
                     size: p.size,
                     host_addr: map.addr(),
+                    writable: p.writable,
                 };
                 self.maps.push((piece, map));
             }
@@ -357,8 +361,29 @@ impl PassthroughDevice {
         }
         let r = self.transport.reset();
         first = first.and(r.map_err(transport("device reset")));
+        self.drain_eventfds();
         let _ = self.shadow.cfg.write(crate::pci::config::COMMAND, &[0, 0]);
         first
+    }
+
+    /// Clears every vector's eventfd count once the transport has them no more: a signal left
+    /// from before an MSI-X/MSI disable or a reset must not be delivered as a spurious
+    /// interrupt when the guest enables and unmasks the vector again. Polled first, so an
+    /// owner's blocking eventfd never blocks here.
+    fn drain_eventfds(&self) {
+        use std::os::fd::AsRawFd;
+        for evt in &self.eventfds {
+            let mut pfd = libc::pollfd {
+                fd: evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polls one valid fd (the eventfd lives in `self`) with no timeout.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+            if ready == 1 && pfd.revents & libc::POLLIN != 0 {
+                let _ = evt.read();
+            }
+        }
     }
 
     /// After a guest write touched the MSI-X capability: eventfds to the transport first when
@@ -371,7 +396,10 @@ impl PassthroughDevice {
         let enable = control & MSIX_ENABLE != 0;
         let mut errors = Vec::new();
         if enable && !self.msix_irqs {
-            let fds: Vec<&EventFd> = self.eventfds.iter().collect();
+            // As many as the table has: `eventfds` is sized for MSI too, which may have more,
+            // and VFIO refuses more eventfds than the index's count.
+            let vectors = usize::from(msix.layout().vectors);
+            let fds: Vec<&EventFd> = self.eventfds.iter().take(vectors).collect();
             match self.transport.enable_irqs(MSIX_IRQ, &fds) {
                 Ok(()) => self.msix_irqs = true,
                 Err(e) => errors.push(transport("enabling MSI-X")(e)),
@@ -382,7 +410,10 @@ impl PassthroughDevice {
         }
         if !enable && self.msix_irqs {
             match self.transport.disable_irqs(MSIX_IRQ) {
-                Ok(()) => self.msix_irqs = false,
+                Ok(()) => {
+                    self.msix_irqs = false;
+                    self.drain_eventfds();
+                }
                 Err(e) => errors.push(transport("disabling MSI-X")(e)),
             }
         }
@@ -428,7 +459,8 @@ impl PassthroughDevice {
     }
 
     /// Turns MSI-X and MSI off and unmaps DMA; what Drop does, callable earlier to see the
-    /// errors.
+    /// errors. The BAR pieces stay mapped until Drop: the owner's memslots may still point at
+    /// them (it removes those before dropping the device).
     pub fn teardown(&mut self) -> Vec<PassthroughError> {
         if std::mem::take(&mut self.msix_irqs) {
             if let Err(e) = self.transport.disable_irqs(MSIX_IRQ) {
@@ -442,7 +474,6 @@ impl PassthroughDevice {
         }
         self.unmap_dma();
         self.memory = None;
-        self.maps.clear();
         self.take_errors()
     }
 }
@@ -450,6 +481,7 @@ impl PassthroughDevice {
 impl Drop for PassthroughDevice {
     fn drop(&mut self) {
         self.teardown();
+        self.maps.clear();
     }
 }
 

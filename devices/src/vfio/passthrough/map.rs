@@ -64,6 +64,21 @@ impl BarMap {
             return Err(range("alignment is not a power of two"));
         }
         let align = align.clamp(PAGE, MAX_ALIGN);
+        // A regular file (a vfio-user server's memfd) must hold the whole piece: a page past
+        // its end would SIGBUS the guest's access (KVM_RUN then fails with EFAULT). A server
+        // that shrinks it later still can; seals would be needed to rule that out.
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes a `stat` into the buffer it is given and reads nothing else.
+        if unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } == 0 {
+            // SAFETY: fstat returned 0, so it filled the whole struct.
+            let st = unsafe { st.assume_init() };
+            let end = offset.checked_add(len).ok_or_else(|| range("past 2^64"))?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG
+                && u64::try_from(st.st_size).unwrap_or(0) < end
+            {
+                return Err(range("beyond the end of the file"));
+            }
+        }
         let file_offset = libc::off_t::try_from(offset).map_err(|_| range("offset too large"))?;
         let size = usize::try_from(len).map_err(|_| range("too large for this host"))?;
         let slack = usize::try_from(align).map_err(|_| range("too large for this host"))?;
@@ -186,5 +201,14 @@ mod tests {
         let e = BarMap::new(&null, 0, 4096, true, 0, 4096).unwrap_err();
         assert!(matches!(e, MapError::Mmap { .. }), "{e}");
         assert_eq!(crate::vfio::errno_of(&e), Some(libc::EACCES));
+    }
+
+    #[test]
+    fn a_piece_past_the_end_of_a_regular_file_is_refused() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(2 * PAGE).unwrap();
+        let e = BarMap::new(&file, PAGE, 2 * PAGE, true, 0, PAGE).unwrap_err();
+        assert!(e.to_string().contains("beyond the end of the file"), "{e}");
+        assert!(BarMap::new(&file, PAGE, PAGE, true, 0, PAGE).is_ok());
     }
 }

@@ -338,6 +338,18 @@ impl VfioTransport for MockTransport {
 
     fn enable_irqs(&mut self, index: u32, fds: &[&EventFd]) -> Result<(), TransportError> {
         let mut s = self.check("enable_irqs")?;
+        let count = match index {
+            MSIX_IRQ => s.msix_count,
+            MSI_IRQ => s.msi_count,
+            _ => 0,
+        };
+        // As kernel VFIO (vfio-pci) and vfio-ioctls do.
+        if fds.len() > count as usize {
+            return Err(TransportError::device(
+                "enable_irqs",
+                format!("{} eventfds for an index of {count}", fds.len()),
+            ));
+        }
         s.calls.push(Call::EnableIrqs {
             index,
             count: fds.len(),

@@ -56,6 +56,10 @@ fn timed_out(e: &vfio_user::Error) -> bool {
 /// A vfio-user client connection to one device.
 pub struct UserTransport {
     client: Client,
+    /// Why the connection is unusable, once a call failed in a way that leaves the stream out
+    /// of step (a timeout, a short or malformed reply, a dead socket): every later call then
+    /// fails at once instead of reading the wrong reply or waiting out the timeout again.
+    lost: Option<String>,
     /// Highest region index the server described, plus one.
     regions: u32,
 }
@@ -75,7 +79,45 @@ impl UserTransport {
             .filter(|&i| client.region(i).is_some())
             .max()
             .map_or(0, |i| i + 1);
-        Ok(Self { client, regions })
+        Ok(Self {
+            client,
+            regions,
+            lost: None,
+        })
+    }
+}
+
+/// A call on a connection already lost (see `UserTransport::lost`).
+#[derive(Debug, thiserror::Error)]
+#[error("the connection to the vfio-user server was lost earlier ({0})")]
+pub struct Lost(String);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl UserTransport {
+    /// Runs one client call, or refuses it on a lost connection; a failure other than the
+    /// server's own error reply (a whole message: the stream stays in step) or a refused
+    /// argument marks the connection lost and shuts it down.
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, vfio_user::Error>,
+    ) -> Result<T, BoxError> {
+        if let Some(why) = &self.lost {
+            return Err(Box::new(Lost(why.clone())));
+        }
+        match f(&mut self.client) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if !matches!(
+                    e,
+                    vfio_user::Error::ErrorReply { .. } | vfio_user::Error::InvalidInput
+                ) {
+                    self.lost = Some(e.to_string());
+                    let _ = self.client.shutdown();
+                }
+                Err(Box::new(e))
+            }
+        }
     }
 }
 
@@ -137,21 +179,18 @@ impl VfioTransport for UserTransport {
         offset: u64,
         data: &mut [u8],
     ) -> Result<(), TransportError> {
-        self.client
-            .region_read(index, offset, data)
+        self.call(|c| c.region_read(index, offset, data))
             .map_err(|e| TransportError::region("read", index, e))
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), TransportError> {
-        self.client
-            .region_write(index, offset, data)
+        self.call(|c| c.region_write(index, offset, data))
             .map_err(|e| TransportError::region("write", index, e))
     }
 
     fn irq_info(&mut self, index: u32) -> Result<IrqInfo, TransportError> {
         let i = self
-            .client
-            .get_irq_info(index)
+            .call(|c| c.get_irq_info(index))
             .map_err(|e| TransportError::device("GET_IRQ_INFO", e))?;
         Ok(IrqInfo {
             index: i.index,
@@ -164,27 +203,29 @@ impl VfioTransport for UserTransport {
         let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         let count = u32::try_from(raw.len())
             .map_err(|e| TransportError::device("SET_IRQS (eventfds)", e))?;
-        self.client
-            .set_irqs(
+        self.call(|c| {
+            c.set_irqs(
                 index,
                 VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
                 0,
                 count,
                 &raw,
             )
-            .map_err(|e| TransportError::device("SET_IRQS (eventfds)", e))
+        })
+        .map_err(|e| TransportError::device("SET_IRQS (eventfds)", e))
     }
 
     fn disable_irqs(&mut self, index: u32) -> Result<(), TransportError> {
-        self.client
-            .set_irqs(
+        self.call(|c| {
+            c.set_irqs(
                 index,
                 VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
                 0,
                 0,
                 &[],
             )
-            .map_err(|e| TransportError::device("SET_IRQS (none)", e))
+        })
+        .map_err(|e| TransportError::device("SET_IRQS (none)", e))
     }
 
     unsafe fn dma_map(&mut self, region: &DmaRegion<'_>) -> Result<(), TransportError> {
@@ -194,20 +235,17 @@ impl VfioTransport for UserTransport {
                 why: "vfio-user shares guest RAM by fd: this RAM has no file",
             });
         };
-        self.client
-            .dma_map(offset, region.iova, region.size, file.as_raw_fd())
+        self.call(|c| c.dma_map(offset, region.iova, region.size, file.as_raw_fd()))
             .map_err(|e| TransportError::device("DMA_MAP", e))
     }
 
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), TransportError> {
-        self.client
-            .dma_unmap(iova, size)
+        self.call(|c| c.dma_unmap(iova, size))
             .map_err(|e| TransportError::device("DMA_UNMAP", e))
     }
 
     fn reset(&mut self) -> Result<(), TransportError> {
-        self.client
-            .reset()
+        self.call(|c| c.reset())
             .map_err(|e| TransportError::device("DEVICE_RESET", e))
     }
 }

@@ -257,6 +257,8 @@ impl Default for Capabilities {
 
 pub struct Client {
     stream: UnixStream,
+    /// When the reply to the command in flight must be whole (patched: see `read_exact_by`).
+    deadline: std::time::Instant,
     next_message_id: Wrapping<u16>,
     num_irqs: u32,
     resettable: bool,
@@ -375,6 +377,34 @@ enum CapabilityError {
 /// A late reply after a timeout is refused by the reply check (its message id is stale).
 pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Reads all of `buf` from `stream` before `deadline` (patched: the socket's receive timeout
+/// bounds each `recv`, so a server sending a byte at a time could stretch one reply without
+/// end; the whole reply must now arrive within `REPLY_TIMEOUT` of its command).
+fn read_exact_by(
+    stream: &mut UnixStream,
+    buf: &mut [u8],
+    deadline: std::time::Instant,
+) -> std::io::Result<()> {
+    use std::io::ErrorKind;
+    let mut done = 0;
+    while done < buf.len() {
+        let left = deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                std::io::Error::new(ErrorKind::TimedOut, "no whole reply within the timeout")
+            })?;
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[done..]) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 impl Client {
     pub fn new(path: &Path) -> Result<Client, Error> {
         let stream = UnixStream::connect(path).map_err(Error::Connect)?;
@@ -384,6 +414,7 @@ impl Client {
             .map_err(Error::Connect)?;
 
         let mut client = Client {
+            deadline: std::time::Instant::now() + REPLY_TIMEOUT,
             next_message_id: Wrapping(0),
             stream,
             num_irqs: 0,
@@ -400,6 +431,7 @@ impl Client {
 
     /// Takes the id of the next command.
     fn next_id(&mut self) -> u16 {
+        self.deadline = std::time::Instant::now() + REPLY_TIMEOUT;
         let id = self.next_message_id.0;
         self.next_message_id += Wrapping(1);
         id
@@ -430,8 +462,7 @@ impl Client {
     /// Reads a reply's header: nothing after it is read.
     fn read_reply_header(&mut self, command: Command, message_id: u16) -> Result<Header, Error> {
         let mut header = Header::default();
-        self.stream
-            .read_exact(header.as_mut_slice())
+        read_exact_by(&mut self.stream, header.as_mut_slice(), self.deadline)
             .map_err(Error::StreamRead)?;
         debug!("Reply: {header:?}");
         Self::check_reply(&header, command, message_id)?;
@@ -445,7 +476,7 @@ impl Client {
         message_id: u16,
     ) -> Result<T, Error> {
         let header = self.read_reply_header(command, message_id)?;
-        Self::finish_reply(&mut self.stream, header, command)
+        Self::finish_reply(&mut self.stream, header, command, self.deadline)
     }
 
     /// Reads the part of a `T` reply that follows its (checked) header.
@@ -453,6 +484,7 @@ impl Client {
         stream: &mut UnixStream,
         header: Header,
         command: Command,
+        deadline: std::time::Instant,
     ) -> Result<T, Error> {
         if (header.message_size as usize) < size_of::<T>() {
             return Err(Error::UnexpectedReply {
@@ -463,8 +495,7 @@ impl Client {
         let mut reply = T::default();
         let bytes = reply.as_mut_slice();
         bytes[..size_of::<Header>()].copy_from_slice(header.as_slice());
-        stream
-            .read_exact(&mut bytes[size_of::<Header>()..])
+        read_exact_by(stream, &mut bytes[size_of::<Header>()..], deadline)
             .map_err(Error::StreamRead)?;
         Ok(reply)
     }
@@ -476,6 +507,19 @@ impl Client {
         message_id: u16,
     ) -> Result<(Header, Option<File>), Error> {
         let mut header = Header::default();
+        let left = self
+            .deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::StreamRead(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no whole reply within the timeout",
+                ))
+            })?;
+        self.stream
+            .set_read_timeout(Some(left))
+            .map_err(Error::StreamRead)?;
         let (bytes, fd) = self
             .stream
             .recv_with_fd(header.as_mut_slice())
@@ -483,9 +527,12 @@ impl Client {
         if bytes == 0 {
             return Err(Error::StreamRead(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        self.stream
-            .read_exact(&mut header.as_mut_slice()[bytes..])
-            .map_err(Error::StreamRead)?;
+        read_exact_by(
+            &mut self.stream,
+            &mut header.as_mut_slice()[bytes..],
+            self.deadline,
+        )
+        .map_err(Error::StreamRead)?;
         debug!("Reply: {header:?}");
         Self::check_reply(&header, command, message_id)?;
         Ok((header, fd))
@@ -537,9 +584,12 @@ impl Client {
                 reason: "capabilities missing or too long",
             })?;
         let mut server_version_data = vec![0; data_size];
-        self.stream
-            .read_exact(server_version_data.as_mut_slice())
-            .map_err(Error::StreamRead)?;
+        read_exact_by(
+            &mut self.stream,
+            server_version_data.as_mut_slice(),
+            self.deadline,
+        )
+        .map_err(Error::StreamRead)?;
 
         let server_caps: CapabilitiesData =
             serde_json::from_slice(&server_version_data[0..server_version_data.len() - 1])
@@ -702,7 +752,7 @@ impl Client {
 
         let (header, fd) = self.recv_reply_with_fd(Command::DeviceGetRegionInfo, message_id)?;
         let reply: DeviceGetRegionInfo =
-            Self::finish_reply(&mut self.stream, header, Command::DeviceGetRegionInfo)?;
+            Self::finish_reply(&mut self.stream, header, Command::DeviceGetRegionInfo, self.deadline)?;
         debug!("Reply: {reply:?}");
         Ok((reply, fd))
     }
@@ -744,8 +794,7 @@ impl Client {
             return Err(malformed("argsz and message size disagree"));
         }
         let mut cap_data = vec![0; cap_size];
-        self.stream
-            .read_exact(cap_data.as_mut_slice())
+        read_exact_by(&mut self.stream, cap_data.as_mut_slice(), self.deadline)
             .map_err(Error::StreamRead)?;
 
         let sparse_areas = Self::parse_region_caps(&cap_data, &reply.region_info)
@@ -853,7 +902,7 @@ impl Client {
                 reason: "count differs from the one asked",
             });
         }
-        self.stream.read_exact(data).map_err(Error::StreamRead)?;
+        read_exact_by(&mut self.stream, data, self.deadline).map_err(Error::StreamRead)?;
         Ok(())
     }
 
@@ -1526,9 +1575,9 @@ impl Server {
         loop {
             let mut header = Header::default();
 
-            // The maximum number of FDs that can be sent is 16 so that is
-            // also the maximum that can be received.
-            let mut fds = vec![0; 16];
+            // Patched: as many as one message may carry (SCM_MAX_FD); with 16, a SET_IRQS
+            // for more vectors was truncated by the kernel and ended the connection.
+            let mut fds = vec![0; 253];
             let mut iovecs = vec![iovec {
                 iov_base: header.as_mut_slice().as_mut_ptr() as *mut c_void,
                 iov_len: header.as_mut_slice().len(),

@@ -4,9 +4,11 @@
 //! A device is opened on its first use and stays open for the agent's life: a VFIO group opens
 //! once, and a running workload needs its buffer and eventfds kept.
 
+mod bench;
 mod ops;
 mod regs;
 mod session;
+mod stats;
 mod workload;
 
 use std::collections::HashMap;
@@ -23,6 +25,7 @@ pub enum GpuCommand {
     Dma { bdf: Bdf, bytes: u64 },
     Vram { bdf: Bdf, offset: u64, bytes: u64 },
     Msix { bdf: Bdf, count: u64 },
+    Bench { bdf: Bdf, iterations: u64 },
     WorkloadStart { bdf: Bdf, kind: Kind, rate: u32 },
     WorkloadStop(Bdf),
 }
@@ -34,6 +37,7 @@ impl GpuCommand {
             GpuCommand::Dma { .. } => "vfio-dma",
             GpuCommand::Vram { .. } => "vfio-vram",
             GpuCommand::Msix { .. } => "vfio-msix",
+            GpuCommand::Bench { .. } => "vfio-bench",
             GpuCommand::WorkloadStart { .. } | GpuCommand::WorkloadStop(_) => "vfio-workload",
         }
     }
@@ -46,6 +50,7 @@ pub fn parse(name: &str, args: &[&str]) -> Result<GpuCommand, String> {
         "vfio-dma" => "BDF,BYTES",
         "vfio-vram" => "BDF,OFFSET,BYTES",
         "vfio-msix" => "BDF,COUNT",
+        "vfio-bench" => "BDF[,ITERATIONS]",
         "vfio-workload" => "BDF,start,dma|vram[,RATE] or BDF,stop",
         _ => return Err("unknown command".into()),
     };
@@ -85,6 +90,17 @@ pub fn parse(name: &str, args: &[&str]) -> Result<GpuCommand, String> {
                 bdf,
                 count: num(1, "COUNT")?,
             }
+        }
+        "vfio-bench" => {
+            if !(1..=2).contains(&args.len()) {
+                return Err(bad_usage());
+            }
+            let iterations = if args.len() == 2 {
+                num(1, "ITERATIONS")?
+            } else {
+                bench::DEFAULT_ITERATIONS
+            };
+            GpuCommand::Bench { bdf, iterations }
         }
         _ => match args.get(1).copied() {
             Some("stop") => want(2).map(|()| GpuCommand::WorkloadStop(bdf))?,
@@ -138,6 +154,7 @@ impl Gpus {
                 ops::vram_check(self.session(&bdf)?, offset, bytes)
             }
             GpuCommand::Msix { bdf, count } => ops::msix(self.session(&bdf)?, count),
+            GpuCommand::Bench { bdf, iterations } => bench::bench(self.session(&bdf)?, iterations),
             GpuCommand::WorkloadStart { bdf, kind, rate } => {
                 workload::start(self.session(&bdf)?, kind, rate)
             }
@@ -181,6 +198,20 @@ mod tests {
             }
         );
         assert_eq!(
+            ok("vfio-bench", &["00:01.0"]),
+            GpuCommand::Bench {
+                bdf: bdf(),
+                iterations: bench::DEFAULT_ITERATIONS
+            }
+        );
+        assert_eq!(
+            ok("vfio-bench", &["00:01.0", "0x10"]),
+            GpuCommand::Bench {
+                bdf: bdf(),
+                iterations: 16
+            }
+        );
+        assert_eq!(
             ok("vfio-workload", &["00:01.0", "start", "dma", "1000"]),
             GpuCommand::WorkloadStart {
                 bdf: bdf(),
@@ -214,6 +245,11 @@ mod tests {
             "takes BDF,BYTES, got 1 argument(s)"
         );
         assert_eq!(err("vfio-dma", &["00:01.0", "1k"]), "bad BYTES \"1k\"");
+        assert_eq!(
+            err("vfio-bench", &["00:01.0", "1", "2"]),
+            "takes BDF[,ITERATIONS], got 3 argument(s)"
+        );
+        assert_eq!(err("vfio-bench", &["00:01.0", "x"]), "bad ITERATIONS \"x\"");
         assert!(err("vfio-workload", &["00:01.0", "start", "gpu"]).contains("unknown workload"));
         assert!(err("vfio-workload", &["00:01.0", "start", "dma", "1", "2"]).contains("takes"));
         assert!(err("vfio-workload", &["00:01.0", "pause"]).contains("takes"));
@@ -236,6 +272,10 @@ mod tests {
             GpuCommand::Msix {
                 bdf: missing.clone(),
                 count: 1,
+            },
+            GpuCommand::Bench {
+                bdf: missing.clone(),
+                iterations: 1,
             },
             GpuCommand::WorkloadStop(missing.clone()),
         ] {

@@ -4,6 +4,7 @@
 
 pub const ID: u64 = 0x000;
 pub const ID_VALUE: u32 = 0x4750_5554;
+pub const SCRATCH: u64 = 0x008;
 pub const VRAM_SIZE_LO: u64 = 0x010;
 
 pub const IRQ_ENABLE: u64 = 0x020;
@@ -19,6 +20,7 @@ pub const DIR_RAM_TO_VRAM: u32 = 0;
 pub const DIR_VRAM_TO_RAM: u32 = 1;
 pub const DMA_DOORBELL: u64 = 0x11c;
 pub const DMA_STATUS: u64 = 0x120;
+pub const DMA_LAST_NS_LO: u64 = 0x130;
 
 pub const PW_BASE_LO: u64 = 0x200;
 pub const PW_PAGES: u64 = 0x208;
@@ -40,6 +42,7 @@ pub const K_PASSES: u64 = 0x31c;
 pub const CTRL_STOP: u32 = 0;
 pub const CTRL_START: u32 = 1;
 
+pub const STATUS_BUSY: u32 = 1;
 pub const STATUS_DONE: u32 = 2;
 
 /// The `_HI` half of a `_LO` register.
@@ -51,7 +54,7 @@ pub const fn hi(lo: u64) -> u64 {
 pub fn status_name(status: u32) -> &'static str {
     match status {
         0 => "idle",
-        1 => "busy",
+        STATUS_BUSY => "busy",
         STATUS_DONE => "done",
         0x10 => "unmapped IOVA",
         0x11 => "VRAM range",
@@ -73,6 +76,7 @@ mod tests {
     fn matches_the_device_crate() {
         let pairs: &[(u64, u64)] = &[
             (super::ID, dev::ID),
+            (super::SCRATCH, dev::SCRATCH),
             (super::VRAM_SIZE_LO, dev::VRAM_SIZE_LO),
             (super::hi(super::VRAM_SIZE_LO), dev::VRAM_SIZE_HI),
             (super::IRQ_ENABLE, dev::IRQ_ENABLE),
@@ -87,6 +91,8 @@ mod tests {
             (super::DMA_DIR, dev::DMA_DIR),
             (super::DMA_DOORBELL, dev::DMA_DOORBELL),
             (super::DMA_STATUS, dev::DMA_STATUS),
+            (super::DMA_LAST_NS_LO, dev::DMA_LAST_NS_LO),
+            (super::hi(super::DMA_LAST_NS_LO), dev::DMA_LAST_NS_HI),
             (super::PW_BASE_LO, dev::PW_BASE_LO),
             (super::hi(super::PW_BASE_LO), dev::PW_BASE_HI),
             (super::PW_PAGES, dev::PW_PAGES),
@@ -117,6 +123,7 @@ mod tests {
             (super::DIR_VRAM_TO_RAM, dev::DIR_VRAM_TO_RAM),
             (super::CTRL_STOP, dev::CTRL_STOP),
             (super::CTRL_START, dev::CTRL_START),
+            (super::STATUS_BUSY, dev::STATUS_BUSY),
             (super::STATUS_DONE, dev::STATUS_DONE),
             (super::BAR_VRAM, pci::VRAM_BAR),
         ];

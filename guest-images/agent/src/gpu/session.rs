@@ -126,6 +126,18 @@ impl Session {
         self.write(lo, value as u32)
     }
 
+    /// BAR0, the register BAR.
+    pub fn regs_region(&self) -> Region {
+        self.regs
+    }
+
+    /// The eventfd of MSI-X vector `vector`.
+    pub fn irq_fd(&self, vector: usize) -> Result<&EventFd, String> {
+        self.irqs
+            .get(vector)
+            .ok_or_else(|| format!("no MSI-X vector {vector}"))
+    }
+
     pub fn vectors(&self) -> usize {
         self.irqs.len()
     }

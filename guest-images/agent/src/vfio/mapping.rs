@@ -69,6 +69,27 @@ impl Mapping {
         u64::from_le(unsafe { ptr::read_volatile(self.word_ptr(at)) })
     }
 
+    fn dword_ptr(&self, at: usize) -> *mut u32 {
+        assert!(
+            at % 4 == 0 && at + 4 <= self.len && (self.skew + at) % 4 == 0,
+            "bad dword offset {at:#x} in a {:#x}-byte mapping",
+            self.len
+        );
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { self.base.cast::<u8>().add(self.skew + at).cast::<u32>() }
+    }
+
+    /// One 4-byte store (a register's width), little-endian, at byte `at` (4-aligned).
+    pub fn write_u32(&self, at: usize, value: u32) {
+        // SAFETY: an aligned, in-bounds pointer into our live mapping.
+        unsafe { ptr::write_volatile(self.dword_ptr(at), value.to_le()) }
+    }
+
+    pub fn read_u32(&self, at: usize) -> u32 {
+        // SAFETY: an aligned, in-bounds pointer into our live mapping.
+        u32::from_le(unsafe { ptr::read_volatile(self.dword_ptr(at)) })
+    }
+
     /// Copies `src` in at `at`, 8 bytes at a time (both 8-byte multiples).
     pub fn write_bytes(&self, at: usize, src: &[u8]) {
         for (i, chunk) in src.chunks_exact(8).enumerate() {
@@ -115,6 +136,9 @@ mod tests {
         let mut on_disk = vec![0u8; 256];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut on_disk, 4096 + 64).expect("read");
         assert_eq!(on_disk, data);
+        map.write_u32(4, 0xdead_beef);
+        assert_eq!(map.read_u32(4), 0xdead_beef);
+        assert_eq!(map.read_u64(0) >> 32, 0xdead_beef);
         drop(map);
         std::fs::remove_file(path).expect("cleanup");
     }

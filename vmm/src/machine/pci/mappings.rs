@@ -29,7 +29,7 @@ use devices::pci::{
     BarRange, BarSlot, ConfigError, ConfigEvent, PciAddress, PciDevice, PciEvents, PlacementRequest,
 };
 
-use crate::vstate::resources::addresses::{self, AddressError, BarKind, BarPlacement, BarRequest};
+use crate::vstate::resources::addresses::{AddressError, BarKind, BarPlacement, BarRequest};
 use crate::vstate::resources::memslots::{MemSlotError, SlotKind};
 use crate::vstate::vm::Vm;
 
@@ -37,8 +37,8 @@ const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BarError {
-    /// Boxed: address errors are large.
-    #[error("placing the BARs of {device}: {source}")]
+    /// Boxed: address errors are large. The address map's message names the device.
+    #[error("placing the BARs: {source}")]
     Place {
         device: String,
         #[source]
@@ -140,6 +140,11 @@ pub struct BarMappings {
     pio: Bus,
     mmio: Bus,
     bars: BTreeMap<(PciAddress, BarSlot), PlacedBar>,
+    /// Functions whose memory decode the guest turned off: their pieces have no memslots
+    /// (accesses trap to the function, which answers as a device not decoding would; a
+    /// kernel-VFIO BAR mapping is revoked meanwhile, and a memslot over it would fail the
+    /// vCPU with EFAULT).
+    decode_off: std::collections::BTreeSet<PciAddress>,
 }
 
 impl std::fmt::Debug for BarMappings {
@@ -156,10 +161,6 @@ impl std::fmt::Debug for BarMappings {
 
 /// The address map's request for a BAR the function describes.
 fn request_of(r: &PlacementRequest) -> BarRequest {
-    let slot = match r.slot {
-        BarSlot::Bar(i) => addresses::BarSlot::Bar(i),
-        BarSlot::Rom => addresses::BarSlot::Rom,
-    };
     let kind = if r.io {
         BarKind::Io
     } else if r.is_64bit {
@@ -170,16 +171,9 @@ fn request_of(r: &PlacementRequest) -> BarRequest {
         BarKind::Mem32
     };
     BarRequest {
-        slot,
+        slot: r.slot,
         kind,
         size: r.size,
-    }
-}
-
-fn slot_of(s: addresses::BarSlot) -> BarSlot {
-    match s {
-        addresses::BarSlot::Bar(i) => BarSlot::Bar(i),
-        addresses::BarSlot::Rom => BarSlot::Rom,
     }
 }
 
@@ -191,6 +185,7 @@ impl BarMappings {
             pio,
             mmio,
             bars: BTreeMap::new(),
+            decode_off: std::collections::BTreeSet::new(),
         }
     }
 
@@ -259,7 +254,7 @@ impl BarMappings {
         {
             let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
             for p in placed {
-                let slot = slot_of(p.request.slot);
+                let slot = p.request.slot;
                 dev.set_bar_address(slot, p.range.base)
                     .map_err(|source| BarError::SetAddress {
                         device: name.to_string(),
@@ -271,7 +266,7 @@ impl BarMappings {
         }
         let mut inserted: Vec<(bool, u64)> = Vec::new();
         for p in placed {
-            let slot = slot_of(p.request.slot);
+            let slot = p.request.slot;
             let io = p.request.kind == BarKind::Io && matches!(slot, BarSlot::Bar(_));
             let range = Arc::new(Mutex::new(BarRange::new(device.clone(), slot)));
             let (bus, bus_name) = self.bus(io);
@@ -292,7 +287,7 @@ impl BarMappings {
             inserted.push((io, p.range.base));
         }
         for p in placed {
-            let slot = slot_of(p.request.slot);
+            let slot = p.request.slot;
             let io = p.request.kind == BarKind::Io && matches!(slot, BarSlot::Bar(_));
             self.bars.insert(
                 (function, slot),
@@ -322,7 +317,8 @@ impl BarMappings {
 
     /// Maps `size` bytes at `offset` into BAR `slot` of `function` straight into the guest:
     /// a `DeviceBar` memslot backed by host memory at `host`, which follows the BAR when the
-    /// guest moves it. Accesses there no longer reach the function. Returns the memslot id.
+    /// guest moves it. Accesses there no longer reach the function. Returns the memslot id, or None while the
+    /// function does not decode memory (the slot is added when it does).
     ///
     /// # Safety
     /// `host..host + size` must stay a valid mapping until [`BarMappings::unmap`] or
@@ -335,7 +331,7 @@ impl BarMappings {
         offset: u64,
         size: u64,
         host: u64,
-    ) -> Result<u32, BarError> {
+    ) -> Result<Option<u32>, BarError> {
         let bar = self
             .bars
             .get_mut(&(function, slot))
@@ -355,6 +351,15 @@ impl BarMappings {
             });
         }
         let gpa = bar.base + offset;
+        if self.decode_off.contains(&function) {
+            bar.pieces.push(MappedPiece {
+                offset,
+                size,
+                host,
+                slot: None,
+            });
+            return Ok(None);
+        }
         // SAFETY: the caller vouches for the mapping until the piece is unmapped.
         let added = unsafe {
             self.vm
@@ -374,7 +379,7 @@ impl BarMappings {
             host,
             slot: Some(added.id),
         });
-        Ok(added.id)
+        Ok(Some(added.id))
     }
 
     /// Deletes the memslots of every mapped piece of `slot` of `function` (accesses trap to
@@ -462,6 +467,53 @@ impl BarMappings {
         result
     }
 
+    /// The guest turned `function`'s memory decode on or off (command register): its mapped
+    /// pieces lose their memslots while off and get them back, at the BARs' current
+    /// addresses, when on.
+    pub fn decode(&mut self, function: PciAddress, on: bool) {
+        let changed = if on {
+            self.decode_off.remove(&function)
+        } else {
+            self.decode_off.insert(function)
+        };
+        if !changed {
+            return;
+        }
+        let memslots = self.vm.memslots();
+        for ((f, slot), bar) in self.bars.iter_mut() {
+            if *f != function || bar.io {
+                continue;
+            }
+            for piece in bar.pieces.iter_mut() {
+                if on {
+                    if piece.slot.is_some() {
+                        continue;
+                    }
+                    let gpa = bar.base + piece.offset;
+                    // SAFETY: `map`'s caller vouched for the host mapping until the piece is
+                    // unmapped; it is the same mapping at the BAR's current address.
+                    let added = unsafe {
+                        memslots.add(SlotKind::DeviceBar, gpa, piece.size, piece.host, 0)
+                    };
+                    match added {
+                        Ok(s) => piece.slot = Some(s.id),
+                        Err(e) => tracing::warn!(
+                            "{function} {slot}: the piece at {gpa:#x} stays trapped: {e}"
+                        ),
+                    }
+                } else if let Some(id) = piece.slot.take() {
+                    if let Err(e) = memslots.remove(id) {
+                        tracing::warn!("{function} {slot}: deleting memslot {id}: {e}");
+                    }
+                }
+            }
+        }
+        tracing::debug!(
+            "{function}: memory decode {}",
+            if on { "on" } else { "off" }
+        );
+    }
+
     /// Retries every move that waits.
     fn settle(&mut self) {
         let waiting: Vec<(PciAddress, BarSlot)> = self
@@ -523,6 +575,10 @@ impl BarMappings {
                 }
             }
         }
+        if self.decode_off.contains(&function) {
+            tracing::debug!("{function} {slot}: moved from {from:#x} to {to:#x} (not decoding)");
+            return Ok(true);
+        }
         for piece in bar.pieces.iter_mut() {
             let gpa = to + piece.offset;
             // SAFETY: `map`'s caller vouched for the host mapping until the piece is unmapped;
@@ -554,6 +610,12 @@ impl PciEvents for BarEvents {
                 if let Err(e) = bars.moved(function, slot, to) {
                     tracing::warn!("{e}");
                 }
+            }
+            ConfigEvent::MemoryDecode(on) => {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .decode(function, on);
             }
             other => tracing::trace!("{function}: {other:?}"),
         }

@@ -23,8 +23,10 @@ use devices::vfio::passthrough::{
 };
 
 use super::{MsiRoutes, Pci, PciError};
+use crate::machine::report::PassthroughReport;
 use crate::memory::GuestMemory;
 use crate::vstate::vm::Vm;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// What `--device` names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +149,8 @@ pub struct Attached {
     pub device: Arc<Mutex<PassthroughDevice>>,
     /// What the guest sees (for the run's log and report).
     pub summary: String,
+    /// What DMA-mapping guest RAM cost (for the run's report).
+    pub dma_map: PassthroughReport,
 }
 
 impl fmt::Debug for Attached {
@@ -198,9 +202,25 @@ pub fn attach(
     let routes = Box::new(MsiRoutes::new(vm.clone()));
     let mut device =
         PassthroughDevice::new(transport, routes).map_err(device_err("reading the device"))?;
+    let mapping = std::time::Instant::now();
     device
         .map_guest_memory(mem)
         .map_err(device_err("DMA-mapping guest RAM"))?;
+    let dma_map = PassthroughReport::new(
+        name.clone(),
+        match spec {
+            DeviceSpec::VfioUser(_) => "vfio-user",
+            DeviceSpec::Vfio { .. } => "vfio",
+        },
+        mem.iter().map(|r| r.len()).sum(),
+        mapping.elapsed().as_secs_f64() * 1000.0,
+    );
+    tracing::info!(
+        "{name}: DMA-mapped {} MiB of guest RAM in {:.3} ms ({:.3} ms per GiB)",
+        dma_map.dma_mapped_bytes >> 20,
+        dma_map.dma_map_ms,
+        dma_map.dma_map_ms_per_gib
+    );
     // Placed before anything is mapped: a BAR too large for this guest's address space is
     // refused naming the sizes and the physical address bits, not as a failed mmap.
     let device = Arc::new(Mutex::new(device));
@@ -224,8 +244,18 @@ pub fn attach(
         }
     };
     for piece in &pieces {
-        // SAFETY: the piece is mapped by the device, which lives (in `Attached`) until
-        // `detach` has removed the function's memslots.
+        if !piece.writable {
+            // A writable memslot over a read-only mapping faults the vCPU on a guest write;
+            // trapped, the write goes to the transport, which refuses it as the device would.
+            tracing::debug!(
+                "{name}: {} +{:#x} is read-only: left trapped",
+                piece.slot,
+                piece.bar_offset
+            );
+            continue;
+        }
+        // SAFETY: the piece is mapped by the device and stays mapped until the device drops;
+        // `Attached` holds the device and its Drop removes the function's memslots first.
         let mapped = unsafe {
             pci.bars().map(
                 function,
@@ -251,6 +281,7 @@ pub fn attach(
         function,
         device,
         summary,
+        dma_map,
     })
 }
 

@@ -184,6 +184,7 @@ fn a_guest_bar_move_relocates_the_bus_range_and_the_bar_memslot() {
             .map(f, BarSlot::Bar(3), 0x1000, 0x2000, host.addr as u64)
     }
     .unwrap();
+    let id = id.expect("decoding: a memslot");
     let slot = r.vm.memslots().get(id).unwrap();
     assert_eq!(
         (slot.kind, slot.gpa, slot.size),
@@ -319,4 +320,42 @@ fn msix_vectors_become_kvm_msi_routes_with_irqfds() {
     drop(dev);
     assert!(vm.resources().interrupts().routes(gsi).is_empty());
     assert!(vm.resources().interrupts().routes(gsi5).is_empty());
+}
+
+/// Memory decode off (command register): the mapped pieces lose their memslots, so accesses
+/// trap to the function (a kernel-VFIO BAR mapping is revoked then, and a memslot over it would
+/// fail the vCPU); a move meanwhile adds none; decode on puts them back at the current address.
+#[test]
+fn memory_decode_off_takes_the_bar_memslots_away_until_it_is_on_again() {
+    const COMMAND: u8 = 0x04;
+    let r = rig();
+    let f = r.pci.add_device("test-gpu", test_device()).unwrap();
+    let old = bar_address(&r.pio, f, 3);
+    let host = HostPages::new(0x2000);
+    // SAFETY: `host` outlives the VM's use of it: the rig (and its memslots) drops first.
+    unsafe {
+        r.pci
+            .bars()
+            .map(f, BarSlot::Bar(3), 0x1000, 0x2000, host.addr as u64)
+    }
+    .unwrap();
+    cfg_write(&r.pio, f, COMMAND, 0x2); // memory on
+    assert!(r.vm.memslots().at(old + 0x1000).is_some());
+    cfg_write(&r.pio, f, COMMAND, 0x0); // memory off
+    assert!(r.vm.memslots().at(old + 0x1000).is_none(), "slot kept");
+    assert_eq!(r.pci.bars().pieces(f, BarSlot::Bar(3))[0].slot, None);
+
+    let new = old + 64 * MIB;
+    cfg_write(&r.pio, f, 0x1c, new as u32);
+    cfg_write(&r.pio, f, 0x20, (new >> 32) as u32);
+    assert!(
+        r.vm.memslots().at(new + 0x1000).is_none(),
+        "added while off"
+    );
+
+    cfg_write(&r.pio, f, COMMAND, 0x2);
+    let back = r.vm.memslots().at(new + 0x1000).expect("slot back");
+    assert_eq!((back.gpa, back.host), (new + 0x1000, host.addr as u64));
+    assert!(r.vm.memslots().at(old + 0x1000).is_none());
+    drop(r);
 }

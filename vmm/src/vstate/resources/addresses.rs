@@ -156,21 +156,8 @@ impl Range {
     }
 }
 
-/// Which register of a PCI function a region belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BarSlot {
-    Bar(u8),
-    Rom,
-}
-
-impl fmt::Display for BarSlot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BarSlot::Bar(i) => write!(f, "BAR{i}"),
-            BarSlot::Rom => f.write_str("ROM"),
-        }
-    }
-}
+/// Which register of a PCI function a region belongs to: the PCI model's own.
+pub use devices::pci::BarSlot;
 
 /// What kind of address a BAR decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
