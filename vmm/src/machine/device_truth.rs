@@ -146,13 +146,15 @@ impl DeviceTruth {
                     first_page: w.first_page,
                     size: w.watched.pages() * crate::memory::PAGE_SIZE,
                 }),
-                None => return Ok(Coverage {
-                    covered: false,
-                    how: format!(
+                None => {
+                    return Ok(Coverage {
+                        covered: false,
+                        how: format!(
                         "{}: a piece has no memslot now (its BAR moved, or memory decode is off)",
                         mem.name
                     ),
-                }),
+                    })
+                }
             }
         }
         let n = slots.len();

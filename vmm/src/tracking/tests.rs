@@ -106,3 +106,84 @@ fn bitmap_manual_reports_pages_by_the_registrys_slot_ids() {
 fn ring_entries_map_through_the_registrys_slot_ids() {
     kvm_write_lands_in_the_dirty_set_by_registry_id(TrackerKind::Ring);
 }
+
+/// `bar_log` beside a KVM bitmap backend: KVM takes dirty logging on a `DeviceBar` slot, reports
+/// a page KVM wrote there once (re-armed after), nothing of RAM, and the slot's logging is off
+/// again after `stop`.
+fn bar_log_sees_a_kvm_write_to_a_device_bar_slot(kind: TrackerKind) {
+    use super::bar_log::{BarLog, BarSlotRange};
+    if let Err(why) = kind.check_host() {
+        eprintln!("skipping {kind}: {why}");
+        return;
+    }
+    let ram = GuestRam::new(16 * MIB).unwrap();
+    let bar = GuestRam::new(8 * MIB).unwrap();
+    let vm = Arc::new(Vm::new(16 * MIB).unwrap());
+    // SAFETY: `bar` is declared before the VM, so its mapping outlives the slot.
+    let bar_slot = unsafe {
+        vm.memslots()
+            .add(SlotKind::DeviceBar, BAR_GPA, MIB, bar.host_addrs()[0], 0)
+    }
+    .unwrap();
+    vm.register_ram(&ram).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let slots = slots_of(&vm);
+    let ctx = TrackContext {
+        vm: vm.clone(),
+        slots: slots.clone(),
+        memory: ram.memory().clone(),
+        rings: None,
+        kick: None,
+    };
+    let mut t = create(kind, &ctx).unwrap();
+    t.start().unwrap();
+    let range = BarSlotRange {
+        slot: bar_slot.id,
+        first_page: 0,
+        size: MIB,
+    };
+    let mut log = BarLog::start(kind, vm.clone(), vec![range]).unwrap();
+    assert!(vm.memslots().get(bar_slot.id).unwrap().dirty_logging());
+    let harvest = |log: &mut BarLog| {
+        let mut pages = Vec::new();
+        let mut scratch = Vec::new();
+        log.harvest(
+            &mut |first, words| {
+                for (w, &bits) in words.iter().enumerate() {
+                    for b in 0..64 {
+                        if bits >> b & 1 == 1 {
+                            pages.push(first + w as u64 * 64 + b);
+                        }
+                    }
+                }
+            },
+            &mut scratch,
+        )
+        .unwrap();
+        pages
+    };
+    assert_eq!(
+        harvest(&mut log),
+        Vec::<u64>::new(),
+        "{kind}: clean at start"
+    );
+    kvm_writes_page(&vcpu, BAR_GPA + 3 * 4096);
+    assert_eq!(harvest(&mut log), vec![3], "{kind}");
+    assert_eq!(harvest(&mut log), Vec::<u64>::new(), "{kind}: re-armed");
+    let mut set = DirtySet::new(&slots);
+    t.harvest(&mut set).unwrap();
+    assert_eq!(set.count(), 0, "{kind}: nothing of the BAR in RAM's set");
+    log.stop().unwrap();
+    assert!(!vm.memslots().get(bar_slot.id).unwrap().dirty_logging());
+    t.stop().unwrap();
+}
+
+#[test]
+fn bar_log_with_bitmap_sees_kvm_writes_to_a_bar_slot() {
+    bar_log_sees_a_kvm_write_to_a_device_bar_slot(TrackerKind::Bitmap);
+}
+
+#[test]
+fn bar_log_with_bitmap_manual_sees_kvm_writes_to_a_bar_slot() {
+    bar_log_sees_a_kvm_write_to_a_device_bar_slot(TrackerKind::BitmapManual);
+}
