@@ -9,15 +9,15 @@
 //! The truth is content (vmm `content_truth`): each round, with the vCPUs parked, the VMM
 //! compares guest RAM and VRAM with their bytes at the previous round. Nothing here expects a
 //! figure: the table shows what each mechanism saw. The ring needs a VM of its own (chosen at
-//! creation), so it gets a second boot.
+//! creation), so it gets a second boot. `device_table` renders the report, `test_device` runs
+//! the device.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::test_device::Device;
 use super::tracking::BenchError;
 use vmm::host::HostKind;
 use vmm::machine::content_truth::Counts;
@@ -103,54 +103,6 @@ pub struct DeviceReport {
     pub rows: Vec<DeviceRow>,
     pub unsupported: Vec<super::Unsupported>,
     pub notes: Vec<String>,
-}
-
-/// The test device serving one VM (`--once`), killed if still there when dropped.
-struct Device {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Device {
-    fn start(bin: &Path, socket: PathBuf, vram_mib: u64) -> Result<Device, BenchError> {
-        let fail = |e: String| BenchError::Usage(format!("{}: {e}", bin.display()));
-        let _ = std::fs::remove_file(&socket);
-        let mut child = Command::new(bin)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--vram-size", &format!("{vram_mib}M"), "--json", "--once"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| fail(format!("cannot start it: {e}")))?;
-        let mut line = String::new();
-        if let Some(out) = child.stdout.take() {
-            // Its first line says it listens (or it exits, closing stdout).
-            let _ = BufReader::new(out).read_line(&mut line);
-        }
-        if !line.contains("\"ready\":true") {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(fail(format!("did not say it was ready: {line:?}")));
-        }
-        Ok(Device { child, socket })
-    }
-}
-
-impl Drop for Device {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 /// The agent script of one phase of `source`.
@@ -438,108 +390,6 @@ pub fn run(b: &DeviceBench) -> Result<DeviceReport, BenchError> {
             ),
         ],
     })
-}
-
-/// The report as pretty-printed JSON.
-pub fn to_json(r: &DeviceReport) -> String {
-    serde_json::to_string_pretty(r)
-        .unwrap_or_else(|e| format!("{{\"error\": \"cannot serialise the report: {e}\"}}"))
-}
-
-const HEADERS: [&str; 9] = [
-    "source",
-    "backend",
-    "memory",
-    "written",
-    "reported",
-    "missed",
-    "false pos",
-    "rounds",
-    "vram coverage",
-];
-
-/// The report as aligned text, ending in a newline.
-pub fn render_table(r: &DeviceReport) -> String {
-    let mut lines = vec![format!(
-        "{}: host {} ({}); {} boot(s); device memory: {}",
-        r.tool, r.host, r.host_detail, r.boots, r.device_memory
-    )];
-    let cells: Vec<[String; 9]> = r
-        .rows
-        .iter()
-        .map(|w| {
-            [
-                w.source.clone(),
-                w.backend.clone(),
-                format!("{}{}", w.memory, if w.source_memory { " *" } else { "" }),
-                w.written.to_string(),
-                w.reported.to_string(),
-                w.missed.to_string(),
-                w.false_positives.to_string(),
-                w.rounds.to_string(),
-                if w.memory == "vram" {
-                    if w.covered {
-                        "covered".into()
-                    } else {
-                        format!("not covered: {}", w.coverage)
-                    }
-                } else {
-                    String::new()
-                },
-            ]
-        })
-        .collect();
-    let mut widths = HEADERS.map(|h| h.chars().count());
-    for c in &cells {
-        for (w, cell) in widths.iter_mut().zip(c).take(8) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |c: &[String]| {
-        c.iter()
-            .enumerate()
-            .map(|(i, cell)| {
-                let w = widths[i];
-                match i {
-                    0..=2 => format!("{cell:<w$}"),
-                    8 => cell.clone(),
-                    _ => format!("{cell:>w$}"),
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    lines.push(String::new());
-    for (source, what) in SOURCES {
-        lines.push(format!("{source}: {what}"));
-    }
-    lines.push(String::new());
-    lines.push(format!("  {}", line(&HEADERS.map(str::to_owned))));
-    let mut last = String::new();
-    for (row, c) in r.rows.iter().zip(&cells) {
-        let key = format!("{}/{}", row.source, row.backend);
-        if !last.is_empty() && key != last {
-            lines.push(String::new());
-        }
-        last = key;
-        lines.push(format!("  {}", line(c)));
-    }
-    if !r.unsupported.is_empty() {
-        lines.push(String::new());
-        for u in &r.unsupported {
-            lines.push(format!("{}: unsupported: {}", u.backend, u.reason));
-        }
-    }
-    lines.push(String::new());
-    lines.push("notes:".into());
-    for n in &r.notes {
-        lines.push(format!("  - {n}"));
-    }
-    let mut out = lines.join("\n");
-    out.push('\n');
-    out
 }
 
 #[cfg(test)]

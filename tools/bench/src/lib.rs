@@ -11,6 +11,7 @@
 mod axis;
 pub mod chart;
 pub mod demand;
+pub mod device_table;
 pub mod device_tracking;
 mod format;
 pub mod json;
@@ -21,6 +22,7 @@ pub mod report;
 #[cfg(test)]
 mod sample;
 pub mod table;
+mod test_device;
 pub mod tracking;
 
 pub use chart::{render_svg, ChartError};

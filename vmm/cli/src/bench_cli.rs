@@ -219,14 +219,14 @@ fn device_scenario(a: TrackingArgs, backends: Vec<TrackerKind>) -> Result<i32> {
         console_dir: a.linux_console_dir,
     };
     let report = bench::device_tracking::run(&b)?;
-    let json = bench::device_tracking::to_json(&report);
+    let json = bench::device_table::to_json(&report);
     if let Some(path) = &a.json_out {
         std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
     }
     if a.json {
         println!("{json}");
     } else {
-        print!("{}", bench::device_tracking::render_table(&report));
+        print!("{}", bench::device_table::render_table(&report));
     }
     Ok(0)
 }

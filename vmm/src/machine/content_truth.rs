@@ -1,6 +1,6 @@
 //! Ground truth by content for in-situ tracking with a passed-through device: at each round the
-//! VMM compares every page of guest RAM and of the device's memory (its largest mapped BAR:
-//! a GPU's VRAM) with the copy it kept at the previous round. A page whose bytes changed was
+//! VMM compares every page of guest RAM and of the device's memory (its mapped BAR pages: on a
+//! GPU, VRAM among them) with the copy it kept at the previous round. A page whose bytes changed was
 //! written; a page written with the bytes it already held does not count as written.
 //!
 //! Why content and not a model: the writers are the guest kernel, the agent and the device,
