@@ -156,10 +156,10 @@ fn a_server_answering_garbage_is_refused() {
 fn a_bar_too_large_for_the_guest_address_space_is_refused_naming_sizes_and_bits() {
     let dir = tempfile::tempdir().unwrap();
     let (server, sock) = gpu::start(dir.path(), "big", &["--vram-size", "1T", "--once"]);
-    let run = micro_with(&gpu::spec(&sock), &["--phys-bits", "39"]);
+    let run = micro_with(&gpu::spec(&sock), &["--phys-bits", "36"]);
     refused(&run, 1, "BAR1 (1 TiB) finds no naturally aligned room");
     assert!(
-        run.stderr.contains("39 physical address bits"),
+        run.stderr.contains("36 physical address bits"),
         "{}",
         run.stderr
     );

@@ -58,6 +58,7 @@ mod tests {
     use super::*;
     use crate::vstate::resources::addresses::guest_phys_bits;
     use crate::vstate::vm::Vm;
+    use crate::vstate::resources::MIN_PHYS_BITS;
 
     #[test]
     fn cx16_is_hidden_and_apic_id_set() {
@@ -100,15 +101,15 @@ mod tests {
     #[test]
     fn a_phys_bits_limit_reaches_the_map_and_cpuid_or_is_refused() {
         let kvm = Kvm::new().expect("/dev/kvm");
-        let vm = Vm::with_phys_bits(128 << 20, Some(39)).unwrap();
-        assert_eq!(vm.phys_bits(), 39);
+        let vm = Vm::with_phys_bits(128 << 20, Some(MIN_PHYS_BITS)).unwrap();
+        assert_eq!(vm.phys_bits(), MIN_PHYS_BITS);
         let c = for_vcpu(&kvm, 0, 1, vm.phys_bits()).unwrap();
         let leaf = c
             .as_slice()
             .iter()
             .find(|e| e.function == 0x8000_0008)
             .unwrap();
-        assert_eq!(leaf.eax & 0xff, 39);
+        assert_eq!(leaf.eax & 0xff, u32::from(MIN_PHYS_BITS));
         let supported = vm.phys_bits().max(Vm::new(1 << 20).unwrap().phys_bits());
         for asked in [35, supported + 1] {
             let err = Vm::with_phys_bits(128 << 20, Some(asked))
