@@ -57,8 +57,8 @@ pub fn for_vcpu(kvm: &Kvm, id: u8, count: u8, phys_bits: u8) -> Result<CpuId, Cp
 mod tests {
     use super::*;
     use crate::vstate::resources::addresses::guest_phys_bits;
-    use crate::vstate::vm::Vm;
     use crate::vstate::resources::MIN_PHYS_BITS;
+    use crate::vstate::vm::Vm;
 
     #[test]
     fn cx16_is_hidden_and_apic_id_set() {
