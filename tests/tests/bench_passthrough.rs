@@ -5,7 +5,7 @@
 
 use vmm_tests::{gpu, images, vmm};
 
-const FIGURES: [&str; 11] = [
+const FIGURES: [&str; 13] = [
     "mapped_read_ns",
     "trapped_read_ns",
     "mapped_write_ns",
@@ -15,6 +15,8 @@ const FIGURES: [&str; 11] = [
     "doorbell_p50_ns",
     "dma_to_ram_mib_s",
     "dma_to_vram_mib_s",
+    "dma_to_ram_device_mib_s",
+    "dma_to_vram_device_mib_s",
     "memcpy_mib_s",
     "dma_map_ms_per_gib",
 ];
@@ -95,7 +97,7 @@ fn bench_passthrough_one_run_reports_every_figure_consistently() {
     assert_eq!(figures.len(), FIGURES.len());
 
     let ratios = r["ratios"].as_array().expect("ratios");
-    assert_eq!(ratios.len(), 4, "{r}");
+    assert_eq!(ratios.len(), 6, "{r}");
     for q in ratios {
         let value = positive(&q["value"], "ratio");
         let (num, den) = (
