@@ -28,6 +28,11 @@ extern crate serde_derive;
 #[macro_use]
 extern crate log;
 
+mod feature;
+pub use feature::{
+    dma_logging_bitmap_len, DmaLoggingRange, MAX_DMA_LOGGING_BITMAP, MAX_DMA_LOGGING_RANGES,
+};
+
 #[allow(dead_code)]
 #[repr(u16)]
 #[derive(Clone, Copy, Debug, Default, enumn::N)]
@@ -48,6 +53,8 @@ pub enum Command {
     DmaWrite = 12,
     DeviceReset = 13,
     UserDirtyPages = 14,
+    RegionWriteMulti = 15,
+    DeviceFeature = 16,
 }
 
 #[allow(dead_code)]
@@ -1046,6 +1053,38 @@ pub trait ServerBackend {
         _count: u32,
         _fds: Vec<File>,
     ) -> Result<(), std::io::Error>;
+
+    // Patched: DMA logging (DEVICE_FEATURE 16, see `feature`). The defaults answer ENOTSUP.
+
+    /// PROBE of any DMA logging feature: `Ok` if the device logs its DMA writes.
+    fn dma_logging_probe(&mut self) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// DMA_LOGGING_START: log writes into `ranges`; returns the page size chosen (`page_size`
+    /// is a hint).
+    fn dma_logging_start(
+        &mut self,
+        _page_size: u64,
+        _ranges: &[DmaLoggingRange],
+    ) -> Result<u64, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// DMA_LOGGING_STOP.
+    fn dma_logging_stop(&mut self) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// DMA_LOGGING_REPORT: set in `bitmap` (zeroed, whole u64 words, page `n` is bit `n % 8`
+    /// of byte `n / 8`) the pages of `[iova, iova + length)` written since the last report,
+    /// and clear them.
+    fn dma_logging_report(
+        &mut self,
+        _iova: u64,
+        _length: u64,
+        _page_size: u64,
+        _bitmap: &mut [u8],
+    ) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -1121,9 +1160,11 @@ impl Server {
             | Command::GetRegionIoFds
             | Command::DmaRead
             | Command::DmaWrite
-            | Command::UserDirtyPages => {
+            | Command::UserDirtyPages
+            | Command::RegionWriteMulti => {
                 return Err(Error::UnsupportedCommand(command));
             }
+            Command::DeviceFeature => return feature::handle(backend, header, body, stream),
             Command::Version => {
                 if header.no_reply() {
                     return Err(Error::UnexpectedNoReply(Command::Version));
