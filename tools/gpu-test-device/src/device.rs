@@ -10,9 +10,12 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use gpu_test_device::pci::{self, PAGE_SIZE};
 use gpu_test_device::regs::{self, CTRL_ONCE, CTRL_START, CTRL_STOP, STATUS_BUSY};
 use vfio_bindings::bindings::vfio::*;
-use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion, SparseArea};
+use vfio_user::{
+    DmaLoggingRange, DmaMapFlags, DmaUnmapFlags, IrqInfo, ServerBackend, ServerRegion, SparseArea,
+};
 
 use crate::config_space::{ConfigError, ConfigSpace, Identity};
+use crate::dirty_log::{DirtyLog, LogError};
 use crate::dma::{DmaMapError, DmaSpace};
 use crate::engines::{
     lock, run_dma, run_kernel, run_page_writer, DmaJob, KernelJob, PageWriterJob, Shared, Worker,
@@ -58,6 +61,8 @@ pub enum DeviceError {
         count: u32,
         fds: usize,
     },
+    #[error("DMA logging")]
+    DmaLog(#[from] LogError),
     #[error("starting the {0} engine thread")]
     Spawn(&'static str, #[source] std::io::Error),
 }
@@ -66,6 +71,7 @@ impl DeviceError {
     fn errno(&self) -> i32 {
         match self {
             Self::DmaMap(e) => e.errno(),
+            Self::DmaLog(e) => e.errno(),
             Self::Spawn(..) | Self::Memory { .. } => libc::EAGAIN,
             _ => libc::EINVAL,
         }
@@ -112,6 +118,7 @@ impl Device {
             msix_vectors: identity.msix_vectors,
             pw_written: AtomicU64::new(0),
             k_passes: AtomicU32::new(0),
+            dirty: DirtyLog::default(),
         });
         Ok(Self {
             identity,
@@ -213,10 +220,11 @@ impl Device {
         ]
     }
 
-    /// The client left: stop every engine, forget its DMA regions and eventfds, reset.
-    /// Device memory (VRAM, BAR0, BAR3) keeps its contents for the next client.
+    /// The client left: stop every engine and DMA logging, forget its DMA regions and
+    /// eventfds, reset. Device memory (VRAM, BAR0, BAR3) keeps its contents for the next client.
     pub fn disconnect(&mut self) {
         self.reset_device();
+        self.shared.dirty.stop();
         self.shared
             .dma
             .write()
@@ -564,6 +572,39 @@ impl ServerBackend for Device {
     ) -> std::io::Result<()> {
         self.set_irqs_inner(index, flags, start, count, fds)
             .map_err(reply_error)
+    }
+
+    fn dma_logging_probe(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn dma_logging_start(
+        &mut self,
+        page_size: u64,
+        ranges: &[DmaLoggingRange],
+    ) -> std::io::Result<u64> {
+        self.shared
+            .dirty
+            .start(page_size, ranges)
+            .map_err(|e| reply_error(e.into()))
+    }
+
+    fn dma_logging_stop(&mut self) -> std::io::Result<()> {
+        self.shared.dirty.stop();
+        Ok(())
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> std::io::Result<()> {
+        self.shared
+            .dirty
+            .report(iova, length, page_size, bitmap)
+            .map_err(|e| reply_error(e.into()))
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use gpu_test_device::pci::PAGE_SIZE;
 use gpu_test_device::regs::*;
 
+use crate::dirty_log::DirtyLog;
 use crate::dma::{DmaFault, DmaSpace, Segment};
 use crate::memory::DeviceMemory;
 use crate::registers::{Live, Registers};
@@ -32,6 +33,8 @@ pub struct Shared {
     pub msix_vectors: u16,
     pub pw_written: AtomicU64,
     pub k_passes: AtomicU32,
+    /// Guest-RAM pages the engines wrote, while the client has DMA logging started.
+    pub dirty: DirtyLog,
 }
 
 impl Shared {
@@ -169,6 +172,7 @@ fn copy(shared: &Shared, job: DmaJob) -> Result<(), u32> {
             guest.copy_to_volatile_slice(device);
         } else {
             device.copy_to_volatile_slice(guest);
+            shared.dirty.mark(iova + at as u64, guest.len() as u64);
         }
         at += guest.len();
     }
@@ -236,6 +240,7 @@ fn write_pages(shared: &Shared, job: PageWriterJob, stop: &AtomicBool) -> Result
             guest.copy_from(&stamp[at..at + guest.len()]);
             at += guest.len();
         }
+        shared.dirty.mark(iova, stamp.len() as u64);
         written += 1;
         shared.pw_written.store(written, Ordering::Relaxed);
     }

@@ -7,6 +7,7 @@
 
 mod config_space;
 mod device;
+mod dirty_log;
 mod dma;
 mod engines;
 mod memory;
