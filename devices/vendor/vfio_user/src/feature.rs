@@ -381,3 +381,68 @@ mod tests {
         assert_eq!(size_of::<LoggingReport>(), 24);
     }
 }
+
+#[cfg(test)]
+mod defaults {
+    use super::*;
+    use crate::{DmaMapFlags, DmaUnmapFlags, Server};
+    use std::fs::File;
+
+    /// A backend without DMA logging: only the required methods.
+    struct Plain;
+
+    impl ServerBackend for Plain {
+        fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn dma_map(
+            &mut self,
+            _: DmaMapFlags,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: Option<File>,
+        ) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn dma_unmap(&mut self, _: DmaUnmapFlags, _: u64, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn reset(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: Vec<File>) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_backend_without_dma_logging_answers_enotsup_and_stays_in_step() {
+        let path = std::env::temp_dir().join(format!(
+            "vfio-user-feature-test-{}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let server = Server::new(&path, true, Vec::new(), Vec::new()).unwrap();
+        let thread = std::thread::spawn(move || server.run(&mut Plain));
+        let mut client = Client::new(&path).unwrap();
+        let enotsup = |result: Result<(), Error>| {
+            matches!(result, Err(Error::ErrorReply { command: Command::DeviceFeature, errno })
+                if errno == libc::ENOTSUP as u32)
+        };
+        assert!(!client.dma_logging_probe().unwrap());
+        let range = DmaLoggingRange {
+            iova: 0,
+            length: 0x1000,
+        };
+        assert!(enotsup(client.dma_logging_start(0x1000, &[range]).map(drop)));
+        assert!(enotsup(client.dma_logging_stop()));
+        assert!(enotsup(client.dma_logging_report(0, 0x1000, 0x1000).map(drop)));
+        client.reset().unwrap();
+        drop(client);
+        thread.join().unwrap().unwrap();
+    }
+}
