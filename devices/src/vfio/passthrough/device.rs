@@ -188,11 +188,6 @@ impl PassthroughDevice {
         self.shadow.msix.as_ref().map_or(0, |m| m.layout().vectors)
     }
 
-    /// Every guest-driven failure since the device was made (kept or not).
-    pub fn failures(&self) -> u64 {
-        self.failures
-    }
-
     /// Failures of guest-driven work (config and BAR accesses cannot return errors), oldest
     /// first, at most 16 kept; the owner logs or counts them.
     pub fn take_errors(&mut self) -> Vec<PassthroughError> {

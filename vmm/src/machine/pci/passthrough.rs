@@ -147,8 +147,6 @@ pub struct Attached {
     pub spec: DeviceSpec,
     pub function: PciAddress,
     pub device: Arc<Mutex<PassthroughDevice>>,
-    /// What the guest sees (for the run's log and report).
-    pub summary: String,
     /// What DMA-mapping guest RAM cost (for the run's report).
     pub dma_map: PassthroughReport,
 }
@@ -158,7 +156,6 @@ impl fmt::Debug for Attached {
         f.debug_struct("Attached")
             .field("spec", &self.spec)
             .field("function", &self.function)
-            .field("summary", &self.summary)
             .finish()
     }
 }
@@ -273,14 +270,12 @@ pub fn attach(
             }));
         }
     }
-    let summary = summary(&device, function, pci);
-    tracing::info!("{name}: {summary}");
+    tracing::info!("{name}: {}", summary(&device, function, pci));
     Ok(Attached {
         pci: pci.clone(),
         spec: spec.clone(),
         function,
         device,
-        summary,
         dma_map,
     })
 }
@@ -366,14 +361,6 @@ impl Attached {
                     .collect()
             }),
         })
-    }
-
-    /// Failures the guest caused since the last call (a dead server, refused accesses).
-    pub fn take_errors(&self) -> Vec<PassthroughError> {
-        self.device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take_errors()
     }
 }
 
