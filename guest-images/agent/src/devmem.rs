@@ -4,11 +4,11 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::ptr;
 
 use guest_abi::boot_timer;
+
+use crate::vfio::mapping::Mapping;
 
 pub const DEV_MEM: &str = "/dev/mem";
 
@@ -21,28 +21,8 @@ pub fn write_boot_timer(path: &str) -> io::Result<()> {
         // Uncached access to device memory.
         .custom_flags(libc::O_SYNC)
         .open(path)?;
-    let len = boot_timer::SIZE as usize;
-    let offset = libc::off_t::try_from(boot_timer::GPA)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "GPA beyond off_t"))?;
-    // SAFETY: a new shared mapping of one page of the file; nothing else refers to it.
-    let addr = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            offset,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `addr` is a writable mapping of `len` >= 1 bytes; volatile because this is an
-    // MMIO register whose write the device must see.
-    unsafe { ptr::write_volatile(addr.cast::<u8>(), boot_timer::MAGIC) };
-    // SAFETY: unmaps exactly the mapping made above.
-    unsafe { libc::munmap(addr, len) };
+    let map = Mapping::new(&file, boot_timer::GPA, 1)?;
+    map.write_u8(0, boot_timer::MAGIC);
     Ok(())
 }
 

@@ -1,5 +1,6 @@
-//! A shared mapping of part of a file (a BAR through the VFIO device fd), accessed with volatile
-//! 8-byte loads and stores: it is device memory, which the compiler must not merge or elide.
+//! A shared mapping of part of a file (a BAR through the VFIO device fd, or /dev/mem), accessed
+//! with volatile loads and stores: it is device memory, which the compiler must not merge or
+//! elide.
 
 use std::fs::File;
 use std::io;
@@ -88,6 +89,17 @@ impl Mapping {
     pub fn read_u32(&self, at: usize) -> u32 {
         // SAFETY: an aligned, in-bounds pointer into our live mapping.
         u32::from_le(unsafe { ptr::read_volatile(self.dword_ptr(at)) })
+    }
+
+    /// One 1-byte store at byte `at` (a register written byte-wide).
+    pub fn write_u8(&self, at: usize, value: u8) {
+        assert!(
+            at < self.len,
+            "bad byte offset {at:#x} in a {:#x}-byte mapping",
+            self.len
+        );
+        // SAFETY: in bounds of our live mapping (checked above).
+        unsafe { ptr::write_volatile(self.base.cast::<u8>().add(self.skew + at), value) }
     }
 
     /// Copies `src` in at `at`, 8 bytes at a time (both 8-byte multiples).
