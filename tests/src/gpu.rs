@@ -36,3 +36,25 @@ pub fn start(dir: &Path, name: &str, extra: &[&str]) -> (Bg, PathBuf) {
 pub fn spec(sock: &Path) -> String {
     format!("vfio-user:{}", sock.display())
 }
+
+/// `vmm run` arguments for the Linux test guest (256 MiB) with the device on `sock` passed
+/// through, the agent running `script`, the console in `console`.
+pub fn linux_run_args(sock: &Path, script: &str, console: &Path) -> Vec<String> {
+    let img = crate::images();
+    [
+        "run".to_string(),
+        "--kernel".into(),
+        img.kernel.display().to_string(),
+        "--initrd".into(),
+        img.initramfs.display().to_string(),
+        "--mem".into(),
+        "256M".into(),
+        "--device".into(),
+        spec(sock),
+        "--agent".into(),
+        script.into(),
+        "--console".into(),
+        format!("file:{}", console.display()),
+    ]
+    .into()
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use vmm_tests::gpu;
 use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};
 use vmm_tests::process::remote;
-use vmm_tests::{images, vmm};
+use vmm_tests::vmm;
 
 fn micro_with(device: &str, extra: &[&str]) -> vmm_tests::Run {
     let mut args = vec![
@@ -229,7 +229,6 @@ fn a_server_killed_under_a_linux_guest_is_seen_as_gone_and_the_vm_runs_on() {
     const BDF: &str = "0000:00:01.0";
     let dir = tempfile::tempdir().unwrap();
     let (mut server, dev) = gpu::start(dir.path(), "gpu", &["--vram-size", "256M"]);
-    let img = images();
     let console = dir.path().join("console.txt");
     let script = [
         format!("vfio-bind,{BDF}"),
@@ -242,21 +241,7 @@ fn a_server_killed_under_a_linux_guest_is_seen_as_gone_and_the_vm_runs_on() {
     ]
     .join(";");
     let mut cmd = std::process::Command::new(vmm_tests::vmm_bin());
-    cmd.args([
-        "run",
-        "--kernel",
-        img.kernel.to_str().unwrap(),
-        "--initrd",
-        img.initramfs.to_str().unwrap(),
-        "--mem",
-        "256M",
-        "--device",
-        &gpu::spec(&dev),
-        "--agent",
-        &script,
-        "--console",
-        &format!("file:{}", console.display()),
-    ]);
+    cmd.args(gpu::linux_run_args(&dev, &script, &console));
     let mut vm = vmm_tests::process::Bg::spawn("vmm", cmd);
     let read = || std::fs::read_to_string(&console).unwrap_or_default();
     let deadline = std::time::Instant::now() + vmm_tests::run_timeout();

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use vmm_tests::{agent_lines, gpu, images, vmm};
+use vmm_tests::{agent_lines, gpu, vmm};
 
 const BDF: &str = "0000:00:01.0";
 const VRAM: u64 = 256 << 20;
@@ -45,7 +45,6 @@ fn result<'a>(lines: &'a [String], prefix: &str) -> &'a str {
 fn the_guest_binds_the_test_device_to_vfio_pci_and_drives_dma_vram_and_msix() {
     let dir = tempfile::tempdir().unwrap();
     let (server, dev) = gpu::start(dir.path(), "gpu", &["--vram-size", "256M", "--once"]);
-    let img = images();
     let console = dir.path().join("console.txt");
     let script = [
         "pci-list".to_string(),
@@ -69,21 +68,8 @@ fn the_guest_binds_the_test_device_to_vfio_pci_and_drives_dma_vram_and_msix() {
         "poweroff".into(),
     ]
     .join(";");
-    let run = vmm(&[
-        "run",
-        "--kernel",
-        img.kernel.to_str().unwrap(),
-        "--initrd",
-        img.initramfs.to_str().unwrap(),
-        "--mem",
-        "256M",
-        "--device",
-        &gpu::spec(&dev),
-        "--agent",
-        &script,
-        "--console",
-        &format!("file:{}", console.display()),
-    ]);
+    let args = gpu::linux_run_args(&dev, &script, &console);
+    let run = vmm(&args.iter().map(String::as_str).collect::<Vec<_>>());
     run.assert_no_panic();
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     assert_eq!(run.code(), Some(0), "{}\nconsole:\n{text}", run.stderr);
