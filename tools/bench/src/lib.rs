@@ -18,6 +18,7 @@ pub mod json;
 mod legend;
 mod palette;
 pub mod passthrough;
+mod progress;
 pub mod report;
 #[cfg(test)]
 mod sample;

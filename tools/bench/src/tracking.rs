@@ -13,7 +13,6 @@
 use std::time::{Duration, Instant};
 
 use guest_abi::layout;
-use indicatif::{ProgressBar, ProgressStyle};
 use micro_guest::{Pattern, Workload};
 
 use super::report::{median, BackendResult, BenchReport, Cell, Unsupported, WorkloadResult};
@@ -209,19 +208,6 @@ fn param_for(pattern: Pattern, pages: u64) -> u64 {
     }
 }
 
-fn progress_bar(total: u64, on: bool) -> ProgressBar {
-    if !on {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    if let Ok(style) =
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} runs  {msg}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
-}
-
 pub fn run(b: &TrackingBench) -> Result<BenchReport, BenchError> {
     if b.runs == 0 || b.passes < 3 {
         return Err(BenchError::Usage(
@@ -241,7 +227,7 @@ pub fn run(b: &TrackingBench) -> Result<BenchReport, BenchError> {
         }
     }
     let cells = b.sizes_mib.len() * b.patterns.len() * (backends.len() + 1) * b.runs as usize;
-    let bar = progress_bar(cells as u64, b.progress);
+    let bar = crate::progress::bar(cells as u64, b.progress, "runs");
     let mut workloads = Vec::new();
     for &size in &b.sizes_mib {
         let pages = size * 256;
@@ -457,7 +443,7 @@ fn linux_workload(
     if ring {
         boots.push(with_baselines(vec![Some(TrackerKind::Ring)]));
     }
-    let bar = progress_bar(boots.len() as u64 * u64::from(l.runs), progress);
+    let bar = crate::progress::bar(boots.len() as u64 * u64::from(l.runs), progress, "runs");
     let mut baseline = Vec::new();
     let mut per_backend: Vec<(TrackerKind, Vec<RunFigures>, Vec<f64>)> = Vec::new();
     for run in 0..l.runs {

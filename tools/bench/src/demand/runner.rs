@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use super::model::{
     CaseResult, DemandBenchReport, PassLog, Refused, RestoreOutput, Row, Sample, EAGER,
@@ -568,19 +568,6 @@ impl Cells {
     }
 }
 
-fn progress_bar(total: u64, on: bool) -> ProgressBar {
-    if !on {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    if let Ok(style) =
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps  {msg}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
-}
-
 fn host_detail() -> String {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -619,7 +606,7 @@ pub fn run(b: &DemandBench) -> Result<DemandBenchReport, DemandBenchError> {
     let mut r = Runner {
         b,
         dir,
-        bar: progress_bar(total, b.progress),
+        bar: crate::progress::bar(total, b.progress, "steps"),
         seq: 0,
     };
     let host = HostKind::detect();

@@ -10,7 +10,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use vmm::host::HostKind;
 
 use super::model::{
@@ -199,19 +198,6 @@ fn kernel_vfio_run(
     Ok(per_gib)
 }
 
-fn progress_bar(total: u64, on: bool) -> ProgressBar {
-    if !on {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    if let Ok(style) =
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} boots  {msg}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
-}
-
 /// A scratch directory, removed when dropped unless it is the user's --keep directory.
 struct Scratch {
     dir: PathBuf,
@@ -264,7 +250,7 @@ pub fn run(b: &PassthroughBench) -> Result<PassthroughBenchReport, PassthroughBe
     let dir = scratch.dir.as_path();
     let host = HostKind::detect();
     let kernel_runs = if b.kernel_vfio.is_some() { b.runs } else { 0 };
-    let bar = progress_bar(u64::from(b.runs + kernel_runs), b.progress);
+    let bar = crate::progress::bar(u64::from(b.runs + kernel_runs), b.progress, "boots");
     if b.progress {
         bar.println(format!(
             "vmm bench passthrough: host {host}{}",
