@@ -117,6 +117,9 @@ impl KernelTransport {
     }
 }
 
+// Migration and DMA logging: not yet (answers "unsupported").
+impl super::transport::DeviceMigration for KernelTransport {}
+
 impl VfioTransport for KernelTransport {
     fn device_info(&self) -> DeviceInfo {
         self.info

@@ -245,6 +245,9 @@ fn out_of_range(op: &'static str, index: u32) -> TransportError {
     TransportError::region(op, index, std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+// Migration and DMA logging: not yet (answers "unsupported").
+impl super::transport::DeviceMigration for MockTransport {}
+
 impl VfioTransport for MockTransport {
     fn device_info(&self) -> DeviceInfo {
         let s = self.0.state();

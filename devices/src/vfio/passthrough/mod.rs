@@ -35,7 +35,8 @@ pub use kernel::{KernelError, KernelTransport};
 pub use map::{BarMap, MapError};
 pub use shadow::ShadowError;
 pub use transport::{
-    DeviceInfo, DmaRegion, IrqInfo, MmapArea, RegionFile, RegionInfo, TransportError, VfioTransport,
+    DeviceInfo, DeviceMigration, DmaRegion, IrqInfo, MigState, MigrationCaps, MmapArea,
+    PrecopyInfo, RegionFile, RegionInfo, TransportError, VfioTransport,
 };
 pub use user::{UserError, UserTransport};
 

@@ -132,8 +132,8 @@ pub struct DmaRegion<'a> {
 }
 
 /// The host side of one function. Every method may fail; none may panic on what the device
-/// answers.
-pub trait VfioTransport: Send {
+/// answers. Migration and DMA logging are [`DeviceMigration`]'s.
+pub trait VfioTransport: DeviceMigration + Send {
     fn device_info(&self) -> DeviceInfo;
     fn region_info(&mut self, index: u32) -> Result<RegionInfo, TransportError>;
     fn region_read(
@@ -167,4 +167,153 @@ pub trait VfioTransport: Send {
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), TransportError>;
 
     fn reset(&mut self) -> Result<(), TransportError>;
+}
+
+/// VFIO migration v2 device states (`enum vfio_device_mig_state` in linux/vfio.h; vfio-user's
+/// MIG_DEVICE_STATE feature uses the same numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(u32)]
+pub enum MigState {
+    Error = 0,
+    Stop = 1,
+    Running = 2,
+    StopCopy = 3,
+    Resuming = 4,
+    RunningP2p = 5,
+    PreCopy = 6,
+    PreCopyP2p = 7,
+}
+
+impl MigState {
+    /// The state a device reports as a number, or `None` for one linux/vfio.h does not define.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Error,
+            1 => Self::Stop,
+            2 => Self::Running,
+            3 => Self::StopCopy,
+            4 => Self::Resuming,
+            5 => Self::RunningP2p,
+            6 => Self::PreCopy,
+            7 => Self::PreCopyP2p,
+            _ => return None,
+        })
+    }
+}
+
+/// What a device's VFIO_DEVICE_FEATURE_MIGRATION says it can do (`VFIO_MIGRATION_*` flags).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MigrationCaps {
+    /// VFIO_MIGRATION_STOP_COPY: the minimum for a device to migrate at all.
+    pub stop_copy: bool,
+    /// VFIO_MIGRATION_P2P: the RUNNING_P2P state (quiesce before stop, for peer-to-peer DMA).
+    pub p2p: bool,
+    /// VFIO_MIGRATION_PRE_COPY: state can be read while the device runs (precopy rounds).
+    pub pre_copy: bool,
+}
+
+impl MigrationCaps {
+    pub fn from_flags(flags: u64) -> Self {
+        Self {
+            stop_copy: flags & 1 != 0,
+            p2p: flags & 2 != 0,
+            pre_copy: flags & 4 != 0,
+        }
+    }
+}
+
+/// VFIO_MIG_GET_PRECOPY_INFO: what a device in PRE_COPY still holds for the next reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrecopyInfo {
+    /// Bytes of the initial state not read yet.
+    pub initial_bytes: u64,
+    /// Bytes of state changed since it was read (an estimate; may grow while the device runs).
+    pub dirty_bytes: u64,
+}
+
+/// Migration and device DMA tracking: the part of a transport the live migration of a VM
+/// with a passed-through device uses. Every method has a default that says the transport
+/// cannot, so a transport without them (the mock) still builds; kernel VFIO implements them
+/// with vfio-ioctls, vfio-user with the DEVICE_FEATURE and MIG_DATA commands.
+pub trait DeviceMigration {
+    /// VFIO_DEVICE_FEATURE_MIGRATION: `None` when the device has no migration support (the
+    /// feature is absent), else what it can do.
+    fn migration_caps(&mut self) -> Result<Option<MigrationCaps>, TransportError> {
+        Ok(None)
+    }
+    /// VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, SET: one arc (or a path the device takes itself)
+    /// of the migration state machine.
+    fn set_migration_state(&mut self, _state: MigState) -> Result<(), TransportError> {
+        Err(TransportError::Unsupported {
+            op: "setting the migration state",
+            why: "the transport has no migration support",
+        })
+    }
+    /// VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, GET.
+    fn migration_state(&mut self) -> Result<MigState, TransportError> {
+        Err(TransportError::Unsupported {
+            op: "reading the migration state",
+            why: "the transport has no migration support",
+        })
+    }
+    /// Reads migration data (PRE_COPY or STOP_COPY) into `buf`; returns how many bytes came.
+    /// Fewer than `buf.len()` means no more for now (PRE_COPY) or the end (STOP_COPY).
+    fn migration_read(&mut self, _buf: &mut [u8]) -> Result<usize, TransportError> {
+        Err(TransportError::Unsupported {
+            op: "reading migration data",
+            why: "the transport has no migration support",
+        })
+    }
+    /// Writes migration data (RESUMING), all of `data`.
+    fn migration_write(&mut self, _data: &[u8]) -> Result<(), TransportError> {
+        Err(TransportError::Unsupported {
+            op: "writing migration data",
+            why: "the transport has no migration support",
+        })
+    }
+    /// VFIO_DEVICE_FEATURE_MIG_DATA_SIZE: the device's estimate of its stop-copy data, for the
+    /// downtime estimate. `None` when it does not say.
+    fn migration_data_size(&mut self) -> Result<Option<u64>, TransportError> {
+        Ok(None)
+    }
+    /// VFIO_MIG_GET_PRECOPY_INFO, where the transport has it (kernel VFIO); `None` otherwise.
+    fn precopy_info(&mut self) -> Result<Option<PrecopyInfo>, TransportError> {
+        Ok(None)
+    }
+    /// Whether the device can log its DMA writes (a PROBE of DMA_LOGGING_START).
+    fn dma_logging_supported(&mut self) -> Result<bool, TransportError> {
+        Ok(false)
+    }
+    /// VFIO_DEVICE_FEATURE_DMA_LOGGING_START over `ranges` (iova, length) at `page_size` (a
+    /// hint); returns the page size the device chose.
+    fn dma_logging_start(
+        &mut self,
+        _page_size: u64,
+        _ranges: &[(u64, u64)],
+    ) -> Result<u64, TransportError> {
+        Err(TransportError::Unsupported {
+            op: "starting DMA logging",
+            why: "the transport has no DMA logging",
+        })
+    }
+    /// VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT of `[iova, iova + length)`: one bit per
+    /// `page_size` (page `n` is bit `n % 64` of word `n / 64`); reported bits are cleared.
+    fn dma_logging_report(
+        &mut self,
+        _iova: u64,
+        _length: u64,
+        _page_size: u64,
+    ) -> Result<Vec<u64>, TransportError> {
+        Err(TransportError::Unsupported {
+            op: "reading the DMA log",
+            why: "the transport has no DMA logging",
+        })
+    }
+    /// VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP.
+    fn dma_logging_stop(&mut self) -> Result<(), TransportError> {
+        Err(TransportError::Unsupported {
+            op: "stopping DMA logging",
+            why: "the transport has no DMA logging",
+        })
+    }
 }

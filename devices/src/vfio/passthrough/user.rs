@@ -128,6 +128,9 @@ impl Drop for UserTransport {
     }
 }
 
+// Migration and DMA logging: not yet (answers "unsupported").
+impl super::transport::DeviceMigration for UserTransport {}
+
 impl VfioTransport for UserTransport {
     fn device_info(&self) -> DeviceInfo {
         DeviceInfo {
