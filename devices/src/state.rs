@@ -135,6 +135,9 @@ pub enum DeviceStateError {
     Status { status: u32, why: &'static str },
     #[error("reactivating the device: {0}")]
     Activate(#[source] VirtioError),
+    /// A passed-through function's saved view does not fit the function here: what differs.
+    #[error("passed-through function: {0}")]
+    Passthrough(String),
     #[error("raising the virtio interrupt after restore: {0}")]
     Interrupt(#[source] io::Error),
 

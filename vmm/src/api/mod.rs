@@ -28,6 +28,9 @@ pub enum ApiError {
     Mode(String),
     #[error(transparent)]
     Tracker(#[from] crate::tracking::TrackingError),
+    /// The message `DeviceDirty`'s parser gives.
+    #[error("{0}")]
+    DeviceDirty(String),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -95,6 +98,12 @@ pub struct MigrateParams {
     #[arg(long)]
     #[serde(default)]
     pub dump_memory: Option<std::path::PathBuf>,
+    /// How passed-through devices' DMA into guest RAM is tracked: log (the device's own DMA
+    /// log; refused if it has none), all-pinned (every pinned page counts as written at every
+    /// round), or off (debugging only: device writes after a page was sent are lost).
+    #[arg(long, default_value = "log")]
+    #[serde(default = "default_device_dirty")]
+    pub device_dirty: String,
 }
 
 impl MigrateParams {
@@ -109,10 +118,14 @@ impl MigrateParams {
             max_rounds: self.max_rounds.max(1),
             max_precopy_ms: self.max_precopy_ms,
             dump_memory: self.dump_memory.clone(),
+            device_dirty: self.device_dirty.parse().map_err(ApiError::DeviceDirty)?,
         })
     }
 }
 
+fn default_device_dirty() -> String {
+    "log".into()
+}
 fn default_mode() -> String {
     "precopy".into()
 }

@@ -58,6 +58,7 @@ pub fn config(desc: &VmDescription, here: &Here) -> Result<VmConfig, AssembleErr
         .map_err(|reason| AssembleError::Refused { reason })?;
     desc.config(
         disks,
+        here.constraints.devices.clone(),
         here.console.clone(),
         here.console_input,
         here.api_socket.clone(),
@@ -217,6 +218,7 @@ mod tests {
             devices: crate::machine::devices_setup::device_ids(micro, 0),
             dirty_ring: false,
             phys_bits: None,
+            passthrough: Vec::new(),
         }
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::devices_setup::device_ids;
+use crate::machine::devices_setup::{device_ids, passthrough_id};
 use crate::machine::{DiskConfig, GuestConfig, VmConfig, MAX_VCPUS};
 use crate::memory::{ram_layout, RamRange};
 
@@ -46,6 +46,23 @@ pub struct VmDescription {
     /// guest must see the same CPUID and address map.
     #[serde(default)]
     pub phys_bits: Option<u8>,
+    /// Its passed-through PCI functions, in `--device` order: the destination must be started
+    /// with as many `--device`s of the same identity (their state moves over VFIO migration).
+    #[serde(default)]
+    pub passthrough: Vec<PassthroughDesc>,
+}
+
+/// A passed-through function as a Hello names it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PassthroughDesc {
+    pub vendor_id: u16,
+    pub device_id: u16,
+}
+
+impl std::fmt::Display for PassthroughDesc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor_id, self.device_id)
+    }
 }
 
 /// What the destination insists on (its own command line), checked against the Hello.
@@ -55,6 +72,9 @@ pub struct Constraints {
     pub vcpus: Option<u32>,
     /// Replaces the source's disk paths, in order (shared storage mounted elsewhere).
     pub disks: Vec<DiskConfig>,
+    /// This side's passed-through devices (`--device`), one per function the VM has, in
+    /// order: a destination takes devices only from its own command line.
+    pub devices: Vec<crate::machine::pci::DeviceSpec>,
 }
 
 impl VmDescription {
@@ -74,10 +94,11 @@ impl VmDescription {
                 verify: expected.is_some(),
             },
         };
-        let devices = device_ids(
+        let mut devices = device_ids(
             matches!(cfg.guest, GuestConfig::Micro { .. }),
             cfg.disks.len(),
         );
+        devices.extend((0..cfg.devices.len()).map(passthrough_id));
         VmDescription {
             vcpus: cfg.vcpus,
             mem_bytes: cfg.mem_bytes,
@@ -96,6 +117,8 @@ impl VmDescription {
             dirty_ring: cfg.dirty_ring
                 || cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring()),
             phys_bits: cfg.phys_bits,
+            // Filled in from the running devices (`Shared::describe`).
+            passthrough: Vec::new(),
         }
     }
 
@@ -120,6 +143,7 @@ impl VmDescription {
     pub fn config(
         &self,
         disks: Vec<DiskConfig>,
+        devices: Vec<crate::machine::pci::DeviceSpec>,
         console: crate::machine::ConsoleOutput,
         console_input: bool,
         api_socket: Option<PathBuf>,
@@ -160,8 +184,7 @@ impl VmDescription {
             mem_bytes: self.mem_bytes,
             guest,
             disks,
-            // A VM with a passed-through device is never described (migration refuses it).
-            devices: Vec::new(),
+            devices,
             console,
             console_input,
             tracking: None,
@@ -175,7 +198,8 @@ impl VmDescription {
     /// (the device states must then match them one for one).
     fn check_devices(&self) -> Result<(), String> {
         let micro = matches!(self.guest, GuestDesc::Micro { .. });
-        let built = device_ids(micro, self.disks.len());
+        let mut built = device_ids(micro, self.disks.len());
+        built.extend((0..self.passthrough.len()).map(passthrough_id));
         if self.devices == built {
             return Ok(());
         }
@@ -234,6 +258,20 @@ impl VmDescription {
             ));
         }
         self.check_devices()?;
+        if local.devices.len() != self.passthrough.len() {
+            let theirs: Vec<String> = self.passthrough.iter().map(|p| p.to_string()).collect();
+            return Err(format!(
+                "the source VM has {} passed-through device(s) ({}); this destination was \
+                 started with {} --device (give one per device, in the same order)",
+                self.passthrough.len(),
+                if theirs.is_empty() {
+                    "none".to_string()
+                } else {
+                    theirs.join(", ")
+                },
+                local.devices.len()
+            ));
+        }
         if !local.disks.is_empty() && local.disks.len() != self.disks.len() {
             return Err(format!(
                 "the source VM has {} disks, this destination was given {}",
@@ -292,6 +330,7 @@ mod tests {
             devices: device_ids(false, 0),
             dirty_ring: false,
             phys_bits: None,
+            passthrough: Vec::new(),
         }
     }
 

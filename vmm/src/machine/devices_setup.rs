@@ -102,6 +102,11 @@ pub fn device_ids(micro: bool, disks: usize) -> Vec<String> {
     ids
 }
 
+/// The state id of the `i`th passed-through function (`--device` order).
+pub fn passthrough_id(i: usize) -> String {
+    format!("passthrough{i}")
+}
+
 /// Most virtio-blk disks: their GSIs (5, 6, ...) then stay among the ISA-range IRQs 5-12, the
 /// ones guests have been booted with. The pin allocator alone would allow 19.
 pub const MAX_DISKS: usize = 8;
@@ -295,11 +300,16 @@ pub fn create(
         virtio_cmdline.push(mmio_cmdline_arg(slot.base, slot.size, gsi));
     }
     let mut passthrough = Vec::new();
-    for spec in opts.passthrough {
-        passthrough.push(
-            pci::passthrough::attach(vm, &pci, mem, spec)
-                .map_err(|e| DeviceSetupError::Passthrough(Box::new(e)))?,
+    for (i, spec) in opts.passthrough.iter().enumerate() {
+        let attached = pci::passthrough::attach(vm, &pci, mem, spec)
+            .map_err(|e| DeviceSetupError::Passthrough(Box::new(e)))?;
+        let state = pci::passthrough_state::PassthroughState::new(
+            pci.clone(),
+            attached.function,
+            attached.device.clone(),
         );
+        register(&passthrough_id(i), Arc::new(Mutex::new(state)))?;
+        passthrough.push(attached);
     }
     Ok(Devices {
         pio,

@@ -126,7 +126,44 @@ pub struct MigrationReport {
     pub presend_ms: Option<f64>,
     /// What the destination measured (sent back after it confirmed it runs).
     pub destination: Option<DestinationStats>,
+    /// Precopy: where the downtime went, as the source saw it (the destination's own restore
+    /// time is `destination.restore_ms`).
+    pub downtime_parts: Option<DowntimeParts>,
+    /// Passed-through devices: what their state and their DMA cost.
+    pub devices: Option<DeviceMigrationStats>,
     pub error: Option<String>,
+}
+
+/// The source's downtime, piece by piece (ms), in the order they happen.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct DowntimeParts {
+    /// Until every vCPU was out of the guest.
+    pub pause_ms: f64,
+    /// Devices to STOP_COPY, and reading their stop-copy data (with `device_data_ms`).
+    pub device_stop_ms: f64,
+    /// The last harvest's dirty pages sent.
+    pub final_pages_ms: f64,
+    /// The devices' stop-copy data sent.
+    pub device_data_ms: f64,
+    /// vCPU and device state captured and sent (capture is in `pause_ms`... see README).
+    pub state_ms: f64,
+    /// From `Complete` until the destination said its vCPUs run (its restore and resume).
+    pub confirm_ms: f64,
+}
+
+/// Passed-through devices in a migration.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct DeviceMigrationStats {
+    pub devices: usize,
+    /// Device migration data sent during precopy rounds (PRE_COPY) and in the downtime.
+    pub precopy_bytes: u64,
+    pub stop_copy_bytes: u64,
+    /// How device DMA was tracked (`--device-dirty`).
+    pub dirty: String,
+    /// Pages the devices' DMA logs reported over the migration, and what reading them cost.
+    pub dma_pages: u64,
+    pub dma_harvests: u64,
+    pub dma_harvest_ms_per_round: f64,
 }
 
 /// The destination's side of a migration.

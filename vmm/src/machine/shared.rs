@@ -53,9 +53,9 @@ pub struct Shared {
     /// The exit-based demand pager, if one was armed (its memslot layout may need settling).
     pub demand: crate::userfault::DemandExits,
     pub migration: Mutex<Progress>,
-    /// The passed-through devices (`--device` specs): what a migration or snapshot cannot
-    /// move yet, so both refuse before anything moves.
-    pub passthrough: Vec<String>,
+    /// The passed-through devices, in `--device` order: a migration moves their state over
+    /// VFIO migration; a snapshot refuses them.
+    pub passthrough: Vec<crate::migration::devices::PassthroughHandle>,
     console_input: Mutex<InputSink>,
     events: Mutex<Sender<VcpuEvent>>,
     exit_evt: EventFd,
@@ -104,7 +104,10 @@ impl Shared {
             passthrough: devs
                 .passthrough
                 .iter()
-                .map(|a| a.spec.to_string())
+                .map(|a| crate::migration::devices::PassthroughHandle {
+                    spec: a.spec.to_string(),
+                    device: a.device.clone(),
+                })
                 .collect(),
             console_input: Mutex::new(devs.console_input()),
             events: Mutex::new(p.events),
@@ -112,13 +115,18 @@ impl Shared {
         }
     }
 
-    /// Why this VM's state cannot leave it (a migration or snapshot refuses with this), if so.
+    /// Why this VM's state cannot be saved to files (a snapshot refuses with this), if so.
     pub fn unmovable(&self) -> Option<String> {
         (!self.passthrough.is_empty()).then(|| {
             format!(
-                "the VM has passed-through devices ({}) whose state and DMA vmm cannot move yet \
-                 (no VFIO migration or DMA logging support); refused before anything moved",
-                self.passthrough.join(", ")
+                "the VM has passed-through devices ({}): a snapshot does not save a device's \
+                 own state (registers, device memory) to files, only a live migration moves it \
+                 (over VFIO migration); refused before anything was written",
+                self.passthrough
+                    .iter()
+                    .map(|h| h.spec.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })
     }
@@ -126,7 +134,24 @@ impl Shared {
     /// The VM as a migration's Hello or a snapshot's vm.json describes it: as it started, with
     /// the micro guest's budget and check as they are now (waits for a `finish` in progress).
     pub fn describe(&self) -> VmDescription {
-        self.micro.budget.describe(&self.description)
+        let mut d = self.micro.budget.describe(&self.description);
+        d.passthrough = self
+            .passthrough
+            .iter()
+            .map(|h| {
+                use devices::pci::PciDevice;
+                let mut ids = [0u8; 4];
+                h.device
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .config_read(0, &mut ids);
+                crate::machine::description::PassthroughDesc {
+                    vendor_id: u16::from_le_bytes([ids[0], ids[1]]),
+                    device_id: u16::from_le_bytes([ids[2], ids[3]]),
+                }
+            })
+            .collect();
+        d
     }
 
     /// The VM's RAM memslots as its registry has them now (after `settle_memslots`, the

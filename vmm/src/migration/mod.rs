@@ -14,6 +14,7 @@
 //! guest and does the stop-and-copy (precopy) or switches to postcopy (hybrid).
 
 pub mod dest;
+pub mod devices;
 pub mod hello;
 pub mod pages;
 pub mod postcopy_dst;
@@ -72,6 +73,9 @@ pub enum MigrationError {
     MainLost(#[source] protocol::ProtocolError),
     #[error("dirty tracking: {0}")]
     Tracking(#[from] crate::tracking::TrackingError),
+    /// A passed-through device failed a migration step: the device, the step and its words.
+    #[error("passed-through device {0}")]
+    Device(String),
     #[error("pausing the guest: {0}")]
     Pause(#[from] crate::vstate::pause::PauseError),
     #[error(transparent)]

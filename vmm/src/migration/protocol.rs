@@ -173,6 +173,7 @@ const KIND_COMPLETE: u16 = 11;
 const KIND_RESUMED: u16 = 12;
 const KIND_ABORT: u16 = 13;
 const KIND_STATS: u16 = 14;
+const KIND_DEVICE_DATA: u16 = 15;
 
 /// The `gpa` that precedes page data in a `Pages` payload.
 const PAGES_PREFIX: usize = 8;
@@ -235,6 +236,10 @@ pub enum Message {
     /// Destination → source, after `Resumed`: JSON of the destination's own measurements
     /// (restore time, postcopy faults and their latency).
     Stats(Vec<u8>),
+    /// Source → destination: the next bytes of passed-through device `device`'s VFIO
+    /// migration data stream (opaque to vmm; the destination's device checks them), in order.
+    /// Never empty.
+    DeviceData { device: u32, data: Vec<u8> },
 }
 
 impl Message {
@@ -259,6 +264,7 @@ impl Message {
             Message::Resumed => KIND_RESUMED,
             Message::Abort(_) => KIND_ABORT,
             Message::Stats(_) => KIND_STATS,
+            Message::DeviceData { .. } => KIND_DEVICE_DATA,
         }
     }
 }
@@ -280,6 +286,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_RESUMED => "Resumed",
         KIND_ABORT => "Abort",
         KIND_STATS => "Stats",
+        KIND_DEVICE_DATA => "DeviceData",
         _ => "unknown",
     }
 }
@@ -508,6 +515,12 @@ impl<W: Write> FrameWriter<W> {
             Message::Resumed => self.write_frame(KIND_RESUMED, &[]),
             Message::Abort(reason) => self.write_frame(KIND_ABORT, &[reason.as_bytes()]),
             Message::Stats(json) => self.write_frame(KIND_STATS, &[json]),
+            Message::DeviceData { device, data } => {
+                if data.is_empty() {
+                    return Err(malformed(msg.name(), seq, "no device data".into()));
+                }
+                self.write_frame(KIND_DEVICE_DATA, &[&device.to_le_bytes(), data])
+            }
         }
     }
 

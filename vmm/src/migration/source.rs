@@ -9,14 +9,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::devices::{DeviceDirty, SourceDevices};
 use super::hello::Hello;
 use super::pages::{PageSender, Sent};
 use super::protocol::{FrameReader, FrameWriter, Message, ProtocolError, Role, PAGE_SIZE};
 use super::rate::RateLimiter;
 use super::{parse_tcp_url, postcopy_src, MigrationError, Mode};
-use crate::machine::progress::{MigrationReport, Phase};
+use crate::machine::progress::{DeviceMigrationStats, DowntimeParts, MigrationReport, Phase};
 use crate::machine::saved_state::VmSnapshot;
 use crate::machine::shared::Shared;
+use crate::tracking::device_dma::{DmaStats, WithDeviceDma};
 use crate::tracking::{self, DirtySet, DirtyTracker, TrackerKind};
 use crate::vstate::pause::Owner;
 
@@ -44,6 +46,8 @@ pub struct MigrateOptions {
     /// Write guest RAM as it is at the pause into this file (tests compare it with the
     /// destination's).
     pub dump_memory: Option<PathBuf>,
+    /// How passed-through devices' DMA into guest RAM is tracked.
+    pub device_dirty: DeviceDirty,
 }
 
 impl MigrateOptions {
@@ -57,6 +61,7 @@ impl MigrateOptions {
             max_rounds: 30,
             max_precopy_ms: 60_000,
             dump_memory: None,
+            device_dirty: DeviceDirty::default(),
         }
     }
 }
@@ -89,9 +94,6 @@ pub fn migrate(
     shared: &Arc<Shared>,
     opts: &MigrateOptions,
 ) -> Result<MigrationReport, MigrationError> {
-    if let Some(why) = shared.unmovable() {
-        return Err(MigrationError::Busy(why));
-    }
     if shared.tracking_active {
         return Err(MigrationError::Busy(
             "a --track session owns dirty tracking on this VM".into(),
@@ -175,6 +177,10 @@ fn run(
 ) -> Result<(), MigrationError> {
     let addr = parse_tcp_url(&opts.to)?;
     shared.memory_complete().map_err(MigrationError::Busy)?;
+    // Every device's support checked before anything connects or moves.
+    let (mut devs, dma_sources) =
+        SourceDevices::check(&shared.passthrough, opts.mode, opts.device_dirty)?;
+    let dma_stats = Arc::new(DmaStats::default());
     shared.settle_memslots::<MigrationError>()?;
     let (mut w, mut r) = connect(&addr)?;
     let session = session_id();
@@ -238,9 +244,19 @@ fn run(
     let mut dirty = DirtySet::new(&shared.ram_slots());
     let result = (|| -> Result<(), MigrationError> {
         if opts.mode != Mode::Postcopy {
-            let mut t = tracking::create(opts.tracker, &shared.track_context())?;
+            let ctx = shared.track_context();
+            let mut t = tracking::create(opts.tracker, &ctx)?;
+            if !devs.is_empty() {
+                t = Box::new(WithDeviceDma::new(
+                    t,
+                    dma_sources,
+                    ctx.slots.clone(),
+                    dma_stats.clone(),
+                ));
+            }
             t.start()?;
             tracker = Some(t);
+            devs.start_precopy()?;
             precopy_rounds(
                 shared,
                 opts,
@@ -250,11 +266,13 @@ fn run(
                 &mut rate,
                 tracker.as_deref_mut(),
                 &mut dirty,
+                &mut devs,
             )?;
         }
         Ok(())
     })();
     if let Err(e) = result {
+        devs.recover();
         stop_tracker(tracker.as_deref_mut());
         let _ = w.send(&Message::Abort(e.to_string()));
         let _ = w.flush();
@@ -270,13 +288,20 @@ fn run(
     {
         Ok(v) => v,
         Err(e) => {
+            devs.recover();
             stop_tracker(tracker.as_deref_mut());
             let _ = w.send(&Message::Abort(format!("the source could not pause: {e}")));
             let _ = w.flush();
             return Err(e.into());
         }
     };
+    let mut parts = DowntimeParts {
+        pause_ms: paused_at.elapsed().as_secs_f64() * 1000.0,
+        ..Default::default()
+    };
     let before_commit = (|| -> Result<VmSnapshot, MigrationError> {
+        // The devices stop before the last harvest, so the DMA log's tail is in it.
+        devs.stop()?;
         if let Some(t) = tracker.as_deref_mut() {
             t.harvest(&mut dirty)?;
         }
@@ -293,27 +318,40 @@ fn run(
     })();
     let snapshot = match before_commit {
         Ok(s) => s,
-        Err(e) => return Err(abort_and_resume(shared, &mut w, e)),
+        Err(e) => {
+            devs.recover();
+            return Err(abort_and_resume(shared, &mut w, e));
+        }
     };
+    parts.device_stop_ms = devs.stop_copy_ms;
 
     match opts.mode {
         Mode::Precopy => {
             let committed = (|| -> Result<(), MigrationError> {
                 let round = report.rounds + 1;
+                let t = Instant::now();
                 let sent = send_set(&dirty, &mut w, &mut sender, &mut rate)?;
                 w.send(&Message::RoundEnd {
                     round,
                     pages: sent.pages + sent.zero_pages,
                 })?;
                 note_round(report, shared, round, sent, &w);
+                parts.final_pages_ms = t.elapsed().as_secs_f64() * 1000.0;
+                let t = Instant::now();
+                devs.send_stop_copy(&mut w)?;
+                parts.device_data_ms = t.elapsed().as_secs_f64() * 1000.0;
+                let t = Instant::now();
                 w.send(&Message::State(snapshot.encode()?))?;
                 w.send(&Message::Complete)?;
                 w.flush()?;
+                parts.state_ms = t.elapsed().as_secs_f64() * 1000.0;
                 Ok(())
             })();
             if let Err(e) = committed {
+                devs.recover();
                 return Err(abort_and_resume(shared, &mut w, e));
             }
+            let waiting = Instant::now();
             // Complete is sent: the destination may run the guest from now on. If it never
             // confirms, resuming here as well is what keeps the guest alive when the
             // destination died; README documents the window where both could run.
@@ -328,10 +366,15 @@ fn run(
                     other => Err(unexpected("Resumed", &other)),
                 });
             if let Err(e) = confirmed {
+                devs.recover();
                 let _ = shared.pause.resume(Owner::Migration);
                 return Err(e);
             }
+            devs.finish();
             report.downtime_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
+            parts.confirm_ms = waiting.elapsed().as_secs_f64() * 1000.0;
+            report.downtime_parts = Some(parts);
+            note_devices(report, &devs, opts, &dma_stats);
             report.bytes = w.bytes_sent();
             let _ = r.get_ref().get_ref().set_read_timeout(Some(STATS_TIMEOUT));
             if let Ok(Message::Stats(json)) = r.recv() {
@@ -396,6 +439,7 @@ fn run(
                 Err(e) => return Err(abort_and_resume(shared, &mut w, e)),
             };
             let committed = (|| -> Result<(), MigrationError> {
+                devs.send_stop_copy(&mut w)?;
                 w.send(&Message::State(snapshot.encode()?))?;
                 w.send(&Message::PostcopyStart {
                     pending: pending.clone(),
@@ -405,8 +449,12 @@ fn run(
             })();
             if let Err(e) = committed {
                 postcopy.cancel();
+                devs.recover();
                 return Err(abort_and_resume(shared, &mut w, e));
             }
+            // Past the point of no return: the device's state lives on the destination.
+            devs.finish();
+            note_devices(report, &devs, opts, &dma_stats);
             shared.progress().phase = Phase::Postcopy;
             let handover_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
             postcopy.serve(shared, w, handover_ms, report)
@@ -426,6 +474,7 @@ fn precopy_rounds(
     rate: &mut RateLimiter,
     mut tracker: Option<&mut (dyn DirtyTracker + '_)>,
     dirty: &mut DirtySet,
+    devs: &mut SourceDevices,
 ) -> Result<(), MigrationError> {
     let started = Instant::now();
     shared.progress().phase = Phase::Precopy;
@@ -434,6 +483,7 @@ fn precopy_rounds(
     for r in &shared.ranges {
         sent += sender.send_run(w, rate, r.gpa, r.size / PAGE_SIZE)?;
     }
+    devs.send_precopy(w)?;
     w.send(&Message::RoundEnd {
         round: 1,
         pages: sent.pages + sent.zero_pages,
@@ -449,7 +499,9 @@ fn precopy_rounds(
         shared.progress().remaining_pages = pages;
         let elapsed = started.elapsed().as_secs_f64();
         let bandwidth = (w.bytes_sent() as f64 / elapsed.max(1e-6)).max(1.0);
-        let estimate_ms = (pages * PAGE_SIZE) as f64 / bandwidth * 1000.0;
+        // The devices' remaining state goes in the downtime too.
+        let device_bytes = devs.pending_bytes();
+        let estimate_ms = (pages * PAGE_SIZE + device_bytes) as f64 / bandwidth * 1000.0;
         let why = if estimate_ms <= opts.downtime_ms as f64 {
             Some(format!(
                 "converged: {pages} dirty pages, estimated downtime {estimate_ms:.1} ms <= {} ms",
@@ -475,6 +527,7 @@ fn precopy_rounds(
         }
         let round = report.rounds + 1;
         let sent = send_set(dirty, w, sender, rate)?;
+        devs.send_precopy(w)?;
         w.send(&Message::RoundEnd {
             round,
             pages: sent.pages + sent.zero_pages,
@@ -482,6 +535,29 @@ fn precopy_rounds(
         w.flush()?;
         note_round(report, shared, round, sent, w);
     }
+}
+
+/// What the devices moved and what their DMA logs cost, for the report (none without devices).
+fn note_devices(
+    report: &mut MigrationReport,
+    devs: &SourceDevices,
+    opts: &MigrateOptions,
+    dma: &DmaStats,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if devs.is_empty() {
+        return;
+    }
+    let harvests = dma.harvests.load(Relaxed);
+    report.devices = Some(DeviceMigrationStats {
+        devices: devs.len(),
+        precopy_bytes: devs.precopy_bytes,
+        stop_copy_bytes: devs.stop_copy_bytes,
+        dirty: opts.device_dirty.to_string(),
+        dma_pages: dma.pages.load(Relaxed),
+        dma_harvests: harvests,
+        dma_harvest_ms_per_round: dma.ns.load(Relaxed) as f64 / 1e6 / harvests.max(1) as f64,
+    });
 }
 
 fn send_set(

@@ -13,6 +13,7 @@
 //! none returns an empty set silently.
 
 pub mod bar_log;
+pub mod device_dma;
 mod dirty_set;
 mod kvm_bitmap;
 mod kvm_bitmap_manual;
@@ -192,6 +193,10 @@ pub enum TrackingError {
     },
     #[error("{0}: harvest or stop before start")]
     NotStarted(TrackerKind),
+    /// A passed-through device's DMA log failed: the device, the step and its transport's
+    /// words, as one message (the transport error chain is flattened by `chain`).
+    #[error("device DMA tracking: {0}")]
+    Device(String),
     /// A description of what went wrong (a protocol surprise), not a flattened error.
     #[error("{backend}: {message}")]
     Other {

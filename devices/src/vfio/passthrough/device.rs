@@ -453,6 +453,20 @@ impl PassthroughDevice {
         }
     }
 
+    /// The transport's migration and DMA-logging half (live migration drives the device's
+    /// VFIO migration state machine and its DMA log through it).
+    pub fn migration(&mut self) -> &mut dyn super::transport::DeviceMigration {
+        self.transport.as_mut()
+    }
+
+    /// The MSI-X table as (BAR, offset in it, bytes), for saving what the guest programmed.
+    pub fn msix_table(&self) -> Option<(u8, u64, u64)> {
+        self.shadow.msix.as_ref().map(|m| {
+            let l = m.layout();
+            (l.table_bar, u64::from(l.table_offset), l.table_len())
+        })
+    }
+
     /// Turns MSI-X and MSI off and unmaps DMA; what Drop does, callable earlier to see the
     /// errors. The BAR pieces stay mapped until Drop: the owner's memslots may still point at
     /// them (it removes those before dropping the device).

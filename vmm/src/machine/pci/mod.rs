@@ -10,6 +10,7 @@
 
 pub mod mappings;
 pub mod passthrough;
+pub mod passthrough_state;
 pub mod routes;
 
 use std::sync::{Arc, Mutex, MutexGuard};

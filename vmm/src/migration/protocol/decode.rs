@@ -2,9 +2,9 @@
 
 use super::{
     check_pages, check_span, kind_name, malformed, Message, ProtocolError, Role, KIND_ABORT,
-    KIND_ACCEPT, KIND_CHANNEL, KIND_COMPLETE, KIND_HELLO, KIND_PAGES, KIND_PAGE_REQUEST,
-    KIND_POSTCOPY_START, KIND_REFUSE, KIND_RESUMED, KIND_ROUND_END, KIND_STATE, KIND_STATS,
-    KIND_ZERO, PAGES_PREFIX, RANGE_LEN,
+    KIND_ACCEPT, KIND_CHANNEL, KIND_COMPLETE, KIND_DEVICE_DATA, KIND_HELLO, KIND_PAGES,
+    KIND_PAGE_REQUEST, KIND_POSTCOPY_START, KIND_REFUSE, KIND_RESUMED, KIND_ROUND_END, KIND_STATE,
+    KIND_STATS, KIND_ZERO, PAGES_PREFIX, RANGE_LEN,
 };
 
 /// Takes fixed-size fields off a payload, reporting short or long payloads precisely.
@@ -137,6 +137,25 @@ pub(super) fn decode(
         }
         KIND_ABORT => Message::Abort(lossy_string(body)),
         KIND_STATS => Message::Stats(body),
+        KIND_DEVICE_DATA => {
+            let Some((device, data)) = body.split_first_chunk::<4>() else {
+                return Err(malformed(
+                    name,
+                    seq,
+                    format!(
+                        "payload is {} bytes, shorter than the 4-byte device index",
+                        body.len()
+                    ),
+                ));
+            };
+            if data.is_empty() {
+                return Err(malformed(name, seq, "no device data".into()));
+            }
+            Message::DeviceData {
+                device: u32::from_le_bytes(*device),
+                data: data.to_vec(),
+            }
+        }
         _ => return Err(ProtocolError::UnknownKind { kind, seq }),
     };
     Ok(msg)

@@ -54,6 +54,10 @@ fn every_message() -> Vec<Message> {
         Message::Resumed,
         Message::Abort("source: dirty rate above bandwidth".into()),
         Message::Stats(br#"{"restore_ms":12.5}"#.to_vec()),
+        Message::DeviceData {
+            device: 2,
+            data: b"GPUT migration stream".to_vec(),
+        },
     ]
 }
 
@@ -655,4 +659,34 @@ fn check_range_edges() {
     let top = [(0xffff_ffff_ffff_0000u64, 0x1_0000u64)];
     check_range(&top, 0xffff_ffff_ffff_e000, 0x1000).unwrap();
     check_range(&top, 0xffff_ffff_ffff_f000, 0x1000).unwrap_err();
+}
+
+#[test]
+fn device_data_carries_its_index_and_is_never_empty() {
+    let frame = raw_frame(15, 0, &7u32.to_le_bytes());
+    assert_malformed(recv_one(&frame), "DeviceData", "no device data");
+    let frame = raw_frame(15, 0, &[1, 2]);
+    assert_malformed(
+        recv_one(&frame),
+        "DeviceData",
+        "shorter than the 4-byte device index",
+    );
+    let mut payload = 7u32.to_le_bytes().to_vec();
+    payload.extend_from_slice(b"abc");
+    match recv_one(&raw_frame(15, 0, &payload)) {
+        Ok(Message::DeviceData { device, data }) => {
+            assert_eq!((device, data.as_slice()), (7, &b"abc"[..]));
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut w = FrameWriter::new(Vec::new());
+    let empty = Message::DeviceData {
+        device: 0,
+        data: Vec::new(),
+    };
+    assert!(w.send(&empty).is_err());
+    assert!(
+        w.into_inner().is_empty(),
+        "nothing written for a refused message"
+    );
 }

@@ -1,0 +1,493 @@
+//! Passed-through devices in a live migration: VFIO migration v2 driven on both sides, the
+//! device's data carried in `DeviceData` frames, its DMA logged into every harvest.
+//!
+//! Source, for each device (linux/vfio.h's state machine):
+//! - before anything moves: the device must offer migration (STOP_COPY at least) and a DMA
+//!   tracking source the user chose (`--device-dirty`): its own DMA log, or "all pinned pages
+//!   dirty"; otherwise the migration is refused naming the device and what it lacks;
+//! - precopy rounds: RUNNING -> PRE_COPY where the device has it, and each round sends what the
+//!   device has ready (for the test device: VRAM pages changed since they were last read);
+//! - the pause: vCPUs first, then the device to STOP_COPY (it stops writing guest RAM), then
+//!   the final harvest (the DMA log's tail), the final pages, the device's stop-copy data;
+//! - a failure before the point of no return puts each device back to RUNNING with the vCPUs.
+//!
+//! Destination: each device STOP -> RESUMING before any data, every `DeviceData` written in
+//! order, RESUMING -> STOP at the end (the device checks the stream), the VMM-side view
+//! (config space, MSI-X) restored with the rest of the device states, then RUNNING just
+//! before the vCPUs.
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use devices::vfio::passthrough::{chain, MigState, MigrationCaps, PassthroughDevice};
+
+use super::protocol::Message;
+use super::source::Writer;
+use super::{MigrationError, Mode};
+use crate::memory::PAGE_SIZE;
+use crate::tracking::device_dma::{AllPinned, DmaDirtySource};
+
+/// Bytes asked of a device per read (vfio-user carries at most 1 MiB per message).
+const READ_CHUNK: usize = 512 << 10;
+/// The most device data one precopy round sends per device: a device whose state changes
+/// faster than the link carries it still lets the round end.
+const ROUND_BUDGET: u64 = 256 << 20;
+/// The most data a stop-copy may produce per device (a bound on a misbehaving device, far above
+/// any VRAM this VMM maps).
+const STOP_COPY_LIMIT: u64 = 1 << 40;
+/// Pages per DMA log report: 2 Mi pages (8 GiB), a 256 KiB bitmap, vfio-user's limit.
+const REPORT_PAGES: u64 = 1 << 21;
+
+/// How a migration learns what devices wrote into guest RAM (`--device-dirty`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceDirty {
+    /// The device's own DMA log (VFIO DMA_LOGGING); refused when it has none.
+    #[default]
+    Log,
+    /// Every page the device can reach (all guest RAM, pinned for its DMA) counts as written
+    /// at every harvest: correct for any device, and precopy then never converges.
+    AllPinned,
+    /// Debugging only: device DMA is not tracked at all, so its writes after a page was sent
+    /// are lost. Proves that the tests catch such a loss.
+    Off,
+}
+
+impl FromStr for DeviceDirty {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "log" => Ok(Self::Log),
+            "all-pinned" => Ok(Self::AllPinned),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown device DMA tracking '{other}' (expected log, all-pinned or off)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceDirty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Log => "log",
+            Self::AllPinned => "all-pinned",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// A passed-through function as the running VM holds it for migration.
+#[derive(Clone)]
+pub struct PassthroughHandle {
+    /// The `--device` spec, for messages.
+    pub spec: String,
+    pub device: Arc<Mutex<PassthroughDevice>>,
+}
+
+impl PassthroughHandle {
+    fn lock(&self) -> MutexGuard<'_, PassthroughDevice> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Dev {
+    handle: PassthroughHandle,
+    caps: MigrationCaps,
+    /// The state this side last set.
+    state: MigState,
+}
+
+impl Dev {
+    fn set(&mut self, to: MigState) -> Result<(), MigrationError> {
+        self.handle
+            .lock()
+            .migration()
+            .set_migration_state(to)
+            .map_err(|e| {
+                MigrationError::Device(format!(
+                    "{}: {:?} -> {to:?}: {}",
+                    self.handle.spec,
+                    self.state,
+                    chain(&e)
+                ))
+            })?;
+        self.state = to;
+        Ok(())
+    }
+
+    /// Reads until the device says there is no more for now, or `limit` bytes; sends it.
+    fn send_data(&mut self, index: u32, w: &mut Writer, limit: u64) -> Result<u64, MigrationError> {
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut sent = 0u64;
+        while sent < limit {
+            let n = self
+                .handle
+                .lock()
+                .migration()
+                .migration_read(&mut buf)
+                .map_err(|e| {
+                    MigrationError::Device(format!(
+                        "{}: reading its migration data ({:?}): {}",
+                        self.handle.spec,
+                        self.state,
+                        chain(&e)
+                    ))
+                })?;
+            if n > buf.len() {
+                return Err(MigrationError::Device(format!(
+                    "{}: the device returned {n} bytes for a read of {}",
+                    self.handle.spec,
+                    buf.len()
+                )));
+            }
+            if n > 0 {
+                w.send(&Message::DeviceData {
+                    device: index,
+                    data: buf[..n].to_vec(),
+                })?;
+                sent += n as u64;
+            }
+            if n < buf.len() {
+                break;
+            }
+        }
+        Ok(sent)
+    }
+}
+
+/// The devices of a VM being migrated away, in `--device` order (the destination's order).
+pub struct SourceDevices {
+    devs: Vec<Dev>,
+    /// Device data sent in precopy rounds and in the stop-copy.
+    pub precopy_bytes: u64,
+    pub stop_copy_bytes: u64,
+    /// Time the devices took to reach STOP_COPY and hand over their data (part of downtime).
+    pub stop_copy_ms: f64,
+}
+
+/// Reads the DMA log of one device through its transport.
+struct DeviceLog {
+    handle: PassthroughHandle,
+    page_size: u64,
+}
+
+impl DmaDirtySource for DeviceLog {
+    fn name(&self) -> String {
+        self.handle.spec.clone()
+    }
+
+    fn start(&mut self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        let chosen = self
+            .handle
+            .lock()
+            .migration()
+            .dma_logging_start(PAGE_SIZE, ranges)
+            .map_err(|e| chain(&e))?;
+        if !chosen.is_power_of_two() {
+            return Err(format!("the device chose page size {chosen:#x}"));
+        }
+        self.page_size = chosen;
+        Ok(())
+    }
+
+    fn report(&mut self, gpa: u64, pages: u64) -> Result<Vec<u64>, String> {
+        // Asked at 4 KiB whatever the device logs at: it replicates coarser bits (as the
+        // kernel's DMA_LOGGING_REPORT does), so the words fit the dirty set as they are.
+        let mut words = Vec::with_capacity(pages.div_ceil(64) as usize);
+        let mut done = 0u64;
+        while done < pages {
+            let n = (pages - done).min(REPORT_PAGES);
+            let part = self
+                .handle
+                .lock()
+                .migration()
+                .dma_logging_report(gpa + done * PAGE_SIZE, n * PAGE_SIZE, PAGE_SIZE)
+                .map_err(|e| chain(&e))?;
+            if part.len() as u64 != n.div_ceil(64) {
+                return Err(format!(
+                    "a report of {n} pages came with {} words, {} expected",
+                    part.len(),
+                    n.div_ceil(64)
+                ));
+            }
+            words.extend_from_slice(&part);
+            done += n;
+        }
+        Ok(words)
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        self.handle
+            .lock()
+            .migration()
+            .dma_logging_stop()
+            .map_err(|e| chain(&e))
+    }
+}
+
+impl SourceDevices {
+    /// Checks every device against `mode` and `dirty` before anything moves: the devices, and
+    /// the DMA sources for the dirty tracker. The refusal names the device and what it lacks.
+    pub fn check(
+        handles: &[PassthroughHandle],
+        mode: Mode,
+        dirty: DeviceDirty,
+    ) -> Result<(Self, Vec<Box<dyn DmaDirtySource>>), MigrationError> {
+        let mut devs = Vec::new();
+        let mut sources: Vec<Box<dyn DmaDirtySource>> = Vec::new();
+        for handle in handles {
+            let name = &handle.spec;
+            let refuse = |why: String| MigrationError::Busy(format!("{name}: {why}"));
+            let caps =
+                handle.lock().migration().migration_caps().map_err(|e| {
+                    refuse(format!("asking for its migration support: {}", chain(&e)))
+                })?;
+            let caps = match caps {
+                Some(c) if c.stop_copy => c,
+                Some(_) => {
+                    return Err(refuse(
+                        "the device's VFIO migration lacks STOP_COPY, the minimum to move its \
+                         state; refused before anything moved"
+                            .into(),
+                    ))
+                }
+                None => {
+                    return Err(refuse(
+                        "the device has no VFIO migration support (no \
+                         VFIO_DEVICE_FEATURE_MIGRATION): its state cannot move; refused before \
+                         anything moved"
+                            .into(),
+                    ))
+                }
+            };
+            if mode == Mode::Postcopy {
+                return Err(refuse(
+                    "postcopy is refused with a passed-through device: all guest RAM is pinned \
+                     for its DMA, yet on the destination the pages not sent yet would be \
+                     missing while it runs (its reads would see zeros, its writes would be \
+                     overwritten); use precopy or hybrid"
+                        .into(),
+                ));
+            }
+            match dirty {
+                DeviceDirty::Log => {
+                    let can = handle
+                        .lock()
+                        .migration()
+                        .dma_logging_supported()
+                        .map_err(|e| refuse(format!("probing its DMA logging: {}", chain(&e))))?;
+                    if !can {
+                        return Err(refuse(
+                            "the device cannot log its DMA writes (no VFIO DMA_LOGGING), so \
+                             pages it writes during precopy would be lost; choose \
+                             --device-dirty all-pinned to count every pinned page as written"
+                                .into(),
+                        ));
+                    }
+                    sources.push(Box::new(DeviceLog {
+                        handle: handle.clone(),
+                        page_size: PAGE_SIZE,
+                    }));
+                }
+                DeviceDirty::AllPinned => sources.push(Box::new(AllPinned {
+                    device: name.clone(),
+                })),
+                DeviceDirty::Off => tracing::warn!(
+                    "{name}: device DMA is NOT tracked (--device-dirty off, a debugging aid): \
+                     what it writes after a page was sent is lost"
+                ),
+            }
+            devs.push(Dev {
+                handle: handle.clone(),
+                caps,
+                state: MigState::Running,
+            });
+        }
+        Ok((
+            SourceDevices {
+                devs,
+                precopy_bytes: 0,
+                stop_copy_bytes: 0,
+                stop_copy_ms: 0.0,
+            },
+            sources,
+        ))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devs.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devs.len()
+    }
+
+    /// RUNNING -> PRE_COPY for the devices that have it.
+    pub fn start_precopy(&mut self) -> Result<(), MigrationError> {
+        for d in &mut self.devs {
+            if d.caps.pre_copy {
+                d.set(MigState::PreCopy)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One precopy round's device data: what each PRE_COPY device has ready, within the round
+    /// budget. Returns the bytes sent.
+    pub fn send_precopy(&mut self, w: &mut Writer) -> Result<u64, MigrationError> {
+        let mut total = 0;
+        for (i, d) in self.devs.iter_mut().enumerate() {
+            if d.state == MigState::PreCopy {
+                total += d.send_data(i as u32, w, ROUND_BUDGET)?;
+            }
+        }
+        self.precopy_bytes += total;
+        Ok(total)
+    }
+
+    /// What the devices still hold for the stop-copy, by their own estimate (0 when a device
+    /// does not say): part of the downtime estimate.
+    pub fn pending_bytes(&mut self) -> u64 {
+        self.devs
+            .iter()
+            .map(|d| {
+                d.handle
+                    .lock()
+                    .migration()
+                    .migration_data_size()
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// With the vCPUs paused: every device to STOP_COPY (it stops, so its DMA ends here).
+    pub fn stop(&mut self) -> Result<(), MigrationError> {
+        let t = Instant::now();
+        for d in &mut self.devs {
+            if d.state == MigState::Running {
+                d.set(MigState::Stop)?;
+            }
+            d.set(MigState::StopCopy)?;
+        }
+        self.stop_copy_ms += t.elapsed().as_secs_f64() * 1000.0;
+        Ok(())
+    }
+
+    /// The devices' stop-copy data, all of it.
+    pub fn send_stop_copy(&mut self, w: &mut Writer) -> Result<u64, MigrationError> {
+        let t = Instant::now();
+        let mut total = 0;
+        for (i, d) in self.devs.iter_mut().enumerate() {
+            total += d.send_data(i as u32, w, STOP_COPY_LIMIT)?;
+        }
+        self.stop_copy_bytes += total;
+        self.stop_copy_ms += t.elapsed().as_secs_f64() * 1000.0;
+        Ok(total)
+    }
+
+    /// The migration failed before the point of no return: every device runs again.
+    pub fn recover(&mut self) {
+        for d in &mut self.devs {
+            let path: &[MigState] = match d.state {
+                MigState::Running => &[],
+                MigState::PreCopy => &[MigState::Running],
+                MigState::StopCopy => &[MigState::Stop, MigState::Running],
+                _ => &[MigState::Running],
+            };
+            for &to in path {
+                if let Err(e) = d.set(to) {
+                    tracing::error!("after a failed migration: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The destination runs the guest: the devices here end their data transfer stopped.
+    pub fn finish(&mut self) {
+        for d in &mut self.devs {
+            if d.state == MigState::StopCopy {
+                if let Err(e) = d.set(MigState::Stop) {
+                    tracing::warn!("after the migration: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The devices of an incoming VM, built from this side's own `--device` list.
+pub struct DestDevices {
+    devs: Vec<Dev>,
+    pub bytes: u64,
+}
+
+impl DestDevices {
+    /// Puts every device in RESUMING; refuses (the message names the device) one that cannot.
+    pub fn resuming(handles: &[PassthroughHandle]) -> Result<Self, MigrationError> {
+        let mut devs = Vec::new();
+        for handle in handles {
+            let refuse = |why: String| MigrationError::Refused(format!("{}: {why}", handle.spec));
+            let caps = handle
+                .lock()
+                .migration()
+                .migration_caps()
+                .map_err(|e| refuse(format!("asking for its migration support: {}", chain(&e))))?
+                .filter(|c| c.stop_copy)
+                .ok_or_else(|| {
+                    refuse("this destination's device has no VFIO migration support".into())
+                })?;
+            let mut d = Dev {
+                handle: handle.clone(),
+                caps,
+                state: MigState::Running,
+            };
+            d.set(MigState::Stop)
+                .and_then(|()| d.set(MigState::Resuming))
+                .map_err(|e| refuse(e.to_string()))?;
+            devs.push(d);
+        }
+        Ok(DestDevices { devs, bytes: 0 })
+    }
+
+    /// The next bytes of device `index`'s stream.
+    pub fn write(&mut self, index: u32, data: &[u8]) -> Result<(), MigrationError> {
+        let count = self.devs.len();
+        let d = self.devs.get_mut(index as usize).ok_or_else(|| {
+            MigrationError::Device(format!(
+                "data for passed-through device {index}, this VM has {count}"
+            ))
+        })?;
+        d.handle
+            .lock()
+            .migration()
+            .migration_write(data)
+            .map_err(|e| {
+                MigrationError::Device(format!(
+                    "{}: writing its migration data: {}",
+                    d.handle.spec,
+                    chain(&e)
+                ))
+            })?;
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// All data is in: RESUMING -> STOP, where each device checks what it got.
+    pub fn loaded(&mut self) -> Result<(), MigrationError> {
+        for d in &mut self.devs {
+            d.set(MigState::Stop)?;
+        }
+        Ok(())
+    }
+
+    /// STOP -> RUNNING, just before the vCPUs run.
+    pub fn run(&mut self) -> Result<(), MigrationError> {
+        for d in &mut self.devs {
+            d.set(MigState::Running)?;
+        }
+        Ok(())
+    }
+}
