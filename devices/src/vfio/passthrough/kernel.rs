@@ -5,6 +5,13 @@
 //! region reads and writes with pread/pwrite at the region's offset (the crate's log failures
 //! and return nothing). DMA maps host addresses: the container's or the IOAS's.
 //!
+//! Migration and DMA logging ([`DeviceMigration`]) are vfio-ioctls' (`VfioDevice`'s migration
+//! v2 and DMA-logging calls, which also keep the data fd the kernel hands back for STOP_COPY,
+//! PRE_COPY and RESUMING), except the DMA-logging probe ([`crate::vfio::sys::feature`]: the
+//! crate has none). What the crate leaves to its caller is done here: reads that fill the
+//! buffer across short reads and PRE_COPY's ENOMSG, "absent" told apart from "failed", and
+//! report sizes bounded before the crate allocates.
+//!
 //! Needs a device bound to vfio-pci (or a sample mdev): none here, so only what runs without
 //! one is tested; the rest is exercised on hardware.
 
@@ -15,15 +22,19 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    vfio_device_info, VFIO_BASE, VFIO_DEVICE_FLAGS_RESET, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_device_info, VFIO_BASE, VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FLAGS_RESET,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
+use vfio_ioctls::{DmaLoggingRange, VfioError};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{
-    DeviceInfo, DmaRegion, IrqInfo, MmapArea, RegionFile, RegionInfo, TransportError, VfioTransport,
+    DeviceInfo, DeviceMigration, DmaRegion, IrqInfo, MigState, MigrationCaps, MmapArea,
+    PrecopyInfo, RegionFile, RegionInfo, TransportError, VfioTransport,
 };
 use crate::vfio::open::Opened;
+use crate::vfio::sys::bitmap::{self, BitmapError};
+use crate::vfio::sys::feature::{self, Direction};
 use crate::vfio::sys::region;
 
 /// `VFIO_DEVICE_GET_INFO`, by hand: vfio-ioctls keeps the flags (can it reset?) private.
@@ -36,6 +47,14 @@ pub enum KernelError {
     DupFd(#[source] std::io::Error),
     #[error("VFIO_DEVICE_GET_INFO")]
     DeviceInfo(#[source] std::io::Error),
+    #[error("to {state:?}")]
+    SetMigState {
+        state: MigState,
+        #[source]
+        source: VfioError,
+    },
+    #[error("the device reports migration state {0}, which linux/vfio.h does not define")]
+    UnknownMigState(u32),
 }
 
 /// `VFIO_DEVICE_GET_INFO` on the device behind `fd`.
@@ -117,8 +136,164 @@ impl KernelTransport {
     }
 }
 
-// Migration and DMA logging: not yet (answers "unsupported").
-impl super::transport::DeviceMigration for KernelTransport {}
+/// Whether a device-feature call failed because the device has no such feature: the kernel
+/// answers ENOTTY for a feature the device's driver does not know (vfio-pci-core's default) or
+/// a device without migration ops, rather than an error of the call itself.
+fn feature_absent(e: &VfioError) -> bool {
+    crate::vfio::errno_of(e) == Some(libc::ENOTTY)
+}
+
+fn mig_state(raw: u32) -> Result<MigState, KernelError> {
+    MigState::from_raw(raw).ok_or(KernelError::UnknownMigState(raw))
+}
+
+/// Fills `buf` from the migration data fd until it is full or the fd has nothing more: a read
+/// of 0 (the end of STOP_COPY's stream) or ENOMSG (PRE_COPY's "nothing more for now", per
+/// linux/vfio.h). One read may return less while more follows, and the trait promises that a
+/// short count means no more.
+fn fill(
+    buf: &mut [u8],
+    mut read: impl FnMut(&mut [u8]) -> Result<usize, VfioError>,
+) -> Result<usize, VfioError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n.min(buf.len() - done),
+            Err(VfioError::VfioMigrationDataIo(e))
+                if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(VfioError::VfioMigrationDataIo(e)) if e.raw_os_error() == Some(libc::ENOMSG) => {
+                break
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+impl DeviceMigration for KernelTransport {
+    fn migration_caps(&mut self) -> Result<Option<MigrationCaps>, TransportError> {
+        // The crate answers None itself for ENOTTY and EINVAL (no migration v2).
+        let flags = self
+            .opened
+            .device()
+            .query_migration_support()
+            .map_err(|e| TransportError::device("VFIO_DEVICE_FEATURE_MIGRATION (get)", e))?;
+        Ok(flags.map(MigrationCaps::from_flags))
+    }
+
+    fn set_migration_state(&mut self, state: MigState) -> Result<(), TransportError> {
+        self.opened
+            .device()
+            .set_migration_state(state as u32)
+            .map_err(|source| {
+                TransportError::device(
+                    "VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE (set)",
+                    KernelError::SetMigState { state, source },
+                )
+            })
+    }
+
+    fn migration_state(&mut self) -> Result<MigState, TransportError> {
+        let op = "VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE (get)";
+        let raw = self
+            .opened
+            .device()
+            .get_migration_state()
+            .map_err(|e| TransportError::device(op, e))?;
+        mig_state(raw).map_err(|e| TransportError::device(op, e))
+    }
+
+    fn migration_read(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        let device = self.opened.device();
+        fill(buf, |b| device.read_migration_data(b))
+            .map_err(|e| TransportError::device("reading the migration data fd", e))
+    }
+
+    fn migration_write(&mut self, data: &[u8]) -> Result<(), TransportError> {
+        self.opened
+            .device()
+            .write_migration_data(data)
+            .map_err(|e| TransportError::device("writing the migration data fd", e))
+    }
+
+    fn migration_data_size(&mut self) -> Result<Option<u64>, TransportError> {
+        match self.opened.device().get_mig_data_size() {
+            Ok(size) => Ok(Some(size)),
+            Err(e) if feature_absent(&e) => Ok(None),
+            Err(e) => Err(TransportError::device(
+                "VFIO_DEVICE_FEATURE_MIG_DATA_SIZE (get)",
+                e,
+            )),
+        }
+    }
+
+    fn precopy_info(&mut self) -> Result<Option<PrecopyInfo>, TransportError> {
+        match self.opened.device().mig_get_precopy_info() {
+            Ok(i) => Ok(Some(PrecopyInfo {
+                initial_bytes: i.initial_bytes,
+                dirty_bytes: i.dirty_bytes,
+            })),
+            // A data fd without the ioctl: a driver without PRE_COPY.
+            Err(e) if feature_absent(&e) => Ok(None),
+            // Includes NoMigrationDataFd: the device is not in PRE_COPY.
+            Err(e) => Err(TransportError::device("VFIO_MIG_GET_PRECOPY_INFO", e)),
+        }
+    }
+
+    fn dma_logging_supported(&mut self) -> Result<bool, TransportError> {
+        feature::supported(
+            &self.opened,
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+            Direction::Set,
+        )
+        .map_err(|e| TransportError::device("probing DMA logging", e))
+    }
+
+    fn dma_logging_start(
+        &mut self,
+        page_size: u64,
+        ranges: &[(u64, u64)],
+    ) -> Result<u64, TransportError> {
+        let ranges: Vec<DmaLoggingRange> = ranges
+            .iter()
+            .map(|&(iova, length)| DmaLoggingRange { iova, length })
+            .collect();
+        self.opened
+            .device()
+            .start_dma_logging(page_size, &ranges)
+            .map_err(|e| TransportError::device("VFIO_DEVICE_FEATURE_DMA_LOGGING_START", e))
+    }
+
+    fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> Result<Vec<u64>, TransportError> {
+        let op = "VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT";
+        // The crate allocates length / page_size bits unchecked: bound it first. The crate's
+        // bitmap is the kernel's (page n at bit n % 64 of word n / 64), the trait's layout.
+        bitmap::words(length, page_size).map_err(|e| TransportError::device(op, e))?;
+        if iova.checked_add(length).is_none() {
+            return Err(TransportError::device(
+                op,
+                BitmapError::Overflow { iova, length },
+            ));
+        }
+        self.opened
+            .device()
+            .report_dma_logging(DmaLoggingRange { iova, length }, page_size)
+            .map_err(|e| TransportError::device(op, e))
+    }
+
+    fn dma_logging_stop(&mut self) -> Result<(), TransportError> {
+        self.opened
+            .device()
+            .stop_dma_logging()
+            .map_err(|e| TransportError::device("VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP", e))
+    }
+}
 
 impl VfioTransport for KernelTransport {
     fn device_info(&self) -> DeviceInfo {
@@ -253,13 +428,88 @@ mod tests {
         assert_eq!(crate::vfio::errno_of(&e), Some(libc::ENOTTY), "{e}");
     }
 
-    /// On hardware: VMM_VFIO_SYSFS=/sys/bus/pci/devices/0000:01:00.0 with the device bound to
-    /// vfio-pci and its group at /dev/vfio/N (run as root).
+    fn io_err(errno: i32) -> VfioError {
+        VfioError::VfioMigrationDataIo(std::io::Error::from_raw_os_error(errno))
+    }
+
     #[test]
-    fn a_bound_device_opens_as_a_transport() {
+    fn a_read_fills_the_buffer_across_short_reads_and_interrupts() {
+        // The device has 10 bytes, handed out 3 at a time, with an EINTR in between.
+        let mut left = 10usize;
+        let mut calls = 0;
+        let mut buf = [0u8; 8];
+        let n = fill(&mut buf, |b| {
+            calls += 1;
+            if calls == 2 {
+                return Err(io_err(libc::EINTR));
+            }
+            let n = b.len().min(3).min(left);
+            b[..n].fill(0xab);
+            left -= n;
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(n, 8);
+        assert_eq!(buf, [0xab; 8]);
+        // Then the last 2 bytes and the end of the stream: a short count.
+        let n = fill(&mut buf, |b| {
+            let n = b.len().min(left);
+            left -= n;
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn enomsg_is_pre_copy_s_nothing_more_for_now_not_an_error() {
+        let mut first = true;
+        let mut buf = [0u8; 16];
+        let n = fill(&mut buf, |b| {
+            if std::mem::take(&mut first) {
+                b[..5].fill(1);
+                Ok(5)
+            } else {
+                Err(io_err(libc::ENOMSG))
+            }
+        })
+        .unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(fill(&mut buf, |_| Err(io_err(libc::ENOMSG))).unwrap(), 0);
+        let e = fill(&mut buf, |_| Err(io_err(libc::EIO))).unwrap_err();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::EIO));
+        assert!(matches!(
+            fill(&mut buf, |_| Err(VfioError::NoMigrationDataFd)),
+            Err(VfioError::NoMigrationDataFd)
+        ));
+        assert_eq!(fill(&mut [], |_| unreachable!()).unwrap(), 0);
+    }
+
+    #[test]
+    fn only_enotty_means_the_feature_is_absent() {
+        let feature = |errno| VfioError::VfioDeviceFeature(vmm_sys_util::errno::Error::new(errno));
+        assert!(feature_absent(&feature(libc::ENOTTY)));
+        assert!(!feature_absent(&feature(libc::EIO)));
+        assert!(!feature_absent(&VfioError::NoMigrationDataFd));
+        assert!(feature_absent(&VfioError::VfioMigGetPrecopyInfo(
+            vmm_sys_util::errno::Error::new(libc::ENOTTY)
+        )));
+    }
+
+    #[test]
+    fn every_uapi_state_maps_and_others_are_errors() {
+        for raw in 0..8 {
+            assert_eq!(mig_state(raw).unwrap() as u32, raw);
+        }
+        assert!(matches!(mig_state(8), Err(KernelError::UnknownMigState(8))));
+    }
+
+    /// The bound device of VMM_VFIO_SYSFS, opened through its group; `None` (with the reason
+    /// printed) when there is none.
+    fn bound_transport() -> Option<KernelTransport> {
         let Some(sysfs) = std::env::var_os("VMM_VFIO_SYSFS") else {
             eprintln!("skipped: VMM_VFIO_SYSFS is not set (needs a device bound to vfio-pci)");
-            return;
+            return None;
         };
         let sysfs = std::path::PathBuf::from(sysfs);
         let group = match std::fs::read_link(sysfs.join("iommu_group")) {
@@ -269,12 +519,12 @@ mod tests {
                 .and_then(|n| n.parse::<u32>().ok()),
             Err(e) => {
                 eprintln!("skipped: {}: no IOMMU group ({e})", sysfs.display());
-                return;
+                return None;
             }
         };
         let Some(id) = group else {
             eprintln!("skipped: {}: unreadable IOMMU group", sysfs.display());
-            return;
+            return None;
         };
         let access = crate::vfio::Access::Group {
             node: std::path::PathBuf::from(format!("/dev/vfio/{id}")),
@@ -282,7 +532,36 @@ mod tests {
         };
         let opened = crate::vfio::open::open(&sysfs, &access, std::path::Path::new("/dev"))
             .expect("open the bound device");
-        let mut t = KernelTransport::new(opened).expect("transport");
+        Some(KernelTransport::new(opened).expect("transport"))
+    }
+
+    /// On hardware (as `a_bound_device_opens_as_a_transport`): only questions, the device's
+    /// state is not changed. A plain vfio-pci device answers no migration and no DMA logging;
+    /// a variant driver (mlx5, pds, hisi_acc, mtty) answers its capabilities and RUNNING.
+    #[test]
+    fn a_bound_device_answers_the_migration_questions() {
+        let Some(mut t) = bound_transport() else {
+            return;
+        };
+        let caps = t.migration_caps().expect("migration caps");
+        let logging = t.dma_logging_supported().expect("DMA logging probe");
+        eprintln!("migration: {caps:?}; DMA logging: {logging}");
+        if caps.is_some() {
+            assert_eq!(t.migration_state().expect("state"), MigState::Running);
+            eprintln!("stop-copy size: {:?}", t.migration_data_size());
+        }
+        if !logging {
+            assert!(t.dma_logging_report(0, 1 << 20, 4096).is_err());
+        }
+    }
+
+    /// On hardware: VMM_VFIO_SYSFS=/sys/bus/pci/devices/0000:01:00.0 with the device bound to
+    /// vfio-pci and its group at /dev/vfio/N (run as root).
+    #[test]
+    fn a_bound_device_opens_as_a_transport() {
+        let Some(mut t) = bound_transport() else {
+            return;
+        };
         let mut ids = [0u8; 4];
         t.config_read(0, &mut ids).expect("config read");
         assert_ne!(

@@ -5,20 +5,25 @@
 //! The first two, like the iommufd itself, its IOAS and `IOMMU_DESTROY`, are iommufd-ioctls'
 //! (`IommuFd::get_hw_info`, `IommuFd::alloc_iommu_hwpt`) over iommufd-bindings' structs. The last
 //! two are by hand: no crate has them (see below), so they are ioctls on `IommuFd::as_raw_fd()`
-//! with iommufd-bindings' structs and command numbers. Never run on a real iommufd here (no
-//! /dev/iommu on this machine): the tests call them on fds that are no iommufd (ENOTTY).
+//! with iommufd-bindings' structs and command numbers. [`HwptDirty`] is the session over all
+//! four. Never run on a real iommufd here (no /dev/iommu on this machine): the tests call them
+//! on fds that are no iommufd (ENOTTY); where /dev/iommu exists, on bogus ids (ENOENT).
 
 use iommufd_bindings::{
     iommu_hw_info, iommu_hwpt_alloc, iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE,
     iommu_hwpt_get_dirty_bitmap, iommu_hwpt_set_dirty_tracking,
     iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING,
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+    iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
     iommufd_hwpt_set_dirty_tracking_flags_IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
     IOMMUFD_CMD_HWPT_GET_DIRTY_BITMAP, IOMMUFD_CMD_HWPT_SET_DIRTY_TRACKING, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::{IommuFd, IommufdError};
 use std::io;
+use std::mem::size_of;
+use std::sync::Arc;
 
+use super::bitmap::{self, BitmapError};
 use super::io_nr;
 
 /// By hand, no crate has this: iommufd-ioctls 0.4 (wraps neither dirty-tracking ioctl),
@@ -38,6 +43,14 @@ pub enum DirtyError {
     Ioctl { op: &'static str, source: io::Error },
     #[error("a bitmap of {have} u64s is too small for {pages} pages")]
     BitmapTooSmall { have: usize, pages: u64 },
+    #[error("{op}")]
+    Iommufd {
+        op: &'static str,
+        #[source]
+        source: IommufdError,
+    },
+    #[error("IOMMU_HWPT_GET_DIRTY_BITMAP: {0}")]
+    Bitmap(#[from] BitmapError),
 }
 
 /// What `IOMMU_GET_HW_INFO` says of the IOMMU behind a device.
@@ -129,8 +142,29 @@ pub fn get_dirty_bitmap(
     page_size: u64,
     bitmap: &mut [u64],
 ) -> Result<(), DirtyError> {
+    dirty_bitmap(fd, hwpt, iova, length, page_size, Clear::Yes, bitmap)
+}
+
+/// Whether GET_DIRTY_BITMAP clears what it reads. `No` (IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
+/// is for a last read just before the range is unmapped: clearing would cost IOTLB flushes for
+/// bits nobody reads again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clear {
+    Yes,
+    No,
+}
+
+fn dirty_bitmap(
+    fd: &IommuFd,
+    hwpt: u32,
+    iova: u64,
+    length: u64,
+    page_size: u64,
+    clear: Clear,
+    bitmap: &mut [u64],
+) -> Result<(), DirtyError> {
     let pages = length.div_ceil(page_size.max(1));
-    if (bitmap.len() as u64) * 64 < pages {
+    if (bitmap.len() as u64).saturating_mul(64) < pages {
         return Err(DirtyError::BitmapTooSmall {
             have: bitmap.len(),
             pages,
@@ -139,9 +173,12 @@ pub fn get_dirty_bitmap(
     // The kernel only sets bits.
     bitmap.fill(0);
     let arg = iommu_hwpt_get_dirty_bitmap {
-        size: std::mem::size_of::<iommu_hwpt_get_dirty_bitmap>() as u32,
+        size: size_of::<iommu_hwpt_get_dirty_bitmap>() as u32,
         hwpt_id: hwpt,
-        flags: 0,
+        flags: match clear {
+            Clear::Yes => 0,
+            Clear::No => iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+        },
         __reserved: 0,
         iova,
         length,
@@ -153,7 +190,110 @@ pub fn get_dirty_bitmap(
     // holds (checked above) and which nothing else refers to during the call; the result is
     // checked.
     let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(fd, IOMMU_HWPT_GET_DIRTY_BITMAP, &arg) };
-    check("IOMMU_HWPT_GET_DIRTY_BITMAP", rc)
+    check(
+        match clear {
+            Clear::Yes => "IOMMU_HWPT_GET_DIRTY_BITMAP",
+            Clear::No => "IOMMU_HWPT_GET_DIRTY_BITMAP(NO_CLEAR)",
+        },
+        rc,
+    )
+}
+
+/// One HWPT allocated with dirty tracking, and the tracking on it: [`HwptDirty::alloc`], then
+/// the caller attaches the device to [`HwptDirty::id`] in place of its IOAS (vfio-ioctls'
+/// `VfioDevice::attach_hwpt`: attaching is the device's ioctl, not the iommufd's), then
+/// [`start`](HwptDirty::start), [`report`](HwptDirty::report), [`stop`](HwptDirty::stop).
+/// Dropped, it stops tracking and destroys the HWPT; the device must be attached elsewhere
+/// (back to the IOAS) by then, or the kernel refuses (EBUSY) and the HWPT lives until the
+/// iommufd closes.
+pub struct HwptDirty {
+    fd: Arc<IommuFd>,
+    id: u32,
+    tracking: bool,
+}
+
+impl HwptDirty {
+    /// `IOMMU_GET_HW_INFO`'s `IOMMU_HW_CAP_DIRTY_TRACKING` for bound device `dev_id`: whether
+    /// [`HwptDirty::alloc`] can succeed for it.
+    pub fn supported(fd: &IommuFd, dev_id: u32) -> Result<bool, DirtyError> {
+        hw_info(fd, dev_id)
+            .map(|h| h.dirty_tracking())
+            .map_err(|source| DirtyError::Iommufd {
+                op: "IOMMU_GET_HW_INFO",
+                source,
+            })
+    }
+
+    /// `IOMMU_HWPT_ALLOC(DIRTY_TRACKING)` of a paging HWPT for `dev_id` over IOAS `ioas` (its
+    /// mappings are the IOAS's). EOPNOTSUPP where the IOMMU cannot track.
+    pub fn alloc(fd: Arc<IommuFd>, dev_id: u32, ioas: u32) -> Result<Self, DirtyError> {
+        let id = alloc_dirty_hwpt(&fd, dev_id, ioas).map_err(|source| DirtyError::Iommufd {
+            op: "IOMMU_HWPT_ALLOC(DIRTY_TRACKING)",
+            source,
+        })?;
+        Ok(Self {
+            fd,
+            id,
+            tracking: false,
+        })
+    }
+
+    /// The HWPT's id, to attach the device to.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING(ENABLE)`: the IOMMU records writes from now on.
+    pub fn start(&mut self) -> Result<(), DirtyError> {
+        set_dirty_tracking(&self.fd, self.id, true)?;
+        self.tracking = true;
+        Ok(())
+    }
+
+    /// The dirty bits of `[iova, iova + length)`, one per `page_size` (page `n`: bit `n % 64`
+    /// of word `n / 64`), cleared as they are read.
+    pub fn report(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, DirtyError> {
+        self.read(iova, length, page_size, Clear::Yes)
+    }
+
+    /// As [`HwptDirty::report`] but leaving the bits set (NO_CLEAR): for the last read of a
+    /// range about to be unmapped.
+    pub fn peek(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>, DirtyError> {
+        self.read(iova, length, page_size, Clear::No)
+    }
+
+    fn read(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        clear: Clear,
+    ) -> Result<Vec<u64>, DirtyError> {
+        let words = bitmap::range_words(iova, length, page_size)?;
+        let mut out = vec![0u64; words];
+        dirty_bitmap(&self.fd, self.id, iova, length, page_size, clear, &mut out)?;
+        Ok(out)
+    }
+
+    /// `IOMMU_HWPT_SET_DIRTY_TRACKING` without ENABLE.
+    pub fn stop(&mut self) -> Result<(), DirtyError> {
+        set_dirty_tracking(&self.fd, self.id, false)?;
+        self.tracking = false;
+        Ok(())
+    }
+}
+
+impl Drop for HwptDirty {
+    fn drop(&mut self) {
+        if self.tracking {
+            if let Err(e) = self.stop() {
+                tracing::warn!("HWPT {}: dirty tracking left on: {e}", self.id);
+            }
+        }
+        if let Err(e) = self.fd.destroy_iommu_object(self.id) {
+            tracing::warn!("HWPT {}: IOMMU_DESTROY: {e}", self.id);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +329,131 @@ mod tests {
             .err()
             .unwrap();
         enotty(&e);
+    }
+
+    #[test]
+    fn the_structs_are_the_uapi_s() {
+        use std::mem::offset_of;
+        // include/uapi/linux/iommufd.h.
+        assert_eq!(size_of::<iommu_hwpt_set_dirty_tracking>(), 16);
+        type G = iommu_hwpt_get_dirty_bitmap;
+        assert_eq!(size_of::<G>(), 48);
+        assert_eq!(
+            (
+                offset_of!(G, hwpt_id),
+                offset_of!(G, flags),
+                offset_of!(G, iova),
+                offset_of!(G, length),
+                offset_of!(G, page_size),
+                offset_of!(G, data)
+            ),
+            (4, 8, 16, 24, 32, 40)
+        );
+        // With fault_id (6.11+); older kernels take the first 40 bytes (size says which).
+        assert_eq!(size_of::<iommu_hwpt_alloc>(), 48);
+        assert_eq!(offset_of!(iommu_hwpt_alloc, fault_id), 40);
+        assert_eq!(offset_of!(iommu_hwpt_alloc, out_hwpt_id), 16);
+        assert_eq!(size_of::<iommu_hw_info>(), 40);
+        assert_eq!(offset_of!(iommu_hw_info, out_capabilities), 32);
+        assert_eq!(
+            iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_DIRTY_TRACKING,
+            1 << 1
+        );
+        assert_eq!(iommufd_hw_capabilities_IOMMU_HW_CAP_DIRTY_TRACKING, 1 << 0);
+        assert_eq!(
+            iommufd_hwpt_set_dirty_tracking_flags_IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+            1
+        );
+        assert_eq!(
+            iommufd_hwpt_get_dirty_bitmap_flags_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+            1
+        );
+    }
+
+    #[test]
+    fn the_session_on_a_file_that_is_no_iommufd_names_each_ioctl() {
+        let fd = Arc::new(null());
+        let named = |e: &DirtyError, op: &str| {
+            enotty(e);
+            assert!(e.to_string().starts_with(op), "{e}");
+        };
+        named(
+            &HwptDirty::supported(&fd, 1).unwrap_err(),
+            "IOMMU_GET_HW_INFO",
+        );
+        named(
+            &HwptDirty::alloc(Arc::clone(&fd), 1, 2).err().unwrap(),
+            "IOMMU_HWPT_ALLOC(DIRTY_TRACKING)",
+        );
+        // A session as if the HWPT existed, to reach the hand-written ioctls.
+        let mut h = HwptDirty {
+            fd,
+            id: 3,
+            tracking: false,
+        };
+        named(&h.start().unwrap_err(), "IOMMU_HWPT_SET_DIRTY_TRACKING");
+        named(
+            &h.report(1 << 32, 2 << 20, 4096).unwrap_err(),
+            "IOMMU_HWPT_GET_DIRTY_BITMAP:",
+        );
+        named(
+            &h.peek(1 << 32, 2 << 20, 4096).unwrap_err(),
+            "IOMMU_HWPT_GET_DIRTY_BITMAP(NO_CLEAR)",
+        );
+        named(&h.stop().unwrap_err(), "IOMMU_HWPT_SET_DIRTY_TRACKING");
+        assert!(matches!(
+            h.report(1 << 32, 2 << 20, 4095),
+            Err(DirtyError::Bitmap(BitmapError::PageSize(4095)))
+        ));
+        assert!(matches!(
+            h.report(0x800, 4096, 4096),
+            Err(DirtyError::Bitmap(BitmapError::Unaligned { .. }))
+        ));
+        // Dropping it tries IOMMU_DESTROY, which fails here and is only logged.
+    }
+
+    /// Where /dev/iommu exists: the ioctls reach iommufd (a wrong number would be ENOTTY, a
+    /// wrong size or flag EINVAL or EOPNOTSUPP) and are refused for ids that name nothing.
+    #[test]
+    fn a_real_iommufd_refuses_ids_that_name_nothing_with_enoent() {
+        let path = "/dev/iommu";
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("skipped: cannot open {path} ({e}): no iommufd on this host");
+                return;
+            }
+        };
+        let fd = Arc::new(IommuFd::new_from_fd(file));
+        const NOTHING: u32 = 0xfff0_0000;
+        let errno = |e: &DirtyError| crate::vfio::errno_of(e);
+        let e = set_dirty_tracking(&fd, NOTHING, true).unwrap_err();
+        if errno(&e) == Some(libc::ENOTTY) {
+            eprintln!("skipped: {path} predates dirty tracking (Linux < 6.7): {e}");
+            return;
+        }
+        assert_eq!(errno(&e), Some(libc::ENOENT), "{e}");
+        let mut h = HwptDirty {
+            fd: Arc::clone(&fd),
+            id: NOTHING,
+            tracking: false,
+        };
+        for e in [
+            h.start().unwrap_err(),
+            h.report(1 << 32, 2 << 20, 4096).unwrap_err(),
+            h.peek(1 << 32, 2 << 20, 4096).unwrap_err(),
+            h.stop().unwrap_err(),
+            HwptDirty::supported(&fd, NOTHING).unwrap_err(),
+            HwptDirty::alloc(Arc::clone(&fd), NOTHING, NOTHING)
+                .err()
+                .unwrap(),
+        ] {
+            assert_eq!(errno(&e), Some(libc::ENOENT), "{e}");
+        }
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! The VFIO and iommufd ioctls no crate wraps (vfio-ioctls 0.10, iommufd-ioctls 0.4 and the
 //! bindings crates checked), written by hand over the bindings crates' structs:
 //! `VFIO_DEVICE_GET_REGION_INFO` with its capability chain (region.rs: vfio-ioctls' region
-//! accessors lose the index), `VFIO_IOMMU_GET_INFO` and `VFIO_IOMMU_DIRTY_PAGES` (type1.rs),
-//! `IOMMU_HWPT_SET_DIRTY_TRACKING` and `IOMMU_HWPT_GET_DIRTY_BITMAP` (iommufd.rs, beside the
-//! crate's HW_INFO and HWPT_ALLOC calls they go with), and the capability-chain walk they share
-//! (caps.rs). Their ioctl numbers are checked against the kernel uAPI (const assertions). Every
-//! wrapper is tested on real fds that are not VFIO fds (the kernel's ENOTTY): the machines this
-//! was written on have no VFIO.
+//! accessors lose the index), `VFIO_IOMMU_GET_INFO` and `VFIO_IOMMU_DIRTY_PAGES` (type1.rs,
+//! with the [`type1::Type1Dirty`] session), `IOMMU_HWPT_SET_DIRTY_TRACKING` and
+//! `IOMMU_HWPT_GET_DIRTY_BITMAP` (iommufd.rs, beside the crate's HW_INFO and HWPT_ALLOC calls
+//! they go with, and the [`iommufd::HwptDirty`] session over all four), `VFIO_DEVICE_FEATURE`'s
+//! PROBE (feature.rs), the capability-chain walk they share (caps.rs) and the dirty bitmaps'
+//! size arithmetic (bitmap.rs). Their ioctl numbers are checked against the kernel uAPI (const
+//! assertions), their structs' sizes and offsets in tests. Every wrapper is tested on real fds
+//! that are not VFIO fds (the kernel's ENOTTY): the machines this was written on have no VFIO.
 
+pub mod bitmap;
 pub mod caps;
+pub mod feature;
 pub mod iommufd;
 pub mod region;
 pub mod type1;

@@ -20,6 +20,7 @@ use vfio_bindings::bindings::vfio::{
     VFIO_TYPE,
 };
 
+use super::bitmap::{self, BitmapError};
 use super::caps::{self, CapError};
 use super::io_nr;
 
@@ -65,6 +66,8 @@ pub enum Type1Error {
     Caps(#[from] CapError),
     #[error("a bitmap of {have} u64s is too small for {pages} pages")]
     BitmapTooSmall { have: usize, pages: u64 },
+    #[error("VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP): {0}")]
+    Bitmap(#[from] BitmapError),
 }
 
 /// `struct vfio_iommu_type1_info_cap_migration`: present when type1 can track dirty pages.
@@ -74,6 +77,13 @@ pub struct Migration {
     /// Page sizes dirty bitmaps can be read in; GET_BITMAP takes only the smallest.
     pub pgsize_bitmap: u64,
     pub max_dirty_bitmap_size: u64,
+}
+
+impl Migration {
+    /// The one page size GET_BITMAP accepts: the smallest in `pgsize_bitmap`.
+    pub fn page_size(&self) -> Option<u64> {
+        (self.pgsize_bitmap != 0).then(|| 1 << self.pgsize_bitmap.trailing_zeros())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +196,7 @@ pub fn bitmap(
     bitmap: &mut [u64],
 ) -> Result<(), Type1Error> {
     let pages = size.div_ceil(pgsize.max(1));
-    if (bitmap.len() as u64) * 64 < pages {
+    if (bitmap.len() as u64).saturating_mul(64) < pages {
         return Err(Type1Error::BitmapTooSmall {
             have: bitmap.len(),
             pages,
@@ -218,6 +228,56 @@ pub fn bitmap(
     check("VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP)", rc)
 }
 
+/// Dirty page tracking on one type1 container, started by [`Type1Dirty::start`] and stopped by
+/// [`Type1Dirty::stop`] or, failing that, on drop (tracking left on keeps type1 accounting every
+/// pinned page). Generic over how the container is held (`Arc<VfioContainer>`, a `File`).
+pub struct Type1Dirty<C: AsRawFd> {
+    container: C,
+    tracking: bool,
+}
+
+impl<C: AsRawFd> Type1Dirty<C> {
+    /// The container's migration capability: `None` when type1 cannot track on it.
+    pub fn capability(container: &C) -> Result<Option<Migration>, Type1Error> {
+        Ok(info(container)?.migration)
+    }
+
+    /// `VFIO_IOMMU_DIRTY_PAGES(START)`: tracking from now on, for every DMA mapping.
+    pub fn start(container: C) -> Result<Self, Type1Error> {
+        start(&container)?;
+        Ok(Self {
+            container,
+            tracking: true,
+        })
+    }
+
+    /// `VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP)` of one whole DMA mapping `[iova, iova + size)`,
+    /// one bit per `page_size` (the capability's [`Migration::page_size`]); type1 clears what
+    /// it reports.
+    pub fn report(&self, iova: u64, size: u64, page_size: u64) -> Result<Vec<u64>, Type1Error> {
+        let words = bitmap::range_words(iova, size, page_size)?;
+        let mut out = vec![0u64; words];
+        bitmap(&self.container, iova, size, page_size, &mut out)?;
+        Ok(out)
+    }
+
+    /// `VFIO_IOMMU_DIRTY_PAGES(STOP)`.
+    pub fn stop(mut self) -> Result<(), Type1Error> {
+        self.tracking = false;
+        stop(&self.container)
+    }
+}
+
+impl<C: AsRawFd> Drop for Type1Dirty<C> {
+    fn drop(&mut self) {
+        if self.tracking {
+            if let Err(e) = stop(&self.container) {
+                tracing::warn!("type1 dirty tracking left on: {e}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +293,108 @@ mod tests {
         enotty(stop(&null).unwrap_err());
         let mut b = [0u64; 8];
         enotty(bitmap(&null, 1 << 32, 2 << 20, 4096, &mut b).unwrap_err());
+    }
+
+    #[test]
+    fn the_structs_are_the_uapi_s() {
+        // include/uapi/linux/vfio.h, x86_64 and arm64 alike.
+        assert_eq!(size_of::<vfio_iommu_type1_info>(), 24);
+        assert_eq!(offset_of!(vfio_iommu_type1_info, cap_offset), 16);
+        assert_eq!(size_of::<vfio_iommu_type1_dirty_bitmap>(), 8);
+        assert_eq!(size_of::<vfio_bitmap>(), 24);
+        assert_eq!(offset_of!(vfio_bitmap, data), 16);
+        assert_eq!(size_of::<vfio_iommu_type1_dirty_bitmap_get>(), 40);
+        assert_eq!(offset_of!(vfio_iommu_type1_dirty_bitmap_get, bitmap), 16);
+        type M = vfio_iommu_type1_info_cap_migration;
+        assert_eq!(size_of::<M>(), 32);
+        assert_eq!(offset_of!(M, flags), 8);
+        assert_eq!(offset_of!(M, pgsize_bitmap), 16);
+        assert_eq!(offset_of!(M, max_dirty_bitmap_size), 24);
+        assert_eq!(VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, 2);
+        assert_eq!(
+            (
+                VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
+                VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
+                VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP
+            ),
+            (1, 2, 4)
+        );
+    }
+
+    #[test]
+    fn the_session_on_a_file_that_is_no_container_names_each_ioctl() {
+        let null = || std::fs::File::open("/dev/null").unwrap();
+        let e = Type1Dirty::capability(&null()).unwrap_err();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::ENOTTY), "{e}");
+        let e = Type1Dirty::start(null()).err().unwrap();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::ENOTTY), "{e}");
+        assert!(
+            e.to_string().starts_with("VFIO_IOMMU_DIRTY_PAGES(START)"),
+            "{e}"
+        );
+        // A session as if START had worked, to reach GET_BITMAP and STOP.
+        let s = Type1Dirty {
+            container: null(),
+            tracking: true,
+        };
+        let e = s.report(1 << 32, 2 << 20, 4096).unwrap_err();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::ENOTTY), "{e}");
+        assert!(e.to_string().contains("GET_BITMAP"), "{e}");
+        assert!(matches!(
+            s.report(1 << 32, 2 << 20, 0),
+            Err(Type1Error::Bitmap(BitmapError::PageSize(0)))
+        ));
+        assert!(matches!(
+            s.report(0, u64::MAX - 4095, 1),
+            Err(Type1Error::Bitmap(BitmapError::TooLarge { .. }))
+        ));
+        let e = s.stop().unwrap_err();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::ENOTTY), "{e}");
+        assert!(
+            e.to_string().starts_with("VFIO_IOMMU_DIRTY_PAGES(STOP)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_capability_s_page_size_is_its_smallest() {
+        let m = Migration {
+            flags: 0,
+            pgsize_bitmap: 0x4020_1000,
+            max_dirty_bitmap_size: 256 << 20,
+        };
+        assert_eq!(m.page_size(), Some(0x1000));
+        assert_eq!(
+            Migration {
+                pgsize_bitmap: 0,
+                ..m
+            }
+            .page_size(),
+            None
+        );
+    }
+
+    /// On a host with VFIO: a fresh container has no IOMMU driver until a group joins it, so
+    /// the kernel's container ioctl answers the type1 ioctls EINVAL (not ENOTTY: the number
+    /// reached VFIO).
+    #[test]
+    fn a_real_container_without_a_group_refuses_with_einval() {
+        let path = "/dev/vfio/vfio";
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("skipped: cannot open {path} ({e}): no VFIO on this host");
+                return;
+            }
+        };
+        let e = info(&file).unwrap_err();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::EINVAL), "{e}");
+        let e = Type1Dirty::start(file).err().unwrap();
+        assert_eq!(crate::vfio::errno_of(&e), Some(libc::EINVAL), "{e}");
     }
 
     #[test]
