@@ -150,7 +150,9 @@ pub(crate) struct RunArgs {
     /// Pass a PCI function through: vfio-user:SOCKET (a device served over vfio-user, e.g.
     /// vmm-gpu-test-device) or vfio:/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=group|iommufd]
     /// (a host device bound to vfio-pci). Repeatable. Guest RAM is DMA-mapped at IOVA = GPA.
-    #[arg(long, conflicts_with = "incoming")]
+    /// With --incoming: one per device of the incoming VM, in its order (its state arrives
+    /// over VFIO migration; a destination takes devices only from its own command line).
+    #[arg(long)]
     device: Vec<vmm::machine::pci::DeviceSpec>,
     /// The guest's physical address bits (36 up to what the host gives a guest; default: all
     /// of those, capped at 46). Sizes the 64-bit MMIO window where large BARs go, and the

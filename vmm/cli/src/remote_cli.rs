@@ -231,6 +231,7 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
             mem_bytes,
             vcpus: a.vcpus,
             disks,
+            devices: a.device.clone(),
         },
         dump_memory: a.dump_memory.clone(),
         dump_final: a.dump_final.clone(),

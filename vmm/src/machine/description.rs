@@ -341,8 +341,35 @@ mod tests {
             mem_bytes: Some(64 << 20),
             vcpus: Some(2),
             disks: vec![],
+            devices: vec![],
         };
         assert!(desc().check(&c).is_ok());
+    }
+
+    #[test]
+    fn a_destination_needs_one_device_per_passed_through_function() {
+        let mut d = desc();
+        d.passthrough.push(PassthroughDesc {
+            vendor_id: 0x1234,
+            device_id: 0x7e57,
+        });
+        d.devices.push(passthrough_id(0));
+        let err = d.check(&Constraints::default()).unwrap_err();
+        assert!(
+            err.contains("1 passed-through device(s) (1234:7e57)")
+                && err.contains("started with 0 --device"),
+            "{err}"
+        );
+        let c = Constraints {
+            devices: vec!["vfio-user:/tmp/gpu.sock".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(d.check(&c).is_ok());
+        // A device the description does not list as a state id is refused as any other.
+        d.devices.pop();
+        assert!(d.check(&c).is_err());
+        let err = desc().check(&c).unwrap_err();
+        assert!(err.contains("has 0 passed-through device(s) (none)"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use super::protocol::{
     check_range, FrameReader, FrameWriter, Message, Role, ABORT_NOT_STARTED, PAGE_SIZE,
 };
 use super::source::{unexpected, Reader, Writer};
+use super::devices::{DestDevices, PassthroughHandle};
 use super::{postcopy_dst, MigrationError, Mode};
 use crate::api::server::serve_api;
 use crate::machine::assemble::{self, AssembleError, Here, Resume};
@@ -122,6 +123,23 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         Ok(m) => m,
         Err(e) => return Err(refuse(&mut w, MigrationError::Machine(e))),
     };
+    // This side's devices: the functions the source has, and ready to take their state.
+    let handles: Vec<PassthroughHandle> = machine
+        .devs
+        .passthrough
+        .iter()
+        .map(|a| PassthroughHandle {
+            spec: a.spec.to_string(),
+            device: a.device.clone(),
+        })
+        .collect();
+    if let Err(e) = same_functions(&handles, &hello.vm.passthrough) {
+        return Err(refuse(&mut w, e));
+    }
+    let mut devs = match DestDevices::resuming(&handles) {
+        Ok(d) => d,
+        Err(e) => return Err(refuse(&mut w, e)),
+    };
     // memslot-exits cannot see KVM's own accesses: the page tables must all be here before the
     // guest runs. A guest with one address space (the micro guest) has them all under its
     // CR3, which this side walks itself (`Receiver::keep_present`); Linux has one per process,
@@ -185,6 +203,11 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                 report.rounds = round;
                 report.pages_per_round.push(pages);
             }
+            Message::DeviceData { device, data } => {
+                if let Err(e) = devs.write(device, &data) {
+                    return Err(abort(&mut w, e));
+                }
+            }
             Message::State(json) => {
                 state_at = Some(Instant::now());
                 snapshot = Some(VmSnapshot::decode(&json)?);
@@ -217,6 +240,11 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     })?;
     let state_at = state_at.unwrap_or_else(Instant::now);
     report.bytes = r.bytes_received();
+    // Every device checks the stream it got: a bad one stops the migration here, before the
+    // guest runs anywhere but on the source.
+    if let Err(e) = devs.loaded() {
+        return Err(abort(&mut w, e));
+    }
 
     match pending {
         None => {
@@ -267,6 +295,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             };
             let mut resume: Resume<MigrationError> =
                 Resume::new(&snapshot, Some(serve_api), on_running);
+            resume.restored = Some(Box::new(move || devs.run()));
             resume.final_dump = opts.dump_final.clone().map(|p| (p, None));
             resume.not_started = Some(Box::new(|e| {
                 if let AssembleError::Restore(e) = e {
@@ -347,6 +376,40 @@ fn demand_fits(demand: &postcopy_dst::Demand) -> Result<(), MigrationError> {
     demand.backend.check_host().map_err(|why| {
         MigrationError::Refused(format!("postcopy with --demand {}: {why}", demand.backend))
     })
+}
+
+/// This side's functions against the Hello's, one for one (the count was checked with the
+/// description).
+fn same_functions(
+    here: &[PassthroughHandle],
+    theirs: &[crate::machine::description::PassthroughDesc],
+) -> Result<(), MigrationError> {
+    use devices::pci::PciDevice;
+    for (i, (h, t)) in here.iter().zip(theirs).enumerate() {
+        let mut ids = [0u8; 4];
+        h.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config_read(0, &mut ids);
+        let mine = crate::machine::description::PassthroughDesc {
+            vendor_id: u16::from_le_bytes([ids[0], ids[1]]),
+            device_id: u16::from_le_bytes([ids[2], ids[3]]),
+        };
+        if &mine != t {
+            return Err(MigrationError::Refused(format!(
+                "passed-through device {i}: the source's is {t}, this destination's ({}) is {mine}",
+                h.spec
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// After Accept: tells the source this side gives up, and returns the error for its exit.
+fn abort(w: &mut Writer, e: MigrationError) -> MigrationError {
+    let _ = w.send(&Message::Abort(format!("{ABORT_NOT_STARTED}{e}")));
+    let _ = w.flush();
+    e
 }
 
 /// Refuses the migration with the reason and returns the error for this side's exit.

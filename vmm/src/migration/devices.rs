@@ -270,6 +270,14 @@ impl SourceDevices {
                         .into(),
                 ));
             }
+            if mode == Mode::Hybrid {
+                return Err(refuse(
+                    "hybrid is refused with a passed-through device for now: its postcopy phase \
+                     would run the device while pages it may DMA are still missing on the \
+                     destination; use precopy"
+                        .into(),
+                ));
+            }
             match dirty {
                 DeviceDirty::Log => {
                     let can = handle
