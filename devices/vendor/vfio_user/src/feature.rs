@@ -17,7 +17,8 @@ use std::os::unix::net::UnixStream;
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
     VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
-    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
+    VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
 };
 use vm_memory::ByteValued;
 
@@ -41,9 +42,9 @@ pub struct DmaLoggingRange {
 /// `struct vfio_device_feature` without its flexible data.
 #[repr(C)]
 #[derive(Default, Clone, Copy, Debug)]
-struct FeatureHeader {
-    argsz: u32,
-    flags: u32,
+pub(crate) struct FeatureHeader {
+    pub(crate) argsz: u32,
+    pub(crate) flags: u32,
 }
 
 /// `struct vfio_device_feature_dma_logging_control` without its ranges pointer.
@@ -86,7 +87,7 @@ pub fn dma_logging_bitmap_len(length: u64, page_size: u64) -> Option<usize> {
 }
 
 /// Reads a `T` from the front of `data`; the rest follows.
-fn split<T: ByteValued + Default>(data: &[u8]) -> Result<(T, &[u8]), Error> {
+pub(crate) fn split<T: ByteValued + Default>(data: &[u8]) -> Result<(T, &[u8]), Error> {
     let head = data.get(..size_of::<T>()).ok_or(Error::InvalidInput)?;
     let mut value = T::default();
     value.as_mut_slice().copy_from_slice(head);
@@ -129,7 +130,7 @@ fn decode_start(data: &[u8]) -> Result<(u64, Vec<DmaLoggingRange>), Error> {
 impl Client {
     /// Sends a DEVICE_FEATURE with `flags` and `data`, announcing a reply of `reply_len` data
     /// bytes; returns the reply's data, which must be exactly that long.
-    fn device_feature(
+    pub(crate) fn device_feature(
         &mut self,
         flags: u32,
         data: &[u8],
@@ -255,6 +256,34 @@ pub(crate) fn handle(
         return Err(Error::UnexpectedNoReply(Command::DeviceFeature));
     }
     let (feature, data) = split::<FeatureHeader>(body)?;
+    let reply = match feature.flags & VFIO_DEVICE_FEATURE_MASK {
+        VFIO_DEVICE_FEATURE_MIGRATION
+        | VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+        | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE => crate::migration::feature(backend, feature, data)?,
+        _ => dma_logging(backend, feature, data)?,
+    };
+    let size = size_of::<FeatureHeader>() + reply.len();
+    let header = Header {
+        message_id: header.message_id,
+        command: Command::DeviceFeature as u16,
+        flags: HeaderFlags::Reply as u32,
+        message_size: (size_of::<Header>() + size) as u32,
+        ..Default::default()
+    };
+    let feature = FeatureHeader {
+        argsz: size as u32,
+        flags: feature.flags,
+    };
+    let message = [header.as_slice(), feature.as_slice(), &reply].concat();
+    stream.write_all(&message).map_err(Error::StreamWrite)
+}
+
+/// Serves a DMA logging feature (or answers an unknown one); returns the reply's data.
+fn dma_logging(
+    backend: &mut dyn ServerBackend,
+    feature: FeatureHeader,
+    data: &[u8],
+) -> Result<Vec<u8>, Error> {
     let index = feature.flags & VFIO_DEVICE_FEATURE_MASK;
     let probe = feature.flags & VFIO_DEVICE_FEATURE_PROBE != 0;
     let op = feature.flags & !(VFIO_DEVICE_FEATURE_MASK | VFIO_DEVICE_FEATURE_PROBE);
@@ -306,20 +335,7 @@ pub(crate) fn handle(
             }
         }
     };
-    let size = size_of::<FeatureHeader>() + reply.len();
-    let header = Header {
-        message_id: header.message_id,
-        command: Command::DeviceFeature as u16,
-        flags: HeaderFlags::Reply as u32,
-        message_size: (size_of::<Header>() + size) as u32,
-        ..Default::default()
-    };
-    let feature = FeatureHeader {
-        argsz: size as u32,
-        flags: feature.flags,
-    };
-    let message = [header.as_slice(), feature.as_slice(), &reply].concat();
-    stream.write_all(&message).map_err(Error::StreamWrite)
+    Ok(reply)
 }
 
 #[cfg(test)]

@@ -29,9 +29,11 @@ extern crate serde_derive;
 extern crate log;
 
 mod feature;
+mod migration;
 pub use feature::{
     dma_logging_bitmap_len, DmaLoggingRange, MAX_DMA_LOGGING_BITMAP, MAX_DMA_LOGGING_RANGES,
 };
+pub use migration::MAX_MIG_DATA_CHUNK;
 
 #[allow(dead_code)]
 #[repr(u16)]
@@ -55,6 +57,8 @@ pub enum Command {
     UserDirtyPages = 14,
     RegionWriteMulti = 15,
     DeviceFeature = 16,
+    MigDataRead = 17,
+    MigDataWrite = 18,
 }
 
 #[allow(dead_code)]
@@ -1085,6 +1089,37 @@ pub trait ServerBackend {
     ) -> Result<(), std::io::Error> {
         Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
     }
+
+    // Patched: migration v2 (DEVICE_FEATURE 1, 2 and 9, MIG_DATA_READ/WRITE 17 and 18, see
+    // `migration`). The defaults answer ENOTSUP: a device without migration support.
+
+    /// VFIO_DEVICE_FEATURE_MIGRATION: the `VFIO_MIGRATION_*` flags. Answering it also answers
+    /// a PROBE of every migration feature.
+    fn migration_flags(&mut self) -> Result<u64, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// MIG_DEVICE_STATE SET: move to `state` (a `vfio_device_mig_state`); EINVAL for a
+    /// transition the device refuses.
+    fn set_mig_state(&mut self, _state: u32) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// MIG_DEVICE_STATE GET: the current state.
+    fn mig_state(&mut self) -> Result<u32, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// MIG_DATA_SIZE: an estimate of the bytes STOP_COPY has left to send.
+    fn mig_data_size(&mut self) -> Result<u64, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// MIG_DATA_READ: fills the front of `buf` with migration data; returns how much. Less
+    /// than `buf.len()` means no more for now (PRE_COPY) or the end (STOP_COPY).
+    fn mig_data_read(&mut self, _buf: &mut [u8]) -> Result<usize, std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
+    /// MIG_DATA_WRITE: the next piece of the stream (RESUMING); pieces split it anywhere.
+    fn mig_data_write(&mut self, _data: &[u8]) -> Result<(), std::io::Error> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -1165,6 +1200,8 @@ impl Server {
                 return Err(Error::UnsupportedCommand(command));
             }
             Command::DeviceFeature => return feature::handle(backend, header, body, stream),
+            Command::MigDataRead => return migration::handle_read(backend, header, body, stream),
+            Command::MigDataWrite => return migration::handle_write(backend, header, body, stream),
             Command::Version => {
                 if header.no_reply() {
                     return Err(Error::UnexpectedNoReply(Command::Version));
