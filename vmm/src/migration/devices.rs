@@ -24,10 +24,11 @@
 //! would need those accesses held in the VMM, which is not done.
 
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use devices::vfio::passthrough::{chain, MigState, MigrationCaps, PassthroughDevice};
+use devices::vfio::passthrough::{chain, MigState, MigrationCaps};
+
+pub use crate::machine::pci::passthrough::PassthroughHandle;
 
 use super::protocol::Message;
 use super::source::Writer;
@@ -81,20 +82,6 @@ impl std::fmt::Display for DeviceDirty {
             Self::AllPinned => "all-pinned",
             Self::Off => "off",
         })
-    }
-}
-
-/// A passed-through function as the running VM holds it for migration.
-#[derive(Clone)]
-pub struct PassthroughHandle {
-    /// The `--device` spec, for messages.
-    pub spec: String,
-    pub device: Arc<Mutex<PassthroughDevice>>,
-}
-
-impl PassthroughHandle {
-    fn lock(&self) -> MutexGuard<'_, PassthroughDevice> {
-        self.device.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
