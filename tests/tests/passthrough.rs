@@ -175,7 +175,7 @@ fn a_bar_too_large_for_the_guest_address_space_is_refused_naming_sizes_and_bits(
 }
 
 #[test]
-fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_and_snapshots_are_refused_first() {
+fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_iommu_tracking_and_snapshots_are_refused_first() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, dev) = gpu::start(dir.path(), "dies", &["--vram-size", "16M"]);
     let spec = gpu::spec(&dev);
@@ -199,6 +199,24 @@ fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_and_snapshots_are_r
     let err = reply["error"].as_str().unwrap_or_default().to_string();
     assert!(
         err.contains("postcopy is refused with a passed-through device") && err.contains(&spec),
+        "{reply}"
+    );
+    // IOMMU dirty tracking asked of a vfio-user device (no IOMMU behind it): refused by name.
+    let (code, reply, _) = remote(
+        &sock,
+        &[
+            "migrate",
+            "--to",
+            "tcp://127.0.0.1:9",
+            "--device-dirty",
+            "iommu",
+            "--json",
+        ],
+    );
+    assert_ne!(code, Some(0), "{reply}");
+    let err = reply["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        err.contains(&spec) && err.contains("no IOMMU dirty tracking for this device"),
         "{reply}"
     );
     let (code, reply, _) = remote(&sock, &["migrate", "--to", "tcp://127.0.0.1:9", "--json"]);
