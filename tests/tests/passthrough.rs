@@ -175,7 +175,8 @@ fn a_bar_too_large_for_the_guest_address_space_is_refused_naming_sizes_and_bits(
 }
 
 #[test]
-fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_iommu_tracking_and_snapshots_are_refused_first() {
+fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_iommu_tracking_and_snapshots_are_refused_first(
+) {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, dev) = gpu::start(dir.path(), "dies", &["--vram-size", "16M"]);
     let spec = gpu::spec(&dev);

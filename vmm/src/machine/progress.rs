@@ -172,6 +172,13 @@ pub struct DestinationStats {
     /// From the State frame's arrival until the vCPUs ran.
     pub restore_ms: f64,
     pub postcopy: Option<PostcopyStats>,
+    /// Passed-through devices: the destination's part of `restore_ms` spent checking their
+    /// state (RESUMING -> STOP) and starting them (STOP -> RUNNING; after postcopy in hybrid,
+    /// outside the downtime).
+    #[serde(default)]
+    pub device_load_ms: Option<f64>,
+    #[serde(default)]
+    pub device_run_ms: Option<f64>,
 }
 
 #[cfg(test)]

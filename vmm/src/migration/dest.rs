@@ -245,6 +245,8 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     if let Err(e) = devs.loaded() {
         return Err(abort(&mut w, e));
     }
+    let times = devs.times.clone();
+    let has_devices = !devs.is_empty();
 
     match pending {
         None => {
@@ -270,9 +272,12 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                     let confirmed = w
                         .send(&Message::Resumed)
                         .and_then(|()| {
+                            let t = *times.lock().unwrap_or_else(|p| p.into_inner());
                             let stats = DestinationStats {
                                 restore_ms: rep.downtime_ms,
                                 postcopy: None,
+                                device_load_ms: has_devices.then_some(t.load_ms),
+                                device_run_ms: has_devices.then_some(t.run_ms),
                             };
                             let json = serde_json::to_vec(&stats).unwrap_or_default();
                             w.send(&Message::Stats(json))

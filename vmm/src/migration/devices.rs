@@ -24,6 +24,7 @@
 //! would need those accesses held in the VMM, which is not done.
 
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::vfio::passthrough::{chain, MigState, MigrationCaps};
@@ -489,6 +490,16 @@ impl SourceDevices {
 pub struct DestDevices {
     devs: Vec<Dev>,
     pub bytes: u64,
+    /// Time spent in RESUMING -> STOP and STOP -> RUNNING (ms), readable once `self` moved
+    /// into a hook.
+    pub times: Arc<Mutex<DeviceTimes>>,
+}
+
+/// The destination's device steps in its part of the downtime.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeviceTimes {
+    pub load_ms: f64,
+    pub run_ms: f64,
 }
 
 impl DestDevices {
@@ -516,7 +527,11 @@ impl DestDevices {
                 .map_err(|e| refuse(e.to_string()))?;
             devs.push(d);
         }
-        Ok(DestDevices { devs, bytes: 0 })
+        Ok(DestDevices {
+            devs,
+            bytes: 0,
+            times: Arc::default(),
+        })
     }
 
     /// The next bytes of device `index`'s stream.
@@ -544,17 +559,29 @@ impl DestDevices {
 
     /// All data is in: RESUMING -> STOP, where each device checks what it got.
     pub fn loaded(&mut self) -> Result<(), MigrationError> {
+        let t = Instant::now();
         for d in &mut self.devs {
             d.set(MigState::Stop)?;
         }
+        self.lock_times().load_ms += t.elapsed().as_secs_f64() * 1000.0;
         Ok(())
+    }
+
+    fn lock_times(&self) -> std::sync::MutexGuard<'_, DeviceTimes> {
+        self.times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devs.is_empty()
     }
 
     /// STOP -> RUNNING, just before the vCPUs run.
     pub fn run(&mut self) -> Result<(), MigrationError> {
+        let t = Instant::now();
         for d in &mut self.devs {
             d.set(MigState::Running)?;
         }
+        self.lock_times().run_ms += t.elapsed().as_secs_f64() * 1000.0;
         Ok(())
     }
 }

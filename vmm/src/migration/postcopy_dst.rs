@@ -450,6 +450,7 @@ impl Inner {
             let json = serde_json::to_vec(&DestinationStats {
                 restore_ms,
                 postcopy: Some(stats),
+                ..Default::default()
             })
             .unwrap_or_default();
             let sent = w
