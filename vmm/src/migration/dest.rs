@@ -300,7 +300,14 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             };
             let mut resume: Resume<MigrationError> =
                 Resume::new(&snapshot, Some(serve_api), on_running);
-            resume.restored = Some(Box::new(move || devs.run()));
+            // A device that will not run: the source hears it at once and resumes its copy.
+            let abort_w = w.clone();
+            resume.restored = Some(Box::new(move || {
+                devs.run().map_err(|e| {
+                    let mut w = abort_w.lock().unwrap_or_else(|p| p.into_inner());
+                    abort(&mut w, e)
+                })
+            }));
             resume.final_dump = opts.dump_final.clone().map(|p| (p, None));
             resume.not_started = Some(Box::new(|e| {
                 if let AssembleError::Restore(e) = e {
