@@ -397,6 +397,7 @@ mod tests {
             devices: vec![],
             dirty_ring: false,
             phys_bits: None,
+            passthrough: vec![],
         };
         let now = budget.describe(&base);
         let GuestDesc::Micro {
@@ -410,7 +411,7 @@ mod tests {
         assert!(*verify);
         // The destination (or restore) built from it checks against 7 passes.
         let cfg = now
-            .config(vec![], crate::machine::ConsoleOutput::Null, false, None)
+            .config(vec![], vec![], crate::machine::ConsoleOutput::Null, false, None)
             .expect("config");
         let GuestConfig::Micro {
             expected: Some(e), ..

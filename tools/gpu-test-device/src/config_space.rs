@@ -23,6 +23,10 @@ const MSIX_CONTROL_WRITABLE: u16 = 0xc000;
 pub enum ConfigError {
     #[error("config access {offset:#x}+{len} outside the {size} bytes of config space")]
     OutOfRange { offset: u64, len: usize, size: u64 },
+    #[error("restored config space: {len} bytes instead of {size}")]
+    RestoreSize { len: usize, size: u64 },
+    #[error("restored config space differs from this device's in read-only bits at {0:#x}")]
+    ReadOnlyDiffers(usize),
 }
 
 /// The identity the device presents.
@@ -86,6 +90,29 @@ impl ConfigSpace {
             let mask = self.writable[i];
             self.bytes[i] = (self.bytes[i] & !mask) | (value & mask);
         }
+        Ok(())
+    }
+
+    /// Every byte, as a migration saves them (the write masks follow from the identity).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Takes the bytes a migration saved. Their read-only bits must be this device's own: a
+    /// stream from a device of another identity or layout is refused, nothing changed.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ConfigError> {
+        if bytes.len() != self.bytes.len() {
+            return Err(ConfigError::RestoreSize {
+                len: bytes.len(),
+                size: pci::CONFIG_SIZE,
+            });
+        }
+        let differs =
+            (0..bytes.len()).find(|&i| (bytes[i] ^ self.bytes[i]) & !self.writable[i] != 0);
+        if let Some(at) = differs {
+            return Err(ConfigError::ReadOnlyDiffers(at));
+        }
+        self.bytes.copy_from_slice(bytes);
         Ok(())
     }
 
@@ -172,6 +199,23 @@ mod tests {
         let mut config = config();
         config.write(0x42, &0xffffu16.to_le_bytes()).unwrap();
         assert_eq!(read32(&config, 0x40), 0xc007_0011);
+    }
+
+    #[test]
+    fn restore_takes_writable_bits_and_refuses_read_only_ones() {
+        let mut source = config();
+        source.write(0x04, &[0x06, 0]).unwrap();
+        source.write(0x10, &[0, 0, 0, 0xc0]).unwrap();
+        let mut target = config();
+        target.restore(source.bytes()).unwrap();
+        assert_eq!(target.bytes(), source.bytes());
+        let mut other = source.bytes().to_vec();
+        other[0] ^= 1;
+        assert!(matches!(
+            target.restore(&other),
+            Err(ConfigError::ReadOnlyDiffers(0))
+        ));
+        assert!(target.restore(&other[..255]).is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The device behind the vfio-user server: regions, register dispatch, interrupts, DMA maps.
 //!
 //! `vfio_user::Server` owns the socket and the protocol; it calls this `ServerBackend` for
-//! every region access, DMA_MAP/UNMAP, SET_IRQS and reset.
+//! every region access, DMA_MAP/UNMAP, SET_IRQS and reset, and for migration (`migrate`).
+
+mod migrate;
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,9 +20,11 @@ use crate::config_space::{ConfigError, ConfigSpace, Identity};
 use crate::dirty_log::{DirtyLog, LogError};
 use crate::dma::{DmaMapError, DmaSpace};
 use crate::engines::{
-    lock, run_dma, run_kernel, run_page_writer, DmaJob, KernelJob, PageWriterJob, Shared, Worker,
+    lock, run_dma, run_kernel, run_page_writer, DmaJob, Gate, Jobs, KernelJob, KernelResume,
+    PageLog, PageWriterJob, Shared, Worker,
 };
 use crate::memory::{DeviceMemory, MemoryError};
+use crate::migration::{Migration, MigrationError};
 use crate::registers::{self, Action, RegisterError, Registers};
 
 /// Where the page holding the MSI-X table starts (trapped: no mmap).
@@ -65,6 +69,8 @@ pub enum DeviceError {
     DmaLog(#[from] LogError),
     #[error("starting the {0} engine thread")]
     Spawn(&'static str, #[source] std::io::Error),
+    #[error("migration")]
+    Migration(#[from] MigrationError),
 }
 
 impl DeviceError {
@@ -72,6 +78,7 @@ impl DeviceError {
         match self {
             Self::DmaMap(e) => e.errno(),
             Self::DmaLog(e) => e.errno(),
+            Self::Migration(e) => e.errno(),
             Self::Spawn(..) | Self::Memory { .. } => libc::EAGAIN,
             _ => libc::EINVAL,
         }
@@ -101,11 +108,13 @@ pub struct Device {
     dma_worker: Worker,
     page_writer: Worker,
     kernel: Worker,
+    migration: Migration,
 }
 
 impl Device {
-    /// A device at reset, its memories created (sparse: nothing allocated until touched).
-    pub fn new(identity: Identity) -> Result<Self, DeviceError> {
+    /// A device at reset, its memories created (sparse: nothing allocated until touched);
+    /// `migration` false makes it a device without migration support.
+    pub fn new(identity: Identity, migration: bool) -> Result<Self, DeviceError> {
         let memory = |what, name, size| {
             DeviceMemory::new(name, size).map_err(|source| DeviceError::Memory { what, source })
         };
@@ -119,6 +128,12 @@ impl Device {
             pw_written: AtomicU64::new(0),
             k_passes: AtomicU32::new(0),
             dirty: DirtyLog::default(),
+            gate: Gate::default(),
+            vram_written: PageLog::new(identity.vram_size),
+            jobs: Mutex::new(Jobs::default()),
+            dma_done: AtomicU64::new(0),
+            k_at: AtomicU64::new(0),
+            k_pass_pattern: AtomicU32::new(0),
         });
         Ok(Self {
             identity,
@@ -130,6 +145,7 @@ impl Device {
             dma_worker: Worker::default(),
             page_writer: Worker::default(),
             kernel: Worker::default(),
+            migration: Migration::new(migration),
         })
     }
 
@@ -234,11 +250,14 @@ impl Device {
     }
 
     /// Function-level reset: engines stopped, registers, config space and MSI-X table to
-    /// their reset values. DMA regions and eventfds (the client's setup) stay.
+    /// their reset values, migration back to RUNNING with no stream. DMA regions and eventfds
+    /// (the client's setup) stay.
     fn reset_device(&mut self) {
         self.dma_worker.halt();
         self.page_writer.halt();
         self.kernel.halt();
+        self.shared.gate.open();
+        self.migration.reset();
         *lock(&self.shared.regs) = Registers::default();
         self.shared.pw_written.store(0, Ordering::Relaxed);
         self.shared.k_passes.store(0, Ordering::Relaxed);
@@ -314,9 +333,7 @@ impl Device {
                         dir: regs.dma_dir,
                     }
                 };
-                self.dma_worker
-                    .start("gpu-dma", move |_| run_dma(&shared, job))
-                    .map_err(|e| DeviceError::Spawn("DMA", e))?;
+                self.start_dma(job, 0)?;
             }
             Action::PageWriter(CTRL_STOP) => self.page_writer.halt(),
             Action::PageWriter(CTRL_START) => {
@@ -333,11 +350,7 @@ impl Device {
                     }
                 };
                 shared.pw_written.store(0, Ordering::Relaxed);
-                self.page_writer
-                    .start("gpu-page-writer", move |stop| {
-                        run_page_writer(&shared, job, stop)
-                    })
-                    .map_err(|e| DeviceError::Spawn("page writer", e))?;
+                self.start_page_writer(job)?;
             }
             Action::Kernel(CTRL_STOP) => self.kernel.halt(),
             Action::Kernel(ctrl @ (CTRL_START | CTRL_ONCE)) => {
@@ -352,14 +365,47 @@ impl Device {
                     }
                 };
                 shared.k_passes.store(0, Ordering::Relaxed);
-                self.kernel
-                    .start("gpu-kernel", move |stop| run_kernel(&shared, job, stop))
-                    .map_err(|e| DeviceError::Spawn("kernel", e))?;
+                self.start_kernel(job, KernelResume::default())?;
             }
             // Unknown control values are ignored, as for unknown registers.
             Action::PageWriter(_) | Action::Kernel(_) => {}
         }
         Ok(())
+    }
+
+    /// Starts (or, after a migration, resumes from byte `done`) a DMA transfer. In a
+    /// stopped migration state the engine waits at the gate.
+    fn start_dma(&mut self, job: DmaJob, done: u64) -> Result<(), DeviceError> {
+        let shared = Arc::clone(&self.shared);
+        lock(&shared.jobs).dma = Some(job);
+        shared.dma_done.store(done, Ordering::Relaxed);
+        self.dma_worker
+            .start("gpu-dma", move |stop| run_dma(&shared, job, done, stop))
+            .map_err(|e| DeviceError::Spawn("DMA", e))
+    }
+
+    /// Starts the page writer after `pw_written` writes (0 for a client's start).
+    fn start_page_writer(&mut self, job: PageWriterJob) -> Result<(), DeviceError> {
+        let shared = Arc::clone(&self.shared);
+        lock(&shared.jobs).page_writer = Some(job);
+        let written = shared.pw_written.load(Ordering::Relaxed);
+        self.page_writer
+            .start("gpu-page-writer", move |stop| {
+                run_page_writer(&shared, job, written, stop)
+            })
+            .map_err(|e| DeviceError::Spawn("page writer", e))
+    }
+
+    /// Starts the kernel, from the start of a pass or where a migrated one stopped.
+    fn start_kernel(&mut self, job: KernelJob, resume: KernelResume) -> Result<(), DeviceError> {
+        let shared = Arc::clone(&self.shared);
+        lock(&shared.jobs).kernel = Some(job);
+        shared.k_at.store(resume.at, Ordering::Relaxed);
+        self.kernel
+            .start("gpu-kernel", move |stop| {
+                run_kernel(&shared, job, resume, stop)
+            })
+            .map_err(|e| DeviceError::Spawn("kernel", e))
     }
 
     fn region_read_inner(
@@ -385,7 +431,11 @@ impl Device {
     ) -> Result<(), DeviceError> {
         match region {
             VFIO_PCI_BAR0_REGION_INDEX => self.bar0_write(offset, data),
-            VFIO_PCI_BAR1_REGION_INDEX => memory_write(&self.shared.vram, region, offset, data),
+            VFIO_PCI_BAR1_REGION_INDEX => {
+                memory_write(&self.shared.vram, region, offset, data)?;
+                self.shared.vram_written.mark(offset, data.len() as u64);
+                Ok(())
+            }
             VFIO_PCI_BAR3_REGION_INDEX => memory_write(&self.bar3, region, offset, data),
             VFIO_PCI_CONFIG_REGION_INDEX => Ok(self.config.write(offset, data)?),
             _ => Err(DeviceError::NoAccess(region)),
@@ -605,6 +655,47 @@ impl ServerBackend for Device {
             .dirty
             .report(iova, length, page_size, bitmap)
             .map_err(|e| reply_error(e.into()))
+    }
+
+    fn migration_flags(&mut self) -> std::io::Result<u64> {
+        self.migration_on()?;
+        Ok(crate::migration::FLAGS)
+    }
+
+    fn set_mig_state(&mut self, state: u32) -> std::io::Result<()> {
+        self.migration_on()?;
+        self.set_state(state).map_err(reply_error)
+    }
+
+    fn mig_state(&mut self) -> std::io::Result<u32> {
+        self.migration_on()?;
+        Ok(self.migration.state)
+    }
+
+    fn mig_data_size(&mut self) -> std::io::Result<u64> {
+        self.migration_on()?;
+        Ok(self.data_size())
+    }
+
+    fn mig_data_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.migration_on()?;
+        self.read_data(buf).map_err(reply_error)
+    }
+
+    fn mig_data_write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.migration_on()?;
+        self.write_data(data).map_err(reply_error)
+    }
+}
+
+impl Device {
+    /// Migration requests answer ENOTSUP with `--no-migration`.
+    fn migration_on(&self) -> std::io::Result<()> {
+        if self.migration.enabled {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+        }
     }
 }
 

@@ -2,11 +2,16 @@
 //!
 //! Engines run on their own threads, as a device works while its driver does something else;
 //! a client sees progress only through the status and counter registers and the interrupt.
+//!
+//! Every step that changes memory or engine state (a DMA chunk, a page stamp, a kernel chunk,
+//! an engine's completion) runs inside a pass of the [`Gate`]: migration closes the gate to
+//! stop the device, and once it is closed no engine is between a write and the position that
+//! records it, so the positions in `Shared` are the exact place to resume from.
 
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,6 +40,143 @@ pub struct Shared {
     pub k_passes: AtomicU32,
     /// Guest-RAM pages the engines wrote, while the client has DMA logging started.
     pub dirty: DirtyLog,
+    /// Closed while the device is stopped for migration.
+    pub gate: Gate,
+    /// VRAM pages the engines (and vfio-user region writes) wrote: migration resends them.
+    pub vram_written: PageLog,
+    /// The job each engine was started with (kept after it ends; its status says whether it
+    /// runs).
+    pub jobs: Mutex<Jobs>,
+    /// Bytes of the current DMA transfer copied so far.
+    pub dma_done: AtomicU64,
+    /// Where the kernel is in its current pass (bytes from its offset), and the pattern of
+    /// that pass (the register may have changed since the pass began).
+    pub k_at: AtomicU64,
+    pub k_pass_pattern: AtomicU32,
+}
+
+/// The engines' jobs, as started.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Jobs {
+    pub dma: Option<DmaJob>,
+    pub page_writer: Option<PageWriterJob>,
+    pub kernel: Option<KernelJob>,
+}
+
+/// Lets engine steps through while open; closing it waits for the steps under way.
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    busy: u32,
+}
+
+/// One engine step under way; the gate cannot close until it is dropped.
+pub struct Pass<'a> {
+    gate: &'a Gate,
+    /// The step waited for the gate to open: time-paced engines restart their pacing.
+    pub waited: bool,
+}
+
+impl Gate {
+    /// Waits until the gate is open (or `stop` is set, so halting a paused engine never
+    /// blocks) and starts a step.
+    pub fn enter(&self, stop: &AtomicBool) -> Pass<'_> {
+        let mut state = lock(&self.state);
+        let mut waited = false;
+        while state.closed && !stop.load(Ordering::Relaxed) {
+            waited = true;
+            // Polled: `stop` is set without touching the gate.
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        state.busy += 1;
+        Pass { gate: self, waited }
+    }
+
+    /// Closes the gate and waits until no step is under way.
+    pub fn close(&self) {
+        let mut state = lock(&self.state);
+        state.closed = true;
+        while state.busy > 0 {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Opens the gate: paused engines go on.
+    pub fn open(&self) {
+        lock(&self.state).closed = false;
+        self.changed.notify_all();
+    }
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        lock(&self.gate.state).busy -= 1;
+        self.gate.changed.notify_all();
+    }
+}
+
+/// One bit per device page, set by writers, taken by migration.
+#[derive(Debug)]
+pub struct PageLog {
+    words: Vec<AtomicU64>,
+    pages: u64,
+}
+
+impl PageLog {
+    /// A log of `size` bytes of pages, all clear.
+    pub fn new(size: u64) -> Self {
+        let pages = size.div_ceil(PAGE_SIZE);
+        let words = (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+        Self { words, pages }
+    }
+
+    /// Marks the pages of `[offset, offset + len)` (clipped to the log).
+    pub fn mark(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / PAGE_SIZE;
+        let last = offset.saturating_add(len - 1) / PAGE_SIZE;
+        for page in first..=last.min(self.pages.saturating_sub(1)) {
+            self.words[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether `page` was marked; clears it.
+    pub fn take(&self, page: u64) -> bool {
+        let bit = 1 << (page % 64);
+        match self.words.get((page / 64) as usize) {
+            Some(word) => word.fetch_and(!bit, Ordering::Relaxed) & bit != 0,
+            None => false,
+        }
+    }
+
+    /// Pages marked now.
+    pub fn count(&self) -> u64 {
+        let ones = self.words.iter();
+        ones.map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Clears every mark.
+    pub fn clear(&self) {
+        for word in &self.words {
+            word.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Shared {
@@ -121,7 +263,7 @@ impl Worker {
 }
 
 /// A DMA transfer, as the registers described it at the doorbell.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DmaJob {
     pub src: u64,
     pub dst: u64,
@@ -129,10 +271,20 @@ pub struct DmaJob {
     pub dir: u32,
 }
 
-/// Runs one transfer, then records its outcome and raises the completion interrupt.
-pub fn run_dma(shared: &Shared, job: DmaJob) {
+/// Bytes a DMA transfer copies per gate pass: the most it runs on while being stopped.
+const DMA_CHUNK: u64 = 256 * 1024;
+
+/// Runs one transfer from byte `done` (0, or where a migrated one stopped), then records its
+/// outcome and raises the completion interrupt. Halted midway, it records nothing: a reset or
+/// a restored state replaces the registers.
+pub fn run_dma(shared: &Shared, job: DmaJob, done: u64, stop: &AtomicBool) {
     let start = Instant::now();
-    let status = copy(shared, job).err().unwrap_or(STATUS_DONE);
+    let (result, pass) = copy(shared, job, done, stop);
+    if stop.load(Ordering::Relaxed) {
+        return;
+    }
+    let _pass = pass.unwrap_or_else(|| shared.gate.enter(stop));
+    let status = result.err().unwrap_or(STATUS_DONE);
     let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     {
         let mut regs = lock(&shared.regs);
@@ -147,40 +299,74 @@ pub fn run_dma(shared: &Shared, job: DmaJob) {
     shared.raise(IRQ_DMA);
 }
 
-/// The copy itself; `Err` is the status to report.
-fn copy(shared: &Shared, job: DmaJob) -> Result<(), u32> {
+/// The copy itself, chunk by chunk; `Err` is the status to report. Returns the pass of the
+/// last chunk, so that the completion is recorded before the gate can close.
+fn copy<'a>(
+    shared: &'a Shared,
+    job: DmaJob,
+    mut done: u64,
+    stop: &AtomicBool,
+) -> (Result<(), u32>, Option<Pass<'a>>) {
     if job.len == 0 {
-        return Err(STATUS_ERR_INVALID);
+        return (Err(STATUS_ERR_INVALID), None);
     }
     let (vram_offset, iova, to_vram) = match job.dir {
         DIR_RAM_TO_VRAM => (job.dst, job.src, true),
         DIR_VRAM_TO_RAM => (job.src, job.dst, false),
-        _ => return Err(STATUS_ERR_INVALID),
+        _ => return (Err(STATUS_ERR_INVALID), None),
     };
-    let vram = shared
-        .vram
-        .mapping()
-        .slice(vram_offset, job.len)
-        .ok_or(STATUS_ERR_VRAM_RANGE)?;
-    let mut at = 0;
-    for segment in shared.segments(iova, job.len, !to_vram)? {
+    let Some(vram) = shared.vram.mapping().slice(vram_offset, job.len) else {
+        return (Err(STATUS_ERR_VRAM_RANGE), None);
+    };
+    loop {
+        let pass = shared.gate.enter(stop);
+        if stop.load(Ordering::Relaxed) {
+            return (Ok(()), None);
+        }
+        let len = DMA_CHUNK.min(job.len - done);
+        if let Err(status) = copy_chunk(shared, &vram, iova, done, len, to_vram) {
+            return (Err(status), Some(pass));
+        }
+        if to_vram {
+            shared.vram_written.mark(vram_offset + done, len);
+        } else {
+            shared.dirty.mark(iova + done, len);
+        }
+        done += len;
+        shared.dma_done.store(done, Ordering::Relaxed);
+        if done == job.len {
+            return (Ok(()), Some(pass));
+        }
+    }
+}
+
+/// Copies `[at, at + len)` of the transfer between guest RAM at `iova` and `vram`.
+fn copy_chunk(
+    shared: &Shared,
+    vram: &vm_memory::VolatileSlice<'_, ()>,
+    iova: u64,
+    at: u64,
+    len: u64,
+    to_vram: bool,
+) -> Result<(), u32> {
+    let mut offset = at as usize;
+    for segment in shared.segments(iova + at, len, !to_vram)? {
         let guest = segment.slice().ok_or(STATUS_ERR_UNMAPPED)?;
         let device = vram
-            .subslice(at, guest.len())
+            .subslice(offset, guest.len())
             .map_err(|_| STATUS_ERR_VRAM_RANGE)?;
         if to_vram {
             guest.copy_to_volatile_slice(device);
         } else {
             device.copy_to_volatile_slice(guest);
-            shared.dirty.mark(iova + at as u64, guest.len() as u64);
         }
-        at += guest.len();
+        offset += guest.len();
     }
     Ok(())
 }
 
 /// The page writer's parameters, taken at start.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageWriterJob {
     pub base: u64,
     pub pages: u32,
@@ -189,9 +375,12 @@ pub struct PageWriterJob {
     pub limit: u32,
 }
 
-/// Writes the chosen pages in turn until stopped, the limit, or a fault; records the outcome.
-pub fn run_page_writer(shared: &Shared, job: PageWriterJob, stop: &AtomicBool) {
-    let (status, interrupt) = match write_pages(shared, job, stop) {
+/// Writes the chosen pages in turn, after `written` earlier writes (0, or where a migrated
+/// writer stopped), until stopped, the limit, or a fault; records the outcome.
+pub fn run_page_writer(shared: &Shared, job: PageWriterJob, written: u64, stop: &AtomicBool) {
+    let (outcome, pass) = write_pages(shared, job, written, stop);
+    let _pass = pass.unwrap_or_else(|| shared.gate.enter(stop));
+    let (status, interrupt) = match outcome {
         Ok(stopped) => (STATUS_DONE, !stopped),
         Err(status) => (status, true),
     };
@@ -201,96 +390,201 @@ pub fn run_page_writer(shared: &Shared, job: PageWriterJob, stop: &AtomicBool) {
     }
 }
 
-/// `Ok(true)` if stopped by the client, `Ok(false)` at the limit, `Err(status)` on a fault.
-fn write_pages(shared: &Shared, job: PageWriterJob, stop: &AtomicBool) -> Result<bool, u32> {
+/// `Ok(true)` if stopped by the client, `Ok(false)` at the limit, `Err(status)` on a fault;
+/// with the pass of the last write, so the outcome is recorded before the gate can close.
+fn write_pages<'a>(
+    shared: &'a Shared,
+    job: PageWriterJob,
+    mut written: u64,
+    stop: &AtomicBool,
+) -> (Result<bool, u32>, Option<Pass<'a>>) {
     if job.pages == 0 || job.base % PAGE_SIZE != 0 {
-        return Err(STATUS_ERR_INVALID);
+        return (Err(STATUS_ERR_INVALID), None);
     }
     let stride = u64::from(job.stride.max(1));
     let chosen = u64::from(job.pages).div_ceil(stride);
-    let start = Instant::now();
-    let mut written: u64 = 0;
+    let at_limit = |written| job.limit != 0 && written >= u64::from(job.limit);
+    if at_limit(written) {
+        return (Ok(false), None);
+    }
+    // The rate counts from here, and again after every pause (no burst to catch up).
+    let mut paced_from = (Instant::now(), written);
     loop {
-        if job.limit != 0 && written == u64::from(job.limit) {
-            return Ok(false);
-        }
         if job.rate != 0 {
-            let due = start + Duration::from_secs_f64(written as f64 / f64::from(job.rate));
+            let ahead = (written - paced_from.1) as f64 / f64::from(job.rate);
+            let due = paced_from.0 + Duration::from_secs_f64(ahead);
             while let Some(wait) = due.checked_duration_since(Instant::now()) {
                 if stop.load(Ordering::Relaxed) {
-                    return Ok(true);
+                    return (Ok(true), None);
                 }
                 std::thread::sleep(wait.min(Duration::from_millis(10)));
             }
         }
+        let pass = shared.gate.enter(stop);
         if stop.load(Ordering::Relaxed) {
-            return Ok(true);
+            return (Ok(true), None);
+        }
+        if pass.waited && job.rate != 0 {
+            paced_from = (Instant::now(), written);
+            continue;
         }
         // Guest-chosen base, pages and stride: a window past 2^64 is invalid, not a panic.
-        let iova = ((written % chosen) * stride)
+        let Some(iova) = ((written % chosen) * stride)
             .checked_mul(PAGE_SIZE)
             .and_then(|off| job.base.checked_add(off))
-            .ok_or(STATUS_ERR_INVALID)?;
+        else {
+            return (Err(STATUS_ERR_INVALID), Some(pass));
+        };
         let mut stamp = [0u8; 16];
         stamp[..8].copy_from_slice(&(written + 1).to_le_bytes());
         stamp[8..].copy_from_slice(&PW_MAGIC.to_le_bytes());
-        let mut at = 0;
-        for segment in shared.segments(iova, stamp.len() as u64, true)? {
-            let guest = segment.slice().ok_or(STATUS_ERR_UNMAPPED)?;
-            guest.copy_from(&stamp[at..at + guest.len()]);
-            at += guest.len();
+        if let Err(status) = stamp_page(shared, iova, &stamp) {
+            return (Err(status), Some(pass));
         }
         shared.dirty.mark(iova, stamp.len() as u64);
         written += 1;
         shared.pw_written.store(written, Ordering::Relaxed);
+        if at_limit(written) {
+            return (Ok(false), Some(pass));
+        }
     }
 }
 
+fn stamp_page(shared: &Shared, iova: u64, stamp: &[u8]) -> Result<(), u32> {
+    let mut at = 0;
+    for segment in shared.segments(iova, stamp.len() as u64, true)? {
+        let guest = segment.slice().ok_or(STATUS_ERR_UNMAPPED)?;
+        guest.copy_from(&stamp[at..at + guest.len()]);
+        at += guest.len();
+    }
+    Ok(())
+}
+
 /// The kernel's parameters, taken at start.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelJob {
     pub offset: u64,
     pub len: u64,
     pub once: bool,
 }
 
+/// Where a kernel resumes: `at` bytes into a pass of `pattern` (`None`: a new pass, which
+/// reads the pattern register).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelResume {
+    pub at: u64,
+    pub pattern: Option<u32>,
+}
+
 /// Fills its VRAM range with the pattern, pass after pass (or once); records the outcome.
-pub fn run_kernel(shared: &Shared, job: KernelJob, stop: &AtomicBool) {
-    let result = fill_passes(shared, job, stop);
+pub fn run_kernel(shared: &Shared, job: KernelJob, resume: KernelResume, stop: &AtomicBool) {
+    let (result, pass) = fill_passes(shared, job, resume, stop);
+    let _pass = pass.unwrap_or_else(|| shared.gate.enter(stop));
     lock(&shared.regs).k_status = result.err().unwrap_or(STATUS_DONE);
     if job.once || result.is_err() {
         shared.raise(IRQ_KERNEL);
     }
 }
 
-fn fill_passes(shared: &Shared, job: KernelJob, stop: &AtomicBool) -> Result<(), u32> {
+/// Bytes the kernel fills per gate pass.
+const KERNEL_CHUNK: usize = 64 * 1024;
+
+fn fill_passes<'a>(
+    shared: &'a Shared,
+    job: KernelJob,
+    mut resume: KernelResume,
+    stop: &AtomicBool,
+) -> (Result<(), u32>, Option<Pass<'a>>) {
     if job.len == 0 || job.offset % 4 != 0 || job.len % 4 != 0 {
-        return Err(STATUS_ERR_INVALID);
+        return (Err(STATUS_ERR_INVALID), None);
     }
-    let vram = shared
-        .vram
-        .mapping()
-        .slice(job.offset, job.len)
-        .ok_or(STATUS_ERR_VRAM_RANGE)?;
-    const CHUNK: usize = 64 * 1024;
+    let Some(vram) = shared.vram.mapping().slice(job.offset, job.len) else {
+        return (Err(STATUS_ERR_VRAM_RANGE), None);
+    };
     loop {
-        let pattern = lock(&shared.regs).k_pattern.to_le_bytes();
-        let chunk: Vec<u8> = pattern.iter().copied().cycle().take(CHUNK).collect();
-        let mut at = 0;
+        let pattern = resume
+            .pattern
+            .take()
+            .unwrap_or_else(|| lock(&shared.regs).k_pattern);
+        shared.k_pass_pattern.store(pattern, Ordering::Relaxed);
+        let chunk: Vec<u8> = pattern
+            .to_le_bytes()
+            .iter()
+            .copied()
+            .cycle()
+            .take(KERNEL_CHUNK)
+            .collect();
+        // `at` stays a multiple of 4 (chunks are), so the pattern stays word aligned.
+        let mut at = std::mem::take(&mut resume.at) as usize;
         while at < vram.len() {
+            let pass = shared.gate.enter(stop);
             if stop.load(Ordering::Relaxed) {
-                return Ok(());
+                return (Ok(()), None);
             }
-            let len = CHUNK.min(vram.len() - at);
-            let piece = vram.subslice(at, len).map_err(|_| STATUS_ERR_VRAM_RANGE)?;
+            let len = KERNEL_CHUNK.min(vram.len() - at);
+            let Ok(piece) = vram.subslice(at, len) else {
+                return (Err(STATUS_ERR_VRAM_RANGE), Some(pass));
+            };
             piece.copy_from(&chunk[..len]);
+            shared.vram_written.mark(job.offset + at as u64, len as u64);
             at += len;
-        }
-        shared.k_passes.fetch_add(1, Ordering::Relaxed);
-        if job.once {
-            return Ok(());
+            if at < vram.len() {
+                shared.k_at.store(at as u64, Ordering::Relaxed);
+                continue;
+            }
+            // The pass ends in the same step as its last chunk: a stopped device never sits
+            // between the two.
+            shared.k_at.store(0, Ordering::Relaxed);
+            shared.k_passes.fetch_add(1, Ordering::Relaxed);
+            if job.once {
+                return (Ok(()), Some(pass));
+            }
         }
         // Leave the shared CPUs some room between passes.
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_log_marks_every_page_touched_once() {
+        let log = PageLog::new(8 * PAGE_SIZE);
+        log.mark(PAGE_SIZE - 1, 2);
+        log.mark(7 * PAGE_SIZE, u64::MAX);
+        assert_eq!(log.count(), 3);
+        assert!(log.take(0) && log.take(1) && log.take(7));
+        assert!(!log.take(1) && !log.take(2) && !log.take(1000));
+        assert_eq!(log.count(), 0);
+    }
+
+    #[test]
+    fn a_closed_gate_waits_for_the_step_under_way_and_holds_the_next() {
+        let gate = Arc::new(Gate::default());
+        let stop = AtomicBool::new(false);
+        let pass = gate.enter(&stop);
+        assert!(!pass.waited);
+        let closer = {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || gate.close())
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!closer.is_finished(), "close waits for the step");
+        drop(pass);
+        closer.join().unwrap();
+        let opener = {
+            let gate = Arc::clone(&gate);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                gate.open();
+            })
+        };
+        assert!(gate.enter(&stop).waited);
+        opener.join().unwrap();
+        gate.close();
+        stop.store(true, Ordering::Relaxed);
+        let _halting = gate.enter(&stop);
     }
 }

@@ -11,6 +11,7 @@ mod dirty_log;
 mod dma;
 mod engines;
 mod memory;
+mod migration;
 mod registers;
 mod socket;
 
@@ -56,6 +57,9 @@ struct Args {
     /// Exit (status 0) when the first client disconnects, instead of waiting for the next.
     #[arg(long)]
     once: bool,
+    /// Answer the migration features with ENOTSUP, as a device without migration support.
+    #[arg(long)]
+    no_migration: bool,
 }
 
 fn parse_vram_size(text: &str) -> Result<u64, String> {
@@ -99,7 +103,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         msix_vectors: args.msix_vectors,
         vram_size: args.vram_size,
     };
-    let mut device = Device::new(identity).context("creating the device")?;
+    let mut device = Device::new(identity, !args.no_migration).context("creating the device")?;
     let (listener, _socket_file) = socket::bind(&args.socket)?;
     let server = Server::from_owned_fd(
         OwnedFd::from(listener),
@@ -117,6 +121,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             "device_id": format!("{:#06x}", args.device),
             "vram_size": args.vram_size,
             "msix_vectors": args.msix_vectors,
+            "migration": !args.no_migration,
         });
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{status}").context("writing the status line")?;

@@ -21,7 +21,7 @@ pub enum Action {
 }
 
 /// Register values. Counters the engines bump often live outside (atomics in `Shared`).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Registers {
     pub scratch: u32,
     pub irq_enable: u32,

@@ -369,7 +369,10 @@ mod tests {
         d.devices.pop();
         assert!(d.check(&c).is_err());
         let err = desc().check(&c).unwrap_err();
-        assert!(err.contains("has 0 passed-through device(s) (none)"), "{err}");
+        assert!(
+            err.contains("has 0 passed-through device(s) (none)"),
+            "{err}"
+        );
     }
 
     #[test]

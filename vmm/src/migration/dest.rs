@@ -10,13 +10,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::devices::{DestDevices, PassthroughHandle};
 use super::hello::Hello;
 use super::pages;
 use super::protocol::{
     check_range, FrameReader, FrameWriter, Message, Role, ABORT_NOT_STARTED, PAGE_SIZE,
 };
 use super::source::{unexpected, Reader, Writer};
-use super::devices::{DestDevices, PassthroughHandle};
 use super::{postcopy_dst, MigrationError, Mode};
 use crate::api::server::serve_api;
 use crate::machine::assemble::{self, AssembleError, Here, Resume};
@@ -343,6 +343,11 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                     return Err(e);
                 }
             }
+            // Passed-through devices stay stopped until every page is here: a device running
+            // while pages are missing would DMA from holes (zeros) or have its writes
+            // overwritten by pages arriving later. The vCPUs run meanwhile; what they write to
+            // the device's registers waits in the device until it runs (device-specific).
+            pager.on_filled(Box::new(move || devs.run().map_err(|e| e.to_string())));
             let on_running: crate::machine::run::OnRunning = {
                 let pager = pager.clone();
                 Box::new(move |shared| {

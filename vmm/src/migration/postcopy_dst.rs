@@ -58,9 +58,15 @@ struct Inner {
     requests_w: Mutex<Writer>,
     main_w: Mutex<Option<Writer>>,
     running: Mutex<Option<(Arc<Shared>, f64, Instant)>>,
+    /// Runs once every page is here, before the source hears so (passed-through devices
+    /// start then: they must never touch a missing page).
+    on_filled: Mutex<Option<OnFilled>>,
     report: Mutex<MigrationReport>,
     begun: Instant,
 }
+
+/// See `Inner::on_filled`; its error (a message) fails the migration here.
+pub type OnFilled = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -132,6 +138,7 @@ impl Receiver {
             requests_w: Mutex::new(uw),
             main_w: Mutex::new(Some(w)),
             running: Mutex::new(None),
+            on_filled: Mutex::new(None),
             report: Mutex::new(report),
             begun,
         });
@@ -201,6 +208,11 @@ impl Receiver {
             return Err(e.into());
         }
         Ok(pages.len() as u64)
+    }
+
+    /// `f` runs once every page is here (set before the vCPUs run).
+    pub fn on_filled(&self, f: OnFilled) {
+        *lock(&self.inner.on_filled) = Some(f);
     }
 
     /// The vCPUs run: from now on the destination owns the guest.
@@ -405,6 +417,15 @@ impl Inner {
             tracing::error!("disarming the postcopy pager: {e}");
         }
         shared.paging_in.store(false, Ordering::Release);
+        let filled = lock(&self.on_filled).take();
+        if let Some(f) = filled {
+            if let Err(why) = f() {
+                // The guest's device cannot run here, and the source gave it up already.
+                let msg = format!("every page arrived, but {why}");
+                tracing::error!("{msg}");
+                shared.end_run(crate::vstate::vcpu::VcpuStop::Fault(msg));
+            }
+        }
         let mut lat = lock(&self.latencies_us).clone();
         let stats = PostcopyStats {
             faults: self.faults.load(Ordering::Acquire),

@@ -179,6 +179,140 @@ impl DirtyTracker for WithDeviceDma {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// A CPU backend that finds page 1 of the first slot each harvest.
+    struct OnePage;
+    impl DirtyTracker for OnePage {
+        fn kind(&self) -> TrackerKind {
+            TrackerKind::Bitmap
+        }
+        fn start(&mut self) -> Result<(), TrackingError> {
+            Ok(())
+        }
+        fn harvest(&mut self, into: &mut DirtySet) -> Result<(), TrackingError> {
+            into.set_page(0, 1);
+            Ok(())
+        }
+        fn harvest_raw(&mut self) -> Result<u64, TrackingError> {
+            Ok(1)
+        }
+        fn stop(&mut self) -> Result<(), TrackingError> {
+            Ok(())
+        }
+        fn memory_overhead_bytes(&self) -> u64 {
+            0
+        }
+    }
+
+    /// A device whose log holds `pages` until reported; records its calls.
+    struct Log {
+        pages: Vec<u64>,
+        calls: Arc<Mutex<Vec<String>>>,
+        fail_start: bool,
+    }
+    impl DmaDirtySource for Log {
+        fn name(&self) -> String {
+            "gpu0".into()
+        }
+        fn start(&mut self, ranges: &[(u64, u64)]) -> Result<(), String> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("start {ranges:x?}"));
+            if self.fail_start {
+                Err("ENOTSUP".into())
+            } else {
+                Ok(())
+            }
+        }
+        fn report(&mut self, gpa: u64, pages: u64) -> Result<Vec<u64>, String> {
+            let mut words = vec![0u64; pages.div_ceil(64) as usize];
+            for p in self.pages.drain(..) {
+                let i = (p - gpa) / PAGE_SIZE;
+                words[(i / 64) as usize] |= 1 << (i % 64);
+            }
+            Ok(words)
+        }
+        fn stop(&mut self) -> Result<(), String> {
+            self.calls.lock().unwrap().push("stop".into());
+            Ok(())
+        }
+    }
+
+    fn slots() -> Vec<TrackedSlot> {
+        vec![TrackedSlot {
+            slot: 0,
+            gpa: 0x10_0000,
+            size: 128 * PAGE_SIZE,
+            host: 0,
+        }]
+    }
+
+    #[test]
+    fn device_pages_join_the_cpu_backends_harvest_and_are_counted() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let log = Log {
+            pages: vec![0x10_0000 + 5 * PAGE_SIZE, 0x10_0000 + 100 * PAGE_SIZE],
+            calls: calls.clone(),
+            fail_start: false,
+        };
+        let stats = Arc::new(DmaStats::default());
+        let mut t = WithDeviceDma::new(
+            Box::new(OnePage),
+            vec![Box::new(log)],
+            slots(),
+            stats.clone(),
+        );
+        t.start().unwrap();
+        let mut set = DirtySet::new(&slots());
+        t.harvest(&mut set).unwrap();
+        let pages: Vec<u64> = set
+            .runs()
+            .iter()
+            .map(|r| (r.0 - 0x10_0000) / PAGE_SIZE)
+            .collect();
+        assert_eq!(pages, vec![1, 5, 100]);
+        assert_eq!(stats.pages.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.harvests.load(Ordering::Relaxed), 1);
+        // Reported pages were cleared on the device: the next harvest has the CPU's alone.
+        let mut set = DirtySet::new(&slots());
+        t.harvest(&mut set).unwrap();
+        assert_eq!(set.count(), 1);
+        t.stop().unwrap();
+        t.stop().unwrap();
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            vec![format!("start [(100000, 80000)]"), "stop".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_device_that_cannot_log_fails_the_start_and_leaves_the_others_stopped() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let good = Log {
+            pages: vec![],
+            calls: calls.clone(),
+            fail_start: false,
+        };
+        let bad = Log {
+            pages: vec![],
+            calls: calls.clone(),
+            fail_start: true,
+        };
+        let mut t = WithDeviceDma::new(
+            Box::new(OnePage),
+            vec![Box::new(good), Box::new(bad)],
+            slots(),
+            Arc::default(),
+        );
+        let err = t.start().unwrap_err().to_string();
+        assert!(err.contains("gpu0: starting DMA logging: ENOTSUP"), "{err}");
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 3, "{calls:?}");
+        assert_eq!(calls[2], "stop", "the device that started is stopped again");
+    }
 
     #[test]
     fn all_pinned_reports_every_page_and_nothing_past_the_end() {

@@ -16,8 +16,8 @@ use vfio_user::Client;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{
-    DeviceInfo, DeviceMigration, DmaRegion, IrqInfo, MigState, MigrationCaps, MmapArea,
-    RegionFile, RegionInfo, TransportError, VfioTransport,
+    DeviceInfo, DeviceMigration, DmaRegion, IrqInfo, MigState, MigrationCaps, MmapArea, RegionFile,
+    RegionInfo, TransportError, VfioTransport,
 };
 
 #[derive(Debug, thiserror::Error)]
