@@ -459,6 +459,10 @@ fn a_device_server_killed_during_migration_fails_it_and_the_source_guest_goes_on
     eprintln!("destination device killed: {err}{reply}");
     assert_ne!(code, Some(0), "{reply}");
     let (dcode, _, derr) = dst.bg.finish(Duration::from_secs(60));
+    eprintln!(
+        "the destination ({dcode:?}): {}",
+        derr.trim_end().lines().last().unwrap_or("")
+    );
     assert_ne!(
         dcode,
         Some(0),
