@@ -215,6 +215,7 @@ fn fake_source(port: u16) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
             devices: vmm::machine::devices_setup::device_ids(false, 0),
             dirty_ring: false,
             phys_bits: None,
+            passthrough: vec![],
         },
         mode: Mode::Precopy,
         session: 7,
@@ -239,7 +240,7 @@ fn destination_error(dst: Bg, what: &str) -> String {
 }
 
 #[test]
-fn corrupted_out_of_range_and_wrong_version_streams_are_refused_precisely() {
+fn corrupted_out_of_range_stray_device_and_wrong_version_streams_are_refused_precisely() {
     // A flipped payload byte: the CRC catches it.
     let port = free_port();
     let dst = destination(port, &[]);
@@ -268,6 +269,22 @@ fn corrupted_out_of_range_and_wrong_version_streams_are_refused_precisely() {
         let err = destination_error(dst, "page outside RAM");
         assert!(err.contains(&format!("0x{gpa:x}")), "{err}");
     }
+
+    // Device data for a passed-through device the VM does not have: refused naming the index.
+    let port = free_port();
+    let dst = destination(port, &[]);
+    let (mut w, _r) = fake_source(port);
+    w.send(&Message::DeviceData {
+        device: 3,
+        data: b"GPUTMIG".to_vec(),
+    })
+    .unwrap();
+    w.flush().unwrap();
+    let err = destination_error(dst, "device data for no device");
+    assert!(
+        err.contains("data for passed-through device 3, this VM has 0"),
+        "{err}"
+    );
 
     // A frame of the previous protocol version (device state by type), right at the start:
     // refused naming both versions.

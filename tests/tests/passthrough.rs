@@ -175,21 +175,54 @@ fn a_bar_too_large_for_the_guest_address_space_is_refused_naming_sizes_and_bits(
 }
 
 #[test]
-fn a_server_dying_mid_run_leaves_the_vm_running_and_migration_is_refused_first() {
+fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_iommu_tracking_and_snapshots_are_refused_first() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, dev) = gpu::start(dir.path(), "dies", &["--vram-size", "16M"]);
     let spec = gpu::spec(&dev);
     let (src, sock) = micro_source(dir.path(), &["--device", &spec]);
     wait_some_passes(&sock, 5);
 
-    // A VM with a passed-through device cannot move: refused before anything moves.
-    let (code, reply, _) = remote(&sock, &["migrate", "--to", "tcp://127.0.0.1:9", "--json"]);
+    // Postcopy with a device that DMAs is refused before anything connects, naming the device;
+    // a precopy to nowhere fails at the connection, with the device left running.
+    let (code, reply, _) = remote(
+        &sock,
+        &[
+            "migrate",
+            "--to",
+            "tcp://127.0.0.1:9",
+            "--mode",
+            "postcopy",
+            "--json",
+        ],
+    );
     assert_ne!(code, Some(0), "{reply}");
     let err = reply["error"].as_str().unwrap_or_default().to_string();
     assert!(
-        err.contains("passed-through devices") && err.contains(&spec),
+        err.contains("postcopy is refused with a passed-through device") && err.contains(&spec),
         "{reply}"
     );
+    // IOMMU dirty tracking asked of a vfio-user device (no IOMMU behind it): refused by name.
+    let (code, reply, _) = remote(
+        &sock,
+        &[
+            "migrate",
+            "--to",
+            "tcp://127.0.0.1:9",
+            "--device-dirty",
+            "iommu",
+            "--json",
+        ],
+    );
+    assert_ne!(code, Some(0), "{reply}");
+    let err = reply["error"].as_str().unwrap_or_default().to_string();
+    assert!(
+        err.contains(&spec) && err.contains("no IOMMU dirty tracking for this device"),
+        "{reply}"
+    );
+    let (code, reply, _) = remote(&sock, &["migrate", "--to", "tcp://127.0.0.1:9", "--json"]);
+    assert_ne!(code, Some(0), "{reply}");
+    let err = reply["error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("connecting to 127.0.0.1:9"), "{reply}");
     let snap = dir.path().join("snap");
     let (code, reply, _) = remote(
         &sock,

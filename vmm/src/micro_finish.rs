@@ -411,7 +411,13 @@ mod tests {
         assert!(*verify);
         // The destination (or restore) built from it checks against 7 passes.
         let cfg = now
-            .config(vec![], vec![], crate::machine::ConsoleOutput::Null, false, None)
+            .config(
+                vec![],
+                vec![],
+                crate::machine::ConsoleOutput::Null,
+                false,
+                None,
+            )
             .expect("config");
         let GuestConfig::Micro {
             expected: Some(e), ..

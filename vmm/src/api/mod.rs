@@ -99,7 +99,8 @@ pub struct MigrateParams {
     #[serde(default)]
     pub dump_memory: Option<std::path::PathBuf>,
     /// How passed-through devices' DMA into guest RAM is tracked: log (the device's own DMA
-    /// log; refused if it has none), all-pinned (every pinned page counts as written at every
+    /// log; refused if it has none), iommu (the IOMMU's dirty bits: type1 or iommufd HWPT,
+    /// kernel VFIO only), all-pinned (every pinned page counts as written at every
     /// round), or off (debugging only: device writes after a page was sent are lost).
     #[arg(long, default_value = "log")]
     #[serde(default = "default_device_dirty")]

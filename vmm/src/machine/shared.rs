@@ -55,7 +55,7 @@ pub struct Shared {
     pub migration: Mutex<Progress>,
     /// The passed-through devices, in `--device` order: a migration moves their state over
     /// VFIO migration; a snapshot refuses them.
-    pub passthrough: Vec<crate::migration::devices::PassthroughHandle>,
+    pub passthrough: Vec<crate::machine::pci::passthrough::PassthroughHandle>,
     console_input: Mutex<InputSink>,
     events: Mutex<Sender<VcpuEvent>>,
     exit_evt: EventFd,
@@ -104,7 +104,7 @@ impl Shared {
             passthrough: devs
                 .passthrough
                 .iter()
-                .map(|a| crate::migration::devices::PassthroughHandle {
+                .map(|a| crate::machine::pci::passthrough::PassthroughHandle {
                     spec: a.spec.to_string(),
                     device: a.device.clone(),
                 })

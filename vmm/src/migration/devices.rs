@@ -24,10 +24,11 @@
 //! would need those accesses held in the VMM, which is not done.
 
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use devices::vfio::passthrough::{chain, MigState, MigrationCaps, PassthroughDevice};
+use devices::vfio::passthrough::{chain, MigState, MigrationCaps};
+
+pub use crate::machine::pci::passthrough::PassthroughHandle;
 
 use super::protocol::Message;
 use super::source::Writer;
@@ -52,6 +53,9 @@ pub enum DeviceDirty {
     /// The device's own DMA log (VFIO DMA_LOGGING); refused when it has none.
     #[default]
     Log,
+    /// The IOMMU's record of the device's writes (type1's dirty pages, iommufd's HWPT dirty
+    /// tracking): kernel VFIO only, on hosts whose IOMMU can; refused otherwise.
+    Iommu,
     /// Every page the device can reach (all guest RAM, pinned for its DMA) counts as written
     /// at every harvest: correct for any device, and precopy then never converges.
     AllPinned,
@@ -65,10 +69,11 @@ impl FromStr for DeviceDirty {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "log" => Ok(Self::Log),
+            "iommu" => Ok(Self::Iommu),
             "all-pinned" => Ok(Self::AllPinned),
             "off" => Ok(Self::Off),
             other => Err(format!(
-                "unknown device DMA tracking '{other}' (expected log, all-pinned or off)"
+                "unknown device DMA tracking '{other}' (expected log, iommu, all-pinned or off)"
             )),
         }
     }
@@ -78,23 +83,10 @@ impl std::fmt::Display for DeviceDirty {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Log => "log",
+            Self::Iommu => "iommu",
             Self::AllPinned => "all-pinned",
             Self::Off => "off",
         })
-    }
-}
-
-/// A passed-through function as the running VM holds it for migration.
-#[derive(Clone)]
-pub struct PassthroughHandle {
-    /// The `--device` spec, for messages.
-    pub spec: String,
-    pub device: Arc<Mutex<PassthroughDevice>>,
-}
-
-impl PassthroughHandle {
-    fn lock(&self) -> MutexGuard<'_, PassthroughDevice> {
-        self.device.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -171,6 +163,49 @@ pub struct SourceDevices {
     pub stop_copy_bytes: u64,
     /// Time the devices took to reach STOP_COPY and hand over their data (part of downtime).
     pub stop_copy_ms: f64,
+}
+
+/// Reads the IOMMU's dirty bits for one device's DMA mappings through its transport.
+struct IommuLog {
+    handle: PassthroughHandle,
+    how: &'static str,
+}
+
+impl DmaDirtySource for IommuLog {
+    fn name(&self) -> String {
+        format!("{} ({})", self.handle.spec, self.how)
+    }
+
+    fn start(&mut self, _ranges: &[(u64, u64)]) -> Result<(), String> {
+        self.handle
+            .lock()
+            .migration()
+            .iommu_dirty_start()
+            .map_err(|e| chain(&e))
+    }
+
+    fn report(&mut self, gpa: u64, pages: u64) -> Result<Vec<u64>, String> {
+        // Whole DMA mappings (type1 reports no less): the slots are guest RAM's ranges, each
+        // mapped once at IOVA = GPA.
+        let words = self
+            .handle
+            .lock()
+            .migration()
+            .iommu_dirty_report(gpa, pages * PAGE_SIZE)
+            .map_err(|e| chain(&e))?;
+        if words.len() as u64 != pages.div_ceil(64) {
+            return Err(format!("{} words for {pages} pages", words.len()));
+        }
+        Ok(words)
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        self.handle
+            .lock()
+            .migration()
+            .iommu_dirty_stop()
+            .map_err(|e| chain(&e))
+    }
 }
 
 /// Reads the DMA log of one device through its transport.
@@ -295,6 +330,31 @@ impl SourceDevices {
                     sources.push(Box::new(DeviceLog {
                         handle: handle.clone(),
                         page_size: PAGE_SIZE,
+                    }));
+                }
+                DeviceDirty::Iommu => {
+                    let how = handle
+                        .lock()
+                        .migration()
+                        .iommu_dirty()
+                        .map_err(|e| {
+                            refuse(format!(
+                                "asking its IOMMU for dirty tracking: {}",
+                                chain(&e)
+                            ))
+                        })?
+                        .ok_or_else(|| {
+                            refuse(
+                                "no IOMMU dirty tracking for this device (vfio-user has no \
+                                 IOMMU; kernel VFIO needs type1's dirty pages or an iommufd \
+                                 HWPT with dirty tracking, which this host's IOMMU lacks); \
+                                 choose --device-dirty log or all-pinned"
+                                    .into(),
+                            )
+                        })?;
+                    sources.push(Box::new(IommuLog {
+                        handle: handle.clone(),
+                        how,
                     }));
                 }
                 DeviceDirty::AllPinned => sources.push(Box::new(AllPinned {

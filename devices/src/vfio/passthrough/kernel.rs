@@ -25,7 +25,7 @@ use vfio_bindings::bindings::vfio::{
     vfio_device_info, VFIO_BASE, VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FLAGS_RESET,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
-use vfio_ioctls::{DmaLoggingRange, VfioError};
+use vfio_ioctls::{DmaLoggingRange, VfioContainer, VfioError};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::transport::{
@@ -35,7 +35,9 @@ use super::transport::{
 use crate::vfio::open::Opened;
 use crate::vfio::sys::bitmap::{self, BitmapError};
 use crate::vfio::sys::feature::{self, Direction};
+use crate::vfio::sys::iommufd::HwptDirty;
 use crate::vfio::sys::region;
+use crate::vfio::sys::type1::Type1Dirty;
 
 /// `VFIO_DEVICE_GET_INFO`, by hand: vfio-ioctls keeps the flags (can it reset?) private.
 pub const VFIO_DEVICE_GET_INFO: libc::c_ulong = crate::vfio::sys::io_nr(VFIO_BASE + 7);
@@ -91,6 +93,8 @@ pub struct KernelTransport {
     file: Arc<File>,
     info: DeviceInfo,
     spans: HashMap<u32, Span>,
+    /// IOMMU dirty tracking, while a migration runs it.
+    iommu_dirty: Option<IommuDirty>,
 }
 
 impl KernelTransport {
@@ -105,6 +109,7 @@ impl KernelTransport {
             file: Arc::new(file),
             info,
             spans: HashMap::new(),
+            iommu_dirty: None,
         })
     }
 
@@ -293,7 +298,106 @@ impl DeviceMigration for KernelTransport {
             .stop_dma_logging()
             .map_err(|e| TransportError::device("VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP", e))
     }
+
+    fn iommu_dirty(&mut self) -> Result<Option<&'static str>, TransportError> {
+        match &self.opened {
+            Opened::Legacy { container, .. } => {
+                let cap = Type1Dirty::capability(container)
+                    .map_err(|e| TransportError::device("VFIO_IOMMU_GET_INFO", e))?;
+                // The dirty set is 4 KiB pages: a container tracking coarser pages would need
+                // its bits spread, which no x86 type1 does.
+                Ok(cap
+                    .filter(|m| m.page_size() == Some(IOMMU_PAGE))
+                    .map(|_| "type1 dirty pages (VFIO_IOMMU_DIRTY_PAGES)"))
+            }
+            Opened::Cdev(c) => HwptDirty::supported(c.fd(), c.dev_id)
+                .map(|yes| yes.then_some("iommufd HWPT dirty tracking"))
+                .map_err(|e| TransportError::device("IOMMU_GET_HW_INFO", e)),
+        }
+    }
+
+    fn iommu_dirty_start(&mut self) -> Result<(), TransportError> {
+        if self.iommu_dirty.is_some() {
+            return Err(TransportError::device(
+                "starting IOMMU dirty tracking",
+                "already started",
+            ));
+        }
+        let tracking = match &self.opened {
+            Opened::Legacy { container, .. } => IommuDirty::Type1(
+                Type1Dirty::start(container.clone())
+                    .map_err(|e| TransportError::device("VFIO_IOMMU_DIRTY_PAGES(START)", e))?,
+            ),
+            Opened::Cdev(c) => {
+                let fd = c.iommufd.iommufd().clone();
+                let mut hwpt = HwptDirty::alloc(fd, c.dev_id, c.ioas())
+                    .map_err(|e| TransportError::device("IOMMU_HWPT_ALLOC(DIRTY_TRACKING)", e))?;
+                // The device's DMA goes through the new HWPT (same IOAS mappings) from here.
+                c.device.attach_hwpt(hwpt.id()).map_err(|e| {
+                    TransportError::device("attaching to the dirty-tracking HWPT", e)
+                })?;
+                if let Err(e) = hwpt.start() {
+                    let _ = c.device.attach_hwpt(c.ioas());
+                    return Err(TransportError::device(
+                        "IOMMU_HWPT_SET_DIRTY_TRACKING(ENABLE)",
+                        e,
+                    ));
+                }
+                IommuDirty::Hwpt(hwpt)
+            }
+        };
+        self.iommu_dirty = Some(tracking);
+        Ok(())
+    }
+
+    fn iommu_dirty_report(&mut self, iova: u64, length: u64) -> Result<Vec<u64>, TransportError> {
+        match &self.iommu_dirty {
+            Some(IommuDirty::Type1(t)) => t
+                .report(iova, length, IOMMU_PAGE)
+                .map_err(|e| TransportError::device("VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP)", e)),
+            Some(IommuDirty::Hwpt(h)) => h
+                .report(iova, length, IOMMU_PAGE)
+                .map_err(|e| TransportError::device("IOMMU_HWPT_GET_DIRTY_BITMAP", e)),
+            None => Err(TransportError::device(
+                "reading IOMMU dirty bits",
+                "tracking is not started",
+            )),
+        }
+    }
+
+    fn iommu_dirty_stop(&mut self) -> Result<(), TransportError> {
+        match self.iommu_dirty.take() {
+            Some(IommuDirty::Type1(t)) => t
+                .stop()
+                .map_err(|e| TransportError::device("VFIO_IOMMU_DIRTY_PAGES(STOP)", e)),
+            Some(IommuDirty::Hwpt(mut h)) => {
+                let stopped = h.stop();
+                // Back onto the IOAS before the HWPT is destroyed (the kernel refuses to
+                // destroy one a device is attached to).
+                if let Opened::Cdev(c) = &self.opened {
+                    c.device
+                        .attach_hwpt(c.ioas())
+                        .map_err(|e| TransportError::device("re-attaching to the IOAS", e))?;
+                }
+                drop(h);
+                stopped.map_err(|e| {
+                    TransportError::device("IOMMU_HWPT_SET_DIRTY_TRACKING(DISABLE)", e)
+                })
+            }
+            None => Ok(()),
+        }
+    }
 }
+
+/// IOMMU dirty tracking in progress: type1's on the container, or iommufd's on a HWPT the
+/// device was moved to.
+enum IommuDirty {
+    Type1(Type1Dirty<Arc<VfioContainer>>),
+    Hwpt(HwptDirty),
+}
+
+/// The granule the IOMMU dirty bits are asked at: the dirty set's.
+const IOMMU_PAGE: u64 = 4096;
 
 impl VfioTransport for KernelTransport {
     fn device_info(&self) -> DeviceInfo {

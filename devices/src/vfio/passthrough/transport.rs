@@ -316,4 +316,32 @@ pub trait DeviceMigration {
             why: "the transport has no DMA logging",
         })
     }
+
+    /// Whether the IOMMU in front of the device can track its DMA writes, and how (a name for
+    /// reports): type1's VFIO_IOMMU_DIRTY_PAGES, iommufd's HWPT dirty tracking. `None` when
+    /// neither is there (vfio-user has no IOMMU: the server is the device).
+    fn iommu_dirty(&mut self) -> Result<Option<&'static str>, TransportError> {
+        Ok(None)
+    }
+    /// Starts IOMMU dirty tracking over every DMA mapping.
+    fn iommu_dirty_start(&mut self) -> Result<(), TransportError> {
+        Err(TransportError::Unsupported {
+            op: "starting IOMMU dirty tracking",
+            why: "no IOMMU dirty tracking behind this transport",
+        })
+    }
+    /// The IOMMU's dirty bits of one whole DMA mapping `[iova, iova + length)` at 4 KiB (page
+    /// `n`: bit `n % 64` of word `n / 64`), cleared as read.
+    fn iommu_dirty_report(&mut self, _iova: u64, _length: u64) -> Result<Vec<u64>, TransportError> {
+        Err(TransportError::Unsupported {
+            op: "reading IOMMU dirty bits",
+            why: "no IOMMU dirty tracking behind this transport",
+        })
+    }
+    fn iommu_dirty_stop(&mut self) -> Result<(), TransportError> {
+        Err(TransportError::Unsupported {
+            op: "stopping IOMMU dirty tracking",
+            why: "no IOMMU dirty tracking behind this transport",
+        })
+    }
 }

@@ -139,6 +139,20 @@ pub enum AttachError {
     },
 }
 
+/// A passed-through function as the running VM holds it for migration (`Shared`).
+#[derive(Clone)]
+pub struct PassthroughHandle {
+    /// The `--device` spec, for messages.
+    pub spec: String,
+    pub device: Arc<Mutex<PassthroughDevice>>,
+}
+
+impl PassthroughHandle {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, PassthroughDevice> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// A passed-through function on bus 0. Dropping it takes the function off the bus, its
 /// memslots first; the device (DMA unmapped, MSI-X off, transport closed, BAR mappings gone)
 /// drops with the last reference.
