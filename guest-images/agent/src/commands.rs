@@ -111,7 +111,16 @@ impl Agent {
             }
             Command::Sh => self.shell(),
             Command::PciList => pci_list(),
-            Command::Vfio(cmd) => self.gpus.run(cmd),
+            Command::Vfio(cmd) => {
+                // A stop of several workloads answers with a line for each.
+                for result in self.gpus.run(cmd) {
+                    match result {
+                        Ok(line) => say!("{line}"),
+                        Err(reason) => say!("error {name}: {reason}"),
+                    }
+                }
+                return Flow::Continue;
+            }
             Command::Poweroff | Command::Reboot => return self.power_off(name),
         };
         match result {

@@ -52,7 +52,9 @@
 //! - `vfio-bench,BDF[,ITERATIONS]` -> `AGENT: vfio-bench BDF iterations=N ... ok=true`: mapped
 //!   vs trapped BAR access, MSI-X latency, DMA throughput against memcpy (`gpu::bench`).
 //! - `vfio-workload,BDF,start,dma[,RATE]` | `vfio-workload,BDF,start,vram` |
-//!   `vfio-workload,BDF,stop`: the device's page writer or VRAM kernel (see `gpu`).
+//!   `vfio-workload,BDF,start,vram-cpu[,RATE]` | `vfio-workload,BDF,stop[,dma|vram|vram-cpu]`:
+//!   the device's page writer, its VRAM kernel, the agent writing VRAM through the BAR; one of
+//!   each may run at once, stop checks what each left (see `gpu`).
 //!
 //!   README.md says what each `vfio-*` command does; any failure is `AGENT: error vfio-...`.
 //! - `poweroff`, `reboot` -> `sync()`, `AGENT: poweroff` (or `reboot`), then

@@ -5,6 +5,7 @@
 //! once, and a running workload needs its buffer and eventfds kept.
 
 mod bench;
+mod cpu_writer;
 mod ops;
 mod regs;
 mod session;
@@ -22,12 +23,33 @@ pub use workload::Kind;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GpuCommand {
     Bind(Bdf),
-    Dma { bdf: Bdf, bytes: u64 },
-    Vram { bdf: Bdf, offset: u64, bytes: u64 },
-    Msix { bdf: Bdf, count: u64 },
-    Bench { bdf: Bdf, iterations: u64 },
-    WorkloadStart { bdf: Bdf, kind: Kind, rate: u32 },
-    WorkloadStop(Bdf),
+    Dma {
+        bdf: Bdf,
+        bytes: u64,
+    },
+    Vram {
+        bdf: Bdf,
+        offset: u64,
+        bytes: u64,
+    },
+    Msix {
+        bdf: Bdf,
+        count: u64,
+    },
+    Bench {
+        bdf: Bdf,
+        iterations: u64,
+    },
+    WorkloadStart {
+        bdf: Bdf,
+        kind: Kind,
+        rate: u32,
+    },
+    /// Stops one kind, or every running workload.
+    WorkloadStop {
+        bdf: Bdf,
+        kind: Option<Kind>,
+    },
 }
 
 impl GpuCommand {
@@ -38,7 +60,7 @@ impl GpuCommand {
             GpuCommand::Vram { .. } => "vfio-vram",
             GpuCommand::Msix { .. } => "vfio-msix",
             GpuCommand::Bench { .. } => "vfio-bench",
-            GpuCommand::WorkloadStart { .. } | GpuCommand::WorkloadStop(_) => "vfio-workload",
+            GpuCommand::WorkloadStart { .. } | GpuCommand::WorkloadStop { .. } => "vfio-workload",
         }
     }
 }
@@ -51,7 +73,7 @@ pub fn parse(name: &str, args: &[&str]) -> Result<GpuCommand, String> {
         "vfio-vram" => "BDF,OFFSET,BYTES",
         "vfio-msix" => "BDF,COUNT",
         "vfio-bench" => "BDF[,ITERATIONS]",
-        "vfio-workload" => "BDF,start,dma|vram[,RATE] or BDF,stop",
+        "vfio-workload" => "BDF,start,dma|vram|vram-cpu[,RATE] or BDF,stop[,dma|vram|vram-cpu]",
         _ => return Err("unknown command".into()),
     };
     let bad_usage = || format!("takes {usage}, got {} argument(s)", args.len());
@@ -103,16 +125,23 @@ pub fn parse(name: &str, args: &[&str]) -> Result<GpuCommand, String> {
             GpuCommand::Bench { bdf, iterations }
         }
         _ => match args.get(1).copied() {
-            Some("stop") => want(2).map(|()| GpuCommand::WorkloadStop(bdf))?,
+            Some("stop") => {
+                let kind = match args.get(2) {
+                    None => None,
+                    Some(k) if args.len() == 3 => Some(Kind::parse(k).ok_or_else(|| {
+                        format!("unknown workload {k:?} (dma, vram or vram-cpu)")
+                    })?),
+                    Some(_) => return Err(bad_usage()),
+                };
+                GpuCommand::WorkloadStop { bdf, kind }
+            }
             Some("start") => {
                 if !(3..=4).contains(&args.len()) {
                     return Err(bad_usage());
                 }
-                let kind = match args[2] {
-                    "dma" => Kind::Dma,
-                    "vram" => Kind::Vram,
-                    other => return Err(format!("unknown workload {other:?} (dma or vram)")),
-                };
+                let kind = Kind::parse(args[2]).ok_or_else(|| {
+                    format!("unknown workload {:?} (dma, vram or vram-cpu)", args[2])
+                })?;
                 let rate = if args.len() == 4 { num(3, "RATE")? } else { 0 };
                 let rate = u32::try_from(rate).map_err(|_| format!("RATE {rate} too large"))?;
                 GpuCommand::WorkloadStart { bdf, kind, rate }
@@ -139,9 +168,16 @@ impl Gpus {
             .ok_or_else(|| format!("{bdf}: session lost"))
     }
 
-    /// Runs one command: the text of its `AGENT:` line, or the reason it failed.
-    pub fn run(&mut self, cmd: GpuCommand) -> Result<String, String> {
-        match cmd {
+    /// Runs one command: the text of each of its `AGENT:` lines (one, except for a stop of
+    /// several workloads), or the reason it failed.
+    pub fn run(&mut self, cmd: GpuCommand) -> Vec<Result<String, String>> {
+        let one = match cmd {
+            GpuCommand::WorkloadStop { bdf, kind } => {
+                return match self.session(&bdf) {
+                    Ok(s) => workload::stop(s, kind),
+                    Err(e) => vec![Err(e)],
+                }
+            }
             GpuCommand::Bind(bdf) => bind(&Paths::system(), &bdf).map(|b| {
                 format!(
                     "vfio-bind {bdf} driver=vfio-pci group={} previous={}",
@@ -149,17 +185,21 @@ impl Gpus {
                     b.previous.as_deref().unwrap_or("none")
                 )
             }),
-            GpuCommand::Dma { bdf, bytes } => ops::dma_round_trip(self.session(&bdf)?, bytes),
-            GpuCommand::Vram { bdf, offset, bytes } => {
-                ops::vram_check(self.session(&bdf)?, offset, bytes)
+            GpuCommand::Dma { bdf, bytes } => self
+                .session(&bdf)
+                .and_then(|s| ops::dma_round_trip(s, bytes)),
+            GpuCommand::Vram { bdf, offset, bytes } => self
+                .session(&bdf)
+                .and_then(|s| ops::vram_check(s, offset, bytes)),
+            GpuCommand::Msix { bdf, count } => self.session(&bdf).and_then(|s| ops::msix(s, count)),
+            GpuCommand::Bench { bdf, iterations } => {
+                self.session(&bdf).and_then(|s| bench::bench(s, iterations))
             }
-            GpuCommand::Msix { bdf, count } => ops::msix(self.session(&bdf)?, count),
-            GpuCommand::Bench { bdf, iterations } => bench::bench(self.session(&bdf)?, iterations),
-            GpuCommand::WorkloadStart { bdf, kind, rate } => {
-                workload::start(self.session(&bdf)?, kind, rate)
-            }
-            GpuCommand::WorkloadStop(bdf) => workload::stop(self.session(&bdf)?),
-        }
+            GpuCommand::WorkloadStart { bdf, kind, rate } => self
+                .session(&bdf)
+                .and_then(|s| workload::start(s, kind, rate)),
+        };
+        vec![one]
     }
 }
 
@@ -229,8 +269,28 @@ mod tests {
         );
         assert_eq!(
             ok("vfio-workload", &["00:01.0", "stop"]),
-            GpuCommand::WorkloadStop(bdf())
+            GpuCommand::WorkloadStop {
+                bdf: bdf(),
+                kind: None
+            }
         );
+        assert_eq!(
+            ok("vfio-workload", &["00:01.0", "start", "vram-cpu", "500"]),
+            GpuCommand::WorkloadStart {
+                bdf: bdf(),
+                kind: Kind::VramCpu,
+                rate: 500
+            }
+        );
+        for kind in Kind::ALL {
+            assert_eq!(
+                ok("vfio-workload", &["00:01.0", "stop", kind.name()]),
+                GpuCommand::WorkloadStop {
+                    bdf: bdf(),
+                    kind: Some(kind)
+                }
+            );
+        }
     }
 
     #[test]
@@ -253,7 +313,8 @@ mod tests {
         assert!(err("vfio-workload", &["00:01.0", "start", "gpu"]).contains("unknown workload"));
         assert!(err("vfio-workload", &["00:01.0", "start", "dma", "1", "2"]).contains("takes"));
         assert!(err("vfio-workload", &["00:01.0", "pause"]).contains("takes"));
-        assert!(err("vfio-workload", &["00:01.0", "stop", "x"]).contains("takes"));
+        assert!(err("vfio-workload", &["00:01.0", "stop", "x"]).contains("unknown workload"));
+        assert!(err("vfio-workload", &["00:01.0", "stop", "dma", "x"]).contains("takes"));
         assert!(
             err("vfio-workload", &["00:01.0", "start", "dma", "0x100000000"]).contains("too large")
         );
@@ -277,9 +338,14 @@ mod tests {
                 bdf: missing.clone(),
                 iterations: 1,
             },
-            GpuCommand::WorkloadStop(missing.clone()),
+            GpuCommand::WorkloadStop {
+                bdf: missing.clone(),
+                kind: None,
+            },
         ] {
-            let err = gpus.run(cmd).expect_err("no such device");
+            let results = gpus.run(cmd);
+            assert_eq!(results.len(), 1, "{results:?}");
+            let err = results[0].clone().expect_err("no such device");
             assert!(err.contains("ffff:ff:1f.7"), "{err}");
         }
     }

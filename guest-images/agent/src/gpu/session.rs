@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::regs::*;
-use super::workload::Workload;
+use super::workload::Workloads;
 use crate::pci::{driver_of, Bdf};
 use crate::vfio::bind::{noiommu_group, Paths};
 use crate::vfio::device::{Device, Region};
@@ -22,7 +22,7 @@ pub struct Session {
     regs: Region,
     pub vram: Region,
     irqs: Vec<EventFd>,
-    pub workload: Option<Workload>,
+    pub workloads: Workloads,
     seed: u64,
     /// Whether BAR0 is the gpu-test-device's register file (its ID register said so).
     pub test_device: bool,
@@ -68,7 +68,7 @@ impl Session {
             regs,
             vram,
             irqs,
-            workload: None,
+            workloads: Workloads::default(),
             seed: 0,
             test_device,
             id,
@@ -221,12 +221,14 @@ impl Drop for Session {
     /// Engines off before the workload's buffer goes: the device must never write freed pages.
     fn drop(&mut self) {
         let _ = self.dev.disable_irqs(VFIO_PCI_MSIX_IRQ_INDEX);
+        // Its thread ends before the VRAM mapping it writes goes.
+        drop(self.workloads.cpu.take());
         if !self.test_device {
             return;
         }
         if self.write(PW_CTRL, CTRL_STOP).is_err() {
             // It may still be writing: its pages must never be reused.
-            std::mem::forget(self.workload.take());
+            std::mem::forget(self.workloads.pages.take());
         }
         let _ = self.write(K_CTRL, CTRL_STOP);
     }

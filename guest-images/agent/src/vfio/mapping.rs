@@ -16,6 +16,11 @@ pub struct Mapping {
     len: usize,
 }
 
+// SAFETY: the mapping is plain shared memory owned by this value and touched only through
+// volatile loads and stores of its own methods; moving it to another thread (the VRAM writer
+// workload) moves that ownership. It is not Sync: two threads never share one.
+unsafe impl Send for Mapping {}
+
 impl Mapping {
     pub fn new(file: &File, pos: u64, len: usize) -> io::Result<Mapping> {
         let page = crate::pagemap::page_size() as u64;
