@@ -163,11 +163,42 @@ fn migrate_in_background(
     })
 }
 
-/// Three hops, A -> B -> A -> B, precopy with the device's DMA log, while the page writer, the
-/// VRAM kernel and the CPU VRAM writer run through all of them; then every check of the agent
-/// passes on the last host.
+/// The three device workloads: the page writer (DMA into guest RAM), the VRAM kernel (the
+/// device writing its VRAM) and the agent's CPU writer (VRAM through the BAR mapping).
+fn start_workloads() -> String {
+    format!(
+        "vfio-workload,{BDF},start,dma,500;vfio-workload,{BDF},start,vram;\
+         vfio-workload,{BDF},start,vram-cpu,500"
+    )
+}
+
+/// Stops the three device workloads on `vm` and requires every check to pass.
+fn stop_and_check(vm: &mut Vm, tag: &str) {
+    run_agent(
+        &vm.sock,
+        &vm.log,
+        &format!("vfio-workload,{BDF},stop"),
+        tag,
+        &mut vm.bg,
+    );
+    let results = workload_results(&vm.log);
+    eprintln!("{tag}: {}", results.join("\n"));
+    assert_eq!(results.len(), 3, "{tag}: {results:#?}");
+    for kind in ["dma", "vram", "vram-cpu"] {
+        let line = results
+            .iter()
+            .find(|l| l.starts_with(&format!("{WORKLOADS}{kind} ")))
+            .unwrap_or_else(|| panic!("{tag}: no {kind} result: {results:#?}"));
+        assert_eq!(field(line, "ok"), Some("true"), "{tag}: {line}");
+    }
+}
+
+/// Four hops, A -> B -> A -> B -> A, precopy and hybrid in turn, with the device's DMA log,
+/// while the page writer, the VRAM kernel, the CPU VRAM writer and the agent's RAM workload
+/// run; after each hop every device check passes on the new host (then the device workloads
+/// start again), and at the end the RAM workload verifies every checksum it recorded.
 #[test]
-fn precopy_moves_a_busy_device_three_times_and_every_dma_and_vram_page_checks_out() {
+fn precopy_and_hybrid_move_a_busy_device_four_times_and_every_ram_dma_and_vram_page_checks_out() {
     let hosts = TwoHosts::up("dmig1").expect("two network namespaces (needs root)");
     let dir = tempfile::tempdir().unwrap();
     let mut side = Side::A;
@@ -177,14 +208,15 @@ fn precopy_moves_a_busy_device_three_times_and_every_dma_and_vram_page_checks_ou
         side,
         dir.path(),
         &dev,
-        &format!(
-            "vfio-workload,{BDF},start,dma,500;vfio-workload,{BDF},start,vram;\
-             vfio-workload,{BDF},start,vram-cpu,500"
-        ),
+        &format!("workload,8,random,0,48;{}", start_workloads()),
         &format!("vfio-workload {BDF} started=vram-cpu"),
     );
     let mut dma_pages = 0;
-    for hop in 1..=3u16 {
+    for (hop, mode) in ["precopy", "hybrid", "precopy", "hybrid"]
+        .into_iter()
+        .enumerate()
+    {
+        let hop = hop as u16 + 1;
         let to_side = other(side);
         let port = 7950 + hop;
         let (next_server, next_dev) =
@@ -201,14 +233,14 @@ fn precopy_moves_a_busy_device_three_times_and_every_dma_and_vram_page_checks_ou
         let to = format!("tcp://{}:{port}", hosts.addr(to_side));
         let (code, reply, err) = remote(
             &vm.sock,
-            &["migrate", "--to", &to, "--mode", "precopy", "--json"],
+            &["migrate", "--to", &to, "--mode", mode, "--json"],
         );
-        assert_eq!(code, Some(0), "hop {hop}: {err}\n{reply}");
+        assert_eq!(code, Some(0), "hop {hop} ({mode}): {err}\n{reply}");
         let r = &reply["report"];
         let d = &r["devices"];
         eprintln!(
-            "hop {hop}: {:.1} s wall, total {:.0} ms, downtime {:.1} ms {}, rounds {}, device \
-             precopy {} B, stop-copy {} B, dma pages {}",
+            "hop {hop} ({mode}): {:.1} s wall, total {:.0} ms, downtime {:.1} ms {}, rounds {}, \
+             device precopy {} B, stop-copy {} B, dma pages {}, postcopy {}",
             t.elapsed().as_secs_f64(),
             r["total_ms"].as_f64().unwrap_or(0.0),
             r["downtime_ms"].as_f64().unwrap_or(0.0),
@@ -216,7 +248,8 @@ fn precopy_moves_a_busy_device_three_times_and_every_dma_and_vram_page_checks_ou
             r["rounds"],
             d["precopy_bytes"],
             d["stop_copy_bytes"],
-            d["dma_pages"]
+            d["dma_pages"],
+            r["postcopy"]
         );
         assert_eq!(d["devices"], 1, "hop {hop}: {r}");
         assert_eq!(d["dirty"], "log", "hop {hop}: {r}");
@@ -224,7 +257,9 @@ fn precopy_moves_a_busy_device_three_times_and_every_dma_and_vram_page_checks_ou
             d["stop_copy_bytes"].as_u64().unwrap_or(0) > 0,
             "hop {hop}: {r}"
         );
-        assert!(r["downtime_parts"].is_object(), "hop {hop}: {r}");
+        if mode == "precopy" {
+            assert!(r["downtime_parts"].is_object(), "hop {hop}: {r}");
+        }
         dma_pages += d["dma_pages"].as_u64().unwrap_or(0);
 
         let (vcode, vrep, verr) = vm.bg.finish(Duration::from_secs(60));
@@ -237,11 +272,13 @@ fn precopy_moves_a_busy_device_three_times_and_every_dma_and_vram_page_checks_ou
         drop(server);
 
         wait_api(&next.sock, Duration::from_secs(10));
+        // Every DMA stamp, VRAM fill and CPU VRAM page as the source left it, on this host.
+        stop_and_check(&mut next, &format!("hop-{hop}-checked"));
         run_agent(
             &next.sock,
             &next.log,
-            "",
-            &format!("hop-{hop}"),
+            &start_workloads(),
+            &format!("hop-{hop}-restarted"),
             &mut next.bg,
         );
         vm = next;
@@ -250,25 +287,24 @@ fn precopy_moves_a_busy_device_three_times_and_every_dma_and_vram_page_checks_ou
     }
     assert!(dma_pages > 0, "the device's DMA log never reported a page");
 
-    // Every workload stops and checks what it left: the DMA stamps in guest RAM, the kernel's
-    // VRAM fill and the CPU's VRAM pages, after three moves.
+    // The RAM workload ran through all four moves: every checksum it recorded holds.
     run_agent(
         &vm.sock,
         &vm.log,
-        &format!("vfio-workload,{BDF},stop"),
-        "stopped",
+        "workload-stop;workload-verify",
+        "verified",
         &mut vm.bg,
     );
-    let results = workload_results(&vm.log);
-    eprintln!("{}", results.join("\n"));
-    assert_eq!(results.len(), 3, "{results:#?}");
-    for kind in ["dma", "vram", "vram-cpu"] {
-        let line = results
-            .iter()
-            .find(|l| l.starts_with(&format!("{WORKLOADS}{kind} ")))
-            .unwrap_or_else(|| panic!("no {kind} result: {results:#?}"));
-        assert_eq!(field(line, "ok"), Some("true"), "{line}");
-    }
+    let verify = wait_agent(
+        &vm.log,
+        "workload-verify",
+        Duration::from_secs(120),
+        &mut vm.bg,
+    );
+    assert!(
+        verify.contains("ok=true"),
+        "after four migrations: {verify}"
+    );
     let (c, _, e) = remote(&vm.sock, &["console", "poweroff"]);
     assert_eq!(c, Some(0), "{e}");
     let (code, rep, err) = vm.bg.finish(Duration::from_secs(120));
@@ -458,6 +494,12 @@ fn a_device_server_killed_during_migration_fails_it_and_the_source_guest_goes_on
     let (code, reply, err) = migration.join().expect("migrate thread");
     eprintln!("destination device killed: {err}{reply}");
     assert_ne!(code, Some(0), "{reply}");
+    // The source says why, in the destination's words (its Abort, read after the link broke).
+    let why = reply["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("the other side aborted") && why.contains("passed-through device"),
+        "{reply}"
+    );
     let (dcode, _, derr) = dst.bg.finish(Duration::from_secs(60));
     eprintln!(
         "the destination ({dcode:?}): {}",

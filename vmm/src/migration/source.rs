@@ -274,6 +274,7 @@ fn run(
     if let Err(e) = result {
         devs.recover();
         stop_tracker(tracker.as_deref_mut());
+        let e = peer_reason(&mut r, e);
         let _ = w.send(&Message::Abort(e.to_string()));
         let _ = w.flush();
         return Err(e);
@@ -349,6 +350,7 @@ fn run(
             })();
             if let Err(e) = committed {
                 devs.recover();
+                let e = peer_reason(&mut r, e);
                 return Err(abort_and_resume(shared, &mut w, e));
             }
             let waiting = Instant::now();
@@ -439,12 +441,16 @@ fn run(
                 Err(e) => return Err(abort_and_resume(shared, &mut w, e)),
             };
             let committed = (|| -> Result<(), MigrationError> {
+                let t = Instant::now();
                 devs.send_stop_copy(&mut w)?;
+                parts.device_data_ms = t.elapsed().as_secs_f64() * 1000.0;
+                let t = Instant::now();
                 w.send(&Message::State(snapshot.encode()?))?;
                 w.send(&Message::PostcopyStart {
                     pending: pending.clone(),
                 })?;
                 w.flush()?;
+                parts.state_ms = t.elapsed().as_secs_f64() * 1000.0;
                 Ok(())
             })();
             if let Err(e) = committed {
@@ -454,6 +460,7 @@ fn run(
             }
             // Past the point of no return: the device's state lives on the destination.
             devs.finish();
+            report.downtime_parts = Some(parts);
             note_devices(report, &devs, opts, &dma_stats);
             shared.progress().phase = Phase::Postcopy;
             let handover_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
@@ -589,6 +596,28 @@ fn stop_tracker(tracker: Option<&mut (dyn DirtyTracker + '_)>) {
         if let Err(e) = t.stop() {
             tracing::warn!("stopping the migration's dirty tracker: {e}");
         }
+    }
+}
+
+/// A send that failed because the destination gave up: its `Abort` (sent before it closed the
+/// connection, never read while the source only writes) says why, better than "connection
+/// reset". Looks for one briefly; otherwise `e` stands.
+fn peer_reason(r: &mut Reader, e: MigrationError) -> MigrationError {
+    let from_link = matches!(
+        &e,
+        MigrationError::Io(_) | MigrationError::Protocol(ProtocolError::Io(_))
+    );
+    if !from_link
+        || r.get_ref()
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .is_err()
+    {
+        return e;
+    }
+    match r.recv() {
+        Ok(Message::Abort(reason)) => MigrationError::Aborted(reason),
+        _ => e,
     }
 }
 
