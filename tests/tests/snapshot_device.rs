@@ -285,3 +285,42 @@ fn a_linux_guest_whose_device_dma_runs_across_a_snapshot_and_restore_checks_out(
         "{rep}"
     );
 }
+
+#[test]
+fn a_snapshot_failing_after_the_devices_stopped_puts_them_back_and_the_guest_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, a_sock) = gpu::start(dir.path(), "a", &["--vram-size", "16M"]);
+    let (src, sock) = micro_source(dir.path(), &["--device", &gpu::spec(&a_sock)]);
+    wait_some_passes(&sock, 5);
+    // Under a regular file: the device files cannot be created, after the devices stopped.
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let bad = blocker.join("snap");
+    let (code, reply, _) = remote(
+        &sock,
+        &["snapshot", "--to", bad.to_str().unwrap(), "--json"],
+    );
+    assert_ne!(code, Some(0), "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("file/snap"),
+        "{reply}"
+    );
+    // The device ran again (a second snapshot steps it from RUNNING once more) and the guest
+    // was resumed.
+    let (_, now, _) = remote(&sock, &["status", "--json"]);
+    let passes = now["micro_passes"].as_u64().unwrap_or(0);
+    wait_some_passes(&sock, passes + 5);
+    let good = dir.path().join("snap");
+    let (code, reply, err) = remote(
+        &sock,
+        &["snapshot", "--to", good.to_str().unwrap(), "--json"],
+    );
+    assert_eq!(code, Some(0), "{reply}\n{err}");
+    assert!(good.join("vm.json").is_file());
+    let log = src.stderr();
+    assert!(!log.contains("after a failed snapshot"), "{log}");
+    finish_intact(src, &sock, passes + 10);
+}
