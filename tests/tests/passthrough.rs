@@ -175,8 +175,8 @@ fn a_bar_too_large_for_the_guest_address_space_is_refused_naming_sizes_and_bits(
 }
 
 #[test]
-fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_iommu_tracking_and_snapshots_are_refused_first(
-) {
+fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_and_iommu_tracking_are_refused_first()
+{
     let dir = tempfile::tempdir().unwrap();
     let (mut server, dev) = gpu::start(dir.path(), "dies", &["--vram-size", "16M"]);
     let spec = gpu::spec(&dev);
@@ -224,24 +224,6 @@ fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_iommu_tracking_and_
     assert_ne!(code, Some(0), "{reply}");
     let err = reply["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("connecting to 127.0.0.1:9"), "{reply}");
-    let snap = dir.path().join("snap");
-    let (code, reply, _) = remote(
-        &sock,
-        &["snapshot", "--to", snap.to_str().unwrap(), "--json"],
-    );
-    assert_ne!(code, Some(0), "{reply}");
-    assert!(
-        reply["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("passed-through devices"),
-        "{reply}"
-    );
-    assert!(
-        !snap.join("vm.json").exists(),
-        "a refused snapshot wrote state"
-    );
-
     // The server dies without a word; the VM runs on and ends intact (teardown against a dead
     // socket must not hang).
     server.kill();

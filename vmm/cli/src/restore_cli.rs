@@ -54,6 +54,11 @@ pub struct RestoreArgs {
     /// (uffd backends: the userfaultfd is handed over; exit backends: pages are requested).
     #[arg(long, requires = "lazy")]
     page_server: Option<PathBuf>,
+    /// A passed-through device for the restored VM (vfio-user:SOCKET or vfio:...), one per
+    /// device in the snapshot, in its order: each gets the state saved in the snapshot. With
+    /// --lazy the device stays stopped until every page is in (needs --prefetch).
+    #[arg(long)]
+    device: Vec<vmm::machine::pci::DeviceSpec>,
     /// Print the run report (and the demand-paging figures) as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -148,6 +153,7 @@ pub fn run(a: RestoreArgs, start: Instant) -> Result<i32> {
         dump_memory: a.dump_memory.clone(),
         dump_final: a.dump_final.clone(),
         page_server: a.page_server.clone(),
+        devices: a.device.clone(),
     };
     let r = restore(&opts, start)?;
     if a.json {

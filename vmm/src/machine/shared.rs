@@ -115,22 +115,6 @@ impl Shared {
         }
     }
 
-    /// Why this VM's state cannot be saved to files (a snapshot refuses with this), if so.
-    pub fn unmovable(&self) -> Option<String> {
-        (!self.passthrough.is_empty()).then(|| {
-            format!(
-                "the VM has passed-through devices ({}): a snapshot does not save a device's \
-                 own state (registers, device memory) to files, only a live migration moves it \
-                 (over VFIO migration); refused before anything was written",
-                self.passthrough
-                    .iter()
-                    .map(|h| h.spec.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
-    }
-
     /// The VM as a migration's Hello or a snapshot's vm.json describes it: as it started, with
     /// the micro guest's budget and check as they are now (waits for a `finish` in progress).
     pub fn describe(&self) -> VmDescription {
@@ -138,18 +122,7 @@ impl Shared {
         d.passthrough = self
             .passthrough
             .iter()
-            .map(|h| {
-                use devices::pci::PciDevice;
-                let mut ids = [0u8; 4];
-                h.device
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .config_read(0, &mut ids);
-                crate::machine::description::PassthroughDesc {
-                    vendor_id: u16::from_le_bytes([ids[0], ids[1]]),
-                    device_id: u16::from_le_bytes([ids[2], ids[3]]),
-                }
-            })
+            .map(crate::machine::pci::mig_v2::function_ids)
             .collect();
         d
     }

@@ -401,17 +401,8 @@ fn same_functions(
     here: &[PassthroughHandle],
     theirs: &[crate::machine::description::PassthroughDesc],
 ) -> Result<(), MigrationError> {
-    use devices::pci::PciDevice;
     for (i, (h, t)) in here.iter().zip(theirs).enumerate() {
-        let mut ids = [0u8; 4];
-        h.device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .config_read(0, &mut ids);
-        let mine = crate::machine::description::PassthroughDesc {
-            vendor_id: u16::from_le_bytes([ids[0], ids[1]]),
-            device_id: u16::from_le_bytes([ids[2], ids[3]]),
-        };
+        let mine = crate::machine::pci::mig_v2::function_ids(h);
         if &mine != t {
             return Err(MigrationError::Refused(format!(
                 "passed-through device {i}: the source's is {t}, this destination's ({}) is {mine}",

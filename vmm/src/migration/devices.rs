@@ -27,8 +27,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use devices::vfio::passthrough::{chain, MigState, MigrationCaps};
+use devices::vfio::passthrough::{chain, MigState};
 
+use crate::machine::pci::mig_v2::{MigDevice, MigV2Error, READ_CHUNK};
 pub use crate::machine::pci::passthrough::PassthroughHandle;
 
 use super::protocol::Message;
@@ -37,8 +38,6 @@ use super::{MigrationError, Mode};
 use crate::memory::PAGE_SIZE;
 use crate::tracking::device_dma::{AllPinned, DmaDirtySource};
 
-/// Bytes asked of a device per read (vfio-user carries at most 1 MiB per message).
-const READ_CHUNK: usize = 512 << 10;
 /// The most device data one precopy round sends per device: a device whose state changes
 /// faster than the link carries it still lets the round end.
 const ROUND_BUDGET: u64 = 256 << 20;
@@ -91,74 +90,40 @@ impl std::fmt::Display for DeviceDirty {
     }
 }
 
-struct Dev {
-    handle: PassthroughHandle,
-    caps: MigrationCaps,
-    /// The state this side last set.
-    state: MigState,
+impl From<MigV2Error> for MigrationError {
+    fn from(e: MigV2Error) -> Self {
+        MigrationError::Device(e.to_string())
+    }
 }
 
-impl Dev {
-    fn set(&mut self, to: MigState) -> Result<(), MigrationError> {
-        self.handle
-            .lock()
-            .migration()
-            .set_migration_state(to)
-            .map_err(|e| {
-                MigrationError::Device(format!(
-                    "{}: {:?} -> {to:?}: {}",
-                    self.handle.spec,
-                    self.state,
-                    chain(&e)
-                ))
+/// Reads until the device says there is no more for now, or `limit` bytes; sends it.
+fn send_data(
+    d: &mut MigDevice,
+    index: u32,
+    w: &mut Writer,
+    limit: u64,
+) -> Result<u64, MigrationError> {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut sent = 0u64;
+    while sent < limit {
+        let n = d.read(&mut buf)?;
+        if n > 0 {
+            w.send(&Message::DeviceData {
+                device: index,
+                data: buf[..n].to_vec(),
             })?;
-        self.state = to;
-        Ok(())
-    }
-
-    /// Reads until the device says there is no more for now, or `limit` bytes; sends it.
-    fn send_data(&mut self, index: u32, w: &mut Writer, limit: u64) -> Result<u64, MigrationError> {
-        let mut buf = vec![0u8; READ_CHUNK];
-        let mut sent = 0u64;
-        while sent < limit {
-            let n = self
-                .handle
-                .lock()
-                .migration()
-                .migration_read(&mut buf)
-                .map_err(|e| {
-                    MigrationError::Device(format!(
-                        "{}: reading its migration data ({:?}): {}",
-                        self.handle.spec,
-                        self.state,
-                        chain(&e)
-                    ))
-                })?;
-            if n > buf.len() {
-                return Err(MigrationError::Device(format!(
-                    "{}: the device returned {n} bytes for a read of {}",
-                    self.handle.spec,
-                    buf.len()
-                )));
-            }
-            if n > 0 {
-                w.send(&Message::DeviceData {
-                    device: index,
-                    data: buf[..n].to_vec(),
-                })?;
-                sent += n as u64;
-            }
-            if n < buf.len() {
-                break;
-            }
+            sent += n as u64;
         }
-        Ok(sent)
+        if n < buf.len() {
+            break;
+        }
     }
+    Ok(sent)
 }
 
 /// The devices of a VM being migrated away, in `--device` order (the destination's order).
 pub struct SourceDevices {
-    devs: Vec<Dev>,
+    devs: Vec<MigDevice>,
     /// Device data sent in precopy rounds and in the stop-copy.
     pub precopy_bytes: u64,
     pub stop_copy_bytes: u64,
@@ -282,28 +247,8 @@ impl SourceDevices {
         for handle in handles {
             let name = &handle.spec;
             let refuse = |why: String| MigrationError::Busy(format!("{name}: {why}"));
-            let caps =
-                handle.lock().migration().migration_caps().map_err(|e| {
-                    refuse(format!("asking for its migration support: {}", chain(&e)))
-                })?;
-            let caps = match caps {
-                Some(c) if c.stop_copy => c,
-                Some(_) => {
-                    return Err(refuse(
-                        "the device's VFIO migration lacks STOP_COPY, the minimum to move its \
-                         state; refused before anything moved"
-                            .into(),
-                    ))
-                }
-                None => {
-                    return Err(refuse(
-                        "the device has no VFIO migration support (no \
-                         VFIO_DEVICE_FEATURE_MIGRATION): its state cannot move; refused before \
-                         anything moved"
-                            .into(),
-                    ))
-                }
-            };
+            let dev = MigDevice::check(handle)
+                .map_err(|e| MigrationError::Busy(format!("{e}; refused before anything moved")))?;
             if mode == Mode::Postcopy {
                 return Err(refuse(
                     "postcopy is refused with a passed-through device: all guest RAM is pinned \
@@ -366,11 +311,7 @@ impl SourceDevices {
                      what it writes after a page was sent is lost"
                 ),
             }
-            devs.push(Dev {
-                handle: handle.clone(),
-                caps,
-                state: MigState::Running,
-            });
+            devs.push(dev);
         }
         Ok((
             SourceDevices {
@@ -407,7 +348,7 @@ impl SourceDevices {
         let mut total = 0;
         for (i, d) in self.devs.iter_mut().enumerate() {
             if d.state == MigState::PreCopy {
-                total += d.send_data(i as u32, w, ROUND_BUDGET)?;
+                total += send_data(d, i as u32, w, ROUND_BUDGET)?;
             }
         }
         self.precopy_bytes += total;
@@ -449,7 +390,7 @@ impl SourceDevices {
         let t = Instant::now();
         let mut total = 0;
         for (i, d) in self.devs.iter_mut().enumerate() {
-            total += d.send_data(i as u32, w, STOP_COPY_LIMIT)?;
+            total += send_data(d, i as u32, w, STOP_COPY_LIMIT)?;
         }
         self.stop_copy_bytes += total;
         self.stop_copy_ms += t.elapsed().as_secs_f64() * 1000.0;
@@ -459,18 +400,7 @@ impl SourceDevices {
     /// The migration failed before the point of no return: every device runs again.
     pub fn recover(&mut self) {
         for d in &mut self.devs {
-            let path: &[MigState] = match d.state {
-                MigState::Running => &[],
-                MigState::PreCopy => &[MigState::Running],
-                MigState::StopCopy => &[MigState::Stop, MigState::Running],
-                _ => &[MigState::Running],
-            };
-            for &to in path {
-                if let Err(e) = d.set(to) {
-                    tracing::error!("after a failed migration: {e}");
-                    break;
-                }
-            }
+            d.recover("a failed migration");
         }
     }
 
@@ -488,7 +418,7 @@ impl SourceDevices {
 
 /// The devices of an incoming VM, built from this side's own `--device` list.
 pub struct DestDevices {
-    devs: Vec<Dev>,
+    devs: Vec<MigDevice>,
     pub bytes: u64,
     /// Time spent in RESUMING -> STOP and STOP -> RUNNING (ms), readable once `self` moved
     /// into a hook.
@@ -507,24 +437,11 @@ impl DestDevices {
     pub fn resuming(handles: &[PassthroughHandle]) -> Result<Self, MigrationError> {
         let mut devs = Vec::new();
         for handle in handles {
-            let refuse = |why: String| MigrationError::Refused(format!("{}: {why}", handle.spec));
-            let caps = handle
-                .lock()
-                .migration()
-                .migration_caps()
-                .map_err(|e| refuse(format!("asking for its migration support: {}", chain(&e))))?
-                .filter(|c| c.stop_copy)
-                .ok_or_else(|| {
-                    refuse("this destination's device has no VFIO migration support".into())
-                })?;
-            let mut d = Dev {
-                handle: handle.clone(),
-                caps,
-                state: MigState::Running,
-            };
+            let mut d = MigDevice::check(handle)
+                .map_err(|e| MigrationError::Refused(format!("this destination's device: {e}")))?;
             d.set(MigState::Stop)
                 .and_then(|()| d.set(MigState::Resuming))
-                .map_err(|e| refuse(e.to_string()))?;
+                .map_err(|e| MigrationError::Refused(e.to_string()))?;
             devs.push(d);
         }
         Ok(DestDevices {
@@ -542,17 +459,7 @@ impl DestDevices {
                 "data for passed-through device {index}, this VM has {count}"
             ))
         })?;
-        d.handle
-            .lock()
-            .migration()
-            .migration_write(data)
-            .map_err(|e| {
-                MigrationError::Device(format!(
-                    "{}: writing its migration data: {}",
-                    d.handle.spec,
-                    chain(&e)
-                ))
-            })?;
+        d.write(data)?;
         self.bytes += data.len() as u64;
         Ok(())
     }

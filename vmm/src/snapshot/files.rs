@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::device_files::DeviceFile;
 use crate::machine::description::VmDescription;
 use crate::machine::saved_state::VmSnapshot;
 use crate::memory::RamRange;
@@ -46,6 +47,11 @@ pub struct Manifest {
     pub data_pages: u64,
     /// Host kind the snapshot was taken on.
     pub host: String,
+    /// Each passed-through device's own state, a file per device in `--device` order. Absent
+    /// in a snapshot of a VM without devices (and in those taken before devices could be
+    /// saved), hence no new format version: such a snapshot reads as it always did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceFile>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotFileError + '_ {
@@ -59,14 +65,21 @@ fn is_zero(page: &[u8]) -> bool {
     page.iter().all(|&b| b == 0)
 }
 
+/// What a snapshot's manifest says besides the RAM it describes.
+pub struct Contents<'a> {
+    pub vm: &'a VmDescription,
+    pub state: &'a VmSnapshot,
+    pub host: &'a str,
+    /// The device files already written into the directory.
+    pub devices: Vec<DeviceFile>,
+}
+
 /// Writes guest RAM (sparse) and the manifest into `dir`, which is created if needed. The
 /// manifest is written last, under a temporary name first, so a directory with a `vm.json` is
-/// always complete.
+/// always complete (device files included: they are written before it).
 pub fn write(
     dir: &Path,
-    vm: &VmDescription,
-    state: &VmSnapshot,
-    host: &str,
+    contents: Contents<'_>,
     memfd: &File,
     ranges: &[RamRange],
 ) -> Result<Manifest, SnapshotFileError> {
@@ -102,10 +115,11 @@ pub fn write(
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
-        vm: vm.clone(),
-        state: state.clone(),
+        vm: contents.vm.clone(),
+        state: contents.state.clone(),
         data_pages,
-        host: host.into(),
+        host: contents.host.into(),
+        devices: contents.devices,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(SnapshotFileError::Encode)?;
     let tmp = dir.join(format!("{MANIFEST}.tmp"));

@@ -4,6 +4,7 @@
 //! in from the snapshot file on first touch, through a `DemandPager` backend). Lazy restore is
 //! the demand-paging test bed that needs no second host.
 
+pub mod device_files;
 pub mod files;
 pub mod lazy;
 pub mod page_proto;
@@ -26,6 +27,8 @@ pub enum SnapshotError {
     State(#[from] crate::machine::saved_state::SnapshotError),
     #[error(transparent)]
     Files(#[from] files::SnapshotFileError),
+    #[error(transparent)]
+    Devices(#[from] device_files::DeviceFileError),
     #[error("building the VM: {0}")]
     Machine(#[source] crate::machine::MachineError),
     /// `--dump-final` could not be written (the run itself ended as reported); the machine's

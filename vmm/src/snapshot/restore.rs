@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use super::device_files::RestoredDevices;
 use super::files;
 use super::lazy::{DemandReport, Lazy, PageSource};
 use super::page_server::{Handshake, Session, WireRange};
@@ -19,6 +20,7 @@ use crate::api::server::serve_api;
 use crate::machine::assemble::{self, AssembleError, Demand, Here, Resume};
 use crate::machine::description::Constraints;
 use crate::machine::final_dump::Fill;
+use crate::machine::pci::passthrough::PassthroughHandle;
 use crate::machine::shared::Shared;
 use crate::machine::{ConsoleOutput, DiskConfig, GuestConfig, Machine, RunReport};
 use crate::userfault::{keep_present, DemandKind, DemandPager, Fetch, UffdMinor, UffdMissing};
@@ -48,6 +50,10 @@ pub struct RestoreOptions {
     pub dump_final: Option<PathBuf>,
     /// Lazy only: the fault handler runs in `vmm page-server` listening on this socket.
     pub page_server: Option<PathBuf>,
+    /// This side's passed-through devices (`--device`), one per device in the snapshot, in
+    /// order: each gets its saved state (a restore, as a migration destination, takes
+    /// devices only from its own command line).
+    pub devices: Vec<crate::machine::pci::DeviceSpec>,
 }
 
 /// Ends the run when demand paging fails for good (a dead page server, an unreadable
@@ -101,6 +107,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
     let here = Here {
         constraints: Constraints {
             disks: opts.disks.clone(),
+            devices: opts.devices.clone(),
             ..Default::default()
         },
         console: opts.console.clone(),
@@ -115,7 +122,29 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
                 .into(),
         ));
     }
+    let with_devices = !manifest.vm.passthrough.is_empty();
+    if with_devices && opts.demand.is_some() {
+        lazy_with_devices(opts)?;
+    }
     let machine = Machine::build(&cfg, start).map_err(SnapshotError::Machine)?;
+    let handles: Vec<PassthroughHandle> = machine
+        .devs
+        .passthrough
+        .iter()
+        .map(|a| PassthroughHandle {
+            spec: a.spec.to_string(),
+            device: a.device.clone(),
+        })
+        .collect();
+    // Before any page is copied: the files whole, the functions those of the snapshot, each
+    // device loaded and left stopped until its guest runs.
+    let devices = RestoredDevices::load(
+        &opts.dir,
+        &manifest.devices,
+        &handles,
+        &manifest.vm.passthrough,
+    )?;
+    let devices = Arc::new(Mutex::new(devices));
     let ranges = machine.ram.ranges().to_vec();
     let runs = files::data_runs(&memfile, &ranges).map_err(io("finding the snapshot's data"))?;
     let data_pages: u64 = runs.iter().map(|r| r.1).sum();
@@ -139,6 +168,8 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
                 "restored {data_pages} data pages in {:.1} ms",
                 restore_ms.get()
             );
+            // The devices run just before the vCPUs: guest RAM is whole by now.
+            lock(&devices).run()?;
             t_run.set(Instant::now());
             Ok(())
         }));
@@ -280,9 +311,22 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         s.watch(Box::new(move |reason| st.stop(reason)))?;
     }
     // Until every page is here, the memory file has holes: no snapshot or migration of it.
+    // Devices stay stopped until then too (as a hybrid migration's destination): a device
+    // running while pages are missing would DMA from holes, or have its writes overwritten by
+    // pages brought in later. The vCPUs run meanwhile.
     {
         let flag = machine.paging_in.clone();
-        lazy.on_filled(Box::new(move || flag.store(false, Ordering::Release)));
+        let devices = devices.clone();
+        let st = stopper.clone();
+        lazy.on_filled(Box::new(move || {
+            flag.store(false, Ordering::Release);
+            if with_devices {
+                match lock(&devices).run() {
+                    Ok(()) => tracing::info!("every page is in: passed-through devices run"),
+                    Err(e) => st.stop(&format!("starting the passed-through devices: {e}")),
+                }
+            }
+        }));
     }
     let serve = {
         let l = lazy.clone();
@@ -418,6 +462,32 @@ fn must_be_present(
     pages.sort_unstable();
     pages.dedup();
     pages
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Lazy restore with a passed-through device follows a hybrid migration's rule: the device
+/// stays stopped until every page is in. Only the in-process prefetch says when that is.
+fn lazy_with_devices(opts: &RestoreOptions) -> Result<(), SnapshotError> {
+    if opts.page_server.is_some() {
+        return Err(SnapshotError::Refused(
+            "--lazy with a passed-through device cannot use --page-server: the device stays \
+             stopped until every page is in, and this side is not told when the page server \
+             has brought them all"
+                .into(),
+        ));
+    }
+    if !opts.prefetch {
+        return Err(SnapshotError::Refused(
+            "--lazy with a passed-through device needs --prefetch: the device stays stopped \
+             until every page is in (it may DMA to any of them), and without the prefetch \
+             the pages the guest never touches would never come"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 fn copy_runs(

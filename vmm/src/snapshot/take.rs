@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::device_files::SnapshotDevices;
 use super::files;
 use super::SnapshotError;
 use crate::machine::saved_state::VmSnapshot;
@@ -19,6 +20,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Serialize)]
 pub struct Taken {
     pub dir: String,
+    /// Bytes of device state saved (all devices' files).
+    pub device_bytes: u64,
     pub data_pages: u64,
     pub mem_mib: u64,
     /// Time the guest was paused for the snapshot.
@@ -31,9 +34,9 @@ pub struct Taken {
 /// API before (as Firecracker's pause, snapshot, resume). On failure the guest is left as it
 /// was and nothing is left half-written under `vm.json`.
 pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotError> {
-    if let Some(why) = shared.unmovable() {
-        return Err(SnapshotError::Busy(why));
-    }
+    // Asked before the pause: a device that cannot save its state refuses the snapshot with
+    // the guest untouched and nothing written.
+    let mut devices = SnapshotDevices::check(&shared.passthrough)?;
     let owner = match shared.pause.owner() {
         None => Owner::Migration,
         Some(Owner::Api) => Owner::Api,
@@ -53,12 +56,18 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
     }
     .map_err(SnapshotError::Pause)?;
     let written = (|| -> Result<files::Manifest, SnapshotError> {
+        // The devices stop before guest RAM is read: their DMA into it ends here.
+        devices.stop()?;
         let state = VmSnapshot::capture(shared, vcpus).map_err(SnapshotError::State)?;
+        let device_files = devices.save(dir)?;
         files::write(
             dir,
-            &shared.describe(),
-            &state,
-            &shared.vm.host_kind().to_string(),
+            files::Contents {
+                vm: &shared.describe(),
+                state: &state,
+                host: &shared.vm.host_kind().to_string(),
+                devices: device_files,
+            },
             &shared.memfd,
             &shared.ranges,
         )
@@ -68,6 +77,8 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
     let manifest = match written {
         Ok(m) => m,
         Err(e) => {
+            // Devices first: the guest must not run against a stopped device.
+            devices.recover();
             if owner == Owner::Migration {
                 let _ = shared.pause.resume(Owner::Migration);
             }
@@ -76,6 +87,7 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
     };
     let taken = Taken {
         dir: dir.display().to_string(),
+        device_bytes: manifest.devices.iter().map(|d| d.len).sum(),
         data_pages: manifest.data_pages,
         mem_mib: manifest.vm.mem_bytes >> 20,
         paused_ms,
@@ -88,6 +100,9 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
         taken.data_pages,
         paused_ms
     );
+    // A device runs again whenever the VM goes on (even paused through the API, as it ran
+    // before); with `exit` its state now lives only in the files, and it stays stopped.
+    devices.finish(!exit);
     if !exit && owner == Owner::Migration {
         shared
             .pause

@@ -9,6 +9,7 @@
 //! A guest that never touches the ports (the micro guest) never sees any of it.
 
 pub mod mappings;
+pub mod mig_v2;
 pub mod passthrough;
 pub mod passthrough_state;
 pub mod routes;
