@@ -494,12 +494,6 @@ fn a_device_server_killed_during_migration_fails_it_and_the_source_guest_goes_on
     let (code, reply, err) = migration.join().expect("migrate thread");
     eprintln!("destination device killed: {err}{reply}");
     assert_ne!(code, Some(0), "{reply}");
-    // The source says why, in the destination's words (its Abort, read after the link broke).
-    let why = reply["error"].as_str().unwrap_or_default();
-    assert!(
-        why.contains("the other side aborted") && why.contains("passed-through device"),
-        "{reply}"
-    );
     let (dcode, _, derr) = dst.bg.finish(Duration::from_secs(60));
     eprintln!(
         "the destination ({dcode:?}): {}",
@@ -509,6 +503,12 @@ fn a_device_server_killed_during_migration_fails_it_and_the_source_guest_goes_on
         dcode,
         Some(0),
         "the destination cannot have run the guest:\n{derr}"
+    );
+    // The source says why, in the destination's words (its Abort, read after the link broke).
+    let why = reply["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("the other side aborted") && why.contains("passed-through device"),
+        "{reply}"
     );
     assert!(vm.bg.try_wait().is_none(), "{}", vm.bg.stderr());
     // The source's device is intact: its workloads went on and check out.

@@ -605,7 +605,9 @@ fn stop_tracker(tracker: Option<&mut (dyn DirtyTracker + '_)>) {
 fn peer_reason(r: &mut Reader, e: MigrationError) -> MigrationError {
     let from_link = matches!(
         &e,
-        MigrationError::Io(_) | MigrationError::Protocol(ProtocolError::Io(_))
+        MigrationError::Io(_)
+            | MigrationError::Protocol(ProtocolError::Io(_))
+            | MigrationError::Pages(super::pages::PagesError::Protocol(ProtocolError::Io(_)))
     );
     if !from_link
         || r.get_ref()
