@@ -549,3 +549,100 @@ fn a_device_server_killed_during_migration_fails_it_and_the_source_guest_goes_on
     run_agent(&vm.sock, &vm.log, "", "still-here", &mut vm.bg);
     assert!(!vm.bg.stderr().contains("panicked"), "{}", vm.bg.stderr());
 }
+
+/// A device server that dies at the two steps a timed kill cannot hit reliably, with the micro
+/// guest (fast to boot; its end state is checked against its model): the source's device at
+/// STOP_COPY (inside the downtime, vCPUs paused), and the destination's when it is told to run
+/// after its state was loaded (the end of the resume). Both times the migration fails, the
+/// source resumes its guest, and the guest ends with its memory intact; after the destination's
+/// failure the source's device is back to RUNNING and a second migration succeeds.
+#[test]
+fn a_device_server_dying_at_stop_copy_or_at_resume_fails_the_migration_and_the_source_goes_on() {
+    use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = |name: &str, port: u16, dev: &Path| -> Bg {
+        let mut cmd = std::process::Command::new(vmm_bin());
+        cmd.args(["run", "--incoming", &format!("tcp://127.0.0.1:{port}")])
+            .args(["--device", &gpu::spec(dev), "--console", "none", "--json"])
+            .arg("--api-socket")
+            .arg(dir.path().join(format!("{name}.sock")));
+        let mut bg = Bg::spawn(name, cmd);
+        bg.wait_for("waiting for an incoming migration", Duration::from_secs(30));
+        bg
+    };
+    let migrate = |sock: &Path, port: u16| {
+        remote(
+            sock,
+            &[
+                "migrate",
+                "--to",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--json",
+            ],
+        )
+    };
+
+    // The destination's device dies when told to run, after it loaded the source's state.
+    let (_src_server, src_dev) = gpu::start(dir.path(), "src-dev", &["--vram-size", "16M"]);
+    let (src, sock) = micro_source(dir.path(), &["--device", &gpu::spec(&src_dev)]);
+    wait_some_passes(&sock, 5);
+    let (_dst_server, dst_dev) = gpu::start(
+        dir.path(),
+        "dst-dev",
+        &["--vram-size", "16M", "--crash-at", "running"],
+    );
+    let port = vmm_tests::process::free_port();
+    let dst = incoming("dst", port, &dst_dev);
+    let (code, reply, _) = migrate(&sock, port);
+    assert_ne!(code, Some(0), "{reply}");
+    let why = reply["error"].as_str().unwrap_or_default();
+    assert!(why.contains("the other side aborted"), "{reply}");
+    let (dcode, _, derr) = dst.finish(Duration::from_secs(60));
+    assert_ne!(
+        dcode,
+        Some(0),
+        "the destination cannot have run the guest:\n{derr}"
+    );
+
+    // The source's device runs again: a second migration, to a sound destination, succeeds.
+    let (_ok_server, ok_dev) = gpu::start(dir.path(), "ok-dev", &["--vram-size", "16M"]);
+    let port = vmm_tests::process::free_port();
+    let ok = incoming("ok", port, &ok_dev);
+    let (code, reply, err) = migrate(&sock, port);
+    assert_eq!(code, Some(0), "{err}\n{reply}");
+    let (scode, srep, serr) = src.finish(Duration::from_secs(60));
+    assert_eq!(scode, Some(0), "{serr}");
+    assert_eq!(srep["outcome"]["kind"], "migrated", "{srep}");
+    let ok_sock = dir.path().join("ok.sock");
+    wait_api(&ok_sock, Duration::from_secs(10));
+    wait_some_passes(&ok_sock, 10);
+
+    // Now the (new) source's device dies at STOP_COPY, inside the downtime.
+    drop(finish_intact(ok, &ok_sock, 5));
+    let dir2 = tempfile::tempdir().unwrap();
+    let (_s2, dev2) = gpu::start(
+        dir2.path(),
+        "src2-dev",
+        &["--vram-size", "16M", "--crash-at", "stop-copy"],
+    );
+    let (src2, sock2) = micro_source(dir2.path(), &["--device", &gpu::spec(&dev2)]);
+    wait_some_passes(&sock2, 5);
+    let (_d2, ddev2) = gpu::start(dir2.path(), "dst2-dev", &["--vram-size", "16M"]);
+    let port = vmm_tests::process::free_port();
+    let dst2 = incoming("dst2", port, &ddev2);
+    let (code, reply, _) = migrate(&sock2, port);
+    assert_ne!(code, Some(0), "{reply}");
+    let why = reply["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&gpu::spec(&dev2)),
+        "names the source's device: {reply}"
+    );
+    let (dcode, _, derr) = dst2.finish(Duration::from_secs(60));
+    assert_ne!(dcode, Some(0), "{derr}");
+    // The guest resumed here and ends with its memory as its model says (the device is gone).
+    let (_, now, _) = remote(&sock2, &["status", "--json"]);
+    let passes = now["micro_passes"].as_u64().unwrap_or(0);
+    wait_some_passes(&sock2, passes + 5);
+    let rep = finish_intact(src2, &sock2, 5);
+    assert_eq!(rep["outcome"]["kind"], "micro-exit", "{rep}");
+}

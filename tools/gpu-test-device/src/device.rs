@@ -113,6 +113,11 @@ pub struct Device {
 
 impl Device {
     /// A device at reset, its memories created (sparse: nothing allocated until touched);
+    /// See `--crash-at`.
+    pub fn crash_at(&mut self, state: Option<u32>) {
+        self.migration.crash_at = state;
+    }
+
     /// `migration` false makes it a device without migration support.
     pub fn new(identity: Identity, migration: bool) -> Result<Self, DeviceError> {
         let memory = |what, name, size| {
@@ -705,4 +710,9 @@ impl Drop for Device {
         self.page_writer.halt();
         self.kernel.halt();
     }
+}
+
+/// A migration state by its `--crash-at` name.
+pub fn states_by_name(name: &str) -> Option<u32> {
+    crate::migration::states::by_name(name)
 }

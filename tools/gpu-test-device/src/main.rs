@@ -60,6 +60,16 @@ struct Args {
     /// Answer the migration features with ENOTSUP, as a device without migration support.
     #[arg(long)]
     no_migration: bool,
+    /// Fault injection for tests: exit (status 3, no reply) when asked to enter this migration
+    /// state: stop, running, stop-copy, resuming or pre-copy.
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    crash_at: Option<u32>,
+}
+
+fn parse_state(text: &str) -> Result<u32, String> {
+    device::states_by_name(text).ok_or_else(|| {
+        format!("unknown state {text:?} (stop, running, stop-copy, resuming or pre-copy)")
+    })
 }
 
 fn parse_vram_size(text: &str) -> Result<u64, String> {
@@ -104,6 +114,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         vram_size: args.vram_size,
     };
     let mut device = Device::new(identity, !args.no_migration).context("creating the device")?;
+    device.crash_at(args.crash_at);
     let (listener, _socket_file) = socket::bind(&args.socket)?;
     let server = Server::from_owned_fd(
         OwnedFd::from(listener),

@@ -14,6 +14,10 @@ use crate::migration::{engines_run, next_step, Loader, MigrationError, Saver};
 impl Device {
     /// MIG_DEVICE_STATE SET: walks to `target` one direct transition at a time.
     pub(super) fn set_state(&mut self, target: u32) -> Result<(), DeviceError> {
+        if self.migration.crash_at == Some(target) && self.migration.state != target {
+            eprintln!("vmm-gpu-test-device: --crash-at: exiting on the request for state {target}");
+            std::process::exit(3);
+        }
         while self.migration.state != target {
             let from = self.migration.state;
             let step =

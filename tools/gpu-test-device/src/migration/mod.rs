@@ -74,6 +74,9 @@ pub fn engines_run(state: u32) -> bool {
 /// The device's migration side: its state, and the stream being saved or loaded.
 pub struct Migration {
     pub enabled: bool,
+    /// Fault injection for tests (`--crash-at`): the process exits, without a reply, when
+    /// asked to go to this state, as a device server dying at that step would.
+    pub crash_at: Option<u32>,
     pub state: u32,
     pub saver: Option<Saver>,
     pub loader: Option<Loader>,
@@ -83,6 +86,7 @@ impl Migration {
     pub fn new(enabled: bool) -> Self {
         Self {
             enabled,
+            crash_at: None,
             state: RUNNING,
             saver: None,
             loader: None,
@@ -100,6 +104,19 @@ impl Migration {
 /// The states of linux/vfio.h this device has (`enum vfio_device_mig_state`).
 pub mod states {
     use vfio_bindings::bindings::vfio as v;
+
+    /// A state by the name `--crash-at` takes.
+    pub fn by_name(name: &str) -> Option<u32> {
+        Some(match name {
+            "stop" => STOP,
+            "running" => RUNNING,
+            "stop-copy" => STOP_COPY,
+            "resuming" => RESUMING,
+            "pre-copy" => PRE_COPY,
+            _ => return None,
+        })
+    }
+
     pub const ERROR: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR;
     pub const STOP: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP;
     pub const RUNNING: u32 = v::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING;
