@@ -356,7 +356,7 @@ fn summarize(
     };
     let mut groups = Vec::new();
     for &mode in modes {
-        for &tool in tools {
+        for &tool in tools.iter().filter(|t| t.refuses(mode).is_none()) {
             let all: Vec<&Sample> = samples
                 .iter()
                 .filter(|s| s.tool == tool && s.mode == mode)
@@ -543,9 +543,9 @@ fn print_table(s: &Summary) {
         println!("skipped {} {}: {}", k.tool.name(), k.mode.name(), k.reason);
     }
     println!(
-        "ok: migrated and the destination agent's workload-verify said ok=true (vmm+gpu: and the"
+        "ok: migrated and the destination agent's workload-verify said ok=true (vmm+gpu: and so"
     );
-    println!("page writer's stop checked every stamp, ok=true). total/down: as");
+    println!("did stopping the page writer, which checks every stamp it wrote). total/down: as");
     println!("each tool reports them; wall: migrate command to completion, timed by this bench.");
     println!(
         "fault us: vmm's postcopy fault p50; for QEMU, postcopy-blocktime / requested pages (a"
@@ -660,14 +660,15 @@ fn print_device_table(s: &Summary) {
             f(c.total_with_ms, 1),
         );
     }
-    println!(
-        "parts (precopy; hybrid's source reports none): pause, devstp = devices to STOP_COPY, pages = \
-         last dirty pages sent, devdat = device stop-copy data sent, state, confirm = until the"
-    );
-    println!(
-        "destination ran. dev pre/stop B: device data sent in precopy / in the downtime. dma pg: \
-         pages the device's DMA log reported; log ms/r: DMA-log harvest ms per round."
-    );
+    for line in [
+        "downtime parts (precopy only; hybrid's source reports none): pause; devstp: devices to",
+        "STOP_COPY; pages: the last dirty pages sent; devdat: the devices' stop-copy data sent;",
+        "state; confirm: until the destination said it runs. dev pre/stop B: device data sent in",
+        "precopy rounds / in the downtime. dma pg: pages the device's DMA log reported over the",
+        "migration; log ms/r: DMA-log harvest cost per round (ms).",
+    ] {
+        println!("{line}");
+    }
 }
 
 fn main() -> Result<()> {
