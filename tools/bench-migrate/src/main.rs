@@ -110,6 +110,9 @@ struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON summary to this file (whichever of table or JSON is printed).
+    #[arg(long)]
+    json_file: Option<PathBuf>,
     /// Also write an SVG chart (downtime split into its parts, without and with the device).
     #[arg(long)]
     svg: Option<PathBuf>,
@@ -861,6 +864,10 @@ fn main() -> Result<()> {
         skipped,
         samples,
     };
+    if let Some(path) = &args.json_file {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(path) = &args.svg {
         let svg = chart::render(&chart_input(&summary))?;
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
