@@ -211,7 +211,14 @@ pub fn is_verify_result(line: &str) -> bool {
     agent_result(line).is_some_and(|r| r.starts_with("workload-verify"))
 }
 
-/// Whether a `workload-verify` answer says the memory survived.
+/// The agent's answer to `vfio-workload,BDF,stop`: its result (`vfio-workload BDF stopped=...`)
+/// or its refusal (`error vfio-workload: ...`), either of which ends the wait.
+pub fn is_device_stop_result(line: &str) -> bool {
+    agent_result(line)
+        .is_some_and(|r| r.starts_with("vfio-workload ") || r.starts_with("error vfio-workload:"))
+}
+
+/// Whether a `workload-verify` (or `vfio-workload` stop) answer says the memory survived.
 pub fn verify_ok(line: &str) -> bool {
     agent_result(line).is_some_and(|r| r.split_whitespace().any(|w| w == "ok=true"))
 }
@@ -266,6 +273,16 @@ mod tests {
         assert!(is_verify_result(bad) && !verify_ok(bad));
         // The console's echo of the typed command is not an answer.
         assert!(!is_verify_result("workload-stop;workload-verify"));
+        let pw = "AGENT: vfio-workload 0000:00:01.0 stopped=dma written=9 pages=4 ok=true ms=5";
+        let refused = "AGENT: error vfio-workload: after 9 writes 2 of 4 pages are wrong";
+        assert!(is_device_stop_result(pw) && verify_ok(pw));
+        assert!(is_device_stop_result(refused) && !verify_ok(refused));
+        assert!(!is_device_stop_result(
+            "AGENT: vfio-workload,0000:00:01.0,stop"
+        ));
+        assert!(!is_device_stop_result(
+            "vfio-workload 0000:00:01.0 stopped=dma ok=true"
+        ));
     }
 
     #[test]

@@ -7,8 +7,17 @@
 //! its memory: a sample counts only if that says `ok=true`. Prints medians over `--runs` per tool
 //! and mode, and the ratios vmm/QEMU (downtime, total time), migration throughput / raw TCP, and
 //! postcopy fault latency / TCP round trip. No thresholds: the numbers are the result.
+//!
+//! `--tools vmm,vmm+gpu` compares vmm without and with a passed-through device: `vmm+gpu` starts
+//! the test device server (tools/gpu-test-device) in each namespace, passes it through over
+//! vfio-user on both sides, and adds to the agent script the device's bind and its page writer
+//! (DMA into guest RAM); after the migration the destination checks the memory workload and
+//! every page-writer stamp, and the run counts only if both say ok=true. It reports, per mode,
+//! downtime and total time with / without the device, the device's state bytes, its DMA-log
+//! pages and harvest cost per round, and (precopy) the downtime split into its parts.
 
 mod baseline;
+mod chart;
 mod guest;
 mod qemu;
 mod qmp;
@@ -25,7 +34,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use sample::{Mode, Sample, Tool};
+use sample::{DowntimeParts, Mode, Sample, Tool};
 use stats::{median, ratio};
 use vmm_tests::netns::{Side, TwoHosts};
 
@@ -44,7 +53,7 @@ struct Args {
     /// Smoke test: one run.
     #[arg(long)]
     quick: bool,
-    /// Which VMMs to measure.
+    /// Which VMMs to measure: qemu, vmm, vmm+gpu (vmm with the test device passed through).
     #[arg(long, value_delimiter = ',', default_value = "qemu,vmm")]
     tools: Vec<Tool>,
     /// Which migration modes.
@@ -101,6 +110,33 @@ struct Args {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON summary to this file (whichever of table or JSON is printed).
+    #[arg(long)]
+    json_file: Option<PathBuf>,
+    /// Also write an SVG chart (downtime split into its parts, without and with the device).
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// vmm+gpu: the test device server (default: $VMM_GPU_TEST_DEVICE, else
+    /// vmm-gpu-test-device next to the vmm binary).
+    #[arg(long)]
+    device_bin: Option<PathBuf>,
+    /// vmm+gpu: the device's VRAM.
+    #[arg(long, default_value_t = 64)]
+    vram_mib: u64,
+    /// vmm+gpu: pages per second the device's page writer stamps into guest RAM.
+    #[arg(long, default_value_t = 2000)]
+    dma_pages_s: u64,
+    /// vmm+gpu: `vmm remote migrate --device-dirty` (log, all-pinned, off; default: vmm's own).
+    #[arg(long)]
+    device_dirty: Option<String>,
+}
+
+/// The passed-through device of `vmm+gpu` runs.
+pub struct DeviceConfig {
+    pub bin: PathBuf,
+    pub vram_mib: u64,
+    pub dma_pages_s: u64,
+    pub dirty: Option<String>,
 }
 
 /// What every migration run uses.
@@ -118,6 +154,7 @@ pub struct Config {
     pub boot_timeout: Duration,
     pub migrate_timeout: Duration,
     pub verify_timeout: Duration,
+    pub device: DeviceConfig,
 }
 
 impl Config {
@@ -158,6 +195,20 @@ struct Group {
     /// fault_us / TCP 4 KiB round trip p50.
     fault_vs_rtt: Option<f64>,
     blocktime_ms: Option<f64>,
+    /// vmm: medians of each downtime part (precopy only; hybrid's source reports none).
+    downtime_parts: Option<DowntimeParts>,
+    /// vmm+gpu: medians of the device's figures.
+    device: Option<DeviceMedians>,
+}
+
+#[derive(Serialize)]
+struct DeviceMedians {
+    precopy_bytes: Option<f64>,
+    stop_copy_bytes: Option<f64>,
+    dma_pages: Option<f64>,
+    dma_harvests: Option<f64>,
+    dma_harvest_ms_per_round: Option<f64>,
+    dirty: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -165,6 +216,26 @@ struct Comparison {
     mode: Mode,
     downtime_vmm_over_qemu: Option<f64>,
     total_vmm_over_qemu: Option<f64>,
+}
+
+/// vmm with the device against vmm without it, same mode, same run of the bench.
+#[derive(Serialize)]
+struct DeviceComparison {
+    mode: Mode,
+    downtime_without_ms: Option<f64>,
+    downtime_with_ms: Option<f64>,
+    downtime_with_over_without: Option<f64>,
+    total_without_ms: Option<f64>,
+    total_with_ms: Option<f64>,
+    total_with_over_without: Option<f64>,
+}
+
+/// A tool and mode not run, and why.
+#[derive(Serialize)]
+struct Skipped {
+    tool: Tool,
+    mode: Mode,
+    reason: &'static str,
 }
 
 #[derive(Serialize)]
@@ -188,10 +259,22 @@ struct Summary {
     agent: String,
     downtime_target_ms: u64,
     tracker: String,
+    /// vmm+gpu's device (absent when not measured).
+    device: Option<DeviceSummary>,
     baseline: BaselineSummary,
     groups: Vec<Group>,
     comparisons: Vec<Comparison>,
+    device_comparisons: Vec<DeviceComparison>,
+    skipped: Vec<Skipped>,
     samples: Vec<Sample>,
+}
+
+#[derive(Serialize)]
+struct DeviceSummary {
+    server: String,
+    vram_mib: u64,
+    dma_pages_s: u64,
+    agent: String,
 }
 
 const PLACEMENT: &str = "both namespaces on one machine, linked by a veth pair; source, \
@@ -259,7 +342,12 @@ fn summarize(
     baselines: &[baseline::Baseline],
     tools: &[Tool],
     modes: &[Mode],
-) -> (BaselineSummary, Vec<Group>, Vec<Comparison>) {
+) -> (
+    BaselineSummary,
+    Vec<Group>,
+    Vec<Comparison>,
+    Vec<DeviceComparison>,
+) {
     let tcp = median(baselines.iter().map(|b| b.tcp_mib_s));
     let rtt = median(baselines.iter().map(|b| b.rtt_p50_us));
     let base = BaselineSummary {
@@ -271,7 +359,7 @@ fn summarize(
     };
     let mut groups = Vec::new();
     for &mode in modes {
-        for &tool in tools {
+        for &tool in tools.iter().filter(|t| t.refuses(mode).is_none()) {
             let all: Vec<&Sample> = samples
                 .iter()
                 .filter(|s| s.tool == tool && s.mode == mode)
@@ -280,6 +368,36 @@ fn summarize(
             let med = |f: &dyn Fn(&Sample) -> Option<f64>| median(ok.iter().filter_map(|s| f(s)));
             let throughput = med(&|s| s.throughput_mib_s());
             let fault = med(&|s| s.fault_p50_us());
+            let part = |f: fn(&DowntimeParts) -> f64| {
+                median(ok.iter().filter_map(|s| s.downtime_parts.as_ref().map(f)))
+            };
+            let downtime_parts =
+                ok.iter()
+                    .any(|s| s.downtime_parts.is_some())
+                    .then(|| DowntimeParts {
+                        pause_ms: part(|p| p.pause_ms).unwrap_or(0.0),
+                        device_stop_ms: part(|p| p.device_stop_ms).unwrap_or(0.0),
+                        final_pages_ms: part(|p| p.final_pages_ms).unwrap_or(0.0),
+                        device_data_ms: part(|p| p.device_data_ms).unwrap_or(0.0),
+                        state_ms: part(|p| p.state_ms).unwrap_or(0.0),
+                        confirm_ms: part(|p| p.confirm_ms).unwrap_or(0.0),
+                    });
+            let dev = |f: &dyn Fn(&sample::DeviceStats) -> f64| {
+                median(ok.iter().filter_map(|s| s.device.as_ref().map(f)))
+            };
+            let device = ok
+                .iter()
+                .any(|s| s.device.is_some())
+                .then(|| DeviceMedians {
+                    precopy_bytes: dev(&|d| d.precopy_bytes as f64),
+                    stop_copy_bytes: dev(&|d| d.stop_copy_bytes as f64),
+                    dma_pages: dev(&|d| d.dma_pages as f64),
+                    dma_harvests: dev(&|d| d.dma_harvests as f64),
+                    dma_harvest_ms_per_round: dev(&|d| d.dma_harvest_ms_per_round),
+                    dirty: ok
+                        .iter()
+                        .find_map(|s| s.device.as_ref().map(|d| d.dirty.clone())),
+                });
             groups.push(Group {
                 tool,
                 mode,
@@ -302,6 +420,8 @@ fn summarize(
                 fault_p99_us: med(&|s| s.fault_latency_us.as_ref().and_then(|l| l.p99)),
                 fault_vs_rtt: ratio(fault, rtt),
                 blocktime_ms: med(&|s| s.blocktime_ms),
+                downtime_parts,
+                device,
             });
         }
     }
@@ -317,7 +437,22 @@ fn summarize(
             })
         })
         .collect();
-    (base, groups, comparisons)
+    let device_comparisons = modes
+        .iter()
+        .filter_map(|&mode| {
+            let (without, with) = (find(Tool::Vmm, mode)?, find(Tool::VmmGpu, mode)?);
+            Some(DeviceComparison {
+                mode,
+                downtime_without_ms: without.downtime_ms,
+                downtime_with_ms: with.downtime_ms,
+                downtime_with_over_without: ratio(with.downtime_ms, without.downtime_ms),
+                total_without_ms: without.total_ms,
+                total_with_ms: with.total_ms,
+                total_with_over_without: ratio(with.total_ms, without.total_ms),
+            })
+        })
+        .collect();
+    (base, groups, comparisons, device_comparisons)
 }
 
 fn print_table(s: &Summary) {
@@ -342,6 +477,13 @@ fn print_table(s: &Summary) {
     if let Some(v) = &s.vmm {
         println!("vmm: {v} (tracker {})", s.tracker);
     }
+    if let Some(d) = &s.device {
+        println!(
+            "vmm+gpu: {} passed through over vfio-user ({} MiB VRAM), its page writer stamping {} \
+             pages/s into guest RAM; agent '{}'",
+            d.server, d.vram_mib, d.dma_pages_s, d.agent
+        );
+    }
     let b = &s.baseline;
     println!(
         "baseline a->b: TCP {} MiB/s ({} MiB, one connection); 4 KiB ping-pong RTT p50 {} us, p99 {} us",
@@ -352,7 +494,7 @@ fn print_table(s: &Summary) {
     );
     println!();
     println!(
-        "{:<5} {:<9} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7}",
+        "{:<7} {:<9} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7}",
         "tool",
         "mode",
         "ok",
@@ -374,7 +516,7 @@ fn print_table(s: &Summary) {
             g.mode.name().to_string()
         };
         println!(
-            "{:<5} {:<9} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7}",
+            "{:<7} {:<9} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7}",
             g.tool.name(),
             mode,
             format!("{}/{}", g.ok, g.runs),
@@ -399,9 +541,14 @@ fn print_table(s: &Summary) {
             f(c.total_vmm_over_qemu, 3)
         );
     }
+    print_device_table(s);
+    for k in &s.skipped {
+        println!("skipped {} {}: {}", k.tool.name(), k.mode.name(), k.reason);
+    }
     println!(
-        "ok: migrated and the destination agent's workload-verify said ok=true. total/down: as"
+        "ok: migrated and the destination agent's workload-verify said ok=true (vmm+gpu: and so"
     );
+    println!("did stopping the page writer, which checks every stamp it wrote). total/down: as");
     println!("each tool reports them; wall: migrate command to completion, timed by this bench.");
     println!(
         "fault us: vmm's postcopy fault p50; for QEMU, postcopy-blocktime / requested pages (a"
@@ -420,6 +567,113 @@ fn print_table(s: &Summary) {
     }
 }
 
+/// The chart's bars: per mode, vmm then vmm+gpu, each with its downtime parts' medians.
+fn chart_input(s: &Summary) -> chart::ChartInput {
+    let runs = if s.runs == 1 {
+        "a single run".to_string()
+    } else {
+        format!("medians of {} runs", s.runs)
+    };
+    let bars = s
+        .groups
+        .iter()
+        .filter(|g| g.tool.is_vmm())
+        .filter_map(|g| {
+            let downtime_ms = g.downtime_ms?;
+            let segments = match &g.downtime_parts {
+                Some(p) => p.named().to_vec(),
+                None => vec![("not split", downtime_ms)],
+            };
+            Some(chart::Bar {
+                label: format!("{} {}", g.mode.name(), g.tool.name()),
+                segments,
+                downtime_ms,
+            })
+        })
+        .collect();
+    chart::ChartInput {
+        title: format!(
+            "vmm downtime without and with a passed-through device: {runs}, host {}, {} MiB guest",
+            s.host, s.mem_mib
+        ),
+        bars,
+    }
+}
+
+/// The device comparison: vmm without and with the device, per mode, and where the downtime went.
+fn print_device_table(s: &Summary) {
+    if s.device_comparisons.is_empty() && !s.groups.iter().any(|g| g.tool == Tool::VmmGpu) {
+        return;
+    }
+    let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
+    println!();
+    println!(
+        "device: vmm without and with the test device passed through (medians, ms unless named)"
+    );
+    println!(
+        "{:<7} {:<8} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>9} {:>9} {:>6} {:>7}",
+        "tool",
+        "mode",
+        "ok",
+        "total",
+        "down",
+        "pause",
+        "devstp",
+        "pages",
+        "devdat",
+        "state",
+        "confirm",
+        "dev pre B",
+        "dev stop B",
+        "dma pg",
+        "log ms/r"
+    );
+    for g in s.groups.iter().filter(|g| g.tool.is_vmm()) {
+        let p = g.downtime_parts.as_ref();
+        let d = g.device.as_ref();
+        let pp = |f: fn(&DowntimeParts) -> f64| p.map(f);
+        println!(
+            "{:<7} {:<8} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>9} {:>9} {:>6} {:>7}",
+            g.tool.name(),
+            g.mode.name(),
+            format!("{}/{}", g.ok, g.runs),
+            f(g.total_ms, 1),
+            f(g.downtime_ms, 1),
+            f(pp(|p| p.pause_ms), 2),
+            f(pp(|p| p.device_stop_ms), 2),
+            f(pp(|p| p.final_pages_ms), 2),
+            f(pp(|p| p.device_data_ms), 2),
+            f(pp(|p| p.state_ms), 2),
+            f(pp(|p| p.confirm_ms), 2),
+            f(d.and_then(|d| d.precopy_bytes), 0),
+            f(d.and_then(|d| d.stop_copy_bytes), 0),
+            f(d.and_then(|d| d.dma_pages), 0),
+            f(d.and_then(|d| d.dma_harvest_ms_per_round), 2),
+        );
+    }
+    for c in &s.device_comparisons {
+        println!(
+            "vmm+gpu/vmm {:<8} downtime {} ({} -> {} ms)  total {} ({} -> {} ms)",
+            c.mode.name(),
+            f(c.downtime_with_over_without, 2),
+            f(c.downtime_without_ms, 1),
+            f(c.downtime_with_ms, 1),
+            f(c.total_with_over_without, 2),
+            f(c.total_without_ms, 1),
+            f(c.total_with_ms, 1),
+        );
+    }
+    for line in [
+        "downtime parts (precopy only; hybrid's source reports none): pause; devstp: devices to",
+        "STOP_COPY; pages: the last dirty pages sent; devdat: the devices' stop-copy data sent;",
+        "state; confirm: until the destination said it runs. dev pre/stop B: device data sent in",
+        "precopy rounds / in the downtime. dma pg: pages the device's DMA log reported over the",
+        "migration; log ms/r: DMA-log harvest cost per round (ms).",
+    ] {
+        println!("{line}");
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let runs = if args.quick { 1 } else { args.runs.max(1) };
@@ -430,7 +684,21 @@ fn main() -> Result<()> {
     modes.sort();
     modes.dedup();
 
-    let steps = (runs * (1 + tools.len() * modes.len())) as u64;
+    let mut skipped = Vec::new();
+    for &mode in &modes {
+        for &tool in &tools {
+            if let Some(reason) = tool.refuses(mode) {
+                eprintln!("skipping {} {}: {reason}", tool.name(), mode.name());
+                skipped.push(Skipped { tool, mode, reason });
+            }
+        }
+    }
+    let pairs: Vec<(Mode, Tool)> = modes
+        .iter()
+        .flat_map(|&m| tools.iter().map(move |&t| (m, t)))
+        .filter(|&(m, t)| t.refuses(m).is_none())
+        .collect();
+    let steps = (runs * (1 + pairs.len())) as u64;
     let pb = ProgressBar::new(steps);
     pb.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -455,8 +723,21 @@ fn main() -> Result<()> {
         .vmm
         .clone()
         .unwrap_or_else(|| root.join("target/release/vmm"));
-    if tools.contains(&Tool::Vmm) {
+    if tools.iter().any(|t| t.is_vmm()) {
         vmm::check_support(&vmm_bin).context("vmm preflight")?;
+    }
+    let device = DeviceConfig {
+        bin: args
+            .device_bin
+            .clone()
+            .or_else(|| std::env::var_os("VMM_GPU_TEST_DEVICE").map(PathBuf::from))
+            .unwrap_or_else(|| vmm_bin.with_file_name("vmm-gpu-test-device")),
+        vram_mib: args.vram_mib,
+        dma_pages_s: args.dma_pages_s,
+        dirty: args.device_dirty.clone(),
+    };
+    if tools.contains(&Tool::VmmGpu) {
+        vmm::check_device_support(&vmm_bin, &device).context("vmm+gpu preflight")?;
     }
     let qemu_version = if tools.contains(&Tool::Qemu) {
         Some(qemu::ensure_installed()?)
@@ -478,6 +759,7 @@ fn main() -> Result<()> {
         boot_timeout: Duration::from_secs(args.boot_timeout_s),
         migrate_timeout: Duration::from_secs(args.migrate_timeout_s),
         verify_timeout: Duration::from_secs(args.verify_timeout_s),
+        device,
     };
 
     let name = args
@@ -509,58 +791,59 @@ fn main() -> Result<()> {
         );
         baselines.push(b);
         pb.inc(1);
-        for &mode in &modes {
-            for &tool in &tools {
-                port += 1;
-                let dir = log_dir.join(format!("run{run}-{}-{}", tool.name(), mode.name()));
-                std::fs::create_dir_all(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                let label = format!("run {run}/{runs}: {} {}", tool.name(), mode.name());
-                let progress = |stage: &str| pb.set_message(format!("{label}: {stage}"));
-                let result = match tool {
-                    Tool::Qemu => qemu::run(&hosts, &cfg, mode, run, port, &dir, &progress)
-                        .map_err(anyhow::Error::from),
-                    Tool::Vmm => vmm::run(&hosts, &cfg, mode, run, port, &dir, &progress)
-                        .map_err(anyhow::Error::from),
-                };
-                let sample = result.unwrap_or_else(|e| {
-                    let mut s = Sample::new(tool, mode, run);
-                    s.error = Some(format!("{e:#} (logs: {})", dir.display()));
-                    s
-                });
-                let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.0}"));
-                let line = if sample.ok {
-                    format!(
-                        "{label}: total {} ms, downtime {} ms, {} MiB, rounds {}, faults {}",
-                        f(sample.total_ms),
-                        f(sample.downtime_ms),
-                        f(sample.bytes.map(|b| b as f64 / 1048576.0)),
-                        f(sample.rounds.map(|r| r as f64)),
-                        f(sample.postcopy_faults.map(|r| r as f64)),
-                    )
-                } else {
-                    format!(
-                        "{label}: FAILED: {}",
-                        sample.error.as_deref().unwrap_or("?")
-                    )
-                };
-                say(&pb, line);
-                samples.push(sample);
-                pb.inc(1);
-            }
+        for &(mode, tool) in &pairs {
+            port += 1;
+            let dir = log_dir.join(format!("run{run}-{}-{}", tool.name(), mode.name()));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let label = format!("run {run}/{runs}: {} {}", tool.name(), mode.name());
+            let progress = |stage: &str| pb.set_message(format!("{label}: {stage}"));
+            let result = match tool {
+                Tool::Qemu => qemu::run(&hosts, &cfg, mode, run, port, &dir, &progress)
+                    .map_err(anyhow::Error::from),
+                Tool::Vmm | Tool::VmmGpu => {
+                    vmm::run(&hosts, &cfg, tool, mode, run, port, &dir, &progress)
+                        .map_err(anyhow::Error::from)
+                }
+            };
+            let sample = result.unwrap_or_else(|e| {
+                let mut s = Sample::new(tool, mode, run);
+                s.error = Some(format!("{e:#} (logs: {})", dir.display()));
+                s
+            });
+            let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.0}"));
+            let line = if sample.ok {
+                format!(
+                    "{label}: total {} ms, downtime {} ms, {} MiB, rounds {}, faults {}",
+                    f(sample.total_ms),
+                    f(sample.downtime_ms),
+                    f(sample.bytes.map(|b| b as f64 / 1048576.0)),
+                    f(sample.rounds.map(|r| r as f64)),
+                    f(sample.postcopy_faults.map(|r| r as f64)),
+                )
+            } else {
+                format!(
+                    "{label}: FAILED: {}",
+                    sample.error.as_deref().unwrap_or("?")
+                )
+            };
+            say(&pb, line);
+            samples.push(sample);
+            pb.inc(1);
         }
     }
     pb.finish_and_clear();
     drop(hosts);
 
-    let (baseline, groups, comparisons) = summarize(&samples, &baselines, &tools, &modes);
+    let (baseline, groups, comparisons, device_comparisons) =
+        summarize(&samples, &baselines, &tools, &modes);
     let failed = samples.iter().filter(|s| !s.ok).count();
     let summary = Summary {
         host: host_kind(),
         placement: PLACEMENT,
         qemu: qemu_version,
         vmm: tools
-            .contains(&Tool::Vmm)
+            .iter()
+            .any(|t| t.is_vmm())
             .then(|| vmm_bin.display().to_string()),
         runs,
         mem_mib: cfg.mem_mib,
@@ -568,11 +851,28 @@ fn main() -> Result<()> {
         agent: cfg.agent.clone(),
         downtime_target_ms: cfg.downtime_ms,
         tracker: cfg.tracker.clone(),
+        device: tools.contains(&Tool::VmmGpu).then(|| DeviceSummary {
+            server: cfg.device.bin.display().to_string(),
+            vram_mib: cfg.device.vram_mib,
+            dma_pages_s: cfg.device.dma_pages_s,
+            agent: vmm::device_agent(&cfg.device, &cfg.agent),
+        }),
         baseline,
         groups,
         comparisons,
+        device_comparisons,
+        skipped,
         samples,
     };
+    if let Some(path) = &args.json_file {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        let svg = chart::render(&chart_input(&summary))?;
+        std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("chart: {}", path.display());
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -2,11 +2,17 @@
 
 use serde::Serialize;
 
+/// `vmm+gpu`: vmm with the test device (tools/gpu-test-device) passed through over vfio-user, its
+/// page writer DMAing into guest RAM while the memory workload runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
 pub enum Tool {
+    #[serde(rename = "qemu")]
     Qemu,
+    #[serde(rename = "vmm")]
     Vmm,
+    #[serde(rename = "vmm+gpu")]
+    #[value(name = "vmm+gpu")]
+    VmmGpu,
 }
 
 impl Tool {
@@ -14,7 +20,19 @@ impl Tool {
         match self {
             Tool::Qemu => "qemu",
             Tool::Vmm => "vmm",
+            Tool::VmmGpu => "vmm+gpu",
         }
+    }
+    /// Runs vmm (with or without the device).
+    pub fn is_vmm(self) -> bool {
+        self != Tool::Qemu
+    }
+    /// Why this tool cannot migrate in `mode`, if it cannot.
+    pub fn refuses(self, mode: Mode) -> Option<&'static str> {
+        (self == Tool::VmmGpu && mode == Mode::Postcopy).then_some(
+            "vmm refuses postcopy with a passed-through device (all guest RAM is pinned for its \
+             DMA, yet pages not yet sent would be missing on the destination)",
+        )
     }
 }
 
@@ -48,6 +66,47 @@ pub struct FaultLatency {
     pub p90: Option<f64>,
     pub p99: Option<f64>,
     pub max: Option<f64>,
+}
+
+/// What vmm's report says about the passed-through devices (`report.devices`).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeviceStats {
+    pub devices: u64,
+    /// Device migration data sent during precopy rounds (PRE_COPY) and in the downtime.
+    pub precopy_bytes: u64,
+    pub stop_copy_bytes: u64,
+    /// `--device-dirty`: how device DMA was tracked.
+    pub dirty: String,
+    /// Pages the device's DMA log reported over the migration, and what reading it cost.
+    pub dma_pages: u64,
+    pub dma_harvests: u64,
+    pub dma_harvest_ms_per_round: f64,
+}
+
+/// vmm's precopy downtime, piece by piece (ms), as its source saw it (`report.downtime_parts`;
+/// absent for hybrid, whose source reports none).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct DowntimeParts {
+    pub pause_ms: f64,
+    pub device_stop_ms: f64,
+    pub final_pages_ms: f64,
+    pub device_data_ms: f64,
+    pub state_ms: f64,
+    pub confirm_ms: f64,
+}
+
+impl DowntimeParts {
+    /// (name, value) in the order they happen.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("pause", self.pause_ms),
+            ("device stop", self.device_stop_ms),
+            ("final pages", self.final_pages_ms),
+            ("device data", self.device_data_ms),
+            ("state", self.state_ms),
+            ("confirm", self.confirm_ms),
+        ]
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -87,6 +146,13 @@ pub struct Sample {
     pub blocktime_ms: Option<f64>,
     /// The destination agent's `workload-verify` line.
     pub verify: Option<String>,
+    /// vmm only: where the precopy downtime went.
+    pub downtime_parts: Option<DowntimeParts>,
+    /// vmm+gpu only: the device's share of the migration.
+    pub device: Option<DeviceStats>,
+    /// vmm+gpu only: the destination agent's answer to stopping the page writer, which checks
+    /// every stamp it wrote (a run counts only if this and `verify` both say ok=true).
+    pub device_verify: Option<String>,
 }
 
 impl Sample {
@@ -96,6 +162,21 @@ impl Sample {
         self.verify = crate::guest::agent_result(line).map(str::to_string);
         if !self.ok {
             self.error = Some(format!("destination memory check failed: {line}"));
+        }
+    }
+
+    /// Records the destination agent's answer to `vfio-workload,BDF,stop` (after
+    /// [`Sample::record_verify`]): the run stays ok only if the page writer's stamps all check.
+    pub fn record_device_verify(&mut self, line: &str) {
+        let ok = crate::guest::verify_ok(line);
+        self.device_verify = crate::guest::agent_result(line).map(str::to_string);
+        if !ok {
+            self.ok = false;
+            let why = format!("the device's page writer check failed: {line}");
+            self.error = Some(match self.error.take() {
+                Some(before) => format!("{before}; {why}"),
+                None => why,
+            });
         }
     }
 
@@ -120,6 +201,9 @@ impl Sample {
             fault_latency_us: None,
             blocktime_ms: None,
             verify: None,
+            downtime_parts: None,
+            device: None,
+            device_verify: None,
         }
     }
 
@@ -135,7 +219,7 @@ impl Sample {
     /// reports to a fault latency. vmm: its p50.
     pub fn fault_p50_us(&self) -> Option<f64> {
         match self.tool {
-            Tool::Vmm => self.fault_latency_us.as_ref().and_then(|l| l.p50),
+            Tool::Vmm | Tool::VmmGpu => self.fault_latency_us.as_ref().and_then(|l| l.p50),
             Tool::Qemu => match (self.blocktime_ms, self.postcopy_faults) {
                 (Some(b), Some(n)) if n > 0 => Some(b * 1000.0 / n as f64),
                 _ => None,

@@ -10,8 +10,11 @@ use serde_json::Value;
 use vmm_tests::netns::{Side, TwoHosts};
 
 use crate::guest::{self, ChildGuard, GuestError};
-use crate::sample::{FaultLatency, Mode, Sample, Tool};
-use crate::Config;
+use crate::sample::{DeviceStats, DowntimeParts, FaultLatency, Mode, Sample, Tool};
+use crate::{Config, DeviceConfig};
+
+/// Where the first `--device` sits in the guest (vmm places functions from slot 1).
+pub const DEVICE_BDF: &str = "0000:00:01.0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -36,6 +39,64 @@ pub enum VmmError {
     Timeout { secs: u64 },
     #[error("vmm remote console failed ({status}): {stderr}")]
     Console { status: String, stderr: String },
+    #[error("the test device {bin} is missing: build it (`cargo build -p gpu-test-device`) or pass --device-bin")]
+    NoDevice { bin: String },
+}
+
+/// Fails unless the device server exists and `bin` takes `--device`.
+pub fn check_device_support(bin: &Path, device: &DeviceConfig) -> Result<(), VmmError> {
+    if !device.bin.is_file() {
+        return Err(VmmError::NoDevice {
+            bin: device.bin.display().to_string(),
+        });
+    }
+    let out = Command::new(bin)
+        .args(["run", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| VmmError::Spawn {
+            bin: bin.display().to_string(),
+            source,
+        })?;
+    if !String::from_utf8_lossy(&out.stdout).contains("--device") {
+        return Err(VmmError::Unsupported {
+            bin: bin.display().to_string(),
+            missing: "`vmm run` has no --device".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The agent script of a guest with the device: bind it to vfio-pci and start its page writer,
+/// then the memory workload (whose first pass is what the bench waits for before migrating).
+pub fn device_agent(device: &DeviceConfig, agent: &str) -> String {
+    format!(
+        "vfio-bind,{DEVICE_BDF};vfio-workload,{DEVICE_BDF},start,dma,{};{agent}",
+        device.dma_pages_s
+    )
+}
+
+/// Starts the test device server in namespace `side` on `sock`; returns once it listens.
+fn start_device(
+    hosts: &TwoHosts,
+    side: Side,
+    device: &DeviceConfig,
+    sock: &Path,
+    log: &Path,
+) -> Result<ChildGuard, VmmError> {
+    let mut cmd = hosts.command(side, &device.bin);
+    cmd.arg("--socket")
+        .arg(sock)
+        .args(["--vram-size", &format!("{}M", device.vram_mib)]);
+    let mut guard = ChildGuard::spawn(&format!("device server ({side:?})"), cmd, log)?;
+    guest::wait_for_line(
+        log,
+        "the device server's `listening on`",
+        |l| l.contains("listening on"),
+        Duration::from_secs(30),
+        Some(&mut guard),
+    )?;
+    Ok(guard)
 }
 
 /// Fails with [`VmmError::Unsupported`] unless `bin` has `remote` and `run --incoming`.
@@ -176,6 +237,31 @@ fn read_report(sample: &mut Sample, report: &Value) {
         &report["postcopy"]
     };
     sample.postcopy_entered = Some(!pc.is_null());
+    let parts = &report["downtime_parts"];
+    if parts.is_object() {
+        let ms = |k: &str| parts[k].as_f64().unwrap_or(0.0);
+        sample.downtime_parts = Some(DowntimeParts {
+            pause_ms: ms("pause_ms"),
+            device_stop_ms: ms("device_stop_ms"),
+            final_pages_ms: ms("final_pages_ms"),
+            device_data_ms: ms("device_data_ms"),
+            state_ms: ms("state_ms"),
+            confirm_ms: ms("confirm_ms"),
+        });
+    }
+    let d = &report["devices"];
+    if d.is_object() {
+        let n = |k: &str| d[k].as_u64().unwrap_or(0);
+        sample.device = Some(DeviceStats {
+            devices: n("devices"),
+            precopy_bytes: n("precopy_bytes"),
+            stop_copy_bytes: n("stop_copy_bytes"),
+            dirty: d["dirty"].as_str().unwrap_or_default().to_string(),
+            dma_pages: n("dma_pages"),
+            dma_harvests: n("dma_harvests"),
+            dma_harvest_ms_per_round: d["dma_harvest_ms_per_round"].as_f64().unwrap_or(0.0),
+        });
+    }
     if !pc.is_null() {
         sample.postcopy_faults = pc["faults"].as_u64();
         let l = &pc["latency_us"];
@@ -189,19 +275,49 @@ fn read_report(sample: &mut Sample, report: &Value) {
 }
 
 /// Migrates once; returns the filled sample (ok only if the destination verified its memory).
+/// With `tool` [`Tool::VmmGpu`], each side gets its own test device server (in its namespace)
+/// passed through, the source's page writer runs through the migration, and the destination
+/// checks its stamps too.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     hosts: &TwoHosts,
     cfg: &Config,
+    tool: Tool,
     mode: Mode,
     run: usize,
     port: u16,
     dir: &Path,
     progress: &dyn Fn(&str),
 ) -> Result<Sample, VmmError> {
-    let mut sample = Sample::new(Tool::Vmm, mode, run);
+    let mut sample = Sample::new(tool, mode, run);
     let p = |name: &str| dir.join(name).display().to_string();
     let uri = format!("tcp://{}:{port}", hosts.addr_b);
     let (src_sock, dst_sock) = (p("src.sock"), p("dst.sock"));
+    let device = (tool == Tool::VmmGpu).then_some(&cfg.device);
+    let (dev_a, dev_b) = (dir.join("gpu-a.sock"), dir.join("gpu-b.sock"));
+    let agent = match device {
+        Some(d) => device_agent(d, &cfg.agent),
+        None => cfg.agent.clone(),
+    };
+    // Both device servers live until the run ends (the guards drop last).
+    let mut servers = Vec::new();
+    if let Some(d) = device {
+        progress("starting the device servers");
+        servers.push(start_device(
+            hosts,
+            Side::A,
+            d,
+            &dev_a,
+            &dir.join("gpu-a.log"),
+        )?);
+        servers.push(start_device(
+            hosts,
+            Side::B,
+            d,
+            &dev_b,
+            &dir.join("gpu-b.log"),
+        )?);
+    }
 
     progress("booting the source guest");
     let start = Instant::now();
@@ -213,9 +329,13 @@ pub fn run(
         .arg(&cfg.initrd)
         .args(["--mem", &format!("{}M", cfg.mem_mib)])
         .args(["--vcpus", &cfg.vcpus.to_string()])
-        .args(["--agent", &cfg.agent])
+        .args(["--agent", &agent])
         .args(["--api-socket", &src_sock])
         .args(["--console", &format!("file:{}", p("src.console"))]);
+    if device.is_some() {
+        cmd.arg("--device")
+            .arg(format!("vfio-user:{}", dev_a.display()));
+    }
     let mut src = ChildGuard::spawn("source vmm", cmd, &dir.join("src.stderr"))?;
     guest::wait_for_line(
         &dir.join("src.console"),
@@ -233,6 +353,10 @@ pub fn run(
         .args(["--api-socket", &dst_sock])
         .args(["--console", &format!("file:{}", p("dst.console"))])
         .arg("--json");
+    if device.is_some() {
+        cmd.arg("--device")
+            .arg(format!("vfio-user:{}", dev_b.display()));
+    }
     let mut dst = ChildGuard::spawn("destination vmm", cmd, &dir.join("dst.stdout"))?;
     // The destination serves its API only once it holds a VM: wait for its listening socket.
     guest::wait_listening(
@@ -263,6 +387,9 @@ pub fn run(
     ];
     if cfg.max_bandwidth_mib > 0 {
         migrate_args.extend(["--bandwidth-mib-s", &bandwidth]);
+    }
+    if let Some(dirty) = device.and_then(|d| d.dirty.as_deref()) {
+        migrate_args.extend(["--device-dirty", dirty]);
     }
     let t0 = Instant::now();
     let (status, stdout, stderr) = remote(hosts, cfg, &migrate_args, cfg.migrate_timeout)?;
@@ -306,15 +433,14 @@ pub fn run(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let mut command = "workload-stop;workload-verify".to_string();
+    if device.is_some() {
+        command += &format!(";vfio-workload,{DEVICE_BDF},stop");
+    }
     let (status, _, stderr) = remote(
         hosts,
         cfg,
-        &[
-            "--api-socket",
-            &dst_sock,
-            "console",
-            "workload-stop;workload-verify",
-        ],
+        &["--api-socket", &dst_sock, "console", &command],
         Duration::from_secs(30),
     )?;
     if !status.success() {
@@ -331,6 +457,18 @@ pub fn run(
         Some(&mut dst),
     )?;
     sample.record_verify(&line);
+    if device.is_some() {
+        let line = guest::wait_for_line(
+            &dir.join("dst.console"),
+            "the agent's answer to stopping the page writer",
+            guest::is_device_stop_result,
+            cfg.verify_timeout,
+            Some(&mut dst),
+        )?;
+        sample.record_device_verify(&line);
+    }
+    drop(dst);
+    drop(servers);
     Ok(sample)
 }
 
@@ -361,6 +499,25 @@ mod tests {
         .expect("valid JSON");
         let mut s = Sample::new(Tool::Vmm, Mode::Precopy, 1);
         read_report(&mut s, &precopy);
+        assert!(s.device.is_none() && s.downtime_parts.is_none());
+        let with_device: Value = serde_json::from_str(
+            r#"{"ok":true,"mode":"precopy","total_ms":104,"downtime_ms":15.5,"bytes":1,"rounds":2,
+                "downtime_parts":{"pause_ms":1.1,"device_stop_ms":0.06,"final_pages_ms":1.5,
+                  "device_data_ms":0.4,"state_ms":1.9,"confirm_ms":6.2},
+                "devices":{"devices":1,"precopy_bytes":4096,"stop_copy_bytes":632,"dirty":"log",
+                  "dma_pages":300,"dma_harvests":3,"dma_harvest_ms_per_round":2.2}}"#,
+        )
+        .expect("valid JSON");
+        let mut g = Sample::new(Tool::VmmGpu, Mode::Precopy, 1);
+        read_report(&mut g, &with_device);
+        let parts = g.downtime_parts.expect("parts");
+        assert_eq!((parts.pause_ms, parts.confirm_ms), (1.1, 6.2));
+        let dev = g.device.expect("devices");
+        assert_eq!(
+            (dev.stop_copy_bytes, dev.dma_pages, dev.dirty.as_str()),
+            (632, 300, "log")
+        );
+        assert_eq!(dev.dma_harvest_ms_per_round, 2.2);
         // What vmm prints today: pretty-printed, wrapped.
         let wrapped = "{\n  \"ok\": true,\n  \"report\": {\n    \"bytes\": 5,\n    \"ok\": true,\n    \"pages_per_round\": [\n      32768,\n      1849\n    ],\n    \"postcopy\": null\n  }\n}\n";
         let (ok, r) = parse_report(wrapped).expect("a report");
