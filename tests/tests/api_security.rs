@@ -144,7 +144,11 @@ fn refused(sock: &Path, needle: &str) {
     let run = vmm(&args);
     run.assert_no_panic();
     assert_eq!(run.code(), Some(1), "{}", run.stderr);
-    assert!(run.stderr.contains(needle), "expected '{needle}':\n{}", run.stderr);
+    assert!(
+        run.stderr.contains(needle),
+        "expected '{needle}':\n{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -206,11 +210,17 @@ fn output_paths_are_never_followed_or_overwritten() {
     symlink(p("precious"), p("prepared/memory")).unwrap();
     let (code, v, _) = snapshot(&p("prepared"));
     assert_eq!(code, Some(1), "{v}");
-    assert!(error_of(&v).contains("prepared: a directory is there already"), "{v}");
+    assert!(
+        error_of(&v).contains("prepared: a directory is there already"),
+        "{v}"
+    );
     // The directory itself a link.
     symlink(p("prepared"), p("linked")).unwrap();
     let (_, v, _) = snapshot(&p("linked"));
-    assert!(error_of(&v).contains("linked: a symbolic link is there already"), "{v}");
+    assert!(
+        error_of(&v).contains("linked: a symbolic link is there already"),
+        "{v}"
+    );
     assert_eq!(std::fs::read(p("precious")).unwrap(), b"keep me");
 
     // A good one: a 0700 directory of 0600 files.
