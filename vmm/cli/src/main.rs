@@ -191,7 +191,8 @@ pub(crate) struct RunArgs {
     track_schedule: Vec<String>,
 
     /// Serve the control API (status, pause, resume, console, migrate) on this Unix socket;
-    /// `vmm remote --api-socket PATH ...` talks to it.
+    /// `vmm remote --api-socket PATH ...` talks to it. Its directory must be writable by you
+    /// alone (README, "The control API socket").
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Create the VM with a KVM dirty ring (needed to migrate with `--tracker ring`).
@@ -202,11 +203,11 @@ pub(crate) struct RunArgs {
     #[arg(long, conflicts_with_all = ["kernel", "micro", "payload"])]
     incoming: Option<String>,
     /// With --incoming, precopy: write guest RAM as received (the source's RAM at its pause),
-    /// before the guest runs here, to PATH. A postcopy migration is then refused: use
+    /// before the guest runs here, to PATH (a new file). A postcopy migration is then refused: use
     /// --dump-final.
     #[arg(long, requires = "incoming")]
     dump_memory: Option<PathBuf>,
-    /// Write guest RAM when the run ends to PATH, read as the guest sees it (after a postcopy
+    /// Write guest RAM when the run ends to PATH (a new file), read as the guest sees it (after a postcopy
     /// migration, once every page has arrived).
     #[arg(long)]
     dump_final: Option<PathBuf>,

@@ -40,13 +40,14 @@ pub struct RestoreArgs {
     console: String,
     #[arg(long)]
     no_console_input: bool,
-    /// Serve the control API on this Unix socket.
+    /// Serve the control API on this Unix socket (in a directory writable by you alone).
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Write guest RAM as restored, before the guest runs, to PATH (eager restore only).
+    /// Write guest RAM as restored, before the guest runs, to PATH, a new file (eager restore
+    /// only).
     #[arg(long, conflicts_with = "lazy")]
     dump_memory: Option<PathBuf>,
-    /// Write guest RAM when the run ends to PATH, read as the guest sees it (with --lazy, every
+    /// Write guest RAM when the run ends to PATH (a new file), read as the guest sees it (with --lazy, every
     /// page the run did not touch is brought in first, through the same installs).
     #[arg(long)]
     dump_final: Option<PathBuf>,

@@ -15,6 +15,10 @@
 //! Any failure answers `{"ok":false,"error":"..."}` and changes nothing (a failed migration
 //! leaves the guest running here). Requests on one connection are served in order; use another
 //! connection to ask for `status` while a `migrate` runs.
+//!
+//! Who may connect, how many at once, how long a request may take, and what may lie at the
+//! socket path: `server`'s module comment. Files the API writes are created new, owner-only,
+//! never through a link (`crate::output`).
 
 pub mod client;
 pub mod server;
@@ -54,7 +58,8 @@ pub enum Request {
 /// A snapshot request (`vmm snapshot`, `vmm remote ... snapshot`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, clap::Args)]
 pub struct SnapshotParams {
-    /// Directory to write the snapshot into (vm.json and memory; created if missing).
+    /// New directory to write the snapshot into (vm.json and memory; refused if anything is
+    /// there already: `output::OutputDir`).
     #[arg(long)]
     pub to: std::path::PathBuf,
     /// End the VM after the snapshot instead of resuming it.
@@ -94,7 +99,8 @@ pub struct MigrateParams {
     #[arg(long, default_value_t = 60_000)]
     #[serde(default = "default_precopy_ms")]
     pub max_precopy_ms: u64,
-    /// Write guest RAM as it is at the pause into this file (for byte-for-byte checks).
+    /// Write guest RAM as it is at the pause into this new file (for byte-for-byte checks;
+    /// refused if anything is there already, a link included).
     #[arg(long)]
     #[serde(default)]
     pub dump_memory: Option<std::path::PathBuf>,

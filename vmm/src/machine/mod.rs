@@ -19,6 +19,7 @@ pub mod run;
 pub mod saved_state;
 pub mod shared;
 pub mod stdin;
+pub mod terminate;
 pub mod tracking_session;
 
 use std::path::PathBuf;
@@ -69,6 +70,8 @@ pub enum MachineError {
     Thread(std::io::Error),
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Terminate(std::io::Error),
     #[error(transparent)]
     Tracking(#[from] TrackingError),
     #[error("control API socket: {0}")]

@@ -25,6 +25,9 @@ pub enum Outcome {
     Migrated,
     /// A snapshot was taken with `exit`: the guest lives on in the snapshot: exit code 0.
     Snapshotted,
+    /// SIGTERM or SIGINT ended a run that served an API socket (`machine::terminate`): exit
+    /// code 128 + the signal, as a shell reports a process a signal ended.
+    Terminated { signal: i32 },
 }
 
 pub const EXIT_KERNEL_PANIC: i32 = 3;
@@ -56,6 +59,7 @@ impl Outcome {
             Outcome::MicroExit { .. } => EXIT_MICRO_FAILED,
             Outcome::KernelPanic { .. } => EXIT_KERNEL_PANIC,
             Outcome::Fault { .. } => EXIT_GUEST_FAULT,
+            Outcome::Terminated { signal } => 128 + signal,
         }
     }
 
@@ -69,6 +73,10 @@ impl Outcome {
             Outcome::Stopped => "stopped from the console".into(),
             Outcome::Migrated => "guest migrated away; it runs on the destination now".into(),
             Outcome::Snapshotted => "snapshot taken; the guest lives on in it".into(),
+            Outcome::Terminated { signal } => format!(
+                "ended by {} (the run stopped cleanly)",
+                super::terminate::name(*signal)
+            ),
         }
     }
 }

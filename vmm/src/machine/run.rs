@@ -137,6 +137,12 @@ impl Machine {
             cfg.mem_bytes >> 20
         );
 
+        // A run with an API socket ends cleanly on SIGTERM/SIGINT, so the socket goes with it
+        // (`terminate`); installed first, so no signal finds the socket made and no handler.
+        let terminate = match &cfg.api_socket {
+            Some(_) => Some(super::terminate::Guard::install().map_err(MachineError::Terminate)?),
+            None => None,
+        };
         // Before any vCPU runs: a failure here must leave the guest never started.
         let api = match (&cfg.api_socket, api) {
             (Some(path), Some(serve)) => {
@@ -190,11 +196,22 @@ impl Machine {
         let _raw = cfg.console_input.then(stdin::RawTerminal::enter);
         // A micro guest ends when every vCPU has exited with status 0 (or one stops otherwise).
         let exits_needed = if micro { usize::from(nr_vcpus) } else { 1 };
-        let ended = event_loop(&cfg, &devs, &exit_evt, &events_rx, &quit, exits_needed);
+        let ended = event_loop(
+            &cfg,
+            &devs,
+            &exit_evt,
+            &events_rx,
+            &quit,
+            terminate.as_ref(),
+            exits_needed,
+        );
         let rss = report::rss_beyond_shmem_kib();
         if let Some(api) = api {
             api.stop();
         }
+        // Read before the handlers go: the run may have ended on its own meanwhile.
+        let signal = terminate.as_ref().and_then(|t| t.received());
+        drop(terminate);
         // Harvests end before the vCPU threads do: a kick must never target a finished thread.
         if let Some(h) = harvester {
             h.stop();
@@ -225,7 +242,10 @@ impl Machine {
             VcpuStop::DeviceExit(0) => shared.micro.budget.check(mem),
             _ => None,
         };
-        let mut outcome = Outcome::from_stop(why, kernel_panic);
+        let mut outcome = match signal {
+            Some(signal) if why == VcpuStop::Stopped => Outcome::Terminated { signal },
+            _ => Outcome::from_stop(why, kernel_panic),
+        };
         if let Some(c) = micro_check.as_ref().filter(|c| c.mismatches > 0) {
             outcome = Outcome::Fault {
                 message: format!(
@@ -277,7 +297,8 @@ impl MutEventSubscriber for ExitWatch {
 
 type Ended = (Option<Instant>, VcpuStop);
 
-/// Runs the main thread's loop until the first vCPU stops (or the user quits from the console).
+/// Runs the main thread's loop until the first vCPU stops (or the user quits from the console,
+/// or a SIGTERM/SIGINT arrives while `terminate` is installed).
 /// A vCPU that stops with `DeviceExit(0)` only ends the loop once `exits_needed` different vCPUs
 /// have (the micro guest's vCPUs each exit when done); any other stop ends it at once.
 fn event_loop(
@@ -286,6 +307,7 @@ fn event_loop(
     exit_evt: &EventFd,
     rx: &Receiver<VcpuEvent>,
     quit: &Arc<AtomicBool>,
+    terminate: Option<&super::terminate::Guard>,
     exits_needed: usize,
 ) -> Result<Ended, MachineError> {
     let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
@@ -319,6 +341,10 @@ fn event_loop(
             }
         }
         if quit.load(Ordering::Acquire) {
+            return Ok((first_run, VcpuStop::Stopped));
+        }
+        if let Some(sig) = terminate.and_then(|t| t.received()) {
+            tracing::info!("{}: ending the run", super::terminate::name(sig));
             return Ok((first_run, VcpuStop::Stopped));
         }
         em.run_with_timeout(100).map_err(MachineError::EventLoop)?;

@@ -74,7 +74,8 @@ fn dump_with(
     path: &std::path::Path,
     mut read: impl FnMut(&RamRange, u64, &mut [u8]) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let out = File::create(path)?;
+    // A new owner-only file, never through a link (`output`): the dump is guest RAM.
+    let out = crate::output::create_new(path).map_err(crate::output::OutputError::into_io)?;
     let mut buf = vec![0u8; 1 << 20];
     for r in ranges {
         let mut done = 0u64;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::machine::description::PassthroughDesc;
 use crate::machine::pci::mig_v2::{function_ids, MigDevice, MigV2Error, READ_CHUNK};
 use crate::machine::pci::passthrough::PassthroughHandle;
+use crate::output::OutputDir;
 
 /// The most state one device may leave in a snapshot (a bound on a misbehaving device, far
 /// above any VRAM this VMM maps; the same bound as a migration's stop-copy).
@@ -29,6 +30,8 @@ pub enum DeviceFileError {
     /// A step of the device's state machine or data transfer failed.
     #[error("{0}")]
     Device(#[from] MigV2Error),
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -88,23 +91,14 @@ impl SnapshotDevices {
         Ok(())
     }
 
-    /// Writes each device's stop-copy data into `dir/deviceN.bin`.
-    pub fn save(&mut self, dir: &Path) -> Result<Vec<DeviceFile>, DeviceFileError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    /// Writes each device's stop-copy data into `dir/deviceN.bin` (new owner-only files, as
+    /// the data is the device's memory).
+    pub fn save(&mut self, dir: &mut OutputDir) -> Result<Vec<DeviceFile>, DeviceFileError> {
         let mut out = Vec::new();
         for (i, d) in self.devs.iter_mut().enumerate() {
             let name = file_name(i);
             let path = dir.join(&name);
-            // Not through a symlink someone left in the directory; owner-only, as the data is
-            // the device's memory.
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(io(&path))?;
+            let mut f = dir.create_file(&name)?;
             let mut crc = crc32fast::Hasher::new();
             let len = d.read_all(DEVICE_DATA_LIMIT, &mut |data: &[u8]| {
                 crc.update(data);

@@ -4,6 +4,7 @@
 //! them (SEEK_DATA / SEEK_HOLE).
 
 use std::fs::File;
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use super::device_files::DeviceFile;
 use crate::machine::description::VmDescription;
 use crate::machine::saved_state::VmSnapshot;
 use crate::memory::RamRange;
+use crate::output::{OutputDir, OutputError};
 
 pub const FORMAT: &str = "vmm-snapshot";
 /// 2: device state by device id (`devices::DeviceStates`) instead of a field per device type.
@@ -35,6 +37,8 @@ pub enum SnapshotFileError {
     Version { path: PathBuf, found: u32 },
     #[error("encoding the snapshot: {0}")]
     Encode(serde_json::Error),
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,18 +78,18 @@ pub struct Contents<'a> {
     pub devices: Vec<DeviceFile>,
 }
 
-/// Writes guest RAM (sparse) and the manifest into `dir`, which is created if needed. The
-/// manifest is written last, under a temporary name first, so a directory with a `vm.json` is
-/// always complete (device files included: they are written before it).
+/// Writes guest RAM (sparse) and the manifest into `dir` (made new for this snapshot:
+/// `output::OutputDir`, every file owner-only and created, never overwritten). The manifest is
+/// written last, under a temporary name first, so a directory with a `vm.json` is always
+/// complete (device files included: they are written before it).
 pub fn write(
-    dir: &Path,
+    dir: &mut OutputDir,
     contents: Contents<'_>,
     memfd: &File,
     ranges: &[RamRange],
 ) -> Result<Manifest, SnapshotFileError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mem_path = dir.join(MEMORY);
-    let out = File::create(&mem_path).map_err(io(&mem_path))?;
+    let out = dir.create_file(MEMORY)?;
     let total: u64 = ranges
         .iter()
         .map(|r| r.file_offset + r.size)
@@ -122,10 +126,12 @@ pub fn write(
         devices: contents.devices,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(SnapshotFileError::Encode)?;
-    let tmp = dir.join(format!("{MANIFEST}.tmp"));
-    std::fs::write(&tmp, json).map_err(io(&tmp))?;
-    let path = dir.join(MANIFEST);
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let tmp_name = format!("{MANIFEST}.tmp");
+    let tmp = dir.join(&tmp_name);
+    let mut f = dir.create_file(&tmp_name)?;
+    f.write_all(&json).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    dir.rename(&tmp_name, MANIFEST)?;
     Ok(manifest)
 }
 

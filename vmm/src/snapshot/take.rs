@@ -12,6 +12,7 @@ use super::files;
 use super::SnapshotError;
 use crate::machine::saved_state::VmSnapshot;
 use crate::machine::shared::Shared;
+use crate::output::OutputDir;
 use crate::vstate::pause::Owner;
 use crate::vstate::vcpu::VcpuStop;
 
@@ -55,13 +56,17 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
             .pause(&shared.kicker, Owner::Migration, true, PAUSE_TIMEOUT),
     }
     .map_err(SnapshotError::Pause)?;
+    // Made here, after the pause, when the first file is written; discarded on failure so the
+    // same path can be used again (an existing directory is refused).
+    let mut out_dir = None;
     let written = (|| -> Result<files::Manifest, SnapshotError> {
         // The devices stop before guest RAM is read: their DMA into it ends here.
         devices.stop()?;
         let state = VmSnapshot::capture(shared, vcpus).map_err(SnapshotError::State)?;
-        let device_files = devices.save(dir)?;
+        let out = out_dir.insert(OutputDir::create(dir).map_err(files::SnapshotFileError::from)?);
+        let device_files = devices.save(out)?;
         files::write(
-            dir,
+            out,
             files::Contents {
                 vm: &shared.describe(),
                 state: &state,
@@ -77,6 +82,9 @@ pub fn take(shared: &Shared, dir: &Path, exit: bool) -> Result<Taken, SnapshotEr
     let manifest = match written {
         Ok(m) => m,
         Err(e) => {
+            if let Some(out) = out_dir {
+                out.discard();
+            }
             // Devices first: the guest must not run against a stopped device.
             devices.recover();
             if owner == Owner::Migration {
