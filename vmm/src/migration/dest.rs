@@ -210,7 +210,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             }
             Message::State(json) => {
                 state_at = Some(Instant::now());
-                snapshot = Some(VmSnapshot::decode(&json)?);
+                let decoded = VmSnapshot::decode(&json)?;
+                // Validated here, before the keep-present walks of a postcopy switch read it.
+                decoded.check_here(hello.vm.vcpus as usize)?;
+                snapshot = Some(decoded);
             }
             Message::Complete if hello.mode == Mode::Precopy => break None,
             Message::PostcopyStart { pending } if hello.mode != Mode::Precopy => {
