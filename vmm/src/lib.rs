@@ -14,6 +14,7 @@ pub mod micro_check;
 pub mod micro_finish;
 pub mod micro_port;
 pub mod migration;
+pub mod peer_text;
 pub mod snapshot;
 pub mod sys;
 pub mod tracking;
