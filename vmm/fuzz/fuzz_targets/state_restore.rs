@@ -50,7 +50,15 @@ fn restore(json: &[u8], memory: &[u8]) {
             return None;
         }
         let start = ((gpa >> 12) as usize).wrapping_mul(64) % memory.len();
-        Some(memory.iter().cycle().skip(start).take(4096).copied().collect())
+        Some(
+            memory
+                .iter()
+                .cycle()
+                .skip(start)
+                .take(4096)
+                .copied()
+                .collect(),
+        )
     };
     let pages = keep_present::kvm_touched(&state.vcpus, &mut read);
     assert!(pages.windows(2).all(|w| w[0] < w[1]));
