@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Fuzzes the migration frame decoder for a bounded time: tools/fuzz.sh [SECONDS] [libFuzzer args]
-# (default 60 s). Exits non-zero if the target crashes; the crashing input is left under
-# vmm/fuzz/artifacts/frame_decoder/. The corpus grows in vmm/fuzz/corpus/ (not in git) and is
-# reused by later runs.
+# Fuzzes every target in vmm/fuzz for a bounded time in all: tools/fuzz.sh [SECONDS] [libFuzzer
+# args] (default 60 s, split evenly; the frame decoder gets twice a share). Exits non-zero if a
+# target crashes; the crashing input is left under vmm/fuzz/artifacts/TARGET/. Corpora grow in
+# vmm/fuzz/corpus/ (not in git) and are reused by later runs. A long campaign is
+# tools/fuzz-campaign.sh, not this.
 set -euo pipefail
 
 secs="${1:-60}"
@@ -26,7 +27,17 @@ else
 fi
 
 cd "$fuzz_dir"
-mkdir -p corpus/frame_decoder
-# Debug assertions on, so an integer overflow on hostile input counts as a crash.
-exec cargo ${toolchain[@]+"${toolchain[@]}"} fuzz run --debug-assertions frame_decoder \
-    corpus/frame_decoder -- -max_total_time="$secs" -print_final_stats=1 "$@"
+targets=(frame_decoder hello state_restore api_request page_proto)
+# One build for all (the first run would otherwise build each target in turn).
+cargo ${toolchain[@]+"${toolchain[@]}"} fuzz build --debug-assertions
+share=$(( secs / (${#targets[@]} + 1) ))
+(( share >= 5 )) || share=5
+for t in "${targets[@]}"; do
+    t_secs=$share
+    [[ $t == frame_decoder ]] && t_secs=$(( 2 * share ))
+    mkdir -p "corpus/$t"
+    echo "fuzz.sh: $t for $t_secs s" >&2
+    # Debug assertions on, so an integer overflow on hostile input counts as a crash.
+    cargo ${toolchain[@]+"${toolchain[@]}"} fuzz run --debug-assertions "$t" "corpus/$t" -- \
+        -max_total_time="$t_secs" -print_final_stats=1 "$@"
+done

@@ -27,5 +27,5 @@ cargo build --workspace --bins -q
 echo "test: cargo test"
 cargo test --workspace --no-fail-fast
 cargo test -p vfio_user --no-fail-fast
-echo "test: fuzzing the migration frame decoder for 60 s"
-bash tools/fuzz.sh 60
+echo "test: fuzzing every decoder target (frame, Hello, state restore, API, page server) for 90 s in all"
+bash tools/fuzz.sh 90

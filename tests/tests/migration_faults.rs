@@ -360,3 +360,22 @@ fn a_destination_that_fails_before_running_the_guest_hands_it_back_even_in_postc
     assert_eq!(dcode, Some(1), "{derr}");
     finish_intact(src, &sock, 100);
 }
+
+#[test]
+fn a_peers_abort_text_is_shown_sanitized_and_cut() {
+    // A hostile source's Abort: terminal escape sequences (clear screen, a title change, red
+    // text) and 1 MiB of text. The destination's error line must carry none of the escapes and
+    // at most a screenful of the text, saying how much was left out.
+    let port = free_port();
+    let dst = destination(port, &[]);
+    let (mut w, _r) = fake_source(port);
+    let mut reason = String::from("\u{1b}[2J\u{1b}]0;owned\u{7}\u{1b}[31mgone\u{1b}[0m\r\n");
+    reason.push_str(&"A".repeat(1 << 20));
+    w.send(&Message::Abort(reason)).unwrap();
+    w.flush().unwrap();
+    let err = destination_error(dst, "hostile Abort");
+    assert!(!err.contains('\u{1b}') && !err.contains('\r'), "{err:?}");
+    assert!(err.contains("gone"), "{err}");
+    assert!(err.len() < 2048, "{} bytes", err.len());
+    assert!(err.contains("more bytes)"), "{err}");
+}

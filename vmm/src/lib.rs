@@ -15,6 +15,7 @@ pub mod micro_finish;
 pub mod micro_port;
 pub mod migration;
 pub mod output;
+pub mod peer_text;
 pub mod snapshot;
 pub mod sys;
 pub mod tracking;

@@ -13,6 +13,9 @@ use libfuzzer_sys::fuzz_target;
 
 // The protocol file itself rather than the vmm crate: the build stays small (no KVM, VFIO or
 // plotting crates under the sanitizer) and is not broken by unrelated work in vmm.
+#[path = "../../src/peer_text.rs"]
+mod peer_text;
+
 #[path = "../../src/migration"]
 mod migration {
     #[allow(dead_code)]

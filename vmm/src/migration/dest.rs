@@ -14,7 +14,8 @@ use super::devices::{DestDevices, PassthroughHandle};
 use super::hello::Hello;
 use super::pages;
 use super::protocol::{
-    check_range, FrameReader, FrameWriter, Message, Role, ABORT_NOT_STARTED, PAGE_SIZE,
+    check_range, FrameReader, FrameWriter, Message, ProtocolError, Role, ABORT_NOT_STARTED,
+    PAGE_SIZE,
 };
 use super::source::{unexpected, Reader, Writer};
 use super::{postcopy_dst, MigrationError, Mode};
@@ -76,7 +77,13 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         .set_read_timeout(Some(SILENCE_TIMEOUT))?;
     let begun = Instant::now();
 
-    let hello = match r.recv()? {
+    let hello = match r.recv().map_err(|e| match e {
+        ProtocolError::TimedOut => MigrationError::Timeout(format!(
+            "after {} s waiting for {peer} to send its Hello",
+            SILENCE_TIMEOUT.as_secs()
+        )),
+        e => e.into(),
+    })? {
         Message::Hello(json) => {
             serde_json::from_slice::<Hello>(&json).map_err(|source| MigrationError::HelloJson {
                 what: "malformed JSON",
@@ -169,7 +176,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         hello.mode,
         hello.vm.mem_bytes >> 20,
         hello.vm.vcpus,
-        hello.source_host
+        crate::peer_text::sanitize(&hello.source_host)
     );
     let urgent = if hello.mode == Mode::Precopy {
         None
@@ -210,7 +217,10 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
             }
             Message::State(json) => {
                 state_at = Some(Instant::now());
-                snapshot = Some(VmSnapshot::decode(&json)?);
+                let decoded = VmSnapshot::decode(&json)?;
+                // Validated here, before the keep-present walks of a postcopy switch read it.
+                decoded.check_here(hello.vm.vcpus as usize)?;
+                snapshot = Some(decoded);
             }
             Message::Complete if hello.mode == Mode::Precopy => break None,
             Message::PostcopyStart { pending } if hello.mode != Mode::Precopy => {

@@ -314,6 +314,11 @@ pub enum ProtocolError {
     },
     #[error("migration connection I/O failed: {0}")]
     Io(std::io::Error),
+    /// The socket's read timeout passed (EAGAIN, which alone would say nothing useful).
+    #[error(
+        "timed out waiting for the peer: nothing arrived within the connection's read timeout"
+    )]
+    TimedOut,
     #[error("bad frame magic \"{}\", expected \"VMMF\" (not a vmm migration stream, or out of step)", .found.escape_ascii())]
     BadMagic { found: [u8; 4] },
     #[error(
@@ -756,6 +761,9 @@ impl<R: Read> FrameReader<R> {
                     self.bytes += n as u64;
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(ProtocolError::TimedOut)
+                }
                 Err(e) => return Err(ProtocolError::Io(e)),
             }
         }

@@ -200,18 +200,11 @@ fn run(
         .get_ref()
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let answer = r.recv().map_err(|e| match e {
-        ProtocolError::Io(io)
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            MigrationError::Timeout(format!(
-                "after {} s waiting for {addr} to accept or refuse the VM (is a vmm run \
+        ProtocolError::TimedOut => MigrationError::Timeout(format!(
+            "after {} s waiting for {addr} to accept or refuse the VM (is a vmm run \
                  --incoming listening there, and not busy with another migration?)",
-                HANDSHAKE_TIMEOUT.as_secs()
-            ))
-        }
+            HANDSHAKE_TIMEOUT.as_secs()
+        )),
         other => other.into(),
     })?;
     let accepted = match answer {
@@ -362,10 +355,18 @@ fn run(
                 .get_ref()
                 .set_read_timeout(Some(CONFIRM_TIMEOUT))
                 .map_err(MigrationError::from)
-                .and_then(|()| match r.recv()? {
-                    Message::Resumed => Ok(()),
-                    Message::Abort(reason) => Err(MigrationError::Aborted(reason)),
-                    other => Err(unexpected("Resumed", &other)),
+                .and_then(|()| {
+                    match r.recv().map_err(|e| match e {
+                        ProtocolError::TimedOut => MigrationError::Timeout(format!(
+                        "after {} s waiting for the destination to confirm it resumed the guest",
+                        CONFIRM_TIMEOUT.as_secs()
+                    )),
+                        e => e.into(),
+                    })? {
+                        Message::Resumed => Ok(()),
+                        Message::Abort(reason) => Err(MigrationError::Aborted(reason)),
+                        other => Err(unexpected("Resumed", &other)),
+                    }
                 });
             if let Err(e) = confirmed {
                 devs.recover();

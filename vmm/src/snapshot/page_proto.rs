@@ -139,6 +139,9 @@ pub enum ProtoError {
     },
     #[error("page-server connection I/O failed: {0}")]
     Io(std::io::Error),
+    /// The socket's read timeout passed (EAGAIN, which alone would say nothing useful).
+    #[error("timed out waiting for the peer's {part}: nothing arrived within the connection's read timeout")]
+    TimedOut { part: &'static str },
     #[error("bad frame magic \"{}\", expected \"VPSF\" (not a vmm page-server peer, or out of step)", .0.escape_ascii())]
     BadMagic([u8; 4]),
     #[error("peer speaks page-server protocol version {0}; this build speaks version {VERSION}")]
@@ -258,8 +261,9 @@ pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<(u16, u32, usize), ProtoErr
     Ok((kind, id, len as usize))
 }
 
+/// The peer's text, made fit for a terminal and a log (see `peer_text`).
 fn text(b: Vec<u8>) -> String {
-    String::from_utf8_lossy(&b).into_owned()
+    crate::peer_text::sanitize(&String::from_utf8_lossy(&b))
 }
 
 /// Decodes a payload of `kind` strictly: fixed layouts must have exactly their size.
@@ -333,6 +337,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8], part: &'static str) -> Result<()
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(ProtoError::TimedOut { part })
+            }
             Err(e) => return Err(ProtoError::Io(e)),
         }
     }

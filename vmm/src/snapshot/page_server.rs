@@ -19,7 +19,6 @@
 mod handshake;
 
 use std::fs::File;
-use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -693,11 +692,10 @@ impl PageClient {
         proto::send(&mut w, id, &Message::Read { gpa, pages })?;
         let mut r = &conn;
         let (got, msg) = proto::recv(&mut r).map_err(|e| match e {
-            ProtoError::Io(e)
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                PageServerError::Failed(format!("no answer within {REPLY_TIMEOUT:?}"))
-            }
+            ProtoError::TimedOut { .. } => PageServerError::Failed(format!(
+                "timed out after {} s waiting for the page server's answer to a read of {gpa:#x}",
+                REPLY_TIMEOUT.as_secs()
+            )),
             e => e.into(),
         })?;
         let data = proto::expect_data(got, id, msg, buf.len())?;

@@ -115,6 +115,8 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         api_socket: opts.api_socket.clone(),
     };
     let cfg = assemble::config(&manifest.vm, &here)?;
+    // Before anything reads the saved state (a lazy restore walks its descriptor tables).
+    manifest.state.check_here(manifest.vm.vcpus as usize)?;
     if opts.demand.is_some() && opts.dump_memory.is_some() {
         return Err(SnapshotError::Refused(
             "--dump-memory takes guest RAM before the guest runs, which a lazy restore does not \

@@ -31,6 +31,13 @@ const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
 const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
 const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
 
+/// At most this many page-table pages per walk (256 MiB of tables): a bound on the work a
+/// crafted guest memory can cause, far above what one real address space uses.
+const MAX_TABLES: usize = 1 << 16;
+/// Descriptor-table and TSS limits are 20 bits (with G=1 KVM reports the scaled limit, which
+/// the architecture caps at 4 GiB; no real table is larger than a MiB).
+const MAX_LIMIT: u64 = 1 << 20;
+
 /// Every page KVM itself touches in this saved state (see the module doc), sorted and
 /// deduplicated. `read` returns a guest-physical page's content (None outside RAM).
 pub fn kvm_touched(vcpus: &[VcpuState], read: &mut dyn FnMut(u64) -> Option<Vec<u8>>) -> Vec<u64> {
@@ -91,13 +98,13 @@ pub fn walk_page_tables(
         return Vec::new();
     }
     let levels = if sregs.cr4 & (1 << 12) != 0 { 5 } else { 4 };
-    let mut tables = Vec::new();
-    let mut todo = vec![(sregs.cr3 & 0x000f_ffff_ffff_f000, levels)];
+    // Deduplicated at push time with a set: a crafted memory whose every word points at a
+    // distinct page would otherwise queue 512 entries per table and compare each against
+    // every table seen (billions of steps before the cap below is reached).
+    let root = sregs.cr3 & 0x000f_ffff_ffff_f000;
+    let mut tables = std::collections::BTreeSet::from([root]);
+    let mut todo = vec![(root, levels)];
     while let Some((gpa, level)) = todo.pop() {
-        if tables.contains(&gpa) || tables.len() > 1 << 16 {
-            continue;
-        }
-        tables.push(gpa);
         if level == 1 {
             continue;
         }
@@ -106,17 +113,25 @@ pub fn walk_page_tables(
             let e = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
             let huge = e & (1 << 7) != 0 && level <= 3;
             if e & 1 != 0 && !huge {
-                todo.push((e & 0x000f_ffff_ffff_f000, level - 1));
+                if tables.len() >= MAX_TABLES {
+                    break;
+                }
+                let next = e & 0x000f_ffff_ffff_f000;
+                if tables.insert(next) {
+                    todo.push((next, level - 1));
+                }
             }
         }
     }
-    tables.sort_unstable();
-    tables
+    tables.into_iter().collect()
 }
 
-fn entry(page: &[u8], i: usize) -> u64 {
-    let w = &page[i * 8..i * 8 + 8];
-    u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+/// Entry `i` of a table page; None if `read` returned a short page.
+fn entry(page: &[u8], i: usize) -> Option<u64> {
+    let w = page.get(i * 8..i * 8 + 8)?;
+    Some(u64::from_le_bytes([
+        w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+    ]))
 }
 
 /// Translates a linear address through the guest's page tables (as read by `read`).
@@ -136,7 +151,7 @@ pub fn translate(
     for level in (1..=levels).rev() {
         let shift = 12 + 9 * (level - 1);
         let idx = ((linear >> shift) & 0x1ff) as usize;
-        let e = entry(&read(table)?, idx);
+        let e = entry(&read(table)?, idx)?;
         if e & 1 == 0 {
             return None;
         }
@@ -168,12 +183,16 @@ pub fn cpu_structure_pages(
     }
     let mut pages = Vec::new();
     for (base, limit) in linear {
-        let mut at = base & !0xfff;
-        while at <= base.saturating_add(limit.min(1 << 20)) {
+        // A page count, not an end address: with a base near 2^64 the end saturates while the
+        // cursor wraps to 0, and a `cursor <= end` loop never ends (a crafted state did that).
+        // Linear addresses wrap like the CPU's; the count is capped by the 20-bit limit.
+        let first = base & !0xfff;
+        let count = ((base & 0xfff) + limit.min(MAX_LIMIT)) / 0x1000 + 1;
+        for i in 0..count {
+            let at = first.wrapping_add(i * 0x1000);
             if let Some(g) = translate(sregs, at, read) {
                 pages.push(g & !0xfff);
             }
-            at += 0x1000;
         }
     }
     // The 64-bit TSS: RSP0-2 at 4, 12, 20; IST1-7 at 36.. (unaligned u64s).
@@ -181,9 +200,11 @@ pub fn cpu_structure_pages(
         let mut tss = [0u8; 0x68];
         let mut ok = true;
         for (i, b) in tss.iter_mut().enumerate() {
-            let lin = sregs.tr.base + i as u64;
-            match translate(sregs, lin, read).and_then(|g| Some((g, read(g & !0xfff)?))) {
-                Some((g, page)) => *b = page[(g & 0xfff) as usize],
+            let lin = sregs.tr.base.wrapping_add(i as u64);
+            let byte = translate(sregs, lin, read)
+                .and_then(|g| read(g & !0xfff)?.get((g & 0xfff) as usize).copied());
+            match byte {
+                Some(v) => *b = v,
                 None => ok = false,
             }
         }
@@ -245,9 +266,11 @@ pub fn pv_pages(vcpus: &[VcpuState]) -> Vec<u64> {
             if let Some(val) = v.msr(msr) {
                 if val & 1 != 0 {
                     // Each structure is at most 64 bytes: it may still straddle two pages.
+                    // The MSR value comes from the saved state: wrap, as a GPA past 2^64
+                    // names no page in RAM anyway.
                     let gpa = val & !0x3f;
                     pages.push(gpa & !0xfff);
-                    pages.push((gpa + 63) & !0xfff);
+                    pages.push(gpa.wrapping_add(63) & !0xfff);
                 }
             }
         }
@@ -401,5 +424,113 @@ mod tests {
         );
         // Unknown width keeps everything non-zero.
         assert!(could_be_page_table(&rnd, 52));
+    }
+
+    /// Runs `f` on its own thread and fails the test if it takes longer than 20 s, so that a
+    /// walker that loops forever on crafted state fails instead of hanging the suite.
+    fn within_20s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(v) => v,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("still running after 20 s"),
+            Err(e) => panic!("the walker panicked: {e}"),
+        }
+    }
+
+    fn vcpu_with(sregs: kvm_bindings::kvm_sregs) -> VcpuState {
+        VcpuState {
+            cpuid: Vec::new(),
+            mp_state: kvm_bindings::kvm_mp_state { mp_state: 0 },
+            regs: Default::default(),
+            sregs,
+            xsave: None,
+            fpu: None,
+            xcrs: None,
+            debugregs: None,
+            lapic: Default::default(),
+            msrs: Vec::new(),
+            vcpu_events: None,
+            tsc_khz: None,
+        }
+    }
+
+    #[test]
+    fn a_gdt_based_near_the_top_of_the_address_space_ends() {
+        // The crafted state of issue 18: unpaged (every linear address "translates"), GDT and
+        // IDT ending past 2^64. The old loop's cursor wrapped to 0 below a saturated end.
+        let mut sregs = kvm_bindings::kvm_sregs {
+            cr0: 1,
+            ..Default::default()
+        };
+        sregs.gdt.base = u64::MAX - 0x10;
+        sregs.gdt.limit = 0xffff;
+        sregs.idt.base = 0xffff_ffff_ffff_f000;
+        sregs.idt.limit = 0xfff;
+        sregs.tr.base = u64::MAX - 3;
+        sregs.tr.limit = 0xffff_ffff;
+        let pages = within_20s(move || cpu_structure_pages(&sregs, &mut |_| Some(vec![0u8; 4096])));
+        // GDT: 0x...f000 then 16 pages wrapped from 0; IDT: one page; TSS: capped at 1 MiB.
+        assert!(pages.contains(&0xffff_ffff_ffff_f000));
+        assert!(pages.contains(&0xf000));
+        assert!(pages.len() <= 17 + 1 + 257 + 20, "{} pages", pages.len());
+    }
+
+    #[test]
+    fn a_page_table_walk_over_crafted_memory_is_capped() {
+        // Every page is a full table of present entries, each naming a page no other entry
+        // names: an unbounded tree. The walk must stop at MAX_TABLES, quickly.
+        let sregs = kvm_bindings::kvm_sregs {
+            cr0: 1 << 31 | 1,
+            cr3: 0x1000,
+            cr4: 1 << 5,
+            efer: 1 << 10 | 1 << 8,
+            ..Default::default()
+        };
+        let found = within_20s(move || {
+            walk_page_tables(&sregs, &mut |gpa| {
+                let mut p = vec![0u8; 4096];
+                for (i, w) in p.chunks_exact_mut(8).enumerate() {
+                    let next = ((gpa >> 12) * 512 + i as u64 + 2) << 12;
+                    w.copy_from_slice(&((next & 0x000f_ffff_ffff_f000) | 3).to_le_bytes());
+                }
+                Some(p)
+            })
+        });
+        assert_eq!(found.len(), MAX_TABLES);
+        assert!(
+            found.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no duplicates"
+        );
+    }
+
+    #[test]
+    fn crafted_msrs_tss_and_short_pages_do_not_panic() {
+        // A kvmclock MSR at the top of the address space (gpa + 63 overflowed), a TSS whose
+        // 0x68 bytes cross 2^64 (tr.base + i overflowed), and a reader returning short pages
+        // (indexing past them panicked).
+        let mut sregs = kvm_bindings::kvm_sregs {
+            cr0: 1 << 31 | 1,
+            cr3: 0x1000,
+            cr4: 1 << 5,
+            efer: 1 << 10 | 1 << 8,
+            ..Default::default()
+        };
+        sregs.tr.base = u64::MAX - 0x20;
+        sregs.tr.limit = 0x67;
+        sregs.tr.present = 1;
+        let mut v = vcpu_with(sregs);
+        v.msrs.push(crate::vstate::state::Msr {
+            index: MSR_KVM_SYSTEM_TIME_NEW,
+            data: u64::MAX,
+        });
+        assert!(pv_pages(std::slice::from_ref(&v)).contains(&0xffff_ffff_ffff_f000));
+        let short = kvm_touched(std::slice::from_ref(&v), &mut |_| Some(vec![3u8; 16]));
+        assert!(short.contains(&0xffff_ffff_ffff_f000));
+        v.sregs.cr0 = 1;
+        let unpaged = kvm_touched(std::slice::from_ref(&v), &mut |_| Some(vec![0xffu8; 4096]));
+        assert!(unpaged.contains(&0xffff_ffff_ffff_f000));
     }
 }

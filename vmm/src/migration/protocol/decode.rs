@@ -57,8 +57,9 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// A peer's reason, made fit for a terminal and a log (see `peer_text`).
 fn lossy_string(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    crate::peer_text::sanitize(&String::from_utf8_lossy(&bytes))
 }
 
 fn expect_empty(kind: &'static str, seq: u64, body: &[u8]) -> Result<(), ProtocolError> {

@@ -23,8 +23,10 @@ mod tests;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-pub use vcpu_state::{restore_vcpu, save_vcpu, FpuState, Msr, VcpuState};
-pub use vm_state::{restore_vm, save_vm, VmState};
+pub use vcpu_state::{
+    check_vcpu, host_xsave_words, restore_vcpu, save_vcpu, FpuState, Msr, VcpuState,
+};
+pub use vm_state::{check_vm, restore_vm, save_vm, VmState};
 
 /// The one error type of state save and restore.
 #[derive(Debug, thiserror::Error)]

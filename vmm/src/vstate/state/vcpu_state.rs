@@ -194,17 +194,7 @@ pub fn save_vcpu(kvm: &Kvm, fd: &VcpuFd) -> Result<VcpuState, StateError> {
 pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     // Validate everything that comes from the wire before the first ioctl, so a bad state
     // leaves the vCPU untouched.
-    let cpuid = cpuid_wrapper(&state.cpuid)?;
-    let xsave = match &state.xsave {
-        Some(words) => Some(xsave_for_host(words)?),
-        None => None,
-    };
-    if xsave.is_none() && state.fpu.is_none() {
-        return Err(StateError::Invalid(
-            "neither an XSAVE area nor an FPU state".into(),
-        ));
-    }
-    let msr_batches = msr_batches(&state.msrs)?;
+    let (cpuid, xsave, msr_batches) = checked_buffers(state, host_xsave_words()?)?;
 
     // The order matters:
     // - CPUID first: KVM derives from it what the other ioctls accept (XSAVE components and
@@ -226,7 +216,7 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     fd.set_sregs(&state.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
     match (xsave, state.fpu) {
         (Some(xsave), _) => {
-            // SAFETY: `xsave_for_host` sized the buffer to what this host's KVM reads (the
+            // SAFETY: `xsave_fit` sized the buffer to what this host's KVM reads (the
             // KVM_CAP_XSAVE2 size, at least the legacy 4 KiB).
             unsafe { fd.set_xsave2(&xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?
         }
@@ -268,6 +258,30 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Every check [`restore_vcpu`] makes before its first ioctl, for a host whose KVM holds
+/// `xsave_words` words of XSAVE area. Needs no /dev/kvm, so the fuzzer reaches it.
+pub fn check_vcpu(state: &VcpuState, xsave_words: usize) -> Result<(), StateError> {
+    checked_buffers(state, xsave_words).map(|_| ())
+}
+
+/// The KVM buffers `restore_vcpu` hands to KVM, built from validated saved data.
+fn checked_buffers(
+    state: &VcpuState,
+    xsave_words: usize,
+) -> Result<(CpuId, Option<Xsave>, Vec<Msrs>), StateError> {
+    let cpuid = cpuid_wrapper(&state.cpuid)?;
+    let xsave = match &state.xsave {
+        Some(words) => Some(xsave_fit(words, xsave_words)?),
+        None => None,
+    };
+    if xsave.is_none() && state.fpu.is_none() {
+        return Err(StateError::Invalid(
+            "neither an XSAVE area nor an FPU state".into(),
+        ));
+    }
+    Ok((cpuid, xsave, msr_batches(&state.msrs)?))
+}
+
 /// Maps a FAM buffer error to [`StateError::Fam`] for `count` `what`.
 fn fam(what: &'static str, count: usize) -> impl Fn(vmm_sys_util::fam::Error) -> StateError {
     move |source| StateError::Fam {
@@ -296,7 +310,7 @@ fn xsave_words(kvm: &Kvm) -> usize {
 
 /// As [`xsave_words`], for restore, which has no `Kvm` at hand. Cached: the size changes only
 /// if the process asks for more XSAVE features (arch_prctl), which vmm never does.
-fn host_xsave_words() -> Result<usize, StateError> {
+pub fn host_xsave_words() -> Result<usize, StateError> {
     static WORDS: OnceLock<usize> = OnceLock::new();
     if let Some(words) = WORDS.get() {
         return Ok(*words);
@@ -337,10 +351,10 @@ fn save_xsave(kvm: &Kvm, fd: &VcpuFd) -> Result<Option<Vec<u32>>, StateError> {
     }
 }
 
-/// Fits a saved XSAVE area to this host's size: shorter areas are zero-extended (absent
+/// Fits a saved XSAVE area to this host's size (`words`): shorter areas are zero-extended (absent
 /// components are in their initial state); longer ones may only carry zeros past it.
-fn xsave_for_host(saved: &[u32]) -> Result<Xsave, StateError> {
-    let words = host_xsave_words()?;
+fn xsave_fit(saved: &[u32], words: usize) -> Result<Xsave, StateError> {
+    let words = words.max(XSAVE_LEGACY_WORDS);
     if saved.len() < XSAVE_LEGACY_WORDS {
         return Err(StateError::Invalid(format!(
             "XSAVE area of {} words (at least {XSAVE_LEGACY_WORDS} expected)",

@@ -44,10 +44,8 @@ pub fn save_vm(fd: &VmFd) -> Result<VmState, StateError> {
     })
 }
 
-/// Restores the VM-wide state into a fresh VM that has its irqchip and PIT created. Call it
-/// before restoring the vCPUs: each vCPU's LAPIC state then replaces whatever the restored
-/// PIT delivered before the vCPUs were restored.
-pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), StateError> {
+/// Every check [`restore_vm`] makes before its first ioctl (no /dev/kvm needed).
+pub fn check_vm(state: &VmState) -> Result<(), StateError> {
     for (chip, want, name) in [
         (&state.pic_master, KVM_IRQCHIP_PIC_MASTER, "PIC master"),
         (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE, "PIC slave"),
@@ -60,6 +58,14 @@ pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), StateError> {
             )));
         }
     }
+    Ok(())
+}
+
+/// Restores the VM-wide state into a fresh VM that has its irqchip and PIT created. Call it
+/// before restoring the vCPUs: each vCPU's LAPIC state then replaces whatever the restored
+/// PIT delivered before the vCPUs were restored.
+pub fn restore_vm(fd: &VmFd, state: &VmState) -> Result<(), StateError> {
+    check_vm(state)?;
     restore_clock(fd, &state.clock)?;
     // The interrupt controllers before the PIT, so that ticks of the restored PIT land in
     // the restored controllers rather than in fresh ones about to be overwritten.
