@@ -66,9 +66,64 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The console of a lab-guest run that ended with the probe's `DONE ok`, and its timings.
+#[derive(Debug, Clone)]
+pub struct Booted {
+    pub console: String,
+    /// Seconds from starting `vmm run` to the ready marker / to the end of the run.
+    pub ready_s: Option<f64>,
+    pub elapsed_s: f64,
+}
+
 /// Boots the lab guest and returns its report; Err says why there is none (with the console's
 /// last lines).
 pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
+    let quick = [crate::lab_init::QUICK_PARAM];
+    let booted = boot(o, if o.quick { &quick[..] } else { &[] })?;
+    let json =
+        frame::section(&booted.console, frame::JSON_BEGIN, frame::JSON_END).ok_or_else(|| {
+            format!(
+                "no JSON section in the console ({})",
+                o.console_log.display()
+            )
+        })?;
+    let report: Report = serde_json::from_str(json.trim()).map_err(|e| {
+        format!(
+            "the guest's JSON does not parse ({e}); console in {}",
+            o.console_log.display()
+        )
+    })?;
+    Ok(GuestReport {
+        text: render::text(&report),
+        markdown: render::markdown(&report),
+        json,
+        report,
+        ready_s: booted.ready_s,
+        boot_to_report_s: booted.elapsed_s,
+    })
+}
+
+/// Boots the lab guest with only the VFIO self-test (`vmm_probe.vfio_only`: no probe) and
+/// returns the run with the self-test's lines (crate::vfio::selftest's format).
+pub fn run_vfio_selftest(o: &InGuestOpts) -> Result<(Booted, Vec<String>), String> {
+    let booted = boot(o, &[crate::lab_init::VFIO_ONLY_PARAM])?;
+    let section = frame::section(
+        &booted.console,
+        crate::vfio::selftest::BEGIN,
+        crate::vfio::selftest::END,
+    )
+    .ok_or_else(|| {
+        format!(
+            "no VFIO self-test section in the console ({})",
+            o.console_log.display()
+        )
+    })?;
+    let lines = section.lines().map(str::to_string).collect();
+    Ok((booted, lines))
+}
+
+/// Boots the lab guest with `append` on its command line and waits for the probe's DONE line.
+pub fn boot(o: &InGuestOpts, append: &[&str]) -> Result<Booted, String> {
     if let Some(script) = &o.build_script {
         build(script)?;
     }
@@ -100,8 +155,8 @@ pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
         // single-threaded apart from its uffd handlers. 256 MiB: test_hmm's device-private
         // pages are backed by ordinary RAM pages.
         .args(["--vcpus", "1", "--mem", "256M", "--console", &console]);
-    if o.quick {
-        cmd.args(["--append", crate::lab_init::QUICK_PARAM]);
+    if !append.is_empty() {
+        cmd.args(["--append", &append.join(" ")]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -167,17 +222,10 @@ pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
         Some(s) => return Err(why_not(&format!("the probe in the guest failed: {s}"))),
         None => return Err(why_not("the guest never finished its report")),
     }
-    let json = frame::section(&console, frame::JSON_BEGIN, frame::JSON_END)
-        .ok_or_else(|| why_not("no JSON section"))?;
-    let report: Report = serde_json::from_str(json.trim())
-        .map_err(|e| why_not(&format!("the guest's JSON does not parse ({e})")))?;
-    Ok(GuestReport {
-        text: render::text(&report),
-        markdown: render::markdown(&report),
-        json,
-        report,
+    Ok(Booted {
+        console,
         ready_s,
-        boot_to_report_s: elapsed,
+        elapsed_s: elapsed,
     })
 }
 

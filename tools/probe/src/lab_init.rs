@@ -1,7 +1,7 @@
 //! `vmm-probe --lab-init`: the probe as PID 1 of the lab guest (guest-images/lab/init execs it
 //! after mounting /proc, /sys, /dev and /tmp). It runs every probe (the HMM life cycle on
 //! /dev/hmm_dmirror0 included), prints the report framed for the host (frame.rs) on the console,
-//! and reboots the machine: with `reboot=k` on the command line that is the keyboard-controller
+//! and reboots the machine (first, the kernel-VFIO self-test against mtty, vfio/selftest.rs): with `reboot=k` on the command line that is the keyboard-controller
 //! reset vmm treats as a clean exit. PID 1 must never exit, so every path ends in the reboot.
 
 use std::io::Write;
@@ -12,6 +12,15 @@ use crate::{run, ProbeOpts};
 
 /// The kernel command-line word that selects [`ProbeOpts::quick`] in the guest.
 pub const QUICK_PARAM: &str = "vmm_probe.quick";
+/// The kernel command-line word that runs only the VFIO self-test (crate::vfio::selftest), not
+/// the probe: its test then needs no probe run (minutes on a PVM host).
+pub const VFIO_ONLY_PARAM: &str = "vmm_probe.vfio_only";
+
+fn cmdline_has(word: &str) -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|w| w == word))
+        .unwrap_or(false)
+}
 
 fn emit(out: &mut impl Write, begin: &str, body: &str, end: &str) {
     let _ = writeln!(out, "{begin}");
@@ -28,9 +37,7 @@ fn report(out: &mut impl Write) -> Result<(), String> {
         // The initramfs has /var/tmp on its rootfs (tmpfs); there is no disk in the lab guest.
         file_dir: PathBuf::from("/var/tmp"),
         // `vmm probe --in-guest --quick` appends this to the kernel command line.
-        quick: std::fs::read_to_string("/proc/cmdline")
-            .map(|c| c.split_whitespace().any(|w| w == QUICK_PARAM))
-            .unwrap_or(false),
+        quick: cmdline_has(QUICK_PARAM),
         ..ProbeOpts::default()
     };
     let r = run(&opts).map_err(|e| e.to_string())?;
@@ -48,8 +55,14 @@ pub fn run_as_init() -> ! {
     let mut out = stdout.lock();
     let _ = writeln!(out, "{}", frame::READY);
     let _ = out.flush();
+    // The kernel-VFIO self-test first (seconds), where the kernel has mdev: its lines are
+    // framed apart from the report, and its refusals are its findings, not the probe's failure.
+    let vfio_only = cmdline_has(VFIO_ONLY_PARAM);
+    if vfio_only || std::path::Path::new("/sys/class/mdev_bus").exists() {
+        crate::vfio::selftest::run(std::path::Path::new("/sys"), &mut out);
+    }
     crate::PROGRESS.store(true, std::sync::atomic::Ordering::Relaxed);
-    let status = report(&mut out);
+    let status = if vfio_only { Ok(()) } else { report(&mut out) };
     match &status {
         Ok(()) => {
             let _ = writeln!(out, "{} ok", frame::DONE);

@@ -80,6 +80,11 @@ struct Args {
     /// With --discover-vfio: the /sys to look in.
     #[arg(long, default_value = "/sys", requires = "discover_vfio")]
     sys_dir: PathBuf,
+    /// Run the VMM's kernel-VFIO transport against two fresh mtty mdev instances (needs root and
+    /// a kernel with the mtty sample, as the lab guest's), one line per step; exit 1 if any step
+    /// failed or was refused.
+    #[arg(long)]
+    vfio_selftest: bool,
     /// Internal: run as PID 1 of the lab guest (guest-images/lab/init).
     #[arg(long, hide = true)]
     lab_init: bool,
@@ -215,6 +220,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if args.lab_init {
         lab_init::run_as_init();
+    }
+    if args.vfio_selftest {
+        let bad = vmm_probe::vfio::selftest::run(Path::new("/sys"), &mut std::io::stdout().lock());
+        return if bad == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     let result = if args.discover_vfio {
         discover_vfio(&args);

@@ -27,6 +27,7 @@ pub mod dirty;
 pub mod discover;
 pub mod dma;
 pub mod open;
+pub mod selftest;
 
 // The ioctl layer the VMM shares (devices::vfio), under the names the probe has always used.
 pub use devices::vfio::errno_of;
