@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: find the `vmm` binary and the guest images, run vmm
 //! and read its JSON report. Tests boot real guests on the real /dev/kvm.
 
+pub mod console;
 pub mod gpu;
 pub mod micro;
 pub mod netns;

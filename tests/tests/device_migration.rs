@@ -14,6 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use vmm_tests::console::{console, wait_agent};
 use vmm_tests::netns::{Side, TwoHosts};
 use vmm_tests::process::{remote, wait_api, Bg};
 use vmm_tests::{agent_lines, gpu, vmm_bin};
@@ -24,43 +25,10 @@ const VRAM: &str = "64M";
 const BOOT: Duration = Duration::from_secs(300);
 const WORKLOADS: &str = "vfio-workload 0000:00:01.0 stopped=";
 
-fn console(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
 /// The `key=value` token of a result line.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// Waits until the console at `path` has an agent line starting with `prefix`.
-fn wait_agent(path: &Path, prefix: &str, timeout: Duration, vm: &mut Bg) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = agent_lines(&console(path))
-            .into_iter()
-            .find(|l| l.starts_with(prefix))
-        {
-            return l;
-        }
-        if let Some(st) = vm.try_wait() {
-            panic!(
-                "{} ended ({st}) before the agent printed '{prefix}':\n{}\nconsole:\n{}",
-                vm.name,
-                vm.stderr(),
-                console(path)
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no agent line '{prefix}' within {timeout:?}; {} stderr:\n{}\nconsole:\n{}",
-            vm.name,
-            vm.stderr(),
-            console(path)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Types `commands` and then `echo,TAG` on the guest's console through the API, and waits for

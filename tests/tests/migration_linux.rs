@@ -6,44 +6,13 @@
 //! agent stops its workload, the idle guest is snapshotted with its vCPU halted and restored
 //! lazily with memslot-exits, and there the agent verifies every checksum it recorded.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use guest_abi::pattern::{fill_pattern, fnv1a64};
+use vmm_tests::console::{console, wait_agent};
 use vmm_tests::netns::{Side, TwoHosts};
 use vmm_tests::process::{remote, wait_api, Bg};
-use vmm_tests::{agent_lines, images, vmm_bin};
-
-fn console(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
-/// Waits until the console at `path` has an agent line starting with `prefix`.
-fn wait_agent(path: &Path, prefix: &str, timeout: Duration, vm: &mut Bg) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(l) = agent_lines(&console(path))
-            .into_iter()
-            .find(|l| l.starts_with(prefix))
-        {
-            return l;
-        }
-        if let Some(st) = vm.try_wait() {
-            panic!(
-                "{} ended ({st}) before the agent printed '{prefix}':\n{}\nconsole:\n{}",
-                vm.name,
-                vm.stderr(),
-                console(path)
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no agent line '{prefix}' within {timeout:?}; console:\n{}",
-            console(path)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use vmm_tests::{images, vmm_bin};
 
 #[test]
 fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out() {

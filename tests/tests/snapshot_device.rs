@@ -7,13 +7,14 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+use vmm_tests::console::console;
 use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};
 use vmm_tests::process::{remote, wait_api, Bg};
 use vmm_tests::snapshot::{assert_finished, snapshot_and_exit, snapshot_micro, Snap};
-use vmm_tests::{agent_lines, gpu, run_with_timeout, vmm_bin};
+use vmm_tests::{gpu, run_with_timeout, vmm_bin};
 
 const BDF: &str = "0000:00:01.0";
 
@@ -196,36 +197,16 @@ fn a_device_without_migration_refuses_the_snapshot_naming_it_and_nothing_is_writ
     finish_intact(src, &sock, passes + 10);
 }
 
-fn console(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
 /// Waits until the console at `path` has an agent line starting with `prefix`, or an agent
 /// error line (so a failing step fails the test at once, with its reason).
 fn wait_agent(path: &Path, prefix: &str, vm: &mut Bg) -> String {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some(l) = agent_lines(&console(path))
-            .into_iter()
-            .find(|l| l.starts_with(prefix) || l.starts_with("error "))
-        {
-            return l;
-        }
-        if let Some(st) = vm.try_wait() {
-            panic!(
-                "{} ended ({st}) before the agent printed '{prefix}':\n{}\nconsole:\n{}",
-                vm.name,
-                vm.stderr(),
-                console(path)
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no agent line '{prefix}'; console:\n{}",
-            console(path)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vmm_tests::console::wait_agent_line(
+        path,
+        &format!("'{prefix}' (or an error)"),
+        |l| l.starts_with(prefix) || l.starts_with("error "),
+        Duration::from_secs(180),
+        vm,
+    )
 }
 
 /// The device's page writer stamps guest RAM by DMA before the snapshot, is saved mid-run with

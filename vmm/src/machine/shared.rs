@@ -101,14 +101,7 @@ impl Shared {
             tracking_active: p.tracking_active,
             start: p.start,
             migration: Mutex::new(Progress::default()),
-            passthrough: devs
-                .passthrough
-                .iter()
-                .map(|a| crate::machine::pci::passthrough::PassthroughHandle {
-                    spec: a.spec.to_string(),
-                    device: a.device.clone(),
-                })
-                .collect(),
+            passthrough: devs.passthrough.iter().map(|a| a.handle()).collect(),
             console_input: Mutex::new(devs.console_input()),
             events: Mutex::new(p.events),
             exit_evt: p.exit_evt,

@@ -135,10 +135,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
         .devs
         .passthrough
         .iter()
-        .map(|a| PassthroughHandle {
-            spec: a.spec.to_string(),
-            device: a.device.clone(),
-        })
+        .map(|a| a.handle())
         .collect();
     if let Err(e) = same_functions(&handles, &hello.vm.passthrough) {
         return Err(refuse(&mut w, e));

@@ -133,10 +133,7 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         .devs
         .passthrough
         .iter()
-        .map(|a| PassthroughHandle {
-            spec: a.spec.to_string(),
-            device: a.device.clone(),
-        })
+        .map(|a| a.handle())
         .collect();
     // Before any page is copied: the files whole, the functions those of the snapshot, each
     // device loaded and left stopped until its guest runs.

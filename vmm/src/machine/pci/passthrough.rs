@@ -335,6 +335,14 @@ fn human(bytes: u64) -> String {
 }
 
 impl Attached {
+    /// The function as a migration or snapshot drives it.
+    pub fn handle(&self) -> PassthroughHandle {
+        PassthroughHandle {
+            spec: self.spec.to_string(),
+            device: self.device.clone(),
+        }
+    }
+
     /// The device's memory the VMM maps into the guest: the mapped pieces of all its memory
     /// BARs (on a GPU, VRAM and whatever else its BARs expose; on the test device BAR0's memory
     /// pages, BAR1 VRAM and BAR3), as the content truth of the device tracking scenario
