@@ -23,7 +23,10 @@ fn run_faulting_payload(code: &[u8]) -> Run {
 #[test]
 fn micro_guest_runs_every_pass_and_memory_matches_the_model() {
     for pattern in ["sweep", "random", "hotset", "sparse"] {
+        // The per-pass line is at debug level (one a pass would flood a long run's log).
         let run = vmm(&[
+            "--log-level",
+            "info,vmm::micro_port=debug",
             "run",
             "--micro",
             "--pattern",
@@ -134,6 +137,8 @@ fn micro_guest_with_two_vcpus_still_runs() {
 #[test]
 fn micro_guest_on_four_vcpus_writes_private_and_shared_regions_exactly() {
     let run = vmm(&[
+        "--log-level",
+        "info,vmm::micro_port=debug",
         "run",
         "--micro",
         "--vcpus",
