@@ -19,6 +19,7 @@ const LOWER_FILES: &[&str] = &[
     "micro_finish.rs",
     "micro_port.rs",
     "host.rs",
+    "host_file.rs",
     "output.rs",
 ];
 const UPPER: &[&str] = &["migration", "api", "snapshot"];

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod boot;
 pub mod host;
+pub mod host_file;
 #[cfg(test)]
 mod layering;
 pub mod machine;

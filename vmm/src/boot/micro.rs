@@ -21,11 +21,8 @@ use crate::vstate::regs::{self, RegsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MicroBootError {
-    #[error("cannot read payload {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read payload: {0}")]
+    Read(#[from] crate::host_file::HostFileError),
     #[error("payload {path} is empty")]
     Empty { path: PathBuf },
     #[error("payload is {size} bytes; at most {max} fit at 0x{gpa:x}", max = layout::MICRO_MAX_SIZE, gpa = layout::MICRO_LOAD_GPA)]
@@ -42,12 +39,10 @@ pub enum MicroBootError {
     Ap { index: u8, source: RegsError },
 }
 
-/// Reads a raw payload file.
+/// Reads a raw payload file: a regular file no larger than what fits at its load address,
+/// checked before reading (a FIFO or `/dev/zero` is refused, not read).
 pub fn read_payload(path: &Path) -> Result<Vec<u8>, MicroBootError> {
-    let bytes = std::fs::read(path).map_err(|source| MicroBootError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes = crate::host_file::read_bounded(path, "payload", layout::MICRO_MAX_SIZE)?;
     if bytes.is_empty() {
         return Err(MicroBootError::Empty {
             path: path.to_owned(),

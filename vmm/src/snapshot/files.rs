@@ -22,6 +22,9 @@ pub const FORMAT: &str = "vmm-snapshot";
 pub const VERSION: u32 = 2;
 pub const MANIFEST: &str = "vm.json";
 pub const MEMORY: &str = "memory";
+/// The most a vm.json is read: a description and saved state are kilobytes (a few MiB with
+/// many vCPUs' XSAVE areas and device states), so anything larger is not one.
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,8 @@ pub enum SnapshotFileError {
     Encode(serde_json::Error),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    HostFile(#[from] crate::host_file::HostFileError),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,7 +144,7 @@ pub fn write(
 /// the RAM layout it describes.
 pub fn read(dir: &Path) -> Result<(Manifest, File), SnapshotFileError> {
     let path = dir.join(MANIFEST);
-    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    let bytes = crate::host_file::read_bounded(&path, "snapshot manifest", MAX_MANIFEST_BYTES)?;
     let head: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| SnapshotFileError::Invalid {
             path: path.clone(),
@@ -164,7 +169,7 @@ pub fn read(dir: &Path) -> Result<(Manifest, File), SnapshotFileError> {
             reason: e.to_string(),
         })?;
     let mem_path = dir.join(MEMORY);
-    let file = File::open(&mem_path).map_err(io(&mem_path))?;
+    let file = crate::host_file::open_regular(&mem_path, "snapshot memory")?;
     let len = file.metadata().map_err(io(&mem_path))?.len();
     let ranges = crate::memory::ram_layout(manifest.vm.mem_bytes);
     let want: u64 = ranges
