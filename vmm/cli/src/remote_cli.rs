@@ -232,6 +232,8 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
             vcpus: a.vcpus,
             disks,
             devices: a.device.clone(),
+            // A Hello is the peer's word: disks come from this command line only.
+            local_description: false,
         },
         dump_memory: a.dump_memory.clone(),
         dump_final: a.dump_final.clone(),

@@ -70,8 +70,13 @@ impl std::fmt::Display for PassthroughDesc {
 pub struct Constraints {
     pub mem_bytes: Option<u64>,
     pub vcpus: Option<u32>,
-    /// Replaces the source's disk paths, in order (shared storage mounted elsewhere).
+    /// This side's disks, one per disk of the VM, in order (shared storage mounted elsewhere).
     pub disks: Vec<DiskConfig>,
+    /// The description is a local file the user chose (a snapshot's vm.json), not a peer's
+    /// Hello: without `disks` its own paths are opened, and a refusal may name host files.
+    /// A migration destination leaves it false: a peer never chooses which host files are
+    /// opened read-write, nor learns anything about them.
+    pub local_description: bool,
     /// This side's passed-through devices (`--device`), one per function the VM has, in
     /// order: a destination takes devices only from its own command line.
     pub devices: Vec<crate::machine::pci::DeviceSpec>,
@@ -110,7 +115,9 @@ impl VmDescription {
                 .map(|d| DiskDesc {
                     path: d.path.clone(),
                     read_only: d.read_only,
-                    bytes: std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0),
+                    // The real size (a block device's metadata says 0); the VM was built
+                    // with this disk open, so a failure here is a race the check then reports.
+                    bytes: crate::host_file::disk_bytes(&d.path).unwrap_or(0),
                 })
                 .collect(),
             devices,
@@ -272,6 +279,13 @@ impl VmDescription {
                 local.devices.len()
             ));
         }
+        if local.disks.is_empty() && !self.disks.is_empty() && !local.local_description {
+            return Err(format!(
+                "the source VM has {} disk(s); this destination takes disks only from its own \
+                 command line (start it with one --disk per disk, in order)",
+                self.disks.len()
+            ));
+        }
         if !local.disks.is_empty() && local.disks.len() != self.disks.len() {
             return Err(format!(
                 "the source VM has {} disks, this destination was given {}",
@@ -285,13 +299,30 @@ impl VmDescription {
                 .disks
                 .get(i)
                 .map_or(d.path.clone(), |l| l.path.clone());
-            let bytes = std::fs::metadata(&path)
-                .map_err(|e| format!("disk {i}: cannot open {}: {e}", path.display()))?
-                .len();
+            // Toward a peer the refusal says only what differs; the details stay in the log.
+            let bytes = crate::host_file::disk_bytes(&path).map_err(|e| {
+                if local.local_description {
+                    format!("disk {i}: {e}")
+                } else {
+                    tracing::warn!("refusing the incoming VM: disk {i}: {e}");
+                    format!("disk {i}: this destination cannot open its --disk")
+                }
+            })?;
             if bytes != d.bytes {
-                return Err(format!(
-                    "disk {i}: {} has {bytes} bytes, the source's has {}",
+                if local.local_description {
+                    return Err(format!(
+                        "disk {i}: {} has {bytes} bytes, the VM's disk had {}",
+                        path.display(),
+                        d.bytes
+                    ));
+                }
+                tracing::warn!(
+                    "refusing the incoming VM: disk {i}: {} has {bytes} bytes, the source's has {}",
                     path.display(),
+                    d.bytes
+                );
+                return Err(format!(
+                    "disk {i}: its size differs from the source's disk ({} bytes)",
                     d.bytes
                 ));
             }
@@ -342,6 +373,7 @@ mod tests {
             vcpus: Some(2),
             disks: vec![],
             devices: vec![],
+            local_description: false,
         };
         assert!(desc().check(&c).is_ok());
     }
@@ -414,5 +446,67 @@ mod tests {
         let mut d = desc();
         d.vcpus = 0;
         assert!(d.check(&Constraints::default()).is_err());
+    }
+
+    fn with_disk(path: &std::path::Path, bytes: u64) -> VmDescription {
+        let mut d = desc();
+        d.disks.push(DiskDesc {
+            path: path.to_owned(),
+            read_only: false,
+            bytes,
+        });
+        d.devices = device_ids(false, 1);
+        d
+    }
+
+    #[test]
+    fn a_destination_refuses_disks_it_was_not_given_without_naming_host_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = dir.path().join("secret.img");
+        std::fs::write(&host, vec![0u8; 12345]).unwrap();
+        // The peer names a host file that exists: the refusal must not depend on it.
+        let named = with_disk(&host, 4096).check(&Constraints::default());
+        let missing = with_disk(&dir.path().join("absent"), 4096).check(&Constraints::default());
+        let e = named.unwrap_err();
+        assert_eq!(
+            e,
+            missing.unwrap_err(),
+            "existence leaks through the refusal"
+        );
+        assert!(
+            e.contains("takes disks only from its own command line"),
+            "{e}"
+        );
+        assert!(!e.contains("12345") && !e.contains("secret"), "{e}");
+        // A snapshot's vm.json is the user's own file: its paths still serve.
+        let snapshot = Constraints {
+            local_description: true,
+            ..Default::default()
+        };
+        let disks = with_disk(&host, 12345).check(&snapshot).unwrap();
+        assert_eq!(disks[0].path, host);
+    }
+
+    #[test]
+    fn a_size_mismatch_toward_the_peer_does_not_say_the_host_file_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path().join("mine.img");
+        std::fs::write(&local, vec![0u8; 12345]).unwrap();
+        let c = Constraints {
+            disks: vec![DiskConfig {
+                path: local.clone(),
+                read_only: false,
+            }],
+            ..Default::default()
+        };
+        let e = with_disk(std::path::Path::new("/theirs"), 4096)
+            .check(&c)
+            .unwrap_err();
+        assert!(e.contains("size differs"), "{e}");
+        assert!(!e.contains("12345") && !e.contains("mine.img"), "{e}");
+        let disks = with_disk(std::path::Path::new("/theirs"), 12345)
+            .check(&c)
+            .unwrap();
+        assert_eq!(disks[0].path, local, "the destination's own path is used");
     }
 }

@@ -108,6 +108,8 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         constraints: Constraints {
             disks: opts.disks.clone(),
             devices: opts.devices.clone(),
+            // vm.json is a file the user chose: its disk paths serve when no --disk is given.
+            local_description: true,
             ..Default::default()
         },
         console: opts.console.clone(),
