@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use vmm::machine::description::{GuestDesc, VmDescription};
+use vmm::machine::description::{DiskDesc, GuestDesc, VmDescription};
 use vmm::migration::hello::Hello;
 use vmm::migration::protocol::{FrameReader, FrameWriter, Message};
 use vmm::migration::Mode;
@@ -200,30 +200,40 @@ fn an_incompatible_destination_is_refused_before_any_memory_moves() {
 /// A hand-made source: sends a valid Hello for a 64 MiB VM and returns the streams once the
 /// destination accepted.
 fn fake_source(port: u16) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
+    let (w, mut r) = send_hello(port, fake_vm());
+    assert!(matches!(r.recv().unwrap(), Message::Accept));
+    (w, r)
+}
+
+/// The 64 MiB VM a hand-made source describes.
+fn fake_vm() -> VmDescription {
+    VmDescription {
+        vcpus: 1,
+        mem_bytes: 64 << 20,
+        ram: vec![(0, 64 << 20)],
+        guest: GuestDesc::Linux {
+            kernel: "none".into(),
+        },
+        disks: vec![],
+        devices: vmm::machine::devices_setup::device_ids(false, 0),
+        dirty_ring: false,
+        phys_bits: None,
+        passthrough: vec![],
+    }
+}
+
+fn send_hello(port: u16, vm: VmDescription) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut w = FrameWriter::new(s.try_clone().unwrap());
-    let mut r = FrameReader::new(s);
+    let r = FrameReader::new(s);
     let hello = Hello {
-        vm: VmDescription {
-            vcpus: 1,
-            mem_bytes: 64 << 20,
-            ram: vec![(0, 64 << 20)],
-            guest: GuestDesc::Linux {
-                kernel: "none".into(),
-            },
-            disks: vec![],
-            devices: vmm::machine::devices_setup::device_ids(false, 0),
-            dirty_ring: false,
-            phys_bits: None,
-            passthrough: vec![],
-        },
+        vm,
         mode: Mode::Precopy,
         session: 7,
         source_host: "test".into(),
     };
     w.send(&Message::Hello(serde_json::to_vec(&hello).unwrap()))
         .unwrap();
-    assert!(matches!(r.recv().unwrap(), Message::Accept));
     (w, r)
 }
 
@@ -378,4 +388,46 @@ fn a_peers_abort_text_is_shown_sanitized_and_cut() {
     assert!(err.contains("gone"), "{err}");
     assert!(err.len() < 2048, "{} bytes", err.len());
     assert!(err.contains("more bytes)"), "{err}");
+}
+
+#[test]
+fn a_hello_naming_host_files_as_disks_is_refused_without_a_word_about_them() {
+    // A hostile source names a host file that exists (and one that does not) as the VM's disk:
+    // a destination without --disk must refuse both alike, opening nothing and telling the peer
+    // neither the file's size nor whether it exists.
+    let dir = tempfile::tempdir().unwrap();
+    let host_file = dir.path().join("host-secret.img");
+    std::fs::write(&host_file, vec![0u8; 123_457]).unwrap();
+    let mut refusals = Vec::new();
+    for path in [host_file.clone(), dir.path().join("absent.img")] {
+        let port = free_port();
+        let dst = destination(port, &[]);
+        let mut vm = fake_vm();
+        vm.disks.push(DiskDesc {
+            path,
+            read_only: false,
+            bytes: 4096,
+        });
+        vm.devices = vmm::machine::devices_setup::device_ids(false, 1);
+        let (_w, mut r) = send_hello(port, vm);
+        let Message::Refuse(reason) = r.recv().unwrap() else {
+            panic!("the destination did not refuse a Hello with a disk it was not given");
+        };
+        assert!(
+            reason.contains("only from its own command line"),
+            "{reason}"
+        );
+        assert!(
+            !reason.contains("123457") && !reason.contains("host-secret"),
+            "{reason}"
+        );
+        destination_error(dst, "disk named by the peer");
+        refusals.push(reason);
+    }
+    assert_eq!(refusals[0], refusals[1], "the file's existence shows");
+    assert_eq!(
+        std::fs::read(&host_file).unwrap(),
+        vec![0u8; 123_457],
+        "the host file was touched"
+    );
 }

@@ -68,6 +68,8 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
         let mut cmd = hosts.command(to_side, vmm_bin());
         cmd.args(["run", "--incoming", &format!("tcp://{to}:{port}"), "--json"])
             .args(["--demand", demand])
+            // A destination takes disks only from its own command line.
+            .args(["--disk", disk.to_str().unwrap()])
             .arg("--api-socket")
             .arg(&next_sock)
             .arg("--console")
