@@ -126,3 +126,77 @@ fn a_command_line_the_kernel_would_truncate() {
         "but this kernel takes at most 2047",
     );
 }
+
+fn mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// `expect_error`, and quickly: a special file is refused by its type, never read or waited on.
+fn expect_quick_error(args: &[&str], needle: &str) {
+    let start = std::time::Instant::now();
+    expect_error(args, needle);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(10),
+        "{args:?} took {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn a_fifo_or_dev_zero_as_payload_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("payload.fifo");
+    mkfifo(&fifo);
+    expect_quick_error(
+        &["run", "--payload", fifo.to_str().unwrap()],
+        "is a FIFO, not a regular file",
+    );
+    expect_quick_error(
+        &["run", "--payload", "/dev/zero"],
+        "/dev/zero is a character device, not a regular file",
+    );
+    expect_quick_error(
+        &["run", "--payload", dir.path().to_str().unwrap()],
+        "is a directory, not a regular file",
+    );
+    // Larger than fits at the payload's load address: refused before reading.
+    let big = dir.path().join("big.bin");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(1 << 30).unwrap();
+    expect_quick_error(
+        &["run", "--payload", big.to_str().unwrap()],
+        "is 1073741824 bytes; at most 1048576 are read",
+    );
+}
+
+#[test]
+fn a_fifo_or_dev_zero_as_a_snapshots_vm_json_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo_snap = dir.path().join("fifo-snap");
+    std::fs::create_dir(&fifo_snap).unwrap();
+    mkfifo(&fifo_snap.join("vm.json"));
+    expect_quick_error(
+        &["restore", fifo_snap.to_str().unwrap()],
+        "is a FIFO, not a regular file",
+    );
+    let zero_snap = dir.path().join("zero-snap");
+    std::fs::create_dir(&zero_snap).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", zero_snap.join("vm.json")).unwrap();
+    expect_quick_error(
+        &["restore", zero_snap.to_str().unwrap()],
+        "is a character device, not a regular file",
+    );
+    // A regular vm.json too large to be one is refused before it is read.
+    let big_snap = dir.path().join("big-snap");
+    std::fs::create_dir(&big_snap).unwrap();
+    let f = std::fs::File::create(big_snap.join("vm.json")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    expect_quick_error(
+        &["restore", big_snap.to_str().unwrap()],
+        "at most 16777216 are read",
+    );
+}
