@@ -37,23 +37,31 @@ fn rows<'a>(r: &'a Value, memory: &str, mechanism: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// The built lab guest's directory, or `None` (the test skips, saying so) when it is not built;
+/// tools/test.sh builds it and sets VMM_REQUIRE_LAB, where a missing image is a failure.
+fn lab_images() -> Option<std::path::PathBuf> {
+    let lab = workspace_root().join("guest-images/out/lab");
+    if lab.join("vmlinux").exists() && lab.join("initramfs.cpio").exists() {
+        return Some(lab);
+    }
+    assert!(
+        std::env::var_os("VMM_REQUIRE_LAB").is_none(),
+        "VMM_REQUIRE_LAB is set but {} has no vmlinux + initramfs.cpio",
+        lab.display()
+    );
+    eprintln!(
+        "SKIPPED: the lab guest is not built ({} has no vmlinux + initramfs.cpio); \
+         build it with `guest-images/build.sh --lab`",
+        lab.display()
+    );
+    None
+}
+
 #[test]
 fn hmm_rows_are_real_and_soft_dirty_works_in_the_lab_guest() {
-    let lab = workspace_root().join("guest-images/out/lab");
-    if !lab.join("vmlinux").exists() || !lab.join("initramfs.cpio").exists() {
-        // tools/test.sh builds the image and sets this: there a missing image is a failure.
-        assert!(
-            std::env::var_os("VMM_REQUIRE_LAB").is_none(),
-            "VMM_REQUIRE_LAB is set but {} has no vmlinux + initramfs.cpio",
-            lab.display()
-        );
-        eprintln!(
-            "SKIPPED: the lab guest is not built ({} has no vmlinux + initramfs.cpio); \
-             build it with `guest-images/build.sh --lab`",
-            lab.display()
-        );
+    let Some(lab) = lab_images() else {
         return;
-    }
+    };
     let console = std::env::temp_dir().join(format!("vmm-probe-lab-{}.log", std::process::id()));
     let opts = InGuestOpts {
         lab_dir: lab,
@@ -146,20 +154,9 @@ const REPORT_REFUSAL: (&str, i32) = ("dma-logging-report", libc::EOPNOTSUPP);
 
 #[test]
 fn the_vmm_kernel_vfio_transport_drives_mtty_in_the_lab_guest() {
-    let lab = workspace_root().join("guest-images/out/lab");
-    if !lab.join("vmlinux").exists() || !lab.join("initramfs.cpio").exists() {
-        assert!(
-            std::env::var_os("VMM_REQUIRE_LAB").is_none(),
-            "VMM_REQUIRE_LAB is set but {} has no vmlinux + initramfs.cpio",
-            lab.display()
-        );
-        eprintln!(
-            "SKIPPED: the lab guest is not built ({} has no vmlinux + initramfs.cpio); \
-             build it with `guest-images/build.sh --lab`",
-            lab.display()
-        );
+    let Some(lab) = lab_images() else {
         return;
-    }
+    };
     let console = std::env::temp_dir().join(format!("vmm-vfio-lab-{}.log", std::process::id()));
     let opts = InGuestOpts {
         lab_dir: lab,
