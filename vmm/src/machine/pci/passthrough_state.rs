@@ -118,9 +118,14 @@ impl PassthroughState {
             )));
         }
         let cfg = &view.config;
+        // Capability offsets come from the device (a vfio-user server may be hostile): a
+        // capability placed at the very end of config space must not index past it.
         let write = |offset: usize, len: usize| {
+            let Some(bytes) = offset.checked_add(len).and_then(|end| cfg.get(offset..end)) else {
+                return;
+            };
             let mut root = self.pci.root().lock().unwrap_or_else(|p| p.into_inner());
-            root.config_write(self.function, offset, &cfg[offset..offset + len]);
+            root.config_write(self.function, offset, bytes);
         };
         // Decode off while the BARs move, as a guest reprogramming them would have it.
         {
