@@ -43,7 +43,10 @@ fn page_server(snap: &Path, sock: &Path) -> Bg {
 
 /// `vmm restore SNAP --lazy ... --page-server SOCK --json` in the background.
 fn restore_bg(snap: &Path, sock: &Path, args: &[&str]) -> Bg {
-    let mut cmd = Command::new(vmm_bin());
+    restore_bg_with(snap, sock, args, Command::new(vmm_bin()))
+}
+
+fn restore_bg_with(snap: &Path, sock: &Path, args: &[&str], mut cmd: Command) -> Bg {
     cmd.arg("restore")
         .arg(snap)
         .args(["--console", "none", "--json", "--lazy", "--page-server"])
@@ -194,6 +197,56 @@ fn a_dead_or_garbled_page_server_stops_the_restore_with_the_reason() {
     ]);
     assert_eq!(run.code(), Some(1), "{}", run.stderr);
     assert!(run.stderr.contains("vm.json"), "{}", run.stderr);
+}
+
+/// A page server that answers the handshake and then says nothing, holding the connection
+/// open (a stopped or hung process): with the uffd backends only the server reads the
+/// userfaultfd, so the guest's first fault would block forever. The restoring vmm must notice
+/// the missing heartbeat, stop the guest and end with an error that names the server and the
+/// silence.
+#[test]
+fn a_silent_page_server_ends_the_restore_with_who_and_how_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot_micro(dir.path(), &[]);
+    let ready = frame(2, br#"{"session":1,"pid":4242}"#);
+    for backend in ["uffd-missing", "memslot-exits"] {
+        let sock = dir.path().join(format!("silent-{backend}.sock"));
+        let listener = UnixListener::bind(&sock).unwrap();
+        let reply = ready.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let fake = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut h = [0u8; 16];
+            c.read_exact(&mut h).unwrap();
+            let len = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize;
+            let mut hello = vec![0u8; len];
+            c.read_exact(&mut hello).unwrap();
+            c.write_all(&reply).unwrap();
+            // Silent, connection open, until the test is done with it.
+            let _ = done_rx.recv_timeout(LIMIT);
+            drop((c, listener));
+        });
+        let mut cmd = Command::new(vmm_bin());
+        cmd.env("VMM_PAGE_SERVER_SILENCE_MS", "3000");
+        let t = Instant::now();
+        let (code, rep, err) =
+            restore_bg_with(&snap.dir, &sock, &["--demand", backend], cmd).finish(LIMIT);
+        let took = t.elapsed();
+        let _ = done_tx.send(());
+        fake.join().unwrap();
+        assert_eq!(code, Some(1), "{backend} ({took:?}): {err}\n{rep}");
+        assert!(
+            err.contains(&format!("page server {}", sock.display()))
+                && err.contains("sent nothing for")
+                && err.contains("pid 4242"),
+            "{backend}: {err}"
+        );
+        assert_ne!(
+            rep["run"]["micro_passes"].as_u64(),
+            Some(snap.passes),
+            "{rep}"
+        );
+    }
 }
 
 /// Four vCPUs faulting at once: each data connection serves one caller (exit backends), the

@@ -31,6 +31,8 @@
 //! |      |            |           | 1..=MAX_PAGES pages, no overflow                        |
 //! |    9 | `Data`     | s → c     | `pages` × 4096 bytes answering the `Read` with this id  |
 //! |   10 | `Error`    | either    | reason, UTF-8: the sender gives up on this connection   |
+//! |   11 | `Alive`    | s → c     | empty: heartbeat on the main connection, every          |
+//! |      |            |           | HEARTBEAT while the session lasts                       |
 //!
 //! # Sessions
 //!
@@ -49,9 +51,12 @@
 //!     | <---------------------------------- Stats --- |  the server exits
 //! ```
 //!
-//! The server sends nothing unsolicited on the main connection except `Error` when it fails
-//! (its fault thread could not install a page): the client then stops the guest, which must
-//! never run on with memory missing.
+//! The server sends nothing unsolicited on the main connection except `Alive` every
+//! `HEARTBEAT` and `Error` when it fails (its fault thread could not install a page): the client
+//! then stops the guest, which must never run on with memory missing. The heartbeat is how the
+//! client tells a stopped or hung server from an idle one: with the uffd backends the server
+//! alone reads the userfaultfd, so a server that goes silent leaves a faulting vCPU blocked in
+//! the kernel with nothing in the restoring process to notice.
 
 use std::io::{ErrorKind, Read, Write};
 
@@ -63,6 +68,8 @@ pub const PAGE: u64 = 4096;
 pub const MAX_PAGES: u32 = 512;
 /// The largest payload accepted: a full `Data` frame, or a JSON handshake / report.
 pub const MAX_PAYLOAD: usize = 4 << 20;
+/// How often the server says `Alive` on the main connection.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 
 const KIND_HELLO: u16 = 1;
 const KIND_READY: u16 = 2;
@@ -74,6 +81,7 @@ const KIND_STATS: u16 = 7;
 const KIND_READ: u16 = 8;
 const KIND_DATA: u16 = 9;
 const KIND_ERROR: u16 = 10;
+const KIND_ALIVE: u16 = 11;
 
 /// `Refuse` and `Error` carry text for the other side's user: messages, not error chains.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +96,7 @@ pub enum Message {
     Read { gpa: u64, pages: u32 },
     Data(Vec<u8>),
     Error(String),
+    Alive,
 }
 
 impl Message {
@@ -103,6 +112,7 @@ impl Message {
             Message::Read { .. } => KIND_READ,
             Message::Data(_) => KIND_DATA,
             Message::Error(_) => KIND_ERROR,
+            Message::Alive => KIND_ALIVE,
         }
     }
 
@@ -123,6 +133,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_READ => "Read",
         KIND_DATA => "Data",
         KIND_ERROR => "Error",
+        KIND_ALIVE => "Alive",
         _ => "unknown",
     }
 }
@@ -215,7 +226,7 @@ pub fn encode(id: u32, msg: &Message) -> Result<Vec<u8>, ProtoError> {
             fixed[..8].copy_from_slice(&session.to_le_bytes());
             &fixed[..8]
         }
-        Message::Resuming | Message::Finish => &[],
+        Message::Resuming | Message::Finish | Message::Alive => &[],
         Message::Read { gpa, pages } => {
             check_read(*gpa, *pages)?;
             fixed[..8].copy_from_slice(&gpa.to_le_bytes());
@@ -318,6 +329,10 @@ pub fn decode_payload(kind: u16, p: Vec<u8>) -> Result<Message, ProtoError> {
             Message::Data(p)
         }
         KIND_ERROR => Message::Error(text(p)),
+        KIND_ALIVE => {
+            exact(0)?;
+            Message::Alive
+        }
         other => return Err(ProtoError::UnknownKind(other)),
     })
 }
@@ -429,6 +444,7 @@ mod tests {
         roundtrip(Message::Join { session: u64::MAX });
         roundtrip(Message::Resuming);
         roundtrip(Message::Finish);
+        roundtrip(Message::Alive);
         roundtrip(Message::Stats(b"{}".to_vec()));
         roundtrip(Message::Read {
             gpa: 0x1000,
@@ -459,10 +475,10 @@ mod tests {
             recv(&mut f.as_slice()),
             Err(ProtoError::UnknownKind(0))
         ));
-        f[6] = 11;
+        f[6] = 12;
         assert!(matches!(
             recv(&mut f.as_slice()),
-            Err(ProtoError::UnknownKind(11))
+            Err(ProtoError::UnknownKind(12))
         ));
         // A huge length is refused before anything is allocated or read.
         let mut f = good.clone();

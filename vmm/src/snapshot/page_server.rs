@@ -17,6 +17,7 @@
 //! main connection and stops the guest rather than let it run on with memory missing.
 
 mod handshake;
+mod heartbeat;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -44,6 +45,8 @@ pub use handshake::{Handshake, Ready, WireRange};
 
 /// How long a peer may take to send a frame that is due (handshake, answers).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `finish` waits for the server's `Stats` (it completes a prefetch first).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Descriptors the handshake may carry.
 const MAX_FDS: usize = 3;
 
@@ -295,6 +298,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
     };
     let ready = serde_json::to_vec(&Ready { session, pid }).map_err(json_err("encoding Ready"))?;
     proto::send(&mut *lock(&writer), 0, &Message::Ready(ready))?;
+    let mut heartbeat = heartbeat::Heartbeat::start(writer.clone())?;
     // From now on the restoring vmm may take as long as its guest runs.
     main.set_read_timeout(None)
         .map_err(io("the main connection"))?;
@@ -359,6 +363,7 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         serve_us: Percentiles::of(&mut lat),
     };
     let json = serde_json::to_vec(&report).map_err(json_err("encoding the report"))?;
+    heartbeat.stop();
     proto::send(&mut *lock(&writer), 0, &Message::Stats(json))?;
     if let Some(e) = report.demand.as_ref().and_then(|d| d.error.clone()) {
         return Err(PageServerError::Failed(format!("serving faults: {e}")));
@@ -549,14 +554,17 @@ impl Session {
     pub fn client(&self) -> PageClient {
         PageClient {
             path: self.path.clone(),
+            pid: self.ready.pid,
+            reply_timeout: heartbeat::silence_limit(),
             session: self.ready.session,
             pool: Mutex::new(Vec::new()),
             next_id: AtomicU32::new(1),
         }
     }
 
-    /// Watches the main connection: the server sends nothing there until `Finish` unless it
-    /// failed or died; then `on_dead` is called with the reason.
+    /// Watches the main connection: the server sends only its heartbeat there until `Finish`
+    /// unless it failed or died; then, or when it has been silent for `silence_limit()`,
+    /// `on_dead` is called with the reason.
     pub fn watch(&mut self, on_dead: OnFail) -> Result<(), PageServerError> {
         let conn = self
             .main
@@ -565,29 +573,47 @@ impl Session {
         let finishing = self.finishing.clone();
         let dead = self.dead.clone();
         let path = self.path.clone();
+        let pid = self.ready.pid;
+        let limit = heartbeat::silence_limit();
         self.watcher = Some(
             std::thread::Builder::new()
                 .name("page-server-watch".into())
                 .spawn(move || {
+                    let mut heard = Instant::now();
                     while !finishing.load(Ordering::Acquire) {
-                        let mut pfd = libc::pollfd {
-                            fd: conn.as_raw_fd(),
-                            events: libc::POLLIN,
-                            revents: 0,
-                        };
-                        // SAFETY: one valid pollfd, count 1.
-                        let rc = unsafe { libc::poll(&mut pfd, 1, 50) };
-                        if rc <= 0 {
-                            continue;
-                        }
-                        let mut r = &conn;
-                        let why = match proto::recv(&mut r) {
-                            Ok((_, Message::Error(reason))) => format!("it failed: {reason}"),
-                            Ok((_, other)) => format!("it sent an unexpected {}", other.name()),
-                            Err(ProtoError::Closed) => {
-                                "it closed the connection (exited or died)".to_string()
+                        let silent = heard.elapsed();
+                        let why = if silent > limit {
+                            format!(
+                                "it sent nothing for {:.1} s (no heartbeat: stopped, hung or \
+                                 cut off; pid {pid})",
+                                silent.as_secs_f64()
+                            )
+                        } else {
+                            let mut pfd = libc::pollfd {
+                                fd: conn.as_raw_fd(),
+                                events: libc::POLLIN,
+                                revents: 0,
+                            };
+                            // SAFETY: one valid pollfd, count 1.
+                            let rc = unsafe { libc::poll(&mut pfd, 1, 50) };
+                            if rc <= 0 {
+                                continue;
                             }
-                            Err(e) => e.to_string(),
+                            let mut r = &conn;
+                            match proto::recv(&mut r) {
+                                Ok((_, Message::Alive)) => {
+                                    heard = Instant::now();
+                                    continue;
+                                }
+                                Ok((_, Message::Error(reason))) => format!("it failed: {reason}"),
+                                Ok((_, other)) => {
+                                    format!("it sent an unexpected {}", other.name())
+                                }
+                                Err(ProtoError::Closed) => {
+                                    "it closed the connection (exited or died)".to_string()
+                                }
+                                Err(e) => e.to_string(),
+                            }
                         };
                         let reason = format!(
                             "page server {}: {why}; the guest is stopped rather than run on with \
@@ -628,10 +654,26 @@ impl Session {
         proto::send(&mut w, 0, &Message::Finish)?;
         // The server completes a prefetch first: allow for it.
         self.main
-            .set_read_timeout(Some(REPLY_TIMEOUT * 4))
+            .set_read_timeout(Some(FINISH_TIMEOUT))
             .map_err(io("the page-server connection"))?;
         let mut r = &self.main;
-        match proto::recv(&mut r)? {
+        // The heartbeat goes on while the server completes a prefetch; the read timeout ends a
+        // silent server, the deadline one that only says Alive.
+        let deadline = Instant::now() + FINISH_TIMEOUT;
+        let reply = loop {
+            match proto::recv(&mut r)? {
+                (_, Message::Alive) if Instant::now() < deadline => continue,
+                (_, Message::Alive) => {
+                    return Err(PageServerError::Failed(format!(
+                        "page server {}: no Stats within {} s of Finish, only heartbeats",
+                        self.path.display(),
+                        FINISH_TIMEOUT.as_secs()
+                    )))
+                }
+                other => break other,
+            }
+        };
+        match reply {
             (_, Message::Stats(json)) => {
                 serde_json::from_slice(&json).map_err(json_err("malformed Stats"))
             }
@@ -659,6 +701,10 @@ impl Session {
 /// the fault thread, the prefetcher), taken from a pool and returned after each answer.
 pub struct PageClient {
     path: PathBuf,
+    /// The server's pid as it gave it (names it in errors).
+    pid: u32,
+    /// A read's answer is due within the same silence that ends the session.
+    reply_timeout: Duration,
     session: u64,
     pool: Mutex<Vec<UnixStream>>,
     next_id: AtomicU32,
@@ -667,7 +713,7 @@ pub struct PageClient {
 impl PageClient {
     fn connect(&self) -> Result<UnixStream, PageServerError> {
         let conn = UnixStream::connect(&self.path).map_err(io("connecting"))?;
-        conn.set_read_timeout(Some(REPLY_TIMEOUT))
+        conn.set_read_timeout(Some(self.reply_timeout))
             .map_err(io("a data connection"))?;
         let mut w = &conn;
         proto::send(
@@ -693,8 +739,10 @@ impl PageClient {
         let mut r = &conn;
         let (got, msg) = proto::recv(&mut r).map_err(|e| match e {
             ProtoError::TimedOut { .. } => PageServerError::Failed(format!(
-                "timed out after {} s waiting for the page server's answer to a read of {gpa:#x}",
-                REPLY_TIMEOUT.as_secs()
+                "it sent nothing for {:.1} s in answer to a read of {gpa:#x} (stopped, hung or \
+                 cut off; pid {})",
+                self.reply_timeout.as_secs_f64(),
+                self.pid
             )),
             e => e.into(),
         })?;
