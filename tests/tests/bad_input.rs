@@ -174,6 +174,32 @@ fn a_fifo_or_dev_zero_as_payload_is_refused_at_once() {
 }
 
 #[test]
+fn a_fifo_as_kernel_initramfs_or_disk_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("image.fifo");
+    mkfifo(&fifo);
+    let fifo = fifo.to_str().unwrap();
+    let images = vmm_tests::images();
+    let kernel = images.kernel.to_str().unwrap();
+    expect_quick_error(
+        &["run", "--kernel", fifo, "--console", "none"],
+        &format!("--kernel {fifo}: is a FIFO, not a regular file"),
+    );
+    expect_quick_error(
+        &["run", "--kernel", kernel, "--initrd", fifo],
+        &format!("--initrd {fifo}: is a FIFO, not a regular file"),
+    );
+    expect_quick_error(
+        &["run", "--micro", "--disk", fifo],
+        &format!("--disk {fifo}: is a FIFO, not a regular file or block device"),
+    );
+    expect_quick_error(
+        &["run", "--micro", "--disk", "/dev/zero"],
+        "--disk /dev/zero: is a character device, not a regular file or block device",
+    );
+}
+
+#[test]
 fn a_fifo_or_dev_zero_as_a_snapshots_vm_json_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let fifo_snap = dir.path().join("fifo-snap");

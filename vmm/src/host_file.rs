@@ -48,12 +48,14 @@ fn kind_of(t: std::fs::FileType) -> &'static str {
 }
 
 /// Opens `path` without blocking on a FIFO (O_NONBLOCK, cleared once the type is known), and
-/// returns it only if it is a regular file, or a block device where `block_ok`.
+/// returns it only if it is a regular file, or a block device where `block_ok`; with
+/// `nofollow`, a symlink as the last component is refused (ELOOP).
 fn open_checked(
     path: &Path,
     what: &'static str,
     write: bool,
     block_ok: bool,
+    nofollow: bool,
 ) -> Result<File, HostFileError> {
     let io = |source| HostFileError::Io {
         what,
@@ -63,7 +65,7 @@ fn open_checked(
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(write)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | if nofollow { libc::O_NOFOLLOW } else { 0 })
         .open(path)
         .map_err(io)?;
     let t = file.metadata().map_err(io)?.file_type();
@@ -87,7 +89,19 @@ fn open_checked(
 
 /// Opens a regular file for reading (a FIFO, device or directory is refused, never waited on).
 pub fn open_regular(path: &Path, what: &'static str) -> Result<File, HostFileError> {
-    open_checked(path, what, false, false)
+    open_checked(path, what, false, false, false)
+}
+
+/// As `open_regular`, for a file inside a directory this process reads as a whole (a
+/// snapshot's): a symlink there is refused rather than followed.
+pub fn open_regular_nofollow(path: &Path, what: &'static str) -> Result<File, HostFileError> {
+    open_checked(path, what, false, false, true)
+}
+
+/// Opens a disk image (a regular file or a block device) for the guest, read-write unless
+/// `read_only`; a FIFO, a directory or a character device is refused, never waited on.
+pub fn open_disk(path: &Path, read_only: bool) -> Result<File, HostFileError> {
+    open_checked(path, "disk", !read_only, true, false)
 }
 
 /// Reads a regular file whole, refusing it before reading if it is over `max` bytes.
@@ -127,7 +141,7 @@ pub fn read_bounded(path: &Path, what: &'static str, max: u64) -> Result<Vec<u8>
 /// A disk's size in bytes: a regular file or a block device, measured by seeking to its end
 /// (a block device's metadata says 0 bytes).
 pub fn disk_bytes(path: &Path) -> Result<u64, HostFileError> {
-    let mut file = open_checked(path, "disk", false, true)?;
+    let mut file = open_checked(path, "disk", false, true, false)?;
     file.seek(SeekFrom::End(0))
         .map_err(|source| HostFileError::Io {
             what: "disk",

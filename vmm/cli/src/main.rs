@@ -4,7 +4,7 @@ mod bench_cli;
 mod remote_cli;
 mod restore_cli;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -228,24 +228,47 @@ pub(crate) fn parse_disk(spec: &str) -> Result<DiskConfig> {
         None => (spec, false),
     };
     let path = PathBuf::from(path);
-    if !path.is_file() {
-        bail!("--disk {}: no such disk image file", path.display());
-    }
+    check_file("--disk", &path, "disk image", true)?;
     Ok(DiskConfig {
         path,
         read_only: opt,
     })
 }
 
+/// A file argument exists and is a regular file (or a block device where `block_ok`); told
+/// from its metadata, so a FIFO is named as one rather than opened and waited on.
+fn check_file(flag: &str, path: &Path, what: &str, block_ok: bool) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        bail!("{flag} {}: no such {what} file", path.display());
+    };
+    let t = meta.file_type();
+    if !(t.is_file() || block_ok && t.is_block_device()) {
+        let kind = if t.is_dir() {
+            "directory"
+        } else if t.is_fifo() {
+            "FIFO"
+        } else if t.is_char_device() {
+            "character device"
+        } else if t.is_block_device() {
+            "block device"
+        } else {
+            "special file"
+        };
+        bail!(
+            "{flag} {}: is a {kind}, not a regular file{}",
+            path.display(),
+            if block_ok { " or block device" } else { "" }
+        );
+    }
+    Ok(())
+}
+
 fn guest_config(a: &RunArgs) -> Result<GuestConfig> {
     if let Some(kernel) = &a.kernel {
-        if !kernel.is_file() {
-            bail!("--kernel {}: no such kernel file", kernel.display());
-        }
+        check_file("--kernel", kernel, "kernel", false)?;
         if let Some(initrd) = &a.initrd {
-            if !initrd.is_file() {
-                bail!("--initrd {}: no such initramfs file", initrd.display());
-            }
+            check_file("--initrd", initrd, "initramfs", false)?;
         }
         let mut cmdline = a
             .cmdline

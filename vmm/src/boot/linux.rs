@@ -1,7 +1,6 @@
 //! Loading a Linux kernel (uncompressed ELF vmlinux or bzImage) with linux-loader, and the
 //! 64-bit boot protocol's zero page: setup header, command line, initramfs, e820 map.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -19,11 +18,9 @@ pub const X86_COMMAND_LINE_SIZE: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxBootError {
-    #[error("cannot open kernel image {path}: {source}")]
-    OpenKernel {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// Missing, unreadable, or not a regular file (a FIFO is refused, never waited on).
+    #[error(transparent)]
+    File(#[from] crate::host_file::HostFileError),
     #[error("cannot read kernel image {path}: {source}")]
     ReadKernel {
         path: PathBuf,
@@ -41,8 +38,8 @@ pub enum LinuxBootError {
          rest would be dropped without a word: shorten the --agent script or the cmdline)"
     )]
     CmdlineTooLong { len: usize, limit: usize },
-    #[error("cannot open initramfs {path}: {source}")]
-    OpenInitrd {
+    #[error("cannot size initramfs {path}: {source}")]
+    SizeInitrd {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -74,10 +71,7 @@ pub enum KernelFormat {
 
 /// Looks at the file's magic numbers, so a wrong file gets a precise error before any loading.
 pub fn detect_format(path: &Path) -> Result<KernelFormat, LinuxBootError> {
-    let mut f = File::open(path).map_err(|source| LinuxBootError::OpenKernel {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut f = crate::host_file::open_regular(path, "kernel image")?;
     let mut head = vec![0u8; 0x210];
     let mut got = 0;
     while got < head.len() {
@@ -133,10 +127,7 @@ const CAN_USE_HEAP: u8 = 0x80;
 pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootError> {
     let mem = ram.memory();
     let format = detect_format(&boot.kernel)?;
-    let mut file = File::open(&boot.kernel).map_err(|source| LinuxBootError::OpenKernel {
-        path: boot.kernel.clone(),
-        source,
-    })?;
+    let mut file = crate::host_file::open_regular(&boot.kernel, "kernel image")?;
     let load_err = |source: linux_loader::loader::Error| LinuxBootError::Load {
         path: boot.kernel.clone(),
         source,
@@ -237,14 +228,11 @@ fn load_initrd(
     kernel_end: u64,
     low_end: u64,
 ) -> Result<(u64, u64), LinuxBootError> {
-    let mut f = File::open(path).map_err(|source| LinuxBootError::OpenInitrd {
-        path: path.to_owned(),
-        source,
-    })?;
+    let mut f = crate::host_file::open_regular(path, "initramfs")?;
     let size = f
         .seek(SeekFrom::End(0))
         .and_then(|s| f.seek(SeekFrom::Start(0)).map(|_| s))
-        .map_err(|source| LinuxBootError::OpenInitrd {
+        .map_err(|source| LinuxBootError::SizeInitrd {
             path: path.to_owned(),
             source,
         })?;
@@ -295,8 +283,15 @@ mod tests {
         ));
         assert!(matches!(
             detect_format(&dir.join("missing")),
-            Err(LinuxBootError::OpenKernel { .. })
+            Err(LinuxBootError::File(_))
         ));
+        // A FIFO is refused at once, never waited on for a writer.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo touches nothing else.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = detect_format(&fifo).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,7 +4,6 @@
 //! boot timer's page are where the guest expects them (`guest_abi`). Every VM has PCI bus 0
 //! (host bridge, mechanism #1 at 0xCF8: `machine::pci`); PCI functions are added to it.
 
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -51,11 +50,8 @@ pub enum DeviceSetupError {
     },
     #[error("UART: {0}")]
     Serial(#[source] devices::legacy::serial::SerialError),
-    #[error("cannot open disk image {path}: {source}")]
-    Disk {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Disk(#[from] crate::host_file::HostFileError),
     #[error("virtio-blk {path}: {source}")]
     Block {
         path: PathBuf,
@@ -257,14 +253,7 @@ pub fn create(
     }
     for (i, disk) in opts.disks.iter().enumerate() {
         let what = format!("virtio-blk {}", disk.path.display());
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!disk.read_only)
-            .open(&disk.path)
-            .map_err(|source| DeviceSetupError::Disk {
-                path: disk.path.clone(),
-                source,
-            })?;
+        let file = crate::host_file::open_disk(&disk.path, disk.read_only)?;
         let serial = format!("vmm-disk{i}");
         let block = Block::new(file, disk.read_only, &serial).map_err(|source| {
             DeviceSetupError::Block {

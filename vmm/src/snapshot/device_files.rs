@@ -5,9 +5,8 @@
 //! cannot migrate is refused before anything is written, naming it; the device is stopped
 //! (its DMA ends) before guest RAM is read; it runs again when the guest resumes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use devices::vfio::passthrough::MigState;
@@ -32,6 +31,8 @@ pub enum DeviceFileError {
     Device(#[from] MigV2Error),
     #[error(transparent)]
     Output(#[from] crate::output::OutputError),
+    #[error(transparent)]
+    HostFile(#[from] crate::host_file::HostFileError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -151,18 +152,9 @@ fn open_checked(dir: &Path, index: usize, f: &DeviceFile) -> Result<File, Device
         )));
     }
     let path = dir.join(&f.name);
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)
-        .map_err(io(&path))?;
+    // Never waits on a FIFO, never follows a symlink, refuses anything but a regular file.
+    let file = crate::host_file::open_regular_nofollow(&path, "snapshot device file")?;
     let meta = file.metadata().map_err(io(&path))?;
-    if !meta.is_file() {
-        return Err(DeviceFileError::Refused(format!(
-            "{} is not a regular file",
-            path.display()
-        )));
-    }
     if meta.len() != f.len {
         return Err(DeviceFileError::Refused(format!(
             "{} is {} bytes, the manifest says {}",
@@ -342,9 +334,26 @@ mod tests {
         };
         let e = open_checked(dir.path(), 0, &f).unwrap_err();
         assert!(
-            matches!(&e, DeviceFileError::Io { source, .. } if source.raw_os_error() == Some(libc::ELOOP)),
+            matches!(&e, DeviceFileError::HostFile(crate::host_file::HostFileError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ELOOP)),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn a_fifo_as_device_file_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device0.bin");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo touches nothing else.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let f = DeviceFile {
+            name: "device0.bin".into(),
+            len: 3,
+            crc32: 0,
+        };
+        let e = open_checked(dir.path(), 0, &f).unwrap_err().to_string();
+        assert!(e.contains("FIFO, not a regular file"), "{e}");
     }
 
     #[test]
