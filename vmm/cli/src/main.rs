@@ -449,7 +449,7 @@ fn run(a: RunArgs, start: Instant) -> Result<i32> {
         dirty_ring: a.dirty_ring,
         api_socket: a.api_socket.clone(),
     };
-    let mut m = machine::Machine::build(&cfg, start)?.boot()?;
+    let mut m = machine::Machine::build_and_boot(&cfg, start)?;
     let dump = a
         .dump_final
         .as_ref()

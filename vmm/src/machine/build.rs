@@ -30,6 +30,9 @@ use crate::vstate::vm::Vm;
 pub struct Machine {
     pub cfg: VmConfig,
     pub start: Instant,
+    /// Guest RAM's memslots still being registered (a fresh boot's, until `boot` ends).
+    /// Declared before `ram`: dropped (joined) first.
+    pub(super) slots: Option<crate::vstate::vm::RamRegistration>,
     pub ram: GuestRam,
     pub vm: Arc<Vm>,
     pub rings: Option<Arc<DirtyRings>>,
@@ -61,6 +64,20 @@ pub type OnEnded = Box<dyn FnOnce(&crate::memory::GuestMemory) + Send>;
 impl Machine {
     /// Creates RAM, the VM, devices and vCPUs (CPUID, MSRs, FPU, LINT set up; no boot registers).
     pub fn build(cfg: &VmConfig, start: Instant) -> Result<Machine, MachineError> {
+        let mut m = Self::build_registering(cfg, start)?;
+        if let Some(slots) = m.slots.take() {
+            slots.wait()?;
+        }
+        Ok(m)
+    }
+
+    /// `build` and `boot`: a fresh boot, with guest RAM's memslots registered while the devices,
+    /// the vCPUs and the boot images are made (see `RamRegistration`).
+    pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Machine, MachineError> {
+        Self::build_registering(cfg, start)?.boot()
+    }
+
+    fn build_registering(cfg: &VmConfig, start: Instant) -> Result<Machine, MachineError> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS as u32 {
             return Err(MachineError::VcpuCount {
                 got: cfg.vcpus,
@@ -94,7 +111,7 @@ impl Machine {
         } else {
             None
         };
-        vm.register_ram(&ram)?;
+        let slots = vm.register_ram_in_background(&ram)?;
         let mem = ram.memory();
         let rings = ring_entries.map(|entries| Arc::new(DirtyRings::new(vm.clone(), entries)));
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
@@ -190,6 +207,7 @@ impl Machine {
         Ok(Machine {
             cfg: cfg.clone(),
             start,
+            slots: Some(slots),
             ram,
             vm,
             rings,
@@ -211,8 +229,9 @@ impl Machine {
         })
     }
 
-    /// A fresh boot: boot structures and the guest in RAM, the BSP's entry registers.
-    pub fn boot(self) -> Result<Machine, MachineError> {
+    /// A fresh boot: boot structures and the guest in RAM, the BSP's entry registers; guest
+    /// RAM's memslots registered when it returns.
+    pub fn boot(mut self) -> Result<Machine, MachineError> {
         let cfg = &self.cfg;
         let mem = self.ram.memory();
         regs::write_descriptor_tables(mem)?;
@@ -252,6 +271,9 @@ impl Machine {
             for ap in self.runners.iter().skip(1) {
                 micro::setup_ap(&ap.fd, ap.id)?;
             }
+        }
+        if let Some(slots) = self.slots.take() {
+            slots.wait()?;
         }
         Ok(self)
     }

@@ -137,5 +137,5 @@ pub struct VmConfig {
 /// `start` is the process start, the zero of every time in the report. Serves no API (see
 /// `RunHooks::api`).
 pub fn run(cfg: &VmConfig, start: Instant) -> Result<RunReport, MachineError> {
-    Machine::build(cfg, start)?.boot()?.run(RunHooks::default())
+    Machine::build_and_boot(cfg, start)?.run(RunHooks::default())
 }

@@ -49,6 +49,7 @@ impl Machine {
         let Machine {
             cfg,
             start,
+            slots,
             ram,
             vm,
             rings,
@@ -68,6 +69,10 @@ impl Machine {
             paging_in,
             on_ended,
         } = self;
+        // `build` and `boot` wait for the registration; nothing runs before it is done.
+        if let Some(slots) = slots {
+            slots.wait()?;
+        }
         let mem = ram.memory();
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
         let nr_vcpus = cfg.vcpus as u8;

@@ -31,9 +31,44 @@ pub enum VmError {
     },
     #[error("KVM_CREATE_VCPU {id} failed: {source}")]
     CreateVcpu { id: u8, source: kvm_ioctls::Error },
+    #[error("registering guest RAM: {0}")]
+    RegistrationThread(String),
     /// Boxed: it is rare (VM creation only) and much larger than the rest.
     #[error("setting up the guest's resources: {0}")]
     Resources(#[source] Box<ResourcesError>),
+}
+
+/// Guest RAM's memslots being registered on a thread of their own (`register_ram_in_background`).
+/// Each KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (kvm_swap_active_memslots ->
+/// synchronize_srcu): milliseconds spent asleep, the largest part of a micro guest's setup on
+/// PVM, during which a fresh boot builds its devices and vCPUs and loads its images instead.
+/// Joined on drop, so guest RAM is never unmapped while the ioctl may still run.
+pub struct RamRegistration {
+    handle: Option<std::thread::JoinHandle<Result<(), VmError>>>,
+}
+
+impl RamRegistration {
+    /// Waits for the registration and returns its result.
+    pub fn wait(mut self) -> Result<(), VmError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), VmError> {
+        match self.handle.take() {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(VmError::RegistrationThread(
+                    "its thread panicked".to_string(),
+                ))
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RamRegistration {
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
 }
 
 /// Where KVM may put the three pages of its real-mode TSS (unused on hardware with unrestricted
@@ -147,6 +182,42 @@ impl Vm {
         Ok(())
     }
 
+    /// `register_ram` on a thread of its own; `RamRegistration::wait` before anything needs the
+    /// slots (a vCPU runs, a slot changes).
+    pub fn register_ram_in_background(
+        self: &Arc<Self>,
+        ram: &GuestRam,
+    ) -> Result<RamRegistration, VmError> {
+        let vm = self.clone();
+        let parts: Vec<(u64, u64, u64)> = ram
+            .ranges()
+            .iter()
+            .zip(ram.host_addrs())
+            .map(|(r, host)| (r.gpa, r.size, host))
+            .collect();
+        let handle = std::thread::Builder::new()
+            .name("ram-slots".into())
+            .spawn(move || {
+                for (gpa, size, host) in parts {
+                    // SAFETY: the host range is a live mapping owned by the machine's
+                    // `GuestRam`, which the caller keeps until this thread is joined
+                    // (`RamRegistration` joins on drop and is dropped before the RAM), and
+                    // which outlives the VM as in `register_ram`.
+                    unsafe { vm.memslots.add(SlotKind::Ram, gpa, size, host, 0) }.map_err(
+                        |source| VmError::Memslot {
+                            what: "registering guest RAM",
+                            source,
+                        },
+                    )?;
+                }
+                Ok(())
+            })
+            .map_err(|e| VmError::RegistrationThread(format!("starting its thread: {e}")))?;
+        Ok(RamRegistration {
+            handle: Some(handle),
+        })
+    }
+
     /// Turns KVM dirty logging (KVM_MEM_LOG_DIRTY_PAGES) on or off for every RAM memslot.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
         self.memslots
@@ -165,5 +236,29 @@ impl Vm {
         self.fd
             .create_vcpu(id as u64)
             .map_err(|source| VmError::CreateVcpu { id, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a real VM: the background registration leaves one RAM slot per range, at the ranges'
+    /// addresses, and a second registration of the same RAM fails with the registry's overlap
+    /// error through `wait` (the thread's result is not lost).
+    #[test]
+    fn ram_registered_in_the_background_is_in_kvm_once_waited_for() {
+        let ram = GuestRam::new(64 << 20).unwrap();
+        let vm = Arc::new(Vm::new(ram.size()).unwrap());
+        vm.register_ram_in_background(&ram).unwrap().wait().unwrap();
+        let slots = vm.memslots().ram();
+        assert_eq!(slots.len(), ram.ranges().len());
+        for (s, r) in slots.iter().zip(ram.ranges()) {
+            assert_eq!((s.gpa, s.size), (r.gpa, r.size));
+        }
+        let again = vm.register_ram_in_background(&ram).unwrap().wait();
+        assert!(matches!(again, Err(VmError::Memslot { .. })), "{again:?}");
+        // Dropped without waiting: the drop joins (nothing outlives `ram`).
+        drop(vm.register_ram_in_background(&ram).unwrap());
     }
 }
