@@ -18,6 +18,7 @@ pub mod kvm_guest;
 pub mod lab_init;
 pub mod pagemap;
 pub mod predict;
+pub mod rearm;
 pub mod render;
 pub mod report;
 pub mod thp;
@@ -166,6 +167,10 @@ pub fn run(opts: &ProbeOpts) -> Result<Report, ProbeError> {
                 ));
                 cells.push(c);
             }
+            // The backends' write-and-harvest cycles: first arming, then re-arms by harvest.
+            if available && rearm::TRACKERS.contains(&mech) {
+                cells.extend(rearm::on_kind(kind, mech, opts));
+            }
         }
     }
     // GPU (CUDA) and VFIO: each module makes its own memory kinds and cells, and its line.
@@ -310,6 +315,18 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
     } else {
         predict::predict(kind.row(), mech)
     };
+    // How each write-protect / written-page check armed its memory (one write, one check).
+    let armed_by = match mech {
+        Mechanism::UffdWp => Some("UFFDIO_WRITEPROTECT over the region (sync WP uffd)"),
+        Mechanism::UffdWpAsync => Some("UFFDIO_WRITEPROTECT over the region (WP_ASYNC uffd)"),
+        Mechanism::PagemapScan => Some(
+            "UFFDIO_WRITEPROTECT over the region (WP_ASYNC uffd), then a baseline PAGEMAP_SCAN \
+             PM_SCAN_WP_MATCHING before the writes",
+        ),
+        Mechanism::SoftDirty => Some("clear_refs 4"),
+        _ => None,
+    };
+    let armed = armed_by.is_some() && !matches!(outcome, Outcome::Unavailable { .. });
     Cell {
         memory: kind.name(),
         mechanism: mech,
@@ -318,6 +335,8 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
         predicted: prediction.text.to_string(),
         outcome,
         evidence,
+        armed_by: armed.then(|| armed_by.map(String::from)).flatten(),
+        cycles: armed.then_some(1),
     }
 }
 

@@ -57,7 +57,7 @@ pub fn text(r: &Report) -> String {
             c.mechanism.name(),
             c.outcome.short(),
             matches(c),
-            c.evidence,
+            evidence(c),
             c.predicted
         );
     }
@@ -96,6 +96,19 @@ fn contradicting(r: &Report) -> impl Iterator<Item = &Cell> {
     r.cells
         .iter()
         .filter(|c| c.matches_prediction == Some(false))
+}
+
+/// The evidence, after how the memory was armed where the cell armed it.
+fn evidence(c: &Cell) -> String {
+    match (&c.armed_by, c.cycles) {
+        (Some(by), Some(n)) => format!(
+            "[armed by {by}; {n} cycle{}] {}",
+            if n == 1 { "" } else { "s" },
+            c.evidence
+        ),
+        (Some(by), None) => format!("[armed by {by}] {}", c.evidence),
+        _ => c.evidence.clone(),
+    }
 }
 
 /// An outcome as a matrix entry: findings in bold, a contradicted prediction marked.
@@ -166,7 +179,7 @@ fn glance(s: &mut String, r: &Report) {
             c.mechanism.name(),
             c.outcome.short(),
             md(&c.predicted),
-            md(&c.evidence)
+            md(&evidence(c))
         );
     }
 }
@@ -214,7 +227,7 @@ pub fn markdown(r: &Report) -> String {
             md(&outcome),
             md(&c.predicted),
             matches(c),
-            md(&c.evidence)
+            md(&evidence(c))
         );
     }
     let _ = writeln!(s, "\n## Devices\n");

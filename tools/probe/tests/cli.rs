@@ -122,7 +122,7 @@ fn vmm_probe_subcommand_passes_arguments_and_exit_status_through() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
-    assert_eq!(r["version"], 4);
+    assert_eq!(r["version"], 5);
 }
 
 #[test]

@@ -79,7 +79,7 @@ fn hmm_rows_are_real_and_soft_dirty_works_in_the_lab_guest() {
         got.ready_s, got.boot_to_report_s, got.text
     );
     let r: Value = serde_json::from_str(&got.json).expect("the guest's JSON parses");
-    assert_eq!(r["version"], 4);
+    assert_eq!(r["version"], 5);
     let hmm = r["devices"]
         .as_array()
         .unwrap()

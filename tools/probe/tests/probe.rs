@@ -173,6 +173,22 @@ fn assert_verdict_agrees_with_evidence(c: &Cell, host_kind: bool) {
     ) {
         assert_eq!(c.matches_prediction, None, "judged without a result: {w}");
     }
+    // Item 4 of issue 16: every write-protect / written-page verdict says how it was armed and
+    // over how many write-and-harvest cycles.
+    let tracking = matches!(
+        c.mechanism,
+        Mechanism::UffdWp | Mechanism::UffdWpAsync | Mechanism::PagemapScan | Mechanism::SoftDirty
+    );
+    if tracking
+        && matches!(
+            c.outcome,
+            Outcome::Works | Outcome::SilentMiss | Outcome::FalsePositive
+        )
+    {
+        let by = c.armed_by.as_deref().unwrap_or("");
+        assert!(!by.is_empty(), "a verdict without its arming path: {w}");
+        assert!(c.cycles.is_some(), "a verdict without its cycle count: {w}");
+    }
     // Soft-dirty's silent miss is "writes made, none reported, no error": say both numbers.
     if let Some(i) = c.evidence.find(" units written, bit 55 set on 0 of") {
         let written: usize = c.evidence[..i]
@@ -596,6 +612,8 @@ fn the_consistency_checks_reject_verdicts_their_evidence_contradicts() {
             evidence: evidence.into(),
             predicted: "-".into(),
             matches_prediction: None,
+            armed_by: None,
+            cycles: None,
         }
     }
     fn rejected(c: Cell) -> bool {
