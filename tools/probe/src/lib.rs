@@ -76,6 +76,10 @@ pub struct ProbeOpts {
     /// devices are probed as usual): what a CI run of the lab guest needs, in a fraction of
     /// the emulated-ring-0 time.
     pub quick: bool,
+    /// Create an instance of each kernel sample mdev with a framebuffer BAR (mbochs, mdpy;
+    /// vfio/mdev.rs) before looking for VFIO devices, and remove them afterwards: the lab
+    /// guest's real VFIO devices. Off by default: a host's devices are not the probe's to make.
+    pub sample_mdevs: bool,
 }
 
 impl Default for ProbeOpts {
@@ -87,6 +91,7 @@ impl Default for ProbeOpts {
             cuda_library: PathBuf::from("libcuda.so.1"),
             bar_writes: false,
             quick: false,
+            sample_mdevs: false,
         }
     }
 }
