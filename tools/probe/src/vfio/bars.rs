@@ -229,7 +229,6 @@ fn map_and_probe(
             .as_mut()
             .map(|w| w as &mut dyn external::DeviceWriter),
     });
-    drop(writer);
     drop(map);
     Ok((status(memory.to_string(), true, note), cells))
 }
