@@ -30,6 +30,7 @@ pub mod mdev;
 pub mod open;
 pub mod region_writer;
 pub mod selftest;
+pub mod vanish;
 
 // The ioctl layer the VMM shares (devices::vfio), under the names the probe has always used.
 pub use devices::vfio::errno_of;
