@@ -212,9 +212,15 @@ fn host_info() -> HostInfo {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
+    let kernel_build = std::fs::read_to_string("/proc/version")
+        .ok()
+        .map(|s| s.trim().to_string());
+    let kernel_config = kernel_config(&kernel);
     match vmm::sys::uffd::available_features() {
         Ok(f) => HostInfo {
             kernel,
+            kernel_build,
+            kernel_config,
             uffd_features: Some(format!("{f:#x}")),
             uffd_feature_names: vmm::sys::uffd::feature_names(f)
                 .into_iter()
@@ -224,11 +230,37 @@ fn host_info() -> HostInfo {
         },
         Err(e) => HostInfo {
             kernel,
+            kernel_build,
+            kernel_config,
             uffd_features: None,
             uffd_feature_names: Vec::new(),
             uffd_error: Some(e.to_string()),
         },
     }
+}
+
+/// The SHA-256 of a file, by `sha256sum` (coreutils; absent in the lab guest's initramfs).
+pub fn sha256_of(path: &std::path::Path) -> Option<String> {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let hex = text.split_whitespace().next()?;
+    (out.status.success() && hex.len() == 64).then(|| hex.to_string())
+}
+
+/// The running kernel's config file and its hash, where the distribution keeps one.
+fn kernel_config(release: &str) -> Option<String> {
+    let candidates = [
+        PathBuf::from(format!("/boot/config-{release}")),
+        PathBuf::from("/proc/config.gz"),
+    ];
+    let path = candidates.into_iter().find(|p| p.exists())?;
+    Some(match sha256_of(&path) {
+        Some(h) => format!("{} sha256 {h}", path.display()),
+        None => format!("{} (sha256sum unavailable)", path.display()),
+    })
 }
 
 /// Creates the kind once to see whether it exists here (and for THP, whether it is huge).

@@ -188,6 +188,12 @@ pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# vmm-probe report (v{})\n", r.version);
     let _ = writeln!(s, "- kernel: `{}`", md(&r.host.kernel));
+    if let Some(b) = &r.host.kernel_build {
+        let _ = writeln!(s, "- kernel build: `{}`", md(b));
+    }
+    if let Some(c) = &r.host.kernel_config {
+        let _ = writeln!(s, "- kernel config: {}", md(c));
+    }
     if let Some(f) = &r.host.uffd_features {
         let _ = writeln!(
             s,

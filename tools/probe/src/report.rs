@@ -26,6 +26,14 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {
     pub kernel: String,
+    /// /proc/version: the build (compiler, build number and date) the cells came from.
+    #[serde(default)]
+    pub kernel_build: Option<String>,
+    /// The kernel's configuration: where it was read and its SHA-256 (`sha256sum`), or, for
+    /// the lab guest, the image cache entry and fragments it was built from (filled in by the
+    /// host side, in_guest.rs, which has the files). None where neither is known.
+    #[serde(default)]
+    pub kernel_config: Option<String>,
     /// UFFDIO_API features offered, hex; None when userfaultfd itself could not be opened.
     pub uffd_features: Option<String>,
     pub uffd_feature_names: Vec<String>,
