@@ -170,7 +170,22 @@ pub fn run(sys: &Path) -> Result<String, VanishError> {
     // The cell ends here: release everything the probe held, in order (the tracker, holding
     // the uffd registration, went just above).
     drop(map);
-    drop(opened);
+    // vfio-ioctls 0.10's VfioDevice::drop re-reads the group id from the device's sysfs
+    // `iommu_group` link and unwraps it; a removed device has lost that link, so the drop
+    // panics (after closing the device fd, which is what lets the removal go on). Caught here so
+    // the probe (PID 1 in the lab guest) survives; the evidence says so.
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(opened)));
+    let drop_note = match dropped {
+        Ok(()) => "released cleanly".to_string(),
+        Err(p) => format!(
+            "vfio-ioctls panicked while releasing it ({}; its VfioDevice::drop unwraps the \
+             group id read from the vanished sysfs iommu_group link), caught",
+            p.downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("no message")
+        ),
+    };
     let released = Instant::now();
     let removed = match early_remove {
         Some(r) => Some(r),
@@ -206,8 +221,8 @@ pub fn run(sys: &Path) -> Result<String, VanishError> {
         Some((Err(e), _)) => format!("the removal failed: {e}"),
         None => {
             return Err(VanishError::StillBlocked(format!(
-                "{held}; {irq}; {how}; everything released, but the removal is still blocked \
-                 {} s later",
+                "{held}; {irq}; {how}; everything released ({drop_note}), but the removal is \
+                 still blocked {} s later",
                 REMOVE_DEADLINE.as_secs()
             )))
         }
@@ -218,7 +233,7 @@ pub fn run(sys: &Path) -> Result<String, VanishError> {
     };
     let ev = format!(
         "{held}; {irq}; removal asked through sysfs; {how} after {} ms: the cell ended with \
-         ENODEV (device removed while held) and released it; {removal}; {gone}",
+         ENODEV (device removed while held) and released it: {drop_note}; {removal}; {gone}",
         seen_after.as_millis()
     );
     match seen {
