@@ -65,8 +65,11 @@ pub fn calibrate(
     let page = (0..map_len / SMALL).find(|&p| load(map_base + p * SMALL) == MARKER);
     let Some(page) = page else {
         return Err(format!(
-            "a region write of a marker at BAR offset 0 shows in none of the {} mapped pages",
-            map_len / SMALL
+            "a region write of the marker {MARKER:#x} at BAR offset 0 shows in none of the {} \
+             mapped pages (the first 8 bytes of the BAR now read {:#x}): region writes cannot \
+             be aimed at a page",
+            map_len / SMALL,
+            load(map_base)
         ));
     };
     let shift = page * SMALL;
