@@ -8,6 +8,7 @@
 
 pub mod cuda;
 pub mod devices;
+pub mod explain;
 pub mod external;
 pub mod frame;
 pub mod hmm;

@@ -172,13 +172,15 @@ fn glance(s: &mut String, r: &Report) {
         r.cells.len()
     );
     for c in against {
+        let why = crate::explain::why(c).unwrap_or("not explained yet");
         let _ = writeln!(
             s,
-            "- {} / {}: {}, predicted {}: {}",
+            "- {} / {}: {}, predicted {}. **Why:** {}. Evidence: {}",
             md(&c.label()),
             c.mechanism.name(),
             c.outcome.short(),
             md(&c.predicted),
+            md(why),
             md(&evidence(c))
         );
     }
