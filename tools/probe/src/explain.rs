@@ -65,9 +65,9 @@ pub fn why(c: &Cell) -> Option<&'static str> {
             if c.memory == "anon THP" && c.evidence.contains("no event within") =>
         {
             Some(
-                "a timeout, not a kernel finding: the fault check waits 2 s for its event, and a \
-                 MISSING fault on a huge page in emulated guest ring 0 on a loaded PVM host can \
-                 take longer (the same cell works in earlier saved runs)",
+                "a timeout, not a kernel finding, if the wait was short: a MISSING fault on a \
+                 huge page in emulated guest ring 0 on a loaded PVM host took over 2 s (the \
+                 probe's wait was 2 s then, 10 s now; the cell works in other saved runs)",
             )
         }
         _ => None,
