@@ -7,8 +7,6 @@
 //! supplies the [`DeviceWriter`]; everything armed here (userfaultfds, soft-dirty intervals,
 //! scratch VMs) is undone before a cell is returned.
 
-use std::collections::BTreeSet;
-
 use userfaultfd::RegisterMode;
 use vmm::sys::uffd::{FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED};
 
@@ -16,7 +14,8 @@ use crate::hmm::trackers::{self, Range};
 use crate::kinds::SMALL;
 use crate::kvm;
 use crate::predict::{predict, predict_device_write, Row};
-use crate::report::{judge, Cell, Mechanism, Outcome};
+use crate::rearm;
+use crate::report::{Cell, Mechanism, Outcome};
 use crate::uffd::Finding;
 
 /// Pages the CPU writes in the CPU check, and the device in the device check: apart, so a
@@ -99,24 +98,42 @@ enum Source {
     Device,
 }
 
-fn cell(ext: &External, mech: Mechanism, source: Source, f: Finding) -> Cell {
+fn cell(
+    ext: &External,
+    mech: Mechanism,
+    source: Source,
+    f: Finding,
+    armed: Option<(String, u32)>,
+) -> Cell {
     let (outcome, evidence) = f;
+    let (armed_by, cycles) = armed.map_or((None, None), |(a, c)| (Some(a), Some(c)));
     let (prediction, step) = match source {
         Source::Cpu => (predict(ext.row, mech), None),
         Source::Device => (
             predict_device_write(ext.row, mech),
             Some(format!(
-                "device writes pages {DEVICE_PAGES:?} ({})",
+                "device writes ({})",
                 ext.device.as_ref().map_or_else(String::new, |d| d.name())
             )),
         ),
     };
+    // The re-armed cycles' verdict has its own label, beside the first arming's.
+    let step = match (cycles, step) {
+        (Some(n), s) if n > 1 => Some(match s {
+            Some(s) => format!("{s}; {}", rearm::step_of(n)),
+            None => rearm::step_of(n),
+        }),
+        (_, s) => s,
+    };
     crate::progress(format_args!(
-        "{} / {}{}: {}",
+        "{} / {}{}{}: {}",
         ext.memory,
         mech.name(),
         step.as_deref()
             .map_or_else(String::new, |s| format!(" ({s})")),
+        armed_by
+            .as_deref()
+            .map_or_else(String::new, |a| format!(" [armed by {a}]")),
         outcome.short()
     ));
     Cell {
@@ -127,6 +144,8 @@ fn cell(ext: &External, mech: Mechanism, source: Source, f: Finding) -> Cell {
         predicted: prediction.text.to_string(),
         outcome,
         evidence,
+        armed_by,
+        cycles,
     }
 }
 
@@ -137,13 +156,14 @@ pub fn probe(ext: &mut External) -> Vec<Cell> {
     if let Err(why) = ext.valid() {
         for mech in Mechanism::ALL {
             let f = (Outcome::Unavailable { why: why.clone() }, why.clone());
-            cells.push(cell(ext, mech, Source::Cpu, f));
+            cells.push(cell(ext, mech, Source::Cpu, f, None));
         }
         return cells;
     }
     for mech in Mechanism::ALL {
-        let f = cpu_cell(ext, mech);
-        cells.push(cell(ext, mech, Source::Cpu, f));
+        for (f, armed) in cpu_cell(ext, mech) {
+            cells.push(cell(ext, mech, Source::Cpu, f, armed));
+        }
     }
     if ext.device.is_some() {
         // Those that arm no userfaultfd first: TRACKING.md predicts that a GPU access to a
@@ -155,8 +175,9 @@ pub fn probe(ext: &mut External) -> Vec<Cell> {
             Mechanism::PagemapScan,
             Mechanism::UffdWp,
         ] {
-            let f = device_cell(ext, mech);
-            cells.push(cell(ext, mech, Source::Device, f));
+            for (f, armed) in device_cell(ext, mech) {
+                cells.push(cell(ext, mech, Source::Device, f, armed));
+            }
         }
     }
     cells
@@ -210,39 +231,57 @@ fn load(addr: usize, page: usize) -> u64 {
     unsafe { std::ptr::read_volatile((addr + page * SMALL) as *const u64) }
 }
 
-fn cpu_cell(ext: &mut External, mech: Mechanism) -> Finding {
+fn cpu_cell(ext: &mut External, mech: Mechanism) -> Vec<ArmedFinding> {
     if !ext.cpu_access {
         // Also KVM's: a memslot needs a host mapping of the memory.
-        return (
+        return unarmed((
             Outcome::NotApplicable,
             "no CPU mapping: nothing for a userfaultfd, pagemap or memslot to act on".into(),
-        );
+        ));
     }
     match mech {
-        Mechanism::UffdMissing | Mechanism::UffdMinor | Mechanism::UffdWpAsync => {
-            registration(ext, mech).unwrap_or_else(|| unreachable_finding(mech))
+        Mechanism::UffdMissing | Mechanism::UffdMinor => {
+            unarmed(registration(ext, mech).unwrap_or_else(|| unreachable_finding(mech)))
+        }
+        // WP_ASYNC is armed by UFFDIO_WRITEPROTECT once registered; its written-page harvest
+        // (and PAGEMAP_SCAN's re-arm) is the PAGEMAP_SCAN cell's.
+        Mechanism::UffdWpAsync => {
+            let f = registration(ext, mech).unwrap_or_else(|| unreachable_finding(mech));
+            let armed = matches!(f.0, Outcome::Works).then(|| {
+                (
+                    "UFFDIO_REGISTER WP (WP_ASYNC uffd); registration only".to_string(),
+                    0,
+                )
+            });
+            vec![(f, armed)]
         }
         Mechanism::UffdWp | Mechanism::PagemapScan | Mechanism::SoftDirty => {
             if let Some(f @ (Outcome::Errno { .. } | Outcome::Unavailable { .. }, _)) =
                 registration(ext, mech)
             {
-                return f;
+                return unarmed(f);
             }
             if !ext.cpu_writes {
-                return (
+                return unarmed((
                     Outcome::Unavailable {
                         why: "CPU writes to this memory are not made (see the kind's note)".into(),
                     },
                     "registration accepted; no CPU write made, so detection is untried".into(),
-                );
+                ));
             }
             tracked_writes(ext, mech, Source::Cpu)
         }
         Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyBitmapManual | Mechanism::KvmDirtyRing => {
             let log = kvm::Log::of(mech);
-            kvm::dirty_log_external(ext.addr, ext.len, log, ext.cpu_writes, None)
+            unarmed(kvm::dirty_log_external(
+                ext.addr,
+                ext.len,
+                log,
+                ext.cpu_writes,
+                None,
+            ))
         }
-        _ => unreachable_finding(mech),
+        _ => unarmed(unreachable_finding(mech)),
     }
 }
 
@@ -251,8 +290,56 @@ fn unreachable_finding(mech: Mechanism) -> Finding {
     (Outcome::Unavailable { why: why.clone() }, why)
 }
 
-/// Arms `mech`'s tracker, makes the writes (CPU or device), harvests and judges.
-fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Finding {
+/// A finding with how its memory was armed (None: nothing was armed for it).
+type ArmedFinding = (Finding, Option<(String, u32)>);
+
+fn unarmed(f: Finding) -> Vec<ArmedFinding> {
+    vec![(f, None)]
+}
+
+/// The writes of [`rearm::run`]'s cycles, by the CPU or by the device, on 4 KiB pages.
+struct CycleWrites<'e, 'd> {
+    ext: &'e mut External<'d>,
+    source: Source,
+    mech: Mechanism,
+}
+
+impl rearm::Writes for CycleWrites<'_, '_> {
+    fn write(&mut self, units: &[usize], value: u64) -> Result<(), Finding> {
+        match self.source {
+            Source::Cpu => {
+                for &p in units {
+                    store(self.ext.addr, p, value);
+                }
+                Ok(())
+            }
+            Source::Device => {
+                let addr = self.ext.addr;
+                let Some(dev) = self.ext.device.as_mut() else {
+                    return Err(unreachable_finding(self.mech));
+                };
+                dev.write_pages(addr, units, value)
+                    .map_err(|e| device_failed(e, self.mech))
+            }
+        }
+    }
+    fn landed(&mut self, units: &[usize], value: u64) -> Option<usize> {
+        self.ext.cpu_access.then(|| {
+            units
+                .iter()
+                .filter(|&&p| load(self.ext.addr, p) == value)
+                .count()
+        })
+    }
+    fn unit_of(&self, page: usize) -> usize {
+        page
+    }
+}
+
+/// Arms `mech`'s tracker, runs the write-and-harvest cycles (CPU or device writes) and judges
+/// them: the first cycle's verdict (armed by the tracker's own arming) and the re-armed
+/// cycles' (armed by each harvest), each with its arming path.
+fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Vec<ArmedFinding> {
     if ext.cpu_writes {
         // Present pages first, as RAM a guest has used is: synchronous WP (without
         // WP_UNPOPULATED) protects only present PTEs, and the first write to a never-touched
@@ -263,63 +350,28 @@ fn tracked_writes(ext: &mut External, mech: Mechanism, source: Source) -> Findin
     }
     let mut tracker = match trackers::new(mech, ext.range()) {
         Ok(t) => t,
-        Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
+        Err(why) => return unarmed((Outcome::Unavailable { why: why.clone() }, why)),
     };
-    if let Err(why) = tracker.arm() {
-        return (Outcome::Unavailable { why: why.clone() }, why);
-    }
-    // Nothing written since arming: anything reported now is reported for nothing (clear_refs
-    // skips DMA-pinned pages, for one), and would hide a miss among the written pages.
-    match tracker.harvest() {
-        Ok(stuck) if !stuck.is_empty() => {
-            return (
-                Outcome::FalsePositive,
-                format!(
-                    "armed, and with nothing written {} reported pages {stuck:?} (of {}): it \
-                     cannot be cleared here, so writes cannot be told apart",
-                    mech.name(),
-                    ext.len / SMALL
-                ),
-            )
-        }
-        Ok(_) => {}
-        Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
-    }
-    let (pages, wrote) = match source {
-        Source::Cpu => {
-            for &p in &CPU_PAGES {
-                store(ext.addr, p, CPU_VALUE);
-            }
-            (&CPU_PAGES[..], "CPU stores".to_string())
-        }
-        Source::Device => {
-            let (addr, name) = (ext.addr, ext.device.as_ref().map(|d| d.name()));
-            let Some(dev) = ext.device.as_mut() else {
-                return unreachable_finding(mech);
-            };
-            if let Err(e) = dev.write_pages(addr, &DEVICE_PAGES, DEVICE_VALUE) {
-                // The tracker is dropped (disarmed) first, which releases a device write still
-                // waiting on a write-protect fault.
-                drop(tracker);
-                return device_failed(e, mech);
-            }
-            (&DEVICE_PAGES[..], name.unwrap_or_default())
-        }
+    let who = match source {
+        Source::Cpu => "CPU stores".to_string(),
+        Source::Device => ext.device.as_ref().map_or_else(String::new, |d| d.name()),
     };
-    let seen = match tracker.harvest() {
-        Ok(s) => s,
-        Err(why) => return (Outcome::Unavailable { why: why.clone() }, why),
+    let value = match source {
+        Source::Cpu => CPU_VALUE,
+        Source::Device => DEVICE_VALUE,
     };
+    let pages = ext.len / SMALL;
+    let mut w = CycleWrites { ext, source, mech };
+    let got = rearm::run(tracker.as_mut(), pages, &mut w, value);
+    // The tracker is dropped (disarmed) before anything else, which releases a device write
+    // still waiting on a write-protect fault.
     drop(tracker);
-    let written: BTreeSet<usize> = pages.iter().copied().collect();
-    let (outcome, evidence) = judge(&written, &seen);
-    let (landed, note) = landed(ext, pages, source);
-    not_landed_or(
-        landed,
-        pages.len(),
-        outcome,
-        format!("{wrote}: {evidence}{note}"),
-    )
+    got.into_iter()
+        .map(|a| {
+            let (o, ev) = a.finding;
+            ((o, format!("{who}: {ev}")), Some((a.armed_by, a.cycles)))
+        })
+        .collect()
 }
 
 /// A device write the CPU cannot read back may never have happened where the mechanism looks
@@ -341,15 +393,14 @@ fn not_landed_or(landed: Option<usize>, written: usize, outcome: Outcome, ev: St
 
 /// The CPU's read-back of the written pages: proof that the writes happened, so a miss is
 /// really a miss. Read after harvesting (a read may migrate managed memory back to the CPU).
-fn landed(ext: &External, pages: &[usize], source: Source) -> (Option<usize>, String) {
+fn landed(ext: &External, pages: &[usize]) -> (Option<usize>, String) {
     if !ext.cpu_access {
         return (None, String::new());
     }
-    let want = match source {
-        Source::Cpu => CPU_VALUE,
-        Source::Device => DEVICE_VALUE,
-    };
-    let ok = pages.iter().filter(|&&p| load(ext.addr, p) == want).count();
+    let ok = pages
+        .iter()
+        .filter(|&&p| load(ext.addr, p) == DEVICE_VALUE)
+        .count();
     (
         Some(ok),
         format!(
@@ -372,40 +423,45 @@ fn device_failed(e: DeviceFailure, mech: Mechanism) -> Finding {
     }
 }
 
-fn device_cell(ext: &mut External, mech: Mechanism) -> Finding {
+fn device_cell(ext: &mut External, mech: Mechanism) -> Vec<ArmedFinding> {
     match mech {
         Mechanism::KvmDirtyBitmap | Mechanism::KvmDirtyBitmapManual | Mechanism::KvmDirtyRing => {
             let log = kvm::Log::of(mech);
             if !ext.cpu_access {
-                return (
+                return unarmed((
                     Outcome::NotApplicable,
                     "no CPU mapping: no memslot can be made over it".into(),
-                );
+                ));
             }
             let (addr, len) = (ext.addr, ext.len);
             let Some(dev) = ext.device.as_mut() else {
-                return unreachable_finding(mech);
+                return unarmed(unreachable_finding(mech));
             };
             let mut write = |a: usize| dev.write_pages(a, &DEVICE_PAGES, DEVICE_VALUE);
             let (outcome, ev) = kvm::dirty_log_external(addr, len, log, false, Some(&mut write));
             if !matches!(outcome, Outcome::Works | Outcome::SilentMiss) {
-                return (outcome, ev);
+                return unarmed((outcome, ev));
             }
-            let (landed, note) = landed(ext, &DEVICE_PAGES, Source::Device);
-            not_landed_or(landed, DEVICE_PAGES.len(), outcome, format!("{ev}{note}"))
+            let (landed, note) = landed(ext, &DEVICE_PAGES);
+            unarmed(not_landed_or(
+                landed,
+                DEVICE_PAGES.len(),
+                outcome,
+                format!("{ev}{note}"),
+            ))
         }
         _ => {
             if ext.cpu_access {
                 if let Some(f @ (Outcome::Errno { .. } | Outcome::Unavailable { .. }, _)) =
                     registration(ext, mech)
                 {
-                    return (Outcome::NotApplicable, format!("not armed: {}", f.1));
+                    return unarmed((Outcome::NotApplicable, format!("not armed: {}", f.1)));
                 }
             } else {
-                return (
+                return unarmed((
                     Outcome::NotApplicable,
                     "no CPU mapping: nothing to arm".into(),
-                );
+                ));
             }
             tracked_writes(ext, mech, Source::Device)
         }
@@ -416,6 +472,8 @@ fn device_cell(ext: &mut External, mech: Mechanism) -> Finding {
 mod tests {
     use super::*;
     use crate::kinds::Mapping;
+    use crate::report::judge;
+    use std::collections::BTreeSet;
 
     /// Stands in for a device only to isolate this module's bookkeeping: it "writes" with the
     /// CPU, which every CPU-side tracker sees, or fails the way a faulting GPU would.
@@ -441,6 +499,12 @@ mod tests {
             }
             Ok(())
         }
+    }
+
+    fn is_device(c: &Cell) -> bool {
+        c.step
+            .as_deref()
+            .is_some_and(|s| s.starts_with("device writes"))
     }
 
     fn anon(pages: usize) -> Mapping {
@@ -492,7 +556,7 @@ mod tests {
         let get = |mech, device: bool| {
             cells
                 .iter()
-                .find(|c| c.mechanism == mech && c.step.is_some() == device)
+                .find(|c| c.mechanism == mech && is_device(c) == device)
                 .unwrap_or_else(|| panic!("no cell {mech:?} device={device}: {cells:#?}"))
         };
         for mech in [
@@ -561,7 +625,7 @@ mod tests {
         let cells = probe(&mut ext);
         let wp = cells
             .iter()
-            .find(|c| c.mechanism == Mechanism::UffdWp && c.step.is_some())
+            .find(|c| c.mechanism == Mechanism::UffdWp && is_device(c))
             .unwrap();
         assert!(matches!(wp.outcome, Outcome::DeviceFault { .. }), "{wp:?}");
         assert_eq!(wp.matches_prediction, Some(true));

@@ -80,19 +80,27 @@ pub struct Booted {
 pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
     let quick = [crate::lab_init::QUICK_PARAM];
     let booted = boot(o, if o.quick { &quick[..] } else { &[] })?;
-    let json =
+    let mut json =
         frame::section(&booted.console, frame::JSON_BEGIN, frame::JSON_END).ok_or_else(|| {
             format!(
                 "no JSON section in the console ({})",
                 o.console_log.display()
             )
         })?;
-    let report: Report = serde_json::from_str(json.trim()).map_err(|e| {
+    let mut report: Report = serde_json::from_str(json.trim()).map_err(|e| {
         format!(
             "the guest's JSON does not parse ({e}); console in {}",
             o.console_log.display()
         )
     })?;
+    // The guest cannot see its kernel's build inputs; the host can: record them, and re-emit
+    // the JSON with them (item 5 of issue 16: a report names the kernel and config it came from).
+    if report.host.kernel_config.is_none() {
+        report.host.kernel_config = lab_kernel_config(&o.lab_dir);
+        if report.host.kernel_config.is_some() {
+            json = serde_json::to_string(&report).map_err(|e| e.to_string())?;
+        }
+    }
     Ok(GuestReport {
         text: render::text(&report),
         markdown: render::markdown(&report),
@@ -101,6 +109,28 @@ pub fn run(o: &InGuestOpts) -> Result<GuestReport, String> {
         ready_s: booted.ready_s,
         boot_to_report_s: booted.elapsed_s,
     })
+}
+
+/// The lab kernel's cache entry (images.env's VMM_LAB_KERNEL_HASH), the fragments it is built
+/// from, and the SHA-256 of the `.config` stored beside its vmlinux.
+fn lab_kernel_config(lab_dir: &Path) -> Option<String> {
+    let env = std::fs::read_to_string(lab_dir.join("images.env")).ok()?;
+    let var = |name: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_string)
+    };
+    let hash = var("VMM_LAB_KERNEL_HASH")?;
+    let vmlinux = PathBuf::from(var("VMM_LAB_KERNEL")?);
+    let config = vmlinux.with_file_name("config");
+    let sha = crate::sha256_of(&config).map_or_else(
+        || "sha256 unavailable".to_string(),
+        |h| format!("sha256 {h}"),
+    );
+    Some(format!(
+        "lab-kernel-{hash} (tinyconfig + guest-images/kernel/config-6.1.fragment + \
+         config-lab-6.12.fragment); its .config {sha}"
+    ))
 }
 
 /// Boots the lab guest with only the VFIO self-test (`vmm_probe.vfio_only`: no probe) and

@@ -38,6 +38,10 @@ fn report(out: &mut impl Write) -> Result<(), String> {
         file_dir: PathBuf::from("/var/tmp"),
         // `vmm probe --in-guest --quick` appends this to the kernel command line.
         quick: cmdline_has(QUICK_PARAM),
+        // The lab guest's VFIO devices are the kernel's sample mdevs, which the probe creates
+        // itself; their framebuffer BARs are RAM the probe may write (no device registers).
+        sample_mdevs: true,
+        bar_writes: true,
         ..ProbeOpts::default()
     };
     let r = run(&opts).map_err(|e| e.to_string())?;

@@ -8,6 +8,7 @@
 
 pub mod cuda;
 pub mod devices;
+pub mod explain;
 pub mod external;
 pub mod frame;
 pub mod hmm;
@@ -18,6 +19,7 @@ pub mod kvm_guest;
 pub mod lab_init;
 pub mod pagemap;
 pub mod predict;
+pub mod rearm;
 pub mod render;
 pub mod report;
 pub mod thp;
@@ -75,6 +77,10 @@ pub struct ProbeOpts {
     /// devices are probed as usual): what a CI run of the lab guest needs, in a fraction of
     /// the emulated-ring-0 time.
     pub quick: bool,
+    /// Create an instance of each kernel sample mdev with a framebuffer BAR (mbochs, mdpy;
+    /// vfio/mdev.rs) before looking for VFIO devices, and remove them afterwards: the lab
+    /// guest's real VFIO devices. Off by default: a host's devices are not the probe's to make.
+    pub sample_mdevs: bool,
 }
 
 impl Default for ProbeOpts {
@@ -86,6 +92,7 @@ impl Default for ProbeOpts {
             cuda_library: PathBuf::from("libcuda.so.1"),
             bar_writes: false,
             quick: false,
+            sample_mdevs: false,
         }
     }
 }
@@ -166,6 +173,10 @@ pub fn run(opts: &ProbeOpts) -> Result<Report, ProbeError> {
                 ));
                 cells.push(c);
             }
+            // The backends' write-and-harvest cycles: first arming, then re-arms by harvest.
+            if available && rearm::TRACKERS.contains(&mech) {
+                cells.extend(rearm::on_kind(kind, mech, opts));
+            }
         }
     }
     // GPU (CUDA) and VFIO: each module makes its own memory kinds and cells, and its line.
@@ -202,9 +213,15 @@ fn host_info() -> HostInfo {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"));
+    let kernel_build = std::fs::read_to_string("/proc/version")
+        .ok()
+        .map(|s| s.trim().to_string());
+    let kernel_config = kernel_config(&kernel);
     match vmm::sys::uffd::available_features() {
         Ok(f) => HostInfo {
             kernel,
+            kernel_build,
+            kernel_config,
             uffd_features: Some(format!("{f:#x}")),
             uffd_feature_names: vmm::sys::uffd::feature_names(f)
                 .into_iter()
@@ -214,11 +231,37 @@ fn host_info() -> HostInfo {
         },
         Err(e) => HostInfo {
             kernel,
+            kernel_build,
+            kernel_config,
             uffd_features: None,
             uffd_feature_names: Vec::new(),
             uffd_error: Some(e.to_string()),
         },
     }
+}
+
+/// The SHA-256 of a file, by `sha256sum` (coreutils; absent in the lab guest's initramfs).
+pub fn sha256_of(path: &std::path::Path) -> Option<String> {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let hex = text.split_whitespace().next()?;
+    (out.status.success() && hex.len() == 64).then(|| hex.to_string())
+}
+
+/// The running kernel's config file and its hash, where the distribution keeps one.
+fn kernel_config(release: &str) -> Option<String> {
+    let candidates = [
+        PathBuf::from(format!("/boot/config-{release}")),
+        PathBuf::from("/proc/config.gz"),
+    ];
+    let path = candidates.into_iter().find(|p| p.exists())?;
+    Some(match sha256_of(&path) {
+        Some(h) => format!("{} sha256 {h}", path.display()),
+        None => format!("{} (sha256sum unavailable)", path.display()),
+    })
 }
 
 /// Creates the kind once to see whether it exists here (and for THP, whether it is huge).
@@ -310,6 +353,18 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
     } else {
         predict::predict(kind.row(), mech)
     };
+    // How each write-protect / written-page check armed its memory (one write, one check).
+    let armed_by = match mech {
+        Mechanism::UffdWp => Some("UFFDIO_WRITEPROTECT over the region (sync WP uffd)"),
+        Mechanism::UffdWpAsync => Some("UFFDIO_WRITEPROTECT over the region (WP_ASYNC uffd)"),
+        Mechanism::PagemapScan => Some(
+            "UFFDIO_WRITEPROTECT over the region (WP_ASYNC uffd), then a baseline PAGEMAP_SCAN \
+             PM_SCAN_WP_MATCHING before the writes",
+        ),
+        Mechanism::SoftDirty => Some("clear_refs 4"),
+        _ => None,
+    };
+    let armed = armed_by.is_some() && !matches!(outcome, Outcome::Unavailable { .. });
     Cell {
         memory: kind.name(),
         mechanism: mech,
@@ -318,13 +373,17 @@ fn probe_cell(kind: Kind, mech: Mechanism, opts: &ProbeOpts) -> Cell {
         predicted: prediction.text.to_string(),
         outcome,
         evidence,
+        armed_by: armed.then(|| armed_by.map(String::from)).flatten(),
+        cycles: armed.then_some(1),
     }
 }
 
 fn not_covered() -> Vec<String> {
     [
         "a mapping nvidia.ko makes of a BAR or of VRAM through /dev/nvidia* directly (it needs the driver's private RM allocation ioctls): the nvidia.ko row is probed through cuMemHostAlloc's mapping instead",
-        "writes by a passed-through device's own DMA: the probe cannot make a bound device DMA without that device's driver, so the DMA mechanisms are enabled and read, and their detection of device writes is left untried",
+        "writes by a passed-through device's own DMA: the probe cannot make a bound device DMA without that device's driver, so the DMA mechanisms are enabled and read, and their detection of device writes is left untried (the lab guest's sample mdevs do no DMA: mtty, mbochs and mdpy pin no pages and write none)",
+        "the VMM's emulated GPU test device (tools/gpu-test-device, vfio-user) bound to vfio-pci in no-IOMMU mode inside the lab guest, its BAR and its DMA into the probe's buffer (issue 16 item 3, third part): not built yet; the lab guest's VFIO rows are the sample mdevs' (mbochs: a framebuffer of RAM pages behind a fault handler; mdpy: vmalloc memory, VM_MIXEDMAP), neither the VM_IO|VM_PFNMAP mapping vfio-pci makes of a real BAR",
+        "a device-private BAR mapping revoked under the probe (vfio-pci zaps BAR mappings on reset): the vanish check (VFIO self-test step mdev-vanish) removes the whole device instead",
         "HMM rows on host kernels without test_hmm: they run only where /dev/hmm_dmirror0 exists (the lab guest)",
         "uffd UFFDIO_MOVE and POISON",
     ]

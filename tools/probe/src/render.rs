@@ -57,7 +57,7 @@ pub fn text(r: &Report) -> String {
             c.mechanism.name(),
             c.outcome.short(),
             matches(c),
-            c.evidence,
+            evidence(c),
             c.predicted
         );
     }
@@ -96,6 +96,19 @@ fn contradicting(r: &Report) -> impl Iterator<Item = &Cell> {
     r.cells
         .iter()
         .filter(|c| c.matches_prediction == Some(false))
+}
+
+/// The evidence, after how the memory was armed where the cell armed it.
+fn evidence(c: &Cell) -> String {
+    match (&c.armed_by, c.cycles) {
+        (Some(by), Some(n)) => format!(
+            "[armed by {by}; {n} cycle{}] {}",
+            if n == 1 { "" } else { "s" },
+            c.evidence
+        ),
+        (Some(by), None) => format!("[armed by {by}] {}", c.evidence),
+        _ => c.evidence.clone(),
+    }
 }
 
 /// An outcome as a matrix entry: findings in bold, a contradicted prediction marked.
@@ -159,14 +172,16 @@ fn glance(s: &mut String, r: &Report) {
         r.cells.len()
     );
     for c in against {
+        let why = crate::explain::why(c).unwrap_or("not explained yet");
         let _ = writeln!(
             s,
-            "- {} / {}: {}, predicted {}: {}",
+            "- {} / {}: {}, predicted {}. **Why:** {}. Evidence: {}",
             md(&c.label()),
             c.mechanism.name(),
             c.outcome.short(),
             md(&c.predicted),
-            md(&c.evidence)
+            md(why),
+            md(&evidence(c))
         );
     }
 }
@@ -175,6 +190,12 @@ pub fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# vmm-probe report (v{})\n", r.version);
     let _ = writeln!(s, "- kernel: `{}`", md(&r.host.kernel));
+    if let Some(b) = &r.host.kernel_build {
+        let _ = writeln!(s, "- kernel build: `{}`", md(b));
+    }
+    if let Some(c) = &r.host.kernel_config {
+        let _ = writeln!(s, "- kernel config: {}", md(c));
+    }
     if let Some(f) = &r.host.uffd_features {
         let _ = writeln!(
             s,
@@ -214,7 +235,7 @@ pub fn markdown(r: &Report) -> String {
             md(&outcome),
             md(&c.predicted),
             matches(c),
-            md(&c.evidence)
+            md(&evidence(c))
         );
     }
     let _ = writeln!(s, "\n## Devices\n");

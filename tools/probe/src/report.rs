@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a field is added, removed or changes meaning; the schema pins it.
-pub const REPORT_VERSION: u32 = 4;
+pub const REPORT_VERSION: u32 = 5;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -26,6 +26,14 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {
     pub kernel: String,
+    /// /proc/version: the build (compiler, build number and date) the cells came from.
+    #[serde(default)]
+    pub kernel_build: Option<String>,
+    /// The kernel's configuration: where it was read and its SHA-256 (`sha256sum`), or, for
+    /// the lab guest, the image cache entry and fragments it was built from (filled in by the
+    /// host side, in_guest.rs, which has the files). None where neither is known.
+    #[serde(default)]
+    pub kernel_config: Option<String>,
     /// UFFDIO_API features offered, hex; None when userfaultfd itself could not be opened.
     pub uffd_features: Option<String>,
     pub uffd_feature_names: Vec<String>,
@@ -197,6 +205,16 @@ pub struct Cell {
     pub predicted: String,
     /// None where there is no prediction or the outcome cannot be compared with it.
     pub matches_prediction: Option<bool>,
+    /// For write-protect and written-page cells: how the memory was armed for the writes this
+    /// cell judges, e.g. "UFFDIO_WRITEPROTECT" for a first arming, or "PAGEMAP_SCAN
+    /// PM_SCAN_WP_MATCHING (the previous harvest)" where a harvest re-armed it, as the tracking
+    /// backends do from their second harvest on. None for cells that arm nothing of the kind.
+    #[serde(default)]
+    pub armed_by: Option<String>,
+    /// How many write-and-harvest cycles this cell's verdict covers (each one re-armed by the
+    /// harvest before it); None where the cell is not a write-and-harvest check.
+    #[serde(default)]
+    pub cycles: Option<u32>,
 }
 
 impl Cell {

@@ -173,6 +173,22 @@ fn assert_verdict_agrees_with_evidence(c: &Cell, host_kind: bool) {
     ) {
         assert_eq!(c.matches_prediction, None, "judged without a result: {w}");
     }
+    // Item 4 of issue 16: every write-protect / written-page verdict says how it was armed and
+    // over how many write-and-harvest cycles.
+    let tracking = matches!(
+        c.mechanism,
+        Mechanism::UffdWp | Mechanism::UffdWpAsync | Mechanism::PagemapScan | Mechanism::SoftDirty
+    );
+    if tracking
+        && matches!(
+            c.outcome,
+            Outcome::Works | Outcome::SilentMiss | Outcome::FalsePositive
+        )
+    {
+        let by = c.armed_by.as_deref().unwrap_or("");
+        assert!(!by.is_empty(), "a verdict without its arming path: {w}");
+        assert!(c.cycles.is_some(), "a verdict without its cycle count: {w}");
+    }
     // Soft-dirty's silent miss is "writes made, none reported, no error": say both numbers.
     if let Some(i) = c.evidence.find(" units written, bit 55 set on 0 of") {
         let written: usize = c.evidence[..i]
@@ -419,8 +435,18 @@ fn assert_no_cell_works_beyond_what_the_kernel_offers(r: &Report) {
                     what(c)
                 );
                 if c.outcome == Outcome::SilentMiss {
+                    // The cycle cells say what each harvest reported: nothing, every time.
+                    let cycles_saw_nothing = c
+                        .step
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with(vmm_probe::rearm::STEP))
+                        && !c
+                            .evidence
+                            .split("reported {")
+                            .skip(1)
+                            .any(|t| t.starts_with(|ch: char| ch.is_ascii_digit()));
                     assert!(
-                        c.evidence.contains("bit 55 set on 0 of"),
+                        c.evidence.contains("bit 55 set on 0 of") || cycles_saw_nothing,
                         "soft-dirty is compiled out, yet a bit was seen: {}",
                         what(c)
                     );
@@ -596,6 +622,8 @@ fn the_consistency_checks_reject_verdicts_their_evidence_contradicts() {
             evidence: evidence.into(),
             predicted: "-".into(),
             matches_prediction: None,
+            armed_by: Some("UFFDIO_WRITEPROTECT (test)".into()),
+            cycles: Some(1),
         }
     }
     fn rejected(c: Cell) -> bool {
@@ -669,6 +697,13 @@ fn the_consistency_checks_reject_verdicts_their_evidence_contradicts() {
         Outcome::Works,
         "clear_refs 4 accepted, 3 units written, bit 55 set on 0 of 16 pages: soft-dirty sees nothing",
     )));
+    // A written-page verdict that does not say how its memory was armed (issue 16, item 4).
+    let mut unarmed = cell(Mechanism::PagemapScan, Outcome::Works, exact);
+    unarmed.armed_by = None;
+    assert!(rejected(unarmed));
+    let mut uncounted = cell(Mechanism::UffdWp, Outcome::SilentMiss, missed);
+    uncounted.cycles = None;
+    assert!(rejected(uncounted));
 }
 
 #[test]

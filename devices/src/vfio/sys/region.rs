@@ -97,10 +97,15 @@ pub fn info(fd: &impl AsRawFd, index: u32) -> Result<Region, RegionError> {
         vmm_sys_util::ioctl::ioctl_with_mut_ref(fd, VFIO_DEVICE_GET_REGION_INFO, &mut buf)
     };
     if rc < 0 {
-        return Err(RegionError::Ioctl {
-            index,
-            source: io::Error::last_os_error(),
-        });
+        let source = io::Error::last_os_error();
+        // Some drivers refuse an argsz larger than their own structure (the 6.12 mbochs sample:
+        // `outsz > sizeof(info)` is EINVAL): ask again with the bare struct, without caps.
+        if source.raw_os_error() == Some(libc::EINVAL) {
+            if let Ok(r) = info_bare(fd, index) {
+                return Ok(r);
+            }
+        }
+        return Err(RegionError::Ioctl { index, source });
     }
     let i = buf.info;
     // The kernel raises argsz to what the caps need and leaves them out when they do not fit.
@@ -134,6 +139,32 @@ pub fn info(fd: &impl AsRawFd, index: u32) -> Result<Region, RegionError> {
         }
     }
     Ok(region)
+}
+
+/// `VFIO_DEVICE_GET_REGION_INFO` with argsz = the bare `vfio_region_info`: no capability chain
+/// comes back (so no sparse areas: the region is taken whole).
+fn info_bare(fd: &impl AsRawFd, index: u32) -> Result<Region, io::Error> {
+    let mut info = vfio_region_info {
+        argsz: size_of::<vfio_region_info>() as u32,
+        index,
+        ..Default::default()
+    };
+    // SAFETY: the kernel writes at most argsz bytes, exactly the struct passed, which lives
+    // across the call; the result is checked.
+    let rc = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(fd, VFIO_DEVICE_GET_REGION_INFO, &mut info)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Region {
+        index,
+        flags: info.flags,
+        size: info.size,
+        offset: info.offset,
+        sparse: None,
+        msix_mappable: false,
+    })
 }
 
 /// A shared mapping of part of a region through the device fd (a BAR's memory), unmapped on

@@ -105,6 +105,8 @@ fn cell(armed: Armed, mech: Mechanism, step: HmmStep, outcome: Outcome, evidence
         predicted: p.text.to_string(),
         outcome,
         evidence,
+        armed_by: None,
+        cycles: None,
     }
 }
 
@@ -215,6 +217,20 @@ fn one_run(path: &Path, mech: Mechanism, armed: Armed) -> Vec<Cell> {
     match run_steps(&dev, &region, tracker.as_mut(), armed, &mut rows) {
         Ok(()) => {}
         Err((step, why)) => rows.push(unavailable(armed, mech, step, why)),
+    }
+    // Each row judges one harvest: the first was armed by the tracker's own arming, every later
+    // one by the harvest before it (item 4: the arming path named on every written-page row).
+    for (i, row) in rows.iter_mut().enumerate() {
+        if matches!(row.outcome, Outcome::Unavailable { .. }) {
+            continue;
+        }
+        let by = if i == 0 {
+            tracker.armed_by()
+        } else {
+            tracker.rearmed_by()
+        };
+        row.armed_by = Some(by.to_string());
+        row.cycles = Some(1);
     }
     // The tracker (uffd, handler thread) goes before the region; remaining device-private pages
     // are freed with the mapping.

@@ -44,12 +44,32 @@ pub trait Tracker {
     fn arm(&mut self) -> Result<(), String>;
     /// Page indices reported written since `arm` or the last harvest; re-arms.
     fn harvest(&mut self) -> Result<BTreeSet<usize>, String>;
+    /// What `harvest` would report, without re-arming: the check that nothing is reported
+    /// before anything is written must not itself re-arm (that would hide the first arming
+    /// path behind the harvest's).
+    fn peek(&mut self) -> Result<BTreeSet<usize>, String>;
+    /// How `arm` protects the range, for the cells' `armed_by`.
+    fn armed_by(&self) -> &'static str;
+    /// How `harvest` re-protects it for the next interval (what a tracking backend does from
+    /// its second harvest on).
+    fn rearmed_by(&self) -> &'static str;
 }
 
 /// Builds the tracker for `mech` over `range` (registration happens here).
 pub fn new(mech: Mechanism, range: Range) -> Result<Box<dyn Tracker>, String> {
+    new_with_granule(mech, range, SMALL)
+}
+
+/// As [`new`], where the memory's pages are `granule` bytes (hugetlb: 2 MiB): synchronous WP
+/// un-protects a faulting page in that size (UFFDIO_WRITEPROTECT refuses a smaller range on
+/// hugetlb, which would leave the writer blocked).
+pub fn new_with_granule(
+    mech: Mechanism,
+    range: Range,
+    granule: usize,
+) -> Result<Box<dyn Tracker>, String> {
     Ok(match mech {
-        Mechanism::UffdWp => Box::new(SyncWp::new(range)?),
+        Mechanism::UffdWp => Box::new(SyncWp::new(range, granule.max(SMALL))?),
         Mechanism::PagemapScan => Box::new(AsyncWpScan::new(range)?),
         Mechanism::SoftDirty => Box::new(SoftDirty { range }),
         other => {
@@ -76,7 +96,7 @@ struct SyncWp {
 }
 
 impl SyncWp {
-    fn new(range: Range) -> Result<SyncWp, String> {
+    fn new(range: Range, granule: usize) -> Result<SyncWp, String> {
         let uffd = uffd_with_features(0).map_err(|e| uffd_err("userfaultfd", e))?;
         uffd.register_with_mode(
             range.start as *mut _,
@@ -89,7 +109,7 @@ impl SyncWp {
         let stop = Arc::new(AtomicBool::new(false));
         let handler = {
             let (uffd, seen, stop) = (uffd.clone(), seen.clone(), stop.clone());
-            std::thread::spawn(move || handle_faults(&uffd, range, &seen, &stop))
+            std::thread::spawn(move || handle_faults(&uffd, range, granule, &seen, &stop))
         };
         Ok(SyncWp {
             range,
@@ -103,7 +123,13 @@ impl SyncWp {
 
 /// Records every write-protect fault in `range` and un-protects that page (waking the
 /// writer), until `stop`.
-fn handle_faults(uffd: &Uffd, range: Range, seen: &Mutex<BTreeSet<usize>>, stop: &AtomicBool) {
+fn handle_faults(
+    uffd: &Uffd,
+    range: Range,
+    granule: usize,
+    seen: &Mutex<BTreeSet<usize>>,
+    stop: &AtomicBool,
+) {
     while !stop.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: uffd.as_raw_fd(),
@@ -124,7 +150,8 @@ fn handle_faults(uffd: &Uffd, range: Range, seen: &Mutex<BTreeSet<usize>>, stop:
             }
         }
         // Un-protect and wake whatever the fault was, so no writer stays blocked.
-        let _ = uffd.remove_write_protection(page as *mut _, SMALL, true);
+        let block = addr as usize / granule * granule;
+        let _ = uffd.remove_write_protection(block as *mut _, granule, true);
     }
 }
 
@@ -143,6 +170,15 @@ impl Tracker for SyncWp {
         let got = std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()));
         self.arm()?;
         Ok(got)
+    }
+    fn peek(&mut self) -> Result<BTreeSet<usize>, String> {
+        Ok(self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+    fn armed_by(&self) -> &'static str {
+        "UFFDIO_WRITEPROTECT over the range (sync WP uffd)"
+    }
+    fn rearmed_by(&self) -> &'static str {
+        "UFFDIO_WRITEPROTECT over the range by the previous harvest (the uffd-wp backend's re-arm)"
     }
 }
 
@@ -185,14 +221,14 @@ impl AsyncWpScan {
         })
     }
 
-    fn scan(&self) -> Result<BTreeSet<usize>, String> {
+    fn scan(&self, reprotect: bool) -> Result<BTreeSet<usize>, String> {
         let (start, end) = (
             self.range.start as u64,
             (self.range.start + self.range.len()) as u64,
         );
         let mut regions: Vec<PageRegion> = Vec::new();
         self.pagemap
-            .scan_written(start, end, true, &mut regions)
+            .scan_written(start, end, reprotect, &mut regions)
             .map_err(|e| uffd_err("PAGEMAP_SCAN", e))?;
         let mut seen = BTreeSet::new();
         for r in &regions {
@@ -216,7 +252,17 @@ impl Tracker for AsyncWpScan {
             .map_err(|e| uffd_err("UFFDIO_WRITEPROTECT", e))
     }
     fn harvest(&mut self) -> Result<BTreeSet<usize>, String> {
-        self.scan()
+        self.scan(true)
+    }
+    fn peek(&mut self) -> Result<BTreeSet<usize>, String> {
+        self.scan(false)
+    }
+    fn armed_by(&self) -> &'static str {
+        "UFFDIO_WRITEPROTECT over the range (WP_ASYNC uffd)"
+    }
+    fn rearmed_by(&self) -> &'static str {
+        "PAGEMAP_SCAN PM_SCAN_WP_MATCHING by the previous harvest (the uffd-wp-async backend's \
+         re-arm)"
     }
 }
 
@@ -234,6 +280,11 @@ impl Tracker for SoftDirty {
         clear_soft_dirty().map_err(|e| uffd_err("clear_refs 4", e))
     }
     fn harvest(&mut self) -> Result<BTreeSet<usize>, String> {
+        let seen = self.peek()?;
+        self.arm()?;
+        Ok(seen)
+    }
+    fn peek(&mut self) -> Result<BTreeSet<usize>, String> {
         let pm = Pagemap::open_self().map_err(|e| uffd_err("open pagemap", e))?;
         let mut entries = Vec::new();
         pm.read_entries(self.range.start as u64, self.range.pages, &mut entries)
@@ -244,7 +295,12 @@ impl Tracker for SoftDirty {
             .filter(|(_, e)| *e & PM_SOFT_DIRTY != 0)
             .map(|(i, _)| i)
             .collect();
-        self.arm()?;
         Ok(seen)
+    }
+    fn armed_by(&self) -> &'static str {
+        "clear_refs 4 (soft-dirty cleared, PTEs write-protected)"
+    }
+    fn rearmed_by(&self) -> &'static str {
+        "clear_refs 4 by the previous harvest"
     }
 }

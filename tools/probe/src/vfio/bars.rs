@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use super::region::{self, Region, RegionMap};
+use super::region_writer;
 use super::{human, open::Opened};
 use crate::external::{self, External};
 use crate::kinds::SMALL;
@@ -35,6 +36,38 @@ pub fn prefetchable(sysfs: &Path, n: u32) -> Result<bool, String> {
         .and_then(|f| u64::from_str_radix(f.trim_start_matches("0x"), 16).ok())
         .ok_or_else(|| format!("{} line {n} unreadable: {line:?}", path.display()))?;
     Ok(flags & IORESOURCE_MEM != 0 && flags & IORESOURCE_PREFETCH != 0)
+}
+
+/// BAR `n`'s prefetchable bit from the device's own config space (VFIO region 7), for a device
+/// whose sysfs directory has no `resource` file (a mediated device). Ok(false) for an I/O BAR.
+pub fn config_prefetchable(opened: &Opened, n: u32) -> Result<bool, String> {
+    let cfg = region::info(
+        opened,
+        vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX,
+    )
+    .map_err(|e| format!("config region: {e}"))?;
+    let off = cfg.offset + 0x10 + 4 * u64::from(n);
+    let off = libc::off_t::try_from(off).map_err(|_| format!("config offset {off:#x}"))?;
+    let mut b = [0u8; 4];
+    // SAFETY: pread writes at most the 4 bytes of `b`, which lives across the call; the fd is
+    // the open device's.
+    let got = unsafe {
+        libc::pread(
+            std::os::fd::AsRawFd::as_raw_fd(opened),
+            b.as_mut_ptr().cast(),
+            4,
+            off,
+        )
+    };
+    if got != 4 {
+        return Err(format!(
+            "config space read of BAR{n}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let bar = u32::from_le_bytes(b);
+    // Bit 0: I/O space; bit 3: prefetchable memory (PCI spec, base address registers).
+    Ok(bar & 1 == 0 && bar & 0x8 != 0)
 }
 
 pub struct BarFindings {
@@ -74,7 +107,9 @@ pub fn probe(opened: &Opened, dev: &VfioDev, opts: &ProbeOpts) -> BarFindings {
             // Not implemented by the device (or the upper half of a 64-bit BAR).
             continue;
         }
-        let pref = prefetchable(&dev.sysfs, n);
+        let pref = prefetchable(&dev.sysfs, n).or_else(|sysfs| {
+            config_prefetchable(opened, n).map_err(|cfg| format!("{sysfs}; {cfg}"))
+        });
         let what = if pref == Ok(true) {
             "prefetchable"
         } else {
@@ -165,14 +200,34 @@ fn map_and_probe(
         },
         r.offset + area_off
     );
+    // Where the CPU may write the BAR, the device writes it too, through its region.
+    let dev_off = r.offset + area_off;
+    let mut writer = None;
+    let mut note = note;
+    if cpu_writes {
+        match region_writer::calibrate(opened, dev_off, map.addr, map.len) {
+            Ok(w) => {
+                note.push_str(&format!(
+                    "; device writes: VFIO region writes (pwrite), measured to land {} KiB past \
+                     their offset; the probed range starts there",
+                    w.shift() >> 10
+                ));
+                writer = Some(w);
+            }
+            Err(why) => note.push_str(&format!("; no device writes: {why}")),
+        }
+    }
+    let skip = writer.as_ref().map_or(0, |w| w.shift());
     let cells = external::probe(&mut External {
         memory: memory.to_string(),
         row: Row::VfioBar,
-        addr: map.addr,
-        len: map.len,
+        addr: map.addr + skip,
+        len: map.len - skip,
         cpu_access: true,
         cpu_writes,
-        device: None,
+        device: writer
+            .as_mut()
+            .map(|w| w as &mut dyn external::DeviceWriter),
     });
     drop(map);
     Ok((status(memory.to_string(), true, note), cells))

@@ -51,6 +51,9 @@ pub fn probe(opened: &Opened, bdf: &str) -> DmaFindings {
             predicted: p.text.to_string(),
             outcome,
             evidence,
+            // The DMA trackers are enabled, not armed page by page.
+            armed_by: None,
+            cycles: None,
         });
     }
     DmaFindings {

@@ -174,7 +174,9 @@ pub fn discover(dev_dir: &Path, sys_dir: &Path) -> Discovery {
     }
     let iommu = dev_dir.join("iommu");
     for (bdf, mut d) in devs {
-        if !is_bdf(&bdf) {
+        // A mediated device speaking the vfio-pci API (the kernel's samples) has BARs too.
+        let mdev = !is_bdf(&bdf) && super::mdev::is_pci_mdev(&d.sysfs);
+        if !is_bdf(&bdf) && !mdev {
             out.notes
                 .push(format!("{bdf}: not a PCI device (no BARs): not probed"));
             continue;
@@ -191,7 +193,16 @@ pub fn discover(dev_dir: &Path, sys_dir: &Path) -> Discovery {
         d.vendor = read_id(&d.sysfs.join("vendor"));
         d.device = read_id(&d.sysfs.join("device"));
         d.driver = link_name(&d.sysfs.join("driver"));
+        if mdev {
+            d.driver = super::mdev::type_name(&d.sysfs).map(|t| format!("mdev {t}"));
+        }
         d.access = match (&d.cdev_node, &d.group_node) {
+            // An mdev through its group: its type1 container is where VFIO_IOMMU_DIRTY_PAGES
+            // is (the cdev path of the same devices is the self-test's, selftest.rs).
+            (_, Some(node)) if mdev => Access::Group {
+                node: node.clone(),
+                id: d.group.unwrap_or_default(),
+            },
             (Some(node), _) if iommu.exists() => Access::Cdev {
                 node: node.clone(),
                 iommu: iommu.clone(),

@@ -26,8 +26,11 @@ pub mod bars;
 pub mod dirty;
 pub mod discover;
 pub mod dma;
+pub mod mdev;
 pub mod open;
+pub mod region_writer;
 pub mod selftest;
+pub mod vanish;
 
 // The ioctl layer the VMM shares (devices::vfio), under the names the probe has always used.
 pub use devices::vfio::errno_of;
@@ -86,7 +89,14 @@ pub fn human(bytes: u64) -> String {
 /// Finds the VFIO devices under `opts.dev_dir` / `opts.sys_dir`, opens each, mmaps and probes
 /// its BARs and tries the DMA mechanisms; with nothing there, one line (found = false).
 pub fn probe(opts: &ProbeOpts) -> DeviceFindings {
-    let found = discover::discover(&opts.dev_dir, &opts.sys_dir);
+    // The sample mdevs live as long as this function: created before discovery, removed after.
+    let (_instances, created) = if opts.sample_mdevs {
+        mdev::create_samples(&opts.sys_dir)
+    } else {
+        (mdev::Instances::default(), Vec::new())
+    };
+    let mut found = discover::discover(&opts.dev_dir, &opts.sys_dir);
+    found.notes.extend(created);
     if found.nodes.is_empty() {
         let line = if found.vfio_dir {
             "no VFIO device: /dev/vfio/ has no group or cdev"

@@ -440,6 +440,12 @@ fn steps<W: Write>(sys: &Path, p: &mut Printer<'_, W>) {
         }
         Ok(((), "both instances removed".to_string()))
     });
+    // Bad input: an instance removed through sysfs while held (vanish.rs).
+    p.step("mdev-vanish", || {
+        super::vanish::run(sys)
+            .map(|ev| ((), ev))
+            .map_err(|e| Box::new(e) as BoxError)
+    });
 }
 
 fn group_steps<W: Write>(p: &mut Printer<'_, W>, src_dev: &Path, group: u32, dst_dev: &Path) {
