@@ -43,7 +43,7 @@ struct Args {
 }
 
 const MARKER: &str = guest_abi::agent::READY_MARKER;
-const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=151,288,308,158,306 tsc=reliable clocksource=kvm-clock vmm.agent=poweroff";
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave clearcpuid=151,288,308,158,306 tsc=reliable clocksource=kvm-clock no-kvmapf vmm.agent=poweroff";
 
 #[derive(Serialize, Default)]
 struct Sample {

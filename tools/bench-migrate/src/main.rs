@@ -42,7 +42,7 @@ use vmm_tests::netns::{Side, TwoHosts};
 /// the same way; the agent script is appended.
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 noxsave \
 clearcpuid=151,288,308,158,306 tsc=reliable clocksource=kvm-clock \
-rcupdate.rcu_cpu_stall_suppress=1";
+rcupdate.rcu_cpu_stall_suppress=1 no-kvmapf";
 
 #[derive(Parser)]
 #[command(about = "Live migration between two network namespaces: vmm vs QEMU 7.2")]
