@@ -19,6 +19,8 @@ use std::sync::Arc;
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd};
 
+use super::standin::{StandIn, StandInError};
+
 /// How a device is opened: the nodes to open it through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
@@ -85,6 +87,9 @@ pub enum OpenError {
         group: String,
         why: &'static str,
     },
+    /// The stand-in sysfs path for vfio-ioctls (standin.rs) could not be made.
+    #[error("{0}")]
+    StandIn(#[from] StandInError),
     #[error("{step}: {source}")]
     Vfio {
         step: &'static str,
@@ -103,6 +108,9 @@ pub enum Opened {
     /// container; vfio-ioctls' Drop relies on that order).
     Legacy {
         device: VfioDevice,
+        /// The path vfio-ioctls was given for the device (standin.rs: its drop reads it again,
+        /// and the device's own sysfs directory may be gone by then). Dropped after the device.
+        stand_in: StandIn,
         container: Arc<VfioContainer>,
         group: u32,
     },
@@ -278,16 +286,22 @@ pub fn open(sysfs: &Path, access: &Access, dev_dir: &Path) -> Result<Opened, Ope
                 source,
             })?;
             let container = Arc::new(container);
-            // Reads <sysfs>/iommu_group for the group, opens /dev/vfio/<group> (EBUSY while a
-            // VM holds it), sets the type1v2 IOMMU, and asks the group for the device by name.
-            let device = VfioDevice::new(sysfs, container.clone(), false).map_err(|source| {
-                OpenError::Vfio {
-                    step: "opening the device through its group",
-                    source,
-                }
-            })?;
+            // vfio-ioctls reads the group off the path when it opens the device and again when
+            // it drops it, after the device may have been removed: it gets a stand-in that
+            // outlives the device (standin.rs).
+            let stand_in = StandIn::new(sysfs)?;
+            // Reads <stand-in>/iommu_group for the group, opens /dev/vfio/<group> (EBUSY while
+            // a VM holds it), sets the type1v2 IOMMU, and asks the group for the device by name.
+            let device =
+                VfioDevice::new(stand_in.path(), container.clone(), false).map_err(|source| {
+                    OpenError::Vfio {
+                        step: "opening the device through its group",
+                        source,
+                    }
+                })?;
             Ok(Opened::Legacy {
                 device,
+                stand_in,
                 container,
                 group: *id,
             })
