@@ -27,6 +27,7 @@ pub mod dirty;
 pub mod discover;
 pub mod dma;
 pub mod gpu_noiommu;
+pub mod gpu_report;
 pub mod mdev;
 pub mod noiommu;
 pub mod open;
