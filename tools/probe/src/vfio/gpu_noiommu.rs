@@ -36,7 +36,7 @@ pub const END: &str = "VMM-GPU-NOIOMMU-END";
 pub const CELLS_BEGIN: &str = "VMM-GPU-NOIOMMU-CELLS-BEGIN";
 pub const CELLS_END: &str = "VMM-GPU-NOIOMMU-CELLS-END";
 /// The steps, in order (the lab test requires each).
-pub const STEPS: [&str; 7] = [
+pub const STEPS: [&str; 8] = [
     "gpu-find",
     "gpu-noiommu-mode",
     "gpu-bind-vfio-pci",
@@ -44,6 +44,7 @@ pub const STEPS: [&str; 7] = [
     "gpu-registers",
     "gpu-vram-bar",
     "gpu-dma-buffer",
+    "gpu-dma-trackers",
 ];
 
 // tools/gpu-test-device (its lib's `pci` and `regs`), restated: the probe is built static
@@ -550,6 +551,9 @@ pub fn run(sys: &Path) -> Findings {
         cells.extend(c);
         Ok(((), ev))
     });
+    // The DMA-side trackers' answers are the evidence, refusals included (the cells above are
+    // the CPU-side mechanisms'; Mechanism::ALL has no cell for these on external memory).
+    s.step("gpu-dma-trackers", || Ok(((), opened.dma_trackers())));
     Findings {
         lines: s.lines,
         cells,
