@@ -4,11 +4,13 @@
 //! `VfioIommufd` + `VfioDevice::new`, which binds and attaches).
 //!
 //! vfio-ioctls opens the nodes itself, at fixed paths: /dev/vfio/vfio and /dev/vfio/<group> from
-//! the device's sysfs `iommu_group` link; /dev/vfio/devices/<name> from the one entry of its
-//! sysfs `vfio-dev/` directory. So a device is only opened when its nodes were found under /dev,
-//! and a cdev only when that derivation names the node the caller found. The iommufd node is
-//! opened here (`IommuFd::new_from_fd`) and can lie anywhere. Never run with a bound device here
-//! (no VFIO on the machines this was written on).
+//! the `iommu_group` link of the path it is given (on the group path a stand-in with the device's
+//! link, standin.rs, so that its drop survives the device's removal); /dev/vfio/devices/<name>
+//! from the one entry of the device's sysfs `vfio-dev/` directory. So a device is only opened
+//! when its nodes were found under /dev, and a cdev only when that derivation names the node the
+//! caller found. The iommufd node is opened here (`IommuFd::new_from_fd`) and can lie anywhere.
+//! No VFIO hardware on the machines this was written on: both paths run in the lab guest against
+//! the kernel's sample mdevs (guest-images/lab/README.md, tools/probe's VFIO self-test).
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, RawFd};

@@ -3,6 +3,8 @@
 //! /dev/hmm_dmirror0 included), prints the report framed for the host (frame.rs) on the console,
 //! and reboots the machine (first, the kernel-VFIO self-test against mtty, vfio/selftest.rs): with `reboot=k` on the command line that is the keyboard-controller
 //! reset vmm treats as a clean exit. PID 1 must never exit, so every path ends in the reboot.
+//! With `vmm_probe.gpu_noiommu` it runs only the GPU test device's no-IOMMU steps and cells
+//! (vfio/gpu_noiommu.rs; the host passes the device in) and reboots.
 
 use std::io::Write;
 use std::path::PathBuf;
