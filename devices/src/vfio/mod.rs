@@ -34,6 +34,7 @@
 
 pub mod open;
 pub mod passthrough;
+pub mod standin;
 pub mod sys;
 
 pub use open::{Access, CdevOpen, OpenError, Opened};

@@ -4,11 +4,13 @@
 //! `VfioIommufd` + `VfioDevice::new`, which binds and attaches).
 //!
 //! vfio-ioctls opens the nodes itself, at fixed paths: /dev/vfio/vfio and /dev/vfio/<group> from
-//! the device's sysfs `iommu_group` link; /dev/vfio/devices/<name> from the one entry of its
-//! sysfs `vfio-dev/` directory. So a device is only opened when its nodes were found under /dev,
-//! and a cdev only when that derivation names the node the caller found. The iommufd node is
-//! opened here (`IommuFd::new_from_fd`) and can lie anywhere. Never run with a bound device here
-//! (no VFIO on the machines this was written on).
+//! the `iommu_group` link of the path it is given (on the group path a stand-in with the device's
+//! link, standin.rs, so that its drop survives the device's removal); /dev/vfio/devices/<name>
+//! from the one entry of the device's sysfs `vfio-dev/` directory. So a device is only opened
+//! when its nodes were found under /dev, and a cdev only when that derivation names the node the
+//! caller found. The iommufd node is opened here (`IommuFd::new_from_fd`) and can lie anywhere.
+//! No VFIO hardware on the machines this was written on: both paths run in the lab guest against
+//! the kernel's sample mdevs (guest-images/lab/README.md, tools/probe's VFIO self-test).
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, RawFd};
@@ -18,6 +20,8 @@ use std::sync::Arc;
 
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd};
+
+use super::standin::{StandIn, StandInError};
 
 /// How a device is opened: the nodes to open it through.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +89,9 @@ pub enum OpenError {
         group: String,
         why: &'static str,
     },
+    /// The stand-in sysfs path for vfio-ioctls (standin.rs) could not be made.
+    #[error("{0}")]
+    StandIn(#[from] StandInError),
     #[error("{step}: {source}")]
     Vfio {
         step: &'static str,
@@ -103,6 +110,9 @@ pub enum Opened {
     /// container; vfio-ioctls' Drop relies on that order).
     Legacy {
         device: VfioDevice,
+        /// The path vfio-ioctls was given for the device (standin.rs: its drop reads it again,
+        /// and the device's own sysfs directory may be gone by then). Dropped after the device.
+        stand_in: StandIn,
         container: Arc<VfioContainer>,
         group: u32,
     },
@@ -278,16 +288,22 @@ pub fn open(sysfs: &Path, access: &Access, dev_dir: &Path) -> Result<Opened, Ope
                 source,
             })?;
             let container = Arc::new(container);
-            // Reads <sysfs>/iommu_group for the group, opens /dev/vfio/<group> (EBUSY while a
-            // VM holds it), sets the type1v2 IOMMU, and asks the group for the device by name.
-            let device = VfioDevice::new(sysfs, container.clone(), false).map_err(|source| {
-                OpenError::Vfio {
-                    step: "opening the device through its group",
-                    source,
-                }
-            })?;
+            // vfio-ioctls reads the group off the path when it opens the device and again when
+            // it drops it, after the device may have been removed: it gets a stand-in that
+            // outlives the device (standin.rs).
+            let stand_in = StandIn::new(sysfs)?;
+            // Reads <stand-in>/iommu_group for the group, opens /dev/vfio/<group> (EBUSY while
+            // a VM holds it), sets the type1v2 IOMMU, and asks the group for the device by name.
+            let device =
+                VfioDevice::new(stand_in.path(), container.clone(), false).map_err(|source| {
+                    OpenError::Vfio {
+                        step: "opening the device through its group",
+                        source,
+                    }
+                })?;
             Ok(Opened::Legacy {
                 device,
+                stand_in,
                 container,
                 group: *id,
             })

@@ -152,8 +152,47 @@ pub fn run_vfio_selftest(o: &InGuestOpts) -> Result<(Booted, Vec<String>), Strin
     Ok((booted, lines))
 }
 
+/// Boots the lab guest with the GPU test device served on `sock` passed in over vfio-user and
+/// only its no-IOMMU steps run (crate::vfio::gpu_noiommu): the step lines and the cells.
+pub fn run_gpu_noiommu(
+    o: &InGuestOpts,
+    sock: &std::path::Path,
+) -> Result<(Booted, Vec<String>, Vec<crate::report::Cell>), String> {
+    use crate::vfio::gpu_noiommu as gpu;
+    let device = format!("vfio-user:{}", sock.display());
+    let booted = boot_with(
+        o,
+        &[
+            crate::lab_init::GPU_NOIOMMU_PARAM,
+            // vfio is built in: its module parameter is set on the command line.
+            "vfio.enable_unsafe_noiommu_mode=1",
+        ],
+        &["--device", &device],
+    )?;
+    let missing = |what: &str| {
+        format!(
+            "no {what} section in the console ({})",
+            o.console_log.display()
+        )
+    };
+    let lines = frame::section(&booted.console, gpu::BEGIN, gpu::END)
+        .ok_or_else(|| missing("GPU no-IOMMU"))?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let json = frame::section(&booted.console, gpu::CELLS_BEGIN, gpu::CELLS_END)
+        .ok_or_else(|| missing("GPU no-IOMMU cells"))?;
+    let cells = serde_json::from_str(json.trim()).map_err(|e| format!("the cells' JSON: {e}"))?;
+    Ok((booted, lines, cells))
+}
+
 /// Boots the lab guest with `append` on its command line and waits for the probe's DONE line.
 pub fn boot(o: &InGuestOpts, append: &[&str]) -> Result<Booted, String> {
+    boot_with(o, append, &[])
+}
+
+/// [`boot`] with `extra` arguments to `vmm run` (a `--device`).
+pub fn boot_with(o: &InGuestOpts, append: &[&str], extra: &[&str]) -> Result<Booted, String> {
     if let Some(script) = &o.build_script {
         build(script)?;
     }
@@ -188,6 +227,7 @@ pub fn boot(o: &InGuestOpts, append: &[&str]) -> Result<Booted, String> {
     if !append.is_empty() {
         cmd.args(["--append", &append.join(" ")]);
     }
+    cmd.args(extra);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

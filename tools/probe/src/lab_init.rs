@@ -3,6 +3,8 @@
 //! /dev/hmm_dmirror0 included), prints the report framed for the host (frame.rs) on the console,
 //! and reboots the machine (first, the kernel-VFIO self-test against mtty, vfio/selftest.rs): with `reboot=k` on the command line that is the keyboard-controller
 //! reset vmm treats as a clean exit. PID 1 must never exit, so every path ends in the reboot.
+//! With `vmm_probe.gpu_noiommu` it runs only the GPU test device's no-IOMMU steps and cells
+//! (vfio/gpu_noiommu.rs; the host passes the device in) and reboots.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,6 +17,9 @@ pub const QUICK_PARAM: &str = "vmm_probe.quick";
 /// The kernel command-line word that runs only the VFIO self-test (crate::vfio::selftest), not
 /// the probe: its test then needs no probe run (minutes on a PVM host).
 pub const VFIO_ONLY_PARAM: &str = "vmm_probe.vfio_only";
+/// The kernel command-line word that runs only the GPU test device's no-IOMMU steps and cells
+/// (crate::vfio::gpu_noiommu; the host passes the device in over vfio-user), then reboots.
+pub const GPU_NOIOMMU_PARAM: &str = "vmm_probe.gpu_noiommu";
 
 fn cmdline_has(word: &str) -> bool {
     std::fs::read_to_string("/proc/cmdline")
@@ -61,8 +66,12 @@ pub fn run_as_init() -> ! {
     let _ = out.flush();
     // The kernel-VFIO self-test first (seconds), where the kernel has mdev: its lines are
     // framed apart from the report, and its refusals are its findings, not the probe's failure.
-    let vfio_only = cmdline_has(VFIO_ONLY_PARAM);
-    if vfio_only || std::path::Path::new("/sys/class/mdev_bus").exists() {
+    let gpu_only = cmdline_has(GPU_NOIOMMU_PARAM);
+    if gpu_only {
+        crate::vfio::gpu_noiommu::emit(std::path::Path::new("/sys"), &mut out);
+    }
+    let vfio_only = cmdline_has(VFIO_ONLY_PARAM) || gpu_only;
+    if !gpu_only && (vfio_only || std::path::Path::new("/sys/class/mdev_bus").exists()) {
         crate::vfio::selftest::run(std::path::Path::new("/sys"), &mut out);
     }
     crate::PROGRESS.store(true, std::sync::atomic::Ordering::Relaxed);

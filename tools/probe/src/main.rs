@@ -13,6 +13,7 @@ use clap::Parser;
 use vmm_probe::in_guest::{self, InGuestOpts};
 use vmm_probe::report::{Report, REPORT_VERSION};
 use vmm_probe::vfio::discover::{discover, Access};
+use vmm_probe::vfio::gpu_report;
 use vmm_probe::{lab_init, render, run, ProbeError, ProbeOpts};
 
 #[derive(Parser)]
@@ -48,6 +49,12 @@ struct Args {
     /// nothing changed).
     #[arg(long, default_value = "guest-images/build.sh", requires = "in_guest")]
     build_script: PathBuf,
+    /// With --in-guest: instead of the probe, the GPU test device served on SOCK (started by
+    /// the caller: vmm-gpu-test-device --socket SOCK) passed into the guest, bound to vfio-pci
+    /// no-IOMMU there and probed (its VRAM BAR, a buffer its DMA writes); prints the steps and
+    /// cells (--json: as JSON; --markdown: a table).
+    #[arg(long, value_name = "SOCK", requires = "in_guest")]
+    gpu_device: Option<PathBuf>,
     /// With --in-guest: use the lab image as it is, do not run the build script.
     #[arg(long, requires = "in_guest")]
     no_build: bool,
@@ -105,6 +112,27 @@ fn in_guest_main(args: Args) -> Result<(), String> {
         timeout: Duration::from_secs(args.timeout_s),
         quick: args.quick,
     };
+    if let Some(sock) = &args.gpu_device {
+        // Builds the lab image first unless --no-build (in_guest::boot_with).
+        let (booted, steps, cells) = in_guest::run_gpu_noiommu(&opts, sock)?;
+        let run = gpu_report::GpuRun {
+            ready_s: booted.ready_s,
+            elapsed_s: booted.elapsed_s,
+            steps,
+            cells,
+        };
+        let md = gpu_report::markdown(&run);
+        if args.json {
+            let json = serde_json::to_string_pretty(&run).map_err(|e| e.to_string())?;
+            println!("{json}");
+        } else {
+            print!("{md}");
+        }
+        if let Some(path) = args.markdown {
+            std::fs::write(&path, &md).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+        return Ok(());
+    }
     let r = in_guest::run(&opts)?;
     if args.json {
         print!("{}", r.json);

@@ -170,22 +170,14 @@ pub fn run(sys: &Path) -> Result<String, VanishError> {
     // The cell ends here: release everything the probe held, in order (the tracker, holding
     // the uffd registration, went just above).
     drop(map);
-    // vfio-ioctls 0.10's VfioDevice::drop re-reads the group id from the device's sysfs
-    // `iommu_group` link and unwraps it; a removed device has lost that link, so the drop
-    // panics (after closing the device fd, which is what lets the removal go on). Caught here so
-    // the probe (PID 1 in the lab guest) survives; the evidence says so.
-    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(opened)));
-    let drop_note = match dropped {
-        Ok(()) => "released cleanly".to_string(),
-        Err(p) => format!(
-            "vfio-ioctls panicked while releasing it ({}; its VfioDevice::drop unwraps the \
-             group id read from the vanished sysfs iommu_group link), caught",
-            p.downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("no message")
-        ),
-    };
+    // vfio-ioctls 0.10's VfioDevice::drop re-reads the group id from the `iommu_group` link of
+    // the path it was given, after closing the device fd, which lets the removal go on and
+    // delete the device's link: it panicked here (caught until then) before devices::vfio
+    // handed it a stand-in path that outlives the device (devices/src/vfio/standin.rs). Not
+    // caught any more: a panic now would be a regression, and PID 1 dying says so loudly.
+    drop(opened);
+    let drop_note = "released cleanly (vfio-ioctls' drop put the group back through the \
+                     stand-in path; no panic)";
     let released = Instant::now();
     let removed = match early_remove {
         Some(r) => Some(r),
