@@ -59,7 +59,7 @@ enum RemoteCommand {
     /// Prints the metrics when done; the source VM exits after a successful migration.
     Migrate {
         #[command(flatten)]
-        params: MigrateParams,
+        params: Box<MigrateParams>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -80,6 +80,8 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         }
         RemoteCommand::Migrate { mut params, json } => {
             parse_tcp_url(&params.to)?;
+            // The VMM reads the credential files, perhaps from another directory.
+            params.transport.absolute(&std::env::current_dir()?);
             params.options()?;
             params.dump_memory = params.dump_memory.map(absolute).transpose()?;
             (Request::Migrate(params), json)
@@ -206,6 +208,8 @@ fn progress_bar(
 pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
     let url = a.incoming.as_deref().unwrap_or_default();
     let listen = parse_tcp_url(url).context("--incoming")?;
+    let transport =
+        vmm::migration::tls::Transport::choose(&a.transport, a.tls_authz.as_deref(), None)?;
     let console: ConsoleOutput = a
         .console
         .parse()
@@ -242,6 +246,7 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
             chunk: crate::restore_cli::parse_chunk(&a.demand_chunk)?,
             ..Default::default()
         },
+        transport,
     };
     let report = run_incoming(&opts, start)?;
     print_report(&report, a.json)?;
