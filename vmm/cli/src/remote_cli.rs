@@ -67,7 +67,7 @@ enum RemoteCommand {
 }
 
 pub fn remote(a: RemoteArgs) -> Result<i32> {
-    let mut client = Client::connect(&a.api_socket)?;
+    // The request is checked (a migration's credentials chosen) before the VM is reached.
     let (req, json) = match a.command {
         RemoteCommand::Status { json } => (Request::Status, json),
         RemoteCommand::Pause => (Request::Pause, false),
@@ -87,6 +87,7 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
             (Request::Migrate(params), json)
         }
     };
+    let mut client = Client::connect(&a.api_socket)?;
     let migrating = matches!(req, Request::Migrate(_));
     let bar = migrating.then(|| progress_bar(a.api_socket.clone()));
     let reply = client.call(&req);
@@ -134,9 +135,10 @@ fn print_migration(r: &Value) {
     let f = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
     let u = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
     println!(
-        "migration {} ({}): total {:.1} ms, downtime {:.1} ms, {:.1} MiB sent, {} rounds, {:.1} MiB/s",
+        "migration {} ({}, {}): total {:.1} ms, downtime {:.1} ms, {:.1} MiB sent, {} rounds, {:.1} MiB/s",
         if r.get("ok").and_then(Value::as_bool) == Some(true) { "done" } else { "FAILED" },
         r.get("mode").and_then(Value::as_str).unwrap_or("?"),
+        r.get("transport").and_then(Value::as_str).unwrap_or("?"),
         f("total_ms"),
         f("downtime_ms"),
         u("bytes") as f64 / (1 << 20) as f64,

@@ -152,7 +152,9 @@ impl Tls {
                             sent?;
                         }
                     }
-                    state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    state.map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, super::tls::describe(&e))
+                    })?;
                     continue;
                 }
             }

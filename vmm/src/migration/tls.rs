@@ -383,13 +383,7 @@ fn handshake(sock: TcpStream, mut conn: rustls::Connection, peer: &str) -> Resul
             if let Err(e) = conn.process_new_packets() {
                 // The alert rustls queued tells the peer why; best effort.
                 let _ = conn.write_tls(&mut s);
-                let hint = match e {
-                    rustls::Error::InvalidMessage(_) => {
-                        " (not TLS: is the peer started with --insecure?)"
-                    }
-                    _ => "",
-                };
-                return Err(Error::new(ErrorKind::InvalidData, format!("{e}{hint}")));
+                return Err(Error::new(ErrorKind::InvalidData, describe(&e)));
             }
         }
         s.set_read_timeout(None)?;
@@ -407,6 +401,27 @@ fn handshake(sock: TcpStream, mut conn: rustls::Connection, peer: &str) -> Resul
             peer: peer.to_string(),
             source,
         }),
+    }
+}
+
+/// A rustls error in words, with what it likely means here (rustls shows our own refusals'
+/// reasons with Debug).
+pub(super) fn describe(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(why))) => {
+            format!("the peer's certificate is refused: {why}")
+        }
+        rustls::Error::InvalidCertificate(why) => {
+            format!("the peer's certificate is refused: {why:?}")
+        }
+        rustls::Error::AlertReceived(alert) => format!(
+            "the peer refused this side: TLS alert {alert:?} (its credentials do not accept \
+             this side's certificate or key)"
+        ),
+        rustls::Error::InvalidMessage(_) => {
+            format!("{e} (not TLS: is the peer started with --insecure?)")
+        }
+        other => other.to_string(),
     }
 }
 
@@ -593,7 +608,7 @@ impl PinnedKey {
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if cert.subject_public_key_info().as_ref() != self.spki.as_slice() {
             return Err(refused(
-                "the peer's key is not the one this side's pre-shared key derives (a different \
+                "its key is not the one this side's pre-shared key derives (a different \
                  --tls-psk)",
             ));
         }
@@ -697,9 +712,7 @@ fn authorized(end_entity: &CertificateDer<'_>, name: &str) -> Result<(), rustls:
     if by_dns || subject_cns(cert.subject()).any(|cn| cn == name.as_bytes()) {
         Ok(())
     } else {
-        Err(refused(
-            "the peer's certificate does not carry the name --tls-authz requires",
-        ))
+        Err(refused("it does not carry the name --tls-authz requires"))
     }
 }
 
