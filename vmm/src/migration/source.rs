@@ -5,7 +5,6 @@
 
 use std::io::{BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
-
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
