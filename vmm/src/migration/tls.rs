@@ -90,8 +90,8 @@ pub enum TlsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS handshake with {peer}: no answer for {} s", HANDSHAKE_TIMEOUT.as_secs())]
-    HandshakeTimeout { peer: String },
+    #[error("TLS handshake with {peer}: not done after {secs:.1} s (a silent or stalled peer)")]
+    HandshakeTimeout { peer: String, secs: f64 },
 }
 
 /// The three choices as the command line and the API request carry them. Paths are read by the
@@ -357,9 +357,18 @@ impl Acceptor {
 
 /// Runs the handshake to its end within `HANDSHAKE_TIMEOUT` in all (a peer trickling bytes
 /// cannot hold it open), then leaves the socket without timeouts.
-fn handshake(sock: TcpStream, mut conn: rustls::Connection, peer: &str) -> Result<Link, TlsError> {
+fn handshake(sock: TcpStream, conn: rustls::Connection, peer: &str) -> Result<Link, TlsError> {
+    handshake_within(sock, conn, peer, HANDSHAKE_TIMEOUT)
+}
+
+fn handshake_within(
+    sock: TcpStream,
+    mut conn: rustls::Connection,
+    peer: &str,
+    limit: Duration,
+) -> Result<Link, TlsError> {
     use std::io::{Error, ErrorKind};
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Instant::now() + limit;
     let result = (|| -> std::io::Result<()> {
         let mut s = &sock;
         while conn.is_handshaking() || conn.wants_write() {
@@ -395,6 +404,7 @@ fn handshake(sock: TcpStream, mut conn: rustls::Connection, peer: &str) -> Resul
         Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
             Err(TlsError::HandshakeTimeout {
                 peer: peer.to_string(),
+                secs: limit.as_secs_f64(),
             })
         }
         Err(source) => Err(TlsError::Handshake {
@@ -1012,6 +1022,48 @@ mod tests {
         let open = psk_file(dir.path(), "b", "00112233445566778899aabbccddeeff", 0o644);
         let e = Transport::Psk { file: open }.acceptor().err().unwrap();
         assert!(matches!(e, TlsError::Permissions { .. }), "{e}");
+    }
+
+    /// A peer that connects and says nothing, or trickles a byte at a time, is given up on
+    /// at the deadline of the whole handshake, named.
+    #[test]
+    fn a_silent_or_trickling_peer_times_out_the_handshake() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let key = psk_file(dir.path(), "a", "00112233445566778899aabbccddeeff", 0o600);
+        let Acceptor(Some(config)) = (Transport::Psk { file: key }).acceptor().unwrap() else {
+            panic!("no TLS config")
+        };
+        for trickle in [false, true] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut peer = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, from) = l.accept().unwrap();
+            let t = std::thread::spawn(move || {
+                // A TLS record header, then one byte of its body every 50 ms.
+                if trickle {
+                    let _ = peer.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+                    for _ in 0..20 {
+                        std::thread::sleep(Duration::from_millis(50));
+                        let _ = peer.write_all(&[0]);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(600));
+            });
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let started = Instant::now();
+            let e = handshake_within(
+                s,
+                conn.into(),
+                &from.to_string(),
+                Duration::from_millis(300),
+            )
+            .err()
+            .unwrap();
+            assert!(matches!(e, TlsError::HandshakeTimeout { .. }), "{e}");
+            assert!(e.to_string().contains(&from.to_string()), "{e}");
+            assert!(started.elapsed() < Duration::from_millis(500), "{e}");
+            t.join().unwrap();
+        }
     }
 
     #[test]
