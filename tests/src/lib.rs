@@ -8,6 +8,7 @@ pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod snapshot;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

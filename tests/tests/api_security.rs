@@ -236,6 +236,7 @@ fn output_paths_are_never_followed_or_overwritten() {
     let mut dst_cmd = Command::new(vmm_bin());
     dst_cmd
         .args(["run", "--incoming", &format!("tcp://127.0.0.1:{port}")])
+        .arg("--insecure")
         .args(["--console", "none", "--json"]);
     let mut dst = Bg::spawn("destination", dst_cmd);
     dst.wait_for("waiting for an incoming migration", Duration::from_secs(20));
@@ -244,6 +245,7 @@ fn output_paths_are_never_followed_or_overwritten() {
         &sock,
         &[
             "migrate",
+            "--insecure",
             "--to",
             &format!("tcp://127.0.0.1:{port}"),
             "--dump-memory",

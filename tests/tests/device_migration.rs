@@ -100,6 +100,7 @@ fn incoming(hosts: &TwoHosts, side: Side, dir: &Path, name: &str, port: u16, dev
     let to = hosts.addr(side);
     let mut cmd = hosts.command(side, vmm_bin());
     cmd.args(["run", "--incoming", &format!("tcp://{to}:{port}"), "--json"])
+        .arg("--insecure")
         .args(["--device", &gpu::spec(dev)])
         .arg("--api-socket")
         .arg(&sock)
@@ -125,7 +126,7 @@ fn migrate_in_background(
 ) -> std::thread::JoinHandle<(Option<i32>, serde_json::Value, String)> {
     let sock = sock.to_path_buf();
     std::thread::spawn(move || {
-        let mut all = vec!["migrate".to_string()];
+        let mut all = vec!["migrate".to_string(), "--insecure".to_string()];
         all.extend(args);
         remote(&sock, &all.iter().map(String::as_str).collect::<Vec<_>>())
     })
@@ -201,7 +202,15 @@ fn precopy_and_hybrid_move_a_busy_device_four_times_and_every_ram_dma_and_vram_p
         let to = format!("tcp://{}:{port}", hosts.addr(to_side));
         let (code, reply, err) = remote(
             &vm.sock,
-            &["migrate", "--to", &to, "--mode", mode, "--json"],
+            &[
+                "migrate",
+                "--insecure",
+                "--to",
+                &to,
+                "--mode",
+                mode,
+                "--json",
+            ],
         );
         assert_eq!(code, Some(0), "hop {hop} ({mode}): {err}\n{reply}");
         let r = &reply["report"];
@@ -309,6 +318,7 @@ fn precopy_without_device_dirty_tracking_loses_dma_stamps_and_the_agent_detects_
         &vm.sock,
         &[
             "migrate",
+            "--insecure",
             "--to",
             &to,
             "--mode",
@@ -388,7 +398,7 @@ fn migrating_a_device_without_migration_support_is_refused_before_anything_moves
     let (_next_server, next_dev) = start_device(&hosts, Side::B, dir.path(), "dev1", &[]);
     let mut next = incoming(&hosts, Side::B, dir.path(), "vm1", 7970, &next_dev);
     let to = format!("tcp://{}:7970", hosts.addr(Side::B));
-    let (code, reply, err) = remote(&vm.sock, &["migrate", "--to", &to, "--json"]);
+    let (code, reply, err) = remote(&vm.sock, &["migrate", "--insecure", "--to", &to, "--json"]);
     eprintln!("refused: {err}{reply}");
     assert_ne!(code, Some(0), "{reply}");
     let said = format!("{err}{reply}");
@@ -531,6 +541,7 @@ fn a_device_server_dying_at_stop_copy_or_at_resume_fails_the_migration_and_the_s
     let incoming = |name: &str, port: u16, dev: &Path| -> Bg {
         let mut cmd = std::process::Command::new(vmm_bin());
         cmd.args(["run", "--incoming", &format!("tcp://127.0.0.1:{port}")])
+            .arg("--insecure")
             .args(["--device", &gpu::spec(dev), "--console", "none", "--json"])
             .arg("--api-socket")
             .arg(dir.path().join(format!("{name}.sock")));
@@ -543,6 +554,7 @@ fn a_device_server_dying_at_stop_copy_or_at_resume_fails_the_migration_and_the_s
             sock,
             &[
                 "migrate",
+                "--insecure",
                 "--to",
                 &format!("tcp://127.0.0.1:{port}"),
                 "--json",

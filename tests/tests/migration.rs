@@ -5,6 +5,8 @@
 //! it once every page has arrived), that its workload goes on to the end there and matches its
 //! model, and for precopy also that the destination's RAM before it runs equals the source's
 //! at its pause. A corrupted postcopy install (test builds' fault injection) must fail it.
+//! Every migration here runs over TLS with a pre-shared key (`--tls-psk`, the default way of
+//! the house; both connections of postcopy and hybrid), and the reports must say so.
 
 use std::path::Path;
 use std::process::Command;
@@ -20,9 +22,19 @@ use vmm_tests::vmm_bin;
 /// Passes the guest runs on the destination after the migration.
 const AFTER: u64 = 2000;
 
+/// The pre-shared key both sides of a migration in `dir` name (made on first use).
+fn psk(dir: &Path) -> String {
+    let path = dir.join("keys.psk");
+    if !path.exists() {
+        vmm_tests::tls::psk_file(dir, "keys.psk");
+    }
+    path.to_str().unwrap().to_string()
+}
+
 fn destination(dir: &Path, port: u16, mode: &str, extra: &[&str], env: &[(&str, &str)]) -> Bg {
     let mut cmd = Command::new(vmm_bin());
     cmd.args(["run", "--incoming", &format!("tcp://127.0.0.1:{port}")])
+        .args(["--tls-psk", &psk(dir)])
         .args(["--console", "none", "--json", "--api-socket"])
         .arg(dir.join("dst.sock"))
         .arg("--dump-final")
@@ -59,6 +71,8 @@ fn migrate(
         &sock,
         &[
             "migrate",
+            "--tls-psk",
+            &psk(dir.path()),
             "--to",
             &format!("tcp://127.0.0.1:{port}"),
             "--mode",
@@ -73,6 +87,7 @@ fn migrate(
     assert_eq!(code, Some(0), "{what}: migrate failed: {err}\n{reply}");
     let report = &reply["report"];
     assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["transport"], "tls-psk", "{report}");
     eprintln!(
         "{what}: total {} ms, downtime {} ms, rounds {}, pages/round {}, postcopy {}",
         report["total_ms"],
@@ -90,6 +105,7 @@ fn migrate(
     let passes = finish(&dst_sock, AFTER);
     let (dcode, drep, derr) = dst.finish(PASS_TIMEOUT);
     assert_eq!(drep["migration"]["ok"], true, "{what}: {drep}\n{derr}");
+    assert_eq!(drep["migration"]["transport"], "tls-psk", "{what}: {drep}");
     if env.is_empty() {
         assert_eq!(dcode, Some(0), "{what}: destination:\n{derr}\n{drep}");
         vmm_tests::micro::assert_micro_exit(&what, &drep, passes);
@@ -145,7 +161,16 @@ fn precopy_with_every_tracker_this_host_offers_moves_memory_byte_for_byte() {
         let to = format!("tcp://127.0.0.1:{port}");
         let (code, reply, err) = remote(
             &sock,
-            &["migrate", "--to", &to, "--tracker", &tracker, "--json"],
+            &[
+                "migrate",
+                "--tls-psk",
+                &psk(dir.path()),
+                "--to",
+                &to,
+                "--tracker",
+                &tracker,
+                "--json",
+            ],
         );
         assert_eq!(code, Some(1), "{tracker}: {reply}\n{err}");
         let why = reply["error"].as_str().unwrap_or_default();
@@ -209,7 +234,16 @@ fn a_corrupted_postcopy_install_fails_the_byte_for_byte_check() {
     let to = format!("tcp://127.0.0.1:{port}");
     let (code, reply, _) = remote(
         &sock,
-        &["migrate", "--to", &to, "--mode", "postcopy", "--json"],
+        &[
+            "migrate",
+            "--tls-psk",
+            &psk(dir.path()),
+            "--to",
+            &to,
+            "--mode",
+            "postcopy",
+            "--json",
+        ],
     );
     assert_eq!(code, Some(1), "{reply}");
     assert!(

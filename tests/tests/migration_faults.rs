@@ -23,7 +23,9 @@ use vmm_tests::vmm_bin;
 
 fn destination(port: u16, extra: &[&str]) -> Bg {
     let mut cmd = Command::new(vmm_bin());
+    // Plain TCP: the fakes and cuts here speak the protocol itself (TLS: migration_tls.rs).
     cmd.args(["run", "--incoming", &format!("tcp://127.0.0.1:{port}")])
+        .arg("--insecure")
         .args(["--console", "none", "--json"])
         .args(extra);
     let mut bg = Bg::spawn("destination", cmd);
@@ -36,6 +38,7 @@ fn migrate(sock: &Path, to: SocketAddr, mode: &str) -> (Option<i32>, serde_json:
         sock,
         &[
             "migrate",
+            "--insecure",
             "--to",
             &format!("tcp://{to}"),
             "--mode",

@@ -67,6 +67,7 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
         let next_log = dir.path().join(format!("vm{}.log", hop + 1));
         let mut cmd = hosts.command(to_side, vmm_bin());
         cmd.args(["run", "--incoming", &format!("tcp://{to}:{port}"), "--json"])
+            .arg("--insecure")
             .args(["--demand", demand])
             // A destination takes disks only from its own command line.
             .args(["--disk", disk.to_str().unwrap()])
@@ -81,6 +82,7 @@ fn linux_guest_migrates_five_times_between_two_hosts_and_its_memory_checks_out()
             &sock,
             &[
                 "migrate",
+                "--insecure",
                 "--to",
                 &format!("tcp://{to}:{port}"),
                 "--mode",

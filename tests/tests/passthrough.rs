@@ -189,6 +189,7 @@ fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_and_iommu_tracking_
         &sock,
         &[
             "migrate",
+            "--insecure",
             "--to",
             "tcp://127.0.0.1:9",
             "--mode",
@@ -207,6 +208,7 @@ fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_and_iommu_tracking_
         &sock,
         &[
             "migrate",
+            "--insecure",
             "--to",
             "tcp://127.0.0.1:9",
             "--device-dirty",
@@ -220,7 +222,16 @@ fn a_server_dying_mid_run_leaves_the_vm_running_and_postcopy_and_iommu_tracking_
         err.contains(&spec) && err.contains("no IOMMU dirty tracking for this device"),
         "{reply}"
     );
-    let (code, reply, _) = remote(&sock, &["migrate", "--to", "tcp://127.0.0.1:9", "--json"]);
+    let (code, reply, _) = remote(
+        &sock,
+        &[
+            "migrate",
+            "--insecure",
+            "--to",
+            "tcp://127.0.0.1:9",
+            "--json",
+        ],
+    );
     assert_ne!(code, Some(0), "{reply}");
     let err = reply["error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("connecting to 127.0.0.1:9"), "{reply}");

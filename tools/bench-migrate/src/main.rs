@@ -15,6 +15,10 @@
 //! every page-writer stamp, and the run counts only if both say ok=true. It reports, per mode,
 //! downtime and total time with / without the device, the device's state bytes, its DMA-log
 //! pages and harvest cost per round, and (precopy) the downtime split into its parts.
+//!
+//! `vmm` migrates over plain TCP (`--insecure`), `vmm+tls` over TLS 1.3 with a pre-shared key
+//! (`--tls-psk`, rustls in userland: this host has no kTLS), same guest, same run: the summary
+//! gives both throughputs per mode and their ratio, TLS's cost.
 
 mod baseline;
 mod chart;
@@ -53,8 +57,9 @@ struct Args {
     /// Smoke test: one run.
     #[arg(long)]
     quick: bool,
-    /// Which VMMs to measure: qemu, vmm, vmm+gpu (vmm with the test device passed through).
-    #[arg(long, value_delimiter = ',', default_value = "qemu,vmm")]
+    /// Which VMMs to measure: qemu, vmm (plain TCP, --insecure), vmm+tls (TLS with a
+    /// pre-shared key), vmm+gpu (vmm with the test device passed through).
+    #[arg(long, value_delimiter = ',', default_value = "qemu,vmm,vmm+tls")]
     tools: Vec<Tool>,
     /// Which migration modes.
     #[arg(long, value_delimiter = ',', default_value = "precopy,postcopy")]
@@ -356,7 +361,7 @@ fn main() -> Result<()> {
             let result = match tool {
                 Tool::Qemu => qemu::run(&hosts, &cfg, mode, run, port, &dir, &progress)
                     .map_err(anyhow::Error::from),
-                Tool::Vmm | Tool::VmmGpu => {
+                Tool::Vmm | Tool::VmmGpu | Tool::VmmTls => {
                     vmm::run(&hosts, &cfg, tool, mode, run, port, &dir, &progress)
                         .map_err(anyhow::Error::from)
                 }
@@ -392,6 +397,7 @@ fn main() -> Result<()> {
 
     let (baseline, groups, comparisons, device_comparisons) =
         summarize(&samples, &baselines, &tools, &modes);
+    let tls_comparisons = summary::tls_comparisons(&groups, &modes);
     let failed = samples.iter().filter(|s| !s.ok).count();
     let summary = Summary {
         host: host_kind(),
@@ -417,6 +423,7 @@ fn main() -> Result<()> {
         groups,
         comparisons,
         device_comparisons,
+        tls_comparisons,
         skipped,
         samples,
     };

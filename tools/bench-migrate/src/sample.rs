@@ -13,6 +13,11 @@ pub enum Tool {
     #[serde(rename = "vmm+gpu")]
     #[value(name = "vmm+gpu")]
     VmmGpu,
+    /// vmm over TLS with a pre-shared key (`--tls-psk`); `vmm` runs plain TCP (`--insecure`), so
+    /// the two measure what TLS costs.
+    #[serde(rename = "vmm+tls")]
+    #[value(name = "vmm+tls")]
+    VmmTls,
 }
 
 impl Tool {
@@ -21,6 +26,7 @@ impl Tool {
             Tool::Qemu => "qemu",
             Tool::Vmm => "vmm",
             Tool::VmmGpu => "vmm+gpu",
+            Tool::VmmTls => "vmm+tls",
         }
     }
     /// Runs vmm (with or without the device).
@@ -153,6 +159,8 @@ pub struct Sample {
     /// vmm+gpu only: the destination agent's answer to stopping the page writer, which checks
     /// every stamp it wrote (a run counts only if this and `verify` both say ok=true).
     pub device_verify: Option<String>,
+    /// vmm only: how the link was secured, as its report says ("tcp-insecure", "tls-psk").
+    pub transport: Option<String>,
 }
 
 impl Sample {
@@ -204,6 +212,7 @@ impl Sample {
             downtime_parts: None,
             device: None,
             device_verify: None,
+            transport: None,
         }
     }
 
@@ -219,7 +228,9 @@ impl Sample {
     /// reports to a fault latency. vmm: its p50.
     pub fn fault_p50_us(&self) -> Option<f64> {
         match self.tool {
-            Tool::Vmm | Tool::VmmGpu => self.fault_latency_us.as_ref().and_then(|l| l.p50),
+            Tool::Vmm | Tool::VmmGpu | Tool::VmmTls => {
+                self.fault_latency_us.as_ref().and_then(|l| l.p50)
+            }
             Tool::Qemu => match (self.blocktime_ms, self.postcopy_faults) {
                 (Some(b), Some(n)) if n > 0 => Some(b * 1000.0 / n as f64),
                 _ => None,

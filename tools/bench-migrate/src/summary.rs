@@ -66,6 +66,40 @@ pub(crate) struct DeviceComparison {
     pub(crate) total_with_over_without: Option<f64>,
 }
 
+/// vmm over TLS (pre-shared key) against vmm over plain TCP, same mode, same run of the bench.
+#[derive(Serialize)]
+pub(crate) struct TlsComparison {
+    pub(crate) mode: Mode,
+    pub(crate) plain_mib_s: Option<f64>,
+    pub(crate) tls_mib_s: Option<f64>,
+    /// TLS throughput / plain TCP throughput (below 1: what TLS costs).
+    pub(crate) tls_over_plain: Option<f64>,
+    pub(crate) plain_total_ms: Option<f64>,
+    pub(crate) tls_total_ms: Option<f64>,
+    pub(crate) plain_downtime_ms: Option<f64>,
+    pub(crate) tls_downtime_ms: Option<f64>,
+}
+
+pub(crate) fn tls_comparisons(groups: &[Group], modes: &[Mode]) -> Vec<TlsComparison> {
+    let find = |tool, mode| groups.iter().find(|g| g.tool == tool && g.mode == mode);
+    modes
+        .iter()
+        .filter_map(|&mode| {
+            let (plain, tls) = (find(Tool::Vmm, mode)?, find(Tool::VmmTls, mode)?);
+            Some(TlsComparison {
+                mode,
+                plain_mib_s: plain.throughput_mib_s,
+                tls_mib_s: tls.throughput_mib_s,
+                tls_over_plain: ratio(tls.throughput_mib_s, plain.throughput_mib_s),
+                plain_total_ms: plain.total_ms,
+                tls_total_ms: tls.total_ms,
+                plain_downtime_ms: plain.downtime_ms,
+                tls_downtime_ms: tls.downtime_ms,
+            })
+        })
+        .collect()
+}
+
 /// A tool and mode not run, and why.
 #[derive(Serialize)]
 pub(crate) struct Skipped {
@@ -101,6 +135,7 @@ pub(crate) struct Summary {
     pub(crate) groups: Vec<Group>,
     pub(crate) comparisons: Vec<Comparison>,
     pub(crate) device_comparisons: Vec<DeviceComparison>,
+    pub(crate) tls_comparisons: Vec<TlsComparison>,
     pub(crate) skipped: Vec<Skipped>,
     pub(crate) samples: Vec<Sample>,
 }
@@ -318,6 +353,20 @@ pub(crate) fn print_table(s: &Summary) {
         );
     }
     print_device_table(s);
+    for c in &s.tls_comparisons {
+        println!(
+            "TLS cost {:<9} throughput plain TCP {} MiB/s, TLS (PSK) {} MiB/s, TLS/plain {}; \
+             total {} / {} ms, downtime {} / {} ms",
+            c.mode.name(),
+            f(c.plain_mib_s, 0),
+            f(c.tls_mib_s, 0),
+            f(c.tls_over_plain, 3),
+            f(c.plain_total_ms, 0),
+            f(c.tls_total_ms, 0),
+            f(c.plain_downtime_ms, 0),
+            f(c.tls_downtime_ms, 0),
+        );
+    }
     for k in &s.skipped {
         println!("skipped {} {}: {}", k.tool.name(), k.mode.name(), k.reason);
     }

@@ -225,6 +225,7 @@ fn u64s(v: &Value) -> Option<Vec<u64>> {
 
 /// Fills `sample` from vmm's migrate report.
 fn read_report(sample: &mut Sample, report: &Value) {
+    sample.transport = report["transport"].as_str().map(str::to_string);
     sample.total_ms = report["total_ms"].as_f64();
     sample.downtime_ms = report["downtime_ms"].as_f64();
     sample.tool_downtime_ms = sample.downtime_ms;
@@ -319,6 +320,15 @@ pub fn run(
         )?);
     }
 
+    // vmm+tls: TLS 1.3 with a pre-shared key on both sides; the others plain TCP, named so.
+    let psk = dir.join("keys.psk");
+    let creds: Vec<String> = if tool == Tool::VmmTls {
+        vmm_tests::tls::psk_file(dir, "keys.psk");
+        vec!["--tls-psk".into(), psk.display().to_string()]
+    } else {
+        vec!["--insecure".into()]
+    };
+
     progress("booting the source guest");
     let start = Instant::now();
     let mut cmd = hosts.command(Side::A, &cfg.vmm);
@@ -352,6 +362,7 @@ pub fn run(
         .args(["--incoming", &uri])
         .args(["--api-socket", &dst_sock])
         .args(["--console", &format!("file:{}", p("dst.console"))])
+        .args(&creds)
         .arg("--json");
     if device.is_some() {
         cmd.arg("--device")
@@ -385,6 +396,7 @@ pub fn run(
         &downtime,
         "--json",
     ];
+    migrate_args.extend(creds.iter().map(String::as_str));
     if cfg.max_bandwidth_mib > 0 {
         migrate_args.extend(["--bandwidth-mib-s", &bandwidth]);
     }

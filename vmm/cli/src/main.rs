@@ -218,6 +218,14 @@ pub(crate) struct RunArgs {
     /// With --incoming: bytes brought in per vCPU exit (exit backends): 4K to 2M.
     #[arg(long, requires = "incoming", default_value = "4K")]
     demand_chunk: String,
+    /// With --incoming: how the migration link is secured, exactly one of --tls-dir,
+    /// --tls-psk and --insecure.
+    #[command(flatten)]
+    transport: vmm::migration::tls::TransportArgs,
+    /// With --incoming and --tls-dir: the source's certificate must also carry NAME as a DNS
+    /// name or as its subject's CN (QEMU's tls-authz).
+    #[arg(long, value_name = "NAME", requires = "incoming")]
+    tls_authz: Option<String>,
 }
 
 pub(crate) fn parse_disk(spec: &str) -> Result<DiskConfig> {
@@ -393,6 +401,9 @@ pub(crate) fn print_report(r: &RunReport, json: bool) -> Result<()> {
 fn run(a: RunArgs, start: Instant) -> Result<i32> {
     if a.incoming.is_some() {
         return remote_cli::incoming(&a, start);
+    }
+    if a.transport != vmm::migration::tls::TransportArgs::default() {
+        bail!("--tls-dir, --tls-psk and --insecure secure an incoming migration: they need --incoming");
     }
     let mem_bytes = parse_size(a.mem.as_deref().unwrap_or("128M"))
         .map_err(|e| anyhow::anyhow!("--mem: {e}"))?;

@@ -59,7 +59,7 @@ enum RemoteCommand {
     /// Prints the metrics when done; the source VM exits after a successful migration.
     Migrate {
         #[command(flatten)]
-        params: MigrateParams,
+        params: Box<MigrateParams>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -67,7 +67,7 @@ enum RemoteCommand {
 }
 
 pub fn remote(a: RemoteArgs) -> Result<i32> {
-    let mut client = Client::connect(&a.api_socket)?;
+    // The request is checked (a migration's credentials chosen) before the VM is reached.
     let (req, json) = match a.command {
         RemoteCommand::Status { json } => (Request::Status, json),
         RemoteCommand::Pause => (Request::Pause, false),
@@ -80,11 +80,14 @@ pub fn remote(a: RemoteArgs) -> Result<i32> {
         }
         RemoteCommand::Migrate { mut params, json } => {
             parse_tcp_url(&params.to)?;
+            // The VMM reads the credential files, perhaps from another directory.
+            params.transport.absolute(&std::env::current_dir()?);
             params.options()?;
             params.dump_memory = params.dump_memory.map(absolute).transpose()?;
             (Request::Migrate(params), json)
         }
     };
+    let mut client = Client::connect(&a.api_socket)?;
     let migrating = matches!(req, Request::Migrate(_));
     let bar = migrating.then(|| progress_bar(a.api_socket.clone()));
     let reply = client.call(&req);
@@ -132,9 +135,10 @@ fn print_migration(r: &Value) {
     let f = |k: &str| r.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
     let u = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
     println!(
-        "migration {} ({}): total {:.1} ms, downtime {:.1} ms, {:.1} MiB sent, {} rounds, {:.1} MiB/s",
+        "migration {} ({}, {}): total {:.1} ms, downtime {:.1} ms, {:.1} MiB sent, {} rounds, {:.1} MiB/s",
         if r.get("ok").and_then(Value::as_bool) == Some(true) { "done" } else { "FAILED" },
         r.get("mode").and_then(Value::as_str).unwrap_or("?"),
+        r.get("transport").and_then(Value::as_str).unwrap_or("?"),
         f("total_ms"),
         f("downtime_ms"),
         u("bytes") as f64 / (1 << 20) as f64,
@@ -206,6 +210,8 @@ fn progress_bar(
 pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
     let url = a.incoming.as_deref().unwrap_or_default();
     let listen = parse_tcp_url(url).context("--incoming")?;
+    let transport =
+        vmm::migration::tls::Transport::choose(&a.transport, a.tls_authz.as_deref(), None)?;
     let console: ConsoleOutput = a
         .console
         .parse()
@@ -242,6 +248,7 @@ pub fn incoming(a: &RunArgs, start: Instant) -> Result<i32> {
             chunk: crate::restore_cli::parse_chunk(&a.demand_chunk)?,
             ..Default::default()
         },
+        transport,
     };
     let report = run_incoming(&opts, start)?;
     print_report(&report, a.json)?;

@@ -8,7 +8,7 @@
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | — |
 //! | `{"cmd":"finish","after":N}` | `passes`: T, the micro guest's new budget: every vCPU ends after pass T = (furthest vCPU's current pass) + N, and the run is checked against the model of T passes. Refused for Linux, a raw `--payload`, during a migration or snapshot, N = 0, a budget already reached, or T beyond 64 bits. A guest paused with `pause` stays paused |
 //! | `{"cmd":"console","input":"TEXT"}` | `bytes`: TEXT plus a newline typed on the guest console |
-//! | `{"cmd":"migrate","to":"tcp://HOST:PORT","mode":"precopy"\|"postcopy"\|"hybrid","tracker":"bitmap",`<br>`"downtime_ms":300,"bandwidth_mib_s":null,"max_rounds":30,"max_precopy_ms":60000,"dump_memory":null}` | `report`: the migration's metrics, sent when it ends; the VM exits after a successful one |
+//! | `{"cmd":"migrate","to":"tcp://HOST:PORT","mode":"precopy"\|"postcopy"\|"hybrid","tracker":"bitmap",`<br>`"downtime_ms":300,"bandwidth_mib_s":null,"max_rounds":30,"max_precopy_ms":60000,"dump_memory":null,`<br>exactly one of `"tls_dir":"DIR"`, `"tls_psk":"FILE"`, `"insecure":true`; with tls_dir optionally `"tls_hostname"`, `"tls_authz"`}` | `report`: the migration's metrics (`transport` names how the link was secured), sent when it ends; the VM exits after a successful one |
 //!
 //! | `{"cmd":"snapshot","to":"DIR","exit":false}` | `snapshot`: directory, data pages, pause time; with `exit` the VM then ends |
 //!
@@ -35,6 +35,8 @@ pub enum ApiError {
     /// The message `DeviceDirty`'s parser gives.
     #[error("{0}")]
     DeviceDirty(String),
+    #[error(transparent)]
+    Transport(#[from] crate::migration::tls::TlsError),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -51,7 +53,8 @@ pub enum Request {
     Console {
         input: String,
     },
-    Migrate(MigrateParams),
+    /// Boxed: the largest request by far (serde reads and writes it as if it were not).
+    Migrate(Box<MigrateParams>),
     Snapshot(SnapshotParams),
 }
 
@@ -111,6 +114,20 @@ pub struct MigrateParams {
     #[arg(long, default_value = "log")]
     #[serde(default = "default_device_dirty")]
     pub device_dirty: String,
+    /// How the link is secured: exactly one of tls_dir, tls_psk and insecure.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub transport: crate::migration::tls::TransportArgs,
+    /// With --tls-dir: the name the destination's certificate must carry instead of the host
+    /// in --to.
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_hostname: Option<String>,
+    /// With --tls-dir: the destination's certificate must also carry NAME as a DNS name or
+    /// as its subject's CN (QEMU's tls-authz).
+    #[arg(long, value_name = "NAME")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_authz: Option<String>,
 }
 
 impl MigrateParams {
@@ -126,6 +143,11 @@ impl MigrateParams {
             max_precopy_ms: self.max_precopy_ms,
             dump_memory: self.dump_memory.clone(),
             device_dirty: self.device_dirty.parse().map_err(ApiError::DeviceDirty)?,
+            transport: crate::migration::tls::Transport::choose(
+                &self.transport,
+                self.tls_authz.as_deref(),
+                self.tls_hostname.as_deref(),
+            )?,
         })
     }
 }
@@ -155,7 +177,8 @@ mod tests {
 
     #[test]
     fn requests_parse_with_defaults_and_refuse_junk() {
-        let r: Request = serde_json::from_str(r#"{"cmd":"migrate","to":"tcp://h:1"}"#).unwrap();
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"migrate","to":"tcp://h:1","insecure":true}"#).unwrap();
         let Request::Migrate(p) = r else {
             panic!("not a migrate request")
         };
@@ -164,9 +187,16 @@ mod tests {
             ("precopy", 300, 30)
         );
         assert!(p.options().is_ok());
+        // No way chosen to secure the link: refused, naming the three.
+        let r: Request = serde_json::from_str(r#"{"cmd":"migrate","to":"tcp://h:1"}"#).unwrap();
+        let Request::Migrate(open) = r else {
+            panic!("not a migrate request")
+        };
+        let e = open.options().unwrap_err().to_string();
+        assert!(e.contains("--tls-psk") && e.contains("--insecure"), "{e}");
         let bad = MigrateParams {
             tracker: "nope".into(),
-            ..p
+            ..*p
         };
         assert!(bad.options().is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());

@@ -106,6 +106,8 @@ pub struct MigrationReport {
     pub ok: bool,
     pub mode: Option<Mode>,
     pub tracker: Option<String>,
+    /// How the link was secured: "tls-x509", "tls-psk" or "tcp-insecure" (`--insecure`).
+    pub transport: Option<String>,
     pub total_ms: f64,
     /// Source: from pausing the guest until the destination said it runs. Destination: from
     /// receiving the state until its vCPUs ran.

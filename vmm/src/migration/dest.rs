@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use super::devices::{DestDevices, PassthroughHandle};
 use super::hello::Hello;
+use super::link::Link;
 use super::pages;
 use super::protocol::{
     check_range, FrameReader, FrameWriter, Message, ProtocolError, Role, ABORT_NOT_STARTED,
     PAGE_SIZE,
 };
 use super::source::{unexpected, Reader, Writer};
+use super::tls::{Acceptor, Transport};
 use super::{postcopy_dst, MigrationError, Mode};
 use crate::api::server::serve_api;
 use crate::machine::assemble::{self, AssembleError, Here, Resume};
@@ -51,10 +53,19 @@ pub struct IncomingOptions {
     pub dump_final: Option<PathBuf>,
     /// The demand-paging backend for postcopy.
     pub demand: postcopy_dst::Demand,
+    /// How both connections are secured (TLS, or `--insecure` plain TCP).
+    pub transport: Transport,
 }
 
-fn streams(stream: TcpStream) -> Result<(Writer, Reader), MigrationError> {
+/// Secures an accepted connection (the handshake checks the source's identity before any
+/// frame is read) and splits it.
+fn streams(
+    stream: TcpStream,
+    tls: &Acceptor,
+    peer: &str,
+) -> Result<(Writer, Reader), MigrationError> {
     stream.set_nodelay(true)?;
+    let stream: Link = tls.accept(stream, peer)?;
     stream.set_write_timeout(Some(SILENCE_TIMEOUT))?;
     Ok((
         FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?)),
@@ -64,14 +75,16 @@ fn streams(stream: TcpStream) -> Result<(Writer, Reader), MigrationError> {
 
 /// Receives one migration and runs the guest to its end.
 pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport, MigrationError> {
+    // The credentials are read before listening: a bad file fails at once.
+    let tls = opts.transport.acceptor()?;
     let listener = TcpListener::bind(&opts.listen).map_err(|source| MigrationError::Listen {
         addr: opts.listen.clone(),
         source,
     })?;
     tracing::info!("waiting for an incoming migration on {}", opts.listen);
     let (stream, peer) = listener.accept()?;
-    tracing::info!("incoming migration from {peer}");
-    let (mut w, mut r) = streams(stream)?;
+    tracing::info!("incoming migration from {peer} ({})", opts.transport.name());
+    let (mut w, mut r) = streams(stream, &tls, &peer.to_string())?;
     r.get_ref()
         .get_ref()
         .set_read_timeout(Some(SILENCE_TIMEOUT))?;
@@ -178,7 +191,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     let urgent = if hello.mode == Mode::Precopy {
         None
     } else {
-        Some(accept_channel(&listener, hello.session)?)
+        Some(accept_channel(&listener, hello.session, &tls)?)
     };
 
     let ram = machine.ram.ranges().to_vec();
@@ -187,6 +200,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     let mut report = MigrationReport {
         role: "destination".into(),
         mode: Some(hello.mode),
+        transport: Some(opts.transport.name().into()),
         ..Default::default()
     };
     let mut snapshot = None;
@@ -442,12 +456,13 @@ fn refuse(w: &mut Writer, e: MigrationError) -> MigrationError {
 fn accept_channel(
     listener: &TcpListener,
     session: u64,
+    tls: &Acceptor,
 ) -> Result<(Writer, Reader), MigrationError> {
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + CHANNEL_TIMEOUT;
-    let stream = loop {
+    let (stream, peer) = loop {
         match listener.accept() {
-            Ok((s, _)) => break s,
+            Ok(s) => break s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
                     return Err(MigrationError::Timeout(
@@ -460,8 +475,10 @@ fn accept_channel(
         }
     };
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CHANNEL_TIMEOUT))?;
-    let (w, mut r) = streams(stream)?;
+    let (w, mut r) = streams(stream, tls, &peer.to_string())?;
+    r.get_ref()
+        .get_ref()
+        .set_read_timeout(Some(CHANNEL_TIMEOUT))?;
     let first = r.recv();
     r.get_ref().get_ref().set_read_timeout(None)?;
     match first? {

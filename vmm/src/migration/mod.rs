@@ -4,6 +4,8 @@
 //! - `hello`: the Hello (what VM is coming; the description and its check are `machine`'s).
 //! - `source` / `dest`: the two state machines; `postcopy_src` / `postcopy_dst` the postcopy
 //!   halves (background push, urgent page requests, the `DemandPager` on the destination).
+//! - `tls` / `link`: how each connection is secured (TLS 1.3 with certificates or a
+//!   pre-shared key, or `--insecure` plain TCP), and the connection type both sides use.
 //! - `pages`: moving RAM. Status and report (`progress`) and the state (`saved_state`) are
 //!   plain data the machine holds, in `machine`.
 //!
@@ -16,6 +18,7 @@
 pub mod dest;
 pub mod devices;
 pub mod hello;
+pub mod link;
 pub mod pages;
 pub mod postcopy_dst;
 pub mod postcopy_src;
@@ -23,6 +26,7 @@ pub mod presend;
 pub mod protocol;
 pub mod rate;
 pub mod source;
+pub mod tls;
 
 // The migration's plain data live with the machine, which holds them for the API and the run
 // report; the old paths stay valid.
@@ -97,6 +101,9 @@ pub enum MigrationError {
         #[source]
         source: serde_json::Error,
     },
+    /// Securing the link: credentials, handshake, the peer's identity.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// What timed out: a message.
     #[error("timed out {0}")]
     Timeout(String),

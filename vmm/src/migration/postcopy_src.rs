@@ -12,13 +12,14 @@
 //! is only here: the source stays paused, holding every page, and reports the failure (see
 //! README, "Postcopy failures").
 
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver as Events, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::link::Link;
 use super::pages::PageSender;
 use super::protocol::{
     check_range, Message, ProtocolError, ABORT_NOT_STARTED, MAX_PAGES_PER_FRAME, PAGE_SIZE,
@@ -53,8 +54,8 @@ pub struct Postcopy {
     jump: Arc<AtomicU64>,
     requested: Arc<AtomicU64>,
     urgent: Option<JoinHandle<u64>>,
-    urgent_sock: TcpStream,
-    main_sock: TcpStream,
+    urgent_sock: Link,
+    main_sock: Link,
     words: Events<Word>,
     listener: Option<JoinHandle<()>>,
 }

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use super::devices::{DeviceDirty, SourceDevices};
 use super::hello::Hello;
+use super::link::Link;
 use super::pages::{PageSender, Sent};
 use super::protocol::{FrameReader, FrameWriter, Message, ProtocolError, Role, PAGE_SIZE};
 use super::rate::RateLimiter;
+use super::tls::{Connector, Transport};
 use super::{parse_tcp_url, postcopy_src, MigrationError, Mode};
 use crate::machine::progress::{DeviceMigrationStats, DowntimeParts, MigrationReport, Phase};
 use crate::machine::saved_state::VmSnapshot;
@@ -48,10 +50,12 @@ pub struct MigrateOptions {
     pub dump_memory: Option<PathBuf>,
     /// How passed-through devices' DMA into guest RAM is tracked.
     pub device_dirty: DeviceDirty,
+    /// How both connections are secured (TLS, or `--insecure` plain TCP).
+    pub transport: Transport,
 }
 
 impl MigrateOptions {
-    pub fn new(to: &str, mode: Mode, tracker: TrackerKind) -> Self {
+    pub fn new(to: &str, mode: Mode, tracker: TrackerKind, transport: Transport) -> Self {
         MigrateOptions {
             to: to.to_string(),
             mode,
@@ -62,14 +66,16 @@ impl MigrateOptions {
             max_precopy_ms: 60_000,
             dump_memory: None,
             device_dirty: DeviceDirty::default(),
+            transport,
         }
     }
 }
 
-pub(super) type Writer = FrameWriter<BufWriter<TcpStream>>;
-pub(super) type Reader = FrameReader<BufReader<TcpStream>>;
+pub(super) type Writer = FrameWriter<BufWriter<Link>>;
+pub(super) type Reader = FrameReader<BufReader<Link>>;
 
-pub(super) fn connect(addr: &str) -> Result<(Writer, Reader), MigrationError> {
+/// Connects to the destination and secures the connection (the handshake checks its identity).
+pub(super) fn connect(addr: &str, tls: &Connector) -> Result<(Writer, Reader), MigrationError> {
     let err = |source| MigrationError::Connect {
         addr: addr.to_string(),
         source,
@@ -81,6 +87,7 @@ pub(super) fn connect(addr: &str) -> Result<(Writer, Reader), MigrationError> {
         .ok_or_else(|| err(std::io::Error::other("no address")))?;
     let stream = TcpStream::connect_timeout(&sock, Duration::from_secs(10)).map_err(err)?;
     stream.set_nodelay(true)?;
+    let stream = tls.connect(stream, addr)?;
     stream.set_write_timeout(Some(SEND_TIMEOUT))?;
     let w = FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?));
     let r = FrameReader::new(BufReader::with_capacity(1 << 20, stream));
@@ -132,6 +139,7 @@ pub fn migrate(
         role: "source".into(),
         mode: Some(opts.mode),
         tracker: (opts.mode != Mode::Postcopy).then(|| opts.tracker.to_string()),
+        transport: Some(opts.transport.name().into()),
         ..Default::default()
     };
     let result = run(shared, opts, &mut report);
@@ -182,7 +190,9 @@ fn run(
         SourceDevices::check(&shared.passthrough, opts.mode, opts.device_dirty)?;
     let dma_stats = Arc::new(DmaStats::default());
     shared.settle_memslots::<MigrationError>()?;
-    let (mut w, mut r) = connect(&addr)?;
+    // The credentials are read now, once for both connections.
+    let tls = opts.transport.connector(&addr)?;
+    let (mut w, mut r) = connect(&addr, &tls)?;
     let session = session_id();
     let hello = Hello {
         vm: shared.describe(),
@@ -222,7 +232,7 @@ fn run(
     let urgent = if opts.mode == Mode::Precopy {
         None
     } else {
-        let (mut uw, ur) = connect(&addr)?;
+        let (mut uw, ur) = connect(&addr, &tls)?;
         uw.send(&Message::Channel {
             session,
             role: Role::Urgent,
