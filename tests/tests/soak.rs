@@ -14,6 +14,7 @@
 //!   with "postcopy failed", and `resume` on the source goes on. The source then finishes with
 //!   its memory equal to its model.
 //!
+//! Every migration runs over TLS with a pre-shared key, as users are told to run them.
 //! Each writes a JSON summary to `VMM_SOAK_OUT` (if set) and prints it.
 
 use std::path::{Path, PathBuf};
@@ -64,9 +65,19 @@ fn write_summary(v: &serde_json::Value) {
     }
 }
 
+/// Every migration of the campaigns runs over TLS with this key (the default way of the tool).
+fn psk(dir: &Path) -> String {
+    let path = dir.join("keys.psk");
+    if !path.exists() {
+        vmm_tests::tls::psk_file(dir, "keys.psk");
+    }
+    path.display().to_string()
+}
+
 fn destination(dir: &Path, hop: usize, port: u16, extra: &[PathBuf], precopy: bool) -> Bg {
     let mut cmd = Command::new(vmm_bin());
     cmd.args(["run", "--incoming", &format!("tcp://127.0.0.1:{port}")])
+        .args(["--tls-psk", &psk(dir)])
         .args(["--console", "none", "--json", "--api-socket"])
         .arg(dir.join(format!("hop{hop}.sock")));
     if precopy {
@@ -126,6 +137,8 @@ fn hops() {
             mode.to_string(),
             "--tracker".into(),
             tracker.clone(),
+            "--tls-psk".into(),
+            psk(dir.path()),
             "--json".into(),
         ];
         if precopy {
@@ -232,7 +245,7 @@ fn cuts() {
         let port = free_port();
         let mut cmd = Command::new(vmm_bin());
         cmd.args(["run", "--incoming", &format!("tcp://127.0.0.1:{port}")])
-            .args(["--console", "none", "--json"]);
+            .args(["--tls-psk", &psk(dir.path()), "--console", "none", "--json"]);
         let mut dst = Bg::spawn("destination", cmd);
         dst.wait_for("waiting for an incoming migration", Duration::from_secs(20));
         let proxy = CutProxy::start(format!("127.0.0.1:{port}").parse().unwrap(), cut);
@@ -245,6 +258,8 @@ fn cuts() {
                 &format!("tcp://{}", proxy.addr),
                 "--mode",
                 mode,
+                "--tls-psk",
+                &psk(dir.path()),
                 "--json",
             ],
         );
