@@ -226,6 +226,8 @@ fn run(
             })?
         }
         Message::Refuse(reason) => return Err(MigrationError::Refused(reason)),
+        // Its words (sanitized and cut when decoded) say more than "expected Accept".
+        Message::Abort(reason) => return Err(MigrationError::Aborted(reason)),
         other => return Err(unexpected("Accept", &other)),
     };
     r.get_ref().get_ref().set_read_timeout(None)?;
