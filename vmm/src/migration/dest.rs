@@ -206,7 +206,14 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     let mut snapshot = None;
     let mut state_at = None;
     let pending = loop {
-        match r.recv()? {
+        let next = r.recv().map_err(|e| match e {
+            ProtocolError::TimedOut => MigrationError::Timeout(format!(
+                "after {} s without a frame from the source {peer}: it went silent mid-migration",
+                SILENCE_TIMEOUT.as_secs()
+            )),
+            e => e.into(),
+        })?;
+        match next {
             Message::Pages { gpa, data } => {
                 check_range(&table, gpa, data.len() as u64)?;
                 pages::write_pages(memfd, &ram, gpa, &data)?;
