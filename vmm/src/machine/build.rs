@@ -33,6 +33,9 @@ pub struct Machine {
     /// Guest RAM's memslots still being registered (a fresh boot's, until `boot` ends).
     /// Declared before `ram`: dropped (joined) first.
     pub(super) slots: Option<crate::vstate::vm::RamRegistration>,
+    /// When each step of the set-up ended (the report's `setup_parts_ms`): where start-up
+    /// time goes, measured in every run.
+    pub(super) setup_marks: Vec<(&'static str, Instant)>,
     pub ram: GuestRam,
     pub vm: Arc<Vm>,
     pub rings: Option<Arc<DirtyRings>>,
@@ -67,6 +70,7 @@ impl Machine {
         let mut m = Self::build_registering(cfg, start)?;
         if let Some(slots) = m.slots.take() {
             slots.wait()?;
+            m.setup_marks.push(("memslots registered", Instant::now()));
         }
         Ok(m)
     }
@@ -87,8 +91,11 @@ impl Machine {
         let nr_vcpus = cfg.vcpus as u8;
         vcpu::install_kick_handler().map_err(MachineError::Signal)?;
 
+        let mut marks = vec![("entered", Instant::now())];
         let ram = GuestRam::new(cfg.mem_bytes)?;
+        marks.push(("guest RAM", Instant::now()));
         let vm = Arc::new(Vm::with_phys_bits(ram.size(), cfg.phys_bits)?);
+        marks.push(("VM and irqchip", Instant::now()));
         let tracked_ring = cfg.tracking.as_ref().is_some_and(|t| t.needs_dirty_ring());
         let ring_from_boot = cfg
             .tracking
@@ -112,6 +119,7 @@ impl Machine {
             None
         };
         let slots = vm.register_ram_in_background(&ram)?;
+        marks.push(("memslot thread started", Instant::now()));
         let mem = ram.memory();
         let rings = ring_entries.map(|entries| Arc::new(DirtyRings::new(vm.clone(), entries)));
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
@@ -161,6 +169,7 @@ impl Machine {
             },
         )?;
 
+        marks.push(("devices", Instant::now()));
         // vCPUs: all created before any runs (KVM wants the BSP's LAPIC to know its peers).
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(PauseControl::new(nr_vcpus as usize));
@@ -203,11 +212,13 @@ impl Machine {
                 vm: vm.clone(),
             });
         }
+        marks.push(("vCPUs", Instant::now()));
         let (events_tx, events_rx) = channel();
         Ok(Machine {
             cfg: cfg.clone(),
             start,
             slots: Some(slots),
+            setup_marks: marks,
             ram,
             vm,
             rings,
@@ -272,8 +283,11 @@ impl Machine {
                 micro::setup_ap(&ap.fd, ap.id)?;
             }
         }
+        self.setup_marks.push(("boot image loaded", Instant::now()));
         if let Some(slots) = self.slots.take() {
             slots.wait()?;
+            self.setup_marks
+                .push(("memslots registered", Instant::now()));
         }
         Ok(self)
     }

@@ -82,6 +82,13 @@ impl Outcome {
 }
 
 /// Everything a run measured. Times are milliseconds since vmm's process start.
+/// One step of the set-up and when it ended (`RunReport::setup_parts_ms`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SetupPart {
+    pub step: &'static str,
+    pub at_ms: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     pub host: HostKind,
@@ -91,6 +98,9 @@ pub struct RunReport {
     pub mem_mib: u64,
     /// Process start to the first KVM_RUN of vCPU 0.
     pub setup_ms: Option<f64>,
+    /// When each set-up step ended, from process start (a fresh boot; restores and incoming
+    /// migrations list the steps they share with it).
+    pub setup_parts_ms: Vec<SetupPart>,
     /// Process start to the guest's boot-timer write.
     pub boot_timer_ms: Option<f64>,
     /// Process start to the agent's ready marker on the console.

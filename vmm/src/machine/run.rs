@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use super::build::Machine;
-use super::report::{self, Outcome, RunReport};
+use super::report::{self, Outcome, RunReport, SetupPart};
 use super::shared::{Shared, SharedParts};
 use super::tracking_session::{self, Harvester, Session, SharedSession};
 use super::{stdin, GuestConfig, MachineError, VmConfig};
@@ -50,6 +50,7 @@ impl Machine {
             cfg,
             start,
             slots,
+            setup_marks,
             ram,
             vm,
             rings,
@@ -266,6 +267,13 @@ impl Machine {
             vcpus: nr_vcpus,
             mem_mib: cfg.mem_bytes >> 20,
             setup_ms: first_run.map(|t| ms(t.duration_since(start))),
+            setup_parts_ms: setup_marks
+                .iter()
+                .map(|(step, t)| SetupPart {
+                    step,
+                    at_ms: ms(t.duration_since(start)),
+                })
+                .collect(),
             boot_timer_ms: boot_timer.map(ms),
             agent_ready_ms: agent_ready.map(ms),
             micro_passes: micro.then(|| micro_passes.load(Ordering::Acquire)),
