@@ -281,12 +281,20 @@ fn cuts() {
         let here = state(&sock);
         let outcome = match (mode, here.as_str()) {
             (_, "running") => "failed; source runs on",
+            // Past the source's PostcopyStart it cannot know whether the destination ran the
+            // guest: it holds it paused with every page either way (README, "Postcopy
+            // failures"). The destination says "postcopy failed" if it had started, else the
+            // broken stream.
             ("postcopy", "paused") => {
-                assert!(derr.contains("postcopy failed"), "{what}: {derr}");
                 let (rcode, _, rerr) = remote(&sock, &["resume"]);
                 assert_eq!(rcode, Some(0), "{what}: resume: {rerr}");
                 assert_eq!(state(&sock), "running", "{what}: after resume");
-                "postcopy failed; source paused with every page, resumed"
+                if derr.contains("postcopy failed") {
+                    "postcopy failed on the destination; source paused with every page, resumed"
+                } else {
+                    "cut after PostcopyStart left the source, before the destination had it; \
+                     source paused with every page, resumed"
+                }
             }
             (_, other) => panic!("{what}: undocumented outcome: source {other}: {reply}\n{derr}"),
         };
