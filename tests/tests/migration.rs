@@ -257,3 +257,84 @@ fn a_corrupted_postcopy_install_fails_the_byte_for_byte_check() {
     assert_eq!(dcode, Some(1), "{derr}");
     vmm_tests::micro::finish_intact(src, &sock, 100);
 }
+
+/// A guest the user paused (`vmm remote pause`) migrates as it is, as QEMU migrates a stopped
+/// VM: the stop-and-copy takes over the user's pause instead of failing on it, and the
+/// destination keeps the guest paused until its own `resume`. Then it runs to the end there,
+/// its memory equal to the model and to a run never migrated.
+fn migrate_paused(mode: &str) {
+    let what = format!("paused {mode}");
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let dst = destination(dir.path(), port, mode, &[], &[]);
+    let (src, sock) = micro_source(dir.path(), &[]);
+    wait_some_passes(&sock, 20);
+    let (code, v, err) = remote(&sock, &["pause"]);
+    assert_eq!(code, Some(0), "{what}: pause: {err}\n{v}");
+    let (_, status, _) = remote(&sock, &["status", "--json"]);
+    assert_eq!(status["state"], "paused", "{what}: {status}");
+    let paused_at = status["micro_passes"].as_u64().unwrap();
+    let (code, reply, err) = remote(
+        &sock,
+        &[
+            "migrate",
+            "--tls-psk",
+            &psk(dir.path()),
+            "--to",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--mode",
+            mode,
+            "--json",
+        ],
+    );
+    assert_eq!(code, Some(0), "{what}: migrate failed: {err}\n{reply}");
+    assert_eq!(reply["report"]["ok"], true, "{what}: {reply}");
+    let (scode, srep, serr) = src.finish(Duration::from_secs(30));
+    assert_eq!(scode, Some(0), "{what}: source:\n{serr}");
+    assert_eq!(srep["outcome"]["kind"], "migrated", "{what}: {srep}");
+
+    let dst_sock = dir.path().join("dst.sock");
+    wait_api(&dst_sock, Duration::from_secs(20));
+    // Still paused a while later: not a moment before the vCPUs started.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, status, _) = remote(&dst_sock, &["status", "--json"]);
+    assert_eq!(status["state"], "paused", "{what}: destination: {status}");
+    assert_eq!(
+        status["micro_passes"].as_u64(),
+        Some(paused_at),
+        "{what}: the guest ran on the destination while paused: {status}"
+    );
+    let (code, v, err) = remote(&dst_sock, &["resume"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "{what}: resume on the destination: {err}\n{v}"
+    );
+    let passes = finish(&dst_sock, AFTER);
+    let (dcode, drep, derr) = dst.finish(PASS_TIMEOUT);
+    assert_eq!(dcode, Some(0), "{what}: destination:\n{derr}\n{drep}");
+    assert_eq!(drep["migration"]["ok"], true, "{what}: {drep}");
+    vmm_tests::micro::assert_micro_exit(&what, &drep, passes);
+    let reference = reference_final(dir.path(), passes, &[]);
+    let differing = differing_pages(&reference, &dir.path().join("dst-final.bin"));
+    assert!(
+        differing.is_empty(),
+        "{what}: the destination's final RAM differs from a run never migrated on {} pages",
+        differing.len()
+    );
+}
+
+#[test]
+fn a_guest_paused_by_the_user_migrates_by_precopy_and_stays_paused_there() {
+    migrate_paused("precopy");
+}
+
+#[test]
+fn a_guest_paused_by_the_user_migrates_by_postcopy_and_stays_paused_there() {
+    migrate_paused("postcopy");
+}
+
+#[test]
+fn a_guest_paused_by_the_user_migrates_by_hybrid_and_stays_paused_there() {
+    migrate_paused("hybrid");
+}

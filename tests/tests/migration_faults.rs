@@ -374,6 +374,37 @@ fn a_destination_that_fails_before_running_the_guest_hands_it_back_even_in_postc
     finish_intact(src, &sock, 100);
 }
 
+/// The same failure with a guest its user had paused: the source takes it back paused, as
+/// the user left it, not running; their `resume` runs it on intact.
+#[test]
+fn a_failed_migration_of_a_guest_the_user_paused_leaves_it_paused() {
+    for mode in ["precopy", "postcopy"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, sock) = micro_source(dir.path(), &[]);
+        wait_some_passes(&sock, 20);
+        let (code, v, err) = remote(&sock, &["pause"]);
+        assert_eq!(code, Some(0), "{mode}: pause: {err}\n{v}");
+        let blocked = dir.path().join("dst.sock");
+        std::fs::create_dir(&blocked).unwrap();
+        let port = free_port();
+        let dst = destination(port, &["--api-socket", blocked.to_str().unwrap()]);
+        let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let (code, reply, _) = migrate(&sock, to, mode);
+        assert_eq!(code, Some(1), "{mode}: {reply}");
+        assert_eq!(
+            state(&sock),
+            "paused",
+            "{mode}: the source must keep the guest paused; its log:\n{}",
+            src.stderr()
+        );
+        let (dcode, _, derr) = dst.finish(Duration::from_secs(30));
+        assert_eq!(dcode, Some(1), "{mode}: {derr}");
+        let (rcode, _, rerr) = remote(&sock, &["resume"]);
+        assert_eq!(rcode, Some(0), "{mode}: {rerr}");
+        finish_intact(src, &sock, 100);
+    }
+}
+
 #[test]
 fn a_peers_abort_text_is_shown_sanitized_and_cut() {
     // A hostile source's Abort: terminal escape sequences (clear screen, a title change, red

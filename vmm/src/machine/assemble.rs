@@ -184,6 +184,9 @@ pub fn resume<E: From<AssembleError>>(
         Some(fill) => FinalDump::arm(&mut machine, path, fill),
         None => FinalDump::arm_whole(&mut machine, path),
     });
+    if r.state.paused {
+        machine.pause.hold(crate::vstate::pause::Owner::Api);
+    }
     let run = machine.run(RunHooks {
         api: r.api,
         on_running: Some(r.on_running),

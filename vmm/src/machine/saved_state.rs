@@ -41,6 +41,10 @@ pub struct VmSnapshot {
     pub vm: VmState,
     /// By device id (`machine::devices_setup` names them).
     pub devices: DeviceStates,
+    /// The user had paused the guest (`pause` through the API): it resumes paused, until
+    /// its own `resume`. Absent in older states, which always resume running.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 impl VmSnapshot {
@@ -51,7 +55,12 @@ impl VmSnapshot {
             .device_states
             .save()
             .map_err(SnapshotError::Devices)?;
-        Ok(VmSnapshot { vcpus, vm, devices })
+        Ok(VmSnapshot {
+            vcpus,
+            vm,
+            devices,
+            paused: false,
+        })
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
@@ -145,7 +154,23 @@ mod tests {
                 clock: Default::default(),
             },
             devices: Default::default(),
+            paused: false,
         }
+    }
+
+    #[test]
+    fn a_paused_guest_says_so_and_a_state_without_the_field_resumes_running() {
+        let running = valid();
+        let json = running.encode().expect("encodes");
+        // A running guest's state is as before the field existed, for older destinations.
+        assert!(!String::from_utf8_lossy(&json).contains("paused"));
+        assert!(!VmSnapshot::decode(&json).expect("decodes").paused);
+        let paused = VmSnapshot {
+            paused: true,
+            ..valid()
+        };
+        let decoded = VmSnapshot::decode(&paused.encode().expect("encodes")).expect("decodes");
+        assert!(decoded.paused);
     }
 
     #[test]

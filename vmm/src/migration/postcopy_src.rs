@@ -30,7 +30,6 @@ use super::MigrationError;
 use crate::machine::progress::{MigrationReport, Phase};
 use crate::machine::shared::Shared;
 use crate::memory::page_index::{AtomicPages, PageIndex};
-use crate::vstate::pause::Owner;
 
 /// A request moves the push cursor to the start of its 1 MiB neighbourhood.
 const NEIGHBOURHOOD_PAGES: u64 = 256;
@@ -134,6 +133,7 @@ impl Postcopy {
         shared: &Arc<Shared>,
         mut w: Writer,
         handover_ms: f64,
+        user_paused: bool,
         report: &mut MigrationReport,
     ) -> Result<(), MigrationError> {
         shared.progress().remaining_pages = self.todo.count();
@@ -221,8 +221,9 @@ impl Postcopy {
         match outcome {
             Ok(()) => Ok(()),
             Err(MigrationError::Aborted(reason)) if reason.starts_with(ABORT_NOT_STARTED) => {
-                // The destination never ran the guest: the copy here is the live one.
-                if let Err(e) = shared.pause.resume(Owner::Migration) {
+                // The destination never ran the guest: the copy here is the live one (paused
+                // still, if its user had paused it).
+                if let Err(e) = super::source::release_pause(shared, user_paused) {
                     tracing::error!("resuming the guest after the destination gave up: {e}");
                 }
                 tracing::warn!("postcopy abandoned before the destination ran the guest; it runs on here: {reason}");

@@ -22,7 +22,7 @@ use crate::machine::saved_state::VmSnapshot;
 use crate::machine::shared::Shared;
 use crate::tracking::device_dma::{DmaStats, WithDeviceDma};
 use crate::tracking::{self, DirtySet, DirtyTracker, TrackerKind};
-use crate::vstate::pause::Owner;
+use crate::vstate::pause::{Owner, PauseError};
 
 /// How long the source waits for the destination to restore and confirm it runs.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -285,13 +285,16 @@ fn run(
         return Err(e);
     }
 
-    // Stop the guest: from here until the point of no return, failure resumes it.
+    // Stop the guest: from here until the point of no return, failure resumes it. A guest its
+    // user paused is taken over as it is, and on failure given back paused.
     shared.progress().phase = Phase::StopAndCopy;
     let paused_at = Instant::now();
-    let vcpus = match shared
-        .pause
-        .pause(&shared.kicker, Owner::Migration, true, PAUSE_TIMEOUT)
-    {
+    let (vcpus, user_paused) = match shared.pause.pause_or_take_over(
+        &shared.kicker,
+        Owner::Migration,
+        Owner::Api,
+        PAUSE_TIMEOUT,
+    ) {
         Ok(v) => v,
         Err(e) => {
             devs.recover();
@@ -320,13 +323,16 @@ fn run(
                 },
             )?;
         }
-        Ok(VmSnapshot::capture(shared, vcpus)?)
+        let mut snapshot = VmSnapshot::capture(shared, vcpus)?;
+        // The destination keeps it paused until its user resumes it there.
+        snapshot.paused = user_paused;
+        Ok(snapshot)
     })();
     let snapshot = match before_commit {
         Ok(s) => s,
         Err(e) => {
             devs.recover();
-            return Err(abort_and_resume(shared, &mut w, e));
+            return Err(abort_and_resume(shared, user_paused, &mut w, e));
         }
     };
     parts.device_stop_ms = devs.stop_copy_ms;
@@ -356,7 +362,7 @@ fn run(
             if let Err(e) = committed {
                 devs.recover();
                 let e = peer_reason(&mut r, e);
-                return Err(abort_and_resume(shared, &mut w, e));
+                return Err(abort_and_resume(shared, user_paused, &mut w, e));
             }
             let waiting = Instant::now();
             // Complete is sent: the destination may run the guest from now on. If it never
@@ -382,7 +388,7 @@ fn run(
                 });
             if let Err(e) = confirmed {
                 devs.recover();
-                let _ = shared.pause.resume(Owner::Migration);
+                let _ = release_pause(shared, user_paused);
                 return Err(e);
             }
             devs.finish();
@@ -430,7 +436,7 @@ fn run(
                     Ok(())
                 })();
                 if let Err(e) = sent {
-                    return Err(abort_and_resume(shared, &mut w, e));
+                    return Err(abort_and_resume(shared, user_paused, &mut w, e));
                 }
                 report.presend_pages = Some(now.len() as u64);
                 report.presend_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
@@ -451,7 +457,7 @@ fn run(
             };
             let postcopy = match prepared {
                 Ok(p) => p,
-                Err(e) => return Err(abort_and_resume(shared, &mut w, e)),
+                Err(e) => return Err(abort_and_resume(shared, user_paused, &mut w, e)),
             };
             let committed = (|| -> Result<(), MigrationError> {
                 let t = Instant::now();
@@ -469,7 +475,7 @@ fn run(
             if let Err(e) = committed {
                 postcopy.cancel();
                 devs.recover();
-                return Err(abort_and_resume(shared, &mut w, e));
+                return Err(abort_and_resume(shared, user_paused, &mut w, e));
             }
             // Past the point of no return: the device's state lives on the destination.
             devs.finish();
@@ -477,7 +483,7 @@ fn run(
             note_devices(report, &devs, opts, &dma_stats);
             shared.progress().phase = Phase::Postcopy;
             let handover_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
-            postcopy.serve(shared, w, handover_ms, report)
+            postcopy.serve(shared, w, handover_ms, user_paused, report)
         }
     }
 }
@@ -636,15 +642,35 @@ fn peer_reason(r: &mut Reader, e: MigrationError) -> MigrationError {
     }
 }
 
-/// Before the point of no return: tell the destination, and let the guest run on here.
-fn abort_and_resume(shared: &Shared, w: &mut Writer, e: MigrationError) -> MigrationError {
+/// Before the point of no return: tell the destination, and let the guest run on here (or
+/// stay paused, if its user had paused it).
+fn abort_and_resume(
+    shared: &Shared,
+    user_paused: bool,
+    w: &mut Writer,
+    e: MigrationError,
+) -> MigrationError {
     let _ = w.send(&Message::Abort(e.to_string()));
     let _ = w.flush();
-    if let Err(re) = shared.pause.resume(Owner::Migration) {
+    if let Err(re) = release_pause(shared, user_paused) {
         tracing::error!("resuming the guest after a failed migration: {re}");
     }
-    tracing::warn!("migration failed, the guest runs on here: {e}");
+    if user_paused {
+        tracing::warn!("migration failed, the guest stays here, paused as its user left it: {e}");
+    } else {
+        tracing::warn!("migration failed, the guest runs on here: {e}");
+    }
     e
+}
+
+/// Lifts the migration's pause; a pause the migration took over from the user goes back to
+/// them instead: the guest stays paused until the user's own `resume`.
+pub(super) fn release_pause(shared: &Shared, user_paused: bool) -> Result<(), PauseError> {
+    if user_paused {
+        shared.pause.hand_back(Owner::Migration, Owner::Api)
+    } else {
+        shared.pause.resume(Owner::Migration)
+    }
 }
 
 pub(super) fn unexpected(expected: &'static str, found: &Message) -> MigrationError {

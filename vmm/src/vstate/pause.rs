@@ -343,6 +343,67 @@ impl PauseControl {
         Ok(out)
     }
 
+    /// `pause` with the states saved, unless `user` holds a pause already (a migration of a
+    /// guest paused through the API, as QEMU migrates a stopped VM): then `owner` takes that
+    /// pause over, so that `user` cannot lift it midway, and asks for the states. Returns them
+    /// and whether the pause was taken over. On failure a taken-over pause is `user`'s again
+    /// (the guest stays paused, as it was left); a new one is lifted.
+    pub fn pause_or_take_over(
+        &self,
+        kicker: &Kicker,
+        owner: Owner,
+        user: Owner,
+        timeout: Duration,
+    ) -> Result<(Vec<VcpuState>, bool), PauseError> {
+        // `user` may pause between the look and `pause`: one more look then.
+        for _ in 0..3 {
+            let taken = {
+                let mut g = self.lock();
+                let taken = g.owner == Some(user);
+                if taken {
+                    g.owner = Some(owner);
+                }
+                taken
+            };
+            if taken {
+                return match self.states_while_paused(owner, timeout) {
+                    Ok(states) => Ok((states, true)),
+                    Err(e) => {
+                        let _ = self.hand_back(owner, user);
+                        Err(e)
+                    }
+                };
+            }
+            match self.pause(kicker, owner, true, timeout) {
+                Err(PauseError::AlreadyPaused(o)) if o == user => continue,
+                r => return r.map(|states| (states, false)),
+            }
+        }
+        Err(PauseError::AlreadyPaused(user))
+    }
+
+    /// Gives `from`'s pause to `to` without lifting it: the guest stays paused, and only `to`
+    /// can resume it now.
+    pub fn hand_back(&self, from: Owner, to: Owner) -> Result<(), PauseError> {
+        let mut g = self.lock();
+        match g.owner {
+            None => Err(PauseError::NotPaused),
+            Some(o) if o != from => Err(PauseError::NotOwner(o)),
+            Some(_) => {
+                g.owner = Some(to);
+                Ok(())
+            }
+        }
+    }
+
+    /// Before any vCPU runs: each parks, in `owner`'s pause, before it first enters the guest
+    /// (a migrated guest its user had paused).
+    pub fn hold(&self, owner: Owner) {
+        let mut g = self.lock();
+        g.owner = Some(owner);
+        self.requested.store(true, Ordering::Release);
+    }
+
     /// Resumes the vCPUs parked by `owner`'s pause.
     pub fn resume(&self, owner: Owner) -> Result<(), PauseError> {
         match self.lock().owner {
@@ -485,6 +546,59 @@ mod tests {
             ctl.pause(&kicker, Owner::Api, false, Duration::from_secs(1)),
             Err(PauseError::NotRunning)
         ));
+    }
+
+    #[test]
+    fn a_migration_takes_over_the_users_pause_and_gives_it_back_on_failure() {
+        let ctl = Arc::new(PauseControl::new(2));
+        let kicker = Kicker::default();
+        let done = Arc::new(AtomicBool::new(false));
+        // Held before any vCPU runs (a migrated guest its user had paused): each parks first.
+        ctl.hold(Owner::Api);
+        let threads = spawn_vcpus(&ctl, 2, &done);
+        // The test's vCPUs fail their saves: a taken-over pause goes back to the user, still
+        // paused, so the API cannot resume the guest midway but can once it failed.
+        let err = ctl
+            .pause_or_take_over(
+                &kicker,
+                Owner::Migration,
+                Owner::Api,
+                Duration::from_secs(5),
+            )
+            .unwrap_err();
+        assert!(matches!(err, PauseError::SaveState { .. }), "{err}");
+        assert_eq!(ctl.owner(), Some(Owner::Api));
+        ctl.while_paused(Owner::Api, || ()).unwrap();
+        // A pause nobody held is taken anew and lifted on failure.
+        ctl.resume(Owner::Api).unwrap();
+        let err = ctl
+            .pause_or_take_over(
+                &kicker,
+                Owner::Migration,
+                Owner::Api,
+                Duration::from_secs(5),
+            )
+            .unwrap_err();
+        assert!(matches!(err, PauseError::SaveState { .. }), "{err}");
+        assert!(!ctl.is_paused());
+        // Given back only by its owner, and never lifted by it.
+        ctl.pause(&kicker, Owner::Migration, false, Duration::from_secs(5))
+            .unwrap();
+        assert!(matches!(
+            ctl.hand_back(Owner::Tracking, Owner::Api),
+            Err(PauseError::NotOwner(Owner::Migration))
+        ));
+        ctl.hand_back(Owner::Migration, Owner::Api).unwrap();
+        assert!(matches!(
+            ctl.resume(Owner::Migration),
+            Err(PauseError::NotOwner(Owner::Api))
+        ));
+        ctl.while_paused(Owner::Api, || ()).unwrap();
+        ctl.resume(Owner::Api).unwrap();
+        done.store(true, Ordering::Release);
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 2);
+        }
     }
 
     #[test]
