@@ -95,22 +95,31 @@ pub struct DeviceStats {
 pub struct DowntimeParts {
     pub pause_ms: f64,
     pub device_stop_ms: f64,
+    pub harvest_ms: f64,
+    pub capture_ms: f64,
     pub final_pages_ms: f64,
     pub device_data_ms: f64,
     pub state_ms: f64,
     pub confirm_ms: f64,
+    /// The destination's part of `confirm_ms` (0 when it sent no Stats).
+    pub destination_restore_ms: f64,
 }
 
 impl DowntimeParts {
-    /// (name, value) in the order they happen.
-    pub fn named(&self) -> [(&'static str, f64); 6] {
+    /// (name, value) in the order they happen; `confirm` split into the destination's restore
+    /// and the rest (the link, the Resumed message), so the parts add up to the downtime.
+    pub fn named(&self) -> [(&'static str, f64); 9] {
+        let restore = self.destination_restore_ms.min(self.confirm_ms);
         [
             ("pause", self.pause_ms),
             ("device stop", self.device_stop_ms),
+            ("last harvest", self.harvest_ms),
+            ("state capture", self.capture_ms),
             ("final pages", self.final_pages_ms),
             ("device data", self.device_data_ms),
-            ("state", self.state_ms),
-            ("confirm", self.confirm_ms),
+            ("state sent", self.state_ms),
+            ("destination restore", restore),
+            ("link and resume", self.confirm_ms - restore),
         ]
     }
 }

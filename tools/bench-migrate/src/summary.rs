@@ -188,10 +188,13 @@ pub(crate) fn summarize(
                     .then(|| DowntimeParts {
                         pause_ms: part(|p| p.pause_ms).unwrap_or(0.0),
                         device_stop_ms: part(|p| p.device_stop_ms).unwrap_or(0.0),
+                        harvest_ms: part(|p| p.harvest_ms).unwrap_or(0.0),
+                        capture_ms: part(|p| p.capture_ms).unwrap_or(0.0),
                         final_pages_ms: part(|p| p.final_pages_ms).unwrap_or(0.0),
                         device_data_ms: part(|p| p.device_data_ms).unwrap_or(0.0),
                         state_ms: part(|p| p.state_ms).unwrap_or(0.0),
                         confirm_ms: part(|p| p.confirm_ms).unwrap_or(0.0),
+                        destination_restore_ms: part(|p| p.destination_restore_ms).unwrap_or(0.0),
                     });
             let dev = |f: &dyn Fn(&sample::DeviceStats) -> f64| {
                 median(ok.iter().filter_map(|s| s.device.as_ref().map(f)))
@@ -436,7 +439,7 @@ pub(crate) fn print_device_table(s: &Summary) {
         "device: vmm without and with the test device passed through (medians, ms unless named)"
     );
     println!(
-        "{:<7} {:<8} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>9} {:>9} {:>6} {:>7}",
+        "{:<7} {:<8} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>9} {:>9} {:>6} {:>7}",
         "tool",
         "mode",
         "ok",
@@ -444,10 +447,13 @@ pub(crate) fn print_device_table(s: &Summary) {
         "down",
         "pause",
         "devstp",
+        "harv",
+        "capt",
         "pages",
         "devdat",
         "state",
         "confirm",
+        "dstrest",
         "dev pre B",
         "dev stop B",
         "dma pg",
@@ -458,7 +464,7 @@ pub(crate) fn print_device_table(s: &Summary) {
         let d = g.device.as_ref();
         let pp = |f: fn(&DowntimeParts) -> f64| p.map(f);
         println!(
-            "{:<7} {:<8} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>9} {:>9} {:>6} {:>7}",
+            "{:<7} {:<8} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>9} {:>9} {:>6} {:>7}",
             g.tool.name(),
             g.mode.name(),
             format!("{}/{}", g.ok, g.runs),
@@ -466,10 +472,13 @@ pub(crate) fn print_device_table(s: &Summary) {
             f(g.downtime_ms, 1),
             f(pp(|p| p.pause_ms), 2),
             f(pp(|p| p.device_stop_ms), 2),
+            f(pp(|p| p.harvest_ms), 2),
+            f(pp(|p| p.capture_ms), 2),
             f(pp(|p| p.final_pages_ms), 2),
             f(pp(|p| p.device_data_ms), 2),
             f(pp(|p| p.state_ms), 2),
             f(pp(|p| p.confirm_ms), 2),
+            f(pp(|p| p.destination_restore_ms), 2),
             f(d.and_then(|d| d.precopy_bytes), 0),
             f(d.and_then(|d| d.stop_copy_bytes), 0),
             f(d.and_then(|d| d.dma_pages), 0),

@@ -244,10 +244,13 @@ fn read_report(sample: &mut Sample, report: &Value) {
         sample.downtime_parts = Some(DowntimeParts {
             pause_ms: ms("pause_ms"),
             device_stop_ms: ms("device_stop_ms"),
+            harvest_ms: ms("harvest_ms"),
+            capture_ms: ms("capture_ms"),
             final_pages_ms: ms("final_pages_ms"),
             device_data_ms: ms("device_data_ms"),
             state_ms: ms("state_ms"),
             confirm_ms: ms("confirm_ms"),
+            destination_restore_ms: ms("destination_restore_ms"),
         });
     }
     let d = &report["devices"];

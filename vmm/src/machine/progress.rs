@@ -141,6 +141,12 @@ pub struct MigrationReport {
 pub struct DowntimeParts {
     /// Until every vCPU was out of the guest.
     pub pause_ms: f64,
+    /// The last harvest of the dirty tracker (after the devices stopped).
+    #[serde(default)]
+    pub harvest_ms: f64,
+    /// vCPU, VM and device state read (KVM_GET_*), before anything of it is sent.
+    #[serde(default)]
+    pub capture_ms: f64,
     /// Devices to STOP_COPY, and reading their stop-copy data (with `device_data_ms`).
     pub device_stop_ms: f64,
     /// The last harvest's dirty pages sent.
@@ -151,6 +157,11 @@ pub struct DowntimeParts {
     pub state_ms: f64,
     /// From `Complete` until the destination said its vCPUs run (its restore and resume).
     pub confirm_ms: f64,
+    /// The destination's part of `confirm_ms`: the State frame's arrival to its vCPUs running
+    /// (its own clock, from its Stats; absent if it sent none). The rest of `confirm_ms` is the
+    /// link and the Resumed message.
+    #[serde(default)]
+    pub destination_restore_ms: Option<f64>,
 }
 
 /// Passed-through devices in a migration.

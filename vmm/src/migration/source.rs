@@ -308,13 +308,16 @@ fn run(
         pause_ms: paused_at.elapsed().as_secs_f64() * 1000.0,
         ..Default::default()
     };
+    let (mut harvest_ms, mut capture_ms) = (0.0, 0.0);
     let before_commit = (|| -> Result<VmSnapshot, MigrationError> {
         // The devices stop before the last harvest, so the DMA log's tail is in it.
         devs.stop()?;
+        let t = Instant::now();
         if let Some(t) = tracker.as_deref_mut() {
             t.harvest(&mut dirty)?;
         }
         stop_tracker(tracker.as_deref_mut());
+        harvest_ms = t.elapsed().as_secs_f64() * 1000.0;
         if let Some(path) = &opts.dump_memory {
             crate::memory::ram_file::dump_ram(&shared.memfd, &shared.ranges, path).map_err(
                 |source| MigrationError::Dump {
@@ -323,7 +326,9 @@ fn run(
                 },
             )?;
         }
+        let t = Instant::now();
         let mut snapshot = VmSnapshot::capture(shared, vcpus)?;
+        capture_ms = t.elapsed().as_secs_f64() * 1000.0;
         // The destination keeps it paused until its user resumes it there.
         snapshot.paused = user_paused;
         Ok(snapshot)
@@ -336,6 +341,8 @@ fn run(
         }
     };
     parts.device_stop_ms = devs.stop_copy_ms;
+    parts.harvest_ms = harvest_ms;
+    parts.capture_ms = capture_ms;
 
     match opts.mode {
         Mode::Precopy => {
@@ -684,6 +691,10 @@ pub(super) fn unexpected(expected: &'static str, found: &Message) -> MigrationEr
 pub(super) fn merge_destination_stats(report: &mut MigrationReport, json: &[u8]) {
     match serde_json::from_slice::<crate::machine::progress::DestinationStats>(json) {
         Ok(s) => {
+            // The destination's restore is part of the confirmation wait: split it out.
+            if let Some(p) = report.downtime_parts.as_mut() {
+                p.destination_restore_ms = Some(s.restore_ms);
+            }
             report.destination = Some(s);
         }
         Err(e) => tracing::warn!("the destination's statistics do not parse: {e}"),
