@@ -218,6 +218,37 @@ pub(crate) struct RunArgs {
     /// With --incoming: bytes brought in per vCPU exit (exit backends): 4K to 2M.
     #[arg(long, requires = "incoming", default_value = "4K")]
     demand_chunk: String,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+/// The sandbox of a vmm that runs a guest (README, "Sandbox").
+#[derive(Args)]
+pub(crate) struct SandboxArgs {
+    /// Per-thread seccomp filters: kill (a forbidden syscall ends the vmm with exit code 159,
+    /// naming the syscall and the thread), log (it runs and the kernel logs it), off.
+    #[arg(long, value_enum, default_value_t = vmm::seccomp::SeccompMode::Kill)]
+    seccomp: vmm::seccomp::SeccompMode,
+    /// Once the VM is set up and before the guest runs, become this user for good: UID[:GID]
+    /// or NAME[:GROUP] (default group: the user's own). Needs a vmm started as root.
+    #[arg(long)]
+    user: Option<String>,
+}
+
+impl SandboxArgs {
+    /// Sets the sandbox up for this process (before anything else of the command runs).
+    pub(crate) fn init(&self) -> Result<()> {
+        let user = self
+            .user
+            .as_deref()
+            .map(str::parse::<vmm::seccomp::User>)
+            .transpose()?;
+        vmm::seccomp::init(vmm::seccomp::Policy {
+            mode: self.seccomp,
+            user,
+        })?;
+        Ok(())
+    }
 }
 
 pub(crate) fn parse_disk(spec: &str) -> Result<DiskConfig> {
@@ -368,6 +399,7 @@ pub(crate) fn print_report(r: &RunReport, json: bool) -> Result<()> {
 }
 
 fn run(a: RunArgs, start: Instant) -> Result<i32> {
+    a.sandbox.init()?;
     if a.incoming.is_some() {
         return remote_cli::incoming(&a, start);
     }

@@ -262,7 +262,10 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         lazy_threads.push(
             std::thread::Builder::new()
                 .name("page-server-faults".into())
-                .spawn(move || ls.serve())
+                .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                    ls.serve()
+                })
                 .map_err(io("starting the fault thread"))?,
         );
         if hs.prefetch {
@@ -270,7 +273,10 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
             prefetcher = Some(
                 std::thread::Builder::new()
                     .name("page-server-prefetch".into())
-                    .spawn(move || lp.prefetch())
+                    .spawn(move || {
+                        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                        lp.prefetch()
+                    })
                     .map_err(io("starting the prefetch thread"))?,
             );
         }
@@ -289,7 +295,10 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         Some(
             std::thread::Builder::new()
                 .name("page-server-accept".into())
-                .spawn(move || x.accept_loop(listener))
+                .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                    x.accept_loop(listener)
+                })
                 .map_err(io("starting the acceptor"))?,
         )
     };
@@ -419,6 +428,7 @@ impl ExitsServer {
             let _ = std::thread::Builder::new()
                 .name("page-server-conn".into())
                 .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
                     if let Err(e) = me.serve_conn(conn) {
                         tracing::warn!("page server: data connection: {e}");
                     }
@@ -569,6 +579,7 @@ impl Session {
             std::thread::Builder::new()
                 .name("page-server-watch".into())
                 .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
                     while !finishing.load(Ordering::Acquire) {
                         let mut pfd = libc::pollfd {
                             fd: conn.as_raw_fd(),
