@@ -17,15 +17,16 @@
 //! Every thread may use memory, locks, time, stderr, signals returning, and exit.
 //! - `Vcpu` (`vcpuN`): KVM ioctls and the exits handled in place (device emulation: the disk
 //!   image, vfio-user messages on an open socket, VFIO region reads and writes; demand paging
-//!   exits; a tracking schedule switch may start the next backend, so also its files and
-//!   threads). No socket, connect, bind, listen or exec.
+//!   exits, whose page-server client connects on first need; a tracking schedule switch may
+//!   start the next backend, so also its files and threads). Unix sockets only (an argument
+//!   rule on `socket`); no bind, listen or exec.
 //! - `Api` (`api`, `api-conn`): the control API. A connection runs the request it reads:
 //!   snapshot (files in a new directory), live migration (TCP socket and connect, dirty
 //!   tracking, the postcopy threads). The broadest list, and the one facing a local client.
 //! - `Migration` (`postcopy-*`, both sides): the migration streams and page installs.
 //! - `PageServer` (`lazy-restore`, `lazy-prefetch`, `page-server-*`): demand paging, in the
-//!   restoring vmm or the `vmm page-server` process: fault reads, snapshot reads, installs, the
-//!   server's Unix socket.
+//!   restoring vmm or the `vmm page-server` process (whose main thread too, once it serves):
+//!   fault reads, snapshot reads, installs, the server's Unix socket.
 //! - `Tracking` (`dirty-harvester`, `dirty-ring-reaper`, `uffd-wp`): harvesting dirty pages.
 //! - `MicroModel` (`micro-model`): computes the micro guest's expected memory; nothing else.
 //! - `Main`: from the event loop on (console, stdin, the end of the run: stopping threads,
@@ -49,14 +50,17 @@ pub mod user;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 pub use mode::SeccompMode;
 pub use trap::EXIT_BAD_SYSCALL;
 pub use user::User;
 
 /// Set in the environment of a vmm under test: the thread kind (as [`ThreadKind::name`]) that
-/// makes a syscall no list allows (`socket(AF_UNIX, ...)`) right after its filter goes in, to
+/// makes a syscall only the API's list allows (`socket(AF_INET, ...)`) right after its filter goes in, to
 /// show the filter catches it. Nothing else reads it.
 pub const SELFTEST_ENV: &str = "VMM_SECCOMP_SELFTEST";
 
@@ -134,13 +138,28 @@ impl ThreadKind {
             // vCPU that wrote it: the next backend's threads start there.
             ThreadKind::Vcpu => &[ThreadKind::Tracking],
             // A migration starts its tracking and, for postcopy, its threads.
-            ThreadKind::Api => &[ThreadKind::Migration, ThreadKind::Tracking],
+            // `finish` computes the micro guest's new model on a thread of its own.
+            ThreadKind::Api => &[
+                ThreadKind::Migration,
+                ThreadKind::Tracking,
+                ThreadKind::MicroModel,
+            ],
             ThreadKind::Tracking => &[],
             ThreadKind::Migration => &[],
             ThreadKind::PageServer => &[],
             ThreadKind::MicroModel => &[],
             ThreadKind::Main => &[],
         }
+    }
+
+    /// Whether it may open Unix sockets (and connect them): a lazy restore's page-server
+    /// client opens its data connections on the thread that first needs a page there (a vCPU
+    /// at an exit, the fault or prefetch thread, the main thread's final dump).
+    pub fn unix_sockets(self) -> bool {
+        matches!(
+            self,
+            ThreadKind::Vcpu | ThreadKind::PageServer | ThreadKind::Main
+        )
     }
 
     /// Its own syscalls and those of every kind it may start, recursively.
@@ -180,23 +199,51 @@ pub fn compile(
     mode: SeccompMode,
     setxid: bool,
 ) -> Result<Option<BpfProgram>, SeccompError> {
-    let Some(mismatch) = mode.mismatch_action() else {
-        return Ok(None);
-    };
+    match mode.mismatch_action() {
+        Some(mismatch) => compile_with(kind, mismatch, setxid).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// [`compile`] with any action for what is not allowed (tests use an errno).
+fn compile_with(
+    kind: ThreadKind,
+    mismatch: SeccompAction,
+    setxid: bool,
+) -> Result<BpfProgram, SeccompError> {
     let mut allowed = kind.allowed();
     if setxid {
         allowed.extend(rules::SETXID.iter().copied());
     }
-    let rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed.into_iter().map(|nr| (nr, Vec::new())).collect();
     let build = |source| SeccompError::Build {
         kind: kind.name(),
         source,
     };
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed.into_iter().map(|nr| (nr, Vec::new())).collect();
+    // A rule allowing the syscall when its first argument is `value`.
+    let first_arg_is = |value: u64| {
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(build)
+    };
+    if kind.unix_sockets() && !rules.contains_key(&libc::SYS_socket) {
+        // Unix sockets only (the page server's, a vfio-user device's): connect can then reach
+        // local paths, never the network.
+        rules.insert(libc::SYS_socket, vec![first_arg_is(libc::AF_UNIX as u64)?]);
+        rules.insert(libc::SYS_connect, Vec::new());
+    }
+    if let Some(chain) = rules.get_mut(&libc::SYS_prctl) {
+        // A new thread names itself; a filter install sets no_new_privs first. Nothing else:
+        // prctl can also make the process dumpable again, or change its death signal.
+        *chain = vec![
+            first_arg_is(libc::PR_SET_NAME as u64)?,
+            first_arg_is(libc::PR_SET_NO_NEW_PRIVS as u64)?,
+        ];
+    }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(build)?;
-    let bpf: BpfProgram = filter.try_into().map_err(build)?;
-    Ok(Some(bpf))
+    filter.try_into().map_err(build)
 }
 
 /// Sets the process's sandbox policy, once, from the command line: compiles every filter and
@@ -274,11 +321,11 @@ pub fn drop_privileges() -> Result<(), SeccompError> {
     }
 }
 
-/// The syscall of [`SELFTEST_ENV`]: no list allows `socket` but the API's, and the test names
-/// another kind. Under `kill` this never returns; otherwise it says what it got.
+/// The syscall of [`SELFTEST_ENV`]: no list allows a TCP socket but the API's, and the test
+/// names another kind. Under `kill` this never returns; otherwise it says what it got.
 fn selftest(kind: ThreadKind) {
     // SAFETY: socket(2) with constant arguments; the fd it may return is closed below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd >= 0 {
         // SAFETY: `fd` was just returned to us and is owned by nothing else.
         unsafe { libc::close(fd) };
@@ -328,6 +375,7 @@ mod tests {
             ] {
                 assert!(!set.contains(&nr), "{kind} allows syscall {nr}");
             }
+            // Others open Unix sockets at most (an argument rule added in `compile`).
             assert_eq!(
                 set.contains(&libc::SYS_socket),
                 kind == ThreadKind::Api,
@@ -337,6 +385,74 @@ mod tests {
                 assert!(!set.contains(nr), "{kind} allows setxid without --user");
             }
         }
+    }
+
+    /// Installs `kind`'s filter (EPERM for what it forbids) on a thread of its own and returns
+    /// what `f` finds there.
+    fn under<T: Send + 'static>(kind: ThreadKind, f: fn() -> T) -> T {
+        let bpf = compile_with(kind, SeccompAction::Errno(libc::EPERM as u32), false).unwrap();
+        std::thread::spawn(move || {
+            seccompiler::apply_filter(&bpf).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// socket(domain) on this thread: Ok or the errno.
+    fn socket(domain: libc::c_int) -> Result<(), i32> {
+        // SAFETY: socket(2) with constant arguments; a returned fd is closed at once.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        // SAFETY: `fd` was just returned to us.
+        unsafe { libc::close(fd) };
+        Ok(())
+    }
+
+    fn prctl(option: libc::c_int, arg: libc::c_ulong) -> i32 {
+        // SAFETY: prctl with plain integer arguments (the name is a valid NUL-terminated
+        // string for PR_SET_NAME).
+        let rc = unsafe { libc::prctl(option, arg, 0, 0, 0) };
+        if rc < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn the_argument_rules_hold_on_a_real_thread() {
+        // A vCPU may open a Unix socket (a page server), not a TCP one.
+        let (unix, tcp) = under(ThreadKind::Vcpu, || {
+            (socket(libc::AF_UNIX), socket(libc::AF_INET))
+        });
+        assert_eq!(unix, Ok(()));
+        assert_eq!(tcp, Err(libc::EPERM));
+        // The API opens TCP sockets (migration).
+        assert_eq!(under(ThreadKind::Api, || socket(libc::AF_INET)), Ok(()));
+        // The tracking threads neither.
+        assert_eq!(
+            under(ThreadKind::Tracking, || socket(libc::AF_UNIX)),
+            Err(libc::EPERM)
+        );
+        // prctl: a thread's name, yes; becoming dumpable again, no.
+        let (name, dumpable) = under(ThreadKind::Api, || {
+            let name = b"sandboxed\0";
+            (
+                prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong),
+                prctl(libc::PR_SET_DUMPABLE, 1),
+            )
+        });
+        assert_eq!((name, dumpable), (0, libc::EPERM));
+        // Nothing off the list: exec, for one.
+        let exec = under(ThreadKind::Main, || {
+            // SAFETY: execve with null pointers fails (EFAULT) if it gets past the filter.
+            let rc = unsafe { libc::execve(std::ptr::null(), std::ptr::null(), std::ptr::null()) };
+            (rc, std::io::Error::last_os_error().raw_os_error())
+        });
+        assert_eq!(exec, (-1, Some(libc::EPERM)));
     }
 
     #[test]

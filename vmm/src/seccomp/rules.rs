@@ -46,13 +46,15 @@ const COMMON: &[i64] = sys!(
 );
 
 /// What a new thread does before its own filter goes in, under its parent's: glibc's thread
-/// start (robust futex list, rseq, the name), Rust's guard page and signal stack.
+/// start (robust futex list, rseq, the name), Rust's guard page and signal stack, then the
+/// install itself (no_new_privs, seccomp).
 const SPAWN: &[i64] = sys!(
     SYS_clone,
     SYS_clone3,
     SYS_set_robust_list,
     SYS_rseq,
     SYS_prctl,
+    SYS_seccomp,
 );
 
 /// Files: opened by path (the snapshot's, a dump's, /proc/self/pagemap), read, written,
@@ -72,8 +74,11 @@ const FILES: &[i64] = sys!(
     SYS_ftruncate,
     SYS_fallocate,
     SYS_fcntl,
+    SYS_mkdir,
     SYS_mkdirat,
+    SYS_rename,
     SYS_renameat2,
+    SYS_unlink,
     SYS_unlinkat,
     SYS_getdents64,
     SYS_fchmod,
@@ -102,6 +107,8 @@ const VCPU: &[i64] = sys!(
     SYS_recvmsg,
     SYS_sendto,
     SYS_recvfrom,
+    SYS_setsockopt,
+    SYS_shutdown,
     SYS_poll,
     SYS_ppoll,
     SYS_kill,
@@ -135,7 +142,8 @@ const API: &[i64] = sys!(
 );
 
 /// Migration threads (postcopy on either side): the TCP streams, the userfaultfd or exit
-/// backend installing pages (ioctls), guest memory through its memfd.
+/// backend installing pages (ioctls; /dev/userfaultfd is opened), guest memory through its
+/// memfd.
 const MIGRATION: &[i64] = sys!(
     SYS_sendmsg,
     SYS_recvmsg,
@@ -149,13 +157,16 @@ const MIGRATION: &[i64] = sys!(
     SYS_ioctl,
     SYS_pread64,
     SYS_pwrite64,
+    SYS_lseek,
     SYS_fstat,
     SYS_fcntl,
+    SYS_openat,
 );
 
 /// Demand paging (lazy restore in process, and the `vmm page-server` process): faults read off
 /// the userfaultfd, pages read from the snapshot and installed (ioctls), a Unix socket to
-/// accept the restore's connection and take its userfaultfd (SCM_RIGHTS).
+/// accept the restore's connection and take its userfaultfd (SCM_RIGHTS). In the page-server
+/// process the main thread too, once it serves (it removes its socket at the end).
 const PAGE_SERVER: &[i64] = sys!(
     SYS_ioctl,
     SYS_poll,
@@ -176,6 +187,8 @@ const PAGE_SERVER: &[i64] = sys!(
     SYS_recvfrom,
     SYS_shutdown,
     SYS_fallocate,
+    SYS_unlink,
+    SYS_unlinkat,
 );
 
 /// Dirty tracking threads (harvester, ring reaper, uffd-wp handler): dirty-log and ring
@@ -215,6 +228,7 @@ const MAIN: &[i64] = sys!(
     SYS_sendto,
     SYS_recvfrom,
     SYS_shutdown,
+    SYS_setsockopt,
 );
 
 /// Privilege drop (`--user`): glibc has every thread make these three calls.
@@ -223,7 +237,8 @@ pub(super) const SETXID: &[i64] = sys!(SYS_setgroups, SYS_setgid, SYS_setuid);
 /// A kind's own syscalls (before [`ThreadKind::spawns`] adds its children's).
 pub(super) fn own(kind: ThreadKind) -> Vec<i64> {
     let lists: &[&[i64]] = match kind {
-        ThreadKind::Vcpu => &[VCPU],
+        // A tracking schedule starts the next backend's thread on the vCPU (`spawns`).
+        ThreadKind::Vcpu => &[VCPU, SPAWN],
         ThreadKind::Api => &[API, FILES, SPAWN],
         ThreadKind::Migration => &[MIGRATION],
         ThreadKind::PageServer => &[PAGE_SERVER, SPAWN],

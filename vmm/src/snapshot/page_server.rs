@@ -307,6 +307,9 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
     // From now on the restoring vmm may take as long as its guest runs.
     main.set_read_timeout(None)
         .map_err(io("the main connection"))?;
+    // The server's own setup is done (snapshot open, socket, threads): from here its main thread
+    // talks on the main connection, joins the others, and the command removes the socket.
+    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
     let mut r = &main;
     let end = loop {
         match proto::recv(&mut r) {
