@@ -36,7 +36,8 @@ struct Cli {
 enum Command {
     /// Boot a guest: a Linux kernel (--kernel), the built-in micro guest (--micro), or a raw
     /// payload (--payload). Exit code: 0 guest reset/poweroff or micro guest success,
-    /// 1 vmm error, 2 usage error, 3 guest kernel panic, 4 guest fault, 5 micro guest failure.
+    /// 1 vmm error, 2 usage error, 3 guest kernel panic, 4 guest fault, 5 micro guest failure,
+    /// 159 a forbidden syscall (--seccomp kill).
     Run(Box<RunArgs>),
     /// List the dirty-tracking backends and whether each can work on this host (and if not,
     /// the missing capability, feature or errno).
