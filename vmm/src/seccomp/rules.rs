@@ -1,8 +1,9 @@
 //! The syscalls each thread kind may make (x86-64 numbers, from libc).
 //!
-//! Built from evidence: every integration test run with `--seccomp log` and the kernel's
-//! type=1326 lines read back (`comm=` the thread, `syscall=` the number), then checked with
-//! the whole suite under `kill`. Whatever is not listed here traps.
+//! First written from what each thread does, then completed from evidence: the integration
+//! suite run with `--seccomp log` and the kernel's type=1326 lines read back (`comm=` the
+//! thread, `syscall=` the number), then the whole suite under `kill`. Whatever is not listed
+//! here traps. To extend a list: run the failing case with `--seccomp log`, read `dmesg`.
 //!
 //! A thread's children inherit its filter (filters stack; a syscall must pass all of them), so
 //! a kind that starts threads allows what those threads do too: [`ThreadKind::spawns`].
