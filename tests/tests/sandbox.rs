@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};
-use vmm_tests::process::remote;
+use vmm_tests::process::{remote, wait_api, Bg};
+use vmm_tests::snapshot::{assert_finished, snapshot_micro};
 use vmm_tests::{run_with_timeout, vmm_bin, Run};
 
 /// A short micro guest run with the self-test hook set to make a forbidden syscall (`socket`)
@@ -147,6 +148,51 @@ fn every_thread_of_a_running_vmm_is_filtered_by_default_and_none_with_off() {
     let t = wait_threads(bg.pid(), 0);
     assert!(t.iter().all(|&(_, _, n)| n == 0), "{t:?}");
     finish_intact(bg, &sock, 2);
+}
+
+#[test]
+fn a_lazy_restore_and_its_page_server_run_filtered_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot_micro(dir.path(), &[]);
+    let sock = dir.path().join("pages.sock");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args(["page-server", "--json", "--snapshot"])
+        .arg(&snap.dir)
+        .arg("--socket")
+        .arg(&sock);
+    let server = Bg::spawn("page-server", cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no page-server socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let api = dir.path().join("restore.sock");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("restore")
+        .arg(&snap.dir)
+        .args(["--console", "none", "--json", "--lazy", "--prefetch"])
+        .args(["--demand", "uffd-missing", "--page-server"])
+        .arg(&sock)
+        .arg("--api-socket")
+        .arg(&api);
+    let restore = Bg::spawn("restore", cmd);
+    wait_api(&api, Duration::from_secs(20));
+    // Held still while both processes are looked at: the guest would otherwise end soon.
+    let (code, v, err) = remote(&api, &["pause"]);
+    assert_eq!(code, Some(0), "pause: {err}\n{v}");
+    let r = wait_threads(restore.pid(), 2);
+    assert!(r.iter().any(|(n, _, _)| n == "vcpu0"), "{r:?}");
+    let s = wait_threads(server.pid(), 2);
+    assert!(
+        s.iter().any(|(n, _, _)| n.starts_with("page-server")),
+        "{s:?}"
+    );
+    let (code, v, err) = remote(&api, &["resume"]);
+    assert_eq!(code, Some(0), "resume: {err}\n{v}");
+    let (code, rep, err) = restore.finish(Duration::from_secs(120));
+    assert_finished("filtered lazy restore", &snap, code, &rep, &err);
+    let (code, _, err) = server.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "page server: {err}");
 }
 
 /// The Uid:, Gid: and Groups: lines of /proc/PID/status.
