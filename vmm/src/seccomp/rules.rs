@@ -245,7 +245,8 @@ pub(super) fn own(kind: ThreadKind) -> Vec<i64> {
         ThreadKind::PageServer => &[PAGE_SERVER, SPAWN],
         ThreadKind::Tracking => &[TRACKING],
         ThreadKind::MicroModel => &[MICRO_MODEL],
-        ThreadKind::Main => &[MAIN, FILES, SPAWN],
+        // Every thread of the run is started before the main thread's filter goes in.
+        ThreadKind::Main => &[MAIN, FILES],
     };
     let mut all: Vec<i64> = COMMON.to_vec();
     for l in lists {
