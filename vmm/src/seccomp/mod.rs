@@ -14,7 +14,8 @@
 //! - `off`: nothing is installed.
 //!
 //! # Thread kinds and what each may do ([`rules`] has the lists)
-//! Every thread may use memory, locks, time, stderr, signals returning, and exit.
+//! Every thread may use memory, locks, time, stderr, signals to its own process's threads (the
+//! vCPU kick), and exit.
 //! - `Vcpu` (`vcpuN`): KVM ioctls and the exits handled in place (device emulation: the disk
 //!   image, vfio-user messages on an open socket, VFIO region reads and writes; demand paging
 //!   exits, whose page-server client connects on first need; a tracking schedule switch may
@@ -30,8 +31,8 @@
 //! - `Tracking` (`dirty-harvester`, `dirty-ring-reaper`, `uffd-wp`): harvesting dirty pages.
 //! - `MicroModel` (`micro-model`): computes the micro guest's expected memory; nothing else.
 //! - `Main`: from the event loop on (console, stdin, the end of the run: stopping threads,
-//!   the final dump, the report). Its setup before (building the VM, receiving a migration)
-//!   runs unfiltered.
+//!   the final dump, the report); it starts no thread by then. Its setup before (building the
+//!   VM, receiving a migration) runs unfiltered.
 //!
 //! There are no device threads: devices are emulated in the vCPU threads, and a vfio-user
 //! device is its own process (vmm-gpu-test-device).
@@ -233,6 +234,11 @@ fn compile_with(
         rules.insert(libc::SYS_socket, vec![first_arg_is(libc::AF_UNIX as u64)?]);
         rules.insert(libc::SYS_connect, Vec::new());
     }
+    if let Some(chain) = rules.get_mut(&libc::SYS_tgkill) {
+        // Signals to this process's own threads only (a vCPU kick, an abort, glibc's setxid),
+        // never to another process. The filters are compiled in the process they guard.
+        *chain = vec![first_arg_is(u64::from(std::process::id()))?];
+    }
     if let Some(chain) = rules.get_mut(&libc::SYS_prctl) {
         // A new thread names itself; a filter install sets no_new_privs first. Nothing else:
         // prctl can also make the process dumpable again, or change its death signal.
@@ -372,6 +378,7 @@ mod tests {
                 libc::SYS_execveat,
                 libc::SYS_ptrace,
                 libc::SYS_fork,
+                libc::SYS_kill,
             ] {
                 assert!(!set.contains(&nr), "{kind} allows syscall {nr}");
             }
@@ -446,6 +453,19 @@ mod tests {
             )
         });
         assert_eq!((name, dumpable), (0, libc::EPERM));
+        // tgkill: this process's threads, yes (signal 0 delivers nothing); another's, no.
+        let (own, other) = under(ThreadKind::Vcpu, || {
+            // SAFETY: plain integer syscalls; signal 0 only checks that the target exists.
+            unsafe {
+                let me = libc::gettid() as libc::c_long;
+                let pid = libc::getpid() as libc::c_long;
+                let own = libc::syscall(libc::SYS_tgkill, pid, me, 0);
+                let other = libc::syscall(libc::SYS_tgkill, 1, 1, 0);
+                let errno = std::io::Error::last_os_error().raw_os_error();
+                (own, (other, errno))
+            }
+        });
+        assert_eq!((own, other), (0, (-1, Some(libc::EPERM))));
         // Nothing off the list: exec, for one.
         let exec = under(ThreadKind::Main, || {
             // SAFETY: execve with null pointers fails (EFAULT) if it gets past the filter.
