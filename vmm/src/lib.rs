@@ -17,6 +17,7 @@ pub mod micro_port;
 pub mod migration;
 pub mod output;
 pub mod peer_text;
+pub mod seccomp;
 pub mod snapshot;
 pub mod sys;
 pub mod tracking;

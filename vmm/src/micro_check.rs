@@ -60,7 +60,10 @@ impl Expected {
         }
         let handle = std::thread::Builder::new()
             .name("micro-model".into())
-            .spawn(move || workload.final_image().unwrap_or_default());
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::MicroModel);
+                workload.final_image().unwrap_or_default()
+            });
         let ready = OnceLock::new();
         let handle = match handle {
             Ok(h) => Some(h),

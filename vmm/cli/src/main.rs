@@ -36,7 +36,8 @@ struct Cli {
 enum Command {
     /// Boot a guest: a Linux kernel (--kernel), the built-in micro guest (--micro), or a raw
     /// payload (--payload). Exit code: 0 guest reset/poweroff or micro guest success,
-    /// 1 vmm error, 2 usage error, 3 guest kernel panic, 4 guest fault, 5 micro guest failure.
+    /// 1 vmm error, 2 usage error, 3 guest kernel panic, 4 guest fault, 5 micro guest failure,
+    /// 159 a forbidden syscall (--seccomp kill).
     Run(Box<RunArgs>),
     /// List the dirty-tracking backends and whether each can work on this host (and if not,
     /// the missing capability, feature or errno).
@@ -226,6 +227,37 @@ pub(crate) struct RunArgs {
     /// name or as its subject's CN (QEMU's tls-authz).
     #[arg(long, value_name = "NAME", requires = "incoming")]
     tls_authz: Option<String>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+/// The sandbox of a vmm that runs a guest (README, "Sandbox").
+#[derive(Args)]
+pub(crate) struct SandboxArgs {
+    /// Per-thread seccomp filters: kill (a forbidden syscall ends the vmm with exit code 159,
+    /// naming the syscall and the thread), log (it runs and the kernel logs it), off.
+    #[arg(long, value_enum, default_value_t = vmm::seccomp::SeccompMode::Kill)]
+    seccomp: vmm::seccomp::SeccompMode,
+    /// Once the VM is set up and before the guest runs, become this user for good: UID[:GID]
+    /// or NAME[:GROUP] (default group: the user's own). Needs a vmm started as root.
+    #[arg(long)]
+    user: Option<String>,
+}
+
+impl SandboxArgs {
+    /// Sets the sandbox up for this process (before anything else of the command runs).
+    pub(crate) fn init(&self) -> Result<()> {
+        let user = self
+            .user
+            .as_deref()
+            .map(str::parse::<vmm::seccomp::User>)
+            .transpose()?;
+        vmm::seccomp::init(vmm::seccomp::Policy {
+            mode: self.seccomp,
+            user,
+        })?;
+        Ok(())
+    }
 }
 
 pub(crate) fn parse_disk(spec: &str) -> Result<DiskConfig> {
@@ -399,6 +431,7 @@ pub(crate) fn print_report(r: &RunReport, json: bool) -> Result<()> {
 }
 
 fn run(a: RunArgs, start: Instant) -> Result<i32> {
+    a.sandbox.init()?;
     if a.incoming.is_some() {
         return remote_cli::incoming(&a, start);
     }

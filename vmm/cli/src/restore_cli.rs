@@ -9,7 +9,7 @@ use vmm::machine::ConsoleOutput;
 use vmm::snapshot::restore::{restore, RestoreOptions};
 use vmm::userfault::{memslot_exits::check_chunk, DemandKind};
 
-use crate::{parse_disk, print_report};
+use crate::{parse_disk, print_report, SandboxArgs};
 
 #[derive(Args)]
 pub struct RestoreArgs {
@@ -63,6 +63,8 @@ pub struct RestoreArgs {
     /// Print the run report (and the demand-paging figures) as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 #[derive(Args)]
@@ -76,10 +78,17 @@ pub struct PageServerArgs {
     /// Print what the server measured as JSON on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Seccomp filters on the server's threads: kill (default), log, off (as `vmm run`).
+    #[arg(long, value_enum, default_value_t = vmm::seccomp::SeccompMode::Kill)]
+    seccomp: vmm::seccomp::SeccompMode,
 }
 
 /// `vmm page-server`: serves the pages of one lazy restore, then exits.
 pub fn page_server(a: PageServerArgs) -> Result<i32> {
+    vmm::seccomp::init(vmm::seccomp::Policy {
+        mode: a.seccomp,
+        user: None,
+    })?;
     let r = vmm::snapshot::page_server::serve(&a.snapshot, &a.socket);
     let _ = std::fs::remove_file(&a.socket);
     let r = r?;
@@ -132,6 +141,7 @@ pub(crate) fn parse_chunk(s: &str) -> Result<u64> {
 }
 
 pub fn run(a: RestoreArgs, start: Instant) -> Result<i32> {
+    a.sandbox.init()?;
     let console: ConsoleOutput = a
         .console
         .parse()

@@ -263,7 +263,11 @@ impl ApiServer {
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, shared, s, limits))
+            .spawn(move || {
+                // Set up: the socket is bound and listening.
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
+                accept_loop(listener, shared, s, limits)
+            })
             .map_err(io_err(path, "starting the API thread"))?;
         tracing::info!("control API on {}", path.display());
         Ok(ApiServer {
@@ -389,6 +393,8 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>, stop: Arc<AtomicBool
                     std::thread::Builder::new()
                         .name("api-conn".into())
                         .spawn(move || {
+                            // It inherits the accept thread's filter; its own names it.
+                            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Api);
                             let _slot = slot;
                             serve(stream, &shared, limits.request_timeout)
                         })

@@ -76,6 +76,8 @@ pub enum MachineError {
     Tracking(#[from] TrackingError),
     #[error("control API socket: {0}")]
     Api(std::io::Error),
+    #[error("sandbox: {0}")]
+    Sandbox(crate::seccomp::SeccompError),
     #[error("an API socket was asked for, but this run was given no API server")]
     NoApiServer,
     #[error("mapping the dirty ring of vCPU {id}: {source}")]

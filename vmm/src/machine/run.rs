@@ -157,6 +157,14 @@ impl Machine {
             (Some(_), None) => return Err(MachineError::NoApiServer),
             (None, _) => None,
         };
+        // Set up: KVM, guest memory, disks, devices and the API socket are open. What needs
+        // root is done; the guest, which all else is there to serve, has not run yet.
+        if let Err(e) = crate::seccomp::drop_privileges() {
+            if let Some(api) = api {
+                api.stop();
+            }
+            return Err(MachineError::Sandbox(e));
+        }
         let mut threads = Vec::new();
         for runner in runners {
             let tx = events_tx.clone();
@@ -202,6 +210,12 @@ impl Machine {
         let _raw = cfg.console_input.then(stdin::RawTerminal::enter);
         // A micro guest ends when every vCPU has exited with status 0 (or one stops otherwise).
         let exits_needed = if micro { usize::from(nr_vcpus) } else { 1 };
+        // Every thread of the run is started: the main thread's own work from here is the
+        // event loop and the end of the run.
+        if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Main) {
+            // The vCPUs run already: stop them, as any failure of the run does.
+            shared.end_run(crate::vstate::vcpu::VcpuStop::Fault(e.to_string()));
+        }
         let ended = event_loop(
             &cfg,
             &devs,

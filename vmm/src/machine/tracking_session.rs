@@ -537,6 +537,7 @@ impl Harvester {
         let thread = std::thread::Builder::new()
             .name("dirty-harvester".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Tracking);
                 let mut next = Instant::now() + interval;
                 while !flag.load(Ordering::Acquire) {
                     let now = Instant::now();

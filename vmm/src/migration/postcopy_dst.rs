@@ -145,7 +145,10 @@ impl Receiver {
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
-                .spawn(f)
+                .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Migration);
+                    f()
+                })
                 .map(|_| ())
         };
         let started = (|| -> std::io::Result<()> {

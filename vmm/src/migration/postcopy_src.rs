@@ -93,12 +93,18 @@ impl Postcopy {
             );
             std::thread::Builder::new()
                 .name("postcopy-urgent".into())
-                .spawn(move || answer_requests(&shared, &index, &todo, &jump, &requested, uw, ur))?
+                .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Migration);
+                    answer_requests(&shared, &index, &todo, &jump, &requested, uw, ur)
+                })?
         };
         let (tx, words) = channel();
         let listener = std::thread::Builder::new()
             .name("postcopy-listen".into())
-            .spawn(move || listen(r, tx))?;
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Migration);
+                listen(r, tx)
+            })?;
         Ok(Postcopy {
             index,
             todo,

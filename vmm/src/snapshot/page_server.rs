@@ -265,7 +265,10 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         lazy_threads.push(
             std::thread::Builder::new()
                 .name("page-server-faults".into())
-                .spawn(move || ls.serve())
+                .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                    ls.serve()
+                })
                 .map_err(io("starting the fault thread"))?,
         );
         if hs.prefetch {
@@ -273,7 +276,10 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
             prefetcher = Some(
                 std::thread::Builder::new()
                     .name("page-server-prefetch".into())
-                    .spawn(move || lp.prefetch())
+                    .spawn(move || {
+                        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                        lp.prefetch()
+                    })
                     .map_err(io("starting the prefetch thread"))?,
             );
         }
@@ -292,7 +298,10 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         Some(
             std::thread::Builder::new()
                 .name("page-server-accept".into())
-                .spawn(move || x.accept_loop(listener))
+                .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                    x.accept_loop(listener)
+                })
                 .map_err(io("starting the acceptor"))?,
         )
     };
@@ -302,6 +311,9 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
     // From now on the restoring vmm may take as long as its guest runs.
     main.set_read_timeout(None)
         .map_err(io("the main connection"))?;
+    // The server's own setup is done (snapshot open, socket, threads): from here its main thread
+    // talks on the main connection, joins the others, and the command removes the socket.
+    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
     let mut r = &main;
     let end = loop {
         match proto::recv(&mut r) {
@@ -424,6 +436,7 @@ impl ExitsServer {
             let _ = std::thread::Builder::new()
                 .name("page-server-conn".into())
                 .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
                     if let Err(e) = me.serve_conn(conn) {
                         tracing::warn!("page server: data connection: {e}");
                     }
@@ -579,6 +592,7 @@ impl Session {
             std::thread::Builder::new()
                 .name("page-server-watch".into())
                 .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
                     let mut heard = Instant::now();
                     while !finishing.load(Ordering::Acquire) {
                         let silent = heard.elapsed();

@@ -333,7 +333,10 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
         let l = lazy.clone();
         std::thread::Builder::new()
             .name("lazy-restore".into())
-            .spawn(move || l.serve())
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                l.serve()
+            })
             .map_err(io("starting the fault handler"))?
     };
     let mut eager_pages = 0;
@@ -358,7 +361,10 @@ pub fn restore(opts: &RestoreOptions, start: Instant) -> Result<Restored, Snapsh
             let l = lazy.clone();
             std::thread::Builder::new()
                 .name("lazy-prefetch".into())
-                .spawn(move || l.prefetch())
+                .spawn(move || {
+                    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                    l.prefetch()
+                })
                 .map_err(io("starting the prefetch thread"))?;
         }
         Ok(())

@@ -315,6 +315,7 @@ impl DirtyTracker for KvmRing {
         let handle = std::thread::Builder::new()
             .name("dirty-ring-reaper".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Tracking);
                 let base = thread_cpu_ns();
                 let mut idle = REAP_IDLE_MIN;
                 while !flag.load(Ordering::Acquire) {

@@ -268,6 +268,7 @@ impl DirtyTracker for UffdWp {
         let handler = std::thread::Builder::new()
             .name("uffd-wp".into())
             .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Tracking);
                 if let Err(e) = handler_loop(&u, &b, &st, &cpu) {
                     tracing::error!("uffd-wp handler: {e}");
                     *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);

@@ -93,9 +93,13 @@ impl VcpuRunner {
         // A bug that panics in this thread must still end the VM with a report: without the
         // event the main loop would wait for this vCPU forever.
         let id = self.id;
-        let why =
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_loop(&events)))
-            {
+        // Set up: the vCPU fd, its kvm_run mapping and guest memory exist; only the run is left.
+        let sandboxed = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu);
+        let why = match sandboxed {
+            Err(e) => VcpuStop::Fault(format!("vcpu{id}: {e}")),
+            Ok(()) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_loop(&events)
+            })) {
                 Ok(why) => why,
                 Err(panic) => {
                     let msg = panic
@@ -105,7 +109,8 @@ impl VcpuRunner {
                         .unwrap_or_default();
                     VcpuStop::Fault(format!("vcpu{id}: internal error in vmm (panic): {msg}"))
                 }
-            };
+            },
+        };
         self.run_state.finished();
         self.pause.vcpu_finished(self.id);
         if let VcpuStop::Fault(msg) = &why {
