@@ -135,15 +135,21 @@ fn fake_server(sock: &Path, reply: Vec<u8>) -> std::thread::JoinHandle<String> {
     let listener = UnixListener::bind(sock).unwrap();
     std::thread::spawn(move || {
         let (mut c, _) = listener.accept().unwrap();
-        let mut h = [0u8; 16];
-        c.read_exact(&mut h).unwrap();
-        let len = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize;
-        let mut hello = vec![0u8; len];
-        c.read_exact(&mut hello).unwrap();
-        c.write_all(&reply).unwrap();
+        let hello = answer_handshake(&mut c, &reply);
         drop(c);
-        String::from_utf8_lossy(&hello).into_owned()
+        hello
     })
+}
+
+/// Reads the restoring vmm's handshake frame from `c`, answers `reply`; returns the handshake.
+fn answer_handshake(c: &mut std::os::unix::net::UnixStream, reply: &[u8]) -> String {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).unwrap();
+    let len = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize;
+    let mut hello = vec![0u8; len];
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(reply).unwrap();
+    String::from_utf8_lossy(&hello).into_owned()
 }
 
 #[test]
@@ -216,12 +222,7 @@ fn a_silent_page_server_ends_the_restore_with_who_and_how_long() {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let fake = std::thread::spawn(move || {
             let (mut c, _) = listener.accept().unwrap();
-            let mut h = [0u8; 16];
-            c.read_exact(&mut h).unwrap();
-            let len = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize;
-            let mut hello = vec![0u8; len];
-            c.read_exact(&mut hello).unwrap();
-            c.write_all(&reply).unwrap();
+            answer_handshake(&mut c, &reply);
             // Silent, connection open, until the test is done with it.
             let _ = done_rx.recv_timeout(LIMIT);
             drop((c, listener));

@@ -31,7 +31,8 @@ pub enum HostFileError {
     },
 }
 
-fn kind_of(t: std::fs::FileType) -> &'static str {
+/// What a file that is not a regular one is, in words for an error message.
+pub fn kind_of(t: std::fs::FileType) -> &'static str {
     if t.is_dir() {
         "directory"
     } else if t.is_fifo() {

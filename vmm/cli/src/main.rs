@@ -284,20 +284,10 @@ fn check_file(flag: &str, path: &Path, what: &str, block_ok: bool) -> Result<()>
     };
     let t = meta.file_type();
     if !(t.is_file() || block_ok && t.is_block_device()) {
-        let kind = if t.is_dir() {
-            "directory"
-        } else if t.is_fifo() {
-            "FIFO"
-        } else if t.is_char_device() {
-            "character device"
-        } else if t.is_block_device() {
-            "block device"
-        } else {
-            "special file"
-        };
         bail!(
-            "{flag} {}: is a {kind}, not a regular file{}",
+            "{flag} {}: is a {}, not a regular file{}",
             path.display(),
+            vmm::host_file::kind_of(t),
             if block_ok { " or block device" } else { "" }
         );
     }
