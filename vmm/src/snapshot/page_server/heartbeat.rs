@@ -40,15 +40,10 @@ impl Heartbeat {
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("page-server-alive".into())
-            .spawn(move || loop {
-                std::thread::park_timeout(HEARTBEAT);
-                if flag.load(Ordering::Acquire) {
-                    return;
-                }
-                if proto::send(&mut *lock(&writer), 0, &Message::Alive).is_err() {
-                    // The restoring vmm is gone: the main loop sees the same and ends.
-                    return;
-                }
+            .spawn(move || {
+                // Started before the server's main thread filters itself: its own filter.
+                crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::PageServer);
+                heartbeat(&flag, &writer);
             })
             .map_err(io("starting the heartbeat thread"))?;
         Ok(Heartbeat {
@@ -62,6 +57,20 @@ impl Heartbeat {
         if let Some(t) = self.thread.take() {
             t.thread().unpark();
             let _ = t.join();
+        }
+    }
+}
+
+/// Says `Alive` every `HEARTBEAT` until `stop` is set or the connection fails.
+fn heartbeat(stop: &AtomicBool, writer: &Mutex<UnixStream>) {
+    loop {
+        std::thread::park_timeout(HEARTBEAT);
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
+        if proto::send(&mut *lock(writer), 0, &Message::Alive).is_err() {
+            // The restoring vmm is gone: the main loop sees the same and ends.
+            return;
         }
     }
 }
