@@ -144,5 +144,7 @@ fn synthetic(b: &mut Bytes) -> VmSnapshot {
             clock: Default::default(),
         },
         devices: Default::default(),
+        // Both values decode; whether the guest starts paused changes nothing checked here.
+        paused: b.u8() & 1 == 1,
     }
 }
