@@ -234,6 +234,7 @@ fn send_hello(port: u16, vm: VmDescription) -> (FrameWriter<TcpStream>, FrameRea
         mode: Mode::Precopy,
         session: 7,
         source_host: "test".into(),
+        channels: 0,
     };
     w.send(&Message::Hello(serde_json::to_vec(&hello).unwrap()))
         .unwrap();

@@ -171,6 +171,7 @@ fn a_plain_tcp_fake_source_is_refused_before_its_hello_is_read() {
         mode: Mode::Precopy,
         session: 7,
         source_host: "fake".into(),
+        channels: 0,
     };
     // The write may already fail if the destination gave up first: either way it must not
     // have taken the VM.

@@ -66,7 +66,7 @@ fn drain(bytes: &[u8]) {
 }
 
 /// Cuts the input into frames with correct magic, version and CRC. Per frame, one control byte:
-/// low 4 bits = kind (0..=15, so unknown kinds too), 0x80 = wrong sequence number, 0x40 = for
+/// low 4 bits = kind (0..=15; 0 with 0x10 set is 16, Alive; 0 alone stays unknown), 0x80 = wrong sequence number, 0x40 = for
 /// kind 5 (Pages), synthesise page data so that whole pages fit the default input size (0x20
 /// then adds a stray byte, 0x10 allows more than 3 pages). Then a u16 length (or page count) and that much payload.
 const SYNTH_PAGE_BUDGET: usize = MAX_PAGES_PER_FRAME + 3;
@@ -77,7 +77,10 @@ fn seal_frames(data: &[u8]) -> Vec<u8> {
     let mut seq = 0u64;
     let mut synthesised = 0usize;
     while let [ctl, l0, l1, tail @ ..] = rest {
-        let kind = u16::from(ctl & 0x0f);
+        let kind = match u16::from(ctl & 0x0f) {
+            0 if ctl & 0x10 != 0 => 16,
+            k => k,
+        };
         let n = usize::from(u16::from_le_bytes([*l0, *l1]));
         let payload: Vec<u8>;
         if kind == 5 && ctl & 0x40 != 0 {

@@ -35,6 +35,8 @@ pub enum ApiError {
     /// The message `DeviceDirty`'s parser gives.
     #[error("{0}")]
     DeviceDirty(String),
+    #[error("--channels {0}: at most {max} data connections", max = crate::migration::protocol::MAX_DATA_CHANNELS)]
+    Channels(u8),
     #[error(transparent)]
     Transport(#[from] crate::migration::tls::TlsError),
 }
@@ -94,6 +96,11 @@ pub struct MigrateParams {
     #[arg(long)]
     #[serde(default)]
     pub bandwidth_mib_s: Option<u64>,
+    /// Data connections for the precopy pages, each with a thread on both sides (QEMU's
+    /// multifd channels); 0 sends them on the main connection. Postcopy uses none.
+    #[arg(long, default_value_t = crate::migration::source::DEFAULT_CHANNELS)]
+    #[serde(default = "default_channels")]
+    pub channels: u8,
     /// Switch over after this many precopy rounds at most.
     #[arg(long, default_value_t = 30)]
     #[serde(default = "default_rounds")]
@@ -143,6 +150,10 @@ impl MigrateParams {
             max_precopy_ms: self.max_precopy_ms,
             dump_memory: self.dump_memory.clone(),
             device_dirty: self.device_dirty.parse().map_err(ApiError::DeviceDirty)?,
+            channels: match self.channels {
+                n if n <= crate::migration::protocol::MAX_DATA_CHANNELS => n,
+                n => return Err(ApiError::Channels(n)),
+            },
             transport: crate::migration::tls::Transport::choose(
                 &self.transport,
                 self.tls_authz.as_deref(),
@@ -152,6 +163,9 @@ impl MigrateParams {
     }
 }
 
+fn default_channels() -> u8 {
+    crate::migration::source::DEFAULT_CHANNELS
+}
 fn default_device_dirty() -> String {
     "log".into()
 }
@@ -196,9 +210,20 @@ mod tests {
         assert!(e.contains("--tls-psk") && e.contains("--insecure"), "{e}");
         let bad = MigrateParams {
             tracker: "nope".into(),
-            ..*p
+            ..*p.clone()
         };
         assert!(bad.options().is_err());
+        assert_eq!(
+            p.channels,
+            crate::migration::source::DEFAULT_CHANNELS,
+            "a request without channels gets the default"
+        );
+        let many = MigrateParams {
+            channels: crate::migration::protocol::MAX_DATA_CHANNELS + 1,
+            ..*p.clone()
+        };
+        let e = many.options().unwrap_err().to_string();
+        assert!(e.contains("at most 8 data connections"), "{e}");
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"console","input":"x"}"#).unwrap(),

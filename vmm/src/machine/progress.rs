@@ -108,6 +108,8 @@ pub struct MigrationReport {
     pub tracker: Option<String>,
     /// How the link was secured: "tls-x509", "tls-psk" or "tcp-insecure" (`--insecure`).
     pub transport: Option<String>,
+    /// Data connections that carried the precopy pages (None: the main connection did).
+    pub channels: Option<u32>,
     pub total_ms: f64,
     /// Source: from pausing the guest until the destination said it runs. Destination: from
     /// receiving the state until its vCPUs ran.

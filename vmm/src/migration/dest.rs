@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::channels::Receivers;
 use super::devices::{DestDevices, PassthroughHandle};
 use super::hello::Hello;
 use super::link::Link;
@@ -18,7 +19,7 @@ use super::protocol::{
     check_range, FrameReader, FrameWriter, Message, ProtocolError, Role, ABORT_NOT_STARTED,
     PAGE_SIZE,
 };
-use super::source::{unexpected, Reader, Writer};
+use super::source::{unexpected, Reader, Writer, READ_BUFFER};
 use super::tls::{Acceptor, Transport};
 use super::{postcopy_dst, MigrationError, Mode};
 use crate::api::server::serve_api;
@@ -69,7 +70,7 @@ fn streams(
     stream.set_write_timeout(Some(SILENCE_TIMEOUT))?;
     Ok((
         FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?)),
-        FrameReader::new(BufReader::with_capacity(1 << 20, stream)),
+        FrameReader::new(BufReader::with_capacity(READ_BUFFER, stream)),
     ))
 }
 
@@ -191,12 +192,29 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     let urgent = if hello.mode == Mode::Precopy {
         None
     } else {
-        Some(accept_channel(&listener, hello.session, &tls)?)
+        let deadline = Instant::now() + CHANNEL_TIMEOUT;
+        match accept_channel(&listener, hello.session, &tls, deadline)? {
+            (w, r, Role::Urgent) => Some((w, r)),
+            (_, _, role) => {
+                return Err(MigrationError::Hello(format!(
+                    "expected the urgent connection, got {role:?}"
+                )))
+            }
+        }
     };
 
     let ram = machine.ram.ranges().to_vec();
     let table: Vec<(u64, u64)> = ram.iter().map(|r| (r.gpa, r.size)).collect();
     let memfd = machine.ram.file();
+    // Precopy pages on data connections, stored by their own threads (`channels`).
+    let mut receivers = if hello.channels > 0 {
+        match Receivers::accept(&listener, hello.session, hello.channels, &tls, memfd, &ram) {
+            Ok(rx) => Some(rx),
+            Err(e) => return Err(abort(&mut w, e)),
+        }
+    } else {
+        None
+    };
     let mut report = MigrationReport {
         role: "destination".into(),
         mode: Some(hello.mode),
@@ -218,6 +236,7 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                 check_range(&table, gpa, data.len() as u64)?;
                 pages::write_pages(memfd, &ram, gpa, &data)?;
                 report.pages_sent += data.len() as u64 / PAGE_SIZE;
+                r.recycle(data);
             }
             Message::Zero { gpa, pages: n } => {
                 check_range(&table, gpa, n.saturating_mul(PAGE_SIZE))?;
@@ -225,9 +244,16 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
                 report.zero_pages += n;
             }
             Message::RoundEnd { round, pages } => {
+                // A barrier: every data connection's share of the round is stored first.
+                if let Some(rx) = receivers.as_mut() {
+                    if let Err(e) = rx.round_end(round, pages, SILENCE_TIMEOUT) {
+                        return Err(abort(&mut w, e));
+                    }
+                }
                 report.rounds = round;
                 report.pages_per_round.push(pages);
             }
+            Message::Alive => {}
             Message::DeviceData { device, data } => {
                 if let Err(e) = devs.write(device, &data) {
                     return Err(abort(&mut w, e));
@@ -268,6 +294,14 @@ pub fn run_incoming(opts: &IncomingOptions, start: Instant) -> Result<RunReport,
     })?;
     let state_at = state_at.unwrap_or_else(Instant::now);
     report.bytes = r.bytes_received();
+    if let Some(rx) = receivers.take() {
+        let (pages, zero, bytes) = rx.stored();
+        report.pages_sent += pages;
+        report.zero_pages += zero;
+        report.bytes += bytes;
+        report.channels = Some(u32::from(hello.channels));
+        rx.finish();
+    }
     // Every device checks the stream it got: a bad one stops the migration here, before the
     // guest runs anywhere but on the source.
     if let Err(e) = devs.loaded() {
@@ -460,20 +494,22 @@ fn refuse(w: &mut Writer, e: MigrationError) -> MigrationError {
     e
 }
 
-fn accept_channel(
+/// Accepts the source's next additional connection for `session` by `deadline`, secures it and
+/// reads its `Channel` frame: the role it says it carries (the caller checks it).
+pub(super) fn accept_channel(
     listener: &TcpListener,
     session: u64,
     tls: &Acceptor,
-) -> Result<(Writer, Reader), MigrationError> {
+    deadline: Instant,
+) -> Result<(Writer, Reader, Role), MigrationError> {
     listener.set_nonblocking(true)?;
-    let deadline = Instant::now() + CHANNEL_TIMEOUT;
     let (stream, peer) = loop {
         match listener.accept() {
             Ok(s) => break s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() > deadline {
                     return Err(MigrationError::Timeout(
-                        "waiting for the source's urgent connection".into(),
+                        "waiting for the source's next connection (urgent or data)".into(),
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(5));
@@ -489,13 +525,10 @@ fn accept_channel(
     let first = r.recv();
     r.get_ref().get_ref().set_read_timeout(None)?;
     match first? {
-        Message::Channel {
-            session: s,
-            role: Role::Urgent,
-        } if s == session => Ok((w, r)),
-        Message::Channel { session: s, .. } if s != session => Err(MigrationError::Hello(format!(
-            "a second connection for session {s:x}, expected {session:x}"
+        Message::Channel { session: s, role } if s == session => Ok((w, r, role)),
+        Message::Channel { session: s, .. } => Err(MigrationError::Hello(format!(
+            "another connection for session {s:x}, expected {session:x}"
         ))),
-        other => Err(unexpected("Channel(urgent)", &other)),
+        other => Err(unexpected("Channel", &other)),
     }
 }

@@ -16,4 +16,8 @@ pub struct Hello {
     pub session: u64,
     /// The source's host kind, for the destination's log.
     pub source_host: String,
+    /// Data connections the source opens for precopy pages (0: pages go on the main
+    /// connection). See `protocol`'s "Data channels".
+    #[serde(default)]
+    pub channels: u8,
 }

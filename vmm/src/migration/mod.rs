@@ -6,6 +6,7 @@
 //!   halves (background push, urgent page requests, the `DemandPager` on the destination).
 //! - `tls` / `link`: how each connection is secured (TLS 1.3 with certificates or a
 //!   pre-shared key, or `--insecure` plain TCP), and the connection type both sides use.
+//! - `channels`: precopy pages over several data connections at once (multifd).
 //! - `pages`: moving RAM. Status and report (`progress`) and the state (`saved_state`) are
 //!   plain data the machine holds, in `machine`.
 //!
@@ -15,6 +16,7 @@
 //! `--downtime-ms`, or after `--max-rounds` rounds, or `--max-precopy-ms`, the source pauses the
 //! guest and does the stop-and-copy (precopy) or switches to postcopy (hybrid).
 
+pub mod channels;
 pub mod dest;
 pub mod devices;
 pub mod hello;
@@ -104,6 +106,9 @@ pub enum MigrationError {
     /// Securing the link: credentials, handshake, the peer's identity.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A data connection failed or disagreed with main: which one, and how.
+    #[error("data connection {channel}: {reason}")]
+    DataChannel { channel: usize, reason: String },
     /// What timed out: a message.
     #[error("timed out {0}")]
     Timeout(String),

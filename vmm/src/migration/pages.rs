@@ -54,11 +54,18 @@ pub struct PageSender<'a> {
 
 impl<'a> PageSender<'a> {
     pub fn new(memfd: &'a File, ranges: &'a [RamRange]) -> Self {
-        PageSender {
-            memfd,
-            ranges,
-            buf: vec![0; MAX_PAGES_PER_FRAME * PAGE_SIZE as usize],
-        }
+        Self::with_buffer(memfd, ranges, Vec::new())
+    }
+
+    /// Reads through `buf` (grown to a frame's size if smaller): a data channel keeps its
+    /// buffer from round to round.
+    pub fn with_buffer(memfd: &'a File, ranges: &'a [RamRange], mut buf: Vec<u8>) -> Self {
+        buf.resize(MAX_PAGES_PER_FRAME * PAGE_SIZE as usize, 0);
+        PageSender { memfd, ranges, buf }
+    }
+
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 
     /// How many of the `pages` pages from `gpa` lie in a hole of the memfd (SEEK_DATA finds

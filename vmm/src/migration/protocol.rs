@@ -8,7 +8,7 @@
 //! ```text
 //! offset  size  field
 //!      0     4  magic    b"VMMF"
-//!      4     2  version  VERSION (2); any other value is refused, naming both
+//!      4     2  version  VERSION (3); any other value is refused, naming both
 //!      6     2  kind     message type (table below)
 //!      8     8  seq      per connection and direction: 0 for the first frame, +1 per frame
 //!     16     4  len      payload bytes, at most MAX_PAYLOAD (8 MiB)
@@ -33,7 +33,7 @@
 //! |    1 | `Hello`         | source → dest | raw: JSON VM description (first frame, main conn.) |
 //! |    2 | `Accept`        | dest → source | empty, or JSON options (`presend::AcceptOptions`)  |
 //! |    3 | `Refuse`        | dest → source | raw: reason, UTF-8 (decoded lossily)               |
-//! |    4 | `Channel`       | source → dest | `session` u64, `role` u8 (0 Main, 1 Urgent): 9 B   |
+//! |    4 | `Channel`       | source → dest | `session` u64, `role` u8 (0 Main, 1 Urgent, 2+i Data i): 9 B |
 //! |    5 | `Pages`         | source → dest | `gpa` u64, then 1..=256 whole pages of data        |
 //! |    6 | `Zero`          | source → dest | `gpa` u64, `pages` u64: 16 B                       |
 //! |    7 | `RoundEnd`      | source → dest | `round` u32, `pages` u64: 12 B                     |
@@ -44,8 +44,10 @@
 //! |   12 | `Resumed`       | dest → source | empty                                              |
 //! |   13 | `Abort`         | either        | raw: reason, UTF-8 (decoded lossily)               |
 //! |   14 | `Stats`         | dest → source | raw: JSON of what the destination measured         |
+//! |   15 | `DeviceData`    | source → dest | `device` u32, then that device's next migration bytes |
+//! |   16 | `Alive`         | source → dest | empty (main, while data channels carry a round)    |
 //!
-//! Kind 0 and kinds above 14 are refused with [`ProtocolError::UnknownKind`]. `Pages` data is sent
+//! Kind 0 and kinds above 16 are refused with [`ProtocolError::UnknownKind`]. `Pages` data is sent
 //! straight from the caller's slice ([`FrameWriter::send_pages`]) and read straight into the
 //! message's buffer, so page data is never copied inside this module.
 //!
@@ -57,6 +59,21 @@
 //! what it carries. `Urgent` carries postcopy demand traffic only, so that a faulting vCPU never
 //! waits behind the background push. Each connection and each direction numbers its frames on
 //! its own.
+//!
+//! # Data channels
+//!
+//! With `channels: n` in its Hello (1..=MAX_DATA_CHANNELS; 0 or absent: none), the source opens
+//! n more connections after the urgent one, `Channel { session, role: Data(i) }` for i in
+//! 0..n, and sends every precopy round's `Pages` and `Zero` over them instead of over main
+//! (QEMU's multifd): the page at `gpa` always travels on channel `(gpa / CHUNK) % n`
+//! (`channels::CHUNK_BYTES`, 2 MiB), so the versions of one page arrive in order on one
+//! connection, and the channels need no ordering between them. Each channel closes each round
+//! with its own `RoundEnd { round, pages }` (its share); main's `RoundEnd { round, pages }`
+//! (the total) is a barrier: the destination goes past it only once every channel's `RoundEnd`
+//! for that round has arrived and the shares add up to the total. So everything sent before a
+//! round's end is in guest RAM before `State`, `Complete` or `PostcopyStart` is read. Device
+//! data, `State` and postcopy traffic stay on main and urgent; the source closes the data
+//! channels at the switch to postcopy or at the end.
 //!
 //! # Precopy
 //!
@@ -147,7 +164,7 @@ use decode::decode;
 pub const MAGIC: [u8; 4] = *b"VMMF";
 /// 2: the `State` frame carries device state by device id (`devices::DeviceStates`) and the
 /// Hello lists devices by id. A version-1 peer is refused at its first frame.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 pub const HEADER_LEN: usize = 24;
 pub const PAGE_SIZE: u64 = 4096;
 /// 1 MiB of page data per frame: large enough to amortise the header and CRC setup, small enough
@@ -174,16 +191,23 @@ const KIND_RESUMED: u16 = 12;
 const KIND_ABORT: u16 = 13;
 const KIND_STATS: u16 = 14;
 const KIND_DEVICE_DATA: u16 = 15;
+const KIND_ALIVE: u16 = 16;
 
 /// The `gpa` that precedes page data in a `Pages` payload.
 const PAGES_PREFIX: usize = 8;
 const RANGE_LEN: usize = 16;
+
+/// Data connections a migration may open besides the main and urgent ones.
+pub const MAX_DATA_CHANNELS: u8 = 8;
 
 /// What an additional connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
     Main,
     Urgent,
+    /// Data connection `i` (< MAX_DATA_CHANNELS): precopy pages of its share of guest RAM
+    /// (`channels`), each round closed by its own `RoundEnd`.
+    Data(u8),
 }
 
 impl Role {
@@ -191,6 +215,8 @@ impl Role {
         match self {
             Role::Main => 0,
             Role::Urgent => 1,
+            // Validated on construction by the sender (`FrameWriter::send` refuses others).
+            Role::Data(i) => 2u8.saturating_add(i),
         }
     }
 
@@ -198,6 +224,7 @@ impl Role {
         match b {
             0 => Some(Role::Main),
             1 => Some(Role::Urgent),
+            b if b >= 2 && b - 2 < MAX_DATA_CHANNELS => Some(Role::Data(b - 2)),
             _ => None,
         }
     }
@@ -240,6 +267,9 @@ pub enum Message {
     /// migration data stream (opaque to vmm; the destination's device checks them), in order.
     /// Never empty.
     DeviceData { device: u32, data: Vec<u8> },
+    /// Source → destination on main while the data channels carry a round: the source is
+    /// there (main is otherwise silent then, and silence ends a migration).
+    Alive,
 }
 
 impl Message {
@@ -265,6 +295,7 @@ impl Message {
             Message::Abort(_) => KIND_ABORT,
             Message::Stats(_) => KIND_STATS,
             Message::DeviceData { .. } => KIND_DEVICE_DATA,
+            Message::Alive => KIND_ALIVE,
         }
     }
 }
@@ -287,6 +318,7 @@ pub fn kind_name(kind: u16) -> &'static str {
         KIND_ABORT => "Abort",
         KIND_STATS => "Stats",
         KIND_DEVICE_DATA => "DeviceData",
+        KIND_ALIVE => "Alive",
         _ => "unknown",
     }
 }
@@ -488,6 +520,15 @@ impl<W: Write> FrameWriter<W> {
             Message::AcceptWith(json) => self.write_frame(KIND_ACCEPT, &[json]),
             Message::Refuse(reason) => self.write_frame(KIND_REFUSE, &[reason.as_bytes()]),
             Message::Channel { session, role } => {
+                if let Role::Data(i) = role {
+                    if *i >= MAX_DATA_CHANNELS {
+                        return Err(malformed(
+                            msg.name(),
+                            seq,
+                            format!("data channel {i}, the most is {MAX_DATA_CHANNELS}"),
+                        ));
+                    }
+                }
                 let mut p = [0u8; 9];
                 p[..8].copy_from_slice(&session.to_le_bytes());
                 p[8] = role.to_wire();
@@ -518,6 +559,7 @@ impl<W: Write> FrameWriter<W> {
             }
             Message::Complete => self.write_frame(KIND_COMPLETE, &[]),
             Message::Resumed => self.write_frame(KIND_RESUMED, &[]),
+            Message::Alive => self.write_frame(KIND_ALIVE, &[]),
             Message::Abort(reason) => self.write_frame(KIND_ABORT, &[reason.as_bytes()]),
             Message::Stats(json) => self.write_frame(KIND_STATS, &[json]),
             Message::DeviceData { device, data } => {
@@ -645,6 +687,9 @@ pub struct FrameReader<R: Read> {
     inner: R,
     seq: u64,
     bytes: u64,
+    /// A `Pages` payload given back by `recycle`: the next one is read into it, so the bulk of
+    /// a migration allocates and zero-fills no memory per frame.
+    spare: Vec<u8>,
 }
 
 impl<R: Read> FrameReader<R> {
@@ -653,6 +698,14 @@ impl<R: Read> FrameReader<R> {
             inner: r,
             seq: 0,
             bytes: 0,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Gives a `Pages` payload back once its bytes are stored, for the next one to reuse.
+    pub fn recycle(&mut self, data: Vec<u8>) {
+        if data.capacity() <= MAX_PAYLOAD {
+            self.spare = data;
         }
     }
 
@@ -709,7 +762,14 @@ impl<R: Read> FrameReader<R> {
             0
         };
         let mut prefix = [0u8; PAGES_PREFIX];
-        let mut body = vec![0u8; len - prefix_len];
+        let mut body = if kind == KIND_PAGES {
+            // Only grown parts are zero-filled: a recycled payload of the same size is not.
+            let mut b = std::mem::take(&mut self.spare);
+            b.resize(len - prefix_len, 0);
+            b
+        } else {
+            vec![0u8; len - prefix_len]
+        };
         let mut got = self.read_full(&mut prefix[..prefix_len])?;
         if got == prefix_len {
             got += self.read_full(&mut body)?;

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::channels::DataChannels;
 use super::devices::{DeviceDirty, SourceDevices};
 use super::hello::Hello;
 use super::link::Link;
@@ -52,7 +53,12 @@ pub struct MigrateOptions {
     pub device_dirty: DeviceDirty,
     /// How both connections are secured (TLS, or `--insecure` plain TCP).
     pub transport: Transport,
+    /// Data connections for precopy pages (0: on the main connection). Postcopy uses none.
+    pub channels: u8,
 }
+
+/// Data connections a migration opens unless told otherwise (`--channels`).
+pub const DEFAULT_CHANNELS: u8 = 2;
 
 impl MigrateOptions {
     pub fn new(to: &str, mode: Mode, tracker: TrackerKind, transport: Transport) -> Self {
@@ -67,9 +73,15 @@ impl MigrateOptions {
             dump_memory: None,
             device_dirty: DeviceDirty::default(),
             transport,
+            channels: DEFAULT_CHANNELS,
         }
     }
 }
+
+/// A connection's read buffer. Small on purpose: frames' headers come through it, but a page
+/// payload larger than it is read straight from the socket into the frame (one copy fewer
+/// than through a buffer that the header's read had filled with the payload).
+pub(super) const READ_BUFFER: usize = 64 << 10;
 
 pub(super) type Writer = FrameWriter<BufWriter<Link>>;
 pub(super) type Reader = FrameReader<BufReader<Link>>;
@@ -90,7 +102,7 @@ pub(super) fn connect(addr: &str, tls: &Connector) -> Result<(Writer, Reader), M
     let stream = tls.connect(stream, addr)?;
     stream.set_write_timeout(Some(SEND_TIMEOUT))?;
     let w = FrameWriter::new(BufWriter::with_capacity(1 << 20, stream.try_clone()?));
-    let r = FrameReader::new(BufReader::with_capacity(1 << 20, stream));
+    let r = FrameReader::new(BufReader::with_capacity(READ_BUFFER, stream));
     Ok((w, r))
 }
 
@@ -199,6 +211,11 @@ fn run(
         mode: opts.mode,
         session,
         source_host: shared.vm.host_kind().to_string(),
+        channels: if opts.mode == Mode::Postcopy {
+            0
+        } else {
+            opts.channels
+        },
     };
     let json = serde_json::to_vec(&hello).map_err(|source| MigrationError::HelloJson {
         what: "encoding it",
@@ -242,6 +259,20 @@ fn run(
         uw.flush()?;
         Some((uw, ur))
     };
+    let mut data = if hello.channels > 0 {
+        match DataChannels::connect(&addr, &tls, session, hello.channels) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let e = peer_reason(&mut r, e);
+                let _ = w.send(&Message::Abort(e.to_string()));
+                let _ = w.flush();
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    report.channels = data.as_ref().map(|d| d.len() as u32);
 
     let mut rate = RateLimiter::new(opts.bandwidth_mib_s.map(|m| m << 20));
     let mut sender = PageSender::new(&shared.memfd, &shared.ranges);
@@ -267,8 +298,11 @@ fn run(
                 opts,
                 report,
                 &mut w,
-                &mut sender,
-                &mut rate,
+                &mut Pages {
+                    sender: &mut sender,
+                    rate: &mut rate,
+                    data: data.as_mut(),
+                },
                 tracker.as_deref_mut(),
                 &mut dirty,
                 &mut devs,
@@ -349,12 +383,18 @@ fn run(
             let committed = (|| -> Result<(), MigrationError> {
                 let round = report.rounds + 1;
                 let t = Instant::now();
-                let sent = send_set(&dirty, &mut w, &mut sender, &mut rate)?;
+                let mut pages = Pages {
+                    sender: &mut sender,
+                    rate: &mut rate,
+                    data: data.as_mut(),
+                };
+                let sent = pages.send_round(shared, opts, &mut w, &dirty.runs(), round)?;
                 w.send(&Message::RoundEnd {
                     round,
                     pages: sent.pages + sent.zero_pages,
                 })?;
-                note_round(report, shared, round, sent, &w);
+                let bytes = pages.bytes_sent(&w);
+                note_round(report, shared, round, sent, bytes);
                 parts.final_pages_ms = t.elapsed().as_secs_f64() * 1000.0;
                 let t = Instant::now();
                 devs.send_stop_copy(&mut w)?;
@@ -403,7 +443,7 @@ fn run(
             parts.confirm_ms = waiting.elapsed().as_secs_f64() * 1000.0;
             report.downtime_parts = Some(parts);
             note_devices(report, &devs, opts, &dma_stats);
-            report.bytes = w.bytes_sent();
+            report.bytes = w.bytes_sent() + data.as_ref().map_or(0, |d| d.bytes_sent());
             let _ = r.get_ref().get_ref().set_read_timeout(Some(STATS_TIMEOUT));
             if let Ok(Message::Stats(json)) = r.recv() {
                 merge_destination_stats(report, &json);
@@ -411,6 +451,9 @@ fn run(
             Ok(())
         }
         Mode::Postcopy | Mode::Hybrid => {
+            // The data connections' part is over (the destination passed their last round's
+            // barrier before it reads what follows on main): closing them ends its threads.
+            let data_bytes = data.take().map_or(0, |d| d.bytes_sent());
             let pending: Vec<(u64, u64)> = if opts.mode == Mode::Postcopy {
                 shared
                     .ranges
@@ -490,8 +533,53 @@ fn run(
             note_devices(report, &devs, opts, &dma_stats);
             shared.progress().phase = Phase::Postcopy;
             let handover_ms = paused_at.elapsed().as_secs_f64() * 1000.0;
-            postcopy.serve(shared, w, handover_ms, user_paused, report)
+            let served = postcopy.serve(shared, w, handover_ms, user_paused, report);
+            report.bytes += data_bytes;
+            served
         }
+    }
+}
+
+/// How a round's pages go: on the data connections if there are any, else on main.
+struct Pages<'a, 'b> {
+    sender: &'a mut PageSender<'b>,
+    rate: &'a mut RateLimiter,
+    data: Option<&'a mut DataChannels>,
+}
+
+impl Pages<'_, '_> {
+    /// Sends the pages of `runs` (gpa, bytes) of round `round` (main's `RoundEnd` is the
+    /// caller's).
+    fn send_round(
+        &mut self,
+        shared: &Shared,
+        opts: &MigrateOptions,
+        w: &mut Writer,
+        runs: &[(u64, u64)],
+        round: u32,
+    ) -> Result<Sent, MigrationError> {
+        match self.data.as_deref_mut() {
+            Some(d) => d.send_round(
+                w,
+                &shared.memfd,
+                &shared.ranges,
+                runs,
+                round,
+                opts.bandwidth_mib_s.map(|m| m << 20),
+            ),
+            None => {
+                let mut sent = Sent::default();
+                for &(gpa, bytes) in runs {
+                    sent += self.sender.send_run(w, self.rate, gpa, bytes / PAGE_SIZE)?;
+                }
+                Ok(sent)
+            }
+        }
+    }
+
+    /// Bytes sent so far on main and the data connections.
+    fn bytes_sent(&self, w: &Writer) -> u64 {
+        w.bytes_sent() + self.data.as_ref().map_or(0, |d| d.bytes_sent())
     }
 }
 
@@ -503,8 +591,7 @@ fn precopy_rounds(
     opts: &MigrateOptions,
     report: &mut MigrationReport,
     w: &mut Writer,
-    sender: &mut PageSender<'_>,
-    rate: &mut RateLimiter,
+    pages: &mut Pages<'_, '_>,
     mut tracker: Option<&mut (dyn DirtyTracker + '_)>,
     dirty: &mut DirtySet,
     devs: &mut SourceDevices,
@@ -512,42 +599,40 @@ fn precopy_rounds(
     let started = Instant::now();
     shared.progress().phase = Phase::Precopy;
     // Round 1: all of RAM.
-    let mut sent = Sent::default();
-    for r in &shared.ranges {
-        sent += sender.send_run(w, rate, r.gpa, r.size / PAGE_SIZE)?;
-    }
+    let all: Vec<(u64, u64)> = shared.ranges.iter().map(|r| (r.gpa, r.size)).collect();
+    let sent = pages.send_round(shared, opts, w, &all, 1)?;
     devs.send_precopy(w)?;
     w.send(&Message::RoundEnd {
         round: 1,
         pages: sent.pages + sent.zero_pages,
     })?;
     w.flush()?;
-    note_round(report, shared, 1, sent, w);
+    note_round(report, shared, 1, sent, pages.bytes_sent(w));
     loop {
         dirty.clear();
         if let Some(t) = tracker.as_deref_mut() {
             t.harvest(dirty)?;
         }
-        let pages = dirty.count();
-        shared.progress().remaining_pages = pages;
+        let dirty_pages = dirty.count();
+        shared.progress().remaining_pages = dirty_pages;
         let elapsed = started.elapsed().as_secs_f64();
-        let bandwidth = (w.bytes_sent() as f64 / elapsed.max(1e-6)).max(1.0);
+        let bandwidth = (pages.bytes_sent(w) as f64 / elapsed.max(1e-6)).max(1.0);
         // The devices' remaining state goes in the downtime too.
         let device_bytes = devs.pending_bytes();
-        let estimate_ms = (pages * PAGE_SIZE + device_bytes) as f64 / bandwidth * 1000.0;
+        let estimate_ms = (dirty_pages * PAGE_SIZE + device_bytes) as f64 / bandwidth * 1000.0;
         let why = if estimate_ms <= opts.downtime_ms as f64 {
             Some(format!(
-                "converged: {pages} dirty pages, estimated downtime {estimate_ms:.1} ms <= {} ms",
+                "converged: {dirty_pages} dirty pages, estimated downtime {estimate_ms:.1} ms <= {} ms",
                 opts.downtime_ms
             ))
         } else if report.rounds >= opts.max_rounds {
             Some(format!(
-                "round limit {} reached with {pages} dirty pages (estimate {estimate_ms:.1} ms)",
+                "round limit {} reached with {dirty_pages} dirty pages (estimate {estimate_ms:.1} ms)",
                 opts.max_rounds
             ))
         } else if started.elapsed() >= Duration::from_millis(opts.max_precopy_ms) {
             Some(format!(
-                "time limit {} ms reached with {pages} dirty pages (estimate {estimate_ms:.1} ms)",
+                "time limit {} ms reached with {dirty_pages} dirty pages (estimate {estimate_ms:.1} ms)",
                 opts.max_precopy_ms
             ))
         } else {
@@ -559,14 +644,14 @@ fn precopy_rounds(
             return Ok(());
         }
         let round = report.rounds + 1;
-        let sent = send_set(dirty, w, sender, rate)?;
+        let sent = pages.send_round(shared, opts, w, &dirty.runs(), round)?;
         devs.send_precopy(w)?;
         w.send(&Message::RoundEnd {
             round,
             pages: sent.pages + sent.zero_pages,
         })?;
         w.flush()?;
-        note_round(report, shared, round, sent, w);
+        note_round(report, shared, round, sent, pages.bytes_sent(w));
     }
 }
 
@@ -593,28 +678,15 @@ fn note_devices(
     });
 }
 
-fn send_set(
-    set: &DirtySet,
-    w: &mut Writer,
-    sender: &mut PageSender<'_>,
-    rate: &mut RateLimiter,
-) -> Result<Sent, MigrationError> {
-    let mut sent = Sent::default();
-    for (gpa, bytes) in set.runs() {
-        sent += sender.send_run(w, rate, gpa, bytes / PAGE_SIZE)?;
-    }
-    Ok(sent)
-}
-
-fn note_round(report: &mut MigrationReport, shared: &Shared, round: u32, sent: Sent, w: &Writer) {
+fn note_round(report: &mut MigrationReport, shared: &Shared, round: u32, sent: Sent, bytes: u64) {
     report.rounds = round;
     report.pages_per_round.push(sent.pages + sent.zero_pages);
     report.pages_sent += sent.pages;
     report.zero_pages += sent.zero_pages;
-    report.bytes = w.bytes_sent();
+    report.bytes = bytes;
     let mut p = shared.progress();
     p.round = round;
-    p.bytes = w.bytes_sent();
+    p.bytes = bytes;
 }
 
 fn stop_tracker(tracker: Option<&mut (dyn DirtyTracker + '_)>) {

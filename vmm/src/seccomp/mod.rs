@@ -24,7 +24,8 @@
 //! - `Api` (`api`, `api-conn`): the control API. A connection runs the request it reads:
 //!   snapshot (files in a new directory), live migration (TCP socket and connect, dirty
 //!   tracking, the postcopy threads). The broadest list, and the one facing a local client.
-//! - `Migration` (`postcopy-*`, both sides): the migration streams and page installs.
+//! - `Migration` (`postcopy-*`, `migrate-data*`, both sides): the migration streams, page
+//!   installs, and the data connections' page reads (source) and stores (destination).
 //! - `PageServer` (`lazy-restore`, `lazy-prefetch`, `page-server-*`): demand paging, in the
 //!   restoring vmm or the `vmm page-server` process (whose main thread too, once it serves):
 //!   fault reads, snapshot reads, installs, the server's Unix socket.

@@ -145,10 +145,11 @@ const API: &[i64] = sys!(
     SYS_eventfd2,
 );
 
-/// Migration threads (postcopy on either side): the TCP streams, the userfaultfd or exit
-/// backend installing pages (ioctls; /dev/userfaultfd is opened), guest memory through its
-/// memfd.
+/// Migration threads (postcopy on either side, data connections on either side): the TCP
+/// streams, the userfaultfd or exit backend installing pages (ioctls; /dev/userfaultfd is
+/// opened), guest memory through its memfd (zero ranges punch holes in it: fallocate).
 const MIGRATION: &[i64] = sys!(
+    SYS_fallocate,
     SYS_sendmsg,
     SYS_recvmsg,
     SYS_sendto,

@@ -2,7 +2,7 @@
 
 use super::{
     check_pages, check_span, kind_name, malformed, Message, ProtocolError, Role, KIND_ABORT,
-    KIND_ACCEPT, KIND_CHANNEL, KIND_COMPLETE, KIND_DEVICE_DATA, KIND_HELLO, KIND_PAGES,
+    KIND_ACCEPT, KIND_ALIVE, KIND_CHANNEL, KIND_COMPLETE, KIND_DEVICE_DATA, KIND_HELLO, KIND_PAGES,
     KIND_PAGE_REQUEST, KIND_POSTCOPY_START, KIND_REFUSE, KIND_RESUMED, KIND_ROUND_END, KIND_STATE,
     KIND_STATS, KIND_ZERO, PAGES_PREFIX, RANGE_LEN,
 };
@@ -86,7 +86,10 @@ pub(super) fn decode(
                 malformed(
                     name,
                     seq,
-                    format!("role {role_byte}, expected 0 (Main) or 1 (Urgent)"),
+                    format!(
+                        "role {role_byte}, expected 0 (Main), 1 (Urgent) or 2..{} (Data)",
+                        2 + super::MAX_DATA_CHANNELS - 1
+                    ),
                 )
             })?;
             Message::Channel { session, role }
@@ -135,6 +138,10 @@ pub(super) fn decode(
         KIND_RESUMED => {
             expect_empty(name, seq, &body)?;
             Message::Resumed
+        }
+        KIND_ALIVE => {
+            expect_empty(name, seq, &body)?;
+            Message::Alive
         }
         KIND_ABORT => Message::Abort(lossy_string(body)),
         KIND_STATS => Message::Stats(body),

@@ -23,6 +23,15 @@ fn every_message() -> Vec<Message> {
             session: 0,
             role: Role::Main,
         },
+        Message::Channel {
+            session: 7,
+            role: Role::Data(0),
+        },
+        Message::Channel {
+            session: 7,
+            role: Role::Data(MAX_DATA_CHANNELS - 1),
+        },
+        Message::Alive,
         Message::Pages {
             gpa: 0x10_0000,
             data: page_data(3, 7),
@@ -147,7 +156,7 @@ fn header_layout_is_as_documented() {
         pages: 2,
     }]);
     assert_eq!(&f[0..4], b"VMMF");
-    assert_eq!(f[4..6], 2u16.to_le_bytes());
+    assert_eq!(f[4..6], 3u16.to_le_bytes());
     assert_eq!(f[6..8], 6u16.to_le_bytes());
     assert_eq!(f[8..16], 0u64.to_le_bytes());
     assert_eq!(f[16..20], 16u32.to_le_bytes());
@@ -229,11 +238,11 @@ fn wrong_version_names_both_versions() {
 #[test]
 fn a_stream_from_the_previous_version_is_refused_naming_both_versions() {
     let mut f = encode(&[Message::Accept]);
-    f[4..6].copy_from_slice(&1u16.to_le_bytes());
+    f[4..6].copy_from_slice(&2u16.to_le_bytes());
     let text = recv_one(&f).unwrap_err().to_string();
     assert_eq!(
         text,
-        "peer speaks migration protocol version 1; this build supports version 2"
+        "peer speaks migration protocol version 2; this build supports version 3"
     );
 }
 
@@ -480,11 +489,11 @@ fn fixed_layouts_must_have_exact_lengths() {
         "expected 9",
     );
     let mut bad_role = 9u64.to_le_bytes().to_vec();
-    bad_role.push(2);
+    bad_role.push(2 + MAX_DATA_CHANNELS);
     assert_malformed(
         recv_one(&raw_frame(KIND_CHANNEL, 0, &bad_role)),
         "Channel",
-        "role 2",
+        "role 10",
     );
 }
 
@@ -528,7 +537,7 @@ fn postcopy_start_count_must_match_the_payload() {
 
 #[test]
 fn unknown_kinds_are_refused() {
-    for kind in [0u16, 16, u16::MAX] {
+    for kind in [0u16, 17, u16::MAX] {
         assert!(matches!(
             recv_one(&raw_frame(kind, 0, &[1, 2])),
             Err(ProtocolError::UnknownKind { kind: k, seq: 0 }) if k == kind
@@ -689,4 +698,36 @@ fn device_data_carries_its_index_and_is_never_empty() {
         w.into_inner().is_empty(),
         "nothing written for a refused message"
     );
+}
+
+#[test]
+fn data_channel_roles_stay_within_the_limit() {
+    // The sender refuses an index past the limit; the receiver refuses its wire byte.
+    let mut w = FrameWriter::new(Vec::new());
+    let e = w
+        .send(&Message::Channel {
+            session: 1,
+            role: Role::Data(MAX_DATA_CHANNELS),
+        })
+        .map(|_| Message::Accept);
+    assert_malformed(e, "Channel", "data channel");
+    assert!(w.get_ref().is_empty());
+    let mut p = [0u8; 9];
+    p[8] = 2 + MAX_DATA_CHANNELS;
+    let e = recv_one(&raw_frame(KIND_CHANNEL, 0, &p));
+    assert_malformed(e, "Channel", "role");
+    p[8] = 2 + MAX_DATA_CHANNELS - 1;
+    assert_eq!(
+        recv_one(&raw_frame(KIND_CHANNEL, 0, &p)).unwrap(),
+        Message::Channel {
+            session: 0,
+            role: Role::Data(MAX_DATA_CHANNELS - 1)
+        }
+    );
+}
+
+#[test]
+fn alive_has_no_payload() {
+    let e = recv_one(&raw_frame(KIND_ALIVE, 0, &[0]));
+    assert_malformed(e, "Alive", "");
 }
