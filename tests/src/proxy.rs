@@ -1,7 +1,8 @@
 //! A TCP proxy that cuts the network: forwards every connection to a target and, once the first
-//! connection has carried `cut_after` bytes from client to server, shuts every connection down
-//! at once (both directions), as a failed link would. Migration fault tests put it between the
-//! source and the destination.
+//! connection (`start`) or all connections together (`start_counting_all`: a migration with
+//! data connections) have carried `cut_after` bytes from client to server, shuts every
+//! connection down at once (both directions), as a failed link would. Migration fault tests put
+//! it between the source and the destination.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -10,13 +11,23 @@ use std::sync::{Arc, Mutex};
 
 pub struct CutProxy {
     pub addr: SocketAddr,
-    /// Bytes the first connection carried client -> server before the cut (or so far).
+    /// Bytes the first connection (or all, see `start_counting_all`) carried client -> server
+    /// before the cut (or so far).
     pub forwarded: Arc<AtomicU64>,
     pub cut: Arc<AtomicBool>,
 }
 
 impl CutProxy {
     pub fn start(target: SocketAddr, cut_after: u64) -> CutProxy {
+        Self::start_with(target, cut_after, false)
+    }
+
+    /// Counts the bytes of every connection towards `cut_after`.
+    pub fn start_counting_all(target: SocketAddr, cut_after: u64) -> CutProxy {
+        Self::start_with(target, cut_after, true)
+    }
+
+    fn start_with(target: SocketAddr, cut_after: u64, count_all: bool) -> CutProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let forwarded = Arc::new(AtomicU64::new(0));
@@ -40,7 +51,7 @@ impl CutProxy {
                     s.push(client.try_clone().unwrap());
                     s.push(server.try_clone().unwrap());
                 }
-                let counted = first.then(|| (f.clone(), cut_after));
+                let counted = (first || count_all).then(|| (f.clone(), cut_after));
                 first = false;
                 pump(
                     client.try_clone().unwrap(),
@@ -83,12 +94,18 @@ fn pump(
             let mut n = n;
             let mut cut_now = false;
             if let Some((count, limit)) = &counted {
-                let before = count.load(Ordering::Acquire);
+                // Several connections may share the count: each takes what is left of it
+                // atomically, so no more than `limit` bytes pass in all.
+                let before = count
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                        Some((b + n as u64).min(*limit))
+                    })
+                    .unwrap_or(*limit);
+                let granted = (before + n as u64).min(*limit) - before.min(*limit);
                 if before + n as u64 >= *limit {
-                    n = (*limit - before.min(*limit)) as usize;
                     cut_now = true;
                 }
-                count.fetch_add(n as u64, Ordering::AcqRel);
+                n = granted as usize;
             }
             if n > 0 && to.write_all(&buf[..n]).is_err() {
                 return;

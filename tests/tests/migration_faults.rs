@@ -34,18 +34,27 @@ fn destination(port: u16, extra: &[&str]) -> Bg {
 }
 
 fn migrate(sock: &Path, to: SocketAddr, mode: &str) -> (Option<i32>, serde_json::Value, String) {
-    remote(
-        sock,
-        &[
-            "migrate",
-            "--insecure",
-            "--to",
-            &format!("tcp://{to}"),
-            "--mode",
-            mode,
-            "--json",
-        ],
-    )
+    migrate_with(sock, to, mode, &[])
+}
+
+fn migrate_with(
+    sock: &Path,
+    to: SocketAddr,
+    mode: &str,
+    extra: &[&str],
+) -> (Option<i32>, serde_json::Value, String) {
+    let to = format!("tcp://{to}");
+    let mut args = vec![
+        "migrate",
+        "--insecure",
+        "--to",
+        &to,
+        "--mode",
+        mode,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    remote(sock, &args)
 }
 
 fn state(sock: &Path) -> String {
@@ -141,12 +150,32 @@ fn a_link_cut_during_precopy_leaves_the_source_running_intact() {
         x ^= x << 17;
         cuts.push(100 + x % (3 << 20));
     }
-    for cut in cuts {
-        let what = format!("cut at {cut}");
+    // Odd cuts: pages on the main connection (--channels 0), counting its bytes; even cuts:
+    // on the default data connections, counting the bytes of all connections together.
+    for (i, cut) in cuts.into_iter().enumerate() {
+        let on_main = i % 2 == 1;
+        let what = format!(
+            "cut at {cut} ({})",
+            if on_main {
+                "main only"
+            } else {
+                "data connections"
+            }
+        );
         let port = free_port();
         let dst = destination(port, &[]);
-        let proxy = CutProxy::start(format!("127.0.0.1:{port}").parse().unwrap(), cut);
-        let result = migrate(&src.sock, proxy.addr, "precopy");
+        let target = format!("127.0.0.1:{port}").parse().unwrap();
+        let proxy = if on_main {
+            CutProxy::start(target, cut)
+        } else {
+            CutProxy::start_counting_all(target, cut)
+        };
+        let result = migrate_with(
+            &src.sock,
+            proxy.addr,
+            "precopy",
+            &["--channels", if on_main { "0" } else { "2" }],
+        );
         let a = src.attempt(&what, dst, result);
         // The failure must be the cut, where it was asked for: every byte before it went
         // through, none after.

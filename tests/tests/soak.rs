@@ -248,7 +248,7 @@ fn cuts() {
             .args(["--tls-psk", &psk(dir.path()), "--console", "none", "--json"]);
         let mut dst = Bg::spawn("destination", cmd);
         dst.wait_for("waiting for an incoming migration", Duration::from_secs(20));
-        let proxy = CutProxy::start(format!("127.0.0.1:{port}").parse().unwrap(), cut);
+        let proxy = CutProxy::start_counting_all(format!("127.0.0.1:{port}").parse().unwrap(), cut);
         let t = Instant::now();
         let (code, reply, err) = remote(
             &sock,

@@ -18,7 +18,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::link::Link;
-use super::pages::{self, PageSender, Sent};
+use super::pages::{self, PageSender, RamView, Sent};
 use super::protocol::{check_range, Message, ProtocolError, Role, MAX_DATA_CHANNELS, PAGE_SIZE};
 use super::rate::RateLimiter;
 use super::source::{Reader, Writer};
@@ -103,8 +103,7 @@ impl DataChannels {
     pub fn send_round(
         &mut self,
         main: &mut Writer,
-        memfd: &File,
-        ranges: &[RamRange],
+        ram: RamView<'_>,
         runs: &[(u64, u64)],
         round: u32,
         bandwidth: Option<u64>,
@@ -131,7 +130,12 @@ impl DataChannels {
                         crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Migration);
                         // Sends the thread's result even if sending pages panics.
                         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            send_share(w, buf, memfd, ranges, share, round, per_channel)
+                            send_share(w, buf, ram, share, round, per_channel).map_err(|e| {
+                                MigrationError::DataChannel {
+                                    channel: i,
+                                    reason: e.to_string(),
+                                }
+                            })
                         }))
                         .unwrap_or_else(|_| {
                             Err(MigrationError::DataChannel {
@@ -188,13 +192,13 @@ const ALIVE_EVERY: Duration = Duration::from_secs(1);
 fn send_share(
     w: &mut Writer,
     buf: &mut Vec<u8>,
-    memfd: &File,
-    ranges: &[RamRange],
+    ram: RamView<'_>,
     share: &[(u64, u64)],
     round: u32,
     bandwidth: Option<u64>,
 ) -> Result<Sent, MigrationError> {
-    let mut sender = PageSender::with_buffer(memfd, ranges, std::mem::take(buf));
+    let mut sender = PageSender::with_buffer(ram.memfd, ram.ranges, std::mem::take(buf));
+    sender.set_frozen(ram.frozen);
     let mut rate = RateLimiter::new(bandwidth);
     let result = (|| {
         let mut sent = Sent::default();

@@ -2,6 +2,12 @@
 //! never marks a page dirty and a hole reads as zeros without being allocated) and sends runs of
 //! non-zero pages as `Pages` frames and runs of zero pages as `Zero` frames; the destination
 //! writes them into its memfd (`pwrite`; zero runs punch holes) after bounds-checking every GPA.
+//!
+//! While nothing can write guest RAM (every vCPU paused, devices stopped: the stop-and-copy, or
+//! a guest its user paused and that has no device), the source skips the copy: it checks and
+//! checksums the pages where they are mapped and sends them from there ([`FrozenRam`]), one
+//! copy fewer per page. It cannot while the guest runs: a page written between its checksum
+//! and its send would arrive with a checksum that no longer matches, and fail the migration.
 
 use std::fs::File;
 use std::io::Write;
@@ -45,11 +51,52 @@ fn is_zero(page: &[u8]) -> bool {
     pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
+/// Guest RAM as this process maps it, while nothing writes it: sends read it in place.
+#[derive(Clone, Copy)]
+pub struct FrozenRam<'a> {
+    memory: &'a crate::memory::GuestMemory,
+}
+
+impl<'a> FrozenRam<'a> {
+    /// # Safety
+    /// While the value (or a copy) is used, nothing may write guest RAM: every vCPU is parked
+    /// and every device that can write it (DMA) is stopped, for as long as `memory` lives.
+    pub unsafe fn new(memory: &'a crate::memory::GuestMemory) -> FrozenRam<'a> {
+        FrozenRam { memory }
+    }
+
+    /// `len` bytes of guest RAM from `gpa`, if one region holds them all.
+    fn slice(&self, gpa: u64, len: u64) -> Option<&'a [u8]> {
+        use vm_memory::{
+            Address as _, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _,
+        };
+        let region = self.memory.find_region(GuestAddress(gpa))?;
+        let start = gpa.checked_sub(region.start_addr().raw_value())?;
+        if start.checked_add(len)? > region.len() {
+            return None;
+        }
+        let len = usize::try_from(len).ok()?;
+        // SAFETY: the range lies inside the region (checked above), which stays mapped while
+        // `memory` lives ('a); by `new`'s contract nothing writes it meanwhile, so a shared
+        // slice over it is sound.
+        Some(unsafe { std::slice::from_raw_parts(region.as_ptr().add(start as usize), len) })
+    }
+}
+
+/// Where a sender reads guest RAM: the memfd and its layout, and in place while it is frozen.
+#[derive(Clone, Copy)]
+pub struct RamView<'a> {
+    pub memfd: &'a File,
+    pub ranges: &'a [RamRange],
+    pub frozen: Option<FrozenRam<'a>>,
+}
+
 /// Reads guest pages and sends them.
 pub struct PageSender<'a> {
     pub memfd: &'a File,
     pub ranges: &'a [RamRange],
     buf: Vec<u8>,
+    frozen: Option<FrozenRam<'a>>,
 }
 
 impl<'a> PageSender<'a> {
@@ -61,7 +108,33 @@ impl<'a> PageSender<'a> {
     /// buffer from round to round.
     pub fn with_buffer(memfd: &'a File, ranges: &'a [RamRange], mut buf: Vec<u8>) -> Self {
         buf.resize(MAX_PAGES_PER_FRAME * PAGE_SIZE as usize, 0);
-        PageSender { memfd, ranges, buf }
+        PageSender {
+            memfd,
+            ranges,
+            buf,
+            frozen: None,
+        }
+    }
+
+    /// Sends from guest RAM in place while `frozen` is Some (see the module comment), by
+    /// copying through the buffer otherwise.
+    pub fn set_frozen(&mut self, frozen: Option<FrozenRam<'a>>) {
+        self.frozen = frozen;
+    }
+
+    /// How many of the `pages` pages from `gpa` hold data before the next hole (SEEK_HOLE):
+    /// in-place sends must never touch a hole, which reading through the mapping would fill.
+    fn data_pages(&self, gpa: u64, pages: u64) -> Result<u64, PagesError> {
+        let off = file_offset(self.ranges, gpa, PAGE_SIZE)?;
+        // SAFETY: lseek on a descriptor we own, with plain integer arguments.
+        let hole =
+            unsafe { libc::lseek(self.memfd.as_raw_fd(), off as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            // No SEEK_HOLE here: the caller copies instead.
+            return Ok(0);
+        }
+        let data = (hole as u64).saturating_sub(off) / PAGE_SIZE;
+        Ok(data.min(pages))
     }
 
     pub fn into_buffer(self) -> Vec<u8> {
@@ -113,13 +186,31 @@ impl<'a> PageSender<'a> {
                 done += hole;
                 continue;
             }
-            let n = (pages - done).min(MAX_PAGES_PER_FRAME as u64);
+            let mut n = (pages - done).min(MAX_PAGES_PER_FRAME as u64);
+            let in_place = match self.frozen {
+                Some(frozen) => {
+                    let data = self.data_pages(at, n)?;
+                    if data > 0 {
+                        n = data;
+                    }
+                    (data > 0)
+                        .then(|| frozen.slice(at, n * PAGE_SIZE))
+                        .flatten()
+                }
+                None => None,
+            };
             let len = n * PAGE_SIZE;
-            let off = file_offset(self.ranges, at, len)?;
-            let buf = &mut self.buf[..len as usize];
-            self.memfd
-                .read_exact_at(buf, off)
-                .map_err(|source| PagesError::Read { gpa: at, source })?;
+            let buf: &[u8] = match in_place {
+                Some(b) => b,
+                None => {
+                    let off = file_offset(self.ranges, at, len)?;
+                    let buf = &mut self.buf[..len as usize];
+                    self.memfd
+                        .read_exact_at(buf, off)
+                        .map_err(|source| PagesError::Read { gpa: at, source })?;
+                    buf
+                }
+            };
             // Split the chunk into alternating runs of zero and non-zero pages.
             let mut i = 0u64;
             while i < n {
@@ -211,5 +302,60 @@ mod tests {
             .send_run(&mut w, &mut RateLimiter::new(None), 0, 16)
             .unwrap();
         assert_eq!((sent.pages, sent.zero_pages), (1, 15));
+    }
+
+    #[test]
+    fn frozen_ram_sent_in_place_gives_the_same_ram_and_holes_stay_holes() {
+        let ram = crate::memory::GuestRam::new(8 << 20).unwrap();
+        let memfd = ram.file();
+        // Data, a zero page that is allocated, data, then a hole, then data past 1 MiB.
+        memfd.write_all_at(&[7u8; 4096], 0).unwrap();
+        memfd.write_all_at(&[0u8; 4096], PAGE_SIZE).unwrap();
+        memfd.write_all_at(&[9u8; 8192], 2 * PAGE_SIZE).unwrap();
+        memfd.write_all_at(&[5u8; 4096], 300 * PAGE_SIZE).unwrap();
+        let allocated = |f: &File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().unwrap().blocks()
+        };
+        let before = allocated(memfd);
+        let frames = |frozen: bool| {
+            let mut out = Vec::new();
+            let mut w = FrameWriter::new(&mut out);
+            let mut s = PageSender::new(memfd, ram.ranges());
+            // SAFETY: nothing else touches this RAM in this test.
+            s.set_frozen(frozen.then(|| unsafe { FrozenRam::new(ram.memory()) }));
+            let sent = s
+                .send_run(&mut w, &mut RateLimiter::new(None), 0, 2048)
+                .unwrap();
+            assert_eq!((sent.pages, sent.zero_pages), (4, 2044));
+            out
+        };
+        // What a destination would hold after each stream (frame boundaries may differ: in
+        // place, a chunk stops at the next hole).
+        let image = |stream: Vec<u8>| {
+            let mut img = vec![0xaau8; 8 << 20];
+            let mut r = super::super::protocol::FrameReader::new(&stream[..]);
+            loop {
+                match r.recv() {
+                    Ok(super::super::protocol::Message::Pages { gpa, data }) => {
+                        img[gpa as usize..gpa as usize + data.len()].copy_from_slice(&data)
+                    }
+                    Ok(super::super::protocol::Message::Zero { gpa, pages }) => {
+                        img[gpa as usize..(gpa + pages * PAGE_SIZE) as usize].fill(0)
+                    }
+                    Ok(other) => panic!("unexpected {}", other.name()),
+                    Err(_) => break,
+                }
+            }
+            img
+        };
+        let copied = image(frames(false));
+        assert!(copied[..4096].iter().all(|&b| b == 7));
+        assert!(
+            image(frames(true)) == copied,
+            "in place and copied give the same RAM"
+        );
+        // Reading in place never filled a hole (it would allocate the page).
+        assert_eq!(allocated(memfd), before);
     }
 }

@@ -13,7 +13,7 @@ use super::channels::DataChannels;
 use super::devices::{DeviceDirty, SourceDevices};
 use super::hello::Hello;
 use super::link::Link;
-use super::pages::{PageSender, Sent};
+use super::pages::{FrozenRam, PageSender, RamView, Sent};
 use super::protocol::{FrameReader, FrameWriter, Message, ProtocolError, Role, PAGE_SIZE};
 use super::rate::RateLimiter;
 use super::tls::{Connector, Transport};
@@ -276,6 +276,9 @@ fn run(
 
     let mut rate = RateLimiter::new(opts.bandwidth_mib_s.map(|m| m << 20));
     let mut sender = PageSender::new(&shared.memfd, &shared.ranges);
+    // A guest its user paused (and without devices, which could write RAM by DMA) stays
+    // frozen through the rounds: the pages go from where they are mapped.
+    let held = HeldPause::take(shared);
     let mut tracker: Option<Box<dyn DirtyTracker>> = None;
     let mut dirty = DirtySet::new(&shared.ram_slots());
     let result = (|| -> Result<(), MigrationError> {
@@ -302,6 +305,7 @@ fn run(
                     sender: &mut sender,
                     rate: &mut rate,
                     data: data.as_mut(),
+                    frozen: held.frozen(),
                 },
                 tracker.as_deref_mut(),
                 &mut dirty,
@@ -321,6 +325,8 @@ fn run(
 
     // Stop the guest: from here until the point of no return, failure resumes it. A guest its
     // user paused is taken over as it is, and on failure given back paused.
+    // Given back to be taken over at once, as any user's pause is.
+    drop(held);
     shared.progress().phase = Phase::StopAndCopy;
     let paused_at = Instant::now();
     let (vcpus, user_paused) = match shared.pause.pause_or_take_over(
@@ -387,6 +393,9 @@ fn run(
                     sender: &mut sender,
                     rate: &mut rate,
                     data: data.as_mut(),
+                    // SAFETY: every vCPU is parked (the pause above) and the devices are
+                    // stopped (`devs.stop()` before the last harvest), until the state is sent.
+                    frozen: Some(unsafe { FrozenRam::new(&shared.memory) }),
                 };
                 let sent = pages.send_round(shared, opts, &mut w, &dirty.runs(), round)?;
                 w.send(&Message::RoundEnd {
@@ -545,6 +554,39 @@ struct Pages<'a, 'b> {
     sender: &'a mut PageSender<'b>,
     rate: &'a mut RateLimiter,
     data: Option<&'a mut DataChannels>,
+    /// Guest RAM nothing writes now: sent in place (`pages::FrozenRam`).
+    frozen: Option<FrozenRam<'b>>,
+}
+
+/// The pause of a guest its user paused, held by the migration through the precopy rounds
+/// (so the user cannot lift it midway), and given back when dropped.
+struct HeldPause<'a> {
+    shared: &'a Shared,
+    held: bool,
+}
+
+impl<'a> HeldPause<'a> {
+    fn take(shared: &'a Shared) -> HeldPause<'a> {
+        let held = shared.passthrough.is_empty()
+            && shared.pause.take_over_parked(Owner::Api, Owner::Migration);
+        HeldPause { shared, held }
+    }
+
+    fn frozen(&self) -> Option<FrozenRam<'a>> {
+        // SAFETY: held means every vCPU is parked in the migration's pause, which only the
+        // migration lifts (after this value is dropped), and the VM has no device that could
+        // write its RAM.
+        self.held
+            .then(|| unsafe { FrozenRam::new(&self.shared.memory) })
+    }
+}
+
+impl Drop for HeldPause<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            let _ = self.shared.pause.hand_back(Owner::Migration, Owner::Api);
+        }
+    }
 }
 
 impl Pages<'_, '_> {
@@ -561,18 +603,26 @@ impl Pages<'_, '_> {
         match self.data.as_deref_mut() {
             Some(d) => d.send_round(
                 w,
-                &shared.memfd,
-                &shared.ranges,
+                RamView {
+                    memfd: &shared.memfd,
+                    ranges: &shared.ranges,
+                    frozen: self.frozen,
+                },
                 runs,
                 round,
                 opts.bandwidth_mib_s.map(|m| m << 20),
             ),
             None => {
+                self.sender.set_frozen(self.frozen);
                 let mut sent = Sent::default();
-                for &(gpa, bytes) in runs {
-                    sent += self.sender.send_run(w, self.rate, gpa, bytes / PAGE_SIZE)?;
-                }
-                Ok(sent)
+                let result = (|| {
+                    for &(gpa, bytes) in runs {
+                        sent += self.sender.send_run(w, self.rate, gpa, bytes / PAGE_SIZE)?;
+                    }
+                    Ok(sent)
+                })();
+                self.sender.set_frozen(None);
+                result
             }
         }
     }

@@ -396,6 +396,19 @@ impl PauseControl {
         }
     }
 
+    /// Takes `from`'s pause over for `to` if every vCPU is parked in it now (a migration of a
+    /// guest its user paused holds that pause from its start). False, and nothing changed,
+    /// otherwise.
+    pub fn take_over_parked(&self, from: Owner, to: Owner) -> bool {
+        let mut g = self.lock();
+        if g.owner == Some(from) && g.parked() >= g.live {
+            g.owner = Some(to);
+            true
+        } else {
+            false
+        }
+    }
+
     /// Before any vCPU runs: each parks, in `owner`'s pause, before it first enters the guest
     /// (a migrated guest its user had paused).
     pub fn hold(&self, owner: Owner) {
@@ -500,6 +513,16 @@ mod tests {
         ));
         // While paused: `while_paused` runs for the owner only, with every vCPU parked.
         assert_eq!(ctl.while_paused(Owner::Api, || 7).unwrap(), 7);
+        // A migration may hold the user's pause while every vCPU is parked in it, and give it
+        // back; it never takes a pause that is not the user's.
+        assert!(!ctl.take_over_parked(Owner::Finish, Owner::Migration));
+        assert!(ctl.take_over_parked(Owner::Api, Owner::Migration));
+        assert!(matches!(
+            ctl.resume(Owner::Api),
+            Err(PauseError::NotOwner(Owner::Migration))
+        ));
+        ctl.hand_back(Owner::Migration, Owner::Api).unwrap();
+        assert_eq!(ctl.owner(), Some(Owner::Api));
         assert!(matches!(
             ctl.while_paused(Owner::Finish, || ()),
             Err(PauseError::NotOwner(Owner::Api))
