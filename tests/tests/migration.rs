@@ -59,7 +59,20 @@ fn migrate(
     dest_extra: &[&str],
     env: &[(&str, &str)],
 ) -> (tempfile::TempDir, Vec<usize>) {
-    let what = format!("{mode}/{tracker} {dest_extra:?}");
+    migrate_with(mode, tracker, source_extra, dest_extra, env, None)
+}
+
+/// `migrate`, with `channels` data connections asked for (`--channels`) and checked in both
+/// sides' reports.
+fn migrate_with(
+    mode: &str,
+    tracker: &str,
+    source_extra: &[&str],
+    dest_extra: &[&str],
+    env: &[(&str, &str)],
+    channels: Option<u8>,
+) -> (tempfile::TempDir, Vec<usize>) {
+    let what = format!("{mode}/{tracker} {dest_extra:?} channels {channels:?}");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let dst = destination(dir.path(), port, mode, dest_extra, env);
@@ -67,27 +80,37 @@ fn migrate(
     // Let it run some passes first, so memory is not as booted.
     wait_some_passes(&sock, 20);
     let src_dump = dir.path().join("src.bin");
-    let (code, reply, err) = remote(
-        &sock,
-        &[
-            "migrate",
-            "--tls-psk",
-            &psk(dir.path()),
-            "--to",
-            &format!("tcp://127.0.0.1:{port}"),
-            "--mode",
-            mode,
-            "--tracker",
-            tracker,
-            "--dump-memory",
-            src_dump.to_str().unwrap(),
-            "--json",
-        ],
-    );
+    let psk_file = psk(dir.path());
+    let to = format!("tcp://127.0.0.1:{port}");
+    let n = channels.map(|c| c.to_string());
+    let mut args = vec![
+        "migrate",
+        "--tls-psk",
+        &psk_file,
+        "--to",
+        &to,
+        "--mode",
+        mode,
+        "--tracker",
+        tracker,
+        "--dump-memory",
+        src_dump.to_str().unwrap(),
+        "--json",
+    ];
+    if let Some(n) = &n {
+        args.extend(["--channels", n.as_str()]);
+    }
+    let (code, reply, err) = remote(&sock, &args);
     assert_eq!(code, Some(0), "{what}: migrate failed: {err}\n{reply}");
     let report = &reply["report"];
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["transport"], "tls-psk", "{report}");
+    // Postcopy has no precopy rounds and opens no data connection.
+    let expected_channels = match channels {
+        Some(c) if c > 0 && mode != "postcopy" => serde_json::json!(c),
+        _ => serde_json::Value::Null,
+    };
+    assert_eq!(report["channels"], expected_channels, "{what}: {report}");
     eprintln!(
         "{what}: total {} ms, downtime {} ms, rounds {}, pages/round {}, postcopy {}",
         report["total_ms"],
@@ -106,6 +129,10 @@ fn migrate(
     let (dcode, drep, derr) = dst.finish(PASS_TIMEOUT);
     assert_eq!(drep["migration"]["ok"], true, "{what}: {drep}\n{derr}");
     assert_eq!(drep["migration"]["transport"], "tls-psk", "{what}: {drep}");
+    assert_eq!(
+        drep["migration"]["channels"], expected_channels,
+        "{what}: {drep}"
+    );
     if env.is_empty() {
         assert_eq!(dcode, Some(0), "{what}: destination:\n{derr}\n{drep}");
         vmm_tests::micro::assert_micro_exit(&what, &drep, passes);
@@ -183,6 +210,27 @@ fn precopy_with_every_tracker_this_host_offers_moves_memory_byte_for_byte() {
         tried > 0,
         "no tracker offered here: vmm could not migrate at all"
     );
+}
+
+/// Precopy pages over several data connections (`--channels`), each stored by its own thread on
+/// the destination: the received RAM is the source's at its pause, and the final RAM the
+/// reference's, for precopy (2 and 3 connections) and for hybrid.
+#[test]
+fn data_channels_move_memory_byte_for_byte() {
+    for (mode, tracker, channels) in [
+        ("precopy", "bitmap", 2),
+        ("precopy", "bitmap", 3),
+        ("hybrid", "bitmap", 2),
+    ] {
+        let (dir, differing) = migrate_with(mode, tracker, &[], &[], &[], Some(channels));
+        assert!(
+            differing.is_empty(),
+            "{mode}/{tracker} over {channels} channels: final RAM differs on {} pages (kept in \
+             {})",
+            differing.len(),
+            dir.keep().display()
+        );
+    }
 }
 
 #[test]

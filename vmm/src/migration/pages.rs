@@ -65,6 +65,34 @@ impl<'a> FrozenRam<'a> {
         FrozenRam { memory }
     }
 
+    /// How many of the `pages` pages from `gpa` (at most MAX_PAGES_PER_FRAME) are in memory,
+    /// in a row from the first (mincore: a bounded look, where SEEK_HOLE would walk the file
+    /// to its next hole). In-place sends read only those: reading a hole through the mapping
+    /// would allocate it, and a swapped-out page is better read with `pread`.
+    fn resident_pages(&self, gpa: u64, pages: u64) -> u64 {
+        let pages = pages.min(MAX_PAGES_PER_FRAME as u64);
+        let Some(slice) = self.slice(gpa, pages * PAGE_SIZE) else {
+            return 0;
+        };
+        let mut vec = [0u8; MAX_PAGES_PER_FRAME];
+        // SAFETY: mincore reads no memory; the range is a page-aligned part of our mapping
+        // (gpa is page aligned, regions start page aligned) and `vec` has a byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                slice.as_ptr() as *mut libc::c_void,
+                slice.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return 0;
+        }
+        vec[..pages as usize]
+            .iter()
+            .take_while(|&&b| b & 1 == 1)
+            .count() as u64
+    }
+
     /// `len` bytes of guest RAM from `gpa`, if one region holds them all.
     fn slice(&self, gpa: u64, len: u64) -> Option<&'a [u8]> {
         use vm_memory::{
@@ -122,21 +150,6 @@ impl<'a> PageSender<'a> {
         self.frozen = frozen;
     }
 
-    /// How many of the `pages` pages from `gpa` hold data before the next hole (SEEK_HOLE):
-    /// in-place sends must never touch a hole, which reading through the mapping would fill.
-    fn data_pages(&self, gpa: u64, pages: u64) -> Result<u64, PagesError> {
-        let off = file_offset(self.ranges, gpa, PAGE_SIZE)?;
-        // SAFETY: lseek on a descriptor we own, with plain integer arguments.
-        let hole =
-            unsafe { libc::lseek(self.memfd.as_raw_fd(), off as libc::off_t, libc::SEEK_HOLE) };
-        if hole < 0 {
-            // No SEEK_HOLE here: the caller copies instead.
-            return Ok(0);
-        }
-        let data = (hole as u64).saturating_sub(off) / PAGE_SIZE;
-        Ok(data.min(pages))
-    }
-
     pub fn into_buffer(self) -> Vec<u8> {
         self.buf
     }
@@ -188,15 +201,13 @@ impl<'a> PageSender<'a> {
             }
             let mut n = (pages - done).min(MAX_PAGES_PER_FRAME as u64);
             let in_place = match self.frozen {
-                Some(frozen) => {
-                    let data = self.data_pages(at, n)?;
-                    if data > 0 {
+                Some(frozen) => match frozen.resident_pages(at, n) {
+                    0 => None,
+                    data => {
                         n = data;
+                        frozen.slice(at, n * PAGE_SIZE)
                     }
-                    (data > 0)
-                        .then(|| frozen.slice(at, n * PAGE_SIZE))
-                        .flatten()
-                }
+                },
                 None => None,
             };
             let len = n * PAGE_SIZE;

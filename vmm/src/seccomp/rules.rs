@@ -28,6 +28,8 @@ const COMMON: &[i64] = sys!(
     SYS_munmap,
     SYS_mprotect,
     SYS_madvise,
+    // Migration sends of a frozen guest look which pages are in memory (migration::pages).
+    SYS_mincore,
     SYS_mremap,
     SYS_brk,
     SYS_rt_sigprocmask,
