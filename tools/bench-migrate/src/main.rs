@@ -459,30 +459,24 @@ fn main() -> Result<()> {
                 args.stream_mib
             );
             let progress = |stage: &str| pb.set_message(format!("{label}: {stage}"));
-            let sample = stream::run(
-                &hosts,
-                &cfg,
-                tool,
-                args.stream_mib,
-                run,
-                port,
-                &dir,
-                &progress,
-            )
-            .unwrap_or_else(|e| {
-                let mut s = stream::StreamSample::new(tool, run, args.stream_mib);
-                s.error = Some(format!("{e:#} (logs: {})", dir.display()));
-                s
-            });
+            let tcp_copy = || baseline::throughput(&ns_a, &ns_b, hosts.addr_b, tcp_mib);
+            let mut sample = stream::StreamSample::new(tool, run, args.stream_mib);
+            let result = stream::run(&hosts, &cfg, port, &dir, &progress, &tcp_copy, &mut sample);
+            if let Err(e) = result {
+                sample.ok = false;
+                sample.error = Some(format!("{e:#} (logs: {})", dir.display()));
+            }
             let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.0}"));
             let line = if sample.ok {
                 format!(
-                    "{label}: total {} ms, downtime {} ms, {} MiB, {} MiB/s, {} zero pages",
+                    "{label}: total {} ms, downtime {} ms, {} MiB, {} MiB/s, {} zero pages; raw TCP \
+                     just before {} MiB/s",
                     f(sample.total_ms),
                     f(sample.downtime_ms),
                     f(sample.mib_sent()),
                     f(sample.throughput_mib_s()),
                     f(sample.zero_pages.map(|z| z as f64)),
+                    f(sample.adjacent_tcp_mib_s),
                 )
             } else {
                 format!(

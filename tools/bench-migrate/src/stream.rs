@@ -10,6 +10,10 @@
 //! left. On the destination the guest stays paused until `vmm remote resume`; it then runs one
 //! more pass (`vmm remote finish --after 1`) and checks its whole region against the model
 //! (`--verify`): a run counts only if that check finds no mismatch.
+//!
+//! Right before each migration, with both VMs paused, the bench also times a raw TCP copy of
+//! the same link (`--tcp-mib`): on a loaded machine the link's speed drifts within a run, and
+//! the ratio to this adjacent copy is the side-by-side one.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -52,6 +56,8 @@ pub enum StreamError {
     NoRunReport { log: String },
     #[error("the destination's memory check failed: {0}")]
     Check(String),
+    #[error("the raw TCP copy before the migration: {0}")]
+    Tcp(#[from] crate::baseline::BaselineError),
 }
 
 /// One migration of the paused micro guest.
@@ -82,6 +88,10 @@ pub struct StreamSample {
     pub report_mib_s: Option<f64>,
     /// Migrate command to completion, timed by this bench.
     pub wall_ms: Option<f64>,
+    /// A raw TCP copy a -> b timed just before this migration (MiB/s), and the stream's
+    /// throughput over it.
+    pub adjacent_tcp_mib_s: Option<f64>,
+    pub throughput_vs_adjacent_tcp: Option<f64>,
     /// The destination's state before `vmm remote resume` (a paused source stays paused there).
     pub destination_state: Option<String>,
     /// The destination's micro guest: final pass count and its memory check.
@@ -111,6 +121,8 @@ impl StreamSample {
             downtime_ms: None,
             report_mib_s: None,
             wall_ms: None,
+            adjacent_tcp_mib_s: None,
+            throughput_vs_adjacent_tcp: None,
             destination_state: None,
             final_passes: None,
             pages_checked: None,
@@ -210,31 +222,29 @@ fn remote_ok(
     Ok(v)
 }
 
-/// Migrates the paused micro guest once (see the module's documentation) and returns the
-/// filled sample; an error leaves the logs in `dir`.
-#[allow(clippy::too_many_arguments)]
+/// Migrates the paused micro guest once (see the module's documentation) for `sample`'s tool
+/// and region, filling `sample` (what was measured stays there on error); `tcp_copy` times the raw TCP copy done just before
+/// the migration. An error leaves the logs in `dir`.
 pub fn run(
     hosts: &TwoHosts,
     cfg: &Config,
-    tool: Tool,
-    region_mib: u64,
-    run: usize,
     port: u16,
     dir: &Path,
     progress: &dyn Fn(&str),
-) -> Result<StreamSample, StreamError> {
-    let mut sample = StreamSample::new(tool, run, region_mib);
+    tcp_copy: &dyn Fn() -> Result<f64, crate::baseline::BaselineError>,
+    sample: &mut StreamSample,
+) -> Result<(), StreamError> {
     let p = |name: &str| dir.join(name).display().to_string();
     let uri = format!("tcp://{}:{port}", hosts.addr_b);
     let (src_sock, dst_sock) = (p("src.sock"), p("dst.sock"));
-    let creds = vmm::credentials(tool, dir);
+    let creds = vmm::credentials(sample.tool, dir);
 
     progress("filling the source's memory");
     let start = Instant::now();
     let mut cmd = hosts.command(Side::A, &cfg.vmm);
     cmd.arg("run")
         .args(["--micro", "--pattern", "sweep", "--verify"])
-        .args(["--region-mib", &region_mib.to_string()])
+        .args(["--region-mib", &sample.region_mib.to_string()])
         .args(["--mem", &format!("{}M", sample.mem_mib)])
         .args(["--passes", "0", "--console", "none", "--json"])
         .args(["--api-socket", &src_sock]);
@@ -301,6 +311,9 @@ pub fn run(
     let mut dst = ChildGuard::spawn("destination vmm", cmd, &dst_log)?;
     guest::wait_listening(&mut dst, port, Duration::from_secs(30), &dst_log)?;
 
+    progress("raw TCP copy");
+    sample.adjacent_tcp_mib_s = Some(tcp_copy()?);
+
     progress("migrating");
     let downtime = cfg.downtime_ms.to_string();
     let bandwidth = cfg.max_bandwidth_mib.to_string();
@@ -343,6 +356,8 @@ pub fn run(
         .into());
     }
     sample.read_report(&report);
+    sample.throughput_vs_adjacent_tcp =
+        crate::stats::ratio(sample.throughput_mib_s(), sample.adjacent_tcp_mib_s);
     drop(src);
 
     progress("checking on the destination");
@@ -390,8 +405,7 @@ pub fn run(
         run_report(&String::from_utf8_lossy(&text)).ok_or_else(|| StreamError::NoRunReport {
             log: dst_log.display().to_string(),
         })?;
-    sample.read_run_report(&rep, passes)?;
-    Ok(sample)
+    sample.read_run_report(&rep, passes)
 }
 
 #[cfg(test)]

@@ -571,6 +571,10 @@ pub(crate) struct StreamGroup {
     pub(crate) throughput_mib_s: Option<f64>,
     /// throughput_mib_s / the raw TCP median of the same bench run.
     pub(crate) throughput_vs_tcp: Option<f64>,
+    /// The raw TCP copies timed just before each ok migration (median), and the median of each
+    /// migration's throughput over its own copy (side by side).
+    pub(crate) adjacent_tcp_mib_s: Option<f64>,
+    pub(crate) throughput_vs_adjacent_tcp: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -632,6 +636,8 @@ pub(crate) fn summarize_stream(
                 wall_ms: med(&|s| s.wall_ms),
                 throughput_mib_s: throughput,
                 throughput_vs_tcp: ratio(throughput, baseline.tcp_mib_s),
+                adjacent_tcp_mib_s: med(&|s| s.adjacent_tcp_mib_s),
+                throughput_vs_adjacent_tcp: med(&|s| s.throughput_vs_adjacent_tcp),
             }
         })
         .collect();
@@ -670,12 +676,22 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
         s.tcp_mib
     );
     println!(
-        "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9}",
-        "tool", "ok", "MiB sent", "total ms", "down ms", "wall ms", "MiB/s", "/TCP", "TLS/plain"
+        "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9} {:>7} {:>9}",
+        "tool",
+        "ok",
+        "MiB sent",
+        "total ms",
+        "down ms",
+        "wall ms",
+        "MiB/s",
+        "/TCP",
+        "TLS/plain",
+        "adj TCP",
+        "/adj TCP"
     );
     for g in &s.groups {
         println!(
-            "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9}",
+            "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9} {:>7} {:>9}",
             g.tool.name(),
             format!("{}/{}", g.ok, g.runs),
             f(g.mib_sent, 1),
@@ -689,12 +705,19 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
             } else {
                 "-".into()
             },
+            f(g.adjacent_tcp_mib_s, 0),
+            f(g.throughput_vs_adjacent_tcp, 3),
         );
     }
     println!(
-        "MiB/s: MiB sent / vmm's total_ms, median; /TCP: that over the raw TCP median; ok: the"
+        "MiB/s: MiB sent / vmm's total_ms, median; /TCP: that over the raw TCP median above; adj"
     );
-    println!("destination's micro guest ran on and its memory check found no page wrong.");
+    println!(
+        "TCP: a raw TCP copy ({} MiB) timed just before each migration, both VMs paused (median);",
+        s.tcp_mib
+    );
+    println!("/adj TCP: median of each migration's MiB/s over its own copy. ok: the destination's");
+    println!("micro guest ran on and its memory check found no page wrong.");
     for k in &s.skipped {
         println!("stream: skipped {}: {}", k.tool.name(), k.reason);
     }
@@ -713,11 +736,13 @@ mod tests {
     use super::*;
     use stream::StreamSample;
 
-    fn sample(tool: Tool, run: usize, mib: u64, total_ms: f64, ok: bool) -> StreamSample {
+    fn sample(tool: Tool, run: usize, total_ms: f64, tcp: f64, ok: bool) -> StreamSample {
         let mut s = StreamSample::new(tool, run, 512);
-        s.bytes = Some(mib << 20);
+        s.bytes = Some(512 << 20);
         s.total_ms = Some(total_ms);
         s.zero_pages = Some(10);
+        s.adjacent_tcp_mib_s = Some(tcp);
+        s.throughput_vs_adjacent_tcp = ratio(s.throughput_mib_s(), Some(tcp));
         s.ok = ok;
         s
     }
@@ -732,13 +757,14 @@ mod tests {
             runs: vec![],
         };
         let samples = vec![
-            // vmm: 512 MiB in 0.5, 0.4, 0.25 s -> 1024, 1280, 2048 MiB/s: median 1280.
-            sample(Tool::Vmm, 1, 512, 500.0, true),
-            sample(Tool::Vmm, 2, 512, 400.0, true),
-            sample(Tool::Vmm, 3, 512, 250.0, true),
+            // vmm: 512 MiB in 0.5, 0.4, 0.25 s -> 1024, 1280, 2048 MiB/s: median 1280; over
+            // the copies just before (2048, 1600, 2048): 0.5, 0.8, 1.0, median 0.8.
+            sample(Tool::Vmm, 1, 500.0, 2048.0, true),
+            sample(Tool::Vmm, 2, 400.0, 1600.0, true),
+            sample(Tool::Vmm, 3, 250.0, 2048.0, true),
             // vmm+tls: the failed run is left out of the medians.
-            sample(Tool::VmmTls, 1, 512, 800.0, true),
-            sample(Tool::VmmTls, 2, 512, 1.0, false),
+            sample(Tool::VmmTls, 1, 800.0, 1280.0, true),
+            sample(Tool::VmmTls, 2, 1.0, 9999.0, false),
         ];
         let tools = [Tool::Qemu, Tool::Vmm, Tool::VmmTls];
         let s = summarize_stream(512, &base, &tools, samples);
@@ -750,8 +776,11 @@ mod tests {
         assert_eq!(v.throughput_vs_tcp, Some(0.64));
         assert_eq!(v.total_ms, Some(400.0));
         assert_eq!(v.mib_sent, Some(512.0));
+        assert_eq!(v.adjacent_tcp_mib_s, Some(2048.0));
+        assert_eq!(v.throughput_vs_adjacent_tcp, Some(0.8));
         assert_eq!((t.tool, t.runs, t.ok), (Tool::VmmTls, 2, 1));
         assert_eq!(t.throughput_mib_s, Some(640.0));
+        assert_eq!(t.throughput_vs_adjacent_tcp, Some(0.5));
         assert_eq!(s.tls_over_plain, Some(0.5));
         assert_eq!(s.skipped.len(), 1);
         assert_eq!(s.skipped[0].tool, Tool::Qemu);
