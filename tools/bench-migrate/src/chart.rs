@@ -3,10 +3,15 @@
 //! downtime marked on each bar. A mode whose source reports no parts (hybrid) gets one unsplit
 //! segment of its median downtime.
 //!
+//! With the stream scenario (`--stream-mib`) a second panel below it: throughput bars of vmm,
+//! vmm+tls and the raw TCP copy of the same run, each marked with its MiB/s and its ratio to
+//! raw TCP. The stream panel alone when no Linux-guest vmm run was made (`--stream-only`).
+//!
 //! plotters is built without its `ttf` feature: the SVG holds `<text>` elements and leaves the
 //! glyphs to the viewer.
 
 use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 const WIDTH: u32 = 1000;
@@ -27,7 +32,7 @@ const KINDS: [(&str, RGBColor); 7] = [
 pub enum ChartError {
     #[error("drawing the chart failed: {0}")]
     Draw(#[from] DrawingAreaErrorKind<std::io::Error>),
-    #[error("nothing to draw: no vmm run succeeded")]
+    #[error("nothing to draw: no vmm run succeeded and no stream figure")]
     Empty,
 }
 
@@ -44,6 +49,14 @@ pub struct ChartInput {
     pub bars: Vec<Bar>,
 }
 
+/// The stream panel: (label, MiB/s) bars, the raw TCP copy's last, and that copy's MiB/s (the
+/// ratios' denominator).
+pub struct StreamChart {
+    pub title: String,
+    pub bars: Vec<(String, f64)>,
+    pub tcp_mib_s: Option<f64>,
+}
+
 fn colour(kind: &str) -> RGBColor {
     KINDS
         .iter()
@@ -51,11 +64,95 @@ fn colour(kind: &str) -> RGBColor {
         .map_or(BLACK, |&(_, c)| c)
 }
 
-/// Renders `input` as a standalone SVG document.
-pub fn render(input: &ChartInput) -> Result<String, ChartError> {
-    if input.bars.is_empty() {
+/// Renders `input` (and `stream`, in a panel below it) as a standalone SVG document.
+pub fn render(input: &ChartInput, stream: Option<&StreamChart>) -> Result<String, ChartError> {
+    let stream = stream.filter(|s| !s.bars.is_empty());
+    let downtime = !input.bars.is_empty();
+    let panels = u32::from(downtime) + u32::from(stream.is_some());
+    if panels == 0 {
         return Err(ChartError::Empty);
     }
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT * panels)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let areas = root.split_evenly((panels as usize, 1));
+        let mut areas = areas.iter();
+        if downtime {
+            if let Some(area) = areas.next() {
+                draw_downtime(area, input)?;
+            }
+        }
+        if let (Some(s), Some(area)) = (stream, areas.next()) {
+            draw_stream(area, s)?;
+        }
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// The stream panel: one bar per tool and the raw TCP copy, labelled with MiB/s and / TCP.
+fn draw_stream(root: &Area<'_>, s: &StreamChart) -> Result<(), ChartError> {
+    let n = s.bars.len() as i32;
+    let top = s.bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1.0) * 1.2;
+    let mut chart = ChartBuilder::on(root)
+        .caption(&s.title, (FONT, 18))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)?;
+    let labels: Vec<&str> = s.bars.iter().map(|b| b.0.as_str()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(labels.len())
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => labels
+                .get(*i as usize)
+                .map_or(String::new(), |l| l.to_string()),
+            SegmentValue::Last => String::new(),
+        })
+        .y_desc("MiB/s (median)")
+        .label_style((FONT, 14))
+        .draw()?;
+    // The raw TCP bar is the last one, when there is a TCP figure.
+    let tcp_bar = s.tcp_mib_s.map(|_| s.bars.len() - 1);
+    chart.draw_series(s.bars.iter().enumerate().map(|(i, b)| {
+        // The raw TCP bar (last) grey, the stream bars in the first kind's blue.
+        let c = if Some(i) == tcp_bar {
+            KINDS[6].1
+        } else {
+            KINDS[0].1
+        };
+        let x = i as i32;
+        let mut r = Rectangle::new(
+            [
+                (SegmentValue::Exact(x), 0.0),
+                (SegmentValue::Exact(x + 1), b.1),
+            ],
+            c.filled(),
+        );
+        r.set_margin(0, 0, 30, 30);
+        r
+    }))?;
+    chart.draw_series(s.bars.iter().enumerate().map(|(i, b)| {
+        let text = match s.tcp_mib_s.filter(|t| *t > 0.0) {
+            Some(t) if Some(i) != tcp_bar => format!("{:.0} MiB/s ({:.2} x TCP)", b.1, b.1 / t),
+            _ => format!("{:.0} MiB/s", b.1),
+        };
+        Text::new(
+            text,
+            (SegmentValue::CenterOf(i as i32), b.1 + top * 0.03),
+            (FONT, 14).into_font().color(&BLACK),
+        )
+    }))?;
+    Ok(())
+}
+
+/// The downtime panel (see the module's documentation).
+fn draw_downtime(root: &Area<'_>, input: &ChartInput) -> Result<(), ChartError> {
     let n = input.bars.len() as i32;
     let top = input
         .bars
@@ -64,11 +161,8 @@ pub fn render(input: &ChartInput) -> Result<String, ChartError> {
         .fold(0.0, f64::max)
         .max(1.0)
         * 1.2;
-    let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (WIDTH, HEIGHT)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(root)
             .caption(&input.title, (FONT, 18))
             .margin(16)
             .x_label_area_size(40)
@@ -143,9 +237,8 @@ pub fn render(input: &ChartInput) -> Result<String, ChartError> {
             .border_style(BLACK)
             .label_font((FONT, 13))
             .draw()?;
-        root.present()?;
     }
-    Ok(svg)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -169,7 +262,7 @@ mod tests {
                 },
             ],
         };
-        let svg = render(&input).expect("renders");
+        let svg = render(&input, None).expect("renders");
         for text in [
             "precopy vmm",
             "hybrid vmm+gpu",
@@ -179,10 +272,32 @@ mod tests {
         ] {
             assert!(svg.contains(text), "{text} missing");
         }
-        assert!(render(&ChartInput {
+        let empty = ChartInput {
             title: "t".into(),
-            bars: vec![]
-        })
-        .is_err());
+            bars: vec![],
+        };
+        assert!(render(&empty, None).is_err());
+        let stream = StreamChart {
+            title: "stream".into(),
+            bars: vec![
+                ("vmm".into(), 1800.0),
+                ("vmm+tls".into(), 900.0),
+                ("raw TCP".into(), 2000.0),
+            ],
+            tcp_mib_s: Some(2000.0),
+        };
+        // The stream panel alone (--stream-only), then both.
+        let svg = render(&empty, Some(&stream)).expect("renders");
+        for text in [
+            "vmm+tls",
+            "raw TCP",
+            "1800 MiB/s (0.90 x TCP)",
+            "2000 MiB/s",
+        ] {
+            assert!(svg.contains(text), "{text} missing");
+        }
+        let both = render(&input, Some(&stream)).expect("renders");
+        assert!(both.contains("precopy vmm") && both.contains("0.45 x TCP"));
+        assert!(both.contains(&format!("height=\"{}\"", 2 * HEIGHT)));
     }
 }

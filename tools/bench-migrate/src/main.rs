@@ -19,6 +19,11 @@
 //! `vmm` migrates over plain TCP (`--insecure`), `vmm+tls` over TLS 1.3 with a pre-shared key
 //! (`--tls-psk`, rustls in userland: this host has no kTLS), same guest, same run: the summary
 //! gives both throughputs per mode and their ratio, TLS's cost.
+//!
+//! `--stream-mib N` adds the stream scenario (stream.rs): vmm's micro guest sweeps N MiB (every
+//! page non-zero), is paused and migrated by precopy, per tool `vmm` and `vmm+tls`; its MiB/s
+//! is set against the raw TCP copy of the same run (`--tcp-mib` then defaults to N).
+//! `--stream-only` runs that scenario alone (no Linux guest, no QEMU).
 
 mod baseline;
 mod chart;
@@ -27,6 +32,7 @@ mod qemu;
 mod qmp;
 mod sample;
 mod stats;
+mod stream;
 mod summary;
 mod vmm;
 
@@ -39,7 +45,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use sample::{Mode, Sample, Tool};
-use summary::{chart_input, print_table, summarize, DeviceSummary, Skipped, Summary};
+use summary::{
+    chart_input, print_table, stream_chart_input, summarize, DeviceSummary, Skipped, Summary,
+};
 use vmm_tests::netns::{Side, TwoHosts};
 
 /// vmm's kernel command line (vmm/src/boot/linux.rs `BASE_CMDLINE`), so both VMMs boot the guest
@@ -91,9 +99,22 @@ struct Args {
     /// Time the workload runs untracked between the source's first pass and the migration.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
-    /// MiB written for the raw TCP throughput baseline.
-    #[arg(long, default_value_t = 256)]
-    tcp_mib: u64,
+    /// MiB written for the raw TCP throughput baseline (default: 256, or --stream-mib's N
+    /// when the stream scenario runs, so both move a similar volume).
+    #[arg(long)]
+    tcp_mib: Option<u64>,
+    /// The stream scenario: vmm's micro guest sweeps N MiB (every page stamped, non-zero), is
+    /// paused and migrated by precopy (one full round, an empty stop-and-copy), once per run for
+    /// each of `vmm` and `vmm+tls` in --tools (qemu and vmm+gpu are skipped), and its throughput
+    /// is compared with the raw TCP copy of the same run. The destination resumes it, runs one
+    /// more pass and checks its memory against the model: a run counts only if that passes.
+    /// 0: off.
+    #[arg(long, default_value_t = 0)]
+    stream_mib: u64,
+    /// Run only the stream scenario (needs --stream-mib): no Linux guest migrations, so no
+    /// guest images and no QEMU either.
+    #[arg(long, requires = "stream_mib")]
+    stream_only: bool,
     /// 4 KiB round trips timed for the RTT baseline.
     #[arg(long, default_value_t = 2000)]
     rtt_samples: usize,
@@ -245,6 +266,36 @@ fn main() -> Result<()> {
     modes.sort();
     modes.dedup();
 
+    if args.stream_only && args.stream_mib == 0 {
+        bail!("--stream-only needs --stream-mib N (N > 0)");
+    }
+    if args.stream_only {
+        modes.clear();
+    }
+    let stream_tools: Vec<Tool> = if args.stream_mib > 0 {
+        tools
+            .iter()
+            .copied()
+            .filter(|&t| summary::stream_refuses(t).is_none())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if args.stream_mib > 0 {
+        for &t in &tools {
+            if let Some(reason) = summary::stream_refuses(t) {
+                eprintln!("stream: skipping {}: {reason}", t.name());
+            }
+        }
+        if stream_tools.is_empty() {
+            bail!("--stream-mib needs vmm or vmm+tls in --tools");
+        }
+    }
+    let tcp_mib = args.tcp_mib.unwrap_or(if args.stream_mib > 0 {
+        args.stream_mib
+    } else {
+        256
+    });
     let mut skipped = Vec::new();
     for &mode in &modes {
         for &tool in &tools {
@@ -259,7 +310,7 @@ fn main() -> Result<()> {
         .flat_map(|&m| tools.iter().map(move |&t| (m, t)))
         .filter(|&(m, t)| t.refuses(m).is_none())
         .collect();
-    let steps = (runs * (1 + pairs.len())) as u64;
+    let steps = (runs * (1 + pairs.len() + stream_tools.len())) as u64;
     let pb = ProgressBar::new(steps);
     pb.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
@@ -297,15 +348,21 @@ fn main() -> Result<()> {
         dma_pages_s: args.dma_pages_s,
         dirty: args.device_dirty.clone(),
     };
-    if tools.contains(&Tool::VmmGpu) {
+    let linux_tools = |t: &Tool| pairs.iter().any(|&(_, p)| p == *t);
+    if pairs.iter().any(|&(_, t)| t == Tool::VmmGpu) {
         vmm::check_device_support(&vmm_bin, &device).context("vmm+gpu preflight")?;
     }
-    let qemu_version = if tools.contains(&Tool::Qemu) {
+    let qemu_version = if linux_tools(&Tool::Qemu) {
         Some(qemu::ensure_installed()?)
     } else {
         None
     };
-    let (kernel, initrd) = guest::images(args.kernel.clone(), args.initrd.clone())?;
+    // The stream scenario alone boots no Linux guest.
+    let (kernel, initrd) = if pairs.is_empty() {
+        (PathBuf::new(), PathBuf::new())
+    } else {
+        guest::images(args.kernel.clone(), args.initrd.clone())?
+    };
     let cfg = Config {
         vmm: vmm_bin.clone(),
         kernel,
@@ -337,11 +394,12 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
 
     let mut samples = Vec::new();
+    let mut stream_samples = Vec::new();
     let mut baselines = Vec::new();
     let mut port = 4400u16;
     for run in 1..=runs {
         pb.set_message(format!("run {run}/{runs}: TCP baselines"));
-        let b = baseline::measure(&ns_a, &ns_b, hosts.addr_b, args.tcp_mib, args.rtt_samples)
+        let b = baseline::measure(&ns_a, &ns_b, hosts.addr_b, tcp_mib, args.rtt_samples)
             .context("TCP baseline between the namespaces")?;
         say(
             &pb,
@@ -391,6 +449,45 @@ fn main() -> Result<()> {
             samples.push(sample);
             pb.inc(1);
         }
+        for &tool in &stream_tools {
+            port += 1;
+            let dir = log_dir.join(format!("run{run}-{}-stream", tool.name()));
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let label = format!(
+                "run {run}/{runs}: {} stream {} MiB",
+                tool.name(),
+                args.stream_mib
+            );
+            let progress = |stage: &str| pb.set_message(format!("{label}: {stage}"));
+            let tcp_copy = || baseline::throughput(&ns_a, &ns_b, hosts.addr_b, tcp_mib);
+            let mut sample = stream::StreamSample::new(tool, run, args.stream_mib);
+            let result = stream::run(&hosts, &cfg, port, &dir, &progress, &tcp_copy, &mut sample);
+            if let Err(e) = result {
+                sample.ok = false;
+                sample.error = Some(format!("{e:#} (logs: {})", dir.display()));
+            }
+            let f = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.0}"));
+            let line = if sample.ok {
+                format!(
+                    "{label}: total {} ms, downtime {} ms, {} MiB, {} MiB/s, {} zero pages; raw TCP \
+                     just before {} MiB/s",
+                    f(sample.total_ms),
+                    f(sample.downtime_ms),
+                    f(sample.mib_sent()),
+                    f(sample.throughput_mib_s()),
+                    f(sample.zero_pages.map(|z| z as f64)),
+                    f(sample.adjacent_tcp_mib_s),
+                )
+            } else {
+                format!(
+                    "{label}: FAILED: {}",
+                    sample.error.as_deref().unwrap_or("?")
+                )
+            };
+            say(&pb, line);
+            stream_samples.push(sample);
+            pb.inc(1);
+        }
     }
     pb.finish_and_clear();
     drop(hosts);
@@ -398,7 +495,11 @@ fn main() -> Result<()> {
     let (baseline, groups, comparisons, device_comparisons) =
         summarize(&samples, &baselines, &tools, &modes);
     let tls_comparisons = summary::tls_comparisons(&groups, &modes);
-    let failed = samples.iter().filter(|s| !s.ok).count();
+    let failed =
+        samples.iter().filter(|s| !s.ok).count() + stream_samples.iter().filter(|s| !s.ok).count();
+    let migrations = samples.len() + stream_samples.len();
+    let stream = (args.stream_mib > 0)
+        .then(|| summary::summarize_stream(args.stream_mib, &baseline, &tools, stream_samples));
     let summary = Summary {
         host: host_kind(),
         placement: PLACEMENT,
@@ -426,13 +527,17 @@ fn main() -> Result<()> {
         tls_comparisons,
         skipped,
         samples,
+        stream,
     };
     if let Some(path) = &args.json_file {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.svg {
-        let svg = chart::render(&chart_input(&summary))?;
+        let svg = chart::render(
+            &chart_input(&summary),
+            stream_chart_input(&summary).as_ref(),
+        )?;
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("chart: {}", path.display());
     }
@@ -443,8 +548,7 @@ fn main() -> Result<()> {
     }
     if failed > 0 {
         bail!(
-            "{failed} of {} migrations failed; logs kept in {}",
-            summary.samples.len(),
+            "{failed} of {migrations} migrations failed; logs kept in {}",
             log_dir.display()
         );
     }

@@ -138,7 +138,7 @@ pub fn check_support(bin: &Path) -> Result<(), VmmError> {
 }
 
 /// Runs a `vmm remote` command to completion within `limit`, returning (status, stdout, stderr).
-fn remote(
+pub(crate) fn remote(
     hosts: &TwoHosts,
     cfg: &Config,
     args: &[&str],
@@ -196,7 +196,7 @@ fn remote(
 
 /// The last JSON object `vmm remote migrate --json` printed (pretty-printed or on one line),
 /// unwrapped from `{"ok":..,"report":{..}}` if it is wrapped, and whether it says ok.
-fn parse_report(stdout: &str) -> Option<(bool, Value)> {
+pub(crate) fn parse_report(stdout: &str) -> Option<(bool, Value)> {
     let whole = serde_json::Deserializer::from_str(stdout)
         .into_iter::<Value>()
         .map_while(Result::ok)
@@ -278,6 +278,47 @@ fn read_report(sample: &mut Sample, report: &Value) {
     }
 }
 
+/// The link's credentials on both sides: `vmm+tls` gets TLS 1.3 with a pre-shared key (made in
+/// `dir`), the others plain TCP, named so (`--insecure`).
+pub(crate) fn credentials(tool: Tool, dir: &Path) -> Vec<String> {
+    if tool == Tool::VmmTls {
+        let psk = vmm_tests::tls::psk_file(dir, "keys.psk");
+        vec!["--tls-psk".into(), psk.display().to_string()]
+    } else {
+        vec!["--insecure".into()]
+    }
+}
+
+/// Waits (30 s at most) until a destination serves its API on `sock`, which it does only once
+/// the migrated VM is its own; fails early if it exits (its output is in `log`).
+pub(crate) fn wait_api_socket(
+    dst: &mut ChildGuard,
+    sock: &Path,
+    log: &Path,
+) -> Result<(), VmmError> {
+    const SECS: u64 = 30;
+    let t = Instant::now();
+    while !sock.exists() {
+        if let Some(status) = dst.exited() {
+            return Err(GuestError::Exited {
+                what: dst.what.clone(),
+                status,
+                waiting_for: "its API socket".into(),
+                log: log.to_path_buf(),
+            }
+            .into());
+        }
+        if t.elapsed() > Duration::from_secs(SECS) {
+            return Err(VmmError::NoApiSocket {
+                path: sock.display().to_string(),
+                secs: SECS,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Migrates once; returns the filled sample (ok only if the destination verified its memory).
 /// With `tool` [`Tool::VmmGpu`], each side gets its own test device server (in its namespace)
 /// passed through, the source's page writer runs through the migration, and the destination
@@ -323,14 +364,7 @@ pub fn run(
         )?);
     }
 
-    // vmm+tls: TLS 1.3 with a pre-shared key on both sides; the others plain TCP, named so.
-    let psk = dir.join("keys.psk");
-    let creds: Vec<String> = if tool == Tool::VmmTls {
-        vmm_tests::tls::psk_file(dir, "keys.psk");
-        vec!["--tls-psk".into(), psk.display().to_string()]
-    } else {
-        vec!["--insecure".into()]
-    };
+    let creds = credentials(tool, dir);
 
     progress("booting the source guest");
     let start = Instant::now();
@@ -429,25 +463,7 @@ pub fn run(
     drop(src);
 
     progress("verifying on the destination");
-    let t = Instant::now();
-    while !Path::new(&dst_sock).exists() {
-        if let Some(status) = dst.exited() {
-            return Err(GuestError::Exited {
-                what: dst.what.clone(),
-                status,
-                waiting_for: "its API socket".into(),
-                log: dir.join("dst.stdout"),
-            }
-            .into());
-        }
-        if t.elapsed() > Duration::from_secs(30) {
-            return Err(VmmError::NoApiSocket {
-                path: dst_sock,
-                secs: 30,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_api_socket(&mut dst, Path::new(&dst_sock), &dir.join("dst.stdout"))?;
     let mut command = "workload-stop;workload-verify".to_string();
     if device.is_some() {
         command += &format!(";vfio-workload,{DEVICE_BDF},stop");
