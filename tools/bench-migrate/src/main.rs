@@ -96,6 +96,10 @@ struct Args {
     /// vmm's dirty tracker.
     #[arg(long, default_value = "bitmap")]
     tracker: String,
+    /// vmm's data connections for precopy pages (`vmm remote migrate --channels`; default:
+    /// vmm's own).
+    #[arg(long)]
+    channels: Option<u8>,
     /// Time the workload runs untracked between the source's first pass and the migration.
     #[arg(long, default_value_t = 2000)]
     settle_ms: u64,
@@ -176,6 +180,8 @@ pub struct Config {
     pub downtime_ms: u64,
     pub max_bandwidth_mib: u64,
     pub tracker: String,
+    /// `--channels` for vmm's migrations (None: vmm's default).
+    pub channels: Option<u8>,
     pub settle: Duration,
     pub boot_timeout: Duration,
     pub migrate_timeout: Duration,
@@ -373,6 +379,7 @@ fn main() -> Result<()> {
         downtime_ms: args.downtime_ms,
         max_bandwidth_mib: args.max_bandwidth_mib,
         tracker: args.tracker.clone(),
+        channels: args.channels,
         settle: Duration::from_millis(args.settle_ms),
         boot_timeout: Duration::from_secs(args.boot_timeout_s),
         migrate_timeout: Duration::from_secs(args.migrate_timeout_s),

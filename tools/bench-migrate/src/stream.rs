@@ -335,6 +335,10 @@ pub fn run(
     if cfg.max_bandwidth_mib > 0 {
         args.extend(["--bandwidth-mib-s", &bandwidth]);
     }
+    let channels = cfg.channels.map(|c| c.to_string());
+    if let Some(c) = &channels {
+        args.extend(["--channels", c.as_str()]);
+    }
     let t0 = Instant::now();
     let (status, stdout, stderr) = vmm::remote(hosts, cfg, &args, cfg.migrate_timeout)?;
     sample.wall_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);

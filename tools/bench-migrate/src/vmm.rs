@@ -437,6 +437,10 @@ pub fn run(
     if cfg.max_bandwidth_mib > 0 {
         migrate_args.extend(["--bandwidth-mib-s", &bandwidth]);
     }
+    let channels = cfg.channels.map(|c| c.to_string());
+    if let Some(c) = &channels {
+        migrate_args.extend(["--channels", c.as_str()]);
+    }
     if let Some(dirty) = device.and_then(|d| d.dirty.as_deref()) {
         migrate_args.extend(["--device-dirty", dirty]);
     }
