@@ -476,16 +476,28 @@ pub(crate) fn stream_chart_input(s: &Summary) -> Option<chart::StreamChart> {
     })
 }
 
-/// The device comparison: vmm without and with the device, per mode, and where the downtime went.
+/// Where vmm's downtime went, per tool and mode, and the device comparison (vmm without and
+/// with the device) when vmm+gpu ran.
 pub(crate) fn print_device_table(s: &Summary) {
-    if s.device_comparisons.is_empty() && !s.groups.iter().any(|g| g.tool == Tool::VmmGpu) {
+    let with_device =
+        !s.device_comparisons.is_empty() || s.groups.iter().any(|g| g.tool == Tool::VmmGpu);
+    let with_parts = s
+        .groups
+        .iter()
+        .any(|g| g.tool.is_vmm() && g.downtime_parts.is_some());
+    if !with_device && !with_parts {
         return;
     }
     let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
     println!();
-    println!(
-        "device: vmm without and with the test device passed through (medians, ms unless named)"
-    );
+    if with_device {
+        println!(
+            "downtime parts, and vmm without and with the test device passed through (medians, ms \
+             unless named)"
+        );
+    } else {
+        println!("downtime parts: where vmm's downtime went (medians, ms)");
+    }
     println!(
         "{:<7} {:<8} {:>5} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>9} {:>9} {:>6} {:>7}",
         "tool",
