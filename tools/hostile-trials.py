@@ -33,8 +33,12 @@ OTHER_KEY = "hostile:" + "cd" * 32
 
 # --- the migration protocol's frames (vmm/src/migration/protocol.rs) ---------------------------
 
+# protocol.rs `VERSION`: a peer speaking another is refused before anything else is read.
+PROTOCOL_VERSION = 3
+
+
 def frame(kind, payload, seq=0):
-    head = struct.pack("<4sHHQI", b"VMMF", 2, kind, seq, len(payload))
+    head = struct.pack("<4sHHQI", b"VMMF", PROTOCOL_VERSION, kind, seq, len(payload))
     return head + struct.pack("<I", zlib.crc32(head + payload) & 0xFFFFFFFF) + payload
 
 

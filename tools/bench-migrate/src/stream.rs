@@ -315,30 +315,8 @@ pub fn run(
     sample.adjacent_tcp_mib_s = Some(tcp_copy()?);
 
     progress("migrating");
-    let downtime = cfg.downtime_ms.to_string();
-    let bandwidth = cfg.max_bandwidth_mib.to_string();
-    let mut args = vec![
-        "--api-socket",
-        &src_sock,
-        "migrate",
-        "--to",
-        &uri,
-        "--mode",
-        Mode::Precopy.name(),
-        "--tracker",
-        &cfg.tracker,
-        "--downtime-ms",
-        &downtime,
-        "--json",
-    ];
-    args.extend(creds.iter().map(String::as_str));
-    if cfg.max_bandwidth_mib > 0 {
-        args.extend(["--bandwidth-mib-s", &bandwidth]);
-    }
-    let channels = cfg.channels.map(|c| c.to_string());
-    if let Some(c) = &channels {
-        args.extend(["--channels", c.as_str()]);
-    }
+    let args = vmm::migrate_args(cfg, &src_sock, &uri, Mode::Precopy, &creds);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let t0 = Instant::now();
     let (status, stdout, stderr) = vmm::remote(hosts, cfg, &args, cfg.migrate_timeout)?;
     sample.wall_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);

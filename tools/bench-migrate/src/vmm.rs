@@ -137,6 +137,45 @@ pub fn check_support(bin: &Path) -> Result<(), VmmError> {
     Ok(())
 }
 
+/// `vmm remote` arguments of a migration from `src_sock` to `uri`, with the bench's settings
+/// and the link's credentials.
+pub(crate) fn migrate_args(
+    cfg: &Config,
+    src_sock: &str,
+    uri: &str,
+    mode: Mode,
+    creds: &[String],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--api-socket",
+        src_sock,
+        "migrate",
+        "--to",
+        uri,
+        "--mode",
+        mode.name(),
+        "--tracker",
+        &cfg.tracker,
+        "--downtime-ms",
+        &cfg.downtime_ms.to_string(),
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(creds.iter().cloned());
+    if cfg.max_bandwidth_mib > 0 {
+        args.extend([
+            "--bandwidth-mib-s".into(),
+            cfg.max_bandwidth_mib.to_string(),
+        ]);
+    }
+    if let Some(c) = cfg.channels {
+        args.extend(["--channels".into(), c.to_string()]);
+    }
+    args
+}
+
 /// Runs a `vmm remote` command to completion within `limit`, returning (status, stdout, stderr).
 pub(crate) fn remote(
     hosts: &TwoHosts,
@@ -417,33 +456,11 @@ pub fn run(
     std::thread::sleep(cfg.settle);
 
     progress("migrating");
-    let downtime = cfg.downtime_ms.to_string();
-    let bandwidth = cfg.max_bandwidth_mib.to_string();
-    let mut migrate_args = vec![
-        "--api-socket",
-        &src_sock,
-        "migrate",
-        "--to",
-        &uri,
-        "--mode",
-        mode.name(),
-        "--tracker",
-        &cfg.tracker,
-        "--downtime-ms",
-        &downtime,
-        "--json",
-    ];
-    migrate_args.extend(creds.iter().map(String::as_str));
-    if cfg.max_bandwidth_mib > 0 {
-        migrate_args.extend(["--bandwidth-mib-s", &bandwidth]);
-    }
-    let channels = cfg.channels.map(|c| c.to_string());
-    if let Some(c) = &channels {
-        migrate_args.extend(["--channels", c.as_str()]);
-    }
+    let mut migrate_args = migrate_args(cfg, &src_sock, &uri, mode, &creds);
     if let Some(dirty) = device.and_then(|d| d.dirty.as_deref()) {
-        migrate_args.extend(["--device-dirty", dirty]);
+        migrate_args.extend(["--device-dirty".to_string(), dirty.to_string()]);
     }
+    let migrate_args: Vec<&str> = migrate_args.iter().map(String::as_str).collect();
     let t0 = Instant::now();
     let (status, stdout, stderr) = remote(hosts, cfg, &migrate_args, cfg.migrate_timeout)?;
     sample.wall_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
