@@ -219,6 +219,9 @@ fn send_share(
 /// How long the destination waits for each data connection once the main one is accepted.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Round ends (of all channels) reported and not yet taken by main's barrier, at most.
+const EVENTS_QUEUED: usize = 64;
+
 /// What a destination's channel thread reports.
 enum Event {
     RoundEnd {
@@ -291,7 +294,9 @@ impl Receivers {
             links.push(r.get_ref().get_ref().try_clone()?);
             readers[i] = Some(r);
         }
-        let (tx, events) = mpsc::channel();
+        // Bounded: a source that closes rounds on a data connection faster than main's barriers
+        // pass them (a hostile one, endlessly) stalls that connection's thread, not our memory.
+        let (tx, events) = mpsc::sync_channel(EVENTS_QUEUED);
         let stored = Arc::new(Stored::default());
         let table: Vec<(u64, u64)> = ram.iter().map(|r| (r.gpa, r.size)).collect();
         let mut threads = Vec::with_capacity(n as usize);
@@ -413,7 +418,7 @@ fn receive(
     memfd: &File,
     ram: &[RamRange],
     table: &[(u64, u64)],
-    tx: &mpsc::Sender<Event>,
+    tx: &mpsc::SyncSender<Event>,
     stored: &Stored,
 ) -> Result<(), MigrationError> {
     let mut counted = 0u64;
