@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use guest_abi::layout;
 use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress};
 
+use super::image_reader::ImageReader;
 use super::EntryPoint;
 use crate::memory::{GuestMemory, GuestRam};
 
@@ -132,9 +133,32 @@ const CAN_USE_HEAP: u8 = 0x80;
 
 /// Loads kernel, initramfs and command line; writes the zero page. Returns the entry point.
 pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootError> {
-    let mem = ram.memory();
+    let images = load_images(ram.memory(), ram.low_end(), boot)?;
+    write_boot_params(ram, boot, &images)
+}
+
+/// What `load_images` put in guest RAM, for the zero page.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedImages {
+    entry: u64,
+    setup_header: Option<setup_header>,
+    /// Guest address and size of the initramfs.
+    initrd: Option<(u64, u64)>,
+}
+
+/// Puts the kernel and the initramfs in guest RAM (`low_end`: where low RAM ends, below the
+/// MMIO hole). Needs nothing of the VM: a fresh boot runs it while the VM is being made.
+pub fn load_images(
+    mem: &GuestMemory,
+    low_end: u64,
+    boot: &LinuxBoot,
+) -> Result<LoadedImages, LinuxBootError> {
     let format = detect_format(&boot.kernel)?;
-    let mut file = crate::host_file::open_regular(&boot.kernel, "kernel image")?;
+    let file = crate::host_file::open_regular(&boot.kernel, "kernel image")?;
+    let mut file = ImageReader::new(file, mem).map_err(|source| LinuxBootError::ReadKernel {
+        path: boot.kernel.clone(),
+        source,
+    })?;
     let load_err = |source: linux_loader::loader::Error| LinuxBootError::Load {
         path: boot.kernel.clone(),
         source,
@@ -153,10 +177,30 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
             (r, entry)
         }
     };
+    let initrd = match &boot.initrd {
+        Some(initrd) => {
+            let kernel_end = result.kernel_load.raw_value() + result.kernel_end;
+            Some(load_initrd(mem, low_end, initrd, kernel_end)?)
+        }
+        None => None,
+    };
+    Ok(LoadedImages {
+        entry,
+        setup_header: result.setup_header,
+        initrd,
+    })
+}
 
+/// The command line and the zero page for images `load_images` loaded; the entry point.
+pub fn write_boot_params(
+    ram: &GuestRam,
+    boot: &LinuxBoot,
+    images: &LoadedImages,
+) -> Result<EntryPoint, LinuxBootError> {
+    let mem = ram.memory();
     // The kernel copies at most this many bytes (its COMMAND_LINE_SIZE less the NUL): the
     // bzImage header says so; an ELF vmlinux has no header, and x86's size is 2048.
-    let limit = result
+    let limit = images
         .setup_header
         .map(|h| h.cmdline_size as usize)
         .filter(|&n| n > 0)
@@ -175,7 +219,7 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
         .map_err(LinuxBootError::LoadCmdline)?;
 
     let mut params = boot_params::default();
-    if let Some(hdr) = result.setup_header {
+    if let Some(hdr) = images.setup_header {
         params.hdr = hdr;
     }
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
@@ -189,9 +233,7 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
         params.hdr.kernel_alignment = KERNEL_ALIGNMENT;
     }
 
-    if let Some(initrd) = &boot.initrd {
-        let kernel_end = result.kernel_load.raw_value() + result.kernel_end;
-        let (addr, size) = load_initrd(mem, initrd, kernel_end, ram.low_end())?;
+    if let Some((addr, size)) = images.initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
@@ -221,7 +263,7 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
     mem.write_obj(params, GuestAddress(layout::ZERO_PAGE_GPA))?;
 
     Ok(EntryPoint {
-        rip: entry,
+        rip: images.entry,
         rsp: layout::BOOT_STACK_GPA,
         rsi: layout::ZERO_PAGE_GPA,
     })
@@ -231,18 +273,20 @@ pub fn load(ram: &GuestRam, boot: &LinuxBoot) -> Result<EntryPoint, LinuxBootErr
 /// aligned, above the kernel.
 fn load_initrd(
     mem: &GuestMemory,
+    low_end: u64,
     path: &Path,
     kernel_end: u64,
-    low_end: u64,
 ) -> Result<(u64, u64), LinuxBootError> {
-    let mut f = crate::host_file::open_regular(path, "initramfs")?;
+    let f = crate::host_file::open_regular(path, "initramfs")?;
+    let size_err = |source| LinuxBootError::SizeInitrd {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = ImageReader::new(f, mem).map_err(size_err)?;
     let size = f
         .seek(SeekFrom::End(0))
         .and_then(|s| f.seek(SeekFrom::Start(0)).map(|_| s))
-        .map_err(|source| LinuxBootError::SizeInitrd {
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(size_err)?;
     // initrd_addr_max of modern kernels is 0x7fffffff; stay below it and below the hole.
     let limit = low_end.min(0x8000_0000);
     let too_big = || LinuxBootError::InitrdTooBig {

@@ -2,6 +2,7 @@
 //! parameters, MP table, GDT and identity page tables.
 
 pub mod gdt;
+pub mod image_reader;
 pub mod linux;
 pub mod micro;
 pub mod mptable;

@@ -49,7 +49,7 @@ impl Machine {
         let Machine {
             cfg,
             start,
-            slots,
+            images: _,
             setup_marks,
             ram,
             vm,
@@ -70,10 +70,6 @@ impl Machine {
             paging_in,
             on_ended,
         } = self;
-        // `build` and `boot` wait for the registration; nothing runs before it is done.
-        if let Some(slots) = slots {
-            slots.wait()?;
-        }
         let mem = ram.memory();
         let micro = matches!(cfg.guest, GuestConfig::Micro { .. });
         let nr_vcpus = cfg.vcpus as u8;
