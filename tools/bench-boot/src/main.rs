@@ -5,6 +5,7 @@
 //! serial console. vmm's own figures (setup = process start to first KVM_RUN, boot-timer write,
 //! resident memory beyond guest RAM) come from its JSON report. Prints medians of N runs and the
 //! vmm/QEMU ratio; `--json` for scripts. No thresholds: the numbers are the result.
+//! `--startup` measures vmm's start-up alone against a KVM floor (`startup`).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde::Serialize;
+
+mod startup;
 
 #[derive(Parser)]
 #[command(about = "Boot time of the Linux test guest: vmm vs QEMU")]
@@ -40,6 +43,10 @@ struct Args {
     timeout_s: u64,
     #[arg(long)]
     json: bool,
+    /// Measure start-up instead of boot: vmm's set-up time (main entered to first KVM_RUN) for
+    /// the micro and the Linux guest, `--runs` each, against the KVM floor in the same run.
+    #[arg(long)]
+    startup: bool,
 }
 
 const MARKER: &str = guest_abi::agent::READY_MARKER;
@@ -157,6 +164,15 @@ fn main() -> Result<()> {
         "hardware"
     };
     let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+    if args.startup {
+        let summary = startup::run(&args.vmm, &k, &i, args.runs, limit, host)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            startup::print(&summary);
+        }
+        return Ok(());
+    }
     let mut vmm_samples = Vec::new();
     let mut qemu_samples = Vec::new();
     for run in 1..=args.runs {
