@@ -116,17 +116,18 @@ pub(super) fn precopy_rounds(
 ) -> Result<(), MigrationError> {
     let started = Instant::now();
     shared.progress().phase = Phase::Precopy;
-    // Round 1: all of RAM.
-    let all: Vec<(u64, u64)> = shared.ranges.iter().map(|r| (r.gpa, r.size)).collect();
-    let sent = pages.send_round(shared, opts, w, &all, 1)?;
-    devs.send_precopy(w)?;
-    w.send(&Message::RoundEnd {
-        round: 1,
-        pages: sent.pages + sent.zero_pages,
-    })?;
-    w.flush()?;
-    note_round(report, shared, 1, sent, pages.bytes_sent(w));
+    // Round 1: all of RAM; each later one, what the tracker saw written during the one before.
+    let mut runs: Vec<(u64, u64)> = shared.ranges.iter().map(|r| (r.gpa, r.size)).collect();
+    let mut round = 1;
     loop {
+        let sent = pages.send_round(shared, opts, w, &runs, round)?;
+        devs.send_precopy(w)?;
+        w.send(&Message::RoundEnd {
+            round,
+            pages: sent.pages + sent.zero_pages,
+        })?;
+        w.flush()?;
+        note_round(report, shared, round, sent, pages.bytes_sent(w));
         dirty.clear();
         if let Some(t) = tracker.as_deref_mut() {
             t.harvest(dirty)?;
@@ -161,15 +162,8 @@ pub(super) fn precopy_rounds(
             report.switchover = Some(why);
             return Ok(());
         }
-        let round = report.rounds + 1;
-        let sent = pages.send_round(shared, opts, w, &dirty.runs(), round)?;
-        devs.send_precopy(w)?;
-        w.send(&Message::RoundEnd {
-            round,
-            pages: sent.pages + sent.zero_pages,
-        })?;
-        w.flush()?;
-        note_round(report, shared, round, sent, pages.bytes_sent(w));
+        round = report.rounds + 1;
+        runs = dirty.runs();
     }
 }
 
