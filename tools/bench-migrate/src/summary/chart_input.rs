@@ -5,13 +5,18 @@
 use super::Summary;
 use crate::chart;
 
-/// The chart's bars: per mode, vmm then vmm+gpu, each with its downtime parts' medians.
-pub(crate) fn chart_input(s: &Summary) -> chart::ChartInput {
-    let runs = if s.runs == 1 {
+/// How many runs each figure stands for, as both panels' titles say it.
+fn runs_phrase(s: &Summary) -> String {
+    if s.runs == 1 {
         "a single run".to_string()
     } else {
         format!("medians of {} runs", s.runs)
-    };
+    }
+}
+
+/// The chart's bars: per mode, vmm then vmm+gpu, each with its downtime parts' medians.
+pub(crate) fn chart_input(s: &Summary) -> chart::ChartInput {
+    let runs = runs_phrase(s);
     let bars = s
         .groups
         .iter()
@@ -57,11 +62,7 @@ pub(crate) fn stream_chart_input(s: &Summary) -> Option<chart::StreamChart> {
             "stream: micro guest, {} MiB swept, paused, precopy; host {}, {}",
             st.region_mib,
             s.host,
-            if s.runs == 1 {
-                "a single run".to_string()
-            } else {
-                format!("medians of {} runs", s.runs)
-            }
+            runs_phrase(s)
         ),
         bars,
         tcp_mib_s: st.tcp_mib_s,

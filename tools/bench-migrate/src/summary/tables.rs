@@ -6,8 +6,12 @@ use super::{StreamSummary, Summary};
 use crate::sample::{DowntimeParts, Tool};
 use crate::PLACEMENT;
 
+/// A median in a table: `prec` decimals, or "-" where there is none, so that columns line up.
+fn cell(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".to_string(), |x| format!("{x:.prec$}"))
+}
+
 pub(crate) fn print_table(s: &Summary) {
-    let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
     println!(
         "live migration, host {} ({}), medians of {} run(s) per row",
         s.host,
@@ -43,10 +47,10 @@ pub(crate) fn print_table(s: &Summary) {
     let b = &s.baseline;
     println!(
         "baseline a->b: TCP {} MiB/s ({} MiB, one connection); 4 KiB ping-pong RTT p50 {} us, p99 {} us",
-        f(b.tcp_mib_s, 0),
+        cell(b.tcp_mib_s, 0),
         b.tcp_mib,
-        f(b.rtt_p50_us, 1),
-        f(b.rtt_p99_us, 1)
+        cell(b.rtt_p50_us, 1),
+        cell(b.rtt_p99_us, 1)
     );
     if linux {
         print_linux_table(s);
@@ -58,7 +62,6 @@ pub(crate) fn print_table(s: &Summary) {
 
 /// The Linux guest's migrations: per tool and mode, the comparisons, what failed.
 fn print_linux_table(s: &Summary) {
-    let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
     println!();
     println!(
         "{:<7} {:<9} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7}",
@@ -87,16 +90,16 @@ fn print_linux_table(s: &Summary) {
             g.tool.name(),
             mode,
             format!("{}/{}", g.ok, g.runs),
-            f(g.total_ms, 0),
-            f(g.downtime_ms, 0),
-            f(g.wall_ms, 0),
-            f(g.mib_sent, 1),
-            f(g.throughput_mib_s, 0),
-            f(g.throughput_vs_tcp, 3),
-            f(g.rounds, 0),
-            f(g.postcopy_faults, 0),
-            f(g.fault_us, 0),
-            f(g.fault_vs_rtt, 1),
+            cell(g.total_ms, 0),
+            cell(g.downtime_ms, 0),
+            cell(g.wall_ms, 0),
+            cell(g.mib_sent, 1),
+            cell(g.throughput_mib_s, 0),
+            cell(g.throughput_vs_tcp, 3),
+            cell(g.rounds, 0),
+            cell(g.postcopy_faults, 0),
+            cell(g.fault_us, 0),
+            cell(g.fault_vs_rtt, 1),
         );
     }
     println!();
@@ -104,8 +107,8 @@ fn print_linux_table(s: &Summary) {
         println!(
             "vmm/qemu {:<9} downtime {}  total {}",
             c.mode.name(),
-            f(c.downtime_vmm_over_qemu, 3),
-            f(c.total_vmm_over_qemu, 3)
+            cell(c.downtime_vmm_over_qemu, 3),
+            cell(c.total_vmm_over_qemu, 3)
         );
     }
     print_device_table(s);
@@ -114,13 +117,13 @@ fn print_linux_table(s: &Summary) {
             "TLS cost {:<9} throughput plain TCP {} MiB/s, TLS (PSK) {} MiB/s, TLS/plain {}; \
              total {} / {} ms, downtime {} / {} ms",
             c.mode.name(),
-            f(c.plain_mib_s, 0),
-            f(c.tls_mib_s, 0),
-            f(c.tls_over_plain, 3),
-            f(c.plain_total_ms, 0),
-            f(c.tls_total_ms, 0),
-            f(c.plain_downtime_ms, 0),
-            f(c.tls_downtime_ms, 0),
+            cell(c.plain_mib_s, 0),
+            cell(c.tls_mib_s, 0),
+            cell(c.tls_over_plain, 3),
+            cell(c.plain_total_ms, 0),
+            cell(c.tls_total_ms, 0),
+            cell(c.plain_downtime_ms, 0),
+            cell(c.tls_downtime_ms, 0),
         );
     }
     for k in &s.skipped {
@@ -160,7 +163,6 @@ pub(crate) fn print_device_table(s: &Summary) {
     if !with_device && !with_parts {
         return;
     }
-    let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
     println!();
     if with_device {
         println!(
@@ -200,33 +202,33 @@ pub(crate) fn print_device_table(s: &Summary) {
             g.tool.name(),
             g.mode.name(),
             format!("{}/{}", g.ok, g.runs),
-            f(g.total_ms, 1),
-            f(g.downtime_ms, 1),
-            f(pp(|p| p.pause_ms), 2),
-            f(pp(|p| p.device_stop_ms), 2),
-            f(pp(|p| p.harvest_ms), 2),
-            f(pp(|p| p.capture_ms), 2),
-            f(pp(|p| p.final_pages_ms), 2),
-            f(pp(|p| p.device_data_ms), 2),
-            f(pp(|p| p.state_ms), 2),
-            f(pp(|p| p.confirm_ms), 2),
-            f(pp(|p| p.destination_restore_ms), 2),
-            f(d.and_then(|d| d.precopy_bytes), 0),
-            f(d.and_then(|d| d.stop_copy_bytes), 0),
-            f(d.and_then(|d| d.dma_pages), 0),
-            f(d.and_then(|d| d.dma_harvest_ms_per_round), 2),
+            cell(g.total_ms, 1),
+            cell(g.downtime_ms, 1),
+            cell(pp(|p| p.pause_ms), 2),
+            cell(pp(|p| p.device_stop_ms), 2),
+            cell(pp(|p| p.harvest_ms), 2),
+            cell(pp(|p| p.capture_ms), 2),
+            cell(pp(|p| p.final_pages_ms), 2),
+            cell(pp(|p| p.device_data_ms), 2),
+            cell(pp(|p| p.state_ms), 2),
+            cell(pp(|p| p.confirm_ms), 2),
+            cell(pp(|p| p.destination_restore_ms), 2),
+            cell(d.and_then(|d| d.precopy_bytes), 0),
+            cell(d.and_then(|d| d.stop_copy_bytes), 0),
+            cell(d.and_then(|d| d.dma_pages), 0),
+            cell(d.and_then(|d| d.dma_harvest_ms_per_round), 2),
         );
     }
     for c in &s.device_comparisons {
         println!(
             "vmm+gpu/vmm {:<8} downtime {} ({} -> {} ms)  total {} ({} -> {} ms)",
             c.mode.name(),
-            f(c.downtime_with_over_without, 2),
-            f(c.downtime_without_ms, 1),
-            f(c.downtime_with_ms, 1),
-            f(c.total_with_over_without, 2),
-            f(c.total_without_ms, 1),
-            f(c.total_with_ms, 1),
+            cell(c.downtime_with_over_without, 2),
+            cell(c.downtime_without_ms, 1),
+            cell(c.downtime_with_ms, 1),
+            cell(c.total_with_over_without, 2),
+            cell(c.total_without_ms, 1),
+            cell(c.total_with_ms, 1),
         );
     }
     for line in [
@@ -241,7 +243,6 @@ pub(crate) fn print_device_table(s: &Summary) {
 }
 
 pub(crate) fn print_stream_table(s: &StreamSummary) {
-    let f = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |x| format!("{x:.prec$}"));
     println!();
     println!(
         "stream (micro guest, {} MiB swept, paused): {} MiB guest, every page of the region \
@@ -250,7 +251,7 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
     );
     println!(
         "raw TCP a->b {} MiB/s (median, {} MiB, one connection, same run)",
-        f(s.tcp_mib_s, 0),
+        cell(s.tcp_mib_s, 0),
         s.tcp_mib
     );
     println!(
@@ -272,19 +273,19 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
             "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9} {:>7} {:>9}",
             g.tool.name(),
             format!("{}/{}", g.ok, g.runs),
-            f(g.mib_sent, 1),
-            f(g.total_ms, 0),
-            f(g.downtime_ms, 1),
-            f(g.wall_ms, 0),
-            f(g.throughput_mib_s, 0),
-            f(g.throughput_vs_tcp, 3),
+            cell(g.mib_sent, 1),
+            cell(g.total_ms, 0),
+            cell(g.downtime_ms, 1),
+            cell(g.wall_ms, 0),
+            cell(g.throughput_mib_s, 0),
+            cell(g.throughput_vs_tcp, 3),
             if g.tool == Tool::VmmTls {
-                f(s.tls_over_plain, 3)
+                cell(s.tls_over_plain, 3)
             } else {
                 "-".into()
             },
-            f(g.adjacent_tcp_mib_s, 0),
-            f(g.throughput_vs_adjacent_tcp, 3),
+            cell(g.adjacent_tcp_mib_s, 0),
+            cell(g.throughput_vs_adjacent_tcp, 3),
         );
     }
     println!(
