@@ -17,6 +17,7 @@ use vmm::migration::hello::Hello;
 use vmm::migration::protocol::{FrameReader, FrameWriter, Message};
 use vmm::migration::Mode;
 use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};
+use vmm_tests::migration::migrate_insecure;
 use vmm_tests::process::{free_port, remote, Bg};
 use vmm_tests::proxy::CutProxy;
 use vmm_tests::vmm_bin;
@@ -43,18 +44,7 @@ fn migrate_with(
     mode: &str,
     extra: &[&str],
 ) -> (Option<i32>, serde_json::Value, String) {
-    let to = format!("tcp://{to}");
-    let mut args = vec![
-        "migrate",
-        "--insecure",
-        "--to",
-        &to,
-        "--mode",
-        mode,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    remote(sock, &args)
+    migrate_insecure(sock, &format!("tcp://{to}"), mode, extra)
 }
 
 fn state(sock: &Path) -> String {
