@@ -1,7 +1,10 @@
-//! What the migration tests drive alike: the plain-TCP `migrate` command. Shared so that every
-//! test asks for a migration the same way, and a change to it is made once.
+//! What the migration tests drive and fake alike: the plain-TCP `migrate` command, and the VM a
+//! hand-made source describes. Shared so that every test asks for a migration the same way and
+//! every fake source claims the same VM, and a change to either is made once.
 
 use std::path::Path;
+
+use vmm::machine::description::{GuestDesc, VmDescription};
 
 use crate::process::remote;
 
@@ -25,4 +28,21 @@ pub fn migrate_insecure(
     ];
     args.extend_from_slice(extra);
     remote(sock, &args)
+}
+
+/// The 64 MiB VM a hand-made source describes.
+pub fn fake_vm() -> VmDescription {
+    VmDescription {
+        vcpus: 1,
+        mem_bytes: 64 << 20,
+        ram: vec![(0, 64 << 20)],
+        guest: GuestDesc::Linux {
+            kernel: "none".into(),
+        },
+        disks: vec![],
+        devices: vmm::machine::devices_setup::device_ids(false, 0),
+        dirty_ring: false,
+        phys_bits: None,
+        passthrough: vec![],
+    }
 }
