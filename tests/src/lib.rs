@@ -4,6 +4,7 @@
 pub mod console;
 pub mod gpu;
 pub mod micro;
+pub mod migration;
 pub mod netns;
 pub mod process;
 pub mod proxy;

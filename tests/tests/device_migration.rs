@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vmm_tests::console::{console, wait_agent};
+use vmm_tests::migration::migrate_insecure;
 use vmm_tests::netns::{Side, TwoHosts};
 use vmm_tests::process::{remote, wait_api, Bg};
 use vmm_tests::{agent_lines, gpu, vmm_bin};
@@ -118,18 +119,16 @@ fn other(side: Side) -> Side {
     }
 }
 
-/// `migrate` in a thread of its own (it blocks until the migration ends), for faults injected
-/// while it runs.
+/// `migrate_insecure` in a thread of its own (it blocks until the migration ends), for faults
+/// injected while it runs.
 fn migrate_in_background(
     sock: &Path,
-    args: Vec<String>,
+    to: String,
+    mode: &'static str,
+    extra: &'static [&'static str],
 ) -> std::thread::JoinHandle<(Option<i32>, serde_json::Value, String)> {
     let sock = sock.to_path_buf();
-    std::thread::spawn(move || {
-        let mut all = vec!["migrate".to_string(), "--insecure".to_string()];
-        all.extend(args);
-        remote(&sock, &all.iter().map(String::as_str).collect::<Vec<_>>())
-    })
+    std::thread::spawn(move || migrate_insecure(&sock, &to, mode, extra))
 }
 
 /// The three device workloads: the page writer (DMA into guest RAM), the VRAM kernel (the
@@ -200,18 +199,7 @@ fn precopy_and_hybrid_move_a_busy_device_four_times_and_every_ram_dma_and_vram_p
         );
         let t = Instant::now();
         let to = format!("tcp://{}:{port}", hosts.addr(to_side));
-        let (code, reply, err) = remote(
-            &vm.sock,
-            &[
-                "migrate",
-                "--insecure",
-                "--to",
-                &to,
-                "--mode",
-                mode,
-                "--json",
-            ],
-        );
+        let (code, reply, err) = migrate_insecure(&vm.sock, &to, mode, &[]);
         assert_eq!(code, Some(0), "hop {hop} ({mode}): {err}\n{reply}");
         let r = &reply["report"];
         let d = &r["devices"];
@@ -314,15 +302,11 @@ fn precopy_without_device_dirty_tracking_loses_dma_stamps_and_the_agent_detects_
     let (_next_server, next_dev) = start_device(&hosts, Side::B, dir.path(), "dev1", &[]);
     let mut next = incoming(&hosts, Side::B, dir.path(), "vm1", 7960, &next_dev);
     let to = format!("tcp://{}:7960", hosts.addr(Side::B));
-    let (code, reply, err) = remote(
+    let (code, reply, err) = migrate_insecure(
         &vm.sock,
+        &to,
+        "precopy",
         &[
-            "migrate",
-            "--insecure",
-            "--to",
-            &to,
-            "--mode",
-            "precopy",
             "--device-dirty",
             "off",
             "--downtime-ms",
@@ -331,7 +315,6 @@ fn precopy_without_device_dirty_tracking_loses_dma_stamps_and_the_agent_detects_
             "3",
             "--bandwidth-mib-s",
             "16",
-            "--json",
         ],
     );
     assert_eq!(code, Some(0), "{err}\n{reply}");
@@ -447,24 +430,15 @@ fn a_device_server_killed_during_migration_fails_it_and_the_source_guest_goes_on
         ),
         &format!("vfio-workload {BDF} started=vram-cpu"),
     );
-    let slow = |port: u16| -> Vec<String> {
-        [
-            "--to",
-            &format!("tcp://{}:{port}", hosts.addr(Side::B)),
-            "--mode",
-            "precopy",
-            "--bandwidth-mib-s",
-            "8",
-            "--json",
-        ]
-        .map(String::from)
-        .to_vec()
+    let slow = |sock: &Path, port: u16| {
+        let to = format!("tcp://{}:{port}", hosts.addr(Side::B));
+        migrate_in_background(sock, to, "precopy", &["--bandwidth-mib-s", "8"])
     };
 
     // (1) The destination's device server dies while precopy runs.
     let (mut dst_server, dst_dev) = start_device(&hosts, Side::B, dir.path(), "dev1", &[]);
     let mut dst = incoming(&hosts, Side::B, dir.path(), "vm1", 7980, &dst_dev);
-    let migration = migrate_in_background(&vm.sock, slow(7980));
+    let migration = slow(&vm.sock, 7980);
     dst.bg
         .wait_for("incoming migration from", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
@@ -507,7 +481,7 @@ fn a_device_server_killed_during_migration_fails_it_and_the_source_guest_goes_on
     // (2) The source's device server dies while precopy runs.
     let (_dst_server, dst_dev) = start_device(&hosts, Side::B, dir.path(), "dev2", &[]);
     let mut dst = incoming(&hosts, Side::B, dir.path(), "vm2", 7981, &dst_dev);
-    let migration = migrate_in_background(&vm.sock, slow(7981));
+    let migration = slow(&vm.sock, 7981);
     dst.bg
         .wait_for("incoming migration from", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));

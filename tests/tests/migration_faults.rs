@@ -12,11 +12,12 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use vmm::machine::description::{DiskDesc, GuestDesc, VmDescription};
+use vmm::machine::description::{DiskDesc, VmDescription};
 use vmm::migration::hello::Hello;
 use vmm::migration::protocol::{FrameReader, FrameWriter, Message};
 use vmm::migration::Mode;
 use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};
+use vmm_tests::migration::{fake_vm, migrate_insecure};
 use vmm_tests::process::{free_port, remote, Bg};
 use vmm_tests::proxy::CutProxy;
 use vmm_tests::vmm_bin;
@@ -43,18 +44,7 @@ fn migrate_with(
     mode: &str,
     extra: &[&str],
 ) -> (Option<i32>, serde_json::Value, String) {
-    let to = format!("tcp://{to}");
-    let mut args = vec![
-        "migrate",
-        "--insecure",
-        "--to",
-        &to,
-        "--mode",
-        mode,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    remote(sock, &args)
+    migrate_insecure(sock, &format!("tcp://{to}"), mode, extra)
 }
 
 fn state(sock: &Path) -> String {
@@ -235,23 +225,6 @@ fn fake_source(port: u16) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {
     let (w, mut r) = send_hello(port, fake_vm());
     assert!(matches!(r.recv().unwrap(), Message::Accept));
     (w, r)
-}
-
-/// The 64 MiB VM a hand-made source describes.
-fn fake_vm() -> VmDescription {
-    VmDescription {
-        vcpus: 1,
-        mem_bytes: 64 << 20,
-        ram: vec![(0, 64 << 20)],
-        guest: GuestDesc::Linux {
-            kernel: "none".into(),
-        },
-        disks: vec![],
-        devices: vmm::machine::devices_setup::device_ids(false, 0),
-        dirty_ring: false,
-        phys_bits: None,
-        passthrough: vec![],
-    }
 }
 
 fn send_hello(port: u16, vm: VmDescription) -> (FrameWriter<TcpStream>, FrameReader<TcpStream>) {

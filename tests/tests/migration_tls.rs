@@ -11,7 +11,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vmm::machine::description::{GuestDesc, VmDescription};
 use vmm::migration::hello::Hello;
 use vmm::migration::protocol::{FrameWriter, Message};
 use vmm::migration::Mode;
@@ -19,6 +18,7 @@ use vmm_tests::micro::{
     assert_micro_exit, assert_same_memory, finish, finish_intact, micro_source, wait_some_passes,
     PASS_TIMEOUT,
 };
+use vmm_tests::migration::fake_vm;
 use vmm_tests::process::{free_port, remote, wait_api, Bg};
 use vmm_tests::tls::{psk_file, Ca};
 use vmm_tests::vmm_bin;
@@ -155,19 +155,7 @@ fn a_plain_tcp_fake_source_is_refused_before_its_hello_is_read() {
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut w = FrameWriter::new(s.try_clone().unwrap());
     let hello = Hello {
-        vm: VmDescription {
-            vcpus: 1,
-            mem_bytes: 64 << 20,
-            ram: vec![(0, 64 << 20)],
-            guest: GuestDesc::Linux {
-                kernel: "none".into(),
-            },
-            disks: vec![],
-            devices: vmm::machine::devices_setup::device_ids(false, 0),
-            dirty_ring: false,
-            phys_bits: None,
-            passthrough: vec![],
-        },
+        vm: fake_vm(),
         mode: Mode::Precopy,
         session: 7,
         source_host: "fake".into(),

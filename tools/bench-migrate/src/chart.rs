@@ -10,7 +10,8 @@
 //! plotters is built without its `ttf` feature: the SVG holds `<text>` elements and leaves the
 //! glyphs to the viewer.
 
-use plotters::coord::ranged1d::SegmentValue;
+use plotters::coord::ranged1d::{SegmentValue, SegmentedCoord};
+use plotters::coord::types::{RangedCoordf64, RangedCoordi32};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -92,18 +93,25 @@ pub fn render(input: &ChartInput, stream: Option<&StreamChart>) -> Result<String
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+type BarChart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<SegmentedCoord<RangedCoordi32>, RangedCoordf64>>;
 
-/// The stream panel: one bar per tool and the raw TCP copy, labelled with MiB/s and / TCP.
-fn draw_stream(root: &Area<'_>, s: &StreamChart) -> Result<(), ChartError> {
-    let n = s.bars.len() as i32;
-    let top = s.bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1.0) * 1.2;
+/// A panel's title and axes: one slot per label, which stands under it, and y from 0 to `top`.
+/// Both panels share it so that they read as one figure.
+fn bar_axes<'a, 'b>(
+    root: &'a Area<'b>,
+    title: &str,
+    labels: &[&str],
+    top: f64,
+    y_desc: &str,
+) -> Result<BarChart<'a, 'b>, ChartError> {
+    let n = labels.len() as i32;
     let mut chart = ChartBuilder::on(root)
-        .caption(&s.title, (FONT, 18))
+        .caption(title, (FONT, 18))
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)?;
-    let labels: Vec<&str> = s.bars.iter().map(|b| b.0.as_str()).collect();
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -114,9 +122,30 @@ fn draw_stream(root: &Area<'_>, s: &StreamChart) -> Result<(), ChartError> {
                 .map_or(String::new(), |l| l.to_string()),
             SegmentValue::Last => String::new(),
         })
-        .y_desc("MiB/s (median)")
+        .y_desc(y_desc)
         .label_style((FONT, 14))
         .draw()?;
+    Ok(chart)
+}
+
+/// Slot `x`'s block from `bottom` to `top`, narrower than its slot so that bars stand apart.
+fn block(x: i32, bottom: f64, top: f64, c: RGBColor) -> Rectangle<(SegmentValue<i32>, f64)> {
+    let mut r = Rectangle::new(
+        [
+            (SegmentValue::Exact(x), bottom),
+            (SegmentValue::Exact(x + 1), top),
+        ],
+        c.filled(),
+    );
+    r.set_margin(0, 0, 30, 30);
+    r
+}
+
+/// The stream panel: one bar per tool and the raw TCP copy, labelled with MiB/s and / TCP.
+fn draw_stream(root: &Area<'_>, s: &StreamChart) -> Result<(), ChartError> {
+    let top = s.bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1.0) * 1.2;
+    let labels: Vec<&str> = s.bars.iter().map(|b| b.0.as_str()).collect();
+    let mut chart = bar_axes(root, &s.title, &labels, top, "MiB/s (median)")?;
     // The raw TCP bar is the last one, when there is a TCP figure.
     let tcp_bar = s.tcp_mib_s.map(|_| s.bars.len() - 1);
     chart.draw_series(s.bars.iter().enumerate().map(|(i, b)| {
@@ -126,16 +155,7 @@ fn draw_stream(root: &Area<'_>, s: &StreamChart) -> Result<(), ChartError> {
         } else {
             KINDS[0].1
         };
-        let x = i as i32;
-        let mut r = Rectangle::new(
-            [
-                (SegmentValue::Exact(x), 0.0),
-                (SegmentValue::Exact(x + 1), b.1),
-            ],
-            c.filled(),
-        );
-        r.set_margin(0, 0, 30, 30);
-        r
+        block(i as i32, 0.0, b.1, c)
     }))?;
     chart.draw_series(s.bars.iter().enumerate().map(|(i, b)| {
         let text = match s.tcp_mib_s.filter(|t| *t > 0.0) {
@@ -153,7 +173,6 @@ fn draw_stream(root: &Area<'_>, s: &StreamChart) -> Result<(), ChartError> {
 
 /// The downtime panel (see the module's documentation).
 fn draw_downtime(root: &Area<'_>, input: &ChartInput) -> Result<(), ChartError> {
-    let n = input.bars.len() as i32;
     let top = input
         .bars
         .iter()
@@ -162,26 +181,14 @@ fn draw_downtime(root: &Area<'_>, input: &ChartInput) -> Result<(), ChartError> 
         .max(1.0)
         * 1.2;
     {
-        let mut chart = ChartBuilder::on(root)
-            .caption(&input.title, (FONT, 18))
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..top)?;
         let labels: Vec<&str> = input.bars.iter().map(|b| b.label.as_str()).collect();
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(labels.len())
-            .x_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => labels
-                    .get(*i as usize)
-                    .map_or(String::new(), |l| l.to_string()),
-                SegmentValue::Last => String::new(),
-            })
-            .y_desc("downtime ms (median of each part)")
-            .label_style((FONT, 14))
-            .draw()?;
+        let mut chart = bar_axes(
+            root,
+            &input.title,
+            &labels,
+            top,
+            "downtime ms (median of each part)",
+        )?;
         for &(kind, c) in &KINDS {
             let mut rects = Vec::new();
             for (i, bar) in input.bars.iter().enumerate() {
@@ -192,16 +199,7 @@ fn draw_downtime(root: &Area<'_>, input: &ChartInput) -> Result<(), ChartError> 
                     .map(|s| s.1)
                     .sum();
                 if let Some(&(_, ms)) = bar.segments.iter().find(|s| s.0 == kind) {
-                    let x = i as i32;
-                    let mut r = Rectangle::new(
-                        [
-                            (SegmentValue::Exact(x), below),
-                            (SegmentValue::Exact(x + 1), below + ms),
-                        ],
-                        c.filled(),
-                    );
-                    r.set_margin(0, 0, 30, 30);
-                    rects.push(r);
+                    rects.push(block(i as i32, below, below + ms, c));
                 }
             }
             if !rects.is_empty() {

@@ -2,6 +2,9 @@
 //! switch to postcopy, and the ownership hand-over. Until the point of no return (the
 //! destination told to run: `Complete` in precopy, `PostcopyStart` in postcopy) any failure
 //! resumes the guest here, intact.
+//!
+//! The pages each precopy round sends, and how, are `rounds`'s: this file decides when to pause
+//! and who owns the guest.
 
 use std::io::{BufReader, BufWriter};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -13,7 +16,7 @@ use super::channels::DataChannels;
 use super::devices::{DeviceDirty, SourceDevices};
 use super::hello::Hello;
 use super::link::Link;
-use super::pages::{FrozenRam, PageSender, RamView, Sent};
+use super::pages::{FrozenRam, PageSender};
 use super::protocol::{FrameReader, FrameWriter, Message, ProtocolError, Role, PAGE_SIZE};
 use super::rate::RateLimiter;
 use super::tls::{Connector, Transport};
@@ -24,6 +27,10 @@ use crate::machine::shared::Shared;
 use crate::tracking::device_dma::{DmaStats, WithDeviceDma};
 use crate::tracking::{self, DirtySet, DirtyTracker, TrackerKind};
 use crate::vstate::pause::{Owner, PauseError};
+
+mod rounds;
+
+use rounds::{note_round, precopy_rounds, HeldPause, Pages};
 
 /// How long the source waits for the destination to restore and confirm it runs.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(120);
@@ -554,162 +561,6 @@ fn run(
     }
 }
 
-/// How a round's pages go: on the data connections if there are any, else on main.
-struct Pages<'a, 'b> {
-    sender: &'a mut PageSender<'b>,
-    rate: &'a mut RateLimiter,
-    data: Option<&'a mut DataChannels>,
-    /// Guest RAM nothing writes now: sent in place (`pages::FrozenRam`).
-    frozen: Option<FrozenRam<'b>>,
-}
-
-/// The pause of a guest its user paused, held by the migration through the precopy rounds
-/// (so the user cannot lift it midway), and given back when dropped.
-struct HeldPause<'a> {
-    shared: &'a Shared,
-    held: bool,
-}
-
-impl<'a> HeldPause<'a> {
-    fn take(shared: &'a Shared) -> HeldPause<'a> {
-        let held = shared.passthrough.is_empty()
-            && shared.pause.take_over_parked(Owner::Api, Owner::Migration);
-        HeldPause { shared, held }
-    }
-
-    fn frozen(&self) -> Option<FrozenRam<'a>> {
-        // SAFETY: held means every vCPU is parked in the migration's pause, which only the
-        // migration lifts (after this value is dropped), and the VM has no device that could
-        // write its RAM.
-        self.held
-            .then(|| unsafe { FrozenRam::new(&self.shared.memory) })
-    }
-}
-
-impl Drop for HeldPause<'_> {
-    fn drop(&mut self) {
-        if self.held {
-            let _ = self.shared.pause.hand_back(Owner::Migration, Owner::Api);
-        }
-    }
-}
-
-impl Pages<'_, '_> {
-    /// Sends the pages of `runs` (gpa, bytes) of round `round` (main's `RoundEnd` is the
-    /// caller's).
-    fn send_round(
-        &mut self,
-        shared: &Shared,
-        opts: &MigrateOptions,
-        w: &mut Writer,
-        runs: &[(u64, u64)],
-        round: u32,
-    ) -> Result<Sent, MigrationError> {
-        match self.data.as_deref_mut() {
-            Some(d) => d.send_round(
-                w,
-                RamView {
-                    memfd: &shared.memfd,
-                    ranges: &shared.ranges,
-                    frozen: self.frozen,
-                },
-                runs,
-                round,
-                opts.bandwidth_mib_s.map(|m| m << 20),
-            ),
-            None => {
-                self.sender.set_frozen(self.frozen);
-                let mut sent = Sent::default();
-                let result = (|| {
-                    for &(gpa, bytes) in runs {
-                        sent += self.sender.send_run(w, self.rate, gpa, bytes / PAGE_SIZE)?;
-                    }
-                    Ok(sent)
-                })();
-                self.sender.set_frozen(None);
-                result
-            }
-        }
-    }
-
-    /// Bytes sent so far on main and the data connections.
-    fn bytes_sent(&self, w: &Writer) -> u64 {
-        w.bytes_sent() + self.data.as_ref().map_or(0, |d| d.bytes_sent())
-    }
-}
-
-/// Precopy rounds until the estimated downtime is under the target or a limit is reached.
-/// Leaves in `dirty` the pages written since the last round sent.
-#[allow(clippy::too_many_arguments)]
-fn precopy_rounds(
-    shared: &Shared,
-    opts: &MigrateOptions,
-    report: &mut MigrationReport,
-    w: &mut Writer,
-    pages: &mut Pages<'_, '_>,
-    mut tracker: Option<&mut (dyn DirtyTracker + '_)>,
-    dirty: &mut DirtySet,
-    devs: &mut SourceDevices,
-) -> Result<(), MigrationError> {
-    let started = Instant::now();
-    shared.progress().phase = Phase::Precopy;
-    // Round 1: all of RAM.
-    let all: Vec<(u64, u64)> = shared.ranges.iter().map(|r| (r.gpa, r.size)).collect();
-    let sent = pages.send_round(shared, opts, w, &all, 1)?;
-    devs.send_precopy(w)?;
-    w.send(&Message::RoundEnd {
-        round: 1,
-        pages: sent.pages + sent.zero_pages,
-    })?;
-    w.flush()?;
-    note_round(report, shared, 1, sent, pages.bytes_sent(w));
-    loop {
-        dirty.clear();
-        if let Some(t) = tracker.as_deref_mut() {
-            t.harvest(dirty)?;
-        }
-        let dirty_pages = dirty.count();
-        shared.progress().remaining_pages = dirty_pages;
-        let elapsed = started.elapsed().as_secs_f64();
-        let bandwidth = (pages.bytes_sent(w) as f64 / elapsed.max(1e-6)).max(1.0);
-        // The devices' remaining state goes in the downtime too.
-        let device_bytes = devs.pending_bytes();
-        let estimate_ms = (dirty_pages * PAGE_SIZE + device_bytes) as f64 / bandwidth * 1000.0;
-        let why = if estimate_ms <= opts.downtime_ms as f64 {
-            Some(format!(
-                "converged: {dirty_pages} dirty pages, estimated downtime {estimate_ms:.1} ms <= {} ms",
-                opts.downtime_ms
-            ))
-        } else if report.rounds >= opts.max_rounds {
-            Some(format!(
-                "round limit {} reached with {dirty_pages} dirty pages (estimate {estimate_ms:.1} ms)",
-                opts.max_rounds
-            ))
-        } else if started.elapsed() >= Duration::from_millis(opts.max_precopy_ms) {
-            Some(format!(
-                "time limit {} ms reached with {dirty_pages} dirty pages (estimate {estimate_ms:.1} ms)",
-                opts.max_precopy_ms
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = why {
-            tracing::info!("precopy switchover after {} rounds: {why}", report.rounds);
-            report.switchover = Some(why);
-            return Ok(());
-        }
-        let round = report.rounds + 1;
-        let sent = pages.send_round(shared, opts, w, &dirty.runs(), round)?;
-        devs.send_precopy(w)?;
-        w.send(&Message::RoundEnd {
-            round,
-            pages: sent.pages + sent.zero_pages,
-        })?;
-        w.flush()?;
-        note_round(report, shared, round, sent, pages.bytes_sent(w));
-    }
-}
-
 /// What the devices moved and what their DMA logs cost, for the report (none without devices).
 fn note_devices(
     report: &mut MigrationReport,
@@ -731,17 +582,6 @@ fn note_devices(
         dma_harvests: harvests,
         dma_harvest_ms_per_round: dma.ns.load(Relaxed) as f64 / 1e6 / harvests.max(1) as f64,
     });
-}
-
-fn note_round(report: &mut MigrationReport, shared: &Shared, round: u32, sent: Sent, bytes: u64) {
-    report.rounds = round;
-    report.pages_per_round.push(sent.pages + sent.zero_pages);
-    report.pages_sent += sent.pages;
-    report.zero_pages += sent.zero_pages;
-    report.bytes = bytes;
-    let mut p = shared.progress();
-    p.round = round;
-    p.bytes = bytes;
 }
 
 fn stop_tracker(tracker: Option<&mut (dyn DirtyTracker + '_)>) {
