@@ -131,6 +131,9 @@ fn linux(
     while !sock.exists() && started.elapsed() < limit {
         std::thread::sleep(Duration::from_millis(5));
     }
+    // The socket is served just before the vCPUs start: give the first KVM_RUN time to
+    // happen (a run ended before it has no set-up time, and is refused below).
+    std::thread::sleep(Duration::from_millis(200));
     let pid = child.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     let out = child.wait_with_output().context("waiting for vmm")?;
@@ -138,6 +141,9 @@ fn linux(
         bail!("could not send SIGTERM to vmm {pid}");
     }
     let r = report_of(&out.stdout);
+    if r["setup_ms"].as_f64().is_none() {
+        bail!("the Linux guest's run report has no setup_ms (no vCPU ran before SIGTERM?)");
+    }
     Ok((r["setup_ms"].as_f64(), r["rss_beyond_guest_kib"].as_u64()))
 }
 

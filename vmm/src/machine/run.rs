@@ -49,7 +49,7 @@ impl Machine {
         let Machine {
             cfg,
             start,
-            images: _,
+            kernel: _,
             setup_marks,
             ram,
             vm,
