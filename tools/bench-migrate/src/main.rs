@@ -466,7 +466,7 @@ fn main() -> Result<()> {
                 args.stream_mib
             );
             let progress = |stage: &str| pb.set_message(format!("{label}: {stage}"));
-            let tcp_copy = || baseline::throughput(&ns_a, &ns_b, hosts.addr_b, tcp_mib);
+            let tcp_copy = |sink| baseline::throughput(&ns_a, &ns_b, hosts.addr_b, tcp_mib, sink);
             let mut sample = stream::StreamSample::new(tool, run, args.stream_mib);
             let result = stream::run(&hosts, &cfg, port, &dir, &progress, &tcp_copy, &mut sample);
             if let Err(e) = result {
@@ -477,13 +477,14 @@ fn main() -> Result<()> {
             let line = if sample.ok {
                 format!(
                     "{label}: total {} ms, downtime {} ms, {} MiB, {} MiB/s, {} zero pages; raw TCP \
-                     just before {} MiB/s",
+                     just before {} MiB/s, into fresh memory {} MiB/s",
                     f(sample.total_ms),
                     f(sample.downtime_ms),
                     f(sample.mib_sent()),
                     f(sample.throughput_mib_s()),
                     f(sample.zero_pages.map(|z| z as f64)),
                     f(sample.adjacent_tcp_mib_s),
+                    f(sample.adjacent_tcp_fresh_mib_s),
                 )
             } else {
                 format!(

@@ -13,7 +13,9 @@
 //!
 //! Right before each migration, with both VMs paused, the bench also times a raw TCP copy of
 //! the same link (`--tcp-mib`): on a loaded machine the link's speed drifts within a run, and
-//! the ratio to this adjacent copy is the side-by-side one.
+//! the ratio to this adjacent copy is the side-by-side one. A second copy right after it writes
+//! what it receives into a fresh memfd, as the destination must write guest RAM: the link plus
+//! fresh memory, the floor under a migration on this host.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,6 +25,7 @@ use serde_json::Value;
 
 use vmm_tests::netns::{Side, TwoHosts};
 
+use crate::baseline::Sink;
 use crate::guest::{self, ChildGuard, GuestError};
 use crate::sample::{Mode, Tool};
 use crate::vmm::{self, VmmError};
@@ -92,6 +95,10 @@ pub struct StreamSample {
     /// throughput over it.
     pub adjacent_tcp_mib_s: Option<f64>,
     pub throughput_vs_adjacent_tcp: Option<f64>,
+    /// The same copy with the receiver writing into a fresh memfd (`Sink::FreshMemory`: what a
+    /// destination must do with guest RAM), timed right after it, and the stream over it.
+    pub adjacent_tcp_fresh_mib_s: Option<f64>,
+    pub throughput_vs_adjacent_tcp_fresh: Option<f64>,
     /// The destination's state before `vmm remote resume` (a paused source stays paused there).
     pub destination_state: Option<String>,
     /// The destination's micro guest: final pass count and its memory check.
@@ -123,6 +130,8 @@ impl StreamSample {
             wall_ms: None,
             adjacent_tcp_mib_s: None,
             throughput_vs_adjacent_tcp: None,
+            adjacent_tcp_fresh_mib_s: None,
+            throughput_vs_adjacent_tcp_fresh: None,
             destination_state: None,
             final_passes: None,
             pages_checked: None,
@@ -231,7 +240,7 @@ pub fn run(
     port: u16,
     dir: &Path,
     progress: &dyn Fn(&str),
-    tcp_copy: &dyn Fn() -> Result<f64, crate::baseline::BaselineError>,
+    tcp_copy: &dyn Fn(Sink) -> Result<f64, crate::baseline::BaselineError>,
     sample: &mut StreamSample,
 ) -> Result<(), StreamError> {
     let p = |name: &str| dir.join(name).display().to_string();
@@ -312,7 +321,9 @@ pub fn run(
     guest::wait_listening(&mut dst, port, Duration::from_secs(30), &dst_log)?;
 
     progress("raw TCP copy");
-    sample.adjacent_tcp_mib_s = Some(tcp_copy()?);
+    sample.adjacent_tcp_mib_s = Some(tcp_copy(Sink::Discard)?);
+    progress("raw TCP copy into fresh memory");
+    sample.adjacent_tcp_fresh_mib_s = Some(tcp_copy(Sink::FreshMemory)?);
 
     progress("migrating");
     let args = vmm::migrate_args(cfg, &src_sock, &uri, Mode::Precopy, &creds);
@@ -340,6 +351,8 @@ pub fn run(
     sample.read_report(&report);
     sample.throughput_vs_adjacent_tcp =
         crate::stats::ratio(sample.throughput_mib_s(), sample.adjacent_tcp_mib_s);
+    sample.throughput_vs_adjacent_tcp_fresh =
+        crate::stats::ratio(sample.throughput_mib_s(), sample.adjacent_tcp_fresh_mib_s);
     drop(src);
 
     progress("checking on the destination");

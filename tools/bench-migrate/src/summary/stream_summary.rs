@@ -28,6 +28,9 @@ pub(crate) struct StreamGroup {
     /// migration's throughput over its own copy (side by side).
     pub(crate) adjacent_tcp_mib_s: Option<f64>,
     pub(crate) throughput_vs_adjacent_tcp: Option<f64>,
+    /// The same for the copies into fresh memory (`baseline::Sink::FreshMemory`).
+    pub(crate) adjacent_tcp_fresh_mib_s: Option<f64>,
+    pub(crate) throughput_vs_adjacent_tcp_fresh: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -91,6 +94,8 @@ pub(crate) fn summarize_stream(
                 throughput_vs_tcp: ratio(throughput, baseline.tcp_mib_s),
                 adjacent_tcp_mib_s: med(&|s| s.adjacent_tcp_mib_s),
                 throughput_vs_adjacent_tcp: med(&|s| s.throughput_vs_adjacent_tcp),
+                adjacent_tcp_fresh_mib_s: med(&|s| s.adjacent_tcp_fresh_mib_s),
+                throughput_vs_adjacent_tcp_fresh: med(&|s| s.throughput_vs_adjacent_tcp_fresh),
             }
         })
         .collect();

@@ -255,7 +255,7 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
         s.tcp_mib
     );
     println!(
-        "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9} {:>7} {:>9}",
+        "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9} {:>7} {:>9} {:>9} {:>7}",
         "tool",
         "ok",
         "MiB sent",
@@ -266,11 +266,13 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
         "/TCP",
         "TLS/plain",
         "adj TCP",
-        "/adj TCP"
+        "/adj TCP",
+        "fresh TCP",
+        "/fresh"
     );
     for g in &s.groups {
         println!(
-            "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9} {:>7} {:>9}",
+            "{:<8} {:>5} {:>9} {:>9} {:>9} {:>8} {:>7} {:>6} {:>9} {:>7} {:>9} {:>9} {:>7}",
             g.tool.name(),
             format!("{}/{}", g.ok, g.runs),
             cell(g.mib_sent, 1),
@@ -286,6 +288,8 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
             },
             cell(g.adjacent_tcp_mib_s, 0),
             cell(g.throughput_vs_adjacent_tcp, 3),
+            cell(g.adjacent_tcp_fresh_mib_s, 0),
+            cell(g.throughput_vs_adjacent_tcp_fresh, 3),
         );
     }
     println!(
@@ -295,8 +299,13 @@ pub(crate) fn print_stream_table(s: &StreamSummary) {
         "TCP: a raw TCP copy ({} MiB) timed just before each migration, both VMs paused (median);",
         s.tcp_mib
     );
-    println!("/adj TCP: median of each migration's MiB/s over its own copy. ok: the destination's");
-    println!("micro guest ran on and its memory check found no page wrong.");
+    println!(
+        "/adj TCP: median of each migration's MiB/s over its own copy. fresh TCP, /fresh: the"
+    );
+    println!(
+        "same with the receiver writing into a fresh memfd, as a destination writes guest RAM."
+    );
+    println!("ok: the destination's micro guest ran on and its memory check found no page wrong.");
     for k in &s.skipped {
         println!("stream: skipped {}: {}", k.tool.name(), k.reason);
     }
