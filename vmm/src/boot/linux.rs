@@ -148,6 +148,13 @@ pub struct LoadedImages {
     initrd: Option<(u64, u64)>,
 }
 
+impl LoadedImages {
+    /// Guest address and size of the initramfs, if one was loaded.
+    pub fn initrd(&self) -> Option<(u64, u64)> {
+        self.initrd
+    }
+}
+
 /// A kernel `load_kernel` put in guest RAM.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadedKernel {
