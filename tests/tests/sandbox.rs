@@ -237,6 +237,73 @@ fn user_drops_root_after_setup_and_the_guest_runs_on() {
     finish_intact(bg, &sock, 2);
 }
 
+/// `vmm page-server --user`: the server is nobody before it reads a byte of the restoring vmm
+/// (checked while the restore is paused, the server's threads up), and still serves every page
+/// of a lazy restore that ends with the snapshot's memory.
+#[test]
+fn a_page_server_given_user_drops_root_and_serves_the_restore() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test drops root: run the suite as root, as the guests need /dev/kvm");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let snap = snapshot_micro(dir.path(), &[]);
+    let sock = dir.path().join("pages.sock");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.args([
+        "page-server",
+        "--json",
+        "--user",
+        "65534:65534",
+        "--snapshot",
+    ])
+    .arg(&snap.dir)
+    .arg("--socket")
+    .arg(&sock);
+    let server = Bg::spawn("page-server", cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no page-server socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Root until a restoring vmm connects: nothing of a peer has been read yet.
+    assert!(
+        ids(server.pid()).0.starts_with("0 "),
+        "{:?}",
+        ids(server.pid())
+    );
+    let api = dir.path().join("restore.sock");
+    let mut cmd = Command::new(vmm_bin());
+    cmd.arg("restore")
+        .arg(&snap.dir)
+        .args(["--console", "none", "--json", "--lazy", "--prefetch"])
+        .args(["--demand", "uffd-missing", "--page-server"])
+        .arg(&sock)
+        .arg("--api-socket")
+        .arg(&api);
+    let restore = Bg::spawn("restore", cmd);
+    wait_api(&api, Duration::from_secs(20));
+    let (code, v, err) = remote(&api, &["pause"]);
+    assert_eq!(code, Some(0), "pause: {err}\n{v}");
+    let want = "65534 65534 65534 65534".to_string();
+    assert_eq!(ids(server.pid()), (want.clone(), want, String::new()));
+    for (name, mode, _) in wait_threads(server.pid(), 2) {
+        assert_eq!(mode, 2, "{name}");
+    }
+    let (code, v, err) = remote(&api, &["resume"]);
+    assert_eq!(code, Some(0), "resume: {err}\n{v}");
+    let (code, rep, err) = restore.finish(Duration::from_secs(120));
+    assert_finished(
+        "lazy restore from a page server as nobody",
+        &snap,
+        code,
+        &rep,
+        &err,
+    );
+    let (code, _, err) = server.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "page server: {err}");
+}
+
 #[test]
 fn user_is_refused_clearly_when_it_cannot_work() {
     let bad = |args: &[&str], text: &str| {

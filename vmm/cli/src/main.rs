@@ -238,8 +238,9 @@ pub(crate) struct SandboxArgs {
     /// naming the syscall and the thread), log (it runs and the kernel logs it), off.
     #[arg(long, value_enum, default_value_t = vmm::seccomp::SeccompMode::Kill)]
     seccomp: vmm::seccomp::SeccompMode,
-    /// Once the VM is set up and before the guest runs, become this user for good: UID[:GID]
-    /// or NAME[:GROUP] (default group: the user's own). Needs a vmm started as root.
+    /// Once set up (VM, devices, sockets and files open) and before any guest runs or any peer's
+    /// request is read, become this user for good: UID[:GID] or NAME[:GROUP] (default group:
+    /// the user's own). Needs a vmm started as root.
     #[arg(long)]
     user: Option<String>,
 }

@@ -78,17 +78,16 @@ pub struct PageServerArgs {
     /// Print what the server measured as JSON on stdout at the end.
     #[arg(long)]
     json: bool,
-    /// Seccomp filters on the server's threads: kill (default), log, off (as `vmm run`).
-    #[arg(long, value_enum, default_value_t = vmm::seccomp::SeccompMode::Kill)]
-    seccomp: vmm::seccomp::SeccompMode,
+    /// Seccomp filters on the server's threads and `--user`, as for `vmm run`: the server drops
+    /// root once its socket is bound, the snapshot open and the restoring vmm connected, before
+    /// it reads that vmm's first message.
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 /// `vmm page-server`: serves the pages of one lazy restore, then exits.
 pub fn page_server(a: PageServerArgs) -> Result<i32> {
-    vmm::seccomp::init(vmm::seccomp::Policy {
-        mode: a.seccomp,
-        user: None,
-    })?;
+    a.sandbox.init()?;
     let r = vmm::snapshot::page_server::serve(&a.snapshot, &a.socket);
     let _ = std::fs::remove_file(&a.socket);
     let r = r?;

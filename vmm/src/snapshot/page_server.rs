@@ -82,6 +82,8 @@ pub enum PageServerError {
     Files(#[from] files::SnapshotFileError),
     #[error(transparent)]
     Demand(#[from] UserfaultError),
+    #[error("dropping root: {0}")]
+    Sandbox(#[from] crate::seccomp::SeccompError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PageServerError {
@@ -179,6 +181,9 @@ pub fn serve(dir: &Path, socket: &Path) -> Result<ServerReport, PageServerError>
         .map_err(io("accepting the restoring vmm"))?;
     main.set_read_timeout(Some(REPLY_TIMEOUT))
         .map_err(io("the main connection"))?;
+    // What needs root is done (socket bound, snapshot open, the peer connected); what the peer
+    // sends is read as the `--user` of the policy, if it names one.
+    crate::seccomp::drop_privileges()?;
     let (hello, fds) = recv_with_fds(&main)?;
     // Each refusal's reason goes to the restoring vmm in `Refuse`.
     let refuse = |e: PageServerError| -> PageServerError {
