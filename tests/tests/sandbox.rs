@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use vmm_tests::micro::{finish_intact, micro_source, wait_some_passes};
 use vmm_tests::process::{remote, wait_api, Bg};
-use vmm_tests::snapshot::{assert_finished, snapshot_micro};
+use vmm_tests::snapshot::{assert_finished, snapshot_micro, Snap};
 use vmm_tests::{run_with_timeout, vmm_bin, Run};
 
 /// A short micro guest run with the self-test hook set to make a forbidden syscall (`socket`)
@@ -150,13 +150,19 @@ fn every_thread_of_a_running_vmm_is_filtered_by_default_and_none_with_off() {
     finish_intact(bg, &sock, 2);
 }
 
-#[test]
-fn a_lazy_restore_and_its_page_server_run_filtered_to_the_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let snap = snapshot_micro(dir.path(), &[]);
-    let sock = dir.path().join("pages.sock");
+/// A `vmm page-server` (with `server_args`) for a fresh micro snapshot, and a lazy restore from
+/// it, paused once its API answers; `listening` sees the server before any vmm connects.
+fn paused_restore_from_a_page_server(
+    dir: &Path,
+    server_args: &[&str],
+    listening: impl FnOnce(&Bg),
+) -> (Snap, Bg, Bg, std::path::PathBuf) {
+    let snap = snapshot_micro(dir, &[]);
+    let sock = dir.join("pages.sock");
     let mut cmd = Command::new(vmm_bin());
-    cmd.args(["page-server", "--json", "--snapshot"])
+    cmd.args(["page-server", "--json"])
+        .args(server_args)
+        .arg("--snapshot")
         .arg(&snap.dir)
         .arg("--socket")
         .arg(&sock);
@@ -166,7 +172,8 @@ fn a_lazy_restore_and_its_page_server_run_filtered_to_the_end() {
         assert!(Instant::now() < deadline, "no page-server socket");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let api = dir.path().join("restore.sock");
+    listening(&server);
+    let api = dir.join("restore.sock");
     let mut cmd = Command::new(vmm_bin());
     cmd.arg("restore")
         .arg(&snap.dir)
@@ -177,9 +184,26 @@ fn a_lazy_restore_and_its_page_server_run_filtered_to_the_end() {
         .arg(&api);
     let restore = Bg::spawn("restore", cmd);
     wait_api(&api, Duration::from_secs(20));
-    // Held still while both processes are looked at: the guest would otherwise end soon.
+    // Held still while the processes are looked at: the guest would otherwise end soon.
     let (code, v, err) = remote(&api, &["pause"]);
     assert_eq!(code, Some(0), "pause: {err}\n{v}");
+    (snap, server, restore, api)
+}
+
+/// Resumes the restore and checks both ends finished: the guest's memory is the snapshot's.
+fn resume_and_finish(what: &str, snap: &Snap, server: Bg, restore: Bg, api: &Path) {
+    let (code, v, err) = remote(api, &["resume"]);
+    assert_eq!(code, Some(0), "resume: {err}\n{v}");
+    let (code, rep, err) = restore.finish(Duration::from_secs(120));
+    assert_finished(what, snap, code, &rep, &err);
+    let (code, _, err) = server.finish(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "page server: {err}");
+}
+
+#[test]
+fn a_lazy_restore_and_its_page_server_run_filtered_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (snap, server, restore, api) = paused_restore_from_a_page_server(dir.path(), &[], |_| {});
     let r = wait_threads(restore.pid(), 2);
     assert!(r.iter().any(|(n, _, _)| n == "vcpu0"), "{r:?}");
     let s = wait_threads(server.pid(), 2);
@@ -187,12 +211,7 @@ fn a_lazy_restore_and_its_page_server_run_filtered_to_the_end() {
         s.iter().any(|(n, _, _)| n.starts_with("page-server")),
         "{s:?}"
     );
-    let (code, v, err) = remote(&api, &["resume"]);
-    assert_eq!(code, Some(0), "resume: {err}\n{v}");
-    let (code, rep, err) = restore.finish(Duration::from_secs(120));
-    assert_finished("filtered lazy restore", &snap, code, &rep, &err);
-    let (code, _, err) = server.finish(Duration::from_secs(20));
-    assert_eq!(code, Some(0), "page server: {err}");
+    resume_and_finish("filtered lazy restore", &snap, server, restore, &api);
 }
 
 /// The Uid:, Gid: and Groups: lines of /proc/PID/status.
@@ -247,61 +266,20 @@ fn a_page_server_given_user_drops_root_and_serves_the_restore() {
         panic!("this test drops root: run the suite as root, as the guests need /dev/kvm");
     }
     let dir = tempfile::tempdir().unwrap();
-    let snap = snapshot_micro(dir.path(), &[]);
-    let sock = dir.path().join("pages.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.args([
-        "page-server",
-        "--json",
-        "--user",
-        "65534:65534",
-        "--snapshot",
-    ])
-    .arg(&snap.dir)
-    .arg("--socket")
-    .arg(&sock);
-    let server = Bg::spawn("page-server", cmd);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        assert!(Instant::now() < deadline, "no page-server socket");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    // Root until a restoring vmm connects: nothing of a peer has been read yet.
-    assert!(
-        ids(server.pid()).0.starts_with("0 "),
-        "{:?}",
-        ids(server.pid())
-    );
-    let api = dir.path().join("restore.sock");
-    let mut cmd = Command::new(vmm_bin());
-    cmd.arg("restore")
-        .arg(&snap.dir)
-        .args(["--console", "none", "--json", "--lazy", "--prefetch"])
-        .args(["--demand", "uffd-missing", "--page-server"])
-        .arg(&sock)
-        .arg("--api-socket")
-        .arg(&api);
-    let restore = Bg::spawn("restore", cmd);
-    wait_api(&api, Duration::from_secs(20));
-    let (code, v, err) = remote(&api, &["pause"]);
-    assert_eq!(code, Some(0), "pause: {err}\n{v}");
+    let user = ["--user", "65534:65534"];
+    let (snap, server, restore, api) =
+        paused_restore_from_a_page_server(dir.path(), &user, |server| {
+            // Root until a restoring vmm connects: nothing of a peer has been read yet.
+            let before = ids(server.pid());
+            assert!(before.0.starts_with("0 "), "{before:?}");
+        });
     let want = "65534 65534 65534 65534".to_string();
     assert_eq!(ids(server.pid()), (want.clone(), want, String::new()));
     for (name, mode, _) in wait_threads(server.pid(), 2) {
         assert_eq!(mode, 2, "{name}");
     }
-    let (code, v, err) = remote(&api, &["resume"]);
-    assert_eq!(code, Some(0), "resume: {err}\n{v}");
-    let (code, rep, err) = restore.finish(Duration::from_secs(120));
-    assert_finished(
-        "lazy restore from a page server as nobody",
-        &snap,
-        code,
-        &rep,
-        &err,
-    );
-    let (code, _, err) = server.finish(Duration::from_secs(20));
-    assert_eq!(code, Some(0), "page server: {err}");
+    let what = "lazy restore from a page server as nobody";
+    resume_and_finish(what, &snap, server, restore, &api);
 }
 
 #[test]
