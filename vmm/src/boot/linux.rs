@@ -176,14 +176,27 @@ pub fn load_images(
 ) -> Result<LoadedImages, LinuxBootError> {
     std::thread::scope(|scope| {
         let kernel = scope.spawn(|| load_kernel(mem, boot));
-        let initrd = boot
-            .initrd
-            .as_deref()
-            .map(|path| load_initrd(mem, low_end, path))
-            .transpose();
-        let kernel = kernel.join().map_err(|_| LinuxBootError::LoaderThread)?;
-        combine(kernel?, initrd?, boot, low_end)
+        load_initrd_beside(mem, low_end, boot, || {
+            kernel.join().map_err(|_| LinuxBootError::LoaderThread)?
+        })
     })
+}
+
+/// The second half of `load_images`, for a caller that started `load_kernel` itself: loads the
+/// initramfs on this thread, then takes the kernel's result from `kernel` (its thread's join)
+/// and puts the two together.
+pub fn load_initrd_beside(
+    mem: &GuestMemory,
+    low_end: u64,
+    boot: &LinuxBoot,
+    kernel: impl FnOnce() -> Result<LoadedKernel, LinuxBootError>,
+) -> Result<LoadedImages, LinuxBootError> {
+    let initrd = boot
+        .initrd
+        .as_deref()
+        .map(|path| load_initrd(mem, low_end, path))
+        .transpose();
+    combine(kernel()?, initrd?, boot, low_end)
 }
 
 /// Puts the kernel in guest RAM through RAM's memfd (`ImageReader`).
@@ -226,7 +239,7 @@ pub fn load_kernel(mem: &GuestMemory, boot: &LinuxBoot) -> Result<LoadedKernel, 
 /// Kernel and initramfs together, once both are in RAM: the initramfs was placed without
 /// knowing where the kernel ends, so an initramfs that reaches down into the kernel is refused
 /// here (bytes written over each other only ever reach a guest that is never started).
-pub fn combine(
+fn combine(
     kernel: LoadedKernel,
     initrd: Option<(u64, u64)>,
     boot: &LinuxBoot,
@@ -333,11 +346,7 @@ const INITRD_END_MAX: u64 = 0x8000_0000;
 /// Places the initramfs as high as possible in low RAM (where the kernel looks first), page
 /// aligned, through RAM's mapping (see `load_kernel`); `combine` checks that it stays above the
 /// kernel. Returns its guest address and size.
-pub fn load_initrd(
-    mem: &GuestMemory,
-    low_end: u64,
-    path: &Path,
-) -> Result<(u64, u64), LinuxBootError> {
+fn load_initrd(mem: &GuestMemory, low_end: u64, path: &Path) -> Result<(u64, u64), LinuxBootError> {
     let mut f = crate::host_file::open_regular(path, "initramfs")?;
     let size = f
         .seek(SeekFrom::End(0))

@@ -276,15 +276,9 @@ impl Machine {
                 }
                 let low_end = self.ram.low_end();
                 let images = match self.kernel.take() {
-                    Some(loading) => {
-                        let initrd = boot
-                            .initrd
-                            .as_deref()
-                            .map(|path| linux::load_initrd(mem, low_end, path))
-                            .transpose();
-                        let kernel = loading.join().map_err(|_| LinuxBootError::LoaderThread)??;
-                        linux::combine(kernel, initrd?, &boot, low_end)?
-                    }
+                    Some(loading) => linux::load_initrd_beside(mem, low_end, &boot, || {
+                        loading.join().map_err(|_| LinuxBootError::LoaderThread)?
+                    })?,
                     None => linux::load_images(mem, low_end, &boot)?,
                 };
                 self.setup_marks
